@@ -1,0 +1,2 @@
+// Package control is the control plane on etcd: leases, registration, discovery, elections and placement.
+package control
