@@ -57,6 +57,17 @@ func lockDir(dir string) (*dirLock, error) {
 	return &dirLock{f: f}, nil
 }
 
+// LockDataDir takes the data dir's lock for a process that works on the
+// data of a stopped node (for example `triplane replay --data-dir`). Call
+// the returned function to release it.
+func LockDataDir(dir string) (unlock func(), err error) {
+	l, err := lockDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	return l.unlock, nil
+}
+
 func (l *dirLock) unlock() {
 	if l == nil || l.f == nil {
 		return

@@ -1,0 +1,13 @@
+// Package all lists every actor kind compiled into the triplane binary, so
+// the host, `triplane replay` and the simulator agree on what each kind is.
+package all
+
+import (
+	"github.com/triplane-dev/triplane/actors"
+	"github.com/triplane-dev/triplane/actors/ledger"
+)
+
+// Registry returns a registry of every built-in actor kind.
+func Registry() *actors.Registry {
+	return actors.NewRegistry(ledger.Machine{})
+}

@@ -1,0 +1,135 @@
+package actors
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/triplane-dev/triplane/journal"
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+)
+
+// Recovered is an actor's state rebuilt from storage.
+type Recovered struct {
+	State proto.Message
+	Pos   journal.Position
+	// FromSnapshot is the sequence of the snapshot recovery started from
+	// (0: none, the whole journal was replayed).
+	FromSnapshot uint64
+	// Replayed counts the journal events applied on top.
+	Replayed uint64
+	// LastTime is the time of the last applied event's command.
+	LastTime time.Time
+}
+
+// Recover rebuilds an actor: the newest usable snapshot (if snaps is not
+// nil), then every later event from the journal. A snapshot that cannot be
+// decoded into the machine's state is logged and the journal replayed from
+// the start instead.
+func Recover(ctx context.Context, j *journal.Journal, snaps *journal.Snapshots, m Machine, id string, log *slog.Logger) (*Recovered, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	r := &Recovered{State: m.Initial(id)}
+	if snaps != nil {
+		snap, err := snaps.Load(m.Kind(), id, m.SchemaVersion())
+		switch {
+		case errors.Is(err, journal.ErrNoSnapshot):
+		case err != nil:
+			log.Warn("snapshot store unreadable, replaying the journal", "actor", m.Kind()+"/"+id, "err", err)
+		default:
+			st := m.Initial(id)
+			if uerr := snap.State.UnmarshalTo(st); uerr != nil {
+				log.Warn("snapshot state does not decode, replaying the journal", "actor", m.Kind()+"/"+id, "seq", snap.Seq, "err", uerr)
+			} else {
+				r.State = st
+				r.Pos = journal.Position{Seq: snap.Seq, Stream: snap.JournalPosition}
+				r.FromSnapshot = snap.Seq
+				r.LastTime = time.Unix(0, snap.TimeUnixNanos)
+			}
+		}
+	}
+	q := journal.Query{FromSeq: r.Pos.Seq + 1, AfterStream: r.Pos.Stream}
+	if err := applyRange(ctx, j, m, id, q, r); err != nil {
+		return nil, err
+	}
+	// The journal may end with a deletion marker, or the actor may have
+	// been snapshotted past its last read batch: take the position from the
+	// journal itself so the next append is conditional on the real tail.
+	pos, err := j.Highest(ctx, m.Kind(), id)
+	if err != nil {
+		return nil, err
+	}
+	if pos.Seq < r.Pos.Seq && r.FromSnapshot > 0 {
+		// The snapshot is ahead of the journal: it belongs to another
+		// journal (a wiped or different NATS store). The journal is the
+		// truth; start from it alone.
+		log.Warn("snapshot is ahead of the journal, ignoring it", "actor", m.Kind()+"/"+id,
+			"snapshot_seq", r.FromSnapshot, "journal_highest", pos.Seq)
+		return Recover(ctx, j, nil, m, id, log)
+	}
+	if pos.Seq != r.Pos.Seq {
+		return nil, fmt.Errorf("actors: recover %s/%s: journal highest is %d but events end at %d (events deleted past the newest snapshot?)",
+			m.Kind(), id, pos.Seq, r.Pos.Seq)
+	}
+	r.Pos = pos
+	return r, nil
+}
+
+// Rebuild folds an actor's events selected by q into a fresh state, for
+// replay at a sequence or a time. It does not use snapshots.
+func Rebuild(ctx context.Context, j *journal.Journal, m Machine, id string, q journal.Query) (*Recovered, error) {
+	r := &Recovered{State: m.Initial(id)}
+	q.FromSeq = 0
+	if err := applyRange(ctx, j, m, id, q, r); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+func applyRange(ctx context.Context, j *journal.Journal, m Machine, id string, q journal.Query, r *Recovered) error {
+	return j.Read(ctx, m.Kind(), id, q, func(rec *journal.Record) error {
+		if rec.Seq != r.Pos.Seq+1 {
+			return fmt.Errorf("actors: %s: event seq %d follows %d (gap in the journal)", rec.Subject, rec.Seq, r.Pos.Seq)
+		}
+		ev, err := rec.Decode()
+		if err != nil {
+			return err
+		}
+		if err := m.Apply(r.State, ev); err != nil {
+			return &journal.DecodeError{Subject: rec.Subject, StreamSeq: rec.StreamSeq, Seq: rec.Seq, Err: err}
+		}
+		r.Pos = journal.Position{Seq: rec.Seq, Stream: rec.StreamSeq}
+		r.Replayed++
+		r.LastTime = rec.Time
+		return nil
+	})
+}
+
+// NewBatch wraps events for the journal.
+func NewBatch(commandID string, now time.Time, events []proto.Message) (*triplanev1.EventBatch, error) {
+	b := &triplanev1.EventBatch{CommandId: commandID, TimeUnixNanos: now.UnixNano()}
+	for _, e := range events {
+		a, err := anypb.New(e)
+		if err != nil {
+			return nil, fmt.Errorf("actors: wrap event %T: %w", e, err)
+		}
+		b.Events = append(b.Events, &triplanev1.Event{Payload: a})
+	}
+	return b, nil
+}
+
+// NewSnapshot wraps a state for the snapshot store.
+func NewSnapshot(m Machine, id string, state proto.Message, pos journal.Position, now time.Time) (*triplanev1.Snapshot, error) {
+	a, err := anypb.New(state)
+	if err != nil {
+		return nil, fmt.Errorf("actors: wrap state of %s/%s: %w", m.Kind(), id, err)
+	}
+	return &triplanev1.Snapshot{Kind: m.Kind(), ActorId: id, Seq: pos.Seq, JournalPosition: pos.Stream,
+		SchemaVersion: m.SchemaVersion(), State: a, TimeUnixNanos: now.UnixNano()}, nil
+}

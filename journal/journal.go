@@ -1,0 +1,462 @@
+// Package journal stores actor events in JetStream and actor snapshots in
+// Pebble.
+//
+// # Subject scheme
+//
+// One stream (default TRIPLANE_JOURNAL) holds every actor's events. Each
+// actor has its own subject, <prefix>.journal.<kind>.<id> (default prefix
+// "triplane"); kind and id are single NATS tokens (no '.', '*', '>' or
+// whitespace). One message holds one EventBatch: all the events one command
+// produced, so a command's events are written together or not at all.
+//
+// # Single writer
+//
+// Every append names the stream sequence of the last message it knows on the
+// actor's subject (Nats-Expected-Last-Subject-Sequence); when another writer
+// got there first the server refuses it and Append returns ErrConflict. Each
+// append carries a message id derived from the actor and its first event
+// sequence, so a retried append is de-duplicated by the server within the
+// stream's duplicate window instead of being written twice.
+//
+// # Durability
+//
+// JetStream acknowledges an append once the server has it in its store. How
+// soon the store reaches the disk is a server setting: `triplane up` runs the
+// embedded server with --jetstream-sync=always by default (fsync before every
+// acknowledgement); see docs/benchmarks.md for the cost.
+package journal
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+)
+
+// Errors callers branch on.
+var (
+	// ErrConflict: another writer appended to the actor since the expected
+	// position. The caller must re-read the journal before writing again.
+	ErrConflict = errors.New("journal: concurrent writer (expected last sequence did not match)")
+	// ErrTooLarge: the batch exceeds the server's max payload.
+	ErrTooLarge = errors.New("journal: event batch larger than the server's max payload")
+	// ErrBadName: an actor kind or id that is not a single subject token.
+	ErrBadName = errors.New("journal: bad actor kind or id")
+)
+
+// Config configures the journal stream.
+type Config struct {
+	// Prefix starts every subject; default "triplane".
+	Prefix string
+	// Stream is the JetStream stream name; default "TRIPLANE_JOURNAL".
+	Stream string
+	// Replicas of the stream in a clustered JetStream; default 1.
+	Replicas int
+	// Duplicates is the window in which retried appends are de-duplicated;
+	// default 2 minutes.
+	Duplicates time.Duration
+	// Timeout bounds each append and read request; default 10 s.
+	Timeout time.Duration
+}
+
+func (c *Config) defaults() {
+	if c.Prefix == "" {
+		c.Prefix = "triplane"
+	}
+	if c.Stream == "" {
+		c.Stream = "TRIPLANE_JOURNAL"
+	}
+	if c.Replicas == 0 {
+		c.Replicas = 1
+	}
+	if c.Duplicates == 0 {
+		c.Duplicates = 2 * time.Minute
+	}
+	if c.Timeout == 0 {
+		c.Timeout = 10 * time.Second
+	}
+}
+
+// Journal is the JetStream-backed event journal.
+type Journal struct {
+	cfg    Config
+	nc     *nats.Conn
+	js     jetstream.JetStream
+	stream jetstream.Stream
+}
+
+// Position is where an actor's journal stands.
+type Position struct {
+	// Seq is the actor's highest event sequence (0: no events yet).
+	Seq uint64
+	// Stream is the stream sequence of the actor's last journal message
+	// (0: none); appends are conditional on it.
+	Stream uint64
+}
+
+// Open creates or updates the journal stream and returns the journal.
+func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Journal, error) {
+	cfg.defaults()
+	if err := checkToken("prefix", cfg.Prefix, true); err != nil {
+		return nil, err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, fmt.Errorf("journal: %w", err)
+	}
+	sc := jetstream.StreamConfig{
+		Name:        cfg.Stream,
+		Description: "Triplane actor journal: one subject per actor, one message per command's events",
+		Subjects:    []string{cfg.Prefix + ".journal.>"},
+		Storage:     jetstream.FileStorage,
+		Retention:   jetstream.LimitsPolicy,
+		Replicas:    cfg.Replicas,
+		Duplicates:  cfg.Duplicates,
+		Discard:     jetstream.DiscardNew, // never drop old events to make room
+		AllowDirect: true,
+		DenyDelete:  false, // DeleteTo purges a subject's prefix
+	}
+	s, err := js.CreateOrUpdateStream(ctx, sc)
+	if err != nil {
+		return nil, fmt.Errorf("journal: create stream %s: %w", cfg.Stream, err)
+	}
+	return &Journal{cfg: cfg, nc: nc, js: js, stream: s}, nil
+}
+
+// Config returns the journal's effective configuration.
+func (j *Journal) Config() Config { return j.cfg }
+
+// MaxPayload is the largest message the server accepts.
+func (j *Journal) MaxPayload() int64 { return j.nc.MaxPayload() }
+
+// Subject is the subject of an actor's events.
+func (j *Journal) Subject(kind, id string) string {
+	return j.cfg.Prefix + ".journal." + kind + "." + id
+}
+
+// SplitSubject returns the kind and id of an actor subject.
+func (j *Journal) SplitSubject(subject string) (kind, id string, ok bool) {
+	rest, ok := strings.CutPrefix(subject, j.cfg.Prefix+".journal.")
+	if !ok {
+		return "", "", false
+	}
+	kind, id, ok = strings.Cut(rest, ".")
+	return kind, id, ok && id != "" && !strings.Contains(id, ".")
+}
+
+// CheckName validates an actor kind and id.
+func CheckName(kind, id string) error {
+	if err := checkToken("kind", kind, false); err != nil {
+		return err
+	}
+	return checkToken("id", id, false)
+}
+
+func checkToken(what, s string, dots bool) error {
+	if s == "" {
+		return fmt.Errorf("%w: empty %s", ErrBadName, what)
+	}
+	if len(s) > 200 {
+		return fmt.Errorf("%w: %s %q is longer than 200 bytes", ErrBadName, what, s[:40]+"...")
+	}
+	for _, r := range s {
+		if r == '*' || r == '>' || r <= ' ' || r == 0x7f || (!dots && r == '.') {
+			return fmt.Errorf("%w: %s %q contains %q", ErrBadName, what, s, r)
+		}
+	}
+	return nil
+}
+
+// Append writes events atomically after the expected position and returns
+// the new position. The events get sequences expect.Seq+1, expect.Seq+2, ...
+// A batch the server already has (a retry) returns its original position.
+func (j *Journal) Append(ctx context.Context, kind, id string, expect Position, b *triplanev1.EventBatch) (Position, error) {
+	if err := CheckName(kind, id); err != nil {
+		return Position{}, err
+	}
+	if len(b.Events) == 0 {
+		return expect, nil
+	}
+	b.Kind, b.ActorId = kind, id
+	for i, e := range b.Events {
+		e.Seq = expect.Seq + uint64(i) + 1
+		if e.Payload == nil {
+			return Position{}, fmt.Errorf("journal: %s/%s event %d has no payload", kind, id, e.Seq)
+		}
+	}
+	b.HighestSeq = expect.Seq + uint64(len(b.Events))
+	msgID := kind + "." + id + "." + strconv.FormatUint(expect.Seq+1, 10)
+	return j.publish(ctx, kind, id, expect, b, msgID)
+}
+
+func (j *Journal) publish(ctx context.Context, kind, id string, expect Position, b *triplanev1.EventBatch, msgID string) (Position, error) {
+	data, err := proto.Marshal(b)
+	if err != nil {
+		return Position{}, fmt.Errorf("journal: encode %s/%s batch: %w", kind, id, err)
+	}
+	// Headers cost a little too: message id, expected sequence.
+	if limit := j.MaxPayload(); int64(len(data))+256 > limit {
+		return Position{}, fmt.Errorf("%w: %s/%s batch of %d events is %d bytes, the limit is %d bytes",
+			ErrTooLarge, kind, id, len(b.Events), len(data), limit-256)
+	}
+	ctx, cancel := context.WithTimeout(ctx, j.cfg.Timeout)
+	defer cancel()
+	msg := &nats.Msg{Subject: j.Subject(kind, id), Data: data}
+	ack, err := j.js.PublishMsg(ctx, msg,
+		jetstream.WithMsgID(msgID),
+		jetstream.WithExpectLastSequencePerSubject(expect.Stream))
+	if err != nil {
+		var apiErr *jetstream.APIError
+		if errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
+			apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
+			return Position{}, fmt.Errorf("%w: %s/%s at stream sequence %d: %s", ErrConflict, kind, id, expect.Stream, apiErr.Description)
+		}
+		return Position{}, fmt.Errorf("journal: append to %s/%s: %w", kind, id, err)
+	}
+	return Position{Seq: b.HighestSeq, Stream: ack.Sequence}, nil
+}
+
+// Highest returns the actor's position; an unknown actor is at zero.
+func (j *Journal) Highest(ctx context.Context, kind, id string) (Position, error) {
+	b, streamSeq, err := j.last(ctx, kind, id)
+	if err != nil || b == nil {
+		return Position{}, err
+	}
+	return Position{Seq: b.HighestSeq, Stream: streamSeq}, nil
+}
+
+// last returns the actor's last batch, or nil when it has none.
+func (j *Journal) last(ctx context.Context, kind, id string) (*triplanev1.EventBatch, uint64, error) {
+	if err := CheckName(kind, id); err != nil {
+		return nil, 0, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, j.cfg.Timeout)
+	defer cancel()
+	m, err := j.stream.GetLastMsgForSubject(ctx, j.Subject(kind, id))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return nil, 0, nil
+	}
+	if err != nil {
+		return nil, 0, fmt.Errorf("journal: last message of %s/%s: %w", kind, id, err)
+	}
+	b := &triplanev1.EventBatch{}
+	if err := proto.Unmarshal(m.Data, b); err != nil {
+		return nil, 0, &DecodeError{Subject: m.Subject, StreamSeq: m.Sequence, Err: err}
+	}
+	return b, m.Sequence, nil
+}
+
+// DecodeError says a journal message could not be decoded; it names where.
+type DecodeError struct {
+	Subject   string
+	StreamSeq uint64
+	Seq       uint64 // event sequence, when known
+	Err       error
+}
+
+func (e *DecodeError) Error() string {
+	if e.Seq > 0 {
+		return fmt.Sprintf("journal: %s event seq %d (stream seq %d): %v", e.Subject, e.Seq, e.StreamSeq, e.Err)
+	}
+	return fmt.Sprintf("journal: %s stream seq %d: %v", e.Subject, e.StreamSeq, e.Err)
+}
+
+func (e *DecodeError) Unwrap() error { return e.Err }
+
+// Record is one event read from the journal.
+type Record struct {
+	Kind, ID  string
+	Subject   string
+	Seq       uint64
+	Time      time.Time
+	CommandID string
+	Payload   *anypb.Any
+	// StreamSeq is the stream sequence of the message holding the event.
+	StreamSeq uint64
+	// LastInBatch is true for the last event of its command's batch.
+	LastInBatch bool
+}
+
+// Type is the protobuf full name of the event.
+func (r *Record) Type() string {
+	n := r.Payload.GetTypeUrl()
+	if i := strings.LastIndexByte(n, '/'); i >= 0 {
+		return n[i+1:]
+	}
+	return n
+}
+
+// Decode unmarshals the event. An event type this binary does not know
+// (schema drift) is an error naming the subject and sequence.
+func (r *Record) Decode() (proto.Message, error) {
+	m, err := r.Payload.UnmarshalNew()
+	if err != nil {
+		return nil, &DecodeError{Subject: r.Subject, StreamSeq: r.StreamSeq, Seq: r.Seq,
+			Err: fmt.Errorf("event type %q: %w", r.Type(), err)}
+	}
+	return m, nil
+}
+
+// Query selects events of one actor. Zero values select everything.
+type Query struct {
+	FromSeq uint64    // first event sequence (inclusive)
+	ToSeq   uint64    // last event sequence (inclusive); 0: up to the highest at the start of the read
+	Since   time.Time // only events of commands handled at or after this time
+	Until   time.Time // only events of commands handled before this time
+	// AfterStream starts reading after this stream sequence (a snapshot's
+	// journal position), skipping what lies before without reading it.
+	AfterStream uint64
+}
+
+// Read calls fn for each selected event, in sequence order. It reads up to
+// the actor's last message as of the call, so it terminates while writers
+// go on. From > To reads nothing.
+func (j *Journal) Read(ctx context.Context, kind, id string, q Query, fn func(*Record) error) error {
+	if q.ToSeq != 0 && q.FromSeq > q.ToSeq {
+		return nil
+	}
+	end, err := j.Highest(ctx, kind, id)
+	if err != nil {
+		return err
+	}
+	if end.Stream == 0 || end.Stream <= q.AfterStream || (q.FromSeq > end.Seq) {
+		return nil
+	}
+	subject := j.Subject(kind, id)
+	occ := jetstream.OrderedConsumerConfig{FilterSubjects: []string{subject}, DeliverPolicy: jetstream.DeliverAllPolicy}
+	switch {
+	case q.AfterStream > 0:
+		occ.DeliverPolicy = jetstream.DeliverByStartSequencePolicy
+		occ.OptStartSeq = q.AfterStream + 1
+	case !q.Since.IsZero():
+		since := q.Since
+		occ.DeliverPolicy = jetstream.DeliverByStartTimePolicy
+		occ.OptStartTime = &since
+	}
+	cons, err := j.stream.OrderedConsumer(ctx, occ)
+	if err != nil {
+		return fmt.Errorf("journal: read %s: %w", subject, err)
+	}
+	it, err := cons.Messages(jetstream.PullMaxMessages(512))
+	if err != nil {
+		return fmt.Errorf("journal: read %s: %w", subject, err)
+	}
+	defer it.Stop()
+	for {
+		m, err := it.Next(jetstream.NextContext(ctx))
+		if err != nil {
+			return fmt.Errorf("journal: read %s: %w", subject, err)
+		}
+		md, err := m.Metadata()
+		if err != nil {
+			return fmt.Errorf("journal: read %s: %w", subject, err)
+		}
+		b := &triplanev1.EventBatch{}
+		if err := proto.Unmarshal(m.Data(), b); err != nil {
+			return &DecodeError{Subject: subject, StreamSeq: md.Sequence.Stream, Err: err}
+		}
+		t := time.Unix(0, b.TimeUnixNanos)
+		inTime := (q.Since.IsZero() || !t.Before(q.Since)) && (q.Until.IsZero() || t.Before(q.Until))
+		for i, e := range b.Events {
+			if e.Seq < q.FromSeq || !inTime {
+				continue
+			}
+			if (q.ToSeq != 0 && e.Seq > q.ToSeq) || e.Seq > end.Seq {
+				return nil
+			}
+			rec := &Record{Kind: kind, ID: id, Subject: subject, Seq: e.Seq, Time: t, CommandID: b.CommandId,
+				Payload: e.Payload, StreamSeq: md.Sequence.Stream, LastInBatch: i == len(b.Events)-1}
+			if err := fn(rec); err != nil {
+				return err
+			}
+		}
+		if md.Sequence.Stream >= end.Stream || (q.ToSeq != 0 && b.HighestSeq >= q.ToSeq) ||
+			(!q.Until.IsZero() && !t.Before(q.Until)) {
+			return nil
+		}
+	}
+}
+
+// DeleteTo deletes the actor's events up to and including toSeq (capped at
+// the highest). The highest sequence is kept: a deletion marker is appended
+// and stays as the actor's last message.
+func (j *Journal) DeleteTo(ctx context.Context, kind, id string, toSeq uint64) error {
+	last, streamSeq, err := j.last(ctx, kind, id)
+	if err != nil || last == nil {
+		return err
+	}
+	if toSeq > last.HighestSeq {
+		toSeq = last.HighestSeq
+	}
+	// Find the first message holding an event after toSeq: it and everything
+	// after it stay.
+	keepFrom := uint64(0)
+	if toSeq < last.HighestSeq {
+		err := j.Read(ctx, kind, id, Query{FromSeq: toSeq + 1, ToSeq: toSeq + 1}, func(r *Record) error {
+			keepFrom = r.StreamSeq
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	marker := &triplanev1.EventBatch{Kind: kind, ActorId: id, HighestSeq: last.HighestSeq, DeletedTo: toSeq,
+		TimeUnixNanos: last.TimeUnixNanos,
+		CommandId:     "delete-to-" + strconv.FormatUint(toSeq, 10)}
+	msgID := kind + "." + id + ".delete." + strconv.FormatUint(streamSeq, 10)
+	pos, err := j.publish(ctx, kind, id, Position{Seq: last.HighestSeq, Stream: streamSeq}, marker, msgID)
+	if err != nil {
+		return err
+	}
+	if keepFrom == 0 {
+		keepFrom = pos.Stream
+	}
+	ctx, cancel := context.WithTimeout(ctx, j.cfg.Timeout)
+	defer cancel()
+	if err := j.stream.Purge(ctx, jetstream.WithPurgeSubject(j.Subject(kind, id)), jetstream.WithPurgeSequence(keepFrom)); err != nil {
+		return fmt.Errorf("journal: delete %s/%s to %d: %w", kind, id, toSeq, err)
+	}
+	return nil
+}
+
+// ActorInfo summarises one actor in the journal.
+type ActorInfo struct {
+	Kind, ID  string
+	Highest   uint64
+	LastEvent time.Time
+	Messages  uint64
+}
+
+// Actors lists every actor with events in the journal.
+func (j *Journal) Actors(ctx context.Context) ([]ActorInfo, error) {
+	info, err := j.stream.Info(ctx, jetstream.WithSubjectFilter(j.cfg.Prefix+".journal.>"))
+	if err != nil {
+		return nil, fmt.Errorf("journal: list actors: %w", err)
+	}
+	out := make([]ActorInfo, 0, len(info.State.Subjects))
+	for subj, n := range info.State.Subjects {
+		kind, id, ok := j.SplitSubject(subj)
+		if !ok {
+			continue
+		}
+		b, _, err := j.last(ctx, kind, id)
+		if err != nil {
+			return nil, err
+		}
+		if b == nil {
+			continue
+		}
+		out = append(out, ActorInfo{Kind: kind, ID: id, Highest: b.HighestSeq, Messages: n, LastEvent: time.Unix(0, b.TimeUnixNanos)})
+	}
+	sortActors(out)
+	return out, nil
+}

@@ -1,0 +1,237 @@
+package journal
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"log/slog"
+	"strings"
+
+	"github.com/cockroachdb/pebble/v2"
+	"google.golang.org/protobuf/proto"
+
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+)
+
+// Snapshots is a local Pebble store of actor snapshots. A snapshot only
+// shortens recovery; the journal always holds every event, so losing the
+// store loses nothing.
+//
+// Keys are "snap/<kind>/<id>/<seq as 16 hex digits>", so the newest snapshot
+// of an actor sorts last. Values are a CRC-32C of the encoded Snapshot
+// followed by the encoding. The newest Keep snapshots of each actor are kept,
+// so a corrupt newest one still leaves an older one to start from.
+type Snapshots struct {
+	db   *pebble.DB
+	log  *slog.Logger
+	Keep int
+}
+
+var crcTable = crc32.MakeTable(crc32.Castagnoli)
+
+// OpenSnapshots opens (creating if needed) the store in dir.
+func OpenSnapshots(dir string, log *slog.Logger) (*Snapshots, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	db, err := pebble.Open(dir, &pebble.Options{Logger: pebbleLogger{log.With("store", "snapshots")}})
+	if err != nil {
+		return nil, fmt.Errorf("snapshots: open %s: %w", dir, err)
+	}
+	return &Snapshots{db: db, log: log, Keep: 2}, nil
+}
+
+// Close flushes and closes the store.
+func (s *Snapshots) Close() error {
+	if err := s.db.Flush(); err != nil {
+		s.db.Close()
+		return fmt.Errorf("snapshots: flush: %w", err)
+	}
+	return s.db.Close()
+}
+
+func actorPrefix(kind, id string) []byte { return []byte("snap/" + kind + "/" + id + "/") }
+
+func snapKey(kind, id string, seq uint64) []byte {
+	return fmt.Appendf(actorPrefix(kind, id), "%016x", seq)
+}
+
+// upper returns the smallest key greater than every key with prefix p.
+func upper(p []byte) []byte {
+	u := append([]byte(nil), p...)
+	u[len(u)-1]++
+	return u
+}
+
+// Save stores a snapshot durably and prunes older ones beyond Keep.
+func (s *Snapshots) Save(snap *triplanev1.Snapshot) error {
+	if err := CheckName(snap.Kind, snap.ActorId); err != nil {
+		return err
+	}
+	data, err := proto.Marshal(snap)
+	if err != nil {
+		return fmt.Errorf("snapshots: encode %s/%s: %w", snap.Kind, snap.ActorId, err)
+	}
+	val := binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(data)), crc32.Checksum(data, crcTable))
+	val = append(val, data...)
+	b := s.db.NewBatch()
+	defer b.Close()
+	if err := b.Set(snapKey(snap.Kind, snap.ActorId, snap.Seq), val, nil); err != nil {
+		return err
+	}
+	// Prune: keep the newest Keep (counting this one).
+	keys, err := s.keys(snap.Kind, snap.ActorId)
+	if err != nil {
+		return err
+	}
+	keep := max(s.Keep, 1)
+	var older [][]byte
+	for _, k := range keys {
+		if string(k) < string(snapKey(snap.Kind, snap.ActorId, snap.Seq)) {
+			older = append(older, k)
+		}
+	}
+	if n := len(older) - (keep - 1); n > 0 {
+		for _, k := range older[:n] {
+			if err := b.Delete(k, nil); err != nil {
+				return err
+			}
+		}
+	}
+	if err := b.Commit(pebble.Sync); err != nil {
+		return fmt.Errorf("snapshots: write %s/%s at %d: %w", snap.Kind, snap.ActorId, snap.Seq, err)
+	}
+	return nil
+}
+
+func (s *Snapshots) keys(kind, id string) ([][]byte, error) {
+	p := actorPrefix(kind, id)
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: p, UpperBound: upper(p)})
+	if err != nil {
+		return nil, err
+	}
+	defer it.Close()
+	var out [][]byte
+	for ok := it.First(); ok; ok = it.Next() {
+		out = append(out, append([]byte(nil), it.Key()...))
+	}
+	return out, it.Error()
+}
+
+// ErrNoSnapshot: the actor has no usable snapshot.
+var ErrNoSnapshot = errors.New("snapshots: none usable")
+
+// Load returns the newest snapshot of the actor that decodes, passes its
+// checksum and has the wanted schema version. Unusable snapshots are logged
+// and skipped. It returns ErrNoSnapshot when none is usable.
+func (s *Snapshots) Load(kind, id string, schemaVersion uint32) (*triplanev1.Snapshot, error) {
+	p := actorPrefix(kind, id)
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: p, UpperBound: upper(p)})
+	if err != nil {
+		return nil, fmt.Errorf("snapshots: %w", err)
+	}
+	defer it.Close()
+	for ok := it.Last(); ok; ok = it.Prev() {
+		val, err := it.ValueAndErr()
+		if err != nil {
+			return nil, fmt.Errorf("snapshots: read %s: %w", it.Key(), err)
+		}
+		snap, err := decodeSnapshot(val)
+		switch {
+		case err != nil:
+			s.log.Warn("snapshot unusable, trying an older one or the journal", "key", string(it.Key()), "err", err)
+		case snap.SchemaVersion != schemaVersion:
+			s.log.Warn("snapshot has another schema version, trying an older one or the journal",
+				"key", string(it.Key()), "have", snap.SchemaVersion, "want", schemaVersion)
+		case snap.Kind != kind || snap.ActorId != id:
+			s.log.Warn("snapshot belongs to another actor", "key", string(it.Key()), "actor", snap.Kind+"/"+snap.ActorId)
+		default:
+			return snap, nil
+		}
+	}
+	if err := it.Error(); err != nil {
+		return nil, fmt.Errorf("snapshots: %w", err)
+	}
+	return nil, ErrNoSnapshot
+}
+
+func decodeSnapshot(val []byte) (*triplanev1.Snapshot, error) {
+	if len(val) < 4 {
+		return nil, fmt.Errorf("value of %d bytes is too short", len(val))
+	}
+	if got, want := crc32.Checksum(val[4:], crcTable), binary.BigEndian.Uint32(val); got != want {
+		return nil, fmt.Errorf("checksum mismatch (got %08x, want %08x)", got, want)
+	}
+	snap := &triplanev1.Snapshot{}
+	if err := proto.Unmarshal(val[4:], snap); err != nil {
+		return nil, fmt.Errorf("decode: %w", err)
+	}
+	return snap, nil
+}
+
+// Newest calls fn with the newest raw snapshot record of every actor, valid
+// or not (err says why not), for `triplane replay --verify`.
+func (s *Snapshots) Newest(fn func(kind, id string, snap *triplanev1.Snapshot, err error) error) error {
+	p := []byte("snap/")
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: p, UpperBound: upper(p)})
+	if err != nil {
+		return fmt.Errorf("snapshots: %w", err)
+	}
+	defer it.Close()
+	var prevActor string
+	var prevVal []byte
+	flush := func() error {
+		if prevActor == "" {
+			return nil
+		}
+		kind, id, _ := strings.Cut(prevActor, "/")
+		snap, err := decodeSnapshot(prevVal)
+		return fn(kind, id, snap, err)
+	}
+	for ok := it.First(); ok; ok = it.Next() {
+		k := string(it.Key())
+		rest := strings.TrimPrefix(k, "snap/")
+		i := strings.LastIndexByte(rest, '/')
+		if i < 0 {
+			continue
+		}
+		actor := rest[:i]
+		if actor != prevActor {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
+		prevActor = actor
+		v, err := it.ValueAndErr()
+		if err != nil {
+			return err
+		}
+		prevVal = append(prevVal[:0], v...)
+	}
+	if err := it.Error(); err != nil {
+		return err
+	}
+	return flush()
+}
+
+// Corrupt overwrites the newest snapshot of an actor with bytes that fail
+// their checksum. Tests and fault drills use it; nothing else should.
+func (s *Snapshots) Corrupt(kind, id string) error {
+	keys, err := s.keys(kind, id)
+	if err != nil || len(keys) == 0 {
+		return fmt.Errorf("snapshots: nothing to corrupt for %s/%s: %v", kind, id, err)
+	}
+	return s.db.Set(keys[len(keys)-1], []byte("\x00\x00\x00\x00garbage"), pebble.Sync)
+}
+
+type pebbleLogger struct{ l *slog.Logger }
+
+func (p pebbleLogger) Infof(format string, args ...any) { p.l.Debug(fmt.Sprintf(format, args...)) }
+func (p pebbleLogger) Errorf(format string, args ...any) {
+	p.l.Error(fmt.Sprintf(format, args...))
+}
+func (p pebbleLogger) Fatalf(format string, args ...any) {
+	p.l.Error("fatal: " + fmt.Sprintf(format, args...))
+	panic(fmt.Sprintf(format, args...))
+}
