@@ -30,6 +30,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"strconv"
 	"strings"
 	"time"
@@ -194,14 +195,21 @@ func (j *Journal) Append(ctx context.Context, kind, id string, expect Position, 
 		}
 	}
 	b.HighestSeq = expect.Seq + uint64(len(b.Events))
-	msgID := kind + "." + id + "." + strconv.FormatUint(expect.Seq+1, 10)
-	return j.publish(ctx, kind, id, expect, b, msgID)
+	return j.publish(ctx, kind, id, expect, b, "")
 }
 
 func (j *Journal) publish(ctx context.Context, kind, id string, expect Position, b *triplanev1.EventBatch, msgID string) (Position, error) {
-	data, err := proto.Marshal(b)
+	data, err := proto.MarshalOptions{Deterministic: true}.Marshal(b)
 	if err != nil {
 		return Position{}, fmt.Errorf("journal: encode %s/%s batch: %w", kind, id, err)
+	}
+	if msgID == "" {
+		// The id names the actor, the first sequence and the content: a
+		// retry of this very batch has the same id, another writer's batch
+		// for the same sequence does not.
+		h := fnv.New64a()
+		h.Write(data)
+		msgID = fmt.Sprintf("%s.%s.%d.%016x", kind, id, expect.Seq+1, h.Sum64())
 	}
 	// Headers cost a little too: message id, expected sequence.
 	if limit := j.MaxPayload(); int64(len(data))+256 > limit {
@@ -218,6 +226,11 @@ func (j *Journal) publish(ctx context.Context, kind, id string, expect Position,
 		var apiErr *jetstream.APIError
 		if errors.As(err, &apiErr) && (apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequence ||
 			apiErr.ErrorCode == jetstream.JSErrCodeStreamWrongLastSequenceConstant) {
+			// The server checks the expected sequence before message ids, so
+			// a retry of a batch that was written lands here: recognise it.
+			if last, lerr := j.stream.GetLastMsgForSubject(ctx, msg.Subject); lerr == nil && last.Header.Get(jetstream.MsgIDHeader) == msgID {
+				return Position{Seq: b.HighestSeq, Stream: last.Sequence}, nil
+			}
 			return Position{}, fmt.Errorf("%w: %s/%s at stream sequence %d: %s", ErrConflict, kind, id, expect.Stream, apiErr.Description)
 		}
 		return Position{}, fmt.Errorf("journal: append to %s/%s: %w", kind, id, err)
@@ -333,14 +346,12 @@ func (j *Journal) Read(ctx context.Context, kind, id string, q Query, fn func(*R
 	}
 	subject := j.Subject(kind, id)
 	occ := jetstream.OrderedConsumerConfig{FilterSubjects: []string{subject}, DeliverPolicy: jetstream.DeliverAllPolicy}
-	switch {
-	case q.AfterStream > 0:
+	// Time filters apply to the command time inside each batch, not to the
+	// server's receive time (the two clocks need not agree), so a time query
+	// scans the actor's subject.
+	if q.AfterStream > 0 {
 		occ.DeliverPolicy = jetstream.DeliverByStartSequencePolicy
 		occ.OptStartSeq = q.AfterStream + 1
-	case !q.Since.IsZero():
-		since := q.Since
-		occ.DeliverPolicy = jetstream.DeliverByStartTimePolicy
-		occ.OptStartTime = &since
 	}
 	cons, err := j.stream.OrderedConsumer(ctx, occ)
 	if err != nil {
@@ -379,8 +390,7 @@ func (j *Journal) Read(ctx context.Context, kind, id string, q Query, fn func(*R
 				return err
 			}
 		}
-		if md.Sequence.Stream >= end.Stream || (q.ToSeq != 0 && b.HighestSeq >= q.ToSeq) ||
-			(!q.Until.IsZero() && !t.Before(q.Until)) {
+		if md.Sequence.Stream >= end.Stream || (q.ToSeq != 0 && b.HighestSeq >= q.ToSeq) {
 			return nil
 		}
 	}

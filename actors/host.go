@@ -1,0 +1,353 @@
+package actors
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/asynkron/protoactor-go/actor"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/triplane-dev/triplane/journal"
+)
+
+// HostConfig configures a Host.
+type HostConfig struct {
+	Journal *journal.Journal
+	// Snapshots, when not nil, receives a snapshot every SnapshotEvery
+	// events and on a clean stop.
+	Snapshots *journal.Snapshots
+	Registry  *Registry
+	// SnapshotEvery is the number of events between snapshots; default 1000.
+	SnapshotEvery uint64
+	// MailboxSize bounds each actor's mailbox; senders wait when it is
+	// full. Default 10,000.
+	MailboxSize int
+	// RequestTimeout bounds Request when its context has no deadline;
+	// default 30 s.
+	RequestTimeout time.Duration
+	// Backoff after a failed actor: doubling from BackoffMin up to
+	// BackoffMax; after MaxRestarts failures within RestartWindow the actor
+	// is stopped and starts afresh (recovering) on its next command.
+	BackoffMin, BackoffMax time.Duration
+	MaxRestarts            int
+	RestartWindow          time.Duration
+	// SnapshotQueue bounds the snapshots waiting to be written; when full,
+	// snapshots are dropped (and counted): they are an optimisation.
+	SnapshotQueue int
+	Logger        *slog.Logger
+	Metrics       *Metrics
+	// Now and Seed make the host's clock and random draws replaceable in
+	// tests; defaults are time.Now and a random seed.
+	Now  func() time.Time
+	Seed uint64
+}
+
+func (c *HostConfig) defaults() {
+	if c.SnapshotEvery == 0 {
+		c.SnapshotEvery = 1000
+	}
+	if c.MailboxSize == 0 {
+		c.MailboxSize = 10_000
+	}
+	if c.RequestTimeout == 0 {
+		c.RequestTimeout = 30 * time.Second
+	}
+	if c.BackoffMin == 0 {
+		c.BackoffMin = 50 * time.Millisecond
+	}
+	if c.BackoffMax == 0 {
+		c.BackoffMax = 5 * time.Second
+	}
+	if c.MaxRestarts == 0 {
+		c.MaxRestarts = 10
+	}
+	if c.RestartWindow == 0 {
+		c.RestartWindow = time.Minute
+	}
+	if c.SnapshotQueue == 0 {
+		c.SnapshotQueue = 1024
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
+	if c.Seed == 0 {
+		c.Seed = rand.Uint64()
+	}
+	if c.Metrics == nil {
+		c.Metrics = NewMetrics(nil)
+	}
+}
+
+// Errors returned to requesters.
+var (
+	// ErrPersist: persisting the command's events failed and the outcome is
+	// unknown; the actor restarts and recovers from the journal. Retrying
+	// the command may apply it twice unless it is idempotent.
+	ErrPersist = errors.New("actors: persist failed, outcome unknown")
+	// ErrStopped: the host is stopping or stopped.
+	ErrStopped = errors.New("actors: host stopped")
+)
+
+// Host runs state machines as protoactor-go actors, one per address,
+// spawned on first use.
+type Host struct {
+	cfg    HostConfig
+	log    *slog.Logger
+	system *actor.ActorSystem
+	root   *actor.RootContext
+	shep   *actor.PID
+
+	mu      sync.Mutex
+	pids    map[Address]*actor.PID
+	stopped bool
+
+	seq    atomic.Uint64 // command id counter
+	snaps  chan snapJob
+	snapWG sync.WaitGroup
+}
+
+// NewHost starts a host. Stop it with Stop.
+func NewHost(cfg HostConfig) (*Host, error) {
+	cfg.defaults()
+	if cfg.Journal == nil || cfg.Registry == nil {
+		return nil, errors.New("actors: host needs a journal and a registry")
+	}
+	h := &Host{cfg: cfg, log: cfg.Logger, pids: map[Address]*actor.PID{}, snaps: make(chan snapJob, cfg.SnapshotQueue)}
+	plog := slog.New(minLevel{h.log.Handler(), slog.LevelWarn}).With("component", "protoactor")
+	h.system = actor.NewActorSystem(actor.WithLoggerFactory(func(*actor.ActorSystem) *slog.Logger { return plog }))
+	h.root = h.system.Root
+	props := actor.PropsFromProducer(func() actor.Actor { return &shepherd{h: h} },
+		actor.WithSupervisor(&backoffStrategy{h: h}))
+	pid, err := h.root.SpawnNamed(props, "actors")
+	if err != nil {
+		return nil, fmt.Errorf("actors: start: %w", err)
+	}
+	h.shep = pid
+	h.snapWG.Add(1)
+	go h.writeSnapshots()
+	return h, nil
+}
+
+// reply is what an actor answers to a request.
+type reply struct {
+	msg proto.Message
+	err error
+}
+
+// envelope carries a command to an actor.
+type envelope struct {
+	id  string
+	msg proto.Message
+}
+
+// Request sends a command to the actor at addr (spawning and recovering it
+// if needed) and waits for its reply, which comes after the command's
+// events are persisted.
+func (h *Host) Request(ctx context.Context, addr Address, msg proto.Message) (proto.Message, error) {
+	return h.RequestID(ctx, addr, "", msg)
+}
+
+// RequestID is Request with a caller-chosen command id.
+func (h *Host) RequestID(ctx context.Context, addr Address, id string, msg proto.Message) (proto.Message, error) {
+	if id == "" {
+		id = fmt.Sprintf("c%d", h.seq.Add(1))
+	}
+	timeout := h.cfg.RequestTimeout
+	if d, ok := ctx.Deadline(); ok {
+		timeout = time.Until(d)
+	}
+	if timeout <= 0 {
+		return nil, fmt.Errorf("request %s to %s: %w", id, addr, context.DeadlineExceeded)
+	}
+	// An actor that stopped between lookup and send answers with a dead
+	// letter; try once more with a fresh one.
+	for attempt := 0; ; attempt++ {
+		pid, err := h.pid(addr)
+		if err != nil {
+			return nil, err
+		}
+		f := h.root.RequestFuture(pid, envelope{id: id, msg: msg}, timeout)
+		res, err := f.Result()
+		if errors.Is(err, actor.ErrDeadLetter) && attempt == 0 {
+			h.forget(addr, pid)
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("request %s to %s: %w", id, addr, err)
+		}
+		r := res.(reply)
+		return r.msg, r.err
+	}
+}
+
+// Send delivers a command without waiting for a reply.
+func (h *Host) Send(addr Address, msg proto.Message) error {
+	pid, err := h.pid(addr)
+	if err != nil {
+		return err
+	}
+	h.root.Send(pid, envelope{id: fmt.Sprintf("c%d", h.seq.Add(1)), msg: msg})
+	return nil
+}
+
+type spawnReq struct{ addr Address }
+type spawnRes struct {
+	pid *actor.PID
+	err error
+}
+
+func (h *Host) pid(addr Address) (*actor.PID, error) {
+	h.mu.Lock()
+	if h.stopped {
+		h.mu.Unlock()
+		return nil, ErrStopped
+	}
+	pid, ok := h.pids[addr]
+	h.mu.Unlock()
+	if ok {
+		return pid, nil
+	}
+	if _, err := h.cfg.Registry.Machine(addr.Kind); err != nil {
+		return nil, err
+	}
+	if err := journal.CheckName(addr.Kind, addr.ID); err != nil {
+		return nil, err
+	}
+	res, err := h.root.RequestFuture(h.shep, spawnReq{addr}, 10*time.Second).Result()
+	if err != nil {
+		return nil, fmt.Errorf("actors: spawn %s: %w", addr, err)
+	}
+	sr := res.(spawnRes)
+	return sr.pid, sr.err
+}
+
+func (h *Host) forget(addr Address, pid *actor.PID) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if cur, ok := h.pids[addr]; ok && cur.Equal(pid) {
+		delete(h.pids, addr)
+	}
+}
+
+// Stop stops every actor (each writes a final snapshot), waits for the
+// snapshot writer and shuts the actor system down.
+func (h *Host) Stop(ctx context.Context) error {
+	h.mu.Lock()
+	if h.stopped {
+		h.mu.Unlock()
+		return nil
+	}
+	h.stopped = true
+	h.mu.Unlock()
+	var err error
+	// Poison lets queued commands finish first; stopping the shepherd stops
+	// its children, each running its Stopping handler.
+	if _, ferr := h.root.PoisonFuture(h.shep).Result(); ferr != nil && ctx.Err() == nil {
+		err = fmt.Errorf("actors: stop: %w", ferr)
+	}
+	close(h.snaps)
+	done := make(chan struct{})
+	go func() { h.snapWG.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = errors.Join(err, fmt.Errorf("actors: snapshot writer: %w", ctx.Err()))
+	}
+	h.system.Shutdown()
+	return err
+}
+
+// shepherd is the parent of every entity: it spawns them by address, so
+// they are supervised by the host's backoff strategy, and forgets them when
+// they stop.
+type shepherd struct {
+	h *Host
+}
+
+func (s *shepherd) Receive(ctx actor.Context) {
+	switch m := ctx.Message().(type) {
+	case spawnReq:
+		s.h.mu.Lock()
+		pid, ok := s.h.pids[m.addr]
+		s.h.mu.Unlock()
+		if ok {
+			ctx.Respond(spawnRes{pid: pid})
+			return
+		}
+		mach, err := s.h.cfg.Registry.Machine(m.addr.Kind)
+		if err != nil {
+			ctx.Respond(spawnRes{err: err})
+			return
+		}
+		props := actor.PropsFromProducer(func() actor.Actor { return newEntity(s.h, mach, m.addr) },
+			actor.WithMailbox(actor.Bounded(s.h.cfg.MailboxSize)))
+		pid, err = ctx.SpawnNamed(props, m.addr.Kind+"/"+m.addr.ID)
+		if err != nil {
+			ctx.Respond(spawnRes{err: fmt.Errorf("actors: spawn %s: %w", m.addr, err)})
+			return
+		}
+		s.h.mu.Lock()
+		s.h.pids[m.addr] = pid
+		s.h.mu.Unlock()
+		ctx.Respond(spawnRes{pid: pid})
+	case *actor.Terminated:
+		s.h.mu.Lock()
+		for a, p := range s.h.pids {
+			if p.Equal(m.Who) {
+				delete(s.h.pids, a)
+			}
+		}
+		s.h.mu.Unlock()
+	}
+}
+
+// backoffStrategy restarts a failed entity after a doubling delay, and stops
+// it after too many failures in a window.
+type backoffStrategy struct{ h *Host }
+
+func (b *backoffStrategy) HandleFailure(_ *actor.ActorSystem, sup actor.Supervisor, child *actor.PID, rs *actor.RestartStatistics, reason any, _ any) {
+	cfg := b.h.cfg
+	n := rs.NumberOfFailures(cfg.RestartWindow)
+	if n == 0 {
+		rs.Reset()
+	}
+	rs.Fail()
+	n++
+	if n > cfg.MaxRestarts {
+		b.h.log.Error("actor failed too often, stopping it; it recovers on its next command",
+			"actor", child.Id, "failures", n, "window", cfg.RestartWindow, "reason", reason)
+		sup.StopChildren(child)
+		return
+	}
+	delay := cfg.BackoffMin << min(n-1, 20)
+	if delay > cfg.BackoffMax || delay <= 0 {
+		delay = cfg.BackoffMax
+	}
+	b.h.cfg.Metrics.restarts.Inc()
+	b.h.log.Warn("actor failed, restarting after backoff", "actor", child.Id, "attempt", n, "backoff", delay, "reason", reason)
+	time.AfterFunc(delay, func() { sup.RestartChildren(child) })
+}
+
+// minLevel raises a handler's minimum level (protoactor logs its routine
+// at info).
+type minLevel struct {
+	slog.Handler
+	min slog.Level
+}
+
+func (m minLevel) Enabled(ctx context.Context, l slog.Level) bool {
+	return l >= m.min && m.Handler.Enabled(ctx, l)
+}
+func (m minLevel) WithAttrs(a []slog.Attr) slog.Handler {
+	return minLevel{m.Handler.WithAttrs(a), m.min}
+}
+func (m minLevel) WithGroup(g string) slog.Handler { return minLevel{m.Handler.WithGroup(g), m.min} }

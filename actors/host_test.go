@@ -1,0 +1,210 @@
+package actors_test
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/triplane-dev/triplane/actors"
+	"github.com/triplane-dev/triplane/actors/ledger"
+	"github.com/triplane-dev/triplane/journal"
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planetest"
+)
+
+type env struct {
+	j     *journal.Journal
+	snaps *journal.Snapshots
+	ctx   context.Context
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	n := planetest.StartNATS(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	t.Cleanup(cancel)
+	j, err := journal.Open(ctx, n.Connect(t), journal.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := journal.OpenSnapshots(filepath.Join(t.TempDir(), "snapshots"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return &env{j: j, snaps: s, ctx: ctx}
+}
+
+func (e *env) host(t *testing.T, mod ...func(*actors.HostConfig)) *actors.Host {
+	t.Helper()
+	cfg := actors.HostConfig{Journal: e.j, Snapshots: e.snaps, Registry: actors.NewRegistry(ledger.Machine{}),
+		BackoffMin: time.Millisecond, BackoffMax: 10 * time.Millisecond}
+	for _, m := range mod {
+		m(&cfg)
+	}
+	h, err := actors.NewHost(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Stop(context.Background()) })
+	return h
+}
+
+var acct = actors.Address{Kind: ledger.Kind, ID: "acct-1"}
+
+func ask(t *testing.T, ctx context.Context, h *actors.Host, addr actors.Address, msg proto.Message) *triplanev1.LedgerReply {
+	t.Helper()
+	r, err := h.Request(ctx, addr, msg)
+	if err != nil {
+		t.Fatalf("%T: %v", msg, err)
+	}
+	return r.(*triplanev1.LedgerReply)
+}
+
+func TestHostPersistsRepliesAndRecovers(t *testing.T) {
+	e := newEnv(t)
+	h := e.host(t)
+	ask(t, e.ctx, h, acct, &triplanev1.LedgerDeposit{Amount: 100})
+	if _, err := h.Request(e.ctx, acct, &triplanev1.LedgerWithdraw{Amount: 500}); !errors.Is(err, ledger.ErrInsufficient) {
+		t.Fatalf("overdraft: %v, want ErrInsufficient", err)
+	}
+	if _, err := h.Request(e.ctx, acct, &triplanev1.LedgerDeposit{Amount: -1}); err == nil {
+		t.Fatal("negative deposit accepted")
+	}
+	r := ask(t, e.ctx, h, acct, &triplanev1.LedgerSplit{Amounts: []int64{1, 2, 3}})
+	if r.Balance != 106 || r.Applied != 4 {
+		t.Fatalf("after split: %v", r)
+	}
+	if pos, _ := e.j.Highest(e.ctx, acct.Kind, acct.ID); pos.Seq != 4 {
+		t.Fatalf("journal highest = %d, want 4 (rejections write nothing)", pos.Seq)
+	}
+	if err := h.Stop(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.Request(e.ctx, acct, &triplanev1.LedgerGet{}); !errors.Is(err, actors.ErrStopped) {
+		t.Fatalf("request to a stopped host: %v", err)
+	}
+
+	h2 := e.host(t)
+	if r := ask(t, e.ctx, h2, acct, &triplanev1.LedgerGet{}); r.Balance != 106 || r.Applied != 4 {
+		t.Fatalf("after restart: %v", r)
+	}
+}
+
+func TestHostRepliesSurviveConcurrentPersists(t *testing.T) {
+	e := newEnv(t)
+	h := e.host(t)
+	const n = 200
+	var wg sync.WaitGroup
+	seen := make([]bool, n+1)
+	var mu sync.Mutex
+	for i := range n {
+		wg.Go(func() {
+			addr := acct
+			r, err := h.Request(e.ctx, addr, &triplanev1.LedgerDeposit{Amount: int64(i + 1)})
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if seen[r.(*triplanev1.LedgerReply).Applied] {
+				t.Errorf("two replies with applied=%d", r.(*triplanev1.LedgerReply).Applied)
+			}
+			seen[r.(*triplanev1.LedgerReply).Applied] = true
+		})
+	}
+	wg.Wait()
+	if r := ask(t, e.ctx, h, acct, &triplanev1.LedgerGet{}); r.Applied != n || r.Balance != n*(n+1)/2 {
+		t.Fatalf("state after %d concurrent deposits: %v", n, r)
+	}
+}
+
+func TestHostSnapshotsEveryNAndOnStop(t *testing.T) {
+	e := newEnv(t)
+	h := e.host(t, func(c *actors.HostConfig) { c.SnapshotEvery = 5 })
+	for range 12 {
+		ask(t, e.ctx, h, acct, &triplanev1.LedgerDeposit{Amount: 1})
+	}
+	if err := h.Stop(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	s, err := e.snaps.Load(acct.Kind, acct.ID, ledger.Machine{}.SchemaVersion())
+	if err != nil || s.Seq != 12 {
+		t.Fatalf("snapshot after clean stop: %v %v, want seq 12", s, err)
+	}
+	r, err := actors.Recover(e.ctx, e.j, e.snaps, ledger.Machine{}, acct.ID, nil)
+	if err != nil || r.FromSnapshot != 12 || r.Replayed != 0 {
+		t.Fatalf("recover: %+v %v, want from snapshot 12 with nothing replayed", r, err)
+	}
+	// With the newest snapshot corrupt, recovery uses the older one (10)
+	// and replays the rest; the state is the same.
+	if err := e.snaps.Corrupt(acct.Kind, acct.ID); err != nil {
+		t.Fatal(err)
+	}
+	r2, err := actors.Recover(e.ctx, e.j, e.snaps, ledger.Machine{}, acct.ID, nil)
+	if err != nil || r2.FromSnapshot != 10 || r2.Replayed != 2 || !proto.Equal(r.State, r2.State) {
+		t.Fatalf("recover with a corrupt newest snapshot: %+v %v", r2, err)
+	}
+	full, err := actors.Recover(e.ctx, e.j, nil, ledger.Machine{}, acct.ID, nil)
+	if err != nil || full.Replayed != 12 || !proto.Equal(full.State, r.State) {
+		t.Fatalf("recover from the journal alone: %+v %v", full, err)
+	}
+}
+
+func TestHostPersistConflictRestartsAndRecovers(t *testing.T) {
+	e := newEnv(t)
+	h := e.host(t)
+	ask(t, e.ctx, h, acct, &triplanev1.LedgerDeposit{Amount: 10})
+	// Another process writes to the same actor behind the host's back.
+	pos, err := e.j.Highest(e.ctx, acct.Kind, acct.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := actors.NewBatch("foreign", time.Now(), []proto.Message{&triplanev1.LedgerDeposited{Amount: 1000}})
+	if _, err := e.j.Append(e.ctx, acct.Kind, acct.ID, pos, b); err != nil {
+		t.Fatal(err)
+	}
+	_, err = h.Request(e.ctx, acct, &triplanev1.LedgerDeposit{Amount: 5})
+	if !errors.Is(err, actors.ErrPersist) || !errors.Is(err, journal.ErrConflict) {
+		t.Fatalf("write after a foreign write: %v, want ErrPersist wrapping ErrConflict", err)
+	}
+	// The actor restarts and recovers, now including the foreign event.
+	r := ask(t, e.ctx, h, acct, &triplanev1.LedgerDeposit{Amount: 5})
+	if r.Balance != 1015 || r.Applied != 3 {
+		t.Fatalf("after restart: %v, want balance 1015 applied 3", r)
+	}
+}
+
+func TestHostTimers(t *testing.T) {
+	e := newEnv(t)
+	h := e.host(t)
+	ask(t, e.ctx, h, acct, &triplanev1.LedgerScheduleInterest{Amount: 7, DelayMillis: 1})
+	for {
+		r := ask(t, e.ctx, h, acct, &triplanev1.LedgerGet{})
+		if r.Balance == 7 {
+			break
+		}
+		select {
+		case <-e.ctx.Done():
+			t.Fatal("interest timer never fired")
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+func TestHostRejectsUnknownKindAndBadID(t *testing.T) {
+	e := newEnv(t)
+	h := e.host(t)
+	if _, err := h.Request(e.ctx, actors.Address{Kind: "nope", ID: "x"}, &triplanev1.LedgerGet{}); err == nil {
+		t.Error("unknown kind accepted")
+	}
+	if _, err := h.Request(e.ctx, actors.Address{Kind: ledger.Kind, ID: "a.b"}, &triplanev1.LedgerGet{}); !errors.Is(err, journal.ErrBadName) {
+		t.Errorf("bad id: %v", err)
+	}
+}

@@ -1,0 +1,36 @@
+package actors
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// Metrics counts what the host does.
+type Metrics struct {
+	commands, rejected, events, persistFailures   prometheus.Counter
+	restarts, recoveries, recoveredEvents         prometheus.Counter
+	recoveryFailures                              prometheus.Counter
+	snapshots, snapshotsDropped, snapshotFailures prometheus.Counter
+}
+
+// NewMetrics creates the host's metrics and registers them with reg (nil:
+// not registered).
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	c := func(name, help string) prometheus.Counter {
+		x := prometheus.NewCounter(prometheus.CounterOpts{Namespace: "triplane", Subsystem: "actor", Name: name, Help: help})
+		if reg != nil {
+			reg.MustRegister(x)
+		}
+		return x
+	}
+	return &Metrics{
+		commands:         c("commands_total", "Commands handled by actors."),
+		rejected:         c("commands_rejected_total", "Commands rejected without persisting anything."),
+		events:           c("events_persisted_total", "Events persisted to the journal."),
+		persistFailures:  c("persist_failures_total", "Persists that failed with an unknown outcome (the actor restarted)."),
+		restarts:         c("restarts_total", "Actor restarts by the supervisor."),
+		recoveries:       c("recoveries_total", "Actor recoveries (snapshot plus journal tail)."),
+		recoveredEvents:  c("recovered_events_total", "Journal events applied during recoveries."),
+		recoveryFailures: c("recovery_failures_total", "Recoveries that failed (the actor restarts after a backoff)."),
+		snapshots:        c("snapshots_written_total", "Snapshots written to Pebble."),
+		snapshotsDropped: c("snapshots_dropped_total", "Periodic snapshots dropped because the writer was behind."),
+		snapshotFailures: c("snapshot_failures_total", "Snapshot writes that failed."),
+	}
+}

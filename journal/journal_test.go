@@ -1,0 +1,274 @@
+package journal_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/triplane-dev/triplane/journal"
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planetest"
+)
+
+// The tests below follow the Akka persistence journal TCK: replay by range
+// and bounds, from > to, unknown actor, highest sequence after deletes,
+// concurrent writers, retried appends, atomic multi-event appends, and a
+// too-large event.
+
+func open(t *testing.T) (*journal.Journal, context.Context) {
+	t.Helper()
+	n := planetest.StartNATS(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	j, err := journal.Open(ctx, n.Connect(t), journal.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return j, ctx
+}
+
+var t0 = time.Date(2026, 11, 26, 12, 0, 0, 0, time.UTC)
+
+func batch(t *testing.T, at time.Time, amounts ...int64) *triplanev1.EventBatch {
+	t.Helper()
+	b := &triplanev1.EventBatch{CommandId: fmt.Sprint("cmd-", amounts), TimeUnixNanos: at.UnixNano()}
+	for _, a := range amounts {
+		p, err := anypb.New(&triplanev1.LedgerDeposited{Amount: a})
+		if err != nil {
+			t.Fatal(err)
+		}
+		b.Events = append(b.Events, &triplanev1.Event{Payload: p})
+	}
+	return b
+}
+
+// appendN appends n single-event batches, one second apart, amounts 1..n.
+func appendN(t *testing.T, ctx context.Context, j *journal.Journal, kind, id string, n int) journal.Position {
+	t.Helper()
+	pos, err := j.Highest(ctx, kind, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i <= n; i++ {
+		if pos, err = j.Append(ctx, kind, id, pos, batch(t, t0.Add(time.Duration(i)*time.Second), int64(i))); err != nil {
+			t.Fatalf("append %d: %v", i, err)
+		}
+	}
+	return pos
+}
+
+func seqs(t *testing.T, ctx context.Context, j *journal.Journal, kind, id string, q journal.Query) []uint64 {
+	t.Helper()
+	var out []uint64
+	err := j.Read(ctx, kind, id, q, func(r *journal.Record) error {
+		ev, err := r.Decode()
+		if err != nil {
+			return err
+		}
+		if got := ev.(*triplanev1.LedgerDeposited).Amount; r.Seq <= 5 && got != int64(r.Seq) {
+			t.Errorf("event %d holds amount %d", r.Seq, got)
+		}
+		out = append(out, r.Seq)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func TestReplayByRangeAndBounds(t *testing.T) {
+	j, ctx := open(t)
+	pos := appendN(t, ctx, j, "ledger", "a", 5)
+	if pos.Seq != 5 {
+		t.Fatalf("position after 5 appends = %+v", pos)
+	}
+	for _, tc := range []struct {
+		name string
+		q    journal.Query
+		want string
+	}{
+		{"all", journal.Query{}, "[1 2 3 4 5]"},
+		{"range", journal.Query{FromSeq: 2, ToSeq: 4}, "[2 3 4]"},
+		{"single", journal.Query{FromSeq: 3, ToSeq: 3}, "[3]"},
+		{"to past highest", journal.Query{FromSeq: 4, ToSeq: 100}, "[4 5]"},
+		{"from past highest", journal.Query{FromSeq: 6}, "[]"},
+		{"from > to", journal.Query{FromSeq: 4, ToSeq: 2}, "[]"},
+		{"since time", journal.Query{Since: t0.Add(4 * time.Second)}, "[4 5]"},
+		{"until time", journal.Query{Until: t0.Add(3 * time.Second)}, "[1 2]"},
+		{"after stream position", journal.Query{AfterStream: 2}, "[3 4 5]"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := fmt.Sprint(seqs(t, ctx, j, "ledger", "a", tc.q)); got != tc.want {
+				t.Errorf("got %s, want %s", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestUnknownActor(t *testing.T) {
+	j, ctx := open(t)
+	pos, err := j.Highest(ctx, "ledger", "nobody")
+	if err != nil || pos != (journal.Position{}) {
+		t.Fatalf("highest of an unknown actor = %+v, %v; want zero", pos, err)
+	}
+	if got := seqs(t, ctx, j, "ledger", "nobody", journal.Query{}); len(got) != 0 {
+		t.Fatalf("read of an unknown actor = %v", got)
+	}
+}
+
+func TestHighestKeptAfterDeletes(t *testing.T) {
+	j, ctx := open(t)
+	appendN(t, ctx, j, "ledger", "d", 5)
+	if err := j.DeleteTo(ctx, "ledger", "d", 3); err != nil {
+		t.Fatal(err)
+	}
+	if got := fmt.Sprint(seqs(t, ctx, j, "ledger", "d", journal.Query{})); got != "[4 5]" {
+		t.Errorf("after delete to 3, read %s", got)
+	}
+	if err := j.DeleteTo(ctx, "ledger", "d", 100); err != nil {
+		t.Fatal(err)
+	}
+	pos, err := j.Highest(ctx, "ledger", "d")
+	if err != nil || pos.Seq != 5 {
+		t.Fatalf("highest after deleting everything = %+v %v, want 5", pos, err)
+	}
+	if got := seqs(t, ctx, j, "ledger", "d", journal.Query{}); len(got) != 0 {
+		t.Errorf("read after deleting everything = %v", got)
+	}
+	// Writing goes on from the kept highest sequence.
+	pos, err = j.Append(ctx, "ledger", "d", pos, batch(t, t0, 6))
+	if err != nil || pos.Seq != 6 {
+		t.Fatalf("append after deletes = %+v %v, want seq 6", pos, err)
+	}
+	if got := fmt.Sprint(seqs(t, ctx, j, "ledger", "d", journal.Query{})); got != "[6]" {
+		t.Errorf("read after append = %s", got)
+	}
+}
+
+func TestConcurrentWritersRejected(t *testing.T) {
+	j, ctx := open(t)
+	pos := appendN(t, ctx, j, "ledger", "c", 2)
+	// Two writers both believe they own the actor at pos.
+	if _, err := j.Append(ctx, "ledger", "c", pos, batch(t, t0, 3)); err != nil {
+		t.Fatal(err)
+	}
+	_, err := j.Append(ctx, "ledger", "c", pos, batch(t, t0, 33, 34))
+	if !errors.Is(err, journal.ErrConflict) {
+		t.Fatalf("second writer: %v, want ErrConflict", err)
+	}
+	// A writer that never read the actor (expects it empty) is refused too.
+	_, err = j.Append(ctx, "ledger", "c", journal.Position{}, batch(t, t0, 99))
+	if !errors.Is(err, journal.ErrConflict) {
+		t.Fatalf("stale writer: %v, want ErrConflict", err)
+	}
+	if got := fmt.Sprint(seqs(t, ctx, j, "ledger", "c", journal.Query{})); got != "[1 2 3]" {
+		t.Errorf("journal = %s, want [1 2 3]", got)
+	}
+}
+
+func TestRetriedAppendDeduplicated(t *testing.T) {
+	j, ctx := open(t)
+	pos := appendN(t, ctx, j, "ledger", "r", 1)
+	b := batch(t, t0, 2)
+	first, err := j.Append(ctx, "ledger", "r", pos, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The same append again, as after a lost acknowledgement.
+	again, err := j.Append(ctx, "ledger", "r", pos, proto.Clone(b).(*triplanev1.EventBatch))
+	if err != nil {
+		t.Fatalf("retried append: %v", err)
+	}
+	if again != first {
+		t.Errorf("retry returned %+v, first append %+v", again, first)
+	}
+	if got := fmt.Sprint(seqs(t, ctx, j, "ledger", "r", journal.Query{})); got != "[1 2]" {
+		t.Errorf("journal = %s, want [1 2]", got)
+	}
+}
+
+func TestAtomicMultiEventAppend(t *testing.T) {
+	j, ctx := open(t)
+	pos, err := j.Append(ctx, "ledger", "m", journal.Position{}, batch(t, t0, 1, 2, 3))
+	if err != nil || pos.Seq != 3 {
+		t.Fatalf("append of 3 events = %+v %v", pos, err)
+	}
+	var streamSeqs []uint64
+	var last []bool
+	err = j.Read(ctx, "ledger", "m", journal.Query{}, func(r *journal.Record) error {
+		streamSeqs = append(streamSeqs, r.StreamSeq)
+		last = append(last, r.LastInBatch)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(streamSeqs) != 3 || streamSeqs[0] != streamSeqs[2] || fmt.Sprint(last) != "[false false true]" {
+		t.Errorf("events should share one message: stream seqs %v, last %v", streamSeqs, last)
+	}
+	// A conflicting multi-event append writes none of its events.
+	_, err = j.Append(ctx, "ledger", "m", journal.Position{}, batch(t, t0, 7, 8))
+	if !errors.Is(err, journal.ErrConflict) {
+		t.Fatalf("conflicting append: %v", err)
+	}
+	if got := fmt.Sprint(seqs(t, ctx, j, "ledger", "m", journal.Query{})); got != "[1 2 3]" {
+		t.Errorf("journal = %s", got)
+	}
+}
+
+func TestLargeEventRefused(t *testing.T) {
+	j, ctx := open(t)
+	big, err := anypb.New(&triplanev1.NodeIdentity{NodeId: string(make([]byte, j.MaxPayload()))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = j.Append(ctx, "ledger", "big", journal.Position{}, &triplanev1.EventBatch{Events: []*triplanev1.Event{{Payload: big}}})
+	if !errors.Is(err, journal.ErrTooLarge) {
+		t.Fatalf("large event: %v, want ErrTooLarge", err)
+	}
+	t.Logf("error says: %v", err)
+	if pos, _ := j.Highest(ctx, "ledger", "big"); pos.Seq != 0 {
+		t.Errorf("large event was written: %+v", pos)
+	}
+}
+
+func TestBadNames(t *testing.T) {
+	j, ctx := open(t)
+	for _, name := range [][2]string{{"", "x"}, {"ledger", ""}, {"led.ger", "x"}, {"ledger", "a.b"}, {"ledger", "a*"}, {"ledger", "a b"}, {"ledger", ">"}} {
+		_, err := j.Append(ctx, name[0], name[1], journal.Position{}, batch(t, t0, 1))
+		if !errors.Is(err, journal.ErrBadName) {
+			t.Errorf("append to %q/%q: %v, want ErrBadName", name[0], name[1], err)
+		}
+	}
+}
+
+func TestActorsAndUnknownEventType(t *testing.T) {
+	j, ctx := open(t)
+	appendN(t, ctx, j, "ledger", "x", 2)
+	appendN(t, ctx, j, "ledger", "y", 1)
+	bad := &triplanev1.EventBatch{Events: []*triplanev1.Event{{Payload: &anypb.Any{TypeUrl: "type.googleapis.com/triplane.v1.NoSuchEvent", Value: []byte{1}}}}}
+	if _, err := j.Append(ctx, "other", "z", journal.Position{}, bad); err != nil {
+		t.Fatal(err)
+	}
+	actors, err := j.Actors(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := fmt.Sprintf("%s/%s@%d of %d", actors[0].Kind, actors[0].ID, actors[0].Highest, len(actors)); got != "ledger/x@2 of 3" {
+		t.Errorf("actors = %+v", actors)
+	}
+	err = j.Read(ctx, "other", "z", journal.Query{}, func(r *journal.Record) error {
+		_, err := r.Decode()
+		return err
+	})
+	var de *journal.DecodeError
+	if !errors.As(err, &de) || de.Subject != "triplane.journal.other.z" || de.Seq != 1 {
+		t.Fatalf("unknown event type: %v", err)
+	}
+}

@@ -1,0 +1,92 @@
+package journal_test
+
+import (
+	"bytes"
+	"errors"
+	"log/slog"
+	"path/filepath"
+	"testing"
+
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+
+	"github.com/triplane-dev/triplane/journal"
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+)
+
+func snap(t *testing.T, id string, seq uint64, balance int64, schema uint32) *triplanev1.Snapshot {
+	t.Helper()
+	st, err := anypb.New(&triplanev1.LedgerState{Balance: balance, Applied: seq})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &triplanev1.Snapshot{Kind: "ledger", ActorId: id, Seq: seq, JournalPosition: seq, SchemaVersion: schema, State: st}
+}
+
+func TestSnapshotsNewestValidWins(t *testing.T) {
+	var logs bytes.Buffer
+	dir := filepath.Join(t.TempDir(), "snapshots")
+	s, err := journal.OpenSnapshots(dir, slog.New(slog.NewTextHandler(&logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Load("ledger", "a", 1); !errors.Is(err, journal.ErrNoSnapshot) {
+		t.Fatalf("load with no snapshot: %v", err)
+	}
+	for i, seq := range []uint64{10, 20, 30} {
+		if err := s.Save(snap(t, "a", seq, int64(i+1), 1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Save(snap(t, "b", 5, 50, 1)); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.Load("ledger", "a", 1)
+	if err != nil || got.Seq != 30 {
+		t.Fatalf("newest = %v %v, want seq 30", got, err)
+	}
+	// A corrupt newest snapshot falls back to the one before it (20; 10 was
+	// pruned, Keep is 2).
+	if err := s.Corrupt("ledger", "a"); err != nil {
+		t.Fatal(err)
+	}
+	got, err = s.Load("ledger", "a", 1)
+	if err != nil || got.Seq != 20 {
+		t.Fatalf("after corrupting the newest: %v %v, want seq 20", got, err)
+	}
+	if !bytes.Contains(logs.Bytes(), []byte("checksum mismatch")) {
+		t.Errorf("corruption not logged:\n%s", logs.String())
+	}
+	// Another schema version is not used.
+	if _, err := s.Load("ledger", "b", 2); !errors.Is(err, journal.ErrNoSnapshot) {
+		t.Fatalf("old-schema snapshot used: %v", err)
+	}
+	var listed []string
+	err = s.Newest(func(kind, id string, sn *triplanev1.Snapshot, err error) error {
+		listed = append(listed, kind+"/"+id)
+		if id == "a" && err == nil {
+			t.Errorf("newest of a should be reported corrupt")
+		}
+		if id == "b" && (err != nil || sn.Seq != 5) {
+			t.Errorf("newest of b = %v %v", sn, err)
+		}
+		return nil
+	})
+	if err != nil || len(listed) != 2 {
+		t.Fatalf("Newest listed %v, %v", listed, err)
+	}
+	// Survives a reopen.
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	s, err = journal.OpenSnapshots(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	got, err = s.Load("ledger", "b", 1)
+	want := snap(t, "b", 5, 50, 1)
+	if err != nil || !proto.Equal(got, want) {
+		t.Fatalf("after reopen: %v %v", got, err)
+	}
+}
