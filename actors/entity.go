@@ -18,18 +18,23 @@ import (
 
 // entity is the imperative shell around one state machine instance.
 //
-// It processes one message at a time; recovery (in Started) and each
-// persist run to completion inside Receive, so commands that arrive
-// meanwhile wait in the bounded mailbox: the mailbox is the stash. A failed
-// persist cannot tell whether the events were written, so the entity
-// answers the sender with ErrPersist and panics; the host's supervisor
-// restarts it after a backoff as a fresh instance that recovers from the
-// journal.
+// Recovery runs to completion in Started; commands that arrive meanwhile
+// wait in the bounded mailbox. After that, at most one persist is in flight:
+// commands arriving while it is are stashed (bounded), and when it is
+// acknowledged the whole stash is decided in order and persisted as the next
+// atomic batch (group commit). A command is decided against the state that
+// includes the events decided before it; nothing a decision causes (reply,
+// effects) is released before its events are acknowledged. A persist that
+// fails cannot tell whether the events were written, so every command of the
+// group gets ErrPersist, the stash is handed back to the mailbox, and the
+// entity panics: the host's supervisor restarts it after a backoff as a
+// fresh instance that recovers from the journal.
 type entity struct {
 	h    *Host
 	m    Machine
 	addr Address
 	log  *slog.Logger
+	inc  uint64 // incarnation, to ignore acknowledgements of a previous one
 
 	state     proto.Message
 	pos       journal.Position
@@ -39,6 +44,31 @@ type entity struct {
 	rng       *rand.Rand
 	timers    map[string]*timerSlot
 	timerGen  uint64
+
+	flight *group     // the persist in flight, if any
+	stash  []envelope // commands waiting for it
+}
+
+// group is the commands of one persist: their replies and effects wait for
+// its acknowledgement.
+type group struct {
+	pending *journal.Pending
+	replies []held
+	effects []Effect
+	events  int
+	now     time.Time
+}
+
+type held struct {
+	to  chan reply
+	msg proto.Message
+	err error
+}
+
+type persisted struct {
+	inc uint64
+	pos journal.Position
+	err error
 }
 
 type timerSlot struct {
@@ -57,10 +87,13 @@ type failure struct{ err error }
 
 func (f failure) String() string { return f.err.Error() }
 
+// ErrOverloaded: the actor's stash is full; the command was not applied.
+var ErrOverloaded = errors.New("actors: actor overloaded, command not applied")
+
 func newEntity(h *Host, m Machine, addr Address) *entity {
 	hs := fnv.New64a()
 	hs.Write([]byte(addr.String()))
-	return &entity{h: h, m: m, addr: addr, log: h.log.With("actor", addr.String()),
+	return &entity{h: h, m: m, addr: addr, log: h.log.With("actor", addr.String()), inc: h.incarnation.Add(1),
 		rng: rand.New(rand.NewPCG(h.cfg.Seed, hs.Sum64())), timers: map[string]*timerSlot{}}
 }
 
@@ -71,16 +104,17 @@ func (e *entity) Receive(ctx actor.Context) {
 	case *actor.Restarting:
 		e.stopTimers()
 	case *actor.Stopping:
-		e.stopTimers()
-		if e.recovered && e.sinceSnap > 0 {
-			e.snapshot(true)
-		}
+		e.stopping(ctx)
 	case envelope:
-		e.handle(ctx, m.id, m.msg)
+		e.command(ctx, m)
 	case timerFired:
 		if slot, ok := e.timers[m.name]; ok && slot.gen == m.gen {
 			delete(e.timers, m.name)
-			e.handle(ctx, "timer-"+m.name, m.msg)
+			e.command(ctx, envelope{id: "timer-" + m.name, msg: m.msg})
+		}
+	case persisted:
+		if m.inc == e.inc {
+			e.persisted(ctx, m)
 		}
 	}
 }
@@ -103,74 +137,174 @@ func (e *entity) recover() {
 		"took", time.Since(t0))
 }
 
-func (e *entity) respond(ctx actor.Context, msg proto.Message, err error) {
-	if ctx.Sender() != nil {
-		ctx.Respond(reply{msg: msg, err: err})
+func respond(to chan reply, msg proto.Message, err error) {
+	if to != nil {
+		to <- reply{msg: msg, err: err} // buffered: never blocks
 	}
 }
 
-func (e *entity) handle(ctx actor.Context, id string, msg proto.Message) {
-	cfg := e.h.cfg
-	cfg.Metrics.commands.Inc()
-	now := cfg.Now()
-	d := e.m.Decide(e.state, Command{ID: id, Msg: msg, Now: now, Rand: e.rng.Uint64()})
-	if d.Err != nil {
-		cfg.Metrics.rejected.Inc()
-		e.respond(ctx, nil, d.Err)
+func (e *entity) command(ctx actor.Context, env envelope) {
+	if e.flight == nil {
+		e.decide(ctx, []envelope{env})
 		return
 	}
-	if len(d.Events) > 0 {
-		if err := e.persist(ctx, id, now, d.Events); err != nil {
-			return
-		}
+	if len(e.stash) >= e.h.cfg.MailboxSize {
+		e.h.cfg.Metrics.overloaded.Inc()
+		respond(env.reply, nil, fmt.Errorf("%w: %s has %d commands waiting", ErrOverloaded, e.addr, len(e.stash)))
+		return
 	}
-	for _, eff := range d.Effects {
-		e.effect(ctx, eff)
-	}
-	e.respond(ctx, d.Reply, nil)
+	e.stash = append(e.stash, env)
 }
 
-func (e *entity) persist(ctx actor.Context, id string, now time.Time, events []proto.Message) error {
+// decide handles commands in order against the evolving state and starts
+// one persist for all their events. Commands that do not fit in one batch
+// go back to the front of the stash.
+func (e *entity) decide(ctx actor.Context, cmds []envelope) {
 	cfg := e.h.cfg
-	batch, err := NewBatch(id, now, events)
-	if err != nil {
-		// A machine produced an event that cannot be encoded: a bug in the
-		// machine, but nothing was written, so the actor can go on.
-		cfg.Metrics.rejected.Inc()
-		e.respond(ctx, nil, err)
-		return err
-	}
-	pctx, cancel := context.WithTimeout(context.Background(), cfg.RequestTimeout)
-	defer cancel()
-	pos, err := cfg.Journal.Append(pctx, e.addr.Kind, e.addr.ID, e.pos, batch)
-	if errors.Is(err, journal.ErrTooLarge) || errors.Is(err, journal.ErrBadName) {
-		// Refused before sending: nothing was written.
-		cfg.Metrics.rejected.Inc()
-		e.respond(ctx, nil, err)
-		return err
-	}
-	if err != nil {
-		cfg.Metrics.persistFailures.Inc()
-		e.respond(ctx, nil, fmt.Errorf("%w: %s: %w", ErrPersist, e.addr, err))
-		e.recovered = false
-		panic(failure{fmt.Errorf("persist %s: %w", e.addr, err)})
-	}
-	for _, ev := range events {
-		if err := e.m.Apply(e.state, ev); err != nil {
-			// The event is journaled but this machine cannot apply it: a bug
-			// that recovery would hit too. Restart so it is visible.
-			e.recovered = false
-			panic(failure{fmt.Errorf("apply %T to %s: %w", ev, e.addr, err)})
+	g := &group{now: cfg.Now()}
+	var events []proto.Message
+	var size int64
+	limit := cfg.Journal.Limit()
+	for i, env := range cmds {
+		cfg.Metrics.commands.Inc()
+		d := e.m.Decide(e.state, Command{ID: env.id, Msg: env.msg, Now: g.now, Rand: e.rng.Uint64()})
+		if d.Err != nil {
+			cfg.Metrics.rejected.Inc()
+			g.replies = append(g.replies, held{to: env.reply, err: d.Err})
+			continue
 		}
+		var n int64
+		for _, ev := range d.Events {
+			n += int64(proto.Size(ev)) + 64 // Any wrapper, type URL, sequence
+		}
+		if n > limit {
+			cfg.Metrics.rejected.Inc()
+			g.replies = append(g.replies, held{to: env.reply, err: fmt.Errorf("%w: %s: %T's %d events need about %d bytes, the limit is %d",
+				journal.ErrTooLarge, e.addr, env.msg, len(d.Events), n, limit)})
+			continue
+		}
+		if size+n > limit {
+			// Decide it again, first in the next group; Decide is pure.
+			e.stash = append(cmds[i:len(cmds):len(cmds)], e.stash...)
+			break
+		}
+		size += n
+		for _, ev := range d.Events {
+			if err := e.m.Apply(e.state, ev); err != nil {
+				// The machine cannot apply its own event: a bug. Nothing of
+				// this group is persisted; restart so it is visible.
+				e.fail(ctx, g, fmt.Errorf("apply %T to %s: %w", ev, e.addr, err))
+			}
+		}
+		events = append(events, d.Events...)
+		g.replies = append(g.replies, held{to: env.reply, msg: d.Reply})
+		g.effects = append(g.effects, d.Effects...)
 	}
-	e.pos = pos
-	e.lastTime = now
-	cfg.Metrics.events.Add(float64(len(events)))
-	e.sinceSnap += uint64(len(events))
+	if len(events) == 0 {
+		e.release(ctx, g)
+		e.drain(ctx)
+		return
+	}
+	batch, err := NewBatch(cmds[0].id, g.now, events)
+	if err == nil {
+		g.pending, err = cfg.Journal.AppendAsync(e.addr.Kind, e.addr.ID, e.pos, batch)
+	}
+	if err != nil {
+		e.fail(ctx, g, fmt.Errorf("persist %s: %w", e.addr, err))
+	}
+	g.events = len(events)
+	e.flight = g
+	self, root, inc, p := ctx.Self(), e.h.root, e.inc, g.pending
+	go func() {
+		pos, err := p.Wait(context.Background())
+		root.Send(self, persisted{inc: inc, pos: pos, err: err})
+	}()
+}
+
+func (e *entity) persisted(ctx actor.Context, m persisted) {
+	cfg := e.h.cfg
+	g := e.flight
+	e.flight = nil
+	if m.err != nil {
+		e.fail(ctx, g, fmt.Errorf("persist %s: %w", e.addr, m.err))
+	}
+	e.pos = m.pos
+	e.lastTime = g.now
+	cfg.Metrics.events.Add(float64(g.events))
+	cfg.Metrics.batches.Inc()
+	e.sinceSnap += uint64(g.events)
+	// Nothing undecided is applied yet, so the state is exactly the
+	// persisted one: the moment to snapshot.
 	if cfg.Snapshots != nil && e.sinceSnap >= cfg.SnapshotEvery {
 		e.snapshot(false)
 	}
-	return nil
+	e.release(ctx, g)
+	e.drain(ctx)
+}
+
+// drain decides the stash, if no persist is in flight.
+func (e *entity) drain(ctx actor.Context) {
+	if e.flight != nil || len(e.stash) == 0 {
+		return
+	}
+	cmds := e.stash
+	e.stash = nil
+	e.decide(ctx, cmds)
+}
+
+func (e *entity) release(ctx actor.Context, g *group) {
+	for _, r := range g.replies {
+		respond(r.to, r.msg, r.err)
+	}
+	for _, eff := range g.effects {
+		e.effect(ctx, eff)
+	}
+}
+
+// fail answers the group's commands, hands the stash back to the mailbox
+// (to be handled after recovery) and panics so the supervisor restarts the
+// entity.
+func (e *entity) fail(ctx actor.Context, g *group, err error) {
+	cfg := e.h.cfg
+	cfg.Metrics.persistFailures.Inc()
+	for _, r := range g.replies {
+		respond(r.to, nil, fmt.Errorf("%w: %w", ErrPersist, err))
+	}
+	for _, env := range e.stash {
+		ctx.Send(ctx.Self(), env)
+	}
+	e.stash = nil
+	e.recovered = false
+	panic(failure{err})
+}
+
+// stopping finishes the persist in flight (bounded by the journal's
+// timeout), answers the stash and writes a final snapshot.
+func (e *entity) stopping(ctx actor.Context) {
+	e.stopTimers()
+	if g := e.flight; g != nil {
+		e.flight = nil
+		pos, err := g.pending.Wait(context.Background())
+		if err != nil {
+			for _, r := range g.replies {
+				respond(r.to, nil, fmt.Errorf("%w: %s stopping: %w", ErrPersist, e.addr, err))
+			}
+			e.recovered = false
+		} else {
+			e.pos, e.lastTime = pos, g.now
+			e.sinceSnap += uint64(g.events)
+			for _, r := range g.replies {
+				respond(r.to, r.msg, r.err)
+			}
+		}
+	}
+	for _, env := range e.stash {
+		respond(env.reply, nil, fmt.Errorf("%w: %s stopped before handling %s", ErrStopped, e.addr, env.id))
+	}
+	e.stash = nil
+	if e.recovered && e.sinceSnap > 0 {
+		e.snapshot(true)
+	}
 }
 
 func (e *entity) effect(ctx actor.Context, eff Effect) {

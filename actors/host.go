@@ -26,7 +26,7 @@ type HostConfig struct {
 	// SnapshotEvery is the number of events between snapshots; default 1000.
 	SnapshotEvery uint64
 	// MailboxSize bounds each actor's mailbox; senders wait when it is
-	// full. Default 10,000.
+	// full. Default 1024 (each slot is preallocated).
 	MailboxSize int
 	// RequestTimeout bounds Request when its context has no deadline;
 	// default 30 s.
@@ -53,7 +53,7 @@ func (c *HostConfig) defaults() {
 		c.SnapshotEvery = 1000
 	}
 	if c.MailboxSize == 0 {
-		c.MailboxSize = 10_000
+		c.MailboxSize = 1024
 	}
 	if c.RequestTimeout == 0 {
 		c.RequestTimeout = 30 * time.Second
@@ -110,9 +110,10 @@ type Host struct {
 	pids    map[Address]*actor.PID
 	stopped bool
 
-	seq    atomic.Uint64 // command id counter
-	snaps  chan snapJob
-	snapWG sync.WaitGroup
+	seq         atomic.Uint64 // command id counter
+	incarnation atomic.Uint64
+	snaps       chan snapJob
+	snapWG      sync.WaitGroup
 }
 
 // NewHost starts a host. Stop it with Stop.
@@ -132,6 +133,13 @@ func NewHost(cfg HostConfig) (*Host, error) {
 		return nil, fmt.Errorf("actors: start: %w", err)
 	}
 	h.shep = pid
+	h.system.EventStream.Subscribe(func(ev any) {
+		if dl, ok := ev.(*actor.DeadLetterEvent); ok {
+			if env, ok := dl.Message.(envelope); ok && env.reply != nil {
+				env.reply <- reply{err: errDeadLetter}
+			}
+		}
+	})
 	h.snapWG.Add(1)
 	go h.writeSnapshots()
 	return h, nil
@@ -143,11 +151,17 @@ type reply struct {
 	err error
 }
 
-// envelope carries a command to an actor.
+// envelope carries a command to an actor. Replies go straight back on a
+// channel rather than through a protoactor future: the host is in-process,
+// and a future costs a registered process and a timer per request.
 type envelope struct {
-	id  string
-	msg proto.Message
+	id    string
+	msg   proto.Message
+	reply chan reply // buffered(1); nil for Send
 }
+
+// errDeadLetter: the actor stopped before the command reached it.
+var errDeadLetter = errors.New("actors: actor stopped before the command arrived")
 
 // Request sends a command to the actor at addr (spawning and recovering it
 // if needed) and waits for its reply, which comes after the command's
@@ -168,24 +182,29 @@ func (h *Host) RequestID(ctx context.Context, addr Address, id string, msg proto
 	if timeout <= 0 {
 		return nil, fmt.Errorf("request %s to %s: %w", id, addr, context.DeadlineExceeded)
 	}
-	// An actor that stopped between lookup and send answers with a dead
-	// letter; try once more with a fresh one.
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	// An actor that stopped between lookup and send yields a dead letter;
+	// try once more with a fresh one.
 	for attempt := 0; ; attempt++ {
 		pid, err := h.pid(addr)
 		if err != nil {
 			return nil, err
 		}
-		f := h.root.RequestFuture(pid, envelope{id: id, msg: msg}, timeout)
-		res, err := f.Result()
-		if errors.Is(err, actor.ErrDeadLetter) && attempt == 0 {
-			h.forget(addr, pid)
-			continue
+		ch := make(chan reply, 1)
+		h.root.Send(pid, envelope{id: id, msg: msg, reply: ch})
+		select {
+		case r := <-ch:
+			if errors.Is(r.err, errDeadLetter) && attempt == 0 {
+				h.forget(addr, pid)
+				continue
+			}
+			return r.msg, r.err
+		case <-ctx.Done():
+			return nil, fmt.Errorf("request %s to %s: %w", id, addr, ctx.Err())
+		case <-timer.C:
+			return nil, fmt.Errorf("request %s to %s: no reply within %s: %w", id, addr, timeout, context.DeadlineExceeded)
 		}
-		if err != nil {
-			return nil, fmt.Errorf("request %s to %s: %w", id, addr, err)
-		}
-		r := res.(reply)
-		return r.msg, r.err
 	}
 }
 
@@ -288,8 +307,13 @@ func (s *shepherd) Receive(ctx actor.Context) {
 			ctx.Respond(spawnRes{err: err})
 			return
 		}
+		// The synchronized dispatcher runs the mailbox on the sender's
+		// goroutine instead of starting one per batch of messages: a
+		// requester waits for the reply anyway, and the hand-off and stack
+		// growth were most of the per-command cost.
 		props := actor.PropsFromProducer(func() actor.Actor { return newEntity(s.h, mach, m.addr) },
-			actor.WithMailbox(actor.Bounded(s.h.cfg.MailboxSize)))
+			actor.WithMailbox(actor.Bounded(s.h.cfg.MailboxSize)),
+			actor.WithDispatcher(actor.NewSynchronizedDispatcher(300)))
 		pid, err = ctx.SpawnNamed(props, m.addr.Kind+"/"+m.addr.ID)
 		if err != nil {
 			ctx.Respond(spawnRes{err: fmt.Errorf("actors: spawn %s: %w", m.addr, err)})

@@ -6,7 +6,7 @@ import "github.com/prometheus/client_golang/prometheus"
 type Metrics struct {
 	commands, rejected, events, persistFailures   prometheus.Counter
 	restarts, recoveries, recoveredEvents         prometheus.Counter
-	recoveryFailures                              prometheus.Counter
+	recoveryFailures, overloaded, batches         prometheus.Counter
 	snapshots, snapshotsDropped, snapshotFailures prometheus.Counter
 }
 
@@ -29,6 +29,8 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		recoveries:       c("recoveries_total", "Actor recoveries (snapshot plus journal tail)."),
 		recoveredEvents:  c("recovered_events_total", "Journal events applied during recoveries."),
 		recoveryFailures: c("recovery_failures_total", "Recoveries that failed (the actor restarts after a backoff)."),
+		overloaded:       c("commands_overloaded_total", "Commands refused because the actor's stash was full."),
+		batches:          c("batches_persisted_total", "Journal appends; each holds the events of one or more commands (group commit)."),
 		snapshots:        c("snapshots_written_total", "Snapshots written to Pebble."),
 		snapshotsDropped: c("snapshots_dropped_total", "Periodic snapshots dropped because the writer was behind."),
 		snapshotFailures: c("snapshot_failures_total", "Snapshot writes that failed."),

@@ -21,8 +21,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	clientv3 "go.etcd.io/etcd/client/v3"
 
+	"github.com/triplane-dev/triplane/actors"
+	"github.com/triplane-dev/triplane/actors/all"
 	"github.com/triplane-dev/triplane/admin"
 	"github.com/triplane-dev/triplane/embedded"
+	"github.com/triplane-dev/triplane/journal"
 	"github.com/triplane-dev/triplane/logging"
 )
 
@@ -38,10 +41,15 @@ type Config struct {
 	NATSURL string
 	// EtcdEndpoints, when set, join an external etcd instead of embedding one.
 	EtcdEndpoints []string
-	// JetStreamSyncAlways makes the embedded JetStream fsync every write.
+	// JetStreamSyncAlways makes the embedded JetStream fsync every write
+	// before acknowledging it.
 	JetStreamSyncAlways bool
-	Version             string
-	Logger              *slog.Logger
+	// Journal configures the actor journal stream.
+	Journal journal.Config
+	// SnapshotEvery is the number of events between an actor's snapshots.
+	SnapshotEvery uint64
+	Version       string
+	Logger        *slog.Logger
 }
 
 // PortError says a listen port is taken, and which setting moves it.
@@ -58,19 +66,23 @@ func (e *PortError) Unwrap() error { return e.Err }
 
 // System is a running node.
 type System struct {
-	cfg      Config
-	log      *slog.Logger
-	NodeID   string
-	lock     *dirLock
-	natsSrv  *embedded.NATS
-	etcdSrv  *embedded.Etcd
-	NATS     *nats.Conn
-	JS       jetstream.JetStream
-	Etcd     *clientv3.Client
-	Admin    *admin.Server
-	NATSURL  string
-	EtcdURLs []string
-	Started  time.Duration // how long Start took
+	cfg     Config
+	log     *slog.Logger
+	NodeID  string
+	lock    *dirLock
+	natsSrv *embedded.NATS
+	etcdSrv *embedded.Etcd
+	NATS    *nats.Conn
+	JS      jetstream.JetStream
+	Etcd    *clientv3.Client
+	Admin   *admin.Server
+	// Journal, Snapshots and Host run the event-sourced actors.
+	Journal   *journal.Journal
+	Snapshots *journal.Snapshots
+	Host      *actors.Host
+	NATSURL   string
+	EtcdURLs  []string
+	Started   time.Duration // how long Start took
 
 	natsClosed chan struct{}
 }
@@ -117,6 +129,9 @@ func Start(ctx context.Context, cfg Config) (_ *System, err error) {
 		return nil, err
 	}
 
+	if err := s.startActors(ctx); err != nil {
+		return nil, err
+	}
 	s.Admin.AddCheck("nats", s.checkNATS)
 	s.Admin.AddCheck("etcd", s.checkEtcd)
 	info := prometheus.NewGaugeVec(prometheus.GaugeOpts{
@@ -265,6 +280,25 @@ func (s *System) checkEtcd(ctx context.Context) error {
 	return nil
 }
 
+func (s *System) startActors(ctx context.Context) error {
+	jctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	j, err := journal.Open(jctx, s.NATS, s.cfg.Journal)
+	if err != nil {
+		return err
+	}
+	s.Journal = j
+	if s.Snapshots, err = journal.OpenSnapshots(filepath.Join(s.cfg.DataDir, "snapshots"), s.log); err != nil {
+		return err
+	}
+	s.Host, err = actors.NewHost(actors.HostConfig{
+		Journal: j, Snapshots: s.Snapshots, Registry: all.Registry(),
+		SnapshotEvery: s.cfg.SnapshotEvery, Logger: s.log,
+		Metrics: actors.NewMetrics(s.Admin.Registry),
+	})
+	return err
+}
+
 // Embedded reports which servers run inside this process.
 func (s *System) Embedded() (nats, etcd bool) { return s.natsSrv != nil, s.etcdSrv != nil }
 
@@ -288,6 +322,16 @@ func (s *System) Close(ctx context.Context) error {
 	if s.Admin != nil {
 		if err := s.Admin.Shutdown(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("admin: %w", err))
+		}
+	}
+	if s.Host != nil {
+		if err := s.Host.Stop(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("actors: %w", err))
+		}
+	}
+	if s.Snapshots != nil {
+		if err := s.Snapshots.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("snapshots: %w", err))
 		}
 	}
 	if s.NATS != nil {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/triplane-dev/triplane/admin"
 	"github.com/triplane-dev/triplane/config"
+	"github.com/triplane-dev/triplane/journal"
 	"github.com/triplane-dev/triplane/logging"
 	"github.com/triplane-dev/triplane/system"
 )
@@ -33,7 +34,9 @@ type upFlags struct {
 	adminAddr    string
 	natsURL      string
 	etcd         []string
-	jsSyncAlways bool
+	jsSync       string
+	snapEvery    uint64
+	replicas     int
 	configFile   string
 	printConfig  bool
 }
@@ -91,7 +94,10 @@ restart on the same data dir finds its streams and keys again.`,
 	fs.StringVar(&f.adminAddr, "admin-addr", admin.DefaultAddr, "address of the admin HTTP server: /healthz, /readyz, /metrics (port 0: any free port)")
 	fs.StringVar(&f.natsURL, "nats", "", "URL of an external NATS server with JetStream; when set, NATS is not embedded")
 	fs.StringSliceVar(&f.etcd, "etcd", nil, "comma-separated URLs of an external etcd cluster; when set, etcd is not embedded")
-	fs.BoolVar(&f.jsSyncAlways, "jetstream-sync-always", false, "make the embedded JetStream fsync every write (default: the server's periodic sync)")
+	config.EnumVar(fs, &f.jsSync, "jetstream-sync", "always", []string{"always", "interval"},
+		"when the embedded JetStream fsyncs: always = before acknowledging each write (no acknowledged event lost even if the machine dies), interval = every 2 minutes (faster; a machine crash can lose the last ones)")
+	fs.Uint64Var(&f.snapEvery, "snapshot-every", 1000, "events between an actor's snapshots (Pebble, under --data-dir)")
+	fs.IntVar(&f.replicas, "journal-replicas", 1, "replicas of the journal stream (for a clustered external NATS)")
 	fs.StringVar(&f.configFile, "config", "", "YAML file of settings, keyed by flag name (env TRIPLANE_CONFIG)")
 	fs.BoolVar(&f.printConfig, "print-config", false, "print the effective configuration as YAML and exit")
 	return cmd
@@ -112,6 +118,12 @@ func (f *upFlags) validate() error {
 	}
 	if _, _, err := net.SplitHostPort(f.adminAddr); err != nil {
 		errs = append(errs, &config.Error{Key: "admin-addr", Err: fmt.Errorf("want host:port: %w", err)})
+	}
+	if f.snapEvery == 0 {
+		errs = append(errs, &config.Error{Key: "snapshot-every", Err: errors.New("must be at least 1")})
+	}
+	if f.replicas < 1 || f.replicas > 5 {
+		errs = append(errs, &config.Error{Key: "journal-replicas", Err: fmt.Errorf("%d is outside 1-5", f.replicas)})
 	}
 	if strings.TrimSpace(f.dataDir) == "" {
 		errs = append(errs, &config.Error{Key: "data-dir", Err: errors.New("must not be empty")})
@@ -154,7 +166,9 @@ func runUp(cmd *cobra.Command, g *globalFlags, f *upFlags) error {
 		DataDir: f.dataDir, Host: f.host,
 		NATSPort: f.natsPort, EtcdPort: f.etcdPort, EtcdPeerPort: f.etcdPeerPort,
 		AdminAddr: f.adminAddr, NATSURL: f.natsURL, EtcdEndpoints: f.etcd,
-		JetStreamSyncAlways: f.jsSyncAlways,
+		JetStreamSyncAlways: f.jsSync == "always",
+		Journal:             journal.Config{Replicas: f.replicas},
+		SnapshotEvery:       f.snapEvery,
 		Version:             buildVersion(), Logger: log,
 	})
 	if err != nil {
