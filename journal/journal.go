@@ -210,14 +210,14 @@ func (j *Journal) Append(ctx context.Context, kind, id string, expect Position, 
 
 // Pending is an append on its way to the server.
 type Pending struct {
-	j              *Journal
-	kind, id       string
-	subject        string
-	data           []byte
-	expect         Position
-	highest        uint64
-	events         int
-	fut            jetstream.PubAckFuture
+	j        *Journal
+	kind, id string
+	subject  string
+	data     []byte
+	expect   Position
+	highest  uint64
+	events   int
+	fut      jetstream.PubAckFuture
 }
 
 // AppendAsync starts an append and returns at once; Wait gives its outcome.
