@@ -20,7 +20,7 @@ func newBenchCmd(g *globalFlags) *cobra.Command {
 		Args:  noArgs,
 		RunE:  func(cmd *cobra.Command, args []string) error { return cmd.Help() },
 	}
-	cmd.AddCommand(newBenchJournalCmd(g))
+	cmd.AddCommand(newBenchJournalCmd(g), newBenchEventCmd(g), newBenchTransferCmd(g))
 	return cmd
 }
 
