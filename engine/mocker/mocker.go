@@ -1,0 +1,424 @@
+// Package mocker is Triplane's default engine: a mock with real behaviour
+// and no GPU. It keeps a paged KV block pool of real bytes with chained
+// block hashes, prefix reuse and LRU eviction, schedules requests in batches
+// within sequence and token limits (chunked prefill, recompute preemption
+// when blocks run out), emits KV events with monotonic ids, and says how
+// long each iteration would take with Dynamo's mocker timing model.
+//
+// It is a pure state machine: no goroutines, clocks or randomness; the
+// generated tokens are a function of the request id and position. The
+// worker actor and the simulator drive it the same way.
+package mocker
+
+import (
+	"fmt"
+	"math"
+	"time"
+
+	"github.com/cespare/xxhash/v2"
+
+	"github.com/triplane-dev/triplane/engine"
+)
+
+// Config of the mock engine. Zero fields take the defaults noted.
+type Config struct {
+	BlockSize      int     // tokens per KV block; default 64
+	NumBlocks      int     // blocks in the pool; default 4096
+	BlockBytes     int     // bytes per block; default 2048 (a multiple of 8)
+	MaxBatchTokens int     // prefill plus decode tokens per iteration; default 8192
+	MaxSeqs        int     // running sequences; default 256
+	MaxWaiting     int     // queued requests before Add refuses; default 1024
+	SpeedUp        float64 // divides every modelled duration; default 1
+	// Prefill ms = PrefillA*t^2 + PrefillB*t + PrefillC for t new tokens in
+	// the batch (Dynamo mocker's fit).
+	PrefillA, PrefillB, PrefillC float64
+	// Decode ms = DecodeA*u^2 + DecodeB*u + DecodeC for KV occupancy u in
+	// [0, 1]: decoding slows as the cache fills.
+	DecodeA, DecodeB, DecodeC float64
+	Vocab                     uint32 // token ids are below it; default 32000
+}
+
+// Defaults fills zero fields.
+func (c *Config) Defaults() {
+	def := func(v *int, d int) {
+		if *v == 0 {
+			*v = d
+		}
+	}
+	def(&c.BlockSize, 64)
+	def(&c.NumBlocks, 4096)
+	def(&c.BlockBytes, 2048)
+	def(&c.MaxBatchTokens, 8192)
+	def(&c.MaxSeqs, 256)
+	def(&c.MaxWaiting, 1024)
+	if c.SpeedUp == 0 {
+		c.SpeedUp = 1
+	}
+	if c.PrefillA == 0 && c.PrefillB == 0 && c.PrefillC == 0 {
+		c.PrefillA, c.PrefillB, c.PrefillC = 4.209989e-7, 1.518344e-2, 16.50142
+	}
+	if c.DecodeA == 0 && c.DecodeB == 0 && c.DecodeC == 0 {
+		c.DecodeA, c.DecodeB, c.DecodeC = -25.74, 54.01, 5.74
+	}
+	if c.Vocab == 0 {
+		c.Vocab = 32000
+	}
+}
+
+// Validate reports a configuration that cannot work.
+func (c *Config) Validate() error {
+	switch {
+	case c.BlockSize < 1 || c.NumBlocks < 2 || c.BlockBytes < 8 || c.BlockBytes%8 != 0:
+		return fmt.Errorf("mocker: block size %d tokens, %d blocks of %d bytes: want >= 1, >= 2, a multiple of 8",
+			c.BlockSize, c.NumBlocks, c.BlockBytes)
+	case c.MaxBatchTokens < 1 || c.MaxSeqs < 1 || c.MaxWaiting < 1:
+		return fmt.Errorf("mocker: batch tokens %d, sequences %d, waiting %d: all must be positive", c.MaxBatchTokens, c.MaxSeqs, c.MaxWaiting)
+	case c.SpeedUp <= 0 || math.IsInf(c.SpeedUp, 0) || math.IsNaN(c.SpeedUp):
+		return fmt.Errorf("mocker: speed-up %v must be a positive number", c.SpeedUp)
+	}
+	return nil
+}
+
+// Engine is the mock engine.
+type Engine struct {
+	cfg     Config
+	pool    *pool
+	waiting []*seq
+	running []*seq
+	byID    map[string]*seq
+	outputs map[string]*engine.Output
+
+	promptTokens, cachedTokens uint64
+}
+
+var _ engine.Engine = (*Engine)(nil)
+
+type seq struct {
+	id        string
+	tokens    []uint32 // prompt, then generated
+	prompt    int      // prompt length (grows on preemption: generated tokens are recomputed)
+	maxTokens int
+	generated int
+	computed  int // tokens whose KV is computed
+	blocks    []int32
+	hashes    []uint64 // hashes of the full blocks, as far as registered
+	cached    int      // prompt tokens found cached at admission
+	reported  bool     // cached count reported
+	isRunning bool
+}
+
+// New creates a mock engine.
+func New(cfg Config) (*Engine, error) {
+	cfg.Defaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return &Engine{cfg: cfg, pool: newPool(cfg.NumBlocks, cfg.BlockBytes), byID: map[string]*seq{}}, nil
+}
+
+// Config returns the effective configuration.
+func (e *Engine) Config() Config { return e.cfg }
+
+// Add queues a request.
+func (e *Engine) Add(r engine.Request) error {
+	switch {
+	case r.ID == "":
+		return fmt.Errorf("%w: empty id", engine.ErrBadRequest)
+	case len(r.Tokens) == 0:
+		return fmt.Errorf("%w: %s has an empty prompt", engine.ErrBadRequest, r.ID)
+	case r.MaxTokens < 1:
+		return fmt.Errorf("%w: %s asks for %d tokens", engine.ErrBadRequest, r.ID, r.MaxTokens)
+	case e.byID[r.ID] != nil:
+		return fmt.Errorf("%w: %s is already running", engine.ErrBadRequest, r.ID)
+	case len(e.waiting) >= e.cfg.MaxWaiting:
+		return fmt.Errorf("%w: %d requests waiting", engine.ErrQueueFull, len(e.waiting))
+	}
+	need := (len(r.Tokens) + r.MaxTokens + e.cfg.BlockSize - 1) / e.cfg.BlockSize
+	if need > e.cfg.NumBlocks {
+		return fmt.Errorf("%w: %s needs %d blocks, the pool has %d", engine.ErrBadRequest, r.ID, need, e.cfg.NumBlocks)
+	}
+	for _, t := range r.Tokens {
+		if t >= e.cfg.Vocab {
+			return fmt.Errorf("%w: %s has token %d outside the vocabulary of %d", engine.ErrBadRequest, r.ID, t, e.cfg.Vocab)
+		}
+	}
+	s := &seq{id: r.ID, tokens: append([]uint32(nil), r.Tokens...), prompt: len(r.Tokens), maxTokens: r.MaxTokens}
+	e.waiting = append(e.waiting, s)
+	e.byID[r.ID] = s
+	return nil
+}
+
+// Cancel stops a request and frees its blocks.
+func (e *Engine) Cancel(id string) bool {
+	s := e.byID[id]
+	if s == nil {
+		return false
+	}
+	e.finish(s, "cancelled", nil)
+	return true
+}
+
+// Idle reports whether there is nothing to do.
+func (e *Engine) Idle() bool { return len(e.waiting) == 0 && len(e.running) == 0 }
+
+// Load reports the engine's load.
+func (e *Engine) Load() engine.Load {
+	l := engine.Load{Active: len(e.running), Waiting: len(e.waiting), BlocksUsed: e.pool.used, BlocksTotal: e.cfg.NumBlocks}
+	if e.promptTokens > 0 {
+		l.HitRate = float64(e.cachedTokens) / float64(e.promptTokens)
+	}
+	return l
+}
+
+// Cached returns the hashes (with parents) of every block in the prefix
+// cache: the truth a router's index should converge to.
+func (e *Engine) Cached() map[uint64]uint64 { return e.pool.Cached() }
+
+// BlockBytes returns the contents of the cached block with the given hash.
+func (e *Engine) BlockBytes(hash uint64) ([]byte, bool) {
+	b, ok := e.pool.cached[hash]
+	if !ok {
+		return nil, false
+	}
+	return e.pool.Block(b), true
+}
+
+// Step runs one iteration: admit waiting requests, then one batch of
+// decode tokens for running sequences and prefill chunks with the rest of
+// the token budget.
+func (e *Engine) Step() engine.Step {
+	e.outputs = map[string]*engine.Output{}
+	e.admit()
+	budget := e.cfg.MaxBatchTokens
+	var st engine.Step
+	// Decode first: every sequence past its prompt generates one token.
+	for _, s := range append([]*seq(nil), e.running...) {
+		if !s.isRunning || s.computed < s.prompt || budget == 0 {
+			continue
+		}
+		if !e.ensureBlocks(s, len(s.tokens)+1) {
+			continue
+		}
+		budget--
+		st.DecodeSeqs++
+		e.generate(s)
+	}
+	for _, s := range append([]*seq(nil), e.running...) {
+		if !s.isRunning || s.computed >= s.prompt || budget == 0 {
+			continue
+		}
+		n := min(budget, s.prompt-s.computed)
+		if !e.ensureBlocks(s, s.computed+n) {
+			continue
+		}
+		budget -= n
+		st.PrefillTokens += n
+		s.computed += n
+		e.registerFull(s)
+		if s.computed == s.prompt {
+			e.generate(s) // the last prefill chunk yields the first token
+		}
+	}
+	st.Duration = e.duration(st.PrefillTokens, st.DecodeSeqs)
+	for _, o := range e.outputs {
+		st.Outputs = append(st.Outputs, *o)
+	}
+	sortOutputs(st.Outputs)
+	st.Events = e.pool.takeEvents()
+	return st
+}
+
+func (e *Engine) out(s *seq) *engine.Output {
+	o := e.outputs[s.id]
+	if o == nil {
+		o = &engine.Output{ID: s.id}
+		e.outputs[s.id] = o
+	}
+	return o
+}
+
+// generate appends the next token of s.
+func (e *Engine) generate(s *seq) {
+	tok := TokenAt(s.id, len(s.tokens), e.cfg.Vocab)
+	s.tokens = append(s.tokens, tok)
+	s.generated++
+	s.computed = len(s.tokens) - 1 // the new token's KV is computed on the next step
+	o := e.out(s)
+	o.Tokens = append(o.Tokens, tok)
+	if !s.reported {
+		o.CachedTokens, s.reported = s.cached, true
+	}
+	e.registerFull(s)
+	if s.generated >= s.maxTokens {
+		e.finish(s, "length", nil)
+	}
+}
+
+// TokenAt is the mock engine's generated token at a position: a function
+// of the request id and position, so a resumed request continues the same
+// text.
+func TokenAt(id string, pos int, vocab uint32) uint32 {
+	d := xxhash.New()
+	d.WriteString(id)
+	var b [8]byte
+	for i := range 8 {
+		b[i] = byte(pos >> (8 * i))
+	}
+	d.Write(b[:])
+	return uint32(d.Sum64() % uint64(vocab))
+}
+
+// admit moves waiting requests into the running set while sequence and
+// block limits allow, taking cached prefix blocks.
+func (e *Engine) admit() {
+	for len(e.waiting) > 0 && len(e.running) < e.cfg.MaxSeqs {
+		s := e.waiting[0]
+		bs := e.cfg.BlockSize
+		// Prefix reuse: full prompt blocks already cached. The block holding
+		// the last prompt token is always computed, so a prompt never starts
+		// fully cached (there must be one token to prefill).
+		full := (s.prompt - 1) / bs
+		var parent uint64
+		var took []int32
+		var hashes []uint64
+		for i := range full {
+			h := BlockHash(parent, s.tokens[i*bs:(i+1)*bs])
+			b, ok := e.pool.lookup(h)
+			if !ok {
+				break
+			}
+			took, hashes, parent = append(took, b), append(hashes, h), h
+		}
+		// Admit only when the rest of the prompt fits now.
+		need := (s.prompt+bs-1)/bs - len(took)
+		if need > len(e.pool.free)+e.pool.lruCount {
+			for _, b := range took {
+				e.pool.release(b)
+			}
+			return
+		}
+		s.blocks, s.hashes = took, hashes
+		s.computed = len(took) * bs
+		if !s.reported && s.cached == 0 {
+			s.cached = s.computed
+			e.promptTokens += uint64(s.prompt)
+			e.cachedTokens += uint64(s.computed)
+		}
+		e.waiting = e.waiting[1:]
+		e.running = append(e.running, s)
+		s.isRunning = true
+	}
+}
+
+// ensureBlocks allocates blocks so s can hold tokens tokens, preempting the
+// most recently admitted other sequence when the pool is exhausted.
+func (e *Engine) ensureBlocks(s *seq, tokens int) bool {
+	for len(s.blocks)*e.cfg.BlockSize < tokens {
+		b, ok := e.pool.alloc()
+		if !ok {
+			victim := e.running[len(e.running)-1]
+			e.preempt(victim)
+			if victim == s {
+				return false
+			}
+			continue
+		}
+		s.blocks = append(s.blocks, b)
+	}
+	return true
+}
+
+// preempt frees a running sequence's blocks and queues it again at the
+// front; its generated tokens become prompt and are recomputed.
+func (e *Engine) preempt(s *seq) {
+	e.removeRunning(s)
+	for _, b := range s.blocks {
+		e.pool.release(b)
+	}
+	s.blocks, s.hashes, s.computed = nil, nil, 0
+	s.prompt = len(s.tokens)
+	e.waiting = append([]*seq{s}, e.waiting...)
+}
+
+// registerFull registers every newly full, computed block of s.
+func (e *Engine) registerFull(s *seq) {
+	bs := e.cfg.BlockSize
+	for len(s.hashes) < s.computed/bs && len(s.hashes) < len(s.blocks) {
+		i := len(s.hashes)
+		var parent uint64
+		if i > 0 {
+			parent = s.hashes[i-1]
+		}
+		h := BlockHash(parent, s.tokens[i*bs:(i+1)*bs])
+		e.pool.register(s.blocks[i], h, parent)
+		s.hashes = append(s.hashes, h)
+	}
+}
+
+func (e *Engine) finish(s *seq, reason string, err error) {
+	delete(e.byID, s.id)
+	e.removeRunning(s)
+	for i, w := range e.waiting {
+		if w == s {
+			e.waiting = append(e.waiting[:i], e.waiting[i+1:]...)
+			break
+		}
+	}
+	for _, b := range s.blocks {
+		e.pool.release(b)
+	}
+	s.blocks = nil
+	if e.outputs != nil {
+		o := e.out(s)
+		o.Finished, o.Reason, o.Err = true, reason, err
+	}
+}
+
+func (e *Engine) removeRunning(s *seq) {
+	s.isRunning = false
+	for i, r := range e.running {
+		if r == s {
+			e.running = append(e.running[:i], e.running[i+1:]...)
+			return
+		}
+	}
+}
+
+// Clear drops every unreferenced cached block (an operator's reset).
+func (e *Engine) Clear() []engine.KVEvent {
+	for e.pool.lruHead >= 0 {
+		b := e.pool.lruHead
+		e.pool.lruRemove(b)
+		m := &e.pool.meta[b]
+		delete(e.pool.cached, m.hash)
+		m.registered, m.hash, m.parent = false, 0, 0
+		e.pool.free = append(e.pool.free, b)
+	}
+	if len(e.pool.cached) == 0 {
+		e.pool.emit(engine.KVCleared, 0, 0)
+	}
+	return e.pool.takeEvents()
+}
+
+// duration is the modelled time of a batch.
+func (e *Engine) duration(prefill, decodes int) time.Duration {
+	c := e.cfg
+	var ms float64
+	if prefill > 0 {
+		t := float64(prefill)
+		ms += c.PrefillA*t*t + c.PrefillB*t + c.PrefillC
+	}
+	if decodes > 0 {
+		u := float64(e.pool.used) / float64(c.NumBlocks)
+		ms += max(c.DecodeA*u*u+c.DecodeB*u+c.DecodeC, 0)
+	}
+	return time.Duration(ms / c.SpeedUp * float64(time.Millisecond))
+}
+
+func sortOutputs(o []engine.Output) {
+	for i := 1; i < len(o); i++ {
+		for j := i; j > 0 && o[j].ID < o[j-1].ID; j-- {
+			o[j], o[j-1] = o[j-1], o[j]
+		}
+	}
+}

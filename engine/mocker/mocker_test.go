@@ -1,0 +1,280 @@
+package mocker_test
+
+import (
+	"errors"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/triplane-dev/triplane/engine"
+	"github.com/triplane-dev/triplane/engine/mocker"
+	"github.com/triplane-dev/triplane/workload"
+)
+
+func newEngine(t *testing.T, cfg mocker.Config) *mocker.Engine {
+	t.Helper()
+	e, err := mocker.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+func prompt(n int, base uint32) []uint32 {
+	out := make([]uint32, n)
+	for i := range out {
+		out[i] = base + uint32(i)%1000
+	}
+	return out
+}
+
+// run steps until idle and returns every output by request, every event
+// and the modelled time.
+func run(t *testing.T, e *mocker.Engine) (map[string][]engine.Output, []engine.KVEvent, time.Duration) {
+	t.Helper()
+	outs := map[string][]engine.Output{}
+	var events []engine.KVEvent
+	var total time.Duration
+	for i := 0; !e.Idle(); i++ {
+		if i > 100000 {
+			t.Fatal("engine never went idle")
+		}
+		st := e.Step()
+		total += st.Duration
+		for _, o := range st.Outputs {
+			outs[o.ID] = append(outs[o.ID], o)
+		}
+		events = append(events, st.Events...)
+	}
+	return outs, events, total
+}
+
+func tokens(os []engine.Output) (n int, last engine.Output) {
+	for _, o := range os {
+		n += len(o.Tokens)
+		last = o
+	}
+	return n, last
+}
+
+func TestGeneratesAndFinishes(t *testing.T) {
+	e := newEngine(t, mocker.Config{BlockSize: 16, NumBlocks: 64})
+	if err := e.Add(engine.Request{ID: "a", Tokens: prompt(40, 1), MaxTokens: 10}); err != nil {
+		t.Fatal(err)
+	}
+	outs, _, _ := run(t, e)
+	n, last := tokens(outs["a"])
+	if n != 10 || !last.Finished || last.Reason != "length" {
+		t.Fatalf("got %d tokens, last %+v", n, last)
+	}
+	if l := e.Load(); l.BlocksUsed != 0 || l.Active != 0 {
+		t.Fatalf("blocks held after finishing: %+v", l)
+	}
+}
+
+func TestPrefixReuseAndChainedHashes(t *testing.T) {
+	e := newEngine(t, mocker.Config{BlockSize: 16, NumBlocks: 64})
+	shared := prompt(48, 1)
+	_ = e.Add(engine.Request{ID: "a", Tokens: append(append([]uint32{}, shared...), prompt(20, 500)...), MaxTokens: 1})
+	run(t, e)
+	_ = e.Add(engine.Request{ID: "b", Tokens: append(append([]uint32{}, shared...), prompt(20, 700)...), MaxTokens: 1})
+	outs, _, _ := run(t, e)
+	if got := outs["b"][0].CachedTokens; got != 48 {
+		t.Fatalf("b found %d cached tokens, want the 48 shared ones", got)
+	}
+	// The same block of tokens under a different parent is a different block.
+	blk := prompt(16, 9)
+	if mocker.BlockHash(1, blk) == mocker.BlockHash(2, blk) {
+		t.Fatal("block hash ignores the parent")
+	}
+	if l := e.Load(); l.HitRate <= 0 {
+		t.Fatalf("hit rate %v", l.HitRate)
+	}
+}
+
+func TestEvictionIsLRUAndEventsMatchTheCache(t *testing.T) {
+	e := newEngine(t, mocker.Config{BlockSize: 16, NumBlocks: 12})
+	view := map[uint64]bool{} // a consumer applying the events
+	var lastID uint64
+	apply := func(evs []engine.KVEvent) {
+		for _, ev := range evs {
+			if ev.ID != lastID+1 {
+				t.Fatalf("event id %d after %d", ev.ID, lastID)
+			}
+			lastID = ev.ID
+			switch ev.Kind {
+			case engine.KVStored:
+				view[ev.Hash] = true
+			case engine.KVRemoved:
+				delete(view, ev.Hash)
+			case engine.KVCleared:
+				clear(view)
+			}
+		}
+	}
+	for i := range 6 {
+		_ = e.Add(engine.Request{ID: string(rune('a' + i)), Tokens: prompt(64, uint32(100*i)), MaxTokens: 2})
+		_, evs, _ := run(t, e)
+		apply(evs)
+	}
+	truth := e.Cached()
+	if len(view) != len(truth) {
+		t.Fatalf("consumer view has %d blocks, engine %d", len(view), len(truth))
+	}
+	for h := range truth {
+		if !view[h] {
+			t.Fatalf("block %x cached but never announced", h)
+		}
+	}
+	// The newest request's blocks survive; the oldest were evicted.
+	_ = e.Add(engine.Request{ID: "again-f", Tokens: prompt(64, 500), MaxTokens: 1})
+	outs, evs, _ := run(t, e)
+	apply(evs)
+	if outs["again-f"][0].CachedTokens != 48 {
+		t.Errorf("the most recent prompt should still be cached, got %d tokens", outs["again-f"][0].CachedTokens)
+	}
+	_ = e.Add(engine.Request{ID: "again-a", Tokens: prompt(64, 0), MaxTokens: 1})
+	outs, evs, _ = run(t, e)
+	apply(evs)
+	if outs["again-a"][0].CachedTokens != 0 {
+		t.Errorf("the oldest prompt should have been evicted, found %d tokens", outs["again-a"][0].CachedTokens)
+	}
+	apply(e.Clear())
+	if len(view) != len(e.Cached()) {
+		t.Errorf("after clear: view %d, engine %d", len(view), len(e.Cached()))
+	}
+}
+
+func TestTimingModel(t *testing.T) {
+	e := newEngine(t, mocker.Config{BlockSize: 64, NumBlocks: 256, MaxBatchTokens: 4096})
+	_ = e.Add(engine.Request{ID: "a", Tokens: prompt(1000, 1), MaxTokens: 1})
+	st := e.Step()
+	ms := 4.209989e-7*1e6 + 1.518344e-2*1000 + 16.50142
+	want := time.Duration(ms * float64(time.Millisecond))
+	if st.PrefillTokens != 1000 || st.Duration != want {
+		t.Fatalf("prefill of 1000 tokens: %d tokens in %v, want %v", st.PrefillTokens, st.Duration, want)
+	}
+	fast := newEngine(t, mocker.Config{BlockSize: 64, NumBlocks: 256, MaxBatchTokens: 4096, SpeedUp: 100})
+	_ = fast.Add(engine.Request{ID: "a", Tokens: prompt(1000, 1), MaxTokens: 1})
+	if d, w := fast.Step().Duration, time.Duration(ms/100*float64(time.Millisecond)); d != w {
+		t.Fatalf("speed-up 100: %v, want %v", d, w)
+	}
+}
+
+func TestBatchLimitsAndChunkedPrefill(t *testing.T) {
+	e := newEngine(t, mocker.Config{BlockSize: 16, NumBlocks: 256, MaxSeqs: 2, MaxBatchTokens: 100, MaxWaiting: 3})
+	for i := range 3 {
+		if err := e.Add(engine.Request{ID: string(rune('a' + i)), Tokens: prompt(250, uint32(i*300)), MaxTokens: 3}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.Add(engine.Request{ID: "d", Tokens: prompt(5, 1), MaxTokens: 1}); !errors.Is(err, engine.ErrQueueFull) {
+		t.Fatalf("fourth request: %v, want ErrQueueFull", err)
+	}
+	st := e.Step()
+	if st.PrefillTokens != 100 || e.Load().Active != 2 || e.Load().Waiting != 1 {
+		t.Fatalf("first step: %d prefill tokens, load %+v", st.PrefillTokens, e.Load())
+	}
+	outs, _, _ := run(t, e)
+	for _, id := range []string{"a", "b", "c"} {
+		if n, last := tokens(outs[id]); n != 3 || !last.Finished {
+			t.Errorf("%s: %d tokens, finished %v", id, n, last.Finished)
+		}
+	}
+}
+
+func TestPreemptionWhenBlocksRunOut(t *testing.T) {
+	// Two requests that cannot both hold their full length at once.
+	e := newEngine(t, mocker.Config{BlockSize: 16, NumBlocks: 10})
+	_ = e.Add(engine.Request{ID: "a", Tokens: prompt(60, 1), MaxTokens: 60})
+	_ = e.Add(engine.Request{ID: "b", Tokens: prompt(60, 400), MaxTokens: 60})
+	outs, _, _ := run(t, e)
+	for _, id := range []string{"a", "b"} {
+		if n, last := tokens(outs[id]); n != 60 || !last.Finished || last.Reason != "length" {
+			t.Errorf("%s: %d tokens, last %+v", id, n, last)
+		}
+	}
+	// Tokens are a function of id and position: a recomputed request
+	// continues the same text.
+	alone := newEngine(t, mocker.Config{BlockSize: 16, NumBlocks: 64})
+	_ = alone.Add(engine.Request{ID: "a", Tokens: prompt(60, 1), MaxTokens: 60})
+	ref, _, _ := run(t, alone)
+	var got, want []uint32
+	for _, o := range outs["a"] {
+		got = append(got, o.Tokens...)
+	}
+	for _, o := range ref["a"] {
+		want = append(want, o.Tokens...)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("token %d differs after preemption", i)
+		}
+	}
+}
+
+func TestBadRequestsAndConfig(t *testing.T) {
+	e := newEngine(t, mocker.Config{BlockSize: 16, NumBlocks: 8})
+	for _, r := range []engine.Request{
+		{ID: "", Tokens: prompt(4, 1), MaxTokens: 1},
+		{ID: "x", MaxTokens: 1},
+		{ID: "x", Tokens: prompt(4, 1)},
+		{ID: "x", Tokens: prompt(200, 1), MaxTokens: 1},
+		{ID: "x", Tokens: []uint32{99999}, MaxTokens: 1},
+	} {
+		if err := e.Add(r); !errors.Is(err, engine.ErrBadRequest) {
+			t.Errorf("%+v: %v, want ErrBadRequest", r, err)
+		}
+	}
+	_ = e.Add(engine.Request{ID: "dup", Tokens: prompt(4, 1), MaxTokens: 1})
+	if err := e.Add(engine.Request{ID: "dup", Tokens: prompt(4, 1), MaxTokens: 1}); !errors.Is(err, engine.ErrBadRequest) {
+		t.Errorf("duplicate id: %v", err)
+	}
+	for _, c := range []mocker.Config{{BlockBytes: 12}, {NumBlocks: 1}, {SpeedUp: -1}} {
+		if _, err := mocker.New(c); err == nil {
+			t.Errorf("config %+v accepted", c)
+		}
+	}
+}
+
+func TestCancelFreesBlocks(t *testing.T) {
+	e := newEngine(t, mocker.Config{BlockSize: 16, NumBlocks: 64})
+	_ = e.Add(engine.Request{ID: "a", Tokens: prompt(100, 1), MaxTokens: 100})
+	e.Step()
+	if !e.Cancel("a") || e.Cancel("a") {
+		t.Fatal("cancel should succeed once")
+	}
+	if l := e.Load(); l.BlocksUsed != 0 || !e.Idle() {
+		t.Fatalf("after cancel: %+v", l)
+	}
+}
+
+// The real trace: prompts share prefixes, so the cache hits.
+func TestTraceHitsTheCache(t *testing.T) {
+	f, err := os.Open("../../../shared/workloads/mooncake_conversation_trace.jsonl")
+	if err != nil {
+		t.Skipf("trace not present: %v", err)
+	}
+	defer f.Close()
+	recs, err := workload.Read(f, 2000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newEngine(t, mocker.Config{BlockSize: 64, NumBlocks: 300_000, BlockBytes: 8, MaxWaiting: 2000})
+	// Requests arrive at their trace times on the engine's modelled clock.
+	var now time.Duration
+	for i, r := range recs {
+		for at := time.Duration(r.Timestamp) * time.Millisecond; now < at && !e.Idle(); {
+			now += e.Step().Duration
+		}
+		now = max(now, time.Duration(r.Timestamp)*time.Millisecond)
+		if err := e.Add(engine.Request{ID: string(rune(0x1000 + i)), Tokens: r.Tokens(32000), MaxTokens: min(r.OutputLength, 8)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	run(t, e)
+	if hr := e.Load().HitRate; hr < 0.15 { // the trace itself allows 0.29 over these requests
+		t.Fatalf("hit rate on the conversation trace %.2f, expected substantial reuse", hr)
+	}
+	t.Logf("hit rate over %d requests: %.2f", len(recs), e.Load().HitRate)
+}
