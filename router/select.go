@@ -1,0 +1,166 @@
+package router
+
+import (
+	"cmp"
+	"fmt"
+	"math"
+	"slices"
+)
+
+// Policy names how a worker is chosen.
+type Policy string
+
+// The policies.
+const (
+	PolicyKV          Policy = "kv"           // prefix overlap weighed against load
+	PolicyRoundRobin  Policy = "round-robin"  // in turn
+	PolicyRandom      Policy = "random"       // uniformly
+	PolicyLeastLoaded Policy = "least-loaded" // fewest active requests, then fewest blocks used
+	PolicyPrefixHash  Policy = "prefix-hash"  // the first block's hash picks the worker (rendezvous hashing)
+)
+
+// Policies lists the accepted policies.
+var Policies = []Policy{PolicyKV, PolicyRoundRobin, PolicyRandom, PolicyLeastLoaded, PolicyPrefixHash}
+
+// ParsePolicy validates a policy name.
+func ParsePolicy(s string) (Policy, error) {
+	for _, p := range Policies {
+		if string(p) == s {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("router: unknown policy %q (want one of %v)", s, Policies)
+}
+
+// Candidate is a worker that may take the request, with its latest load.
+type Candidate struct {
+	ID          string
+	Active      int // requests running or waiting
+	BlocksUsed  int
+	BlocksTotal int
+}
+
+// Params tune the kv policy.
+type Params struct {
+	// OverlapWeight weighs blocks that must be prefilled against blocks in
+	// use: cost = OverlapWeight*prefillBlocks + usedBlocks. Default 1.
+	OverlapWeight float64
+	// Temperature 0 picks the cheapest worker; above 0 samples with
+	// probability proportional to exp(-normalized cost / Temperature).
+	Temperature float64
+}
+
+// Scored is one candidate's overlap and cost in a decision.
+type Scored struct {
+	ID      string
+	Overlap int
+	Cost    float64
+}
+
+// Decision is a routing choice with its reasons.
+type Decision struct {
+	Worker     string
+	Overlap    int
+	Candidates []Scored
+}
+
+// Choose picks a worker for a request of the given block hashes. turn is a
+// counter for round-robin; draw is a uniform random value in [0, 1) from the
+// command, so a decision is reproducible.
+func Choose(policy Policy, p Params, ix *Index, hashes []uint64, cands []Candidate, turn uint64, draw float64) (Decision, error) {
+	if len(cands) == 0 {
+		return Decision{}, fmt.Errorf("router: no workers to choose from")
+	}
+	cands = slices.Clone(cands)
+	slices.SortFunc(cands, func(a, b Candidate) int { return cmp.Compare(a.ID, b.ID) })
+	var overlap map[string]int
+	if ix != nil {
+		overlap = ix.Overlap(hashes)
+	}
+	if p.OverlapWeight == 0 {
+		p.OverlapWeight = 1
+	}
+	scored := make([]Scored, len(cands))
+	for i, c := range cands {
+		prefill := float64(len(hashes) - overlap[c.ID])
+		scored[i] = Scored{ID: c.ID, Overlap: overlap[c.ID], Cost: p.OverlapWeight*prefill + float64(c.BlocksUsed)}
+	}
+	pick := 0
+	switch policy {
+	case PolicyKV, "":
+		pick = pickByCost(scored, p.Temperature, draw)
+	case PolicyRoundRobin:
+		pick = int(turn % uint64(len(cands)))
+	case PolicyRandom:
+		pick = min(int(draw*float64(len(cands))), len(cands)-1)
+	case PolicyLeastLoaded:
+		for i, c := range cands {
+			b := cands[pick]
+			if c.Active < b.Active || (c.Active == b.Active && c.BlocksUsed < b.BlocksUsed) {
+				pick = i
+			}
+		}
+	case PolicyPrefixHash:
+		var key uint64
+		if len(hashes) > 0 {
+			key = hashes[0]
+		}
+		best := uint64(0)
+		for i, c := range cands {
+			if s := rendezvous(key, c.ID); i == 0 || s > best {
+				pick, best = i, s
+			}
+		}
+	default:
+		return Decision{}, fmt.Errorf("router: unknown policy %q", policy)
+	}
+	return Decision{Worker: cands[pick].ID, Overlap: scored[pick].Overlap, Candidates: scored}, nil
+}
+
+func pickByCost(s []Scored, temperature, draw float64) int {
+	best := 0
+	for i := range s {
+		if s[i].Cost < s[best].Cost {
+			best = i
+		}
+	}
+	if temperature <= 0 {
+		return best
+	}
+	lo, hi := s[best].Cost, s[best].Cost
+	for _, x := range s {
+		hi = max(hi, x.Cost)
+	}
+	span := hi - lo
+	if span == 0 {
+		return min(int(draw*float64(len(s))), len(s)-1)
+	}
+	weights := make([]float64, len(s))
+	var sum float64
+	for i, x := range s {
+		weights[i] = math.Exp(-((x.Cost - lo) / span) / temperature)
+		sum += weights[i]
+	}
+	target := draw * sum
+	for i, w := range weights {
+		if target < w {
+			return i
+		}
+		target -= w
+	}
+	return len(s) - 1
+}
+
+// rendezvous scores a worker for a key (highest random weight hashing), so
+// removing a worker moves only its keys.
+func rendezvous(key uint64, worker string) uint64 {
+	h := key ^ 0x9e3779b97f4a7c15
+	for i := 0; i < len(worker); i++ {
+		h ^= uint64(worker[i])
+		h *= 0x100000001b3
+	}
+	h ^= h >> 33
+	h *= 0xff51afd7ed558ccd
+	h ^= h >> 33
+	return h
+}
