@@ -26,8 +26,8 @@ import (
 // includes the events decided before it; nothing a decision causes (reply,
 // effects) is released before its events are acknowledged. A persist that
 // fails cannot tell whether the events were written, so every command of the
-// group gets ErrPersist, the stash is handed back to the mailbox, and the
-// entity panics: the host's supervisor restarts it after a backoff as a
+// group gets ErrPersist, the stashed ones ErrNotApplied, and the entity
+// panics: the host's supervisor restarts it after a backoff as a
 // fresh instance that recovers from the journal.
 type entity struct {
 	h    *Host
@@ -87,8 +87,14 @@ type failure struct{ err error }
 
 func (f failure) String() string { return f.err.Error() }
 
-// ErrOverloaded: the actor's stash is full; the command was not applied.
-var ErrOverloaded = errors.New("actors: actor overloaded, command not applied")
+// Errors of commands that were not applied (a retry is safe).
+var (
+	// ErrOverloaded: the actor's stash is full.
+	ErrOverloaded = errors.New("actors: actor overloaded, command not applied")
+	// ErrNotApplied: the command waited behind a persist that failed; the
+	// actor restarts and the command was never decided.
+	ErrNotApplied = errors.New("actors: command not applied")
+)
 
 func newEntity(h *Host, m Machine, addr Address) *entity {
 	hs := fnv.New64a()
@@ -137,9 +143,16 @@ func (e *entity) recover() {
 		"took", time.Since(t0))
 }
 
+// respond answers a request. Each request gets exactly one answer on its
+// buffered channel; the select guards the actor against ever blocking on a
+// second one.
 func respond(to chan reply, msg proto.Message, err error) {
-	if to != nil {
-		to <- reply{msg: msg, err: err} // buffered: never blocks
+	if to == nil {
+		return
+	}
+	select {
+	case to <- reply{msg: msg, err: err}:
+	default:
 	}
 }
 
@@ -261,9 +274,11 @@ func (e *entity) release(ctx actor.Context, g *group) {
 	}
 }
 
-// fail answers the group's commands, hands the stash back to the mailbox
-// (to be handled after recovery) and panics so the supervisor restarts the
-// entity.
+// fail answers the group's commands with ErrPersist (outcome unknown) and
+// the stashed ones with ErrNotApplied (they were never decided, so a retry
+// is safe), then panics so the supervisor restarts the entity. Handing the
+// stash back to the mailbox instead would put it behind commands that
+// arrived later, breaking each sender's order.
 func (e *entity) fail(ctx actor.Context, g *group, err error) {
 	cfg := e.h.cfg
 	cfg.Metrics.persistFailures.Inc()
@@ -271,7 +286,7 @@ func (e *entity) fail(ctx actor.Context, g *group, err error) {
 		respond(r.to, nil, fmt.Errorf("%w: %w", ErrPersist, err))
 	}
 	for _, env := range e.stash {
-		ctx.Send(ctx.Self(), env)
+		respond(env.reply, nil, fmt.Errorf("%w: %s restarts after a failed persist", ErrNotApplied, e.addr))
 	}
 	e.stash = nil
 	e.recovered = false
