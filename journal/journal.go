@@ -150,6 +150,14 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Journal, error) {
 	return &Journal{cfg: cfg, nc: nc, js: js, stream: s}, nil
 }
 
+// Check reports whether the journal stream answers, for readiness probes.
+func (j *Journal) Check(ctx context.Context) error {
+	if _, err := j.stream.Info(ctx); err != nil {
+		return fmt.Errorf("journal stream %s: %w", j.cfg.Stream, err)
+	}
+	return nil
+}
+
 // Config returns the journal's effective configuration.
 func (j *Journal) Config() Config { return j.cfg }
 

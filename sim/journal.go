@@ -1,0 +1,126 @@
+package sim
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/triplane-dev/triplane/actors"
+	"github.com/triplane-dev/triplane/journal"
+)
+
+// Journal is the simulated event plane's journal, with the real one's
+// semantics: one subject per actor, appends conditional on the subject's
+// last stream sequence (journal.ErrConflict otherwise), a retried batch
+// recognised by its content, atomic batches, and a highest sequence. Its
+// fault: an append that fails with an unknown outcome, written or not.
+type Journal struct {
+	w         *World
+	streamSeq uint64
+	subjects  map[actors.Address][]simBatch
+	// FailAppend is the probability that an append fails; WrittenOnFailure
+	// the probability that such a failed append was written all the same.
+	FailAppend, WrittenOnFailure float64
+	// Counters.
+	Appends, Failures, Conflicts uint64
+}
+
+type simBatch struct {
+	stream uint64
+	first  uint64
+	events []proto.Message
+	data   []byte
+}
+
+// ErrAppendFault is the injected append failure.
+var ErrAppendFault = errors.New("sim journal: injected append failure (outcome unknown)")
+
+// NewJournal creates an empty simulated journal in w.
+func NewJournal(w *World) *Journal {
+	return &Journal{w: w, subjects: map[actors.Address][]simBatch{}}
+}
+
+// Highest is the actor's position.
+func (j *Journal) Highest(a actors.Address) journal.Position {
+	bs := j.subjects[a]
+	if len(bs) == 0 {
+		return journal.Position{}
+	}
+	last := bs[len(bs)-1]
+	return journal.Position{Seq: last.first + uint64(len(last.events)) - 1, Stream: last.stream}
+}
+
+// Append writes events after expect, atomically.
+func (j *Journal) Append(a actors.Address, expect journal.Position, commandID string, events []proto.Message) (journal.Position, error) {
+	if len(events) == 0 {
+		return expect, nil
+	}
+	data := encode(commandID, expect.Seq+1, events)
+	if j.w.Chance(j.FailAppend) {
+		j.Failures++
+		if j.w.Chance(j.WrittenOnFailure) && j.Highest(a).Stream == expect.Stream {
+			j.write(a, expect, events, data)
+			j.w.Tracef("journal %s append seq %d: written, then failed", a, expect.Seq+1)
+		} else {
+			j.w.Tracef("journal %s append seq %d: failed", a, expect.Seq+1)
+		}
+		return journal.Position{}, ErrAppendFault
+	}
+	cur := j.Highest(a)
+	if cur.Stream != expect.Stream {
+		// A retry of a batch that was written is recognised by content.
+		if bs := j.subjects[a]; len(bs) > 0 && bytes.Equal(bs[len(bs)-1].data, data) {
+			return cur, nil
+		}
+		j.Conflicts++
+		return journal.Position{}, fmt.Errorf("%w: %s expected stream seq %d, last is %d", journal.ErrConflict, a, expect.Stream, cur.Stream)
+	}
+	return j.write(a, expect, events, data), nil
+}
+
+func (j *Journal) write(a actors.Address, expect journal.Position, events []proto.Message, data []byte) journal.Position {
+	j.streamSeq++
+	j.Appends++
+	cp := make([]proto.Message, len(events))
+	for i, e := range events {
+		cp[i] = proto.Clone(e)
+	}
+	j.subjects[a] = append(j.subjects[a], simBatch{stream: j.streamSeq, first: expect.Seq + 1, events: cp, data: data})
+	return journal.Position{Seq: expect.Seq + uint64(len(events)), Stream: j.streamSeq}
+}
+
+// Events returns the actor's events with sequence above after.
+func (j *Journal) Events(a actors.Address, after uint64) []proto.Message {
+	var out []proto.Message
+	for _, b := range j.subjects[a] {
+		for i, e := range b.events {
+			if b.first+uint64(i) > after {
+				out = append(out, e)
+			}
+		}
+	}
+	return out
+}
+
+// Actors lists every actor with events, in a deterministic order.
+func (j *Journal) Actors() []actors.Address {
+	out := make([]actors.Address, 0, len(j.subjects))
+	for a := range j.subjects {
+		out = append(out, a)
+	}
+	sortAddrs(out)
+	return out
+}
+
+func encode(commandID string, first uint64, events []proto.Message) []byte {
+	var b bytes.Buffer
+	fmt.Fprintf(&b, "%s/%d", commandID, first)
+	for _, e := range events {
+		d, _ := proto.MarshalOptions{Deterministic: true}.Marshal(e)
+		b.WriteByte(0)
+		b.Write(d)
+	}
+	return b.Bytes()
+}

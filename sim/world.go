@@ -1,0 +1,141 @@
+package sim
+
+import (
+	"container/heap"
+	"fmt"
+	"hash/fnv"
+	"math/rand/v2"
+	"time"
+)
+
+// World is the simulator's universe: a virtual clock, one seeded random
+// source and a single-threaded scheduler of timed events. Nothing in a run
+// depends on wall time, goroutine scheduling or map order, so a seed
+// reproduces a run exactly; the trace hash proves it.
+type World struct {
+	seed  uint64
+	rng   *rand.Rand
+	now   time.Time
+	queue eventQueue
+	seq   uint64
+
+	traceHash uint64
+	trace     []string
+	// TraceLimit bounds the trace lines kept (the hash covers all of them);
+	// default 10,000.
+	TraceLimit int
+	steps      uint64
+}
+
+type event struct {
+	at  time.Time
+	seq uint64 // ties broken by scheduling order
+	fn  func()
+}
+
+type eventQueue []*event
+
+func (q eventQueue) Len() int { return len(q) }
+func (q eventQueue) Less(i, j int) bool {
+	if !q[i].at.Equal(q[j].at) {
+		return q[i].at.Before(q[j].at)
+	}
+	return q[i].seq < q[j].seq
+}
+func (q eventQueue) Swap(i, j int) { q[i], q[j] = q[j], q[i] }
+func (q *eventQueue) Push(x any)   { *q = append(*q, x.(*event)) }
+func (q *eventQueue) Pop() any {
+	old := *q
+	e := old[len(old)-1]
+	*q = old[:len(old)-1]
+	return e
+}
+
+// NewWorld creates a world whose every choice derives from seed.
+func NewWorld(seed uint64) *World {
+	return &World{seed: seed, rng: rand.New(rand.NewPCG(seed, 0x7269706c616e65)), now: Epoch, traceHash: 14695981039346656037, TraceLimit: 10_000}
+}
+
+// Seed of the world.
+func (w *World) Seed() uint64 { return w.seed }
+
+// Now is the virtual time.
+func (w *World) Now() time.Time { return w.now }
+
+// Elapsed is the virtual time since the start.
+func (w *World) Elapsed() time.Duration { return w.now.Sub(Epoch) }
+
+// Rand is the world's single random source.
+func (w *World) Rand() *rand.Rand { return w.rng }
+
+// Chance reports true with probability p.
+func (w *World) Chance(p float64) bool { return p > 0 && w.rng.Float64() < p }
+
+// After runs fn after d of virtual time.
+func (w *World) After(d time.Duration, fn func()) {
+	if d < 0 {
+		d = 0
+	}
+	w.seq++
+	heap.Push(&w.queue, &event{at: w.now.Add(d), seq: w.seq, fn: fn})
+}
+
+// Pending is the number of scheduled events.
+func (w *World) Pending() int { return len(w.queue) }
+
+// Steps is the number of events run so far.
+func (w *World) Steps() uint64 { return w.steps }
+
+// RunFor runs events until d of virtual time has passed or none are left.
+func (w *World) RunFor(d time.Duration) {
+	w.RunUntil(w.now.Add(d))
+}
+
+// RunUntil runs events up to time t; the clock ends at t.
+func (w *World) RunUntil(t time.Time) {
+	for len(w.queue) > 0 && !w.queue[0].at.After(t) {
+		e := heap.Pop(&w.queue).(*event)
+		w.now = e.at
+		w.steps++
+		e.fn()
+	}
+	if w.now.Before(t) {
+		w.now = t
+	}
+}
+
+// RunQuiet runs until no events are left or limit of virtual time passed,
+// and reports whether the world went quiet.
+func (w *World) RunQuiet(limit time.Duration) bool {
+	end := w.now.Add(limit)
+	for len(w.queue) > 0 && !w.queue[0].at.After(end) {
+		e := heap.Pop(&w.queue).(*event)
+		w.now = e.at
+		w.steps++
+		e.fn()
+	}
+	return len(w.queue) == 0
+}
+
+// Tracef records a line in the trace, stamped with the virtual time.
+func (w *World) Tracef(format string, args ...any) {
+	line := fmt.Sprintf("%12s ", w.Elapsed().Round(time.Microsecond)) + fmt.Sprintf(format, args...)
+	h := fnv.New64a()
+	var b [8]byte
+	for i := range 8 {
+		b[i] = byte(w.traceHash >> (8 * i))
+	}
+	h.Write(b[:])
+	h.Write([]byte(line))
+	w.traceHash = h.Sum64()
+	if len(w.trace) < w.TraceLimit {
+		w.trace = append(w.trace, line)
+	}
+}
+
+// TraceHash covers every traced line in order: two runs with the same
+// seed must give the same hash.
+func (w *World) TraceHash() uint64 { return w.traceHash }
+
+// Trace returns the kept trace lines.
+func (w *World) Trace() []string { return w.trace }
