@@ -2,124 +2,67 @@ package sim_test
 
 import (
 	"errors"
-	"fmt"
+	"strings"
 	"testing"
 	"time"
 
 	"google.golang.org/protobuf/proto"
 
 	"github.com/triplane-dev/triplane/actors"
-	"github.com/triplane-dev/triplane/actors/ledger"
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/sim"
 )
 
-// ledgerRun drives accounts with deposits, withdrawals and interest timers
-// under append failures (half of them written anyway) and crashes, and
-// checks the invariants: replay rebuilds every live state, and every
-// acknowledged deposit is in the journal exactly once.
-func ledgerRun(t *testing.T, seed uint64) uint64 {
-	t.Helper()
-	hash, err := ledgerScenario(t, seed, "")
-	if err != nil {
-		t.Fatal(err)
+var ledgerScenario = sim.Scenarios()["ledger"]
+
+func TestSimulatedLedgerInvariantsOverSeeds(t *testing.T) {
+	sim.Check(t, ledgerScenario, sim.Options{Faults: sim.DefaultFaults}, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10)
+	r := sim.RunScenario(ledgerScenario, 1, sim.Options{Faults: sim.DefaultFaults})
+	if r.Steps == 0 || r.SimTime < 2*time.Second || len(r.Trace) == 0 {
+		t.Fatalf("run did not happen: %+v", r)
 	}
-	return hash
 }
 
-func ledgerScenario(t *testing.T, seed uint64, bug string) (uint64, error) {
-	w := sim.NewWorld(seed)
-	j := sim.NewJournal(w)
-	j.FailAppend, j.WrittenOnFailure = 0.03, 0.5
-	h := sim.NewHost(w, j, actors.NewRegistry(ledger.Machine{}))
-	h.PlantedBug = bug
-	accounts := make([]actors.Address, 5)
-	for i := range accounts {
-		accounts[i] = actors.Address{Kind: ledger.Kind, ID: fmt.Sprintf("acct-%d", i)}
+func TestSameSeedSameTrace(t *testing.T) {
+	opts := sim.Options{Faults: sim.DefaultFaults}
+	a, b := sim.RunScenario(ledgerScenario, 42, opts), sim.RunScenario(ledgerScenario, 42, opts)
+	if a.TraceHash != b.TraceHash || a.Steps != b.Steps {
+		t.Fatalf("seed 42 gave trace hashes %x and %x", a.TraceHash, b.TraceHash)
 	}
-	acked := map[int64]actors.Address{}
-	for i := range 400 {
-		at := time.Duration(w.Rand().Int64N(int64(2 * time.Second)))
-		a := accounts[w.Rand().IntN(len(accounts))]
-		amount := int64(i + 1)
-		var msg proto.Message = &triplanev1.LedgerDeposit{Amount: amount}
-		crash := false
-		switch w.Rand().IntN(10) {
-		case 0:
-			msg = &triplanev1.LedgerWithdraw{Amount: amount/2 + 1}
-		case 1:
-			msg = &triplanev1.LedgerScheduleInterest{Amount: 1, DelayMillis: 100}
-		case 2:
-			crash = true
-		}
-		w.After(at, func() {
-			if crash {
-				h.Crash(a)
-			}
-			h.Deliver(a, fmt.Sprintf("c%d", i), msg, func(_ proto.Message, err error) {
-				if d, ok := msg.(*triplanev1.LedgerDeposit); ok && err == nil {
-					acked[d.Amount] = a
-				} else if err != nil && !errors.Is(err, actors.ErrPersist) && !errors.Is(err, ledger.ErrInsufficient) {
-					t.Errorf("seed %d: unexpected error %v", seed, err)
-				}
-			})
-		})
+	if c := sim.RunScenario(ledgerScenario, 43, opts); c.TraceHash == a.TraceHash {
+		t.Fatal("different seeds gave the same trace")
 	}
-	if !w.RunQuiet(time.Minute) {
-		return 0, fmt.Errorf("seed %d: the world never went quiet", seed)
-	}
-	if err := h.CheckReplay(); err != nil {
-		return w.TraceHash(), fmt.Errorf("seed %d at %s: %w", seed, w.Elapsed(), err)
-	}
-	for amount, a := range acked {
-		n := 0
-		for _, e := range j.Events(a, 0) {
-			if d, ok := e.(*triplanev1.LedgerDeposited); ok && d.Amount == amount {
-				n++
-			}
-		}
-		if n != 1 {
-			return w.TraceHash(), fmt.Errorf("seed %d: acknowledged deposit %d of %s is in the journal %d times", seed, amount, a, n)
-		}
-	}
-	if j.Failures == 0 || h.Crashes == 0 {
-		return 0, fmt.Errorf("seed %d: no faults were injected (failures %d, crashes %d)", seed, j.Failures, h.Crashes)
-	}
-	return w.TraceHash(), nil
 }
 
 // A planted bug is found by a sweep, and its failing seed reproduces.
 func TestSweepFindsPlantedBug(t *testing.T) {
-	var failing []uint64
-	for seed := uint64(1); seed <= 30; seed++ {
-		if _, err := ledgerScenario(t, seed, "apply-before-persist"); err != nil {
-			failing = append(failing, seed)
+	opts := sim.Options{Faults: sim.DefaultFaults, Bug: "apply-before-persist"}
+	var failing []sim.Result
+	for _, r := range sim.Sweep(ledgerScenario, 1, 30, opts) {
+		if r.Err != nil {
+			failing = append(failing, r)
 		}
 	}
 	if len(failing) == 0 {
 		t.Fatal("the sweep did not find the planted bug")
 	}
-	h1, err1 := ledgerScenario(t, failing[0], "apply-before-persist")
-	h2, err2 := ledgerScenario(t, failing[0], "apply-before-persist")
-	if err1 == nil || err2 == nil || err1.Error() != err2.Error() || h1 != h2 {
-		t.Fatalf("seed %d does not reproduce: %v / %v", failing[0], err1, err2)
+	again := sim.RunScenario(ledgerScenario, failing[0].Seed, opts)
+	if again.Err == nil || again.Err.Error() != failing[0].Err.Error() || again.TraceHash != failing[0].TraceHash {
+		t.Fatalf("seed %d does not reproduce: %v / %v", failing[0].Seed, failing[0].Err, again.Err)
 	}
-	t.Logf("planted bug found by %d of 30 seeds; seed %d reproduces: %v", len(failing), failing[0], err1)
+	t.Logf("planted bug found by %d of 30 seeds; seed %d reproduces: %v", len(failing), failing[0].Seed, again.Err)
 }
 
-func TestSimulatedLedgerInvariantsOverSeeds(t *testing.T) {
-	for seed := uint64(1); seed <= 20; seed++ {
-		ledgerRun(t, seed)
-	}
-}
-
-func TestSameSeedSameTrace(t *testing.T) {
-	a, b := ledgerRun(t, 42), ledgerRun(t, 42)
-	if a != b {
-		t.Fatalf("seed 42 gave trace hashes %x and %x", a, b)
-	}
-	if c := ledgerRun(t, 43); c == a {
-		t.Fatal("different seeds gave the same trace")
+// A user's own invariant runs at the end and can fail a run.
+func TestCustomInvariant(t *testing.T) {
+	opts := sim.Options{Faults: sim.DefaultFaults, Invariants: []sim.Invariant{func(r *sim.Run) error {
+		if r.Host.Commands == 0 {
+			return errors.New("no commands")
+		}
+		return errors.New("always fails")
+	}}}
+	if r := sim.RunScenario(ledgerScenario, 3, opts); r.Err == nil || !strings.Contains(r.Err.Error(), "always fails") {
+		t.Fatalf("custom invariant not applied: %v", r.Err)
 	}
 }
 

@@ -85,7 +85,7 @@ Start the whole system on this machine with:  triplane up`,
 	config.EnumVar(pf, &g.logFormat, "log-format", "text", logging.Formats, "log format")
 	config.EnumVar(pf, &g.logLevel, "log-level", "info", logging.Levels, "lowest level logged")
 	root.AddCommand(newVersionCmd(), newUpCmd(g), newReplayCmd(g))
-	root.AddCommand(newBenchCmd(g), newNodeCmd(g))
+	root.AddCommand(newBenchCmd(g), newNodeCmd(g), newSimCmd(g))
 	return root
 }
 

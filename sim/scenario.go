@@ -1,0 +1,145 @@
+package sim
+
+import (
+	"errors"
+	"fmt"
+	"sort"
+	"testing"
+	"time"
+
+	"github.com/triplane-dev/triplane/actors"
+)
+
+// Faults say which faults a run injects and how often.
+type Faults struct {
+	// AppendFailure is the probability that a journal append fails;
+	// WrittenOnFailure the probability that such an append was written.
+	AppendFailure, WrittenOnFailure float64
+	// CrashRate is the probability that a command's target actor crashes
+	// just before the command arrives.
+	CrashRate float64
+}
+
+// DefaultFaults are the faults of a run that names none.
+var DefaultFaults = Faults{AppendFailure: 0.03, WrittenOnFailure: 0.5, CrashRate: 0.1}
+
+// Options of one run.
+type Options struct {
+	Duration time.Duration // virtual time of load; default 2 s
+	Faults   Faults
+	// Bug switches on a planted bug (see Host.PlantedBug), to show that a
+	// sweep finds it.
+	Bug string
+	// Invariants run after the built-in ones at the end of the run.
+	Invariants []Invariant
+}
+
+// Invariant checks a finished run; an error is a violation.
+type Invariant func(r *Run) error
+
+// Run is one simulation in progress: what a scenario's driver works with.
+type Run struct {
+	World   *World
+	Journal *Journal
+	Host    *Host
+	Opts    Options
+}
+
+// Scenario is a named workload over the simulated planes.
+type Scenario struct {
+	Name        string
+	Description string
+	Registry    func() *actors.Registry
+	// Drive schedules the scenario's load on the run's world; it may
+	// return an invariant that is checked at the end.
+	Drive func(r *Run) Invariant
+}
+
+// Result of one run.
+type Result struct {
+	Seed      uint64
+	Scenario  string
+	Err       error // the first violated invariant, if any
+	TraceHash uint64
+	Trace     []string
+	Steps     uint64
+	SimTime   time.Duration
+	Wall      time.Duration
+}
+
+// Scenarios are the built-in scenarios by name.
+func Scenarios() map[string]Scenario {
+	return map[string]Scenario{ledgerScenario.Name: ledgerScenario}
+}
+
+// ScenarioNames lists the built-in scenarios.
+func ScenarioNames() []string {
+	var out []string
+	for n := range Scenarios() {
+		out = append(out, n)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// ErrNotQuiet: the run did not settle within the time allowed after its load.
+var ErrNotQuiet = errors.New("sim: the world did not go quiet")
+
+// RunScenario runs a scenario once with a seed.
+func RunScenario(s Scenario, seed uint64, opts Options) Result {
+	if opts.Duration == 0 {
+		opts.Duration = 2 * time.Second
+	}
+	start := time.Now()
+	w := NewWorld(seed)
+	j := NewJournal(w)
+	j.FailAppend, j.WrittenOnFailure = opts.Faults.AppendFailure, opts.Faults.WrittenOnFailure
+	h := NewHost(w, j, s.Registry())
+	h.PlantedBug = opts.Bug
+	r := &Run{World: w, Journal: j, Host: h, Opts: opts}
+	w.Tracef("scenario %s seed %d duration %s faults %+v bug %q", s.Name, seed, opts.Duration, opts.Faults, opts.Bug)
+	final := s.Drive(r)
+	res := Result{Seed: seed, Scenario: s.Name}
+	if !w.RunQuiet(opts.Duration + time.Minute) {
+		res.Err = fmt.Errorf("%w within %s of virtual time", ErrNotQuiet, opts.Duration+time.Minute)
+	}
+	checks := []Invariant{func(r *Run) error { return r.Host.CheckReplay() }}
+	if final != nil {
+		checks = append(checks, final)
+	}
+	checks = append(checks, opts.Invariants...)
+	for _, c := range checks {
+		if res.Err != nil {
+			break
+		}
+		if err := c(r); err != nil {
+			res.Err = fmt.Errorf("at %s: %w", w.Elapsed(), err)
+		}
+	}
+	if res.Err != nil {
+		w.Tracef("FAILED: %v", res.Err)
+	}
+	res.TraceHash, res.Trace, res.Steps, res.SimTime, res.Wall = w.TraceHash(), w.Trace(), w.Steps(), w.Elapsed(), time.Since(start)
+	return res
+}
+
+// Sweep runs seeds from..to (inclusive) and returns every result.
+func Sweep(s Scenario, from, to uint64, opts Options) []Result {
+	var out []Result
+	for seed := from; seed <= to; seed++ {
+		out = append(out, RunScenario(s, seed, opts))
+	}
+	return out
+}
+
+// Check runs a scenario over seeds in a test and fails it with the first
+// failing seed and the command that reproduces it.
+func Check(t testing.TB, s Scenario, opts Options, seeds ...uint64) {
+	t.Helper()
+	for _, seed := range seeds {
+		if r := RunScenario(s, seed, opts); r.Err != nil {
+			t.Fatalf("scenario %s seed %d failed: %v\nreproduce: triplane sim --scenario %s --seed %d --duration %s",
+				s.Name, seed, r.Err, s.Name, seed, opts.Duration)
+		}
+	}
+}
