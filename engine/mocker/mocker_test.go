@@ -256,7 +256,7 @@ func TestTraceHitsTheCache(t *testing.T) {
 		t.Skipf("trace not present: %v", err)
 	}
 	defer f.Close()
-	recs, err := workload.Read(f, 2000)
+	recs, err := workload.Read(f, 800)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -268,12 +268,12 @@ func TestTraceHitsTheCache(t *testing.T) {
 			now += e.Step().Duration
 		}
 		now = max(now, time.Duration(r.Timestamp)*time.Millisecond)
-		if err := e.Add(engine.Request{ID: string(rune(0x1000 + i)), Tokens: r.Tokens(32000), MaxTokens: min(r.OutputLength, 8)}); err != nil {
+		if err := e.Add(engine.Request{ID: string(rune(0x1000 + i)), Tokens: r.Tokens(32000), MaxTokens: min(r.OutputLength, 4)}); err != nil {
 			t.Fatal(err)
 		}
 	}
 	run(t, e)
-	if hr := e.Load().HitRate; hr < 0.15 { // the trace itself allows 0.29 over these requests
+	if hr := e.Load().HitRate; hr < 0.12 { // the trace itself allows 0.19 over these requests
 		t.Fatalf("hit rate on the conversation trace %.2f, expected substantial reuse", hr)
 	}
 	t.Logf("hit rate over %d requests: %.2f", len(recs), e.Load().HitRate)
