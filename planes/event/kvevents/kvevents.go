@@ -1,0 +1,115 @@
+// Package kvevents carries workers' KV cache events to the routers over core
+// NATS with gap repair: each worker numbers its events (a per-worker
+// monotonic id within an epoch), keeps the latest ones in a bounded ring
+// buffer and its current blocks in a mirror; a consumer that sees a gap asks
+// the worker to resend the missing range and, when the ring no longer holds
+// it, gets a full dump of the worker's blocks instead. Heartbeats carry the
+// worker's latest id so a lost tail is noticed too.
+//
+// Subjects (see package event for the scheme):
+//
+//	<prefix>.<ns>.kv.events.<worker>   KvEventBatch, pub/sub
+//	<prefix>.<ns>.kv.resend.<worker>   KvResendRequest -> KvResendReply
+package kvevents
+
+import (
+	"errors"
+	"fmt"
+
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planes/event"
+)
+
+// ErrInvalid: a batch or reply that decodes but breaks the protocol.
+var ErrInvalid = errors.New("kvevents: invalid")
+
+// Block is one cached block: its parent in the prefix chain, if any.
+type Block struct {
+	Parent    uint64
+	HasParent bool
+}
+
+// EventsSubject is where worker publishes its events; worker "*" matches
+// every worker of the namespace.
+func EventsSubject(b *event.Bus, namespace, worker string) (string, error) {
+	return workerSubject(b, namespace, "events", worker)
+}
+
+// ResendSubject is where worker answers resend requests.
+func ResendSubject(b *event.Bus, namespace, worker string) (string, error) {
+	return workerSubject(b, namespace, "resend", worker)
+}
+
+func workerSubject(b *event.Bus, namespace, kind, worker string) (string, error) {
+	if worker == "*" {
+		s, err := b.Subject(namespace, "kv", kind, "x")
+		if err != nil {
+			return "", err
+		}
+		return s[:len(s)-1] + "*", nil
+	}
+	return b.Subject(namespace, "kv", kind, worker)
+}
+
+// apply changes blocks by one event.
+func apply(blocks map[uint64]Block, e *triplanev1.KvEvent) {
+	switch k := e.Kind.(type) {
+	case *triplanev1.KvEvent_Stored:
+		parent, has := k.Stored.GetParentHash(), k.Stored.ParentHash != nil
+		for _, h := range k.Stored.BlockHashes {
+			blocks[h] = Block{Parent: parent, HasParent: has}
+			parent, has = h, true
+		}
+	case *triplanev1.KvEvent_Removed:
+		for _, h := range k.Removed.BlockHashes {
+			delete(blocks, h)
+		}
+	case *triplanev1.KvEvent_Cleared:
+		clear(blocks)
+	}
+}
+
+// ValidateBatch checks what decoding cannot: a worker id that is one subject
+// token, event ids from 1 and consecutive, every event of a known kind, and
+// a head not behind the events.
+func ValidateBatch(b *triplanev1.KvEventBatch) error {
+	if err := event.CheckToken(b.GetWorkerId()); err != nil {
+		return fmt.Errorf("%w: batch worker id: %w", ErrInvalid, err)
+	}
+	if err := validateEvents(b.Events); err != nil {
+		return fmt.Errorf("%w: batch of worker %s: %w", ErrInvalid, b.WorkerId, err)
+	}
+	if n := len(b.Events); n > 0 && b.HeadEventId < b.Events[n-1].EventId {
+		return fmt.Errorf("%w: batch of worker %s: head %d behind its last event %d", ErrInvalid, b.WorkerId, b.HeadEventId, b.Events[n-1].EventId)
+	}
+	return nil
+}
+
+func validateEvents(es []*triplanev1.KvEvent) error {
+	for i, e := range es {
+		if e.GetEventId() == 0 {
+			return fmt.Errorf("event %d has id 0", i)
+		}
+		if i > 0 && e.EventId != es[i-1].EventId+1 {
+			return fmt.Errorf("event ids %d then %d are not consecutive", es[i-1].EventId, e.EventId)
+		}
+		if e.Kind == nil {
+			return fmt.Errorf("event %d has no kind", e.EventId)
+		}
+	}
+	return nil
+}
+
+// ValidateReply checks a resend reply the same way.
+func ValidateReply(r *triplanev1.KvResendReply) error {
+	switch k := r.GetReply().(type) {
+	case *triplanev1.KvResendReply_Range:
+		if err := validateEvents(k.Range.GetEvents()); err != nil {
+			return fmt.Errorf("%w: resend reply of worker %s: %w", ErrInvalid, r.WorkerId, err)
+		}
+	case *triplanev1.KvResendReply_Dump:
+	default:
+		return fmt.Errorf("%w: resend reply of worker %s holds neither events nor a dump", ErrInvalid, r.GetWorkerId())
+	}
+	return nil
+}

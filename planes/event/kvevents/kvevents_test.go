@@ -1,0 +1,352 @@
+package kvevents_test
+
+import (
+	"errors"
+	"maps"
+	"math/rand/v2"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"google.golang.org/protobuf/proto"
+
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planes/event"
+	"github.com/triplane-dev/triplane/planes/event/kvevents"
+	"github.com/triplane-dev/triplane/planetest"
+)
+
+func newBus(t *testing.T, nc *nats.Conn) *event.Bus {
+	t.Helper()
+	b, err := event.New(nc, event.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(b.Close)
+	return b
+}
+
+// relay carries batches from the worker's raw subject to the subject the
+// consumer listens on, dropping, holding back (to reorder) and duplicating
+// some on purpose, from a seeded source.
+type relay struct {
+	mu                 sync.Mutex
+	rng                *rand.Rand
+	out                *event.Bus
+	to                 string
+	held               []*triplanev1.KvEventBatch
+	lossy              bool
+	dropped, reordered int
+	seen               int
+}
+
+func (r *relay) forward(b *triplanev1.KvEventBatch) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.lossy {
+		_ = event.Publish(r.out, r.to, b)
+		return
+	}
+	// A burst of 100 consecutive losses: longer than a small ring, so the
+	// repair of it needs a dump.
+	r.seen++
+	if r.seen > 500 && r.seen <= 600 {
+		r.dropped++
+		return
+	}
+	switch x := r.rng.IntN(100); {
+	case x < 20:
+		r.dropped++
+	case x < 35:
+		r.held = append(r.held, b)
+		r.reordered++
+	case x < 40:
+		_ = event.Publish(r.out, r.to, b)
+		_ = event.Publish(r.out, r.to, b)
+	default:
+		_ = event.Publish(r.out, r.to, b)
+	}
+	// Release held batches late and shuffled.
+	if len(r.held) > 5 && r.rng.IntN(4) == 0 {
+		r.rng.Shuffle(len(r.held), func(i, j int) { r.held[i], r.held[j] = r.held[j], r.held[i] })
+		for _, h := range r.held {
+			_ = event.Publish(r.out, r.to, h)
+		}
+		r.held = r.held[:0]
+	}
+}
+
+// heal stops losing messages and releases what was held.
+func (r *relay) heal() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.lossy = false
+	for _, h := range r.held {
+		_ = event.Publish(r.out, r.to, h)
+	}
+	r.held = nil
+}
+
+func startRelay(t *testing.T, b *event.Bus, from, to string, seed uint64) *relay {
+	r := &relay{rng: rand.New(rand.NewPCG(seed, 1)), out: b, to: to, lossy: true}
+	if _, err := event.Subscribe(b, from, r.forward); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// workload applies n random cache operations through p.
+func workload(t *testing.T, p *kvevents.Publisher, rng *rand.Rand, n int) {
+	t.Helper()
+	var live []uint64
+	next := uint64(1)
+	for range n {
+		var err error
+		switch x := rng.IntN(100); {
+		case x < 60 || len(live) == 0:
+			k := 1 + rng.IntN(4)
+			hashes := make([]uint64, k)
+			for i := range hashes {
+				hashes[i] = next
+				next++
+			}
+			var parent *uint64
+			if len(live) > 0 && rng.IntN(2) == 0 {
+				parent = proto.Uint64(live[rng.IntN(len(live))])
+			}
+			live = append(live, hashes...)
+			err = p.Stored(hashes, parent)
+		case x < 97:
+			i := rng.IntN(len(live))
+			err = p.Removed([]uint64{live[i]})
+			live = append(live[:i], live[i+1:]...)
+		default:
+			live = nil
+			err = p.Cleared()
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func converge(t *testing.T, c *kvevents.Consumer, p *kvevents.Publisher, worker string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		got, last := c.Blocks(worker)
+		if last == p.LastEventID() && maps.Equal(got, p.Blocks()) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("consumer at event %d with %d blocks, worker at %d with %d blocks; stats %v",
+				last, len(got), p.LastEventID(), len(p.Blocks()), c.Stats())
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func TestConsumerConvergesThroughLossAndReordering(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		ring int
+		seed uint64
+	}{
+		{"ring holds the gaps (resends)", 4096, 1},
+		{"small ring (dumps)", 8, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			n := planetest.StartNATS(t)
+			b := newBus(t, n.Connect(t))
+			raw := "test.raw.w1"
+			to, err := kvevents.EventsSubject(b, "ns", "w1")
+			if err != nil {
+				t.Fatal(err)
+			}
+			r := startRelay(t, newBus(t, n.Connect(t)), raw, to, tc.seed)
+			c, err := kvevents.NewConsumer(newBus(t, n.Connect(t)), kvevents.ConsumerConfig{Namespace: "ns", MaxPending: 64, RepairBackoff: 5 * time.Millisecond})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if err := b.Conn().Flush(); err != nil {
+				t.Fatal(err)
+			}
+			p, err := kvevents.NewPublisher(b, kvevents.PublisherConfig{WorkerID: "w1", Namespace: "ns", Epoch: 1,
+				RingSize: tc.ring, MaxResend: 50, HeartbeatInterval: 10 * time.Millisecond, Subject: raw})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer p.Close()
+			workload(t, p, rand.New(rand.NewPCG(tc.seed, 2)), 2000)
+			// Heartbeats still pass through the lossy relay: the tail is
+			// repaired without its help.
+			converge(t, c, p, "w1")
+			r.heal()
+			workload(t, p, rand.New(rand.NewPCG(tc.seed, 3)), 100)
+			converge(t, c, p, "w1")
+			s := c.Stats()
+			t.Logf("relay dropped %d, reordered %d; consumer %v", r.dropped, r.reordered, s)
+			if s.Gaps == 0 || r.dropped == 0 {
+				t.Fatalf("the test lost nothing: %v", s)
+			}
+			if tc.ring < 100 && s.Dumps == 0 {
+				t.Fatalf("a ring of %d should have forced dumps: %v", tc.ring, s)
+			}
+			if tc.ring >= 4096 && s.Resends == 0 {
+				t.Fatalf("no resends: %v", s)
+			}
+		})
+	}
+}
+
+func TestLateConsumerAndWorkerRestart(t *testing.T) {
+	n := planetest.StartNATS(t)
+	b := newBus(t, n.Connect(t))
+	p, err := kvevents.NewPublisher(b, kvevents.PublisherConfig{WorkerID: "w2", Namespace: "ns", Epoch: 10,
+		RingSize: 16, HeartbeatInterval: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	workload(t, p, rand.New(rand.NewPCG(7, 7)), 300)
+	// A router that starts now learns the worker's blocks from a dump,
+	// prompted by a heartbeat.
+	var resets int
+	var mu sync.Mutex
+	c, err := kvevents.NewConsumer(newBus(t, n.Connect(t)), kvevents.ConsumerConfig{Namespace: "ns",
+		OnReset: func(string, map[uint64]kvevents.Block) { mu.Lock(); resets++; mu.Unlock() }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	converge(t, c, p, "w2")
+	if c.Stats().Dumps == 0 {
+		t.Fatalf("late consumer without a dump: %v", c.Stats())
+	}
+	// The worker restarts: a new epoch, ids from 1, an empty cache.
+	p.Close()
+	p2, err := kvevents.NewPublisher(b, kvevents.PublisherConfig{WorkerID: "w2", Namespace: "ns", Epoch: 11,
+		RingSize: 16, HeartbeatInterval: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p2.Close()
+	workload(t, p2, rand.New(rand.NewPCG(8, 8)), 50)
+	converge(t, c, p2, "w2")
+	// Batches of the old epoch are ignored.
+	c.Ingest(&triplanev1.KvEventBatch{WorkerId: "w2", Epoch: 10, HeadEventId: 1000,
+		Events: []*triplanev1.KvEvent{{EventId: 1000, Kind: &triplanev1.KvEvent_Cleared{Cleared: &triplanev1.KvAllCleared{}}}}})
+	converge(t, c, p2, "w2")
+	if c.Stats().StaleEpoch == 0 {
+		t.Fatalf("old epoch not counted: %v", c.Stats())
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if resets < 2 {
+		t.Fatalf("%d resets, want the dump and the restart", resets)
+	}
+}
+
+func TestInvalidBatchesDropped(t *testing.T) {
+	n := planetest.StartNATS(t)
+	b := newBus(t, n.Connect(t))
+	c, err := kvevents.NewConsumer(b, kvevents.ConsumerConfig{Namespace: "ns"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	subject, _ := kvevents.EventsSubject(b, "ns", "w3")
+	stored := func(id uint64) *triplanev1.KvEvent {
+		return &triplanev1.KvEvent{EventId: id, Kind: &triplanev1.KvEvent_Stored{Stored: &triplanev1.KvBlocksStored{BlockHashes: []uint64{id}}}}
+	}
+	bad := []*triplanev1.KvEventBatch{
+		{WorkerId: "", Epoch: 1, HeadEventId: 1, Events: []*triplanev1.KvEvent{stored(1)}},
+		{WorkerId: "w3", Epoch: 1, HeadEventId: 3, Events: []*triplanev1.KvEvent{stored(1), stored(3)}},
+		{WorkerId: "w3", Epoch: 1, HeadEventId: 1, Events: []*triplanev1.KvEvent{{EventId: 1}}},
+		{WorkerId: "w3", Epoch: 1, HeadEventId: 0, Events: []*triplanev1.KvEvent{stored(1)}},
+	}
+	for _, x := range bad {
+		if err := kvevents.ValidateBatch(x); err == nil {
+			t.Errorf("ValidateBatch(%v) = nil", x)
+		}
+		if err := event.Publish(b, subject, x); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := b.Conn().Publish(subject, []byte{0xff}); err != nil {
+		t.Fatal(err)
+	}
+	good := &triplanev1.KvEventBatch{WorkerId: "w3", Epoch: 1, HeadEventId: 1, Events: []*triplanev1.KvEvent{stored(1)}}
+	if err := kvevents.ValidateBatch(good); err != nil {
+		t.Fatal(err)
+	}
+	if err := event.Publish(b, subject, good); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		blocks, last := c.Blocks("w3")
+		if last == 1 && len(blocks) == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("good batch not applied: %v", c.Stats())
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	if s := c.Stats(); s.Malformed != 5 {
+		t.Fatalf("malformed = %d, want 5", s.Malformed)
+	}
+}
+
+func TestOversizedEventRefusedBeforeNumbering(t *testing.T) {
+	n := planetest.StartNATS(t)
+	b := newBus(t, n.Connect(t))
+	p, err := kvevents.NewPublisher(b, kvevents.PublisherConfig{WorkerID: "w4", Namespace: "ns", Epoch: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	huge := make([]uint64, b.MaxPayload()/8)
+	for i := range huge {
+		huge[i] = uint64(i) + 1<<40
+	}
+	if err := p.Stored(huge, nil); !errors.Is(err, event.ErrTooLarge) {
+		t.Fatalf("huge event: %v, want ErrTooLarge", err)
+	}
+	if err := p.Stored([]uint64{1}, nil); err != nil || p.LastEventID() != 1 {
+		t.Fatalf("next event: %v, id %d (the refused one must not take an id)", err, p.LastEventID())
+	}
+}
+
+func TestRepairOfAGoneWorkerStopsUntilItsNextBatch(t *testing.T) {
+	n := planetest.StartNATS(t)
+	b := newBus(t, n.Connect(t))
+	c, err := kvevents.NewConsumer(b, kvevents.ConsumerConfig{Namespace: "ns", RepairAttempts: 3, RepairBackoff: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	gap := &triplanev1.KvEventBatch{WorkerId: "gone", Epoch: 1, HeadEventId: 5,
+		Events: []*triplanev1.KvEvent{{EventId: 5, Kind: &triplanev1.KvEvent_Cleared{Cleared: &triplanev1.KvAllCleared{}}}}}
+	c.Ingest(gap) // nobody answers on the worker's resend subject
+	deadline := time.Now().Add(10 * time.Second)
+	for c.Stats().RepairFailures < 3 {
+		if time.Now().After(deadline) {
+			t.Fatalf("repairs: %v", c.Stats())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	// A new batch from the worker starts the repair again.
+	c.Ingest(&triplanev1.KvEventBatch{WorkerId: "gone", Epoch: 1, HeadEventId: 6})
+	for c.Stats().RepairFailures < 6 {
+		if time.Now().After(deadline) {
+			t.Fatalf("repairs after the next batch: %v", c.Stats())
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if _, last := c.Blocks("gone"); last != 0 {
+		t.Fatalf("applied up to %d without the missing events", last)
+	}
+}
