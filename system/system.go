@@ -27,6 +27,8 @@ import (
 	"github.com/triplane-dev/triplane/embedded"
 	"github.com/triplane-dev/triplane/journal"
 	"github.com/triplane-dev/triplane/logging"
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planes/control"
 )
 
 // Config is everything a node needs to start.
@@ -48,8 +50,17 @@ type Config struct {
 	Journal journal.Config
 	// SnapshotEvery is the number of events between an actor's snapshots.
 	SnapshotEvery uint64
-	Version       string
-	Logger        *slog.Logger
+	// Namespace groups the control-plane keys of one deployment; default
+	// "default".
+	Namespace string
+	// LeaseTTL of the node's etcd lease; default 10 s.
+	LeaseTTL time.Duration
+	// PlacementGroups the node joins; default "default".
+	PlacementGroups []string
+	// Want lists singleton actors ("kind/id") to ask placement for.
+	Want    []string
+	Version string
+	Logger  *slog.Logger
 }
 
 // PortError says a listen port is taken, and which setting moves it.
@@ -80,9 +91,11 @@ type System struct {
 	Journal   *journal.Journal
 	Snapshots *journal.Snapshots
 	Host      *actors.Host
-	NATSURL   string
-	EtcdURLs  []string
-	Started   time.Duration // how long Start took
+	// Control is the node's registration and placement.
+	Control  *control.Node
+	NATSURL  string
+	EtcdURLs []string
+	Started  time.Duration // how long Start took
 
 	natsClosed chan struct{}
 }
@@ -130,6 +143,9 @@ func Start(ctx context.Context, cfg Config) (_ *System, err error) {
 	}
 
 	if err := s.startActors(ctx); err != nil {
+		return nil, err
+	}
+	if err := s.startControl(ctx); err != nil {
 		return nil, err
 	}
 	s.Admin.AddCheck("nats", s.checkNATS)
@@ -299,6 +315,49 @@ func (s *System) startActors(ctx context.Context) error {
 	return err
 }
 
+// startControl registers the node in etcd and joins placement.
+func (s *System) startControl(ctx context.Context) error {
+	ns := s.cfg.Namespace
+	if ns == "" {
+		ns = "default"
+	}
+	host, _ := os.Hostname()
+	info := &triplanev1.NodeInfo{
+		Identity: &triplanev1.NodeIdentity{NodeId: s.NodeID, Namespace: ns, Hostname: host, Version: s.cfg.Version,
+			StartedUnixNanos: time.Now().UnixNano()},
+		Endpoints: []*triplanev1.Endpoint{
+			{Protocol: triplanev1.Protocol_PROTOCOL_NATS, Address: s.NATSURL},
+			{Protocol: triplanev1.Protocol_PROTOCOL_ADMIN_HTTP, Address: "http://" + s.Admin.Addr()},
+		},
+	}
+	for _, u := range s.EtcdURLs {
+		info.Endpoints = append(info.Endpoints, &triplanev1.Endpoint{Protocol: triplanev1.Protocol_PROTOCOL_ETCD, Address: u})
+	}
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	n, err := control.StartNode(cctx, control.NodeConfig{
+		Client: s.Etcd, Namespace: ns, Info: info, TTL: s.cfg.LeaseTTL, Groups: s.cfg.PlacementGroups,
+		Host: s.Host, Journal: s.Journal, Snapshots: s.Snapshots, Registry: all.Registry(),
+		Registerer: s.Admin.Registry, Logger: s.log.With("plane", "control"),
+	})
+	if err != nil {
+		return fmt.Errorf("control plane: %w", err)
+	}
+	s.Control = n
+	for _, w := range s.cfg.Want {
+		kind, id, ok := strings.Cut(w, "/")
+		if !ok {
+			return fmt.Errorf("want %q: expected kind/id", w)
+		}
+		for _, p := range n.Placements {
+			if err := p.Want(cctx, kind, id); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
 // Embedded reports which servers run inside this process.
 func (s *System) Embedded() (nats, etcd bool) { return s.natsSrv != nil, s.etcdSrv != nil }
 
@@ -322,6 +381,13 @@ func (s *System) Close(ctx context.Context) error {
 	if s.Admin != nil {
 		if err := s.Admin.Shutdown(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("admin: %w", err))
+		}
+	}
+	if s.Control != nil {
+		// Revoking the lease removes the node's registrations and hands
+		// its placement leadership over at once.
+		if err := s.Control.Close(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("control plane: %w", err))
 		}
 	}
 	if s.Host != nil {

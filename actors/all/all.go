@@ -5,9 +5,10 @@ package all
 import (
 	"github.com/triplane-dev/triplane/actors"
 	"github.com/triplane-dev/triplane/actors/ledger"
+	"github.com/triplane-dev/triplane/actors/placement"
 )
 
 // Registry returns a registry of every built-in actor kind.
 func Registry() *actors.Registry {
-	return actors.NewRegistry(ledger.Machine{})
+	return actors.NewRegistry(ledger.Machine{}, placement.Machine{})
 }

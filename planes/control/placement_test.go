@@ -1,0 +1,253 @@
+package control_test
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/client/v3/concurrency"
+
+	"github.com/triplane-dev/triplane/actors"
+	"github.com/triplane-dev/triplane/actors/ledger"
+	"github.com/triplane-dev/triplane/actors/placement"
+	"github.com/triplane-dev/triplane/journal"
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planes/control"
+	"github.com/triplane-dev/triplane/planetest"
+)
+
+// A leader whose session expired cannot write placement.
+func TestDeposedLeaderCannotWrite(t *testing.T) {
+	e := planetest.StartEtcd(t)
+	ctx := ctxT(t)
+	cli := e.Client(t)
+	s1, err := concurrency.NewSession(cli, concurrency.WithTTL(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s1.Orphan()
+	el1 := concurrency.NewElection(s1, "/triplane/test/election/g")
+	if err := el1.Campaign(ctx, "old"); err != nil {
+		t.Fatal(err)
+	}
+	put := func(v string) clientv3.Op { return clientv3.OpPut("/triplane/test/placement/g/assign/router/m", v) }
+	if err := control.FencedTxn(ctx, cli, el1.Key(), el1.Rev(), put("old")); err != nil {
+		t.Fatalf("leader's write: %v", err)
+	}
+	// The old leader's session expires (keepalives stop, as in a pause or
+	// partition); another node is elected.
+	s1.Orphan()
+	s2, err := concurrency.NewSession(client(t, e.Endpoints()...), concurrency.WithTTL(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s2.Close()
+	el2 := concurrency.NewElection(s2, "/triplane/test/election/g")
+	if err := el2.Campaign(ctx, "new"); err != nil {
+		t.Fatal(err)
+	}
+	if err := control.FencedTxn(ctx, cli, el1.Key(), el1.Rev(), put("stale")); !errors.Is(err, control.ErrNotLeader) {
+		t.Fatalf("deposed leader's write: %v, want ErrNotLeader", err)
+	}
+	if err := control.FencedTxn(ctx, cli, el2.Key(), el2.Rev(), put("new")); err != nil {
+		t.Fatalf("new leader's write: %v", err)
+	}
+	resp, err := cli.Get(ctx, "/triplane/test/placement/g/assign/router/m")
+	if err != nil || string(resp.Kvs[0].Value) != "new" {
+		t.Fatalf("value %v %v, want new", resp, err)
+	}
+}
+
+// registry holds the kinds these tests place.
+func registry() *actors.Registry { return actors.NewRegistry(ledger.Machine{}, placement.Machine{}) }
+
+// testNode is a node of the placement tests: an actor host on a shared
+// journal and a control-plane node.
+type testNode struct {
+	id   string
+	host *actors.Host
+	node *control.Node
+	cli  *clientv3.Client
+}
+
+func startNode(t testing.TB, ctx context.Context, j *journal.Journal, endpoints []string, id string, ttl time.Duration) *testNode {
+	t.Helper()
+	snaps, err := journal.OpenSnapshots(filepath.Join(t.TempDir(), "snap-"+id), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { snaps.Close() })
+	h, err := actors.NewHost(actors.HostConfig{Journal: j, Snapshots: snaps, Registry: registry(),
+		BackoffMin: time.Millisecond, BackoffMax: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Stop(context.Background()) })
+	cli := client(t, endpoints...)
+	n, err := control.StartNode(ctx, control.NodeConfig{Client: cli, Namespace: "test", Info: nodeInfo(id), TTL: ttl,
+		Host: h, Journal: j, Snapshots: snaps, Registry: registry()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = n.Close(context.Background()) })
+	return &testNode{id: id, host: h, node: n, cli: cli}
+}
+
+func (n *testNode) placement() *control.Placement { return n.node.Placements[control.DefaultGroup] }
+
+func hostedBy(nodes []*testNode, a actors.Address) *testNode {
+	for _, n := range nodes {
+		for _, h := range n.placement().Hosted() {
+			if h == a {
+				return n
+			}
+		}
+	}
+	return nil
+}
+
+func openJournal(t testing.TB, ctx context.Context) *journal.Journal {
+	t.Helper()
+	nc := planetest.StartNATS(t).Connect(t)
+	j, err := journal.Open(ctx, nc, journal.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return j
+}
+
+// An actor placed on a node that leaves is placed elsewhere and recovers
+// its state from the journal there; the placement actor journals why.
+func TestPlacementMovesActorsOfADeadNode(t *testing.T) {
+	e := planetest.StartEtcd(t)
+	ctx := ctxT(t)
+	j := openJournal(t, ctx)
+	nodes := []*testNode{
+		startNode(t, ctx, j, e.Endpoints(), "n1", 2*time.Second),
+		startNode(t, ctx, j, e.Endpoints(), "n2", 2*time.Second),
+	}
+	acct := actors.Address{Kind: ledger.Kind, ID: "acct-1"}
+	if err := nodes[1].placement().Want(ctx, acct.Kind, acct.ID); err != nil {
+		t.Fatal(err)
+	}
+	var first *testNode
+	eventually(t, 10*time.Second, "actor hosted", func() bool { first = hostedBy(nodes, acct); return first != nil })
+	if _, err := first.host.Request(ctx, acct, &triplanev1.LedgerDeposit{Amount: 100}); err != nil {
+		t.Fatal(err)
+	}
+	if err := first.host.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := first.node.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	other := nodes[0]
+	if other == first {
+		other = nodes[1]
+	}
+	eventually(t, 15*time.Second, "actor moved to the surviving node", func() bool { return hostedBy([]*testNode{other}, acct) != nil })
+	rec, ok := other.node.Hoster.Recovered(acct)
+	if !ok || rec.State.(*triplanev1.LedgerState).Balance != 100 {
+		t.Fatalf("recovered %v, want balance 100", rec)
+	}
+	r, err := other.host.Request(ctx, acct, &triplanev1.LedgerDeposit{Amount: 1})
+	if err != nil || r.(*triplanev1.LedgerReply).Balance != 101 {
+		t.Fatalf("deposit on the new node: %v %v", r, err)
+	}
+	st, err := other.placement().State(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Assignments) != 1 || st.Assignments[0].NodeId != other.id {
+		t.Fatalf("journaled placement %v", st)
+	}
+	t.Logf("why: %s", st.Assignments[0].Reason)
+	// The journal tells the story, as `triplane replay` shows it.
+	var story []string
+	err = j.Read(ctx, placement.Kind, control.DefaultGroup, journal.Query{}, func(r *journal.Record) error {
+		ev, err := r.Decode()
+		if p, ok := ev.(*triplanev1.PlacementActorPlaced); ok {
+			story = append(story, p.NodeId+": "+p.Reason)
+		}
+		return err
+	})
+	if err != nil || len(story) != 2 || !strings.Contains(story[1], "left (gone, draining or unhealthy); moved") {
+		t.Fatalf("journaled placements %q (%v)", story, err)
+	}
+}
+
+// A three-member etcd cluster loses its leader member; registration and
+// placement keep working on the other two.
+func TestThreeMemberClusterSurvivesLeaderLoss(t *testing.T) {
+	members, urls := cluster(t, 3)
+	ctx := ctxT(t)
+	j := openJournal(t, ctx)
+	nodes := []*testNode{
+		startNode(t, ctx, j, urls, "n1", 2*time.Second),
+		startNode(t, ctx, j, urls, "n2", 2*time.Second),
+	}
+	a1 := actors.Address{Kind: ledger.Kind, ID: "a1"}
+	if err := nodes[0].placement().Want(ctx, a1.Kind, a1.ID); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "a1 hosted", func() bool { return hostedBy(nodes, a1) != nil })
+	var leader int
+	eventually(t, 5*time.Second, "an etcd leader", func() bool {
+		for i, m := range members {
+			if m.Server.Leader() == m.Server.MemberID() {
+				leader = i
+				return true
+			}
+		}
+		return false
+	})
+	members[leader].Close()
+	members[leader] = nil
+	a2 := actors.Address{Kind: ledger.Kind, ID: "a2"}
+	eventually(t, 20*time.Second, "want written after the leader member died", func() bool {
+		wctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		return nodes[1].placement().Want(wctx, a2.Kind, a2.ID) == nil
+	})
+	eventually(t, 20*time.Second, "a2 hosted after the leader member died", func() bool { return hostedBy(nodes, a2) != nil })
+	if hostedBy(nodes, a1) == nil {
+		t.Fatal("a1 no longer hosted")
+	}
+}
+
+// A node that starts draining gets its actors moved off, and gets no new
+// ones.
+func TestDrainingNodeHandsItsActorsOver(t *testing.T) {
+	e := planetest.StartEtcd(t)
+	ctx := ctxT(t)
+	j := openJournal(t, ctx)
+	nodes := []*testNode{
+		startNode(t, ctx, j, e.Endpoints(), "n1", 2*time.Second),
+		startNode(t, ctx, j, e.Endpoints(), "n2", 2*time.Second),
+	}
+	a := actors.Address{Kind: ledger.Kind, ID: "d1"}
+	if err := nodes[0].placement().Want(ctx, a.Kind, a.ID); err != nil {
+		t.Fatal(err)
+	}
+	var first *testNode
+	eventually(t, 10*time.Second, "hosted", func() bool { first = hostedBy(nodes, a); return first != nil })
+	if err := first.node.Registrar.SetHealth(ctx, triplanev1.HealthState_HEALTH_STATE_DRAINING, "test"); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "moved off the draining node", func() bool {
+		h := hostedBy(nodes, a)
+		return h != nil && h != first && len(first.placement().Hosted()) == 0
+	})
+	b := actors.Address{Kind: ledger.Kind, ID: "d2"}
+	if err := nodes[0].placement().Want(ctx, b.Kind, b.ID); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "new actor placed", func() bool { return hostedBy(nodes, b) != nil })
+	if hostedBy(nodes, b) == first {
+		t.Fatal("new actor placed on the draining node")
+	}
+}
