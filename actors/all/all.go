@@ -6,9 +6,10 @@ import (
 	"github.com/triplane-dev/triplane/actors"
 	"github.com/triplane-dev/triplane/actors/ledger"
 	"github.com/triplane-dev/triplane/actors/placement"
+	"github.com/triplane-dev/triplane/actors/transfer"
 )
 
 // Registry returns a registry of every built-in actor kind.
 func Registry() *actors.Registry {
-	return actors.NewRegistry(ledger.Machine{}, placement.Machine{})
+	return actors.NewRegistry(ledger.Machine{}, placement.Machine{}, transfer.Machine{})
 }

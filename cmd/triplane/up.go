@@ -19,6 +19,7 @@ import (
 	"github.com/triplane-dev/triplane/config"
 	"github.com/triplane-dev/triplane/journal"
 	"github.com/triplane-dev/triplane/logging"
+	"github.com/triplane-dev/triplane/planes/control"
 	"github.com/triplane-dev/triplane/system"
 )
 
@@ -37,6 +38,8 @@ type upFlags struct {
 	jsSync       string
 	snapEvery    uint64
 	replicas     int
+	namespace    string
+	leaseTTL     time.Duration
 	configFile   string
 	printConfig  bool
 }
@@ -97,6 +100,8 @@ restart on the same data dir finds its streams and keys again.`,
 	config.EnumVar(fs, &f.jsSync, "jetstream-sync", "always", []string{"always", "interval"},
 		"when the embedded JetStream fsyncs: always = before acknowledging each write (no acknowledged event lost even if the machine dies), interval = every 2 minutes (faster; a machine crash can lose the last ones)")
 	fs.Uint64Var(&f.snapEvery, "snapshot-every", 1000, "events between an actor's snapshots (Pebble, under --data-dir)")
+	fs.StringVar(&f.namespace, "namespace", "default", "namespace of the deployment's control-plane keys in etcd")
+	fs.DurationVar(&f.leaseTTL, "lease-ttl", control.DefaultTTL, "TTL of the node's etcd lease (whole seconds, at least 1s); keepalive every TTL/3")
 	fs.IntVar(&f.replicas, "journal-replicas", 1, "replicas of the journal stream (for a clustered external NATS)")
 	fs.StringVar(&f.configFile, "config", "", "YAML file of settings, keyed by flag name (env TRIPLANE_CONFIG)")
 	fs.BoolVar(&f.printConfig, "print-config", false, "print the effective configuration as YAML and exit")
@@ -118,6 +123,12 @@ func (f *upFlags) validate() error {
 	}
 	if _, _, err := net.SplitHostPort(f.adminAddr); err != nil {
 		errs = append(errs, &config.Error{Key: "admin-addr", Err: fmt.Errorf("want host:port: %w", err)})
+	}
+	if f.leaseTTL < time.Second {
+		errs = append(errs, &config.Error{Key: "lease-ttl", Err: fmt.Errorf("%s is below etcd's 1s granularity", f.leaseTTL)})
+	}
+	if err := control.CheckName("namespace", f.namespace); err != nil {
+		errs = append(errs, &config.Error{Key: "namespace", Err: err})
 	}
 	if f.snapEvery == 0 {
 		errs = append(errs, &config.Error{Key: "snapshot-every", Err: errors.New("must be at least 1")})
@@ -169,6 +180,8 @@ func runUp(cmd *cobra.Command, g *globalFlags, f *upFlags) error {
 		JetStreamSyncAlways: f.jsSync == "always",
 		Journal:             journal.Config{Replicas: f.replicas},
 		SnapshotEvery:       f.snapEvery,
+		Namespace:           f.namespace,
+		LeaseTTL:            f.leaseTTL,
 		Version:             buildVersion(), Logger: log,
 	})
 	if err != nil {

@@ -1,0 +1,149 @@
+package data
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+)
+
+// Wire format of block frames (TCP lanes and the shared-memory control
+// socket). Every frame starts with a fixed 40-byte header, little endian:
+//
+//	0  magic   u32  "TPD1"
+//	4  type    u8
+//	5  flags   u8   (must be 0)
+//	6  resv    u16  (must be 0)
+//	8  region  u32
+//	12 length  u32  payload bytes (data frames) or landed bytes (acks, shm)
+//	16 offset  u64
+//	24 seq     u64  sender-chosen frame number, echoed in the ack
+//	32 crc     u32  CRC-32C (Castagnoli) of the block bytes
+//	36 hcrc    u32  CRC-32C of header bytes 0..36
+//
+// A data frame is followed by length payload bytes, which the receiver reads
+// straight into the region bytes named by (region, offset, length).
+const (
+	HeaderSize = 40
+	magic      = 0x31445054 // "TPD1" little endian
+
+	// MaxFrame bounds one frame's payload; larger ops are split.
+	MaxFrame = 16 << 20
+	// maxMessage bounds the payload of hello and error frames.
+	maxMessage = 4096
+)
+
+// FrameType says what a frame carries.
+type FrameType uint8
+
+// Frame types.
+const (
+	FrameData   FrameType = 1 // block bytes follow
+	FrameAck    FrameType = 2 // receiver: bytes of frame seq landed and verified
+	FrameHello  FrameType = 3 // sender's first frame; payload is the auth token
+	FrameError  FrameType = 4 // receiver's last frame; payload says why
+	FrameMapReq FrameType = 5 // shm: map region; reply carries its fd
+	FrameMapRes FrameType = 6 // shm: offset field is the region size
+	FrameLanded FrameType = 7 // shm: sender copied the bytes into the mapping
+)
+
+func (t FrameType) String() string {
+	switch t {
+	case FrameData:
+		return "data"
+	case FrameAck:
+		return "ack"
+	case FrameHello:
+		return "hello"
+	case FrameError:
+		return "error"
+	case FrameMapReq:
+		return "map-request"
+	case FrameMapRes:
+		return "map-response"
+	case FrameLanded:
+		return "landed"
+	}
+	return fmt.Sprintf("type(%d)", uint8(t))
+}
+
+// Header is a decoded frame header.
+type Header struct {
+	Type   FrameType
+	Region uint32
+	Length uint32
+	Offset uint64
+	Seq    uint64
+	CRC    uint32
+}
+
+// Desc is the descriptor the header names.
+func (h Header) Desc() Descriptor {
+	return Descriptor{Region: h.Region, Offset: h.Offset, Length: uint64(h.Length)}
+}
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// Checksum is CRC-32C of b.
+func Checksum(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
+
+// ErrBadFrame: the bytes are not a valid frame.
+var ErrBadFrame = errors.New("data: malformed frame")
+
+// Encode writes h into b (at least HeaderSize bytes).
+func (h Header) Encode(b []byte) {
+	_ = b[HeaderSize-1]
+	binary.LittleEndian.PutUint32(b[0:], magic)
+	b[4] = byte(h.Type)
+	b[5] = 0
+	binary.LittleEndian.PutUint16(b[6:], 0)
+	binary.LittleEndian.PutUint32(b[8:], h.Region)
+	binary.LittleEndian.PutUint32(b[12:], h.Length)
+	binary.LittleEndian.PutUint64(b[16:], h.Offset)
+	binary.LittleEndian.PutUint64(b[24:], h.Seq)
+	binary.LittleEndian.PutUint32(b[32:], h.CRC)
+	binary.LittleEndian.PutUint32(b[36:], crc32.Checksum(b[:36], castagnoli))
+}
+
+// DecodeHeader parses and validates a header: magic, header checksum, known
+// type, zero flags, and a payload length within the type's bound.
+func DecodeHeader(b []byte) (Header, error) {
+	if len(b) < HeaderSize {
+		return Header{}, fmt.Errorf("%w: %d header bytes, want %d", ErrBadFrame, len(b), HeaderSize)
+	}
+	if m := binary.LittleEndian.Uint32(b[0:]); m != magic {
+		return Header{}, fmt.Errorf("%w: bad magic %#x", ErrBadFrame, m)
+	}
+	if want, got := crc32.Checksum(b[:36], castagnoli), binary.LittleEndian.Uint32(b[36:]); want != got {
+		return Header{}, fmt.Errorf("%w: header checksum %#x, computed %#x", ErrBadFrame, got, want)
+	}
+	if b[5] != 0 || binary.LittleEndian.Uint16(b[6:]) != 0 {
+		return Header{}, fmt.Errorf("%w: reserved bits set", ErrBadFrame)
+	}
+	h := Header{
+		Type:   FrameType(b[4]),
+		Region: binary.LittleEndian.Uint32(b[8:]),
+		Length: binary.LittleEndian.Uint32(b[12:]),
+		Offset: binary.LittleEndian.Uint64(b[16:]),
+		Seq:    binary.LittleEndian.Uint64(b[24:]),
+		CRC:    binary.LittleEndian.Uint32(b[32:]),
+	}
+	switch h.Type {
+	case FrameData, FrameLanded:
+		if h.Length == 0 || h.Length > MaxFrame {
+			return Header{}, fmt.Errorf("%w: %s frame of %d bytes, want 1..%d", ErrBadFrame, h.Type, h.Length, MaxFrame)
+		}
+	case FrameHello, FrameError:
+		if h.Length > maxMessage {
+			return Header{}, fmt.Errorf("%w: %s frame of %d bytes, want at most %d", ErrBadFrame, h.Type, h.Length, maxMessage)
+		}
+	case FrameMapReq, FrameMapRes:
+		if h.Length != 0 {
+			return Header{}, fmt.Errorf("%w: %s frame with length %d, want 0", ErrBadFrame, h.Type, h.Length)
+		}
+	case FrameAck:
+	default:
+		return Header{}, fmt.Errorf("%w: unknown frame type %d", ErrBadFrame, uint8(h.Type))
+	}
+	return h, nil
+}

@@ -1,0 +1,359 @@
+// Package stream carries response streams over the data plane: a worker
+// sends the tokens of one request to the frontend as ordered frames, ending
+// with a final frame that says why (a reason such as "stop", or an error).
+// Cancellation goes both ways: the frontend going away (Close, its context
+// ending, its connection dropping) cancels the worker's producer; the
+// worker stopping ends the stream with an error frame.
+//
+// Wire format, on TCP (optionally TLS): each frame is a 4-byte little
+// endian length and that many bytes of protobuf: StreamClientFrame from the
+// frontend (open, then optionally cancel), StreamFrame from the worker.
+package stream
+
+import (
+	"bufio"
+	"context"
+	"crypto/subtle"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/protobuf/proto"
+
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+)
+
+// MaxFrame bounds one frame's protobuf bytes.
+const MaxFrame = 4 << 20
+
+// ErrBadFrame: bytes that are not a valid stream frame.
+var ErrBadFrame = errors.New("stream: malformed frame")
+
+// readFrame reads one length-prefixed protobuf frame into m.
+func readFrame(r io.Reader, m proto.Message) error {
+	var n [4]byte
+	if _, err := io.ReadFull(r, n[:]); err != nil {
+		return err
+	}
+	size := binary.LittleEndian.Uint32(n[:])
+	if size > MaxFrame {
+		return fmt.Errorf("%w: %d bytes, at most %d", ErrBadFrame, size, MaxFrame)
+	}
+	b := make([]byte, size)
+	if _, err := io.ReadFull(r, b); err != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return fmt.Errorf("%w: %d-byte frame cut short: %v", ErrBadFrame, size, err)
+	}
+	if err := proto.Unmarshal(b, m); err != nil {
+		return fmt.Errorf("%w: %v", ErrBadFrame, err)
+	}
+	return nil
+}
+
+// writeFrame writes m length-prefixed.
+func writeFrame(w io.Writer, m proto.Message) error {
+	b, err := proto.Marshal(m)
+	if err != nil {
+		return err
+	}
+	if len(b) > MaxFrame {
+		return fmt.Errorf("stream: frame of %d bytes exceeds %d", len(b), MaxFrame)
+	}
+	out := make([]byte, 4+len(b))
+	binary.LittleEndian.PutUint32(out, uint32(len(b)))
+	copy(out[4:], b)
+	_, err = w.Write(out)
+	return err
+}
+
+// Metrics counts streams.
+type Metrics struct {
+	opened, frames, cancelledByClient, refused prometheus.Counter
+}
+
+// NewMetrics creates the metrics, registered with reg unless nil.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	c := func(name, help string) prometheus.Counter {
+		x := prometheus.NewCounter(prometheus.CounterOpts{Namespace: "triplane", Subsystem: "stream", Name: name, Help: help})
+		if reg != nil {
+			reg.MustRegister(x)
+		}
+		return x
+	}
+	return &Metrics{
+		opened:            c("opened_total", "Response streams opened."),
+		frames:            c("frames_sent_total", "Response frames sent (final frames included)."),
+		cancelledByClient: c("cancelled_by_client_total", "Streams whose frontend went away before the end."),
+		refused:           c("refused_total", "Stream connections closed on bad input or failed authentication."),
+	}
+}
+
+// Refused returns how many connections were refused (for tests).
+func (m *Metrics) Refused() float64 { return counterValue(m.refused) }
+
+// Handler produces one response: it calls send for each frame in order and
+// returns the final reason, or an error. ctx ends when the frontend goes
+// away or the server closes; the handler must then stop.
+type Handler func(ctx context.Context, open *triplanev1.StreamOpen, send func(data []byte) error) (reason string, err error)
+
+// ServerConfig configures a stream server.
+type ServerConfig struct {
+	Handler Handler
+	// Token, when set, must be in the open frame.
+	Token string
+	// TLS, when set, serves TLS (ClientAuth for mutual TLS).
+	TLS *tls.Config
+	// OpenTimeout bounds the wait for the open frame; WriteTimeout a frame
+	// write (a frontend that stops reading is cut off). Defaults 10 s.
+	OpenTimeout, WriteTimeout time.Duration
+	Logger                    *slog.Logger
+	Metrics                   *Metrics
+}
+
+// Server serves response streams.
+type Server struct {
+	cfg    ServerConfig
+	ln     net.Listener
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// Listen starts a stream server on addr.
+func Listen(addr string, cfg ServerConfig) (*Server, error) {
+	if cfg.Handler == nil {
+		return nil, errors.New("stream: server needs a handler")
+	}
+	if cfg.OpenTimeout == 0 {
+		cfg.OpenTimeout = 10 * time.Second
+	}
+	if cfg.WriteTimeout == 0 {
+		cfg.WriteTimeout = 10 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewMetrics(nil)
+	}
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("stream: listen %s: %w", addr, err)
+	}
+	if cfg.TLS != nil {
+		ln = tls.NewListener(ln, cfg.TLS)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Server{cfg: cfg, ln: ln, ctx: ctx, cancel: cancel}
+	s.wg.Add(1)
+	go s.accept()
+	return s, nil
+}
+
+// Addr is the listening address.
+func (s *Server) Addr() string { return s.ln.Addr().String() }
+
+// Close cancels every running handler (their streams end with an error
+// frame), stops accepting and waits.
+func (s *Server) Close() error {
+	s.cancel()
+	err := s.ln.Close()
+	s.wg.Wait()
+	return err
+}
+
+func (s *Server) accept() {
+	defer s.wg.Done()
+	for {
+		c, err := s.ln.Accept()
+		if err != nil {
+			return
+		}
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			s.serve(c)
+		}()
+	}
+}
+
+func (s *Server) refuse(c net.Conn, err error) {
+	s.cfg.Metrics.refused.Inc()
+	s.cfg.Logger.Warn("stream: closing connection on bad input", "peer", c.RemoteAddr(), "err", err)
+	c.SetWriteDeadline(time.Now().Add(time.Second))
+	writeFrame(c, &triplanev1.StreamFrame{Final: true, Error: err.Error()})
+}
+
+func (s *Server) serve(c net.Conn) {
+	defer c.Close()
+	// Closing the server unblocks reads (a frontend that never sends its
+	// open frame does not hold Close up).
+	defer context.AfterFunc(s.ctx, func() { c.SetReadDeadline(time.Unix(1, 0)) })()
+	c.SetReadDeadline(time.Now().Add(s.cfg.OpenTimeout))
+	br := bufio.NewReader(c)
+	var first triplanev1.StreamClientFrame
+	if err := readFrame(br, &first); err != nil {
+		s.refuse(c, fmt.Errorf("stream: open frame: %w", err))
+		return
+	}
+	open := first.GetOpen()
+	if open == nil {
+		s.refuse(c, fmt.Errorf("%w: first frame is not an open", ErrBadFrame))
+		return
+	}
+	if s.cfg.Token != "" && subtle.ConstantTimeCompare([]byte(open.Token), []byte(s.cfg.Token)) != 1 {
+		s.refuse(c, errors.New("stream: wrong token"))
+		return
+	}
+	c.SetReadDeadline(time.Time{})
+	s.cfg.Metrics.opened.Inc()
+	ctx, cancel := context.WithCancelCause(s.ctx)
+	defer cancel(nil)
+	// The frontend's side: a cancel frame, EOF or a broken connection
+	// cancels the producer.
+	go func() {
+		var f triplanev1.StreamClientFrame
+		err := readFrame(br, &f)
+		switch {
+		case err == nil && f.GetCancel() != nil:
+			err = fmt.Errorf("stream: frontend cancelled: %s", f.GetCancel().GetReason())
+		case err == nil:
+			err = fmt.Errorf("%w: unexpected frame after open", ErrBadFrame)
+		default:
+			err = fmt.Errorf("stream: frontend went away: %w", err)
+		}
+		cancel(err)
+	}()
+	var seq uint64
+	var wmu sync.Mutex
+	write := func(f *triplanev1.StreamFrame) error {
+		wmu.Lock()
+		defer wmu.Unlock()
+		seq++
+		f.Seq = seq
+		c.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
+		if err := writeFrame(c, f); err != nil {
+			cancel(fmt.Errorf("stream: frontend went away: %w", err))
+			return err
+		}
+		s.cfg.Metrics.frames.Inc()
+		return nil
+	}
+	send := func(data []byte) error {
+		if err := context.Cause(ctx); err != nil {
+			return err
+		}
+		return write(&triplanev1.StreamFrame{Data: data})
+	}
+	reason, err := s.cfg.Handler(ctx, open, send)
+	if cause := context.Cause(ctx); cause != nil && s.ctx.Err() == nil {
+		// The frontend is gone; nobody reads a final frame.
+		s.cfg.Metrics.cancelledByClient.Inc()
+		s.cfg.Logger.Info("stream: frontend went away, producer stopped", "request", open.RequestId, "cause", cause)
+		return
+	}
+	final := &triplanev1.StreamFrame{Final: true, Reason: reason}
+	if err != nil {
+		final.Error = err.Error()
+	} else if s.ctx.Err() != nil {
+		final.Error = "stream: worker shutting down"
+	}
+	write(final)
+}
+
+// Stream is the frontend's end of one response stream.
+type Stream struct {
+	c    net.Conn
+	br   *bufio.Reader
+	seq  uint64
+	done atomic.Bool
+	stop func() bool
+	once sync.Once
+}
+
+// ClientOptions configures Open.
+type ClientOptions struct {
+	Token string
+	TLS   *tls.Config
+	// IdleTimeout bounds the wait for the next frame (default: none;
+	// ctx ends the stream).
+	IdleTimeout time.Duration
+}
+
+// Open starts a stream for open at the worker at addr. Ending ctx closes
+// the stream, which cancels the producer.
+func Open(ctx context.Context, addr string, open *triplanev1.StreamOpen, o ClientOptions) (*Stream, error) {
+	d := net.Dialer{}
+	var c net.Conn
+	var err error
+	if o.TLS != nil {
+		c, err = (&tls.Dialer{NetDialer: &d, Config: o.TLS}).DialContext(ctx, "tcp", addr)
+	} else {
+		c, err = d.DialContext(ctx, "tcp", addr)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("stream: dial %s: %w", addr, err)
+	}
+	o2 := proto.Clone(open).(*triplanev1.StreamOpen)
+	o2.Token = o.Token
+	if err := writeFrame(c, &triplanev1.StreamClientFrame{Kind: &triplanev1.StreamClientFrame_Open{Open: o2}}); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("stream: open %s: %w", addr, err)
+	}
+	s := &Stream{c: c, br: bufio.NewReader(c)}
+	s.stop = context.AfterFunc(ctx, func() { s.Close() })
+	return s, nil
+}
+
+// Recv returns the next frame. The final frame is returned once (check
+// Final, Reason, Error); after it Recv returns io.EOF. Frames out of order
+// are an error.
+func (s *Stream) Recv() (*triplanev1.StreamFrame, error) {
+	if s.done.Load() {
+		return nil, io.EOF
+	}
+	var f triplanev1.StreamFrame
+	if err := readFrame(s.br, &f); err != nil {
+		s.done.Store(true)
+		s.Close()
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF
+		}
+		return nil, fmt.Errorf("stream: worker connection ended before the final frame: %w", err)
+	}
+	if f.Seq != s.seq+1 && !(f.Final && f.Seq == 0) {
+		s.done.Store(true)
+		s.Close()
+		return nil, fmt.Errorf("stream: frame %d after %d", f.Seq, s.seq)
+	}
+	s.seq = f.Seq
+	if f.Final {
+		s.done.Store(true)
+		s.Close()
+	}
+	return &f, nil
+}
+
+// Close tells the worker the frontend is gone (cancelling the producer)
+// and closes the connection.
+func (s *Stream) Close() error {
+	s.once.Do(func() {
+		s.stop()
+		if !s.done.Load() {
+			s.c.SetWriteDeadline(time.Now().Add(time.Second))
+			writeFrame(s.c, &triplanev1.StreamClientFrame{Kind: &triplanev1.StreamClientFrame_Cancel{Cancel: &triplanev1.StreamCancel{Reason: "frontend closed the stream"}}})
+		}
+		s.c.Close()
+	})
+	return nil
+}

@@ -1,0 +1,241 @@
+package stream
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+)
+
+// tokens produces n frames "tok-i"; with n < 0 it runs until cancelled.
+type producer struct {
+	stopped chan error
+}
+
+func (p *producer) handle(ctx context.Context, open *triplanev1.StreamOpen, send func([]byte) error) (string, error) {
+	var n int
+	fmt.Sscanf(string(open.Payload), "%d", &n)
+	if string(open.Payload) == "fail" {
+		send([]byte("partial"))
+		return "", errors.New("engine exploded")
+	}
+	for i := 0; n < 0 || i < n; i++ {
+		if err := send([]byte(fmt.Sprintf("tok-%d", i))); err != nil {
+			p.stopped <- err
+			return "", err
+		}
+		if n < 0 {
+			select {
+			case <-ctx.Done():
+				p.stopped <- context.Cause(ctx)
+				return "", ctx.Err()
+			case <-time.After(time.Millisecond): // a token every millisecond, like an engine
+			}
+		}
+	}
+	return "stop", nil
+}
+
+func start(t *testing.T, token string) (*Server, *producer) {
+	p := &producer{stopped: make(chan error, 4)}
+	s, err := Listen("127.0.0.1:0", ServerConfig{Handler: p.handle, Token: token})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s, p
+}
+
+func ctxT(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func TestOrderedFramesAndFinalReason(t *testing.T) {
+	ctx := ctxT(t)
+	s, _ := start(t, "")
+	st, err := Open(ctx, s.Addr(), &triplanev1.StreamOpen{RequestId: "r1", Payload: []byte("100")}, ClientOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 100; i++ {
+		f, err := st.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if f.Final || string(f.Data) != fmt.Sprintf("tok-%d", i) || f.Seq != uint64(i+1) {
+			t.Fatalf("frame %d: %v", i, f)
+		}
+	}
+	f, err := st.Recv()
+	if err != nil || !f.Final || f.Reason != "stop" || f.Error != "" {
+		t.Fatalf("final: %v %v", f, err)
+	}
+	if _, err := st.Recv(); err != io.EOF {
+		t.Fatalf("after final: %v", err)
+	}
+}
+
+func TestHandlerErrorEndsWithErrorFrame(t *testing.T) {
+	ctx := ctxT(t)
+	s, _ := start(t, "")
+	st, err := Open(ctx, s.Addr(), &triplanev1.StreamOpen{RequestId: "r2", Payload: []byte("fail")}, ClientOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f, err := st.Recv(); err != nil || string(f.Data) != "partial" {
+		t.Fatalf("%v %v", f, err)
+	}
+	f, err := st.Recv()
+	if err != nil || !f.Final || f.Error != "engine exploded" {
+		t.Fatalf("final: %v %v", f, err)
+	}
+}
+
+func TestClientGoingAwayStopsProducer(t *testing.T) {
+	for _, how := range []string{"close", "context"} {
+		t.Run(how, func(t *testing.T) {
+			ctx := ctxT(t)
+			s, p := start(t, "")
+			sctx, cancel := context.WithCancel(ctx)
+			st, err := Open(sctx, s.Addr(), &triplanev1.StreamOpen{RequestId: "r3", Payload: []byte("-1")}, ClientOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i := 0; i < 3; i++ {
+				if _, err := st.Recv(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if how == "close" {
+				st.Close()
+			} else {
+				cancel()
+			}
+			select {
+			case err := <-p.stopped:
+				if !strings.Contains(err.Error(), "frontend") {
+					t.Fatalf("producer stopped with %v", err)
+				}
+			case <-ctx.Done():
+				t.Fatal("producer not stopped")
+			}
+			cancel()
+		})
+	}
+}
+
+func TestServerCloseEndsStreamWithError(t *testing.T) {
+	ctx := ctxT(t)
+	s, _ := start(t, "")
+	st, err := Open(ctx, s.Addr(), &triplanev1.StreamOpen{RequestId: "r4", Payload: []byte("-1")}, ClientOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	go s.Close()
+	for {
+		f, err := st.Recv()
+		if err != nil {
+			t.Fatalf("no final frame: %v", err)
+		}
+		if f.Final {
+			if f.Error == "" {
+				t.Fatalf("final frame without error: %v", f)
+			}
+			return
+		}
+	}
+}
+
+func TestBadInputAndAuth(t *testing.T) {
+	ctx := ctxT(t)
+	s, _ := start(t, "s3cret")
+	for _, tc := range []struct {
+		name string
+		in   []byte
+	}{
+		{"huge length", []byte{0xff, 0xff, 0xff, 0xff}},
+		{"garbage proto", []byte{3, 0, 0, 0, 0xff, 0xff, 0xff}},
+		{"cut short", []byte{10, 0, 0, 0, 1}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := net.Dial("tcp", s.Addr())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			c.Write(tc.in)
+			if tc.name == "cut short" {
+				c.(*net.TCPConn).CloseWrite()
+			}
+			c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			var f triplanev1.StreamFrame
+			if err := readFrame(c, &f); err != nil || !f.Final || !strings.Contains(f.Error, "malformed") {
+				t.Fatalf("answer %v %v", &f, err)
+			}
+		})
+	}
+	st, err := Open(ctx, s.Addr(), &triplanev1.StreamOpen{RequestId: "r5", Payload: []byte("1")}, ClientOptions{Token: "wrong"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f, err := st.Recv(); err != nil || !f.Final || !strings.Contains(f.Error, "token") {
+		t.Fatalf("unauthenticated: %v %v", f, err)
+	}
+	// Next to the bad ones, a good stream works.
+	st, err = Open(ctx, s.Addr(), &triplanev1.StreamOpen{RequestId: "r6", Payload: []byte("2")}, ClientOptions{Token: "s3cret"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		if _, err := st.Recv(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := s.cfg.Metrics.Refused(); got != 4 {
+		t.Fatalf("refused %v, want 4", got)
+	}
+}
+
+func FuzzReadFrame(f *testing.F) {
+	var b bytes.Buffer
+	writeFrame(&b, &triplanev1.StreamClientFrame{Kind: &triplanev1.StreamClientFrame_Open{Open: &triplanev1.StreamOpen{RequestId: "x", Payload: []byte("1")}}})
+	f.Add(b.Bytes())
+	f.Add([]byte{0xff, 0xff, 0xff, 0xff})
+	f.Fuzz(func(t *testing.T, in []byte) {
+		var m triplanev1.StreamClientFrame
+		readFrame(bytes.NewReader(in), &m)
+	})
+}
+
+func TestCloseDoesNotWaitForSilentPeers(t *testing.T) {
+	p := &producer{stopped: make(chan error, 4)}
+	s, err := Listen("127.0.0.1:0", ServerConfig{Handler: p.handle, OpenTimeout: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := net.Dial("tcp", s.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write([]byte{1}) // the server is now inside its open read
+	closed := make(chan struct{})
+	go func() { s.Close(); close(closed) }()
+	select {
+	case <-closed:
+	case <-ctxT(t).Done():
+		t.Fatal("Close waited for a peer that never sent its open frame")
+	}
+}

@@ -1,0 +1,317 @@
+package data
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// tcpTransport sends frames over several TCP connections (lanes) to one
+// receiver.
+type tcpTransport struct {
+	o     *DialOptions
+	addr  string
+	lanes []*lane
+	next  atomic.Uint64
+}
+
+// lane is one TCP connection: writers take turns on it, one reader
+// goroutine matches acks to pending frames.
+type lane struct {
+	t      *tcpTransport
+	conn   net.Conn
+	wmu    sync.Mutex // one batch write at a time
+	window chan struct{}
+
+	mu       sync.Mutex
+	pending  map[uint64]pendingFrame
+	seq      uint64
+	err      error
+	deadline time.Time
+	done     chan struct{}
+}
+
+type pendingFrame struct {
+	crc uint32
+	n   uint32
+	c   *call
+}
+
+func dialTCP(ctx context.Context, addr string, o *DialOptions) (*tcpTransport, error) {
+	t := &tcpTransport{o: o, addr: addr}
+	for i := 0; i < o.Lanes; i++ {
+		l, err := t.dialLane(ctx)
+		if err != nil {
+			t.Close()
+			return nil, fmt.Errorf("lane %d to %s: %w", i, addr, err)
+		}
+		t.lanes = append(t.lanes, l)
+	}
+	return t, nil
+}
+
+func (t *tcpTransport) dialLane(ctx context.Context) (*lane, error) {
+	d := net.Dialer{Timeout: t.o.DialTimeout}
+	var c net.Conn
+	var err error
+	if t.o.TLS != nil {
+		c, err = (&tls.Dialer{NetDialer: &d, Config: t.o.TLS}).DialContext(ctx, "tcp", t.addr)
+	} else {
+		c, err = d.DialContext(ctx, "tcp", t.addr)
+	}
+	if err != nil {
+		return nil, err
+	}
+	c.SetWriteDeadline(time.Now().Add(t.o.IOTimeout))
+	if err := writeMessage(c, FrameHello, t.o.Token); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("hello: %w", err)
+	}
+	l := &lane{t: t, conn: c, window: make(chan struct{}, t.o.Window), pending: map[uint64]pendingFrame{}, done: make(chan struct{})}
+	go l.readAcks()
+	return l, nil
+}
+
+func (t *tcpTransport) Name() string { return "tcp" }
+
+func (t *tcpTransport) Close() error {
+	for _, l := range t.lanes {
+		l.fail(ErrBroken)
+		<-l.done
+	}
+	return nil
+}
+
+func (t *tcpTransport) Write(ctx context.Context, ops []Op) error {
+	frames, err := split(ops, t.o.FrameSize)
+	if err != nil {
+		return err
+	}
+	c := newCall(len(frames))
+	// Frames go round-robin over the lanes, starting where the last Write
+	// stopped so that streams of single-block writes use every lane.
+	n := len(t.lanes)
+	start := int(t.next.Add(uint64(len(frames))) - uint64(len(frames)))
+	per := make([][]frame, n)
+	for i, f := range frames {
+		k := (start + i) % n
+		per[k] = append(per[k], f)
+	}
+	// A cancelled Write breaks the lanes: closing them is what unblocks a
+	// writev stuck on a full socket buffer.
+	stop := context.AfterFunc(ctx, func() {
+		for _, l := range t.lanes {
+			l.fail(fmt.Errorf("write cancelled: %w", context.Cause(ctx)))
+		}
+	})
+	defer stop()
+	var wg sync.WaitGroup
+	for k, fs := range per {
+		if len(fs) == 0 {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := t.lanes[k].send(ctx, c, fs); err != nil {
+				c.fail(err)
+			}
+		}()
+	}
+	// Writers may not touch Src after Write returns: wait for them first.
+	wg.Wait()
+	select {
+	case <-c.done:
+	case <-ctx.Done():
+		c.fail(ctx.Err())
+	}
+	<-c.done
+	if c.err != nil {
+		return fmt.Errorf("data: tcp write to %s: %w", t.addr, c.err)
+	}
+	var bytes int
+	for _, f := range frames {
+		bytes += len(f.src)
+	}
+	t.o.Metrics.bytesSent.WithLabelValues("tcp").Add(float64(bytes))
+	t.o.Metrics.framesSent.WithLabelValues("tcp").Add(float64(len(frames)))
+	return nil
+}
+
+// send writes fs in writev batches of up to BatchBytes, each frame holding
+// a window slot until its ack arrives (backpressure).
+func (l *lane) send(ctx context.Context, c *call, fs []frame) error {
+	for len(fs) > 0 {
+		var bufs net.Buffers
+		var size int
+		hdrs := make([]byte, 0, HeaderSize*min(len(fs), 1024))
+		n := 0
+		// stop ends the Write early; frames already registered in this
+		// batch are still written so that their window slots come back.
+		var stop error
+	fill:
+		for n < len(fs) && (n == 0 || size+len(fs[n].src) <= l.t.o.BatchBytes) && len(hdrs)+HeaderSize <= cap(hdrs) {
+			if n > 0 {
+				// Frames of this batch hold window slots but their acks
+				// cannot come before they are written: write them rather
+				// than wait for a slot.
+				select {
+				case l.window <- struct{}{}:
+				default:
+					break fill
+				}
+			} else {
+				select {
+				case l.window <- struct{}{}:
+				case <-ctx.Done():
+					stop = ctx.Err()
+					break fill
+				case <-l.done:
+					return l.failure()
+				case <-c.done:
+					stop = errCallDone // another lane failed this call
+					break fill
+				}
+			}
+			f := fs[n]
+			crc := f.crc
+			if !f.hasCRC {
+				crc = Checksum(f.src)
+			}
+			l.mu.Lock()
+			if l.err != nil {
+				l.mu.Unlock()
+				<-l.window
+				return l.err
+			}
+			l.seq++
+			seq := l.seq
+			l.pending[seq] = pendingFrame{crc: crc, n: uint32(len(f.src)), c: c}
+			l.mu.Unlock()
+			hdrs = hdrs[:len(hdrs)+HeaderSize]
+			h := hdrs[len(hdrs)-HeaderSize:]
+			Header{Type: FrameData, Region: f.dst.Region, Offset: f.dst.Offset, Length: uint32(len(f.src)), Seq: seq, CRC: crc}.Encode(h)
+			bufs = append(bufs, h, f.src)
+			size += len(f.src)
+			n++
+		}
+		fs = fs[n:]
+		if len(bufs) == 0 {
+			return stopErr(stop)
+		}
+		l.wmu.Lock()
+		now := time.Now()
+		l.conn.SetWriteDeadline(now.Add(l.t.o.IOTimeout))
+		l.armReadDeadline(now)
+		_, err := bufs.WriteTo(l.conn) // writev on a plain TCP conn
+		l.wmu.Unlock()
+		if err != nil {
+			l.fail(fmt.Errorf("write frames: %w", err))
+			return l.failure()
+		}
+		if stop != nil {
+			return stopErr(stop)
+		}
+	}
+	return nil
+}
+
+var errCallDone = errors.New("call already done")
+
+func stopErr(err error) error {
+	if errors.Is(err, errCallDone) {
+		return nil
+	}
+	return err
+}
+
+// armReadDeadline makes the ack reader give up if no ack comes within
+// IOTimeout; it is pushed forward at most every IOTimeout/8 to keep timer
+// churn off the hot path.
+func (l *lane) armReadDeadline(now time.Time) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if len(l.pending) > 0 && now.Sub(l.deadline) > -l.t.o.IOTimeout+l.t.o.IOTimeout/8 {
+		l.deadline = now.Add(l.t.o.IOTimeout)
+		l.conn.SetReadDeadline(l.deadline)
+	}
+}
+
+func (l *lane) failure() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.err == nil {
+		return ErrBroken
+	}
+	return l.err
+}
+
+// fail breaks the lane: every pending frame's call fails with err.
+func (l *lane) fail(err error) {
+	l.mu.Lock()
+	if l.err == nil {
+		l.err = err
+		if !errors.Is(err, ErrBroken) {
+			l.t.o.Metrics.connErrors.WithLabelValues("tcp").Inc()
+		}
+	}
+	ps := l.pending
+	l.pending = map[uint64]pendingFrame{}
+	l.mu.Unlock()
+	l.conn.Close()
+	for _, p := range ps {
+		p.c.fail(err)
+	}
+}
+
+func (l *lane) readAcks() {
+	defer close(l.done)
+	br := bufio.NewReaderSize(l.conn, 32<<10)
+	var hdr [HeaderSize]byte
+	for {
+		if _, err := io.ReadFull(br, hdr[:]); err != nil {
+			l.fail(fmt.Errorf("read ack: %w", err))
+			return
+		}
+		h, err := DecodeHeader(hdr[:])
+		if err != nil {
+			l.fail(fmt.Errorf("receiver sent: %w", err))
+			return
+		}
+		switch h.Type {
+		case FrameAck:
+			l.mu.Lock()
+			p, ok := l.pending[h.Seq]
+			delete(l.pending, h.Seq)
+			if len(l.pending) == 0 {
+				l.deadline = time.Time{}
+				l.conn.SetReadDeadline(time.Time{})
+			} else if now := time.Now(); now.Sub(l.deadline) > -l.t.o.IOTimeout+l.t.o.IOTimeout/8 {
+				l.deadline = now.Add(l.t.o.IOTimeout)
+				l.conn.SetReadDeadline(l.deadline)
+			}
+			l.mu.Unlock()
+			if !ok || p.crc != h.CRC || p.n != h.Length {
+				l.fail(fmt.Errorf("receiver acknowledged unknown frame %d (%s)", h.Seq, h.Desc()))
+				return
+			}
+			<-l.window
+			p.c.landed()
+		case FrameError:
+			msg := make([]byte, h.Length)
+			io.ReadFull(br, msg)
+			l.fail(fmt.Errorf("receiver refused: %s", msg))
+			return
+		default:
+			l.fail(fmt.Errorf("receiver sent unexpected %s frame", h.Type))
+			return
+		}
+	}
+}
