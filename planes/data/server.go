@@ -11,7 +11,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -76,10 +75,7 @@ type Server struct {
 	cfg ServerConfig
 	ln  net.Listener
 
-	mu     sync.Mutex
-	conns  map[net.Conn]struct{}
-	closed bool
-	wg     sync.WaitGroup
+	conns connTracker[net.Conn]
 }
 
 // ListenTCP starts a block receiver on addr ("127.0.0.1:0" for any port).
@@ -95,9 +91,8 @@ func ListenTCP(addr string, cfg ServerConfig) (*Server, error) {
 	if cfg.TLS != nil {
 		ln = tls.NewListener(ln, cfg.TLS)
 	}
-	s := &Server{cfg: cfg, ln: ln, conns: map[net.Conn]struct{}{}}
-	s.wg.Add(1)
-	go s.accept()
+	s := &Server{cfg: cfg, ln: ln}
+	s.conns.start(ln.Accept, s.serve, cfg.Logger, "tcp receiver")
 	return s, nil
 }
 
@@ -105,46 +100,7 @@ func ListenTCP(addr string, cfg ServerConfig) (*Server, error) {
 func (s *Server) Addr() string { return s.ln.Addr().String() }
 
 // Close stops accepting, closes every connection and waits for them.
-func (s *Server) Close() error {
-	s.mu.Lock()
-	s.closed = true
-	for c := range s.conns {
-		c.Close()
-	}
-	s.mu.Unlock()
-	err := s.ln.Close()
-	s.wg.Wait()
-	return err
-}
-
-func (s *Server) accept() {
-	defer s.wg.Done()
-	for {
-		c, err := s.ln.Accept()
-		if err != nil {
-			if !errors.Is(err, net.ErrClosed) {
-				s.cfg.Logger.Error("data: tcp accept failed, receiver stops", "err", err)
-			}
-			return
-		}
-		s.mu.Lock()
-		if s.closed {
-			s.mu.Unlock()
-			c.Close()
-			return
-		}
-		s.conns[c] = struct{}{}
-		s.wg.Add(1)
-		s.mu.Unlock()
-		go func() {
-			defer s.wg.Done()
-			s.serve(c)
-			s.mu.Lock()
-			delete(s.conns, c)
-			s.mu.Unlock()
-		}()
-	}
-}
+func (s *Server) Close() error { return s.conns.close(s.ln) }
 
 func (s *Server) serve(c net.Conn) {
 	defer c.Close()

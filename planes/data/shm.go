@@ -34,10 +34,7 @@ type ShmServer struct {
 	ln         *net.UnixListener
 	path       string
 
-	mu     sync.Mutex
-	conns  map[net.Conn]struct{}
-	closed bool
-	wg     sync.WaitGroup
+	conns connTracker[*net.UnixConn]
 }
 
 // ListenShm serves shared regions on the unix socket path (removed first if
@@ -53,9 +50,8 @@ func ListenShm(path string, cfg ServerConfig, skipVerify bool) (*ShmServer, erro
 	if err != nil {
 		return nil, fmt.Errorf("data: listen unix %s: %w", path, err)
 	}
-	s := &ShmServer{cfg: cfg, skipVerify: skipVerify, ln: ln, path: path, conns: map[net.Conn]struct{}{}}
-	s.wg.Add(1)
-	go s.accept()
+	s := &ShmServer{cfg: cfg, skipVerify: skipVerify, ln: ln, path: path}
+	s.conns.start(ln.AcceptUnix, s.serve, cfg.Logger, "shm server")
 	return s, nil
 }
 
@@ -64,46 +60,7 @@ func (s *ShmServer) Path() string { return s.path }
 
 // Close stops the server and closes every connection (mappings senders
 // already hold stay valid in their processes).
-func (s *ShmServer) Close() error {
-	s.mu.Lock()
-	s.closed = true
-	for c := range s.conns {
-		c.Close()
-	}
-	s.mu.Unlock()
-	err := s.ln.Close()
-	s.wg.Wait()
-	return err
-}
-
-func (s *ShmServer) accept() {
-	defer s.wg.Done()
-	for {
-		c, err := s.ln.AcceptUnix()
-		if err != nil {
-			if !errors.Is(err, net.ErrClosed) {
-				s.cfg.Logger.Error("data: shm accept failed, server stops", "err", err)
-			}
-			return
-		}
-		s.mu.Lock()
-		if s.closed {
-			s.mu.Unlock()
-			c.Close()
-			return
-		}
-		s.conns[c] = struct{}{}
-		s.wg.Add(1)
-		s.mu.Unlock()
-		go func() {
-			defer s.wg.Done()
-			s.serve(c)
-			s.mu.Lock()
-			delete(s.conns, c)
-			s.mu.Unlock()
-		}()
-	}
-}
+func (s *ShmServer) Close() error { return s.conns.close(s.ln) }
 
 func (s *ShmServer) serve(c *net.UnixConn) {
 	defer c.Close()
