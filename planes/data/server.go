@@ -120,11 +120,12 @@ func (s *Server) serve(c net.Conn) {
 	}
 	var rj *rejectError
 	if errors.As(err, &rj) {
-		// Tell the peer why, best effort, then close.
+		// Count first, so a peer that sees the refusal sees it counted;
+		// then tell the peer why, best effort, and close.
+		refused(&s.cfg, "tcp", c.RemoteAddr(), err)
 		c.SetWriteDeadline(time.Now().Add(time.Second))
 		writeMessage(bw, FrameError, err.Error())
 		bw.Flush()
-		refused(&s.cfg, "tcp", c.RemoteAddr(), err)
 		return
 	}
 	s.cfg.Logger.Info("data: tcp receiver connection ended", "peer", c.RemoteAddr(), "err", err)

@@ -72,10 +72,12 @@ func (s *ShmServer) serve(c *net.UnixConn) {
 	}
 	var rj *rejectError
 	if errors.As(err, &rj) {
+		// Count before answering, so a peer that sees the refusal sees it
+		// counted.
+		refused(&s.cfg, "shm", c.RemoteAddr(), err)
 		c.SetWriteDeadline(time.Now().Add(time.Second))
 		writeMessage(bw, FrameError, err.Error())
 		bw.Flush()
-		refused(&s.cfg, "shm", c.RemoteAddr(), err)
 		return
 	}
 	s.cfg.Logger.Info("data: shm connection ended", "err", err)
