@@ -150,6 +150,7 @@ func Start(ctx context.Context, cfg Config) (_ *System, err error) {
 	}
 	s.Admin.AddCheck("nats", s.checkNATS)
 	s.Admin.AddCheck("etcd", s.checkEtcd)
+	s.Admin.AddCheck("journal", s.Journal.Check)
 	info := prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "triplane_build_info", Help: "Version of the running triplane binary (always 1).",
 	}, []string{"version", "node_id"})

@@ -211,7 +211,7 @@ func TestUpStartReadyStop(t *testing.T) {
 				t.Errorf("/healthz = %d %s", code, body)
 			}
 			code, body := get(t, "http://"+u.admin+"/readyz")
-			if code != 200 || !strings.Contains(body, `"ready":true`) {
+			if code != 200 || !strings.Contains(body, `"ready":true`) || !strings.Contains(body, `"journal":{"status":"ok"}`) {
 				t.Errorf("/readyz = %d %s", code, body)
 			}
 			code, body = get(t, "http://"+u.admin+"/metrics")
