@@ -57,6 +57,8 @@ type group struct {
 	effects []Effect
 	events  int
 	now     time.Time
+	// definite: the replies already say what happened (nothing written).
+	definite bool
 }
 
 type held struct {
@@ -176,7 +178,8 @@ func (e *entity) decide(ctx actor.Context, cmds []envelope) {
 	cfg := e.h.cfg
 	g := &group{now: cfg.Now()}
 	var events []proto.Message
-	var size int64
+	// The batch's own fields (names, command id, time, sequences) count too.
+	size := int64(len(e.addr.Kind) + len(e.addr.ID) + len(cmds[0].id) + 64)
 	limit := cfg.Journal.Limit()
 	for i, env := range cmds {
 		cfg.Metrics.commands.Inc()
@@ -190,7 +193,7 @@ func (e *entity) decide(ctx actor.Context, cmds []envelope) {
 		for _, ev := range d.Events {
 			n += int64(proto.Size(ev)) + 64 // Any wrapper, type URL, sequence
 		}
-		if n > limit {
+		if n+size > limit && len(events) == 0 {
 			cfg.Metrics.rejected.Inc()
 			g.replies = append(g.replies, held{to: env.reply, err: fmt.Errorf("%w: %s: %T's %d events need about %d bytes, the limit is %d",
 				journal.ErrTooLarge, e.addr, env.msg, len(d.Events), n, limit)})
@@ -205,7 +208,9 @@ func (e *entity) decide(ctx actor.Context, cmds []envelope) {
 		for _, ev := range d.Events {
 			if err := e.m.Apply(e.state, ev); err != nil {
 				// The machine cannot apply its own event: a bug. Nothing of
-				// this group is persisted; restart so it is visible.
+				// this group is persisted; this command and the rest are
+				// not applied; restart so it is visible.
+				e.stash = append(cmds[i:len(cmds):len(cmds)], e.stash...)
 				e.fail(ctx, g, fmt.Errorf("apply %T to %s: %w", ev, e.addr, err))
 			}
 		}
@@ -223,6 +228,14 @@ func (e *entity) decide(ctx actor.Context, cmds []envelope) {
 		g.pending, err = cfg.Journal.AppendAsync(e.addr.Kind, e.addr.ID, e.pos, batch)
 	}
 	if err != nil {
+		// Refused before sending: nothing was written, but the state holds
+		// the group's events, so the entity must still restart.
+		for i := range g.replies {
+			if g.replies[i].err == nil {
+				g.replies[i].err = fmt.Errorf("%w: %s: %w", ErrNotApplied, e.addr, err)
+			}
+		}
+		g.definite = true
 		e.fail(ctx, g, fmt.Errorf("persist %s: %w", e.addr, err))
 	}
 	g.events = len(events)
@@ -246,12 +259,12 @@ func (e *entity) persisted(ctx actor.Context, m persisted) {
 	cfg.Metrics.events.Add(float64(g.events))
 	cfg.Metrics.batches.Inc()
 	e.sinceSnap += uint64(g.events)
+	e.release(ctx, g)
 	// Nothing undecided is applied yet, so the state is exactly the
 	// persisted one: the moment to snapshot.
 	if cfg.Snapshots != nil && e.sinceSnap >= cfg.SnapshotEvery {
 		e.snapshot(false)
 	}
-	e.release(ctx, g)
 	e.drain(ctx)
 }
 
@@ -283,6 +296,10 @@ func (e *entity) fail(ctx actor.Context, g *group, err error) {
 	cfg := e.h.cfg
 	cfg.Metrics.persistFailures.Inc()
 	for _, r := range g.replies {
+		if g.definite {
+			respond(r.to, nil, r.err)
+			continue
+		}
 		respond(r.to, nil, fmt.Errorf("%w: %w", ErrPersist, err))
 	}
 	for _, env := range e.stash {
@@ -310,6 +327,13 @@ func (e *entity) stopping(ctx actor.Context) {
 			e.sinceSnap += uint64(g.events)
 			for _, r := range g.replies {
 				respond(r.to, r.msg, r.err)
+			}
+			// Messages to other actors still go out; timers die with the
+			// actor.
+			for _, eff := range g.effects {
+				if s, ok := eff.(Send); ok {
+					e.effect(ctx, s)
+				}
 			}
 		}
 	}
@@ -342,8 +366,6 @@ func (e *entity) effect(ctx actor.Context, eff Effect) {
 			old.t.Stop()
 			delete(e.timers, f.Name)
 		}
-	case Passivate:
-		ctx.Poison(ctx.Self())
 	}
 }
 

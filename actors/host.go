@@ -267,11 +267,35 @@ func (h *Host) Stop(ctx context.Context) error {
 	}
 	h.stopped = true
 	h.mu.Unlock()
+	// Poison every entity first: a poison pill queues behind the commands
+	// already in its mailbox, so they are handled and answered (a Stop
+	// would jump the queue and drop them unanswered). Then stop the
+	// shepherd. The snapshot writer is closed only once every entity has
+	// stopped, since a stopping entity sends its final snapshot to it.
+	h.mu.Lock()
+	pids := make([]*actor.PID, 0, len(h.pids))
+	for _, p := range h.pids {
+		pids = append(pids, p)
+	}
+	h.mu.Unlock()
 	var err error
-	// Poison lets queued commands finish first; stopping the shepherd stops
-	// its children, each running its Stopping handler.
-	if _, ferr := h.root.PoisonFuture(h.shep).Result(); ferr != nil && ctx.Err() == nil {
-		err = fmt.Errorf("actors: stop: %w", ferr)
+	futures := make([]*actor.Future, len(pids))
+	for i, p := range pids {
+		futures[i] = h.root.PoisonFuture(p)
+	}
+	for _, f := range futures {
+		if _, ferr := f.Result(); ferr != nil && !errors.Is(ferr, actor.ErrDeadLetter) {
+			err = errors.Join(err, fmt.Errorf("actors: stop: %w", ferr))
+		}
+	}
+	if _, ferr := h.root.PoisonFuture(h.shep).Result(); ferr != nil {
+		err = errors.Join(err, fmt.Errorf("actors: stop: %w", ferr))
+	}
+	if err != nil {
+		// Something is still stopping and may yet send a snapshot: leave
+		// the writer running rather than risk a send on a closed channel.
+		h.system.Shutdown()
+		return err
 	}
 	close(h.snaps)
 	done := make(chan struct{})
@@ -279,7 +303,7 @@ func (h *Host) Stop(ctx context.Context) error {
 	select {
 	case <-done:
 	case <-ctx.Done():
-		err = errors.Join(err, fmt.Errorf("actors: snapshot writer: %w", ctx.Err()))
+		err = fmt.Errorf("actors: snapshot writer: %w", ctx.Err())
 	}
 	h.system.Shutdown()
 	return err

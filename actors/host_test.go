@@ -208,3 +208,67 @@ func TestHostRejectsUnknownKindAndBadID(t *testing.T) {
 		t.Errorf("bad id: %v", err)
 	}
 }
+
+// Stopping the host with commands queued and persists in flight answers
+// every request (none is left to time out) and stops cleanly.
+func TestHostStopAnswersEveryQueuedCommand(t *testing.T) {
+	e := newEnv(t)
+	h := e.host(t, func(c *actors.HostConfig) { c.RequestTimeout = time.Minute })
+	ask(t, e.ctx, h, acct, &triplanev1.LedgerGet{}) // spawn and recover first
+	const n = 400
+	errs := make(chan error, n)
+	for i := range n {
+		go func() {
+			_, err := h.Request(e.ctx, acct, &triplanev1.LedgerDeposit{Amount: int64(i + 1)})
+			errs <- err
+		}()
+	}
+	if err := h.Stop(e.ctx); err != nil {
+		t.Fatalf("stop: %v", err)
+	}
+	var ok, stopped int
+	for range n {
+		switch err := <-errs; {
+		case err == nil:
+			ok++
+		case errors.Is(err, actors.ErrStopped):
+			stopped++
+		default:
+			t.Errorf("request ended with %v; want a reply or ErrStopped", err)
+		}
+	}
+	pos, _ := e.j.Highest(e.ctx, acct.Kind, acct.ID)
+	if uint64(ok) != pos.Seq {
+		t.Errorf("%d requests acknowledged, journal holds %d events", ok, pos.Seq)
+	}
+	t.Logf("%d acknowledged, %d refused as stopped", ok, stopped)
+}
+
+// A snapshot from another journal (its position lies past this journal's
+// end) is ignored.
+func TestRecoverIgnoresSnapshotPastTheJournal(t *testing.T) {
+	e := newEnv(t)
+	h := e.host(t)
+	for range 3 {
+		ask(t, e.ctx, h, acct, &triplanev1.LedgerDeposit{Amount: 1})
+	}
+	if err := h.Stop(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	m := ledger.Machine{}
+	foreign, err := actors.NewSnapshot(m, acct.ID, &triplanev1.LedgerState{Balance: 999, Applied: 3},
+		journal.Position{Seq: 3, Stream: 5000}, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.snaps.Save(foreign); err != nil {
+		t.Fatal(err)
+	}
+	r, err := actors.Recover(e.ctx, e.j, e.snaps, m, acct.ID, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := r.State.(*triplanev1.LedgerState); got.Balance != 3 {
+		t.Fatalf("recovered %v from a foreign snapshot", got)
+	}
+}

@@ -59,13 +59,9 @@ type SetTimer struct {
 // CancelTimer cancels the timer Name, if set.
 type CancelTimer struct{ Name string }
 
-// Passivate stops the actor after this command; it recovers on next use.
-type Passivate struct{}
-
 func (Send) effect()        {}
 func (SetTimer) effect()    {}
 func (CancelTimer) effect() {}
-func (Passivate) effect()   {}
 
 // Decision is what a machine decides for one command.
 type Decision struct {

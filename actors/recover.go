@@ -37,7 +37,19 @@ func Recover(ctx context.Context, j *journal.Journal, snaps *journal.Snapshots, 
 	}
 	r := &Recovered{State: m.Initial(id)}
 	if snaps != nil {
+		// A snapshot must sit inside the journal as it is: one whose
+		// sequence or stream position lies past the journal's end belongs
+		// to another journal (a wiped or different NATS store).
+		end, err := j.Highest(ctx, m.Kind(), id)
+		if err != nil {
+			return nil, err
+		}
 		snap, err := snaps.Load(m.Kind(), id, m.SchemaVersion())
+		if err == nil && (snap.Seq > end.Seq || snap.JournalPosition > end.Stream) {
+			log.Warn("snapshot lies past the journal's end, ignoring it", "actor", m.Kind()+"/"+id,
+				"snapshot_seq", snap.Seq, "snapshot_position", snap.JournalPosition, "journal_seq", end.Seq, "journal_position", end.Stream)
+			err = journal.ErrNoSnapshot
+		}
 		switch {
 		case errors.Is(err, journal.ErrNoSnapshot):
 		case err != nil:

@@ -42,6 +42,7 @@ import (
 	"hash/fnv"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -226,6 +227,13 @@ type Pending struct {
 	highest  uint64
 	events   int
 	fut      jetstream.PubAckFuture
+
+	// The acknowledgement can be read from fut only once; the first Wait
+	// resolves it and every Wait returns the same outcome.
+	once sync.Once
+	done chan struct{}
+	pos  Position
+	err  error
 }
 
 // AppendAsync starts an append and returns at once; Wait gives its outcome.
@@ -291,6 +299,23 @@ func (j *Journal) start(kind, id string, expect Position, b *triplanev1.EventBat
 // ErrConflict means another writer appended first; any other error leaves
 // the outcome unknown.
 func (p *Pending) Wait(ctx context.Context) (Position, error) {
+	p.once.Do(func() {
+		p.done = make(chan struct{})
+		go func() {
+			p.pos, p.err = p.resolve()
+			close(p.done)
+		}()
+	})
+	select {
+	case <-p.done:
+		return p.pos, p.err
+	case <-ctx.Done():
+		return Position{}, fmt.Errorf("journal: append to %s/%s: %w", p.kind, p.id, ctx.Err())
+	}
+}
+
+// resolve waits for the acknowledgement, bounded by the journal's timeout.
+func (p *Pending) resolve() (Position, error) {
 	j := p.j
 	timer := time.NewTimer(j.cfg.Timeout)
 	defer timer.Stop()
@@ -299,8 +324,6 @@ func (p *Pending) Wait(ctx context.Context) (Position, error) {
 	case ack := <-p.fut.Ok():
 		return Position{Seq: p.highest, Stream: ack.Sequence}, nil
 	case err = <-p.fut.Err():
-	case <-ctx.Done():
-		return Position{}, fmt.Errorf("journal: append to %s/%s: %w", p.kind, p.id, ctx.Err())
 	case <-timer.C:
 		return Position{}, fmt.Errorf("journal: append to %s/%s: no acknowledgement within %s: %w",
 			p.kind, p.id, j.cfg.Timeout, context.DeadlineExceeded)
@@ -312,7 +335,7 @@ func (p *Pending) Wait(ctx context.Context) (Position, error) {
 		// the expected sequence before message ids): it is ours when the
 		// subject's last message is byte for byte this batch, which names
 		// its command, sequences and time.
-		lctx, cancel := context.WithTimeout(ctx, j.cfg.Timeout)
+		lctx, cancel := context.WithTimeout(context.Background(), j.cfg.Timeout)
 		defer cancel()
 		if last, lerr := j.stream.GetLastMsgForSubject(lctx, p.subject); lerr == nil && bytes.Equal(last.Data, p.data) {
 			return Position{Seq: p.highest, Stream: last.Sequence}, nil

@@ -195,10 +195,6 @@ func (h *Host) effect(s *simActor, eff actors.Effect) {
 		})
 	case actors.CancelTimer:
 		delete(s.timers, f.Name)
-	case actors.Passivate:
-		h.w.Tracef("%s passivated", s.addr)
-		s.up = false
-		h.w.After(0, func() { h.recover(s) })
 	}
 }
 
