@@ -114,6 +114,9 @@ func (e *entity) Receive(ctx actor.Context) {
 	case *actor.Stopping:
 		e.stopping(ctx)
 	case envelope:
+		if m.queued != nil {
+			m.queued.Add(-1)
+		}
 		e.command(ctx, m)
 	case timerFired:
 		if slot, ok := e.timers[m.name]; ok && slot.gen == m.gen {

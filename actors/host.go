@@ -25,8 +25,9 @@ type HostConfig struct {
 	Registry  *Registry
 	// SnapshotEvery is the number of events between snapshots; default 1000.
 	SnapshotEvery uint64
-	// MailboxSize bounds each actor's mailbox; senders wait when it is
-	// full. Default 1024 (each slot is preallocated).
+	// MailboxSize bounds each actor's queued commands (in its mailbox, and
+	// separately in its stash while a persist is in flight); a command
+	// beyond it is refused with ErrOverloaded, never blocked. Default 1024.
 	MailboxSize int
 	// RequestTimeout bounds Request when its context has no deadline;
 	// default 30 s.
@@ -106,8 +107,12 @@ type Host struct {
 	root   *actor.RootContext
 	shep   *actor.PID
 
-	mu      sync.Mutex
-	pids    map[Address]*actor.PID
+	mu   sync.Mutex
+	pids map[Address]*actor.PID
+	// queued counts each actor's commands sent but not yet taken from its
+	// mailbox: the mailbox bound, checked before sending so a sender is
+	// refused (ErrOverloaded) instead of blocked.
+	queued  map[Address]*atomic.Int64
 	stopped bool
 
 	seq         atomic.Uint64 // command id counter
@@ -122,7 +127,8 @@ func NewHost(cfg HostConfig) (*Host, error) {
 	if cfg.Journal == nil || cfg.Registry == nil {
 		return nil, errors.New("actors: host needs a journal and a registry")
 	}
-	h := &Host{cfg: cfg, log: cfg.Logger, pids: map[Address]*actor.PID{}, snaps: make(chan snapJob, cfg.SnapshotQueue)}
+	h := &Host{cfg: cfg, log: cfg.Logger, pids: map[Address]*actor.PID{}, queued: map[Address]*atomic.Int64{},
+		snaps: make(chan snapJob, cfg.SnapshotQueue)}
 	plog := slog.New(minLevel{h.log.Handler(), slog.LevelWarn}).With("component", "protoactor")
 	h.system = actor.NewActorSystem(actor.WithLoggerFactory(func(*actor.ActorSystem) *slog.Logger { return plog }))
 	h.root = h.system.Root
@@ -135,8 +141,13 @@ func NewHost(cfg HostConfig) (*Host, error) {
 	h.shep = pid
 	h.system.EventStream.Subscribe(func(ev any) {
 		if dl, ok := ev.(*actor.DeadLetterEvent); ok {
-			if env, ok := dl.Message.(envelope); ok && env.reply != nil {
-				env.reply <- reply{err: errDeadLetter}
+			if env, ok := dl.Message.(envelope); ok {
+				if env.queued != nil {
+					env.queued.Add(-1)
+				}
+				if env.reply != nil {
+					env.reply <- reply{err: errDeadLetter}
+				}
 			}
 		}
 	})
@@ -158,6 +169,9 @@ type envelope struct {
 	id    string
 	msg   proto.Message
 	reply chan reply // buffered(1); nil for Send
+	// queued is the target's mailbox count, released when the entity takes
+	// the envelope (or it becomes a dead letter).
+	queued *atomic.Int64
 }
 
 // errDeadLetter: the actor stopped before the command reached it.
@@ -192,7 +206,9 @@ func (h *Host) RequestID(ctx context.Context, addr Address, id string, msg proto
 			return nil, err
 		}
 		ch := make(chan reply, 1)
-		h.root.Send(pid, envelope{id: id, msg: msg, reply: ch})
+		if err := h.send(addr, pid, envelope{id: id, msg: msg, reply: ch}); err != nil {
+			return nil, fmt.Errorf("request %s: %w", id, err)
+		}
 		select {
 		case r := <-ch:
 			if errors.Is(r.err, errDeadLetter) && attempt == 0 {
@@ -214,7 +230,25 @@ func (h *Host) Send(addr Address, msg proto.Message) error {
 	if err != nil {
 		return err
 	}
-	h.root.Send(pid, envelope{id: fmt.Sprintf("c%d", h.seq.Add(1)), msg: msg})
+	return h.send(addr, pid, envelope{id: fmt.Sprintf("c%d", h.seq.Add(1)), msg: msg})
+}
+
+// send enqueues env for the actor unless its mailbox is full.
+func (h *Host) send(addr Address, pid *actor.PID, env envelope) error {
+	h.mu.Lock()
+	q, ok := h.queued[addr]
+	if !ok {
+		q = new(atomic.Int64)
+		h.queued[addr] = q
+	}
+	h.mu.Unlock()
+	if q.Add(1) > int64(h.cfg.MailboxSize) {
+		q.Add(-1)
+		h.cfg.Metrics.overloaded.Inc()
+		return fmt.Errorf("%w: %s has %d commands queued", ErrOverloaded, addr, h.cfg.MailboxSize)
+	}
+	env.queued = q
+	h.root.Send(pid, env)
 	return nil
 }
 
@@ -336,7 +370,7 @@ func (s *shepherd) Receive(ctx actor.Context) {
 		// requester waits for the reply anyway, and the hand-off and stack
 		// growth were most of the per-command cost.
 		props := actor.PropsFromProducer(func() actor.Actor { return newEntity(s.h, mach, m.addr) },
-			actor.WithMailbox(actor.Bounded(s.h.cfg.MailboxSize)),
+			actor.WithMailbox(actor.Unbounded()), // bounded by Host.send
 			actor.WithDispatcher(actor.NewSynchronizedDispatcher(300)))
 		pid, err = ctx.SpawnNamed(props, m.addr.Kind+"/"+m.addr.ID)
 		if err != nil {

@@ -272,3 +272,35 @@ func TestRecoverIgnoresSnapshotPastTheJournal(t *testing.T) {
 		t.Fatalf("recovered %v from a foreign snapshot", got)
 	}
 }
+
+// A full mailbox refuses commands with ErrOverloaded instead of blocking
+// the sender; every request ends with a reply or that error.
+func TestHostMailboxBoundRefusesInsteadOfBlocking(t *testing.T) {
+	e := newEnv(t)
+	h := e.host(t, func(c *actors.HostConfig) { c.MailboxSize = 1 })
+	ask(t, e.ctx, h, acct, &triplanev1.LedgerGet{})
+	const n = 300
+	errs := make(chan error, n)
+	for i := range n {
+		go func() {
+			_, err := h.Request(e.ctx, acct, &triplanev1.LedgerDeposit{Amount: int64(i + 1)})
+			errs <- err
+		}()
+	}
+	var ok, overloaded int
+	for range n {
+		switch err := <-errs; {
+		case err == nil:
+			ok++
+		case errors.Is(err, actors.ErrOverloaded):
+			overloaded++
+		default:
+			t.Errorf("request ended with %v", err)
+		}
+	}
+	r := ask(t, e.ctx, h, acct, &triplanev1.LedgerGet{})
+	if r.Applied != uint64(ok) {
+		t.Fatalf("%d acknowledged but %d applied", ok, r.Applied)
+	}
+	t.Logf("%d applied, %d refused as overloaded", ok, overloaded)
+}
