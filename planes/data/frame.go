@@ -1,10 +1,13 @@
 package data
 
 import (
+	"bufio"
+	"crypto/subtle"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"hash/crc32"
+	"io"
 )
 
 // Wire format of block frames (TCP lanes and the shared-memory control
@@ -146,4 +149,54 @@ func DecodeHeader(b []byte) (Header, error) {
 		return Header{}, fmt.Errorf("%w: unknown frame type %d", ErrBadFrame, uint8(h.Type))
 	}
 	return h, nil
+}
+
+// handshake reads frame headers on a receiving connection and enforces the
+// token: when one is configured, the first frame must be a hello carrying
+// it. The TCP receiver and the shm server share it.
+type handshake struct {
+	token         string
+	authed, first bool
+}
+
+func newHandshake(token string) *handshake {
+	return &handshake{token: token, authed: token == "", first: true}
+}
+
+// next reads the next header. A clean end of the connection at a frame
+// boundary is io.EOF.
+func (g *handshake) next(br *bufio.Reader, hdr []byte) (Header, error) {
+	if _, err := io.ReadFull(br, hdr); err != nil {
+		if errors.Is(err, io.EOF) {
+			return Header{}, io.EOF
+		}
+		if errors.Is(err, io.ErrUnexpectedEOF) {
+			return Header{}, reject("length", fmt.Errorf("truncated frame header: %w", err))
+		}
+		return Header{}, fmt.Errorf("read frame header: %w", err)
+	}
+	h, err := DecodeHeader(hdr)
+	if err != nil {
+		return Header{}, reject("malformed", err)
+	}
+	if g.first && h.Type != FrameHello && !g.authed {
+		return Header{}, reject("auth", fmt.Errorf("data: first frame is %s, want hello with the token", h.Type))
+	}
+	g.first = false
+	return h, nil
+}
+
+// hello reads a hello frame's payload and checks the token.
+func (g *handshake) hello(br *bufio.Reader, h Header) error {
+	msg := make([]byte, h.Length)
+	if _, err := io.ReadFull(br, msg); err != nil {
+		return reject("length", fmt.Errorf("hello frame: %w", err))
+	}
+	if !g.authed {
+		if subtle.ConstantTimeCompare(msg, []byte(g.token)) != 1 {
+			return reject("auth", errors.New("data: wrong token"))
+		}
+		g.authed = true
+	}
+	return nil
 }

@@ -3,7 +3,6 @@ package data
 import (
 	"bufio"
 	"context"
-	"crypto/subtle"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -185,40 +184,22 @@ func (s *Server) handle(br *bufio.Reader, bw *bufio.Writer, dl deadliner) (err e
 		}
 	}()
 	var hdr [HeaderSize]byte
-	authed := s.cfg.Token == ""
-	first := true
+	g := newHandshake(s.cfg.Token)
 	for {
 		if err := v.setReadDeadline(s.cfg.IdleTimeout); err != nil {
 			return err
 		}
-		if _, err := io.ReadFull(br, hdr[:]); err != nil {
-			if errors.Is(err, io.EOF) {
-				return nil
-			}
-			if errors.Is(err, io.ErrUnexpectedEOF) {
-				return reject("length", fmt.Errorf("truncated frame header: %w", err))
-			}
-			return fmt.Errorf("read frame header: %w", err)
+		h, err := g.next(br, hdr[:])
+		if errors.Is(err, io.EOF) {
+			return nil
 		}
-		h, err := DecodeHeader(hdr[:])
 		if err != nil {
-			return reject("malformed", err)
+			return err
 		}
-		if first && h.Type != FrameHello && !authed {
-			return reject("auth", fmt.Errorf("data: first frame is %s, want hello with the token", h.Type))
-		}
-		first = false
 		switch h.Type {
 		case FrameHello:
-			msg := make([]byte, h.Length)
-			if _, err := io.ReadFull(br, msg); err != nil {
-				return reject("length", fmt.Errorf("hello frame: %w", err))
-			}
-			if !authed {
-				if subtle.ConstantTimeCompare(msg, []byte(s.cfg.Token)) != 1 {
-					return reject("auth", errors.New("data: wrong token"))
-				}
-				authed = true
+			if err := g.hello(br, h); err != nil {
+				return err
 			}
 		case FrameData:
 			dst, err := s.cfg.Regions.Slice(h.Desc())

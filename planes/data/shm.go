@@ -3,7 +3,6 @@ package data
 import (
 	"bufio"
 	"context"
-	"crypto/subtle"
 	"errors"
 	"fmt"
 	"hash/crc32"
@@ -87,39 +86,21 @@ func (s *ShmServer) handle(c *net.UnixConn, br *bufio.Reader, bw *bufio.Writer) 
 	var hdr, out [HeaderSize]byte
 	landedBytes := s.cfg.Metrics.bytesLanded.WithLabelValues("shm")
 	landedFrames := s.cfg.Metrics.framesLanded.WithLabelValues("shm")
-	authed := s.cfg.Token == ""
-	first := true
+	g := newHandshake(s.cfg.Token)
 	for {
 		c.SetReadDeadline(time.Now().Add(s.cfg.IdleTimeout))
-		if _, err := io.ReadFull(br, hdr[:]); err != nil {
-			if errors.Is(err, io.EOF) {
-				return nil
-			}
-			if errors.Is(err, io.ErrUnexpectedEOF) {
-				return reject("length", fmt.Errorf("truncated frame header: %w", err))
-			}
-			return fmt.Errorf("read frame header: %w", err)
+		h, err := g.next(br, hdr[:])
+		if errors.Is(err, io.EOF) {
+			return nil
 		}
-		h, err := DecodeHeader(hdr[:])
 		if err != nil {
-			return reject("malformed", err)
+			return err
 		}
-		if first && h.Type != FrameHello && !authed {
-			return reject("auth", fmt.Errorf("data: first frame is %s, want hello with the token", h.Type))
-		}
-		first = false
 		c.SetWriteDeadline(time.Now().Add(s.cfg.FrameTimeout))
 		switch h.Type {
 		case FrameHello:
-			msg := make([]byte, h.Length)
-			if _, err := io.ReadFull(br, msg); err != nil {
-				return reject("length", fmt.Errorf("hello frame: %w", err))
-			}
-			if !authed {
-				if subtle.ConstantTimeCompare(msg, []byte(s.cfg.Token)) != 1 {
-					return reject("auth", errors.New("data: wrong token"))
-				}
-				authed = true
+			if err := g.hello(br, h); err != nil {
+				return err
 			}
 		case FrameMapReq:
 			r, ok := s.cfg.Regions.Region(h.Region)
