@@ -36,14 +36,17 @@ func Recover(ctx context.Context, j *journal.Journal, snaps *journal.Snapshots, 
 		log = slog.New(slog.DiscardHandler)
 	}
 	r := &Recovered{State: m.Initial(id)}
+	// The journal's end, read once: the next append is conditional on it
+	// (it may be a deletion marker after the last event), and a snapshot
+	// must lie inside it.
+	end, err := j.Highest(ctx, m.Kind(), id)
+	if err != nil {
+		return nil, err
+	}
 	if snaps != nil {
-		// A snapshot must sit inside the journal as it is: one whose
-		// sequence or stream position lies past the journal's end belongs
-		// to another journal (a wiped or different NATS store).
-		end, err := j.Highest(ctx, m.Kind(), id)
-		if err != nil {
-			return nil, err
-		}
+		// A snapshot whose sequence or stream position lies past the
+		// journal's end belongs to another journal (a wiped or different
+		// NATS store).
 		snap, err := snaps.Load(m.Kind(), id, m.SchemaVersion())
 		if err == nil && (snap.Seq > end.Seq || snap.JournalPosition > end.Stream) {
 			log.Warn("snapshot lies past the journal's end, ignoring it", "actor", m.Kind()+"/"+id,
@@ -66,30 +69,18 @@ func Recover(ctx context.Context, j *journal.Journal, snaps *journal.Snapshots, 
 			}
 		}
 	}
-	q := journal.Query{FromSeq: r.Pos.Seq + 1, AfterStream: r.Pos.Stream}
-	if err := applyRange(ctx, j, m, id, q, r); err != nil {
-		return nil, err
+	// Read only the tail up to that end (none when the snapshot is current).
+	if end.Seq > r.Pos.Seq {
+		q := journal.Query{FromSeq: r.Pos.Seq + 1, ToSeq: end.Seq, AfterStream: r.Pos.Stream}
+		if err := applyRange(ctx, j, m, id, q, r); err != nil {
+			return nil, err
+		}
 	}
-	// The journal may end with a deletion marker, or the actor may have
-	// been snapshotted past its last read batch: take the position from the
-	// journal itself so the next append is conditional on the real tail.
-	pos, err := j.Highest(ctx, m.Kind(), id)
-	if err != nil {
-		return nil, err
-	}
-	if pos.Seq < r.Pos.Seq && r.FromSnapshot > 0 {
-		// The snapshot is ahead of the journal: it belongs to another
-		// journal (a wiped or different NATS store). The journal is the
-		// truth; start from it alone.
-		log.Warn("snapshot is ahead of the journal, ignoring it", "actor", m.Kind()+"/"+id,
-			"snapshot_seq", r.FromSnapshot, "journal_highest", pos.Seq)
-		return Recover(ctx, j, nil, m, id, log)
-	}
-	if pos.Seq != r.Pos.Seq {
+	if end.Seq != r.Pos.Seq {
 		return nil, fmt.Errorf("actors: recover %s/%s: journal highest is %d but events end at %d (events deleted past the newest snapshot?)",
-			m.Kind(), id, pos.Seq, r.Pos.Seq)
+			m.Kind(), id, end.Seq, r.Pos.Seq)
 	}
-	r.Pos = pos
+	r.Pos = end
 	return r, nil
 }
 
