@@ -13,6 +13,8 @@ package mocker
 import (
 	"fmt"
 	"math"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/cespare/xxhash/v2"
@@ -416,9 +418,5 @@ func (e *Engine) duration(prefill, decodes int) time.Duration {
 }
 
 func sortOutputs(o []engine.Output) {
-	for i := 1; i < len(o); i++ {
-		for j := i; j > 0 && o[j].ID < o[j-1].ID; j-- {
-			o[j], o[j-1] = o[j-1], o[j]
-		}
-	}
+	slices.SortFunc(o, func(a, b engine.Output) int { return strings.Compare(a.ID, b.ID) })
 }
