@@ -124,40 +124,41 @@ func TestChoose(t *testing.T) {
 	for i, h := range []uint64{1, 2, 3, 4} {
 		ix.Apply("hot", stored(uint64(i+1), h, 0))
 	}
-	req := []uint64{1, 2, 3, 4, 5, 6}
-	cands := []router.Candidate{{ID: "hot", BlocksUsed: 2}, {ID: "cold", BlocksUsed: 0}}
-	d, err := router.Choose(router.PolicyKV, router.Params{}, ix, req, cands, 0, 0.5)
+	hashes := []uint64{1, 2, 3, 4, 5, 6}
+	req := router.RequestOf(hashes)
+	cands := ix.WithOverlap(hashes, []router.Candidate{{ID: "hot", BlocksUsed: 2}, {ID: "cold", BlocksUsed: 0}})
+	d, err := router.Choose(router.PolicyKV, router.Params{}, req, cands, 0, 0.5)
 	if err != nil || d.Worker != "hot" || d.Overlap != 4 || len(d.Candidates) != 2 {
 		t.Fatalf("kv decision %+v %v", d, err)
 	}
 	// A heavily loaded worker loses despite the overlap.
 	cands[0].BlocksUsed = 100
-	if d, _ := router.Choose(router.PolicyKV, router.Params{}, ix, req, cands, 0, 0.5); d.Worker != "cold" {
+	if d, _ := router.Choose(router.PolicyKV, router.Params{}, req, cands, 0, 0.5); d.Worker != "cold" {
 		t.Fatalf("loaded worker chosen: %+v", d)
 	}
-	if d, _ := router.Choose(router.PolicyLeastLoaded, router.Params{}, nil, req, cands, 0, 0); d.Worker != "cold" {
+	if d, _ := router.Choose(router.PolicyLeastLoaded, router.Params{}, req, cands, 0, 0); d.Worker != "cold" {
 		t.Fatalf("least-loaded: %+v", d)
 	}
-	a, _ := router.Choose(router.PolicyRoundRobin, router.Params{}, nil, req, cands, 0, 0)
-	b, _ := router.Choose(router.PolicyRoundRobin, router.Params{}, nil, req, cands, 1, 0)
+	a, _ := router.Choose(router.PolicyRoundRobin, router.Params{}, req, cands, 0, 0)
+	b, _ := router.Choose(router.PolicyRoundRobin, router.Params{}, req, cands, 1, 0)
 	if a.Worker == b.Worker {
 		t.Fatal("round-robin repeated a worker")
 	}
-	p1, _ := router.Choose(router.PolicyPrefixHash, router.Params{}, nil, req, cands, 0, 0)
-	p2, _ := router.Choose(router.PolicyPrefixHash, router.Params{}, nil, req, cands, 7, 0.9)
+	p1, _ := router.Choose(router.PolicyPrefixHash, router.Params{}, req, cands, 0, 0)
+	p2, _ := router.Choose(router.PolicyPrefixHash, router.Params{}, req, cands, 7, 0.9)
 	if p1.Worker != p2.Worker {
 		t.Fatal("prefix-hash is not stable")
 	}
 	// Temperature samples, reproducibly from the draw.
 	seen := map[string]bool{}
 	for i := range 20 {
-		d, _ := router.Choose(router.PolicyKV, router.Params{Temperature: 1}, ix, req, cands, 0, float64(i)/20)
+		d, _ := router.Choose(router.PolicyKV, router.Params{Temperature: 1}, req, cands, 0, float64(i)/20)
 		seen[d.Worker] = true
 	}
 	if len(seen) != 2 {
 		t.Fatalf("temperature 1 should sometimes pick either worker: %v", seen)
 	}
-	if _, err := router.Choose(router.PolicyKV, router.Params{}, ix, req, nil, 0, 0); err == nil {
+	if _, err := router.Choose(router.PolicyKV, router.Params{}, req, nil, 0, 0); err == nil {
 		t.Fatal("no candidates accepted")
 	}
 	if _, err := router.ParsePolicy("fastest"); err == nil {

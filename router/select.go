@@ -2,6 +2,7 @@ package router
 
 import (
 	"cmp"
+	"errors"
 	"fmt"
 	"math"
 	"slices"
@@ -32,12 +33,41 @@ func ParsePolicy(s string) (Policy, error) {
 	return "", fmt.Errorf("router: unknown policy %q (want one of %v)", s, Policies)
 }
 
-// Candidate is a worker that may take the request, with its latest load.
+// Candidate is a worker that may take the request, with its latest load
+// and how many of the request's leading blocks it holds.
 type Candidate struct {
 	ID          string
 	Active      int // requests running or waiting
 	BlocksUsed  int
 	BlocksTotal int
+	Overlap     int // leading blocks of the request the worker holds (Index.Overlap)
+}
+
+// Request is what a policy needs to know about a request: how many blocks
+// its prompt spans and the hash of the first (prefix-hash keys on it).
+type Request struct {
+	Blocks    int
+	FirstHash uint64
+}
+
+// RequestOf describes a prompt by its chained block hashes.
+func RequestOf(hashes []uint64) Request {
+	r := Request{Blocks: len(hashes)}
+	if len(hashes) > 0 {
+		r.FirstHash = hashes[0]
+	}
+	return r
+}
+
+// WithOverlap returns cands with each worker's overlap with hashes filled
+// in from the index.
+func (ix *Index) WithOverlap(hashes []uint64, cands []Candidate) []Candidate {
+	ov := ix.Overlap(hashes)
+	out := slices.Clone(cands)
+	for i := range out {
+		out[i].Overlap = ov[out[i].ID]
+	}
+	return out
 }
 
 // Params tune the kv policy.
@@ -64,26 +94,28 @@ type Decision struct {
 	Candidates []Scored
 }
 
-// Choose picks a worker for a request of the given block hashes. turn is a
+// ErrNoWorkers is returned by Choose when there is no candidate.
+var ErrNoWorkers = errors.New("router: no workers to choose from")
+
+// Choose picks a worker for a request among candidates whose overlaps are
+// already known (Index.WithOverlap): the router actor journals those facts
+// and decides from them alone, so replay reaches the same choice. turn is a
 // counter for round-robin; draw is a uniform random value in [0, 1) from the
 // command, so a decision is reproducible.
-func Choose(policy Policy, p Params, ix *Index, hashes []uint64, cands []Candidate, turn uint64, draw float64) (Decision, error) {
+func Choose(policy Policy, p Params, req Request, cands []Candidate, turn uint64, draw float64) (Decision, error) {
 	if len(cands) == 0 {
-		return Decision{}, fmt.Errorf("router: no workers to choose from")
+		return Decision{}, ErrNoWorkers
 	}
 	cands = slices.Clone(cands)
 	slices.SortFunc(cands, func(a, b Candidate) int { return cmp.Compare(a.ID, b.ID) })
-	var overlap map[string]int
-	if ix != nil {
-		overlap = ix.Overlap(hashes)
-	}
 	if p.OverlapWeight == 0 {
 		p.OverlapWeight = 1
 	}
 	scored := make([]Scored, len(cands))
 	for i, c := range cands {
-		prefill := float64(len(hashes) - overlap[c.ID])
-		scored[i] = Scored{ID: c.ID, Overlap: overlap[c.ID], Cost: p.OverlapWeight*prefill + float64(c.BlocksUsed)}
+		ov := min(max(c.Overlap, 0), req.Blocks)
+		prefill := float64(req.Blocks - ov)
+		scored[i] = Scored{ID: c.ID, Overlap: ov, Cost: p.OverlapWeight*prefill + float64(c.BlocksUsed)}
 	}
 	pick := 0
 	switch policy {
@@ -101,10 +133,7 @@ func Choose(policy Policy, p Params, ix *Index, hashes []uint64, cands []Candida
 			}
 		}
 	case PolicyPrefixHash:
-		var key uint64
-		if len(hashes) > 0 {
-			key = hashes[0]
-		}
+		key := req.FirstHash
 		best := uint64(0)
 		for i, c := range cands {
 			if s := rendezvous(key, c.ID); i == 0 || s > best {

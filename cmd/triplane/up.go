@@ -17,9 +17,12 @@ import (
 
 	"github.com/triplane-dev/triplane/admin"
 	"github.com/triplane-dev/triplane/config"
+	"github.com/triplane-dev/triplane/engine/mocker"
 	"github.com/triplane-dev/triplane/journal"
 	"github.com/triplane-dev/triplane/logging"
 	"github.com/triplane-dev/triplane/planes/control"
+	"github.com/triplane-dev/triplane/router"
+	"github.com/triplane-dev/triplane/serving"
 	"github.com/triplane-dev/triplane/system"
 )
 
@@ -42,6 +45,19 @@ type upFlags struct {
 	leaseTTL     time.Duration
 	configFile   string
 	printConfig  bool
+
+	// The serving path.
+	workers       int
+	httpAddr      string
+	model         string
+	policy        string
+	overlapWeight float64
+	temperature   float64
+	blockSize     int
+	blocks        int
+	speedup       float64
+	maxInflight   int
+	maxMigrations int
 }
 
 func defaultDataDir() string {
@@ -105,7 +121,27 @@ restart on the same data dir finds its streams and keys again.`,
 	fs.IntVar(&f.replicas, "journal-replicas", 1, "replicas of the journal stream (for a clustered external NATS)")
 	fs.StringVar(&f.configFile, "config", "", "YAML file of settings, keyed by flag name (env TRIPLANE_CONFIG)")
 	fs.BoolVar(&f.printConfig, "print-config", false, "print the effective configuration as YAML and exit")
+
+	fs.IntVar(&f.workers, "workers", 2, "mock-engine workers to run in this node (0: none)")
+	fs.StringVar(&f.httpAddr, "http-addr", "127.0.0.1:8000", "address of the OpenAI-compatible HTTP frontend (empty: no frontend; port 0: any free port)")
+	fs.StringVar(&f.model, "model", "triplane-mock", "model name the workers and the frontend serve")
+	config.EnumVar(fs, &f.policy, "policy", string(router.PolicyKV), policyNames(), "how the router chooses a worker")
+	fs.Float64Var(&f.overlapWeight, "overlap-weight", 1, "kv policy: weight of blocks to prefill against blocks in use")
+	fs.Float64Var(&f.temperature, "temperature", 0, "kv policy: 0 picks the cheapest worker, above 0 samples by cost")
+	fs.IntVar(&f.blockSize, "block-size", 16, "KV block size in tokens")
+	fs.IntVar(&f.blocks, "blocks-per-worker", 4096, "KV blocks in each worker's pool")
+	fs.Float64Var(&f.speedup, "speedup", 1, "divides the mock engine's modelled prefill and decode times")
+	fs.IntVar(&f.maxInflight, "max-inflight", 1024, "requests the frontend serves at once; more get 429")
+	fs.IntVar(&f.maxMigrations, "max-migrations", 3, "times one request may move to another worker after its worker failed (0: never)")
 	return cmd
+}
+
+func policyNames() []string {
+	var out []string
+	for _, p := range router.Policies {
+		out = append(out, string(p))
+	}
+	return out
 }
 
 func (f *upFlags) validate() error {
@@ -136,6 +172,30 @@ func (f *upFlags) validate() error {
 	if f.replicas < 1 || f.replicas > 5 {
 		errs = append(errs, &config.Error{Key: "journal-replicas", Err: fmt.Errorf("%d is outside 1-5", f.replicas)})
 	}
+	if f.workers < 0 || f.workers > 256 {
+		errs = append(errs, &config.Error{Key: "workers", Err: fmt.Errorf("%d is outside 0-256", f.workers)})
+	}
+	if f.httpAddr != "" {
+		if _, _, err := net.SplitHostPort(f.httpAddr); err != nil {
+			errs = append(errs, &config.Error{Key: "http-addr", Err: fmt.Errorf("want host:port: %w", err)})
+		}
+	}
+	if err := control.CheckName("model", f.model); err != nil {
+		errs = append(errs, &config.Error{Key: "model", Err: err})
+	}
+	if f.overlapWeight < 0 || f.temperature < 0 {
+		errs = append(errs, &config.Error{Key: "overlap-weight", Err: errors.New("overlap-weight and temperature must not be negative")})
+	}
+	if f.maxInflight < 1 {
+		errs = append(errs, &config.Error{Key: "max-inflight", Err: errors.New("must be at least 1")})
+	}
+	if f.maxMigrations < 0 {
+		errs = append(errs, &config.Error{Key: "max-migrations", Err: errors.New("must not be negative")})
+	}
+	if ec := f.engine(); ec.Validate() != nil {
+		err := ec.Validate()
+		errs = append(errs, &config.Error{Key: "block-size", Err: fmt.Errorf("engine settings (block-size, blocks-per-worker, speedup): %w", err)})
+	}
 	if strings.TrimSpace(f.dataDir) == "" {
 		errs = append(errs, &config.Error{Key: "data-dir", Err: errors.New("must not be empty")})
 	}
@@ -150,6 +210,27 @@ func (f *upFlags) validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+func (f *upFlags) engine() mocker.Config {
+	c := mocker.Config{BlockSize: f.blockSize, NumBlocks: f.blocks, SpeedUp: f.speedup}
+	// 0 would silently mean the engine's default.
+	if c.BlockSize == 0 {
+		c.BlockSize = -1
+	}
+	if c.NumBlocks == 0 {
+		c.NumBlocks = -1
+	}
+	c.Defaults()
+	return c
+}
+
+// migrations maps the flag (0: never) onto frontend.Config (0: default).
+func migrations(n int) int {
+	if n == 0 {
+		return -1
+	}
+	return n
 }
 
 func checkURL(s string, schemes ...string) error {
@@ -188,6 +269,27 @@ func runUp(cmd *cobra.Command, g *globalFlags, f *upFlags) error {
 		return err
 	}
 	fmt.Fprintln(cmd.OutOrStdout(), sys.Summary())
+	stack, err := serving.Start(ctx, serving.Planes{NATS: sys.NATS, Etcd: sys.Etcd, Host: sys.Host,
+		Registrar: sys.Control.Registrar, NodeID: sys.NodeID, Namespace: f.namespace,
+		Registerer: sys.Admin.Registry, Logger: log}, serving.Config{
+		Workers: f.workers, Frontend: f.httpAddr != "", HTTPAddr: f.httpAddr, Model: f.model, Engine: f.engine(),
+		Policy: router.Policy(f.policy), Params: router.Params{OverlapWeight: f.overlapWeight, Temperature: f.temperature},
+		MaxInflight: f.maxInflight, MaxMigrations: migrations(f.maxMigrations),
+	})
+	if err != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
+		defer cancel()
+		_ = sys.Close(sctx)
+		var le *net.OpError
+		if errors.As(err, &le) && le.Op == "listen" {
+			return &system.PortError{Flag: "http-addr", Err: err}
+		}
+		return fmt.Errorf("serving: %w", err)
+	}
+	if stack.Frontend != nil {
+		fmt.Fprintf(cmd.OutOrStdout(), "serving %s with %d mock workers (policy %s); try:\n  curl -s http://%s/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\":\"%s\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello!\"}],\"max_tokens\":16}'\n",
+			f.model, f.workers, f.policy, stack.Frontend.Addr(), f.model)
+	}
 
 	<-ctx.Done()
 	stop() // a second Ctrl-C kills the process the default way
@@ -195,6 +297,9 @@ func runUp(cmd *cobra.Command, g *globalFlags, f *upFlags) error {
 	t0 := time.Now()
 	sctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
 	defer cancel()
+	if err := stack.Shutdown(sctx); err != nil {
+		log.Warn("serving path did not drain cleanly", "err", err)
+	}
 	if err := sys.Close(sctx); err != nil {
 		return fmt.Errorf("stop: %w", err)
 	}

@@ -158,7 +158,7 @@ type up struct {
 func startUp(t *testing.T, dir string, extra ...string) *up {
 	t.Helper()
 	args := append([]string{"up", "--data-dir", dir, "--nats-port", "0", "--etcd-port", "0",
-		"--etcd-peer-port", "0", "--admin-addr", "127.0.0.1:0", "--log-level", "debug"}, extra...)
+		"--etcd-peer-port", "0", "--admin-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--log-level", "debug"}, extra...)
 	p := start(t, nil, args...)
 	select {
 	case l, ok := <-p.lines:
@@ -295,7 +295,7 @@ func TestUpDataDirLock(t *testing.T) {
 	dir := t.TempDir()
 	u := startUp(t, dir)
 	second := start(t, nil, "up", "--data-dir", dir, "--nats-port", "0", "--etcd-port", "0",
-		"--etcd-peer-port", "0", "--admin-addr", "127.0.0.1:0")
+		"--etcd-peer-port", "0", "--admin-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0")
 	code, _ := second.wait(30 * time.Second)
 	if code != 1 || !strings.Contains(second.stderr.String(), "is in use by another triplane process (pid") ||
 		!strings.Contains(second.stderr.String(), "--data-dir") {
@@ -320,10 +320,11 @@ func TestUpPortInUse(t *testing.T) {
 		{"etcd-port", busy},
 		{"etcd-peer-port", busy},
 		{"admin-addr", "127.0.0.1:" + busy},
+		{"http-addr", "127.0.0.1:" + busy},
 	} {
 		t.Run(tc.flag, func(t *testing.T) {
 			args := []string{"up", "--data-dir", t.TempDir(), "--nats-port", "0", "--etcd-port", "0",
-				"--etcd-peer-port", "0", "--admin-addr", "127.0.0.1:0", "--" + tc.flag, tc.value}
+				"--etcd-peer-port", "0", "--admin-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--" + tc.flag, tc.value}
 			p := start(t, nil, args...)
 			code, _ := p.wait(30 * time.Second)
 			stderr := p.stderr.String()

@@ -32,6 +32,8 @@ const (
 	Protocol_PROTOCOL_DATA_TCP    Protocol = 4
 	Protocol_PROTOCOL_DATA_SHM    Protocol = 5
 	Protocol_PROTOCOL_OPENAI_HTTP Protocol = 6
+	// A worker's response-stream server (planes/data/stream).
+	Protocol_PROTOCOL_RESPONSE_STREAM Protocol = 7
 )
 
 // Enum value maps for Protocol.
@@ -44,15 +46,17 @@ var (
 		4: "PROTOCOL_DATA_TCP",
 		5: "PROTOCOL_DATA_SHM",
 		6: "PROTOCOL_OPENAI_HTTP",
+		7: "PROTOCOL_RESPONSE_STREAM",
 	}
 	Protocol_value = map[string]int32{
-		"PROTOCOL_UNSPECIFIED": 0,
-		"PROTOCOL_NATS":        1,
-		"PROTOCOL_ETCD":        2,
-		"PROTOCOL_ADMIN_HTTP":  3,
-		"PROTOCOL_DATA_TCP":    4,
-		"PROTOCOL_DATA_SHM":    5,
-		"PROTOCOL_OPENAI_HTTP": 6,
+		"PROTOCOL_UNSPECIFIED":     0,
+		"PROTOCOL_NATS":            1,
+		"PROTOCOL_ETCD":            2,
+		"PROTOCOL_ADMIN_HTTP":      3,
+		"PROTOCOL_DATA_TCP":        4,
+		"PROTOCOL_DATA_SHM":        5,
+		"PROTOCOL_OPENAI_HTTP":     6,
+		"PROTOCOL_RESPONSE_STREAM": 7,
 	}
 )
 
@@ -420,7 +424,7 @@ const file_triplane_v1_node_proto_rawDesc = "" +
 	"\bNodeInfo\x125\n" +
 	"\bidentity\x18\x01 \x01(\v2\x19.triplane.v1.NodeIdentityR\bidentity\x123\n" +
 	"\tendpoints\x18\x02 \x03(\v2\x15.triplane.v1.EndpointR\tendpoints\x12+\n" +
-	"\x06health\x18\x03 \x01(\v2\x13.triplane.v1.HealthR\x06health*\xab\x01\n" +
+	"\x06health\x18\x03 \x01(\v2\x13.triplane.v1.HealthR\x06health*\xc9\x01\n" +
 	"\bProtocol\x12\x18\n" +
 	"\x14PROTOCOL_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rPROTOCOL_NATS\x10\x01\x12\x11\n" +
@@ -428,7 +432,8 @@ const file_triplane_v1_node_proto_rawDesc = "" +
 	"\x13PROTOCOL_ADMIN_HTTP\x10\x03\x12\x15\n" +
 	"\x11PROTOCOL_DATA_TCP\x10\x04\x12\x15\n" +
 	"\x11PROTOCOL_DATA_SHM\x10\x05\x12\x18\n" +
-	"\x14PROTOCOL_OPENAI_HTTP\x10\x06*z\n" +
+	"\x14PROTOCOL_OPENAI_HTTP\x10\x06\x12\x1c\n" +
+	"\x18PROTOCOL_RESPONSE_STREAM\x10\a*z\n" +
 	"\vHealthState\x12\x1c\n" +
 	"\x18HEALTH_STATE_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12HEALTH_STATE_READY\x10\x01\x12\x19\n" +

@@ -38,7 +38,9 @@ type ConsumerConfig struct {
 	// order (the router's index follows them). They run under the
 	// consumer's lock: keep them short.
 	OnEvent func(worker string, e *triplanev1.KvEvent)
-	OnReset func(worker string, blocks map[uint64]Block)
+	// OnReset gives the whole view and the id of the last event it
+	// reflects (0 after a worker restart).
+	OnReset func(worker string, blocks map[uint64]Block, last uint64)
 }
 
 // Stats counts what the consumer saw.
@@ -170,7 +172,7 @@ func (c *Consumer) viewLocked(worker string, epoch uint64) *workerView {
 		clear(v.blocks)
 		clear(v.pending)
 		if c.cfg.OnReset != nil {
-			c.cfg.OnReset(worker, map[uint64]Block{})
+			c.cfg.OnReset(worker, map[uint64]Block{}, 0)
 		}
 	}
 	return v
@@ -326,7 +328,7 @@ func (c *Consumer) applyDumpLocked(worker string, v *workerView, d *triplanev1.K
 		}
 	}
 	if c.cfg.OnReset != nil {
-		c.cfg.OnReset(worker, copyBlocks(v.blocks))
+		c.cfg.OnReset(worker, copyBlocks(v.blocks), d.EventId)
 	}
 	for {
 		p, ok := v.pending[v.next]

@@ -215,7 +215,7 @@ func TestLateConsumerAndWorkerRestart(t *testing.T) {
 	var resets int
 	var mu sync.Mutex
 	c, err := kvevents.NewConsumer(newBus(t, n.Connect(t)), kvevents.ConsumerConfig{Namespace: "ns",
-		OnReset: func(string, map[uint64]kvevents.Block) { mu.Lock(); resets++; mu.Unlock() }})
+		OnReset: func(string, map[uint64]kvevents.Block, uint64) { mu.Lock(); resets++; mu.Unlock() }})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,0 +1,140 @@
+// Package router is the router actor's state machine: it takes a request
+// with what the router observed about each candidate worker (overlap with
+// the KV index, load) and decides where the request goes, journaling the
+// decision with every candidate's cost. `triplane replay events router/<id>`
+// then answers "why did this request go there".
+//
+// The KV index itself is the router shell's observation (package router,
+// fed by the workers' KV events with gap repair); the decision is made here
+// from the facts carried in the command, so the simulator and replay reach
+// the same choice.
+package router
+
+import (
+	"errors"
+	"fmt"
+	"math"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/triplane-dev/triplane/actors"
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/router"
+)
+
+// Kind of router actors.
+const Kind = "router"
+
+// MaxCandidates bounds the workers one request may be offered to, and
+// MaxTrackedWorkers the per-worker counters a router keeps (further workers
+// are counted under OtherWorkers).
+const (
+	MaxCandidates     = 4096
+	MaxTrackedWorkers = 1024
+	OtherWorkers      = "(other)"
+)
+
+// ErrInvalid rejects a malformed routing request.
+var ErrInvalid = errors.New("router: invalid request")
+
+// Machine is the router state machine.
+type Machine struct{}
+
+var _ actors.Machine = Machine{}
+
+func (Machine) Kind() string          { return Kind }
+func (Machine) SchemaVersion() uint32 { return 1 }
+func (Machine) Initial(id string) proto.Message {
+	return &triplanev1.RouterState{Id: id, PerWorker: map[string]uint64{}}
+}
+
+func (Machine) Decide(state proto.Message, cmd actors.Command) actors.Decision {
+	s := state.(*triplanev1.RouterState)
+	switch c := cmd.Msg.(type) {
+	case *triplanev1.RouteRequest:
+		return decide(s, c, cmd.Rand)
+	}
+	return actors.Decision{Err: fmt.Errorf("router: unknown command %T", cmd.Msg)}
+}
+
+func decide(s *triplanev1.RouterState, c *triplanev1.RouteRequest, rnd uint64) actors.Decision {
+	if err := validate(c); err != nil {
+		return actors.Decision{Err: err}
+	}
+	policy, err := router.ParsePolicy(c.Policy)
+	if err != nil {
+		return actors.Decision{Err: fmt.Errorf("%w: %w", ErrInvalid, err)}
+	}
+	cands := make([]router.Candidate, len(c.Candidates))
+	for i, k := range c.Candidates {
+		cands[i] = router.Candidate{ID: k.Worker, Active: int(k.Active), BlocksUsed: int(k.BlocksUsed),
+			BlocksTotal: int(k.BlocksTotal), Overlap: int(k.Overlap)}
+	}
+	// 53 bits of the command's random draw give a uniform float in [0, 1).
+	draw := float64(rnd>>11) / (1 << 53)
+	d, err := router.Choose(policy, router.Params{OverlapWeight: c.OverlapWeight, Temperature: c.Temperature},
+		router.Request{Blocks: int(c.Blocks), FirstHash: c.FirstHash}, cands, s.Decisions, draw)
+	if err != nil {
+		return actors.Decision{Err: err}
+	}
+	ev := &triplanev1.RouteDecided{
+		RequestId: c.RequestId, Policy: string(policy), Worker: d.Worker, Overlap: uint32(d.Overlap),
+		Blocks: c.Blocks, Candidates: c.Candidates, Turn: s.Decisions,
+	}
+	for _, sc := range d.Candidates {
+		ev.Scores = append(ev.Scores, &triplanev1.RouteScore{Worker: sc.ID, Overlap: uint32(sc.Overlap), Cost: sc.Cost})
+	}
+	return actors.Decision{
+		Events: []proto.Message{ev},
+		Reply:  &triplanev1.RouteReply{Worker: d.Worker, Overlap: uint32(d.Overlap)},
+	}
+}
+
+func validate(c *triplanev1.RouteRequest) error {
+	if c.RequestId == "" {
+		return fmt.Errorf("%w: empty request id", ErrInvalid)
+	}
+	if len(c.Candidates) == 0 {
+		return router.ErrNoWorkers
+	}
+	if len(c.Candidates) > MaxCandidates {
+		return fmt.Errorf("%w: %d candidates, at most %d", ErrInvalid, len(c.Candidates), MaxCandidates)
+	}
+	if math.IsNaN(c.OverlapWeight) || math.IsInf(c.OverlapWeight, 0) || c.OverlapWeight < 0 ||
+		math.IsNaN(c.Temperature) || math.IsInf(c.Temperature, 0) || c.Temperature < 0 {
+		return fmt.Errorf("%w: overlap weight %v and temperature %v must be finite and not negative",
+			ErrInvalid, c.OverlapWeight, c.Temperature)
+	}
+	seen := make(map[string]bool, len(c.Candidates))
+	for _, k := range c.Candidates {
+		if k.Worker == "" {
+			return fmt.Errorf("%w: candidate without a worker id", ErrInvalid)
+		}
+		if seen[k.Worker] {
+			return fmt.Errorf("%w: worker %q offered twice", ErrInvalid, k.Worker)
+		}
+		seen[k.Worker] = true
+	}
+	return nil
+}
+
+func (Machine) Apply(state proto.Message, event proto.Message) error {
+	s := state.(*triplanev1.RouterState)
+	switch e := event.(type) {
+	case *triplanev1.RouteDecided:
+		s.Decisions++
+		s.Blocks += uint64(e.Blocks)
+		s.OverlapBlocks += uint64(e.Overlap)
+		if s.PerWorker == nil {
+			s.PerWorker = map[string]uint64{}
+		}
+		key := e.Worker
+		if _, ok := s.PerWorker[key]; !ok && len(s.PerWorker) >= MaxTrackedWorkers {
+			key = OtherWorkers
+		}
+		s.PerWorker[key]++
+	default:
+		return fmt.Errorf("router: unknown event %T", event)
+	}
+	return nil
+}

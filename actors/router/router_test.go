@@ -1,0 +1,91 @@
+package router_test
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/triplane-dev/triplane/actors"
+	routerm "github.com/triplane-dev/triplane/actors/router"
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/router"
+)
+
+func req(id, policy string, cands ...*triplanev1.RouterCandidate) *triplanev1.RouteRequest {
+	return &triplanev1.RouteRequest{RequestId: id, Policy: policy, Blocks: 8, FirstHash: 42, Candidates: cands}
+}
+
+func TestDecideJournalsReasons(t *testing.T) {
+	m := routerm.Machine{}
+	s := m.Initial("r1")
+	hot := &triplanev1.RouterCandidate{Worker: "hot", Overlap: 6, BlocksUsed: 1}
+	cold := &triplanev1.RouterCandidate{Worker: "cold", BlocksUsed: 0}
+	d := m.Decide(s, actors.Command{Msg: req("a", "kv", hot, cold), Rand: 7})
+	if d.Err != nil {
+		t.Fatal(d.Err)
+	}
+	ev := d.Events[0].(*triplanev1.RouteDecided)
+	if ev.Worker != "hot" || ev.Overlap != 6 || len(ev.Scores) != 2 || d.Reply.(*triplanev1.RouteReply).Worker != "hot" {
+		t.Fatalf("decision %v reply %v", ev, d.Reply)
+	}
+	if err := m.Apply(s, ev); err != nil {
+		t.Fatal(err)
+	}
+	st := s.(*triplanev1.RouterState)
+	if st.Decisions != 1 || st.PerWorker["hot"] != 1 || st.OverlapBlocks != 6 || st.Blocks != 8 {
+		t.Fatalf("state %v", st)
+	}
+	// Same state and command: same decision (replay).
+	d2 := m.Decide(s, actors.Command{Msg: req("b", "round-robin", hot, cold), Rand: 1})
+	d3 := m.Decide(proto.Clone(s), actors.Command{Msg: req("b", "round-robin", hot, cold), Rand: 1})
+	if !proto.Equal(d2.Events[0], d3.Events[0]) {
+		t.Fatal("decision is not a function of state and command")
+	}
+	folded, err := actors.Fold(m, "r1", ev)
+	if err != nil || !proto.Equal(folded, s) {
+		t.Fatalf("fold %v %v", folded, err)
+	}
+}
+
+func TestDecideRejectsBadRequests(t *testing.T) {
+	m := routerm.Machine{}
+	s := m.Initial("r1")
+	w := func(id string) *triplanev1.RouterCandidate { return &triplanev1.RouterCandidate{Worker: id} }
+	for _, tc := range []struct {
+		name string
+		msg  proto.Message
+		want string
+	}{
+		{"no id", req("", "kv", w("a")), "empty request id"},
+		{"no workers", req("x", "kv"), "no workers"},
+		{"bad policy", req("x", "fastest", w("a")), "unknown policy"},
+		{"dup worker", req("x", "kv", w("a"), w("a")), "offered twice"},
+		{"empty worker", req("x", "kv", w("")), "without a worker id"},
+		{"negative weight", &triplanev1.RouteRequest{RequestId: "x", Policy: "kv", OverlapWeight: -1, Candidates: []*triplanev1.RouterCandidate{w("a")}}, "not negative"},
+		{"unknown command", &triplanev1.LedgerGet{}, "unknown command"},
+	} {
+		d := m.Decide(s, actors.Command{Msg: tc.msg})
+		if d.Err == nil || !strings.Contains(d.Err.Error(), tc.want) || len(d.Events) != 0 {
+			t.Errorf("%s: err %v events %d, want %q", tc.name, d.Err, len(d.Events), tc.want)
+		}
+	}
+	if d := m.Decide(s, actors.Command{Msg: req("x", "kv")}); !errors.Is(d.Err, router.ErrNoWorkers) {
+		t.Errorf("no workers: %v", d.Err)
+	}
+	if err := m.Apply(s, &triplanev1.LedgerDeposited{}); err == nil {
+		t.Error("foreign event applied")
+	}
+}
+
+func TestPerWorkerCountersBounded(t *testing.T) {
+	m := routerm.Machine{}
+	s := m.Initial("r").(*triplanev1.RouterState)
+	for i := range routerm.MaxTrackedWorkers + 50 {
+		_ = m.Apply(s, &triplanev1.RouteDecided{Worker: "w" + string(rune('a'+i%26)) + strings.Repeat("x", i/26)})
+	}
+	if len(s.PerWorker) > routerm.MaxTrackedWorkers+1 || s.PerWorker[routerm.OtherWorkers] == 0 {
+		t.Fatalf("%d counters, other %d", len(s.PerWorker), s.PerWorker[routerm.OtherWorkers])
+	}
+}

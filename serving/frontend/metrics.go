@@ -1,0 +1,29 @@
+package frontend
+
+import "github.com/prometheus/client_golang/prometheus"
+
+type metrics struct {
+	requests           *prometheus.CounterVec
+	tokens, migrations prometheus.Counter
+	inflight           prometheus.Gauge
+	duration           prometheus.Histogram
+}
+
+func newMetrics(reg prometheus.Registerer) *metrics {
+	m := &metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "triplane_frontend_requests_total",
+			Help: "HTTP generation requests by outcome."}, []string{"outcome"}),
+		tokens: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_frontend_tokens_total",
+			Help: "Tokens relayed to clients."}),
+		migrations: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_frontend_migrations_total",
+			Help: "Requests resumed on another worker after theirs failed."}),
+		inflight: prometheus.NewGauge(prometheus.GaugeOpts{Name: "triplane_frontend_inflight_requests",
+			Help: "Requests being served."}),
+		duration: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "triplane_frontend_request_seconds",
+			Help: "Time from request to last token.", Buckets: prometheus.ExponentialBuckets(0.005, 2, 14)}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.requests, m.tokens, m.migrations, m.inflight, m.duration)
+	}
+	return m
+}

@@ -1,0 +1,292 @@
+package frontend
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/triplane-dev/triplane/actors"
+	routerm "github.com/triplane-dev/triplane/actors/router"
+	"github.com/triplane-dev/triplane/engine"
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planes/control"
+	"github.com/triplane-dev/triplane/planes/event"
+	"github.com/triplane-dev/triplane/planes/event/kvevents"
+	"github.com/triplane-dev/triplane/router"
+	"github.com/triplane-dev/triplane/serving/worker"
+)
+
+// ErrNoWorker means no worker can take the request now.
+var ErrNoWorker = errors.New("frontend: no worker available")
+
+// Router is the frontend's routing shell: it observes the workers (KV index
+// fed by their KV events with gap repair, load reports, discovery) and asks
+// the router actor to decide, which journals each decision with its
+// reasons.
+type Router struct {
+	cfg   RouterConfig
+	log   *slog.Logger
+	disc  *control.Discovery
+	cons  *kvevents.Consumer
+	loads *event.LoadAggregator
+
+	mu       sync.Mutex
+	ix       *router.Index
+	inflight map[string][]flight // per worker, requests routed and not finished
+	unsub    func()
+	stop     chan struct{}
+	done     chan struct{}
+}
+
+type flight struct {
+	id        string
+	at        time.Time
+	newBlocks int
+}
+
+// RouterConfig configures a Router.
+type RouterConfig struct {
+	Namespace string
+	Model     string
+	Policy    router.Policy
+	Params    router.Params
+	// MaxIndexBlocks bounds the KV index; default 1,000,000.
+	MaxIndexBlocks int
+	Bus            *event.Bus
+	Discovery      *control.Discovery
+	// Host runs the router actor RouterID.
+	Host     *actors.Host
+	RouterID string
+	Logger   *slog.Logger
+}
+
+// NewRouter starts following the workers.
+func NewRouter(cfg RouterConfig) (_ *Router, err error) {
+	if cfg.Policy == "" {
+		cfg.Policy = router.PolicyKV
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Host == nil || cfg.Bus == nil || cfg.Discovery == nil {
+		return nil, errors.New("frontend: the router needs an actor host, an event bus and discovery")
+	}
+	r := &Router{cfg: cfg, log: cfg.Logger, disc: cfg.Discovery, ix: router.NewIndex(cfg.MaxIndexBlocks),
+		inflight: map[string][]flight{}, stop: make(chan struct{}), done: make(chan struct{})}
+	defer func() {
+		if err != nil {
+			r.Close()
+		}
+	}()
+	r.cons, err = kvevents.NewConsumer(cfg.Bus, kvevents.ConsumerConfig{Namespace: cfg.Namespace,
+		OnEvent: r.onEvent, OnReset: r.onReset})
+	if err != nil {
+		return nil, fmt.Errorf("frontend: kv events: %w", err)
+	}
+	subj, err := cfg.Bus.LoadSubject(cfg.Namespace, worker.Component)
+	if err != nil {
+		return nil, err
+	}
+	if r.loads, err = event.NewLoadAggregator(cfg.Bus, subj, event.AggregatorConfig{}); err != nil {
+		return nil, fmt.Errorf("frontend: load reports: %w", err)
+	}
+	events, unsub := r.disc.Subscribe()
+	r.unsub = unsub
+	go r.follow(events)
+	return r, nil
+}
+
+// follow drops a worker's blocks once discovery removed it, so no request
+// is steered to a dead worker by its stale prefix.
+func (r *Router) follow(events <-chan control.Event[*triplanev1.InstanceInfo]) {
+	defer close(r.done)
+	for {
+		var ev control.Event[*triplanev1.InstanceInfo]
+		var ok bool
+		select {
+		case <-r.stop:
+			return
+		case ev, ok = <-events:
+			if !ok {
+				return
+			}
+		}
+		if ev.Type != control.Removed || ev.Value == nil {
+			continue
+		}
+		id := ev.Value.GetInstanceId()
+		r.cons.Forget(id)
+		r.mu.Lock()
+		r.ix.RemoveWorker(id)
+		r.mu.Unlock()
+		r.log.Info("worker left; its blocks dropped from the index", "worker", id)
+	}
+}
+
+func (r *Router) onEvent(w string, e *triplanev1.KvEvent) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	id := e.GetEventId()
+	switch k := e.Kind.(type) {
+	case *triplanev1.KvEvent_Stored:
+		parent := k.Stored.GetParentHash()
+		for i, h := range k.Stored.GetBlockHashes() {
+			ev := engine.KVEvent{ID: id, Kind: engine.KVStored, Hash: h, Parent: parent}
+			// One event id may store a chain; the id moves once.
+			if i == 0 {
+				r.ix.Apply(w, ev)
+			} else {
+				r.ix.ApplyRepair(w, ev)
+			}
+			parent = h
+		}
+	case *triplanev1.KvEvent_Removed:
+		for i, h := range k.Removed.GetBlockHashes() {
+			ev := engine.KVEvent{ID: id, Kind: engine.KVRemoved, Hash: h}
+			if i == 0 {
+				r.ix.Apply(w, ev)
+			} else {
+				r.ix.ApplyRepair(w, ev)
+			}
+		}
+	case *triplanev1.KvEvent_Cleared:
+		r.ix.Apply(w, engine.KVEvent{ID: id, Kind: engine.KVCleared})
+	}
+}
+
+func (r *Router) onReset(w string, blocks map[uint64]kvevents.Block, last uint64) {
+	hashes := make([]uint64, 0, len(blocks))
+	for h := range blocks {
+		hashes = append(hashes, h)
+	}
+	r.mu.Lock()
+	r.ix.Reset(w, hashes, last)
+	r.mu.Unlock()
+}
+
+// Route chooses a worker for a request, skipping the excluded ones. The
+// caller must call the returned done func when the request ends.
+func (r *Router) Route(ctx context.Context, requestID string, hashes []uint64, exclude map[string]bool) (*triplanev1.InstanceInfo, int, func(), error) {
+	avail := r.disc.Available()
+	byID := make(map[string]*triplanev1.InstanceInfo, len(avail))
+	loads := r.loads.Loads()
+	now := time.Now()
+	r.mu.Lock()
+	var cands []router.Candidate
+	for _, in := range avail {
+		id := in.GetInstanceId()
+		if exclude[id] || streamAddr(in) == "" {
+			continue
+		}
+		if m := in.GetMetadata()["model"]; r.cfg.Model != "" && m != "" && m != r.cfg.Model {
+			continue
+		}
+		byID[id] = in
+		c := router.Candidate{ID: id, Active: len(r.inflight[id])}
+		if l := loads[id]; l != nil {
+			c.BlocksUsed, c.BlocksTotal = int(l.KvBlocksUsed), int(l.KvBlocksTotal)
+			// Blocks of requests sent after the report are not in it yet.
+			sent := l.GetSentAt().AsTime()
+			for _, f := range r.inflight[id] {
+				if f.at.After(sent) {
+					c.BlocksUsed += f.newBlocks
+				}
+			}
+		}
+		cands = append(cands, c)
+	}
+	cands = r.ix.WithOverlap(hashes, cands)
+	r.mu.Unlock()
+	if len(cands) == 0 {
+		return nil, 0, nil, ErrNoWorker
+	}
+	req := &triplanev1.RouteRequest{RequestId: requestID, Policy: string(r.cfg.Policy),
+		OverlapWeight: r.cfg.Params.OverlapWeight, Temperature: r.cfg.Params.Temperature,
+		Blocks: uint32(len(hashes))}
+	if len(hashes) > 0 {
+		req.FirstHash = hashes[0]
+	}
+	for _, c := range cands {
+		req.Candidates = append(req.Candidates, &triplanev1.RouterCandidate{Worker: c.ID, Active: uint32(c.Active),
+			BlocksUsed: uint64(c.BlocksUsed), BlocksTotal: uint64(c.BlocksTotal), Overlap: uint32(c.Overlap)})
+	}
+	reply, err := r.cfg.Host.Request(ctx, actors.Address{Kind: routerm.Kind, ID: r.cfg.RouterID}, req)
+	if err != nil {
+		if errors.Is(err, router.ErrNoWorkers) {
+			return nil, 0, nil, ErrNoWorker
+		}
+		return nil, 0, nil, fmt.Errorf("frontend: router: %w", err)
+	}
+	rr, ok := reply.(*triplanev1.RouteReply)
+	if !ok || byID[rr.GetWorker()] == nil {
+		return nil, 0, nil, fmt.Errorf("frontend: router replied %v, not one of the candidates", reply)
+	}
+	f := flight{id: requestID, at: now, newBlocks: len(hashes) - int(rr.Overlap)}
+	w := rr.GetWorker()
+	r.mu.Lock()
+	r.inflight[w] = append(r.inflight[w], f)
+	r.mu.Unlock()
+	release := func() {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		fs := r.inflight[w]
+		for i := range fs {
+			if fs[i].id == requestID {
+				fs = append(fs[:i], fs[i+1:]...)
+				break
+			}
+		}
+		if len(fs) == 0 {
+			delete(r.inflight, w)
+		} else {
+			r.inflight[w] = fs
+		}
+	}
+	return byID[w], int(rr.Overlap), release, nil
+}
+
+// ReportDown tells discovery a worker failed, so it is skipped for a
+// grace period.
+func (r *Router) ReportDown(in *triplanev1.InstanceInfo) { r.disc.ReportDown(in) }
+
+// IndexLen is the number of (block, worker) entries in the KV index.
+func (r *Router) IndexLen() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.ix.Len()
+}
+
+// IndexBlocks is the index's view of one worker's blocks (tests compare it
+// with the worker's real blocks).
+func (r *Router) IndexBlocks(worker string) map[uint64]bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.ix.Blocks(worker)
+}
+
+// Close stops following the workers.
+func (r *Router) Close() {
+	if r.unsub != nil {
+		close(r.stop)
+		<-r.done
+		r.unsub()
+	}
+	if r.cons != nil {
+		r.cons.Close()
+	}
+	if r.loads != nil {
+		_ = r.loads.Close()
+	}
+}
+
+func streamAddr(in *triplanev1.InstanceInfo) string {
+	for _, e := range in.GetAddresses() {
+		if e.GetProtocol() == triplanev1.Protocol_PROTOCOL_RESPONSE_STREAM {
+			return e.GetAddress()
+		}
+	}
+	return ""
+}

@@ -1,0 +1,161 @@
+// Package serving assembles the serving path of one node: mock-engine
+// workers (serving/worker), the routing shell and its router actor
+// (serving/frontend, actors/router) and the OpenAI-compatible HTTP frontend.
+// `triplane up` starts one of each kind on the node's planes.
+package serving
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/prometheus/client_golang/prometheus"
+	clientv3 "go.etcd.io/etcd/client/v3"
+
+	"github.com/triplane-dev/triplane/actors"
+	"github.com/triplane-dev/triplane/engine/mocker"
+	"github.com/triplane-dev/triplane/planes/control"
+	"github.com/triplane-dev/triplane/planes/event"
+	"github.com/triplane-dev/triplane/router"
+	"github.com/triplane-dev/triplane/serving/frontend"
+	"github.com/triplane-dev/triplane/serving/worker"
+)
+
+// Planes are what the serving path runs on.
+type Planes struct {
+	NATS      *nats.Conn
+	Etcd      *clientv3.Client
+	Host      *actors.Host
+	Registrar *control.Registrar
+	// NodeID names the workers (<node>-w<i>) and the router actor.
+	NodeID     string
+	Namespace  string
+	Registerer prometheus.Registerer
+	Logger     *slog.Logger
+}
+
+// Config says what to start.
+type Config struct {
+	// Workers is the number of mock-engine workers; 0 starts none (a
+	// frontend-only node).
+	Workers int
+	// Frontend starts the HTTP frontend and router on HTTPAddr.
+	Frontend bool
+	HTTPAddr string
+	Model    string
+	Engine   mocker.Config
+	Policy   router.Policy
+	Params   router.Params
+	// StreamToken authenticates frontends to workers' response streams.
+	StreamToken string
+	// MaxInflight and MaxMigrations: see frontend.Config.
+	MaxInflight, MaxMigrations int
+}
+
+// Stack is a running serving path.
+type Stack struct {
+	Workers  []*worker.Worker
+	Router   *frontend.Router
+	Frontend *frontend.Frontend
+	disc     *control.Discovery
+	bus      *event.Bus
+}
+
+// Start starts the workers, then the router and frontend. The frontend
+// waits for discovery's first list so its first request sees the workers.
+func Start(ctx context.Context, p Planes, cfg Config) (_ *Stack, err error) {
+	if p.Logger == nil {
+		p.Logger = slog.New(slog.DiscardHandler)
+	}
+	if p.Namespace == "" {
+		p.Namespace = "default"
+	}
+	if cfg.Model == "" {
+		cfg.Model = "triplane-mock"
+	}
+	cfg.Engine.Defaults()
+	if err := cfg.Engine.Validate(); err != nil {
+		return nil, fmt.Errorf("serving: engine: %w", err)
+	}
+	s := &Stack{}
+	defer func() {
+		if err != nil {
+			s.Close()
+		}
+	}()
+	if s.bus, err = event.New(p.NATS, event.Config{Registerer: p.Registerer, Logger: p.Logger.With("plane", "event")}); err != nil {
+		return nil, err
+	}
+	for i := range cfg.Workers {
+		w, err := worker.Start(ctx, worker.Config{
+			ID: fmt.Sprintf("%s-w%d", p.NodeID, i), Namespace: p.Namespace, Model: cfg.Model, Engine: cfg.Engine,
+			Bus: s.bus, Registrar: p.Registrar, Token: cfg.StreamToken, Logger: p.Logger, Registerer: p.Registerer,
+		})
+		if err != nil {
+			return nil, err
+		}
+		s.Workers = append(s.Workers, w)
+	}
+	if !cfg.Frontend {
+		return s, nil
+	}
+	if s.disc, err = control.NewDiscovery(p.Etcd, control.DiscoveryConfig{Namespace: p.Namespace,
+		Component: worker.Component, Endpoint: worker.Endpoint}); err != nil {
+		return nil, err
+	}
+	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := s.disc.WaitReady(wctx); err != nil {
+		return nil, fmt.Errorf("serving: discovery: %w", err)
+	}
+	if s.Router, err = frontend.NewRouter(frontend.RouterConfig{Namespace: p.Namespace, Model: cfg.Model,
+		Policy: cfg.Policy, Params: cfg.Params, Bus: s.bus, Discovery: s.disc, Host: p.Host,
+		RouterID: p.NodeID, Logger: p.Logger.With("component", "router")}); err != nil {
+		return nil, err
+	}
+	if s.Frontend, err = frontend.Start(frontend.Config{Addr: cfg.HTTPAddr, Model: cfg.Model,
+		BlockSize: cfg.Engine.BlockSize, Vocab: cfg.Engine.Vocab, Router: s.Router, StreamToken: cfg.StreamToken,
+		MaxInflight: cfg.MaxInflight, MaxMigrations: cfg.MaxMigrations,
+		Logger: p.Logger.With("component", "frontend"), Registerer: p.Registerer}); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// Shutdown drains: the frontend stops taking requests and finishes the
+// running ones, the workers deregister and finish theirs, then everything
+// stops. Bounded by ctx.
+func (s *Stack) Shutdown(ctx context.Context) error {
+	var errs []error
+	if s.Frontend != nil {
+		if err := s.Frontend.Shutdown(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("frontend: %w", err))
+		}
+	}
+	for _, w := range s.Workers {
+		if err := w.Drain(ctx); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	s.Close()
+	return errors.Join(errs...)
+}
+
+// Close stops everything at once.
+func (s *Stack) Close() {
+	if s.Frontend != nil {
+		_ = s.Frontend.Close()
+	}
+	if s.Router != nil {
+		s.Router.Close()
+	}
+	if s.disc != nil {
+		s.disc.Close()
+	}
+	for _, w := range s.Workers {
+		w.Close()
+	}
+}

@@ -1,0 +1,360 @@
+package serving_test
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/triplane-dev/triplane/actors"
+	"github.com/triplane-dev/triplane/actors/all"
+	routerm "github.com/triplane-dev/triplane/actors/router"
+	"github.com/triplane-dev/triplane/engine/mocker"
+	"github.com/triplane-dev/triplane/journal"
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planes/control"
+	"github.com/triplane-dev/triplane/planetest"
+	"github.com/triplane-dev/triplane/serving"
+)
+
+type env struct {
+	ctx   context.Context
+	j     *journal.Journal
+	stack *serving.Stack
+	base  string
+}
+
+func start(t *testing.T, workers int, mod ...func(*serving.Config)) *env {
+	t.Helper()
+	p := planetest.Start(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	t.Cleanup(cancel)
+	nc := p.NATS.Connect(t)
+	j, err := journal.Open(ctx, nc, journal.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	snaps, err := journal.OpenSnapshots(filepath.Join(t.TempDir(), "snapshots"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { snaps.Close() })
+	h, err := actors.NewHost(actors.HostConfig{Journal: j, Snapshots: snaps, Registry: all.Registry()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { h.Stop(context.Background()) })
+	cli := p.Etcd.Client(t)
+	reg, err := control.StartRegistrar(ctx, control.RegistrarConfig{Client: cli, Namespace: "test",
+		Node: &triplanev1.NodeInfo{Identity: &triplanev1.NodeIdentity{NodeId: "n1"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { reg.Close(context.Background()) })
+	cfg := serving.Config{Workers: workers, Frontend: true, HTTPAddr: "127.0.0.1:0", Model: "mock",
+		Engine: mocker.Config{BlockSize: 4, NumBlocks: 256, SpeedUp: 100}}
+	for _, m := range mod {
+		m(&cfg)
+	}
+	s, err := serving.Start(ctx, serving.Planes{NATS: nc, Etcd: cli, Host: h, Registrar: reg, NodeID: "n1", Namespace: "test"}, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	e := &env{ctx: ctx, j: j, stack: s, base: "http://" + s.Frontend.Addr()}
+	// Discovery sees the workers once their registrations are watched.
+	e.waitFor(t, "workers discovered", func() bool {
+		_, err := e.post(t, "/v1/completions", `{"model":"mock","prompt":"warm up","max_tokens":1}`)
+		return err == nil
+	})
+	return e
+}
+
+func (e *env) waitFor(t *testing.T, what string, ok func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !ok() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func (e *env) post(t *testing.T, path, body string) (map[string]any, error) {
+	t.Helper()
+	resp, err := http.Post(e.base+path, "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	var out map[string]any
+	if err := json.Unmarshal(b, &out); err != nil {
+		return nil, fmt.Errorf("status %d, body %q: %w", resp.StatusCode, b, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return out, fmt.Errorf("status %d: %s", resp.StatusCode, b)
+	}
+	return out, nil
+}
+
+func TestCompletionsAndChat(t *testing.T) {
+	e := start(t, 2)
+	out, err := e.post(t, "/v1/completions", `{"model":"mock","prompt":"the quick brown fox jumps over the lazy dog","max_tokens":5}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ch := out["choices"].([]any)[0].(map[string]any)
+	if ch["finish_reason"] != "length" || len(strings.Fields(ch["text"].(string))) != 5 {
+		t.Fatalf("completion %v", out)
+	}
+	u := out["usage"].(map[string]any)
+	if u["completion_tokens"].(float64) != 5 || u["prompt_tokens"].(float64) != 10 {
+		t.Fatalf("usage %v", u)
+	}
+	out, err = e.post(t, "/v1/chat/completions", `{"model":"mock","messages":[{"role":"user","content":"hi there"}],"max_completion_tokens":3}`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg := out["choices"].([]any)[0].(map[string]any)["message"].(map[string]any)
+	if msg["role"] != "assistant" || len(strings.Fields(msg["content"].(string))) != 3 || out["object"] != "chat.completion" {
+		t.Fatalf("chat %v", out)
+	}
+	resp, err := http.Get(e.base + "/v1/models")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var models map[string]any
+	_ = json.NewDecoder(resp.Body).Decode(&models)
+	resp.Body.Close()
+	if models["data"].([]any)[0].(map[string]any)["id"] != "mock" {
+		t.Fatalf("models %v", models)
+	}
+}
+
+func TestStreaming(t *testing.T) {
+	e := start(t, 1)
+	for _, tc := range []struct{ path, body, object string }{
+		{"/v1/completions", `{"model":"mock","prompt":"stream me","max_tokens":6,"stream":true,"stream_options":{"include_usage":true}}`, "text_completion"},
+		{"/v1/chat/completions", `{"model":"mock","messages":[{"role":"user","content":"stream me"}],"max_tokens":6,"stream":true}`, "chat.completion.chunk"},
+	} {
+		resp, err := http.Post(e.base+tc.path, "application/json", strings.NewReader(tc.body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ct := resp.Header.Get("Content-Type"); ct != "text/event-stream" {
+			t.Fatalf("content type %q", ct)
+		}
+		sc := bufio.NewScanner(resp.Body)
+		var words int
+		var finish string
+		done := false
+		for sc.Scan() {
+			line := sc.Text()
+			if line == "" {
+				continue
+			}
+			data, ok := strings.CutPrefix(line, "data: ")
+			if !ok {
+				t.Fatalf("not an SSE data line: %q", line)
+			}
+			if data == "[DONE]" {
+				done = true
+				break
+			}
+			var ev map[string]any
+			if err := json.Unmarshal([]byte(data), &ev); err != nil {
+				t.Fatal(err)
+			}
+			if ev["object"] != tc.object {
+				t.Fatalf("object %v", ev["object"])
+			}
+			for _, c := range ev["choices"].([]any) {
+				c := c.(map[string]any)
+				if f, ok := c["finish_reason"].(string); ok {
+					finish = f
+				}
+				text, _ := c["text"].(string)
+				if d, ok := c["delta"].(map[string]any); ok {
+					text, _ = d["content"].(string)
+				}
+				words += len(strings.Fields(text))
+			}
+		}
+		resp.Body.Close()
+		if !done || words != 6 || finish != "length" {
+			t.Fatalf("%s: done %v words %d finish %q", tc.path, done, words, finish)
+		}
+	}
+}
+
+func TestBadRequests(t *testing.T) {
+	e := start(t, 1)
+	for _, tc := range []struct {
+		path, body string
+		status     int
+		want       string
+	}{
+		{"/v1/completions", `{"model":"mock","prompt":"x"`, 400, "not valid JSON"},
+		{"/v1/completions", `{"model":"nope","prompt":"x"}`, 404, "does not exist"},
+		{"/v1/completions", `{"prompt":"x"}`, 400, "model is required"},
+		{"/v1/completions", `{"model":"mock"}`, 400, "prompt is required"},
+		{"/v1/completions", `{"model":"mock","prompt":{"a":1}}`, 400, "prompt must be"},
+		{"/v1/completions", `{"model":"mock","prompt":"x","max_tokens":0}`, 400, "max_tokens 0"},
+		{"/v1/completions", `{"model":"mock","prompt":"x","max_tokens":100000}`, 400, "max_tokens 100000"},
+		{"/v1/completions", `{"model":"mock","prompt":"x","n":2}`, 400, "one choice"},
+		{"/v1/chat/completions", `{"model":"mock","messages":[]}`, 400, "at least one message"},
+		{"/v1/chat/completions", `{"model":"mock","messages":[{"role":"wizard","content":"x"}]}`, 400, "role"},
+		{"/v1/nothing", `{}`, 404, "no route"},
+	} {
+		resp, err := http.Post(e.base+tc.path, "application/json", strings.NewReader(tc.body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out struct {
+			Error struct{ Message, Type string } `json:"error"`
+		}
+		err = json.NewDecoder(resp.Body).Decode(&out)
+		resp.Body.Close()
+		if resp.StatusCode != tc.status || err != nil || !strings.Contains(out.Error.Message, tc.want) || out.Error.Type == "" {
+			t.Errorf("%s %s: status %d, error %+v (%v); want %d %q", tc.path, tc.body, resp.StatusCode, out.Error, err, tc.status, tc.want)
+		}
+	}
+	// The server still serves.
+	if _, err := e.post(t, "/v1/completions", `{"model":"mock","prompt":"still here","max_tokens":2}`); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// The router journals every decision with its reasons, and requests that
+// share a prefix go where the prefix is cached.
+func TestRoutingFollowsPrefixAndIsJournaled(t *testing.T) {
+	e := start(t, 3)
+	prompt := strings.Repeat("shared system prompt words ", 20)
+	var workers []string
+	for i := range 4 {
+		body := fmt.Sprintf(`{"model":"mock","prompt":%q,"max_tokens":2}`, prompt+fmt.Sprint(i))
+		if _, err := e.post(t, "/v1/completions", body); err != nil {
+			t.Fatal(err)
+		}
+		// Wait until the index saw the first request's blocks, so the
+		// next decisions can use them.
+		if i == 0 {
+			e.waitFor(t, "index fed", func() bool { return e.stack.Router.IndexLen() > 10 })
+		}
+	}
+	var decided []*triplanev1.RouteDecided
+	err := e.j.Read(e.ctx, routerm.Kind, "n1", journal.Query{}, func(r *journal.Record) error {
+		d := &triplanev1.RouteDecided{}
+		if err := r.Payload.UnmarshalTo(d); err != nil {
+			return err
+		}
+		decided = append(decided, d)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(decided) < 5 { // warm-up + 4
+		t.Fatalf("%d decisions journaled", len(decided))
+	}
+	for _, d := range decided[len(decided)-3:] {
+		workers = append(workers, d.Worker)
+		if d.Overlap == 0 || len(d.Scores) != 3 || len(d.Candidates) != 3 {
+			t.Fatalf("decision without reasons or overlap: %v", d)
+		}
+	}
+	if workers[0] != workers[1] || workers[1] != workers[2] {
+		t.Fatalf("shared-prefix requests spread over %v", workers)
+	}
+}
+
+// openStream starts a streaming completion and returns its reader after
+// the first token arrived.
+func openStream(t *testing.T, e *env, maxTokens int) (*http.Response, *bufio.Scanner) {
+	t.Helper()
+	body := fmt.Sprintf(`{"model":"mock","prompt":"a long story please","max_tokens":%d,"stream":true}`, maxTokens)
+	resp, err := http.Post(e.base+"/v1/completions", "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		if strings.HasPrefix(sc.Text(), "data: {") {
+			return resp, sc
+		}
+	}
+	t.Fatalf("no first token: %v", sc.Err())
+	return nil, nil
+}
+
+func busyWorker(e *env) int {
+	for i, w := range e.stack.Workers {
+		if w.Load().Active > 0 {
+			return i
+		}
+	}
+	return -1
+}
+
+// A worker that dies mid-stream: the request resumes on another worker
+// with the tokens generated so far, and the client gets all it asked for.
+func TestMigrationWhenWorkerDies(t *testing.T) {
+	e := start(t, 2, func(c *serving.Config) { c.Engine.SpeedUp = 1 })
+	resp, sc := openStream(t, e, 300)
+	defer resp.Body.Close()
+	var victim int
+	e.waitFor(t, "a busy worker", func() bool { victim = busyWorker(e); return victim >= 0 })
+	e.stack.Workers[victim].Close()
+	words, finish := 1, ""
+	var errEvent string
+	for sc.Scan() {
+		data, _ := strings.CutPrefix(sc.Text(), "data: ")
+		if data == "" || data == "[DONE]" {
+			continue
+		}
+		var ev struct {
+			Choices []struct {
+				Text         string  `json:"text"`
+				FinishReason *string `json:"finish_reason"`
+			} `json:"choices"`
+			Error *struct{ Message string } `json:"error"`
+		}
+		if err := json.Unmarshal([]byte(data), &ev); err != nil {
+			t.Fatal(err)
+		}
+		if ev.Error != nil {
+			errEvent = ev.Error.Message
+		}
+		for _, c := range ev.Choices {
+			words += len(strings.Fields(c.Text))
+			if c.FinishReason != nil {
+				finish = *c.FinishReason
+			}
+		}
+	}
+	if errEvent != "" || words != 300 || finish != "length" {
+		t.Fatalf("after migration: %d words, finish %q, error %q", words, finish, errEvent)
+	}
+	if l := e.stack.Workers[1-victim].Load(); l.BlocksTotal == 0 {
+		t.Fatal("survivor has no engine")
+	}
+}
+
+// A client that goes away cancels the request on the worker.
+func TestClientDisconnectCancels(t *testing.T) {
+	e := start(t, 1, func(c *serving.Config) { c.Engine.SpeedUp = 1; c.Engine.NumBlocks = 2048 })
+	resp, _ := openStream(t, e, 4000) // ~25 s of modelled decode if not cancelled
+	if busyWorker(e) != 0 {
+		e.waitFor(t, "the worker busy", func() bool { return busyWorker(e) == 0 })
+	}
+	resp.Body.Close()
+	e.waitFor(t, "the request cancelled on the worker", func() bool { return busyWorker(e) < 0 })
+}

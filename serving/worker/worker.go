@@ -1,0 +1,559 @@
+// Package worker is the serving worker: the shell around an engine. One
+// goroutine owns the engine (the actor's mailbox is a bounded channel): it
+// admits requests, steps the engine for as long as each iteration is modelled
+// to take, publishes the engine's KV events (with gap repair, package
+// kvevents) and its load on the event plane, and hands each request's tokens
+// to its response stream on the data plane. The worker registers on the
+// control plane so routers find it, and drains on shutdown: deregistered
+// first, then the running requests finish.
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/triplane-dev/triplane/engine"
+	"github.com/triplane-dev/triplane/engine/mocker"
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planes/control"
+	"github.com/triplane-dev/triplane/planes/data/stream"
+	"github.com/triplane-dev/triplane/planes/event"
+	"github.com/triplane-dev/triplane/planes/event/kvevents"
+)
+
+// Control-plane names of workers.
+const (
+	Component = "worker"
+	Endpoint  = "generate"
+)
+
+// Errors a frontend sees in the stream's final frame.
+var (
+	ErrDraining   = errors.New("worker: draining, not taking requests")
+	ErrOverloaded = errors.New("worker: overloaded")
+	ErrBadRequest = errors.New("worker: bad request")
+	ErrStopped    = errors.New("worker: stopped")
+)
+
+// Config configures a worker.
+type Config struct {
+	// ID is the worker's instance id (unique in the namespace).
+	ID        string
+	Namespace string
+	Model     string
+	Engine    mocker.Config
+	// Bus carries KV events and load reports; Registrar, when set,
+	// registers the worker on the control plane.
+	Bus       *event.Bus
+	Registrar *control.Registrar
+	// Listen is the response-stream server's address; default
+	// 127.0.0.1:0.
+	Listen string
+	// Token, when set, is required from frontends opening a stream.
+	Token string
+	// LoadInterval between load reports; default 500 ms.
+	LoadInterval time.Duration
+	// MaxTokens bounds one request's generation; default 32768.
+	MaxTokens int
+	// Mailbox bounds the commands waiting for the engine goroutine;
+	// default 4096. A full mailbox refuses with ErrOverloaded.
+	Mailbox    int
+	Logger     *slog.Logger
+	Registerer prometheus.Registerer
+}
+
+// Worker is a running worker.
+type Worker struct {
+	cfg     Config
+	log     *slog.Logger
+	eng     *mocker.Engine
+	srv     *stream.Server
+	pub     *kvevents.Publisher
+	inbox   chan op
+	stop    context.CancelFunc
+	done    chan struct{}
+	metrics *metrics
+
+	mu       sync.Mutex
+	draining bool
+	reqs     map[string]*pending
+	lastLoad engine.Load
+	idle     chan struct{} // closed when draining and no request is left
+}
+
+type op struct {
+	add    *pending
+	cancel string
+	res    chan error
+}
+
+// pending is one request's tokens between the engine goroutine and its
+// stream handler: the engine appends and signals, the handler takes.
+type pending struct {
+	req    engine.Request
+	mu     sync.Mutex
+	tokens []uint32
+	cached int
+	first  bool
+	done   bool
+	reason string
+	err    error
+	notify chan struct{}
+}
+
+func (p *pending) push(o engine.Output) {
+	p.mu.Lock()
+	p.tokens = append(p.tokens, o.Tokens...)
+	if o.CachedTokens > 0 {
+		p.cached = o.CachedTokens
+	}
+	if o.Finished {
+		p.done, p.reason, p.err = true, o.Reason, o.Err
+	}
+	p.mu.Unlock()
+	select {
+	case p.notify <- struct{}{}:
+	default:
+	}
+}
+
+func (p *pending) fail(err error) {
+	p.push(engine.Output{Finished: true, Reason: "error", Err: err})
+}
+
+// Start starts a worker: its engine goroutine, stream server, KV event
+// publisher, load reports and registration.
+func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
+	if err := control.CheckName("worker id", cfg.ID); err != nil {
+		return nil, err
+	}
+	if cfg.Bus == nil {
+		return nil, errors.New("worker: an event bus is required")
+	}
+	if cfg.Namespace == "" {
+		cfg.Namespace = "default"
+	}
+	if cfg.Listen == "" {
+		cfg.Listen = "127.0.0.1:0"
+	}
+	if cfg.LoadInterval <= 0 {
+		cfg.LoadInterval = 500 * time.Millisecond
+	}
+	if cfg.MaxTokens <= 0 {
+		cfg.MaxTokens = 32768
+	}
+	if cfg.Mailbox <= 0 {
+		cfg.Mailbox = 4096
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	eng, err := mocker.New(cfg.Engine)
+	if err != nil {
+		return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
+	}
+	rctx, cancel := context.WithCancel(context.Background())
+	w := &Worker{cfg: cfg, log: cfg.Logger.With("worker", cfg.ID), eng: eng, inbox: make(chan op, cfg.Mailbox),
+		stop: cancel, done: make(chan struct{}), reqs: map[string]*pending{}, metrics: newMetrics(cfg.Registerer, cfg.ID)}
+	defer func() {
+		if err != nil {
+			w.Close()
+		}
+	}()
+	w.pub, err = kvevents.NewPublisher(cfg.Bus, kvevents.PublisherConfig{WorkerID: cfg.ID, Namespace: cfg.Namespace,
+		Epoch: uint64(time.Now().UnixNano())})
+	if err != nil {
+		return nil, fmt.Errorf("worker %s: kv events: %w", cfg.ID, err)
+	}
+	go w.run(rctx)
+	w.srv, err = stream.Listen(cfg.Listen, stream.ServerConfig{Handler: w.serve, Token: cfg.Token,
+		Logger: w.log, Metrics: stream.NewMetrics(nil)})
+	if err != nil {
+		return nil, fmt.Errorf("worker %s: response streams: %w", cfg.ID, err)
+	}
+	loadSubject, err := cfg.Bus.LoadSubject(cfg.Namespace, Component)
+	if err != nil {
+		return nil, err
+	}
+	go func() {
+		_ = event.ReportLoad(rctx, cfg.Bus, loadSubject, cfg.LoadInterval, w.loadReport)
+	}()
+	if cfg.Registrar != nil {
+		err = cfg.Registrar.Register(ctx, &triplanev1.InstanceInfo{
+			Component: Component, Endpoint: Endpoint, InstanceId: cfg.ID,
+			Addresses: []*triplanev1.Endpoint{{Protocol: triplanev1.Protocol_PROTOCOL_RESPONSE_STREAM, Address: w.srv.Addr()}},
+			Metadata: map[string]string{"model": cfg.Model, "block_size": fmt.Sprint(eng.Config().BlockSize),
+				"engine": "mocker"},
+		})
+		if err != nil {
+			return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
+		}
+	}
+	w.log.Info("worker started", "stream_addr", w.srv.Addr(), "model", cfg.Model,
+		"blocks", eng.Config().NumBlocks, "block_size", eng.Config().BlockSize)
+	return w, nil
+}
+
+// Addr is the response-stream server's address.
+func (w *Worker) Addr() string { return w.srv.Addr() }
+
+// ID is the worker's instance id.
+func (w *Worker) ID() string { return w.cfg.ID }
+
+// Info is the worker's registration, for callers that route without etcd.
+func (w *Worker) Info() *triplanev1.InstanceInfo {
+	return &triplanev1.InstanceInfo{Namespace: w.cfg.Namespace, Component: Component, Endpoint: Endpoint, InstanceId: w.cfg.ID,
+		Addresses: []*triplanev1.Endpoint{{Protocol: triplanev1.Protocol_PROTOCOL_RESPONSE_STREAM, Address: w.srv.Addr()}}}
+}
+
+func (w *Worker) loadReport() *triplanev1.LoadReport {
+	l := w.load()
+	return &triplanev1.LoadReport{InstanceId: w.cfg.ID, Namespace: w.cfg.Namespace, Component: Component,
+		ActiveRequests: uint32(l.Active), WaitingRequests: uint32(l.Waiting),
+		KvBlocksUsed: uint64(l.BlocksUsed), KvBlocksTotal: uint64(l.BlocksTotal), CacheHitRate: l.HitRate}
+}
+
+// Load is the engine's load as of its last iteration.
+func (w *Worker) Load() engine.Load { return w.load() }
+
+func (w *Worker) load() engine.Load {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.lastLoad
+}
+
+// run is the engine goroutine: the only one that touches the engine.
+func (w *Worker) run(ctx context.Context) {
+	defer close(w.done)
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
+	for {
+		if w.eng.Idle() {
+			w.setLoad()
+			select {
+			case <-ctx.Done():
+				w.failAll(ErrStopped)
+				return
+			case o := <-w.inbox:
+				w.handle(o)
+			}
+			continue
+		}
+		// Take whatever arrived, then run one iteration and let the
+		// modelled time pass while accepting more.
+		for drained := false; !drained; {
+			select {
+			case o := <-w.inbox:
+				w.handle(o)
+			default:
+				drained = true
+			}
+		}
+		st := w.eng.Step()
+		w.publish(st.Events)
+		for _, o := range st.Outputs {
+			w.deliver(o)
+		}
+		w.metrics.steps.Inc()
+		w.setLoad()
+		if st.Duration <= 0 {
+			continue
+		}
+		timer.Reset(st.Duration)
+	wait:
+		for {
+			select {
+			case <-ctx.Done():
+				timer.Stop()
+				w.failAll(ErrStopped)
+				return
+			case o := <-w.inbox:
+				w.handle(o)
+			case <-timer.C:
+				break wait
+			}
+		}
+	}
+}
+
+func (w *Worker) setLoad() {
+	l := w.eng.Load()
+	w.mu.Lock()
+	w.lastLoad = l
+	w.mu.Unlock()
+	w.metrics.active.Set(float64(l.Active))
+	w.metrics.waiting.Set(float64(l.Waiting))
+	w.metrics.blocksUsed.Set(float64(l.BlocksUsed))
+}
+
+func (w *Worker) handle(o op) {
+	switch {
+	case o.add != nil:
+		err := w.eng.Add(o.add.req)
+		if errors.Is(err, engine.ErrQueueFull) {
+			err = fmt.Errorf("%w: %w", ErrOverloaded, err)
+		}
+		o.res <- err
+	case o.cancel != "":
+		w.eng.Cancel(o.cancel)
+	}
+}
+
+func (w *Worker) deliver(o engine.Output) {
+	w.mu.Lock()
+	p := w.reqs[o.ID]
+	w.mu.Unlock()
+	if p != nil {
+		p.push(o)
+		w.metrics.tokens.Add(float64(len(o.Tokens)))
+	}
+}
+
+func (w *Worker) failAll(err error) {
+	w.mu.Lock()
+	ps := make([]*pending, 0, len(w.reqs))
+	for _, p := range w.reqs {
+		ps = append(ps, p)
+	}
+	w.mu.Unlock()
+	for _, p := range ps {
+		p.fail(err)
+	}
+}
+
+// publish announces the engine's KV events. Consecutive stored blocks of
+// one chain go out as one message.
+func (w *Worker) publish(evs []engine.KVEvent) {
+	flush := func(hashes []uint64, parent uint64) {
+		if len(hashes) == 0 {
+			return
+		}
+		var pp *uint64
+		if parent != 0 {
+			pp = &parent
+		}
+		if err := w.pub.Stored(hashes, pp); err != nil {
+			w.metrics.publishErrors.Inc()
+		}
+	}
+	var run []uint64
+	var runParent uint64
+	var removed []uint64
+	flushRemoved := func() {
+		if len(removed) > 0 {
+			if err := w.pub.Removed(removed); err != nil {
+				w.metrics.publishErrors.Inc()
+			}
+			removed = nil
+		}
+	}
+	for _, e := range evs {
+		switch e.Kind {
+		case engine.KVStored:
+			flushRemoved()
+			if len(run) > 0 && e.Parent == run[len(run)-1] {
+				run = append(run, e.Hash)
+				continue
+			}
+			flush(run, runParent)
+			run, runParent = []uint64{e.Hash}, e.Parent
+		case engine.KVRemoved:
+			flush(run, runParent)
+			run = nil
+			removed = append(removed, e.Hash)
+		case engine.KVCleared:
+			flush(run, runParent)
+			flushRemoved()
+			run = nil
+			if err := w.pub.Cleared(); err != nil {
+				w.metrics.publishErrors.Inc()
+			}
+		}
+	}
+	flush(run, runParent)
+	flushRemoved()
+}
+
+// serve is the response-stream handler of one request.
+func (w *Worker) serve(ctx context.Context, open *triplanev1.StreamOpen, send func([]byte) error) (string, error) {
+	req := &triplanev1.GenerateRequest{}
+	if err := proto.Unmarshal(open.Payload, req); err != nil {
+		w.metrics.requests.WithLabelValues("bad_request").Inc()
+		return "", fmt.Errorf("%w: payload is not a GenerateRequest: %v", ErrBadRequest, err)
+	}
+	if err := w.check(req); err != nil {
+		w.metrics.requests.WithLabelValues("bad_request").Inc()
+		return "", err
+	}
+	p := &pending{req: engine.Request{ID: req.RequestId, Tokens: req.Tokens, MaxTokens: int(req.MaxTokens)},
+		first: true, notify: make(chan struct{}, 1)}
+	w.mu.Lock()
+	switch {
+	case w.draining:
+		w.mu.Unlock()
+		w.metrics.requests.WithLabelValues("draining").Inc()
+		return "", ErrDraining
+	case w.reqs[req.RequestId] != nil:
+		w.mu.Unlock()
+		w.metrics.requests.WithLabelValues("bad_request").Inc()
+		return "", fmt.Errorf("%w: request %q is already running here", ErrBadRequest, req.RequestId)
+	}
+	w.reqs[req.RequestId] = p
+	w.mu.Unlock()
+	defer w.forget(req.RequestId)
+
+	res := make(chan error, 1)
+	select {
+	case w.inbox <- op{add: p, res: res}:
+	default:
+		w.metrics.requests.WithLabelValues("overloaded").Inc()
+		return "", fmt.Errorf("%w: mailbox full", ErrOverloaded)
+	}
+	select {
+	case err := <-res:
+		if err != nil {
+			w.metrics.requests.WithLabelValues("refused").Inc()
+			return "", err
+		}
+	case <-w.done:
+		return "", ErrStopped
+	}
+	for {
+		select {
+		case <-p.notify:
+		case <-ctx.Done():
+			// The frontend went away (or the server is closing): stop
+			// generating. The cancel may find the mailbox full; the
+			// engine then finishes the request on its own.
+			select {
+			case w.inbox <- op{cancel: req.RequestId}:
+			default:
+			}
+			w.metrics.requests.WithLabelValues("cancelled").Inc()
+			return "", context.Cause(ctx)
+		}
+		p.mu.Lock()
+		toks, cached, done, reason, perr := p.tokens, p.cached, p.done, p.reason, p.err
+		p.tokens = nil
+		first := p.first && (len(toks) > 0 || cached > 0)
+		if first {
+			p.first = false
+		}
+		p.mu.Unlock()
+		if len(toks) > 0 || first {
+			chunk := &triplanev1.GenerateChunk{Tokens: toks, Worker: w.cfg.ID}
+			if first {
+				chunk.CachedTokens = uint32(cached)
+			}
+			b, err := proto.Marshal(chunk)
+			if err == nil {
+				err = send(b)
+			}
+			if err != nil {
+				select {
+				case w.inbox <- op{cancel: req.RequestId}:
+				default:
+				}
+				w.metrics.requests.WithLabelValues("cancelled").Inc()
+				return "", err
+			}
+		}
+		if done {
+			if perr != nil || reason == "error" {
+				w.metrics.requests.WithLabelValues("error").Inc()
+				if perr == nil {
+					perr = errors.New("worker: engine error")
+				}
+				return "", perr
+			}
+			w.metrics.requests.WithLabelValues("ok").Inc()
+			return reason, nil
+		}
+	}
+}
+
+func (w *Worker) check(r *triplanev1.GenerateRequest) error {
+	switch {
+	case r.RequestId == "":
+		return fmt.Errorf("%w: empty request id", ErrBadRequest)
+	case len(r.Tokens) == 0:
+		return fmt.Errorf("%w: empty prompt", ErrBadRequest)
+	case r.MaxTokens == 0:
+		return fmt.Errorf("%w: max_tokens must be at least 1", ErrBadRequest)
+	case int(r.MaxTokens) > w.cfg.MaxTokens:
+		return fmt.Errorf("%w: max_tokens %d is above this worker's limit %d", ErrBadRequest, r.MaxTokens, w.cfg.MaxTokens)
+	case r.Model != "" && w.cfg.Model != "" && r.Model != w.cfg.Model:
+		return fmt.Errorf("%w: model %q is not served here (this worker serves %q)", ErrBadRequest, r.Model, w.cfg.Model)
+	}
+	return nil
+}
+
+func (w *Worker) forget(id string) {
+	w.mu.Lock()
+	delete(w.reqs, id)
+	if w.draining && len(w.reqs) == 0 && w.idle != nil {
+		close(w.idle)
+		w.idle = nil
+	}
+	w.mu.Unlock()
+}
+
+// Drain stops taking requests and deregisters the worker, then waits until
+// the running requests finished or ctx ends.
+func (w *Worker) Drain(ctx context.Context) error {
+	w.mu.Lock()
+	if !w.draining {
+		w.draining = true
+		if len(w.reqs) > 0 {
+			w.idle = make(chan struct{})
+		}
+	}
+	idle := w.idle
+	n := len(w.reqs)
+	w.mu.Unlock()
+	w.log.Info("worker draining", "running", n)
+	var err error
+	if w.cfg.Registrar != nil {
+		if derr := w.cfg.Registrar.Deregister(ctx, Component, Endpoint, w.cfg.ID); derr != nil {
+			err = fmt.Errorf("worker %s: deregister: %w", w.cfg.ID, derr)
+		}
+	}
+	if idle != nil {
+		select {
+		case <-idle:
+		case <-ctx.Done():
+			return errors.Join(err, fmt.Errorf("worker %s: drain: %w", w.cfg.ID, context.Cause(ctx)))
+		}
+	}
+	return err
+}
+
+// Close stops the worker at once: running requests end with an error
+// frame (their frontends may migrate them).
+func (w *Worker) Close() {
+	if w.srv != nil {
+		_ = w.srv.Close()
+	}
+	w.stop()
+	select {
+	case <-w.done:
+	default:
+		if w.pub == nil {
+			break // the engine goroutine never started
+		}
+		<-w.done
+	}
+	if w.pub != nil {
+		w.pub.Close()
+	}
+}
+
+// Blocks is the engine's cached blocks as the KV events announced them.
+func (w *Worker) Blocks() map[uint64]kvevents.Block { return w.pub.Blocks() }

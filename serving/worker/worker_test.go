@@ -1,0 +1,102 @@
+package worker_test
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	"github.com/triplane-dev/triplane/engine/mocker"
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planes/data/stream"
+	"github.com/triplane-dev/triplane/planes/event"
+	"github.com/triplane-dev/triplane/planetest"
+	"github.com/triplane-dev/triplane/serving/worker"
+)
+
+func startWorker(t *testing.T) *worker.Worker {
+	t.Helper()
+	bus, err := event.New(planetest.StartNATS(t).Connect(t), event.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := worker.Start(context.Background(), worker.Config{ID: "w1", Model: "m", Bus: bus,
+		Engine: mocker.Config{BlockSize: 4, NumBlocks: 64, SpeedUp: 100}, MaxTokens: 50})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(w.Close)
+	return w
+}
+
+// generate runs one request and returns its tokens, final reason and error.
+func generate(t *testing.T, w *worker.Worker, payload []byte) (int, string, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	s, err := stream.Open(ctx, w.Addr(), &triplanev1.StreamOpen{RequestId: "r", Payload: payload}, stream.ClientOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	n := 0
+	for {
+		fr, err := s.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(fr.Data) > 0 {
+			c := &triplanev1.GenerateChunk{}
+			if err := proto.Unmarshal(fr.Data, c); err != nil {
+				t.Fatal(err)
+			}
+			n += len(c.Tokens)
+		}
+		if fr.Final {
+			return n, fr.Reason, fr.Error
+		}
+	}
+}
+
+func TestWorkerRefusesBadRequestsAndKeepsServing(t *testing.T) {
+	w := startWorker(t)
+	good := func(r *triplanev1.GenerateRequest) []byte { b, _ := proto.Marshal(r); return b }
+	for _, tc := range []struct {
+		name    string
+		payload []byte
+		want    string
+	}{
+		{"not protobuf", []byte{0xff, 0xff, 0xff}, "not a GenerateRequest"},
+		{"empty id", good(&triplanev1.GenerateRequest{Tokens: []uint32{1}, MaxTokens: 1}), "empty request id"},
+		{"empty prompt", good(&triplanev1.GenerateRequest{RequestId: "a", MaxTokens: 1}), "empty prompt"},
+		{"zero max", good(&triplanev1.GenerateRequest{RequestId: "a", Tokens: []uint32{1}}), "at least 1"},
+		{"above limit", good(&triplanev1.GenerateRequest{RequestId: "a", Tokens: []uint32{1}, MaxTokens: 51}), "limit 50"},
+		{"wrong model", good(&triplanev1.GenerateRequest{RequestId: "a", Tokens: []uint32{1}, MaxTokens: 1, Model: "x"}), "not served here"},
+	} {
+		n, _, errMsg := generate(t, w, tc.payload)
+		if n != 0 || !strings.Contains(errMsg, tc.want) {
+			t.Errorf("%s: %d tokens, error %q; want %q", tc.name, n, errMsg, tc.want)
+		}
+	}
+	n, reason, errMsg := generate(t, w, good(&triplanev1.GenerateRequest{RequestId: "ok", Tokens: []uint32{1, 2, 3, 4, 5}, MaxTokens: 7, Model: "m"}))
+	if n != 7 || reason != "length" || errMsg != "" {
+		t.Fatalf("good request after bad ones: %d tokens, %q, %q", n, reason, errMsg)
+	}
+	// Its prompt's full block is announced as a KV event.
+	if len(w.Blocks()) == 0 {
+		t.Fatal("no KV blocks announced")
+	}
+}
+
+func TestDrainRefusesNewRequests(t *testing.T) {
+	w := startWorker(t)
+	if err := w.Drain(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := proto.Marshal(&triplanev1.GenerateRequest{RequestId: "late", Tokens: []uint32{1}, MaxTokens: 1})
+	if _, _, errMsg := generate(t, w, b); !strings.Contains(errMsg, "draining") {
+		t.Fatalf("draining worker answered %q", errMsg)
+	}
+}
