@@ -16,6 +16,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 
 	"github.com/triplane-dev/triplane/actors"
+	"github.com/triplane-dev/triplane/actors/transfer"
 	"github.com/triplane-dev/triplane/engine/mocker"
 	"github.com/triplane-dev/triplane/planes/control"
 	"github.com/triplane-dev/triplane/planes/event"
@@ -53,6 +54,16 @@ type Config struct {
 	StreamToken string
 	// MaxInflight and MaxMigrations: see frontend.Config.
 	MaxInflight, MaxMigrations int
+	// PrefillWorkers > 0 runs disaggregated: that many of the Workers are
+	// prefill workers, the rest decode; the frontend sends prompts with at
+	// least DisaggThreshold uncached tokens to a prefill worker whose queue
+	// is below MaxPrefillQueue, and the KV blocks move to the decode worker
+	// with a transfer session.
+	PrefillWorkers  int
+	DisaggThreshold int
+	MaxPrefillQueue int
+	// DataToken authenticates block transfers between workers.
+	DataToken string
 }
 
 // Stack is a running serving path.
@@ -89,9 +100,23 @@ func Start(ctx context.Context, p Planes, cfg Config) (_ *Stack, err error) {
 	if s.bus, err = event.New(p.NATS, event.Config{Registerer: p.Registerer, Logger: p.Logger.With("plane", "event")}); err != nil {
 		return nil, err
 	}
+	if cfg.PrefillWorkers < 0 || (cfg.PrefillWorkers > 0 && cfg.PrefillWorkers >= cfg.Workers) {
+		return nil, fmt.Errorf("serving: %d prefill workers of %d: disaggregated serving needs at least one decode worker", cfg.PrefillWorkers, cfg.Workers)
+	}
+	xfer := transfer.NewMetrics(p.Registerer)
 	for i := range cfg.Workers {
+		role, name := worker.RoleBoth, fmt.Sprintf("%s-w%d", p.NodeID, i)
+		if cfg.PrefillWorkers > 0 {
+			role = worker.RoleDecode
+			if i < cfg.PrefillWorkers {
+				role, name = worker.RolePrefill, fmt.Sprintf("%s-p%d", p.NodeID, i)
+			} else {
+				name = fmt.Sprintf("%s-d%d", p.NodeID, i-cfg.PrefillWorkers)
+			}
+		}
 		w, err := worker.Start(ctx, worker.Config{
-			ID: fmt.Sprintf("%s-w%d", p.NodeID, i), Namespace: p.Namespace, Model: cfg.Model, Engine: cfg.Engine,
+			ID: name, Namespace: p.Namespace, Model: cfg.Model, Engine: cfg.Engine, Role: role, Host: p.Host,
+			DataToken: cfg.DataToken, TransferMetrics: xfer,
 			Bus: s.bus, Registrar: p.Registrar, Token: cfg.StreamToken, Logger: p.Logger, Registerer: p.Registerer,
 		})
 		if err != nil {
@@ -116,7 +141,11 @@ func Start(ctx context.Context, p Planes, cfg Config) (_ *Stack, err error) {
 		RouterID: p.NodeID, Logger: p.Logger.With("component", "router")}); err != nil {
 		return nil, err
 	}
-	if s.Frontend, err = frontend.Start(frontend.Config{Addr: cfg.HTTPAddr, Model: cfg.Model,
+	var disagg *frontend.Disagg
+	if cfg.PrefillWorkers > 0 {
+		disagg = &frontend.Disagg{Threshold: cfg.DisaggThreshold, MaxPrefillQueue: cfg.MaxPrefillQueue}
+	}
+	if s.Frontend, err = frontend.Start(frontend.Config{Addr: cfg.HTTPAddr, Model: cfg.Model, Disagg: disagg,
 		BlockSize: cfg.Engine.BlockSize, Vocab: cfg.Engine.Vocab, Router: s.Router, StreamToken: cfg.StreamToken,
 		MaxInflight: cfg.MaxInflight, MaxMigrations: cfg.MaxMigrations,
 		Logger: p.Logger.With("component", "frontend"), Registerer: p.Registerer}); err != nil {

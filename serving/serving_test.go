@@ -358,3 +358,48 @@ func TestClientDisconnectCancels(t *testing.T) {
 	resp.Body.Close()
 	e.waitFor(t, "the request cancelled on the worker", func() bool { return busyWorker(e) < 0 })
 }
+
+// Disaggregated: a long prompt is prefilled on the prefill worker, its
+// blocks move to the decode worker with a journaled transfer session, and
+// the decode worker generates from them; a short one stays local.
+func TestDisaggregatedPrefill(t *testing.T) {
+	e := start(t, 2, func(c *serving.Config) { c.PrefillWorkers = 1; c.DisaggThreshold = 16 })
+	pre, dec := e.stack.Workers[0], e.stack.Workers[1]
+	base := dec.Stats() // the warm-up request may have gone either way
+	long := strings.Repeat("a long shared document with many words ", 8)
+	out, err := e.post(t, "/v1/completions", fmt.Sprintf(`{"model":"mock","prompt":%q,"max_tokens":4}`, long))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ch := out["choices"].([]any)[0].(map[string]any); len(strings.Fields(ch["text"].(string))) != 4 {
+		t.Fatalf("disaggregated completion %v", out)
+	}
+	got := dec.Stats()
+	if got.RemotePrefills != base.RemotePrefills+1 || got.Imported <= base.Imported || got.Fallbacks != base.Fallbacks {
+		t.Fatalf("decode worker stats %+v (before %+v)", got, base)
+	}
+	if ps := pre.Stats(); ps.Exported != got.Imported {
+		t.Fatalf("prefill exported %d blocks, decode imported %d", ps.Exported, got.Imported)
+	}
+	// The transfer session is journaled and completed.
+	list, err := e.j.Actors(e.ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sessions := 0
+	for _, a := range list {
+		if a.Kind == "transfer" {
+			sessions++
+		}
+	}
+	if sessions == 0 {
+		t.Fatalf("no transfer session journaled: %v", list)
+	}
+	// The same prompt again: the decode worker has it cached, no transfer.
+	if _, err := e.post(t, "/v1/completions", fmt.Sprintf(`{"model":"mock","prompt":%q,"max_tokens":2}`, long+" again")); err != nil {
+		t.Fatal(err)
+	}
+	if s := dec.Stats(); s.RemotePrefills != got.RemotePrefills {
+		t.Fatalf("cached prompt prefilled remotely again: %+v", s)
+	}
+}

@@ -58,6 +58,10 @@ type upFlags struct {
 	speedup       float64
 	maxInflight   int
 	maxMigrations int
+	disagg        bool
+	prefill       int
+	disaggMin     int
+	prefillQueue  int
 }
 
 func defaultDataDir() string {
@@ -133,6 +137,10 @@ restart on the same data dir finds its streams and keys again.`,
 	fs.Float64Var(&f.speedup, "speedup", 1, "divides the mock engine's modelled prefill and decode times")
 	fs.IntVar(&f.maxInflight, "max-inflight", 1024, "requests the frontend serves at once; more get 429")
 	fs.IntVar(&f.maxMigrations, "max-migrations", 3, "times one request may move to another worker after its worker failed (0: never)")
+	fs.BoolVar(&f.disagg, "disagg", false, "disaggregated serving: prefill and decode worker pools; KV blocks move prefill → decode with transfer sessions")
+	fs.IntVar(&f.prefill, "prefill-workers", 0, "with --disagg: how many of --workers prefill (default: half, at least 1)")
+	fs.IntVar(&f.disaggMin, "disagg-threshold", 512, "with --disagg: least uncached prompt tokens worth a remote prefill")
+	fs.IntVar(&f.prefillQueue, "max-prefill-queue", 8, "with --disagg: prefill workers with this many waiting requests are skipped (the decode worker prefills)")
 	return cmd
 }
 
@@ -186,6 +194,15 @@ func (f *upFlags) validate() error {
 	if f.overlapWeight < 0 || f.temperature < 0 {
 		errs = append(errs, &config.Error{Key: "overlap-weight", Err: errors.New("overlap-weight and temperature must not be negative")})
 	}
+	if f.disagg && f.workers < 2 {
+		errs = append(errs, &config.Error{Key: "disagg", Err: fmt.Errorf("needs at least 2 workers (one prefill, one decode), have %d", f.workers)})
+	}
+	if f.disagg && (f.prefill < 0 || (f.prefill > 0 && f.prefill >= f.workers)) {
+		errs = append(errs, &config.Error{Key: "prefill-workers", Err: fmt.Errorf("%d of %d workers: leave at least one decode worker", f.prefill, f.workers)})
+	}
+	if f.disaggMin < 1 || f.prefillQueue < 1 {
+		errs = append(errs, &config.Error{Key: "disagg-threshold", Err: errors.New("disagg-threshold and max-prefill-queue must be at least 1")})
+	}
 	if f.maxInflight < 1 {
 		errs = append(errs, &config.Error{Key: "max-inflight", Err: errors.New("must be at least 1")})
 	}
@@ -223,6 +240,17 @@ func (f *upFlags) engine() mocker.Config {
 	}
 	c.Defaults()
 	return c
+}
+
+func (f *upFlags) prefillWorkers() int {
+	switch {
+	case !f.disagg:
+		return 0
+	case f.prefill > 0:
+		return f.prefill
+	default:
+		return max(1, f.workers/2)
+	}
 }
 
 // migrations maps the flag (0: never) onto frontend.Config (0: default).
@@ -268,27 +296,37 @@ func runUp(cmd *cobra.Command, g *globalFlags, f *upFlags) error {
 	if err != nil {
 		return err
 	}
-	fmt.Fprintln(cmd.OutOrStdout(), sys.Summary())
 	stack, err := serving.Start(ctx, serving.Planes{NATS: sys.NATS, Etcd: sys.Etcd, Host: sys.Host,
 		Registrar: sys.Control.Registrar, NodeID: sys.NodeID, Namespace: f.namespace,
 		Registerer: sys.Admin.Registry, Logger: log}, serving.Config{
 		Workers: f.workers, Frontend: f.httpAddr != "", HTTPAddr: f.httpAddr, Model: f.model, Engine: f.engine(),
 		Policy: router.Policy(f.policy), Params: router.Params{OverlapWeight: f.overlapWeight, Temperature: f.temperature},
 		MaxInflight: f.maxInflight, MaxMigrations: migrations(f.maxMigrations),
+		PrefillWorkers: f.prefillWorkers(), DisaggThreshold: f.disaggMin, MaxPrefillQueue: f.prefillQueue,
 	})
 	if err != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
 		defer cancel()
 		_ = sys.Close(sctx)
+		if ctx.Err() != nil {
+			// Stopped while starting: a clean stop, not a failure.
+			log.Info("stopped while starting the serving path", "reason", context.Cause(ctx))
+			return nil
+		}
 		var le *net.OpError
 		if errors.As(err, &le) && le.Op == "listen" {
 			return &system.PortError{Flag: "http-addr", Err: err}
 		}
 		return fmt.Errorf("serving: %w", err)
 	}
+	fmt.Fprintln(cmd.OutOrStdout(), sys.Summary())
 	if stack.Frontend != nil {
-		fmt.Fprintf(cmd.OutOrStdout(), "serving %s with %d mock workers (policy %s); try:\n  curl -s http://%s/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\":\"%s\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello!\"}],\"max_tokens\":16}'\n",
-			f.model, f.workers, f.policy, stack.Frontend.Addr(), f.model)
+		mode := "aggregated"
+		if p := f.prefillWorkers(); p > 0 {
+			mode = fmt.Sprintf("disaggregated: %d prefill, %d decode", p, f.workers-p)
+		}
+		fmt.Fprintf(cmd.OutOrStdout(), "serving %s with %d mock workers (%s, policy %s); try:\n  curl -s http://%s/v1/chat/completions -H 'Content-Type: application/json' -d '{\"model\":\"%s\",\"messages\":[{\"role\":\"user\",\"content\":\"Hello!\"}],\"max_tokens\":16}'\n",
+			f.model, f.workers, mode, f.policy, stack.Frontend.Addr(), f.model)
 	}
 
 	<-ctx.Done()

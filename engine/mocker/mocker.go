@@ -11,6 +11,7 @@
 package mocker
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"slices"
@@ -89,6 +90,7 @@ type Engine struct {
 	running []*seq
 	byID    map[string]*seq
 	outputs map[string]*engine.Output
+	imports map[string]*importing
 
 	promptTokens, cachedTokens uint64
 }
@@ -110,12 +112,25 @@ type seq struct {
 }
 
 // New creates a mock engine.
-func New(cfg Config) (*Engine, error) {
+func New(cfg Config) (*Engine, error) { return NewWithMemory(cfg, nil) }
+
+// NewWithMemory creates a mock engine whose KV blocks live in mem
+// (NumBlocks*BlockBytes bytes), for example a data-plane region that peers
+// write transferred blocks into. nil allocates.
+func NewWithMemory(cfg Config, mem []byte) (*Engine, error) {
 	cfg.Defaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	return &Engine{cfg: cfg, pool: newPool(cfg.NumBlocks, cfg.BlockBytes), byID: map[string]*seq{}}, nil
+	if mem != nil && len(mem) != cfg.NumBlocks*cfg.BlockBytes {
+		return nil, fmt.Errorf("mocker: memory of %d bytes for %d blocks of %d bytes", len(mem), cfg.NumBlocks, cfg.BlockBytes)
+	}
+	p := newPool(cfg.NumBlocks, cfg.BlockBytes)
+	if mem != nil {
+		clear(mem)
+		p.data = mem
+	}
+	return &Engine{cfg: cfg, pool: p, byID: map[string]*seq{}, imports: map[string]*importing{}}, nil
 }
 
 // Config returns the effective configuration.
@@ -148,6 +163,108 @@ func (e *Engine) Add(r engine.Request) error {
 	e.waiting = append(e.waiting, s)
 	e.byID[r.ID] = s
 	return nil
+}
+
+// importing is a reservation of blocks that a peer fills with a
+// transferred prefix.
+type importing struct {
+	hashes []uint64 // the blocks to import, in prefix order
+	parent uint64   // parent of hashes[0]
+	blocks []int32  // where each lands
+	held   []int32  // leading blocks already cached, referenced meanwhile
+}
+
+// Reservation says where a transferred prefix must land.
+type Reservation struct {
+	// Cached is the number of leading blocks already in the cache: they
+	// need no transfer.
+	Cached int
+	// Blocks are the pool indexes (block i starts at i*BlockBytes) for the
+	// hashes after the cached ones, in order.
+	Blocks []int
+}
+
+// ErrImport reports a reservation that cannot be made or committed.
+var ErrImport = errors.New("mocker: import")
+
+// ReserveImport allocates blocks for a prefix (its chained block hashes)
+// that a peer will transfer: the leading blocks already cached are kept
+// and skipped, the rest get fresh blocks. It fails when the pool cannot
+// hold them now; nothing is then reserved.
+func (e *Engine) ReserveImport(id string, hashes []uint64) (Reservation, error) {
+	if id == "" || e.imports[id] != nil {
+		return Reservation{}, fmt.Errorf("%w: reservation id %q empty or in use", ErrImport, id)
+	}
+	im := &importing{}
+	for _, h := range hashes {
+		b, ok := e.pool.lookup(h)
+		if !ok {
+			break
+		}
+		im.held = append(im.held, b)
+	}
+	cached := len(im.held)
+	if cached > 0 {
+		im.parent = hashes[cached-1]
+	}
+	im.hashes = hashes[cached:]
+	for range im.hashes {
+		b, ok := e.pool.alloc()
+		if !ok {
+			e.drop(im)
+			return Reservation{}, fmt.Errorf("%w: %d blocks wanted, the pool is full", ErrImport, len(im.hashes))
+		}
+		im.blocks = append(im.blocks, b)
+	}
+	e.imports[id] = im
+	r := Reservation{Cached: cached}
+	for _, b := range im.blocks {
+		r.Blocks = append(r.Blocks, int(b))
+	}
+	return r, nil
+}
+
+func (e *Engine) drop(im *importing) {
+	for _, b := range im.held {
+		e.pool.release(b)
+	}
+	for _, b := range im.blocks {
+		e.pool.release(b)
+	}
+}
+
+// CommitImport checks every transferred block's bytes against its hash
+// and adds the good ones to the prefix cache (announced as stored). A block
+// whose bytes are wrong is never cached; it and the blocks after it (their
+// prefix is broken) are freed, and the error says which. It returns how
+// many blocks were added.
+func (e *Engine) CommitImport(id string) (int, error) {
+	im := e.imports[id]
+	if im == nil {
+		return 0, fmt.Errorf("%w: no reservation %q", ErrImport, id)
+	}
+	delete(e.imports, id)
+	defer e.drop(im)
+	parent := im.parent
+	for i, b := range im.blocks {
+		if !e.pool.adopt(b, im.hashes[i], parent) {
+			return i, fmt.Errorf("%w: block %d of %q (hash %016x) does not hold its contents", ErrImport, i, id, im.hashes[i])
+		}
+		parent = im.hashes[i]
+	}
+	return len(im.blocks), nil
+}
+
+// TakeEvents returns the KV events raised outside Step (by CommitImport)
+// and forgets them.
+func (e *Engine) TakeEvents() []engine.KVEvent { return e.pool.takeEvents() }
+
+// AbortImport frees a reservation.
+func (e *Engine) AbortImport(id string) {
+	if im := e.imports[id]; im != nil {
+		delete(e.imports, id)
+		e.drop(im)
+	}
 }
 
 // Cancel stops a request and frees its blocks.

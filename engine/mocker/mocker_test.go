@@ -278,3 +278,67 @@ func TestTraceHitsTheCache(t *testing.T) {
 	}
 	t.Logf("hit rate over %d requests: %.2f", len(recs), e.Load().HitRate)
 }
+
+// A prefix computed by one engine (prefill) lands in blocks another engine
+// reserved (decode); committed blocks are cached and verified, a corrupted
+// one never is.
+func TestImportPrefix(t *testing.T) {
+	cfg := mocker.Config{BlockSize: 4, NumBlocks: 32, BlockBytes: 64}
+	pre := newEngine(t, cfg)
+	mem := make([]byte, 32*64)
+	dec, err := mocker.NewWithMemory(cfg, mem)
+	if err != nil {
+		t.Fatal(err)
+	}
+	toks := prompt(18, 7) // 4 full blocks
+	if err := pre.Add(engine.Request{ID: "p", Tokens: toks, MaxTokens: 1}); err != nil {
+		t.Fatal(err)
+	}
+	run(t, pre)
+	hashes := mocker.BlockHashes(toks, 4)
+	copyIn := func(r mocker.Reservation) {
+		for i, b := range r.Blocks {
+			src, ok := pre.BlockBytes(hashes[r.Cached+i])
+			if !ok {
+				t.Fatal("prefill engine lost a block")
+			}
+			copy(mem[b*64:(b+1)*64], src)
+		}
+	}
+	// A corrupted second block: the first is cached, the rest are not.
+	r, err := dec.ReserveImport("x", hashes)
+	if err != nil || r.Cached != 0 || len(r.Blocks) != 4 {
+		t.Fatalf("reserve %+v %v", r, err)
+	}
+	copyIn(r)
+	mem[r.Blocks[1]*64+5] ^= 1
+	if n, err := dec.CommitImport("x"); n != 1 || err == nil {
+		t.Fatalf("corrupted import committed %d, %v", n, err)
+	}
+	if c := dec.Cached(); len(c) != 1 {
+		t.Fatalf("cached after a corrupt import: %d blocks", len(c))
+	}
+	// Again: the first block is already cached and skipped.
+	r, err = dec.ReserveImport("y", hashes)
+	if err != nil || r.Cached != 1 || len(r.Blocks) != 3 {
+		t.Fatalf("reserve again %+v %v", r, err)
+	}
+	copyIn(r)
+	if n, err := dec.CommitImport("y"); n != 3 || err != nil {
+		t.Fatalf("commit %d %v", n, err)
+	}
+	if err := dec.Add(engine.Request{ID: "d", Tokens: toks, MaxTokens: 2}); err != nil {
+		t.Fatal(err)
+	}
+	outs, _, _ := run(t, dec)
+	if got := outs["d"][0].CachedTokens; got != 16 {
+		t.Fatalf("decode found %d prompt tokens cached, want 16", got)
+	}
+	if _, err := dec.CommitImport("y"); err == nil {
+		t.Fatal("a reservation committed twice")
+	}
+	dec.AbortImport("nothing") // no-op
+	if _, err := mocker.NewWithMemory(cfg, make([]byte, 10)); err == nil {
+		t.Fatal("wrong memory size accepted")
+	}
+}

@@ -56,9 +56,21 @@ type Config struct {
 	// after its worker failed; default 3.
 	MaxMigrations int
 	// MaxBody bounds a request body; default 4 MiB.
-	MaxBody    int64
+	MaxBody int64
+	// Disagg, when set, sends long uncached prompts to a prefill worker.
+	Disagg     *Disagg
 	Logger     *slog.Logger
 	Registerer prometheus.Registerer
+}
+
+// Disagg configures disaggregated prefill.
+type Disagg struct {
+	// Threshold is the least number of uncached prompt tokens (on the
+	// chosen decode worker) worth a remote prefill; default 512.
+	Threshold int
+	// MaxPrefillQueue skips prefill workers with this many requests
+	// waiting; with none left the decode worker prefills. Default 8.
+	MaxPrefillQueue int
 }
 
 // Frontend is a running HTTP frontend.
@@ -112,6 +124,14 @@ func Start(cfg Config) (*Frontend, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if d := cfg.Disagg; d != nil {
+		if d.Threshold <= 0 {
+			d.Threshold = 512
+		}
+		if d.MaxPrefillQueue <= 0 {
+			d.MaxPrefillQueue = 8
+		}
 	}
 	f := &Frontend{cfg: cfg, log: cfg.Logger, tok: tokenizer.New(cfg.Vocab), metrics: newMetrics(cfg.Registerer),
 		created: time.Now().Unix()}
@@ -328,7 +348,7 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 			routeID = fmt.Sprintf("%s.m%d", j.id, attempt)
 		}
 		prompt := append(append([]uint32(nil), j.tokens...), generated...)
-		in, _, release, err := f.cfg.Router.Route(ctx, routeID, hashes, tried)
+		in, overlap, release, err := f.cfg.Router.Route(ctx, routeID, hashes, tried, Pool{})
 		if err != nil {
 			if ctx.Err() != nil {
 				return result{err: ctx.Err()}
@@ -339,7 +359,9 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 			return result{generated: len(generated), err: err, status: http.StatusServiceUnavailable,
 				errType: "server_error", code: "no_worker", outcome: "no_worker"}
 		}
-		reason, err := f.attempt(ctx, j, in, prompt, j.maxTokens-len(generated), &generated, out)
+		prefill, prelease := f.prefillWorker(ctx, routeID, hashes, overlap, len(generated))
+		reason, err := f.attempt(ctx, j, in, prompt, j.maxTokens-len(generated), prefill, &generated, out)
+		prelease()
 		release()
 		if err == nil {
 			return result{reason: reason, generated: len(generated)}
@@ -358,13 +380,36 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 	}
 }
 
+// prefillWorker picks a prefill worker when the prompt's uncached part on
+// the chosen decode worker is long enough and a prefill worker's queue has
+// room; "" means the decode worker prefills.
+func (f *Frontend) prefillWorker(ctx context.Context, routeID string, hashes []uint64, overlap, generated int) (string, func()) {
+	d := f.cfg.Disagg
+	if d == nil || generated > 0 {
+		return "", func() {}
+	}
+	if (len(hashes)-overlap)*f.cfg.BlockSize < d.Threshold {
+		f.metrics.prefills.WithLabelValues("local").Inc()
+		return "", func() {}
+	}
+	in, _, release, err := f.cfg.Router.Route(ctx, routeID+".prefill", hashes, nil, Pool{Prefill: true, MaxWaiting: d.MaxPrefillQueue})
+	if err != nil {
+		f.metrics.prefills.WithLabelValues("local").Inc()
+		f.log.Debug("prefilling on the decode worker", "request", routeID, "reason", err)
+		return "", func() {}
+	}
+	f.metrics.prefills.WithLabelValues("remote").Inc()
+	return in.GetInstanceId(), release
+}
+
 type badRequestError struct{ msg string }
 
 func (e badRequestError) Error() string { return e.msg }
 
 // attempt streams the request from one worker.
-func (f *Frontend) attempt(ctx context.Context, j *job, in *triplanev1.InstanceInfo, prompt []uint32, remaining int, generated *[]uint32, out *sink) (string, error) {
-	payload, err := proto.Marshal(&triplanev1.GenerateRequest{RequestId: j.id, Tokens: prompt, MaxTokens: uint32(remaining), Model: j.model})
+func (f *Frontend) attempt(ctx context.Context, j *job, in *triplanev1.InstanceInfo, prompt []uint32, remaining int, prefill string, generated *[]uint32, out *sink) (string, error) {
+	payload, err := proto.Marshal(&triplanev1.GenerateRequest{RequestId: j.id, Tokens: prompt, MaxTokens: uint32(remaining),
+		Model: j.model, PrefillWorker: prefill})
 	if err != nil {
 		return "", err
 	}

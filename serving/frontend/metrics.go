@@ -3,7 +3,7 @@ package frontend
 import "github.com/prometheus/client_golang/prometheus"
 
 type metrics struct {
-	requests           *prometheus.CounterVec
+	requests, prefills *prometheus.CounterVec
 	tokens, migrations prometheus.Counter
 	inflight           prometheus.Gauge
 	duration           prometheus.Histogram
@@ -13,6 +13,8 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 	m := &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "triplane_frontend_requests_total",
 			Help: "HTTP generation requests by outcome."}, []string{"outcome"}),
+		prefills: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "triplane_frontend_prefills_total",
+			Help: "Disaggregated mode: prompts prefilled on a prefill worker (remote) or on the decode worker (local, when the uncached part was short or no prefill worker had room)."}, []string{"where"}),
 		tokens: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_frontend_tokens_total",
 			Help: "Tokens relayed to clients."}),
 		migrations: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_frontend_migrations_total",
@@ -23,7 +25,7 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 			Help: "Time from request to last token.", Buckets: prometheus.ExponentialBuckets(0.005, 2, 14)}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.requests, m.tokens, m.migrations, m.inflight, m.duration)
+		reg.MustRegister(m.requests, m.prefills, m.tokens, m.migrations, m.inflight, m.duration)
 	}
 	return m
 }

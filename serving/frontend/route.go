@@ -167,9 +167,27 @@ func (r *Router) onReset(w string, blocks map[uint64]kvevents.Block, last uint64
 	r.mu.Unlock()
 }
 
-// Route chooses a worker for a request, skipping the excluded ones. The
-// caller must call the returned done func when the request ends.
-func (r *Router) Route(ctx context.Context, requestID string, hashes []uint64, exclude map[string]bool) (*triplanev1.InstanceInfo, int, func(), error) {
+// Pool selects the workers a request may go to.
+type Pool struct {
+	// Prefill selects prefill workers; otherwise workers that decode
+	// (role decode or both).
+	Prefill bool
+	// MaxWaiting, when above 0, skips workers reporting that many waiting
+	// requests or more (a full prefill queue).
+	MaxWaiting int
+}
+
+func (p Pool) admits(in *triplanev1.InstanceInfo, l *triplanev1.LoadReport) bool {
+	role := in.GetMetadata()["role"]
+	if p.Prefill != (role == worker.RolePrefill) {
+		return false
+	}
+	return p.MaxWaiting <= 0 || l == nil || int(l.WaitingRequests) < p.MaxWaiting
+}
+
+// Route chooses a worker of the pool for a request, skipping the excluded
+// ones. The caller must call the returned done func when the request ends.
+func (r *Router) Route(ctx context.Context, requestID string, hashes []uint64, exclude map[string]bool, pool Pool) (*triplanev1.InstanceInfo, int, func(), error) {
 	avail := r.disc.Available()
 	byID := make(map[string]*triplanev1.InstanceInfo, len(avail))
 	loads := r.loads.Loads()
@@ -182,6 +200,9 @@ func (r *Router) Route(ctx context.Context, requestID string, hashes []uint64, e
 			continue
 		}
 		if m := in.GetMetadata()["model"]; r.cfg.Model != "" && m != "" && m != r.cfg.Model {
+			continue
+		}
+		if !pool.admits(in, loads[id]) {
 			continue
 		}
 		byID[id] = in

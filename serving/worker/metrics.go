@@ -3,9 +3,11 @@ package worker
 import "github.com/prometheus/client_golang/prometheus"
 
 type metrics struct {
-	requests                     *prometheus.CounterVec
-	tokens, steps, publishErrors prometheus.Counter
-	active, waiting, blocksUsed  prometheus.Gauge
+	requests                                             *prometheus.CounterVec
+	tokens, steps, publishErrors                         prometheus.Counter
+	imported, exported, remotePrefills, unexpectedBlocks prometheus.Counter
+	prefillFallbacks                                     *prometheus.CounterVec
+	active, waiting, blocksUsed                          prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer, id string) *metrics {
@@ -19,6 +21,16 @@ func newMetrics(reg prometheus.Registerer, id string) *metrics {
 			Help: "Engine iterations run.", ConstLabels: l}),
 		publishErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_worker_kv_publish_errors_total",
 			Help: "KV events that could not be published (routers repair the gap from the ring).", ConstLabels: l}),
+		imported: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_worker_kv_blocks_imported_total",
+			Help: "KV blocks received from prefill workers, verified and cached.", ConstLabels: l}),
+		exported: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_worker_kv_blocks_exported_total",
+			Help: "KV blocks sent to decode workers.", ConstLabels: l}),
+		remotePrefills: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_worker_remote_prefills_total",
+			Help: "Requests whose prompt was prefilled by a prefill worker.", ConstLabels: l}),
+		unexpectedBlocks: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_worker_kv_blocks_unexpected_total",
+			Help: "Blocks a peer wrote where no transfer was expected.", ConstLabels: l}),
+		prefillFallbacks: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "triplane_worker_prefill_fallbacks_total",
+			Help: "Remote prefills that failed, by stage; the request was prefilled locally.", ConstLabels: l}, []string{"stage"}),
 		active: prometheus.NewGauge(prometheus.GaugeOpts{Name: "triplane_worker_active_requests",
 			Help: "Requests running.", ConstLabels: l}),
 		waiting: prometheus.NewGauge(prometheus.GaugeOpts{Name: "triplane_worker_waiting_requests",
@@ -27,7 +39,8 @@ func newMetrics(reg prometheus.Registerer, id string) *metrics {
 			Help: "KV blocks held by requests or cached.", ConstLabels: l}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.requests, m.tokens, m.steps, m.publishErrors, m.active, m.waiting, m.blocksUsed)
+		reg.MustRegister(m.requests, m.tokens, m.steps, m.publishErrors, m.active, m.waiting, m.blocksUsed,
+			m.imported, m.exported, m.remotePrefills, m.unexpectedBlocks, m.prefillFallbacks)
 	}
 	return m
 }

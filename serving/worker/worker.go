@@ -19,10 +19,13 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/triplane-dev/triplane/actors"
+	"github.com/triplane-dev/triplane/actors/transfer"
 	"github.com/triplane-dev/triplane/engine"
 	"github.com/triplane-dev/triplane/engine/mocker"
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/planes/control"
+	"github.com/triplane-dev/triplane/planes/data"
 	"github.com/triplane-dev/triplane/planes/data/stream"
 	"github.com/triplane-dev/triplane/planes/event"
 	"github.com/triplane-dev/triplane/planes/event/kvevents"
@@ -64,9 +67,20 @@ type Config struct {
 	MaxTokens int
 	// Mailbox bounds the commands waiting for the engine goroutine;
 	// default 4096. A full mailbox refuses with ErrOverloaded.
-	Mailbox    int
-	Logger     *slog.Logger
-	Registerer prometheus.Registerer
+	Mailbox int
+	// Role is RoleBoth (default), RolePrefill or RoleDecode. Decode-capable
+	// workers receive KV blocks on a data-plane server; prefill-capable
+	// ones answer prefill requests and send blocks with transfer sessions
+	// run on Host.
+	Role string
+	Host *actors.Host
+	// DataToken authenticates block transfers between workers.
+	DataToken string
+	// TransferMetrics count the transfer sessions this worker runs (shared
+	// by a node's workers); nil keeps them private.
+	TransferMetrics *transfer.Metrics
+	Logger          *slog.Logger
+	Registerer      prometheus.Registerer
 }
 
 // Worker is a running worker.
@@ -81,6 +95,16 @@ type Worker struct {
 	done    chan struct{}
 	metrics *metrics
 
+	stats   stats
+	region  *data.Region
+	dataSrv *data.Server
+	prefill *event.Subscription
+	xfer    *transfer.Metrics
+
+	// Descriptors reserved for incoming blocks and those that landed
+	// (verified by the data server); guarded by mu.
+	expect, landed map[data.Descriptor]bool
+
 	mu       sync.Mutex
 	draining bool
 	reqs     map[string]*pending
@@ -92,6 +116,7 @@ type op struct {
 	add    *pending
 	cancel string
 	res    chan error
+	fn     func() // runs on the engine goroutine
 }
 
 // pending is one request's tokens between the engine goroutine and its
@@ -155,13 +180,34 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	eng, err := mocker.New(cfg.Engine)
+	switch cfg.Role {
+	case "":
+		cfg.Role = RoleBoth
+	case RoleBoth, RolePrefill, RoleDecode:
+	default:
+		return nil, fmt.Errorf("worker %s: role %q is not %s, %s or %s", cfg.ID, cfg.Role, RoleBoth, RolePrefill, RoleDecode)
+	}
+	if cfg.Role != RoleBoth && cfg.Host == nil {
+		return nil, fmt.Errorf("worker %s: a %s worker needs an actor host for transfer sessions", cfg.ID, cfg.Role)
+	}
+	cfg.Engine.Defaults()
+	if err := cfg.Engine.Validate(); err != nil {
+		return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
+	}
+	// The engine's blocks live in a data-plane region, so peers can land
+	// transferred blocks straight in them.
+	region, err := data.NewRegion(1, cfg.Engine.BlockBytes, cfg.Engine.NumBlocks)
+	if err != nil {
+		return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
+	}
+	eng, err := mocker.NewWithMemory(cfg.Engine, region.Bytes())
 	if err != nil {
 		return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
 	}
 	rctx, cancel := context.WithCancel(context.Background())
 	w := &Worker{cfg: cfg, log: cfg.Logger.With("worker", cfg.ID), eng: eng, inbox: make(chan op, cfg.Mailbox),
-		stop: cancel, done: make(chan struct{}), reqs: map[string]*pending{}, metrics: newMetrics(cfg.Registerer, cfg.ID)}
+		stop: cancel, done: make(chan struct{}), reqs: map[string]*pending{}, metrics: newMetrics(cfg.Registerer, cfg.ID),
+		region: region, landed: map[data.Descriptor]bool{}, expect: map[data.Descriptor]bool{}}
 	defer func() {
 		if err != nil {
 			w.Close()
@@ -178,6 +224,9 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("worker %s: response streams: %w", cfg.ID, err)
 	}
+	if err := w.startDisagg(); err != nil {
+		return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
+	}
 	loadSubject, err := cfg.Bus.LoadSubject(cfg.Namespace, Component)
 	if err != nil {
 		return nil, err
@@ -188,9 +237,9 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if cfg.Registrar != nil {
 		err = cfg.Registrar.Register(ctx, &triplanev1.InstanceInfo{
 			Component: Component, Endpoint: Endpoint, InstanceId: cfg.ID,
-			Addresses: []*triplanev1.Endpoint{{Protocol: triplanev1.Protocol_PROTOCOL_RESPONSE_STREAM, Address: w.srv.Addr()}},
+			Addresses: w.addresses(),
 			Metadata: map[string]string{"model": cfg.Model, "block_size": fmt.Sprint(eng.Config().BlockSize),
-				"engine": "mocker"},
+				"engine": "mocker", "role": cfg.Role, "host_id": data.HostID()},
 		})
 		if err != nil {
 			return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
@@ -210,7 +259,7 @@ func (w *Worker) ID() string { return w.cfg.ID }
 // Info is the worker's registration, for callers that route without etcd.
 func (w *Worker) Info() *triplanev1.InstanceInfo {
 	return &triplanev1.InstanceInfo{Namespace: w.cfg.Namespace, Component: Component, Endpoint: Endpoint, InstanceId: w.cfg.ID,
-		Addresses: []*triplanev1.Endpoint{{Protocol: triplanev1.Protocol_PROTOCOL_RESPONSE_STREAM, Address: w.srv.Addr()}}}
+		Addresses: w.addresses(), Metadata: map[string]string{"model": w.cfg.Model, "role": w.cfg.Role}}
 }
 
 func (w *Worker) loadReport() *triplanev1.LoadReport {
@@ -303,6 +352,8 @@ func (w *Worker) handle(o op) {
 		o.res <- err
 	case o.cancel != "":
 		w.eng.Cancel(o.cancel)
+	case o.fn != nil:
+		o.fn()
 	}
 }
 
@@ -409,6 +460,9 @@ func (w *Worker) serve(ctx context.Context, open *triplanev1.StreamOpen, send fu
 	w.mu.Unlock()
 	defer w.forget(req.RequestId)
 
+	if req.PrefillWorker != "" {
+		w.importPrefix(ctx, req)
+	}
 	res := make(chan error, 1)
 	select {
 	case w.inbox <- op{add: p, res: res}:
@@ -540,6 +594,12 @@ func (w *Worker) Drain(ctx context.Context) error {
 func (w *Worker) Close() {
 	if w.srv != nil {
 		_ = w.srv.Close()
+	}
+	if w.prefill != nil {
+		_ = w.prefill.Unsubscribe()
+	}
+	if w.dataSrv != nil {
+		_ = w.dataSrv.Close()
 	}
 	w.stop()
 	select {

@@ -29,8 +29,11 @@ type GenerateRequest struct {
 	// so far appended to its prompt.
 	Tokens []uint32 `protobuf:"varint,2,rep,packed,name=tokens,proto3" json:"tokens,omitempty"`
 	// Tokens still to generate.
-	MaxTokens     uint32 `protobuf:"varint,3,opt,name=max_tokens,json=maxTokens,proto3" json:"max_tokens,omitempty"`
-	Model         string `protobuf:"bytes,4,opt,name=model,proto3" json:"model,omitempty"`
+	MaxTokens uint32 `protobuf:"varint,3,opt,name=max_tokens,json=maxTokens,proto3" json:"max_tokens,omitempty"`
+	Model     string `protobuf:"bytes,4,opt,name=model,proto3" json:"model,omitempty"`
+	// Disaggregated: the prefill worker that computes the prompt's KV blocks
+	// and transfers them into blocks this (decode) worker reserved.
+	PrefillWorker string `protobuf:"bytes,5,opt,name=prefill_worker,json=prefillWorker,proto3" json:"prefill_worker,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -93,6 +96,157 @@ func (x *GenerateRequest) GetModel() string {
 	return ""
 }
 
+func (x *GenerateRequest) GetPrefillWorker() string {
+	if x != nil {
+		return x.PrefillWorker
+	}
+	return ""
+}
+
+// PrefillRequest asks a prefill worker to compute a prompt's KV blocks and
+// move them into the decode worker's reserved blocks with a transfer
+// session (request-reply on <prefix>.<ns>.worker.prefill.<worker>).
+type PrefillRequest struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	RequestId string                 `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	Tokens    []uint32               `protobuf:"varint,2,rep,packed,name=tokens,proto3" json:"tokens,omitempty"`
+	// The chained hashes of the blocks to send, and where each lands.
+	BlockHashes  []uint64          `protobuf:"fixed64,3,rep,packed,name=block_hashes,json=blockHashes,proto3" json:"block_hashes,omitempty"`
+	Destinations []*DataDescriptor `protobuf:"bytes,4,rep,name=destinations,proto3" json:"destinations,omitempty"`
+	// How to reach the decode worker's data plane.
+	Peer *DataPeer `protobuf:"bytes,5,opt,name=peer,proto3" json:"peer,omitempty"`
+	// Transfer session id (journaled as transfer/<session_id>).
+	SessionId     string `protobuf:"bytes,6,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PrefillRequest) Reset() {
+	*x = PrefillRequest{}
+	mi := &file_triplane_v1_serving_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrefillRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrefillRequest) ProtoMessage() {}
+
+func (x *PrefillRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_triplane_v1_serving_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrefillRequest.ProtoReflect.Descriptor instead.
+func (*PrefillRequest) Descriptor() ([]byte, []int) {
+	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *PrefillRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *PrefillRequest) GetTokens() []uint32 {
+	if x != nil {
+		return x.Tokens
+	}
+	return nil
+}
+
+func (x *PrefillRequest) GetBlockHashes() []uint64 {
+	if x != nil {
+		return x.BlockHashes
+	}
+	return nil
+}
+
+func (x *PrefillRequest) GetDestinations() []*DataDescriptor {
+	if x != nil {
+		return x.Destinations
+	}
+	return nil
+}
+
+func (x *PrefillRequest) GetPeer() *DataPeer {
+	if x != nil {
+		return x.Peer
+	}
+	return nil
+}
+
+func (x *PrefillRequest) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
+// PrefillReply says the blocks landed at the decode worker.
+type PrefillReply struct {
+	state      protoimpl.MessageState `protogen:"open.v1"`
+	BlocksSent uint32                 `protobuf:"varint,1,opt,name=blocks_sent,json=blocksSent,proto3" json:"blocks_sent,omitempty"`
+	// Prompt tokens the prefill worker found in its own cache.
+	CachedTokens  uint32 `protobuf:"varint,2,opt,name=cached_tokens,json=cachedTokens,proto3" json:"cached_tokens,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PrefillReply) Reset() {
+	*x = PrefillReply{}
+	mi := &file_triplane_v1_serving_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrefillReply) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrefillReply) ProtoMessage() {}
+
+func (x *PrefillReply) ProtoReflect() protoreflect.Message {
+	mi := &file_triplane_v1_serving_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrefillReply.ProtoReflect.Descriptor instead.
+func (*PrefillReply) Descriptor() ([]byte, []int) {
+	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *PrefillReply) GetBlocksSent() uint32 {
+	if x != nil {
+		return x.BlocksSent
+	}
+	return 0
+}
+
+func (x *PrefillReply) GetCachedTokens() uint32 {
+	if x != nil {
+		return x.CachedTokens
+	}
+	return 0
+}
+
 // GenerateChunk is the payload of one StreamFrame from a worker.
 type GenerateChunk struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -108,7 +262,7 @@ type GenerateChunk struct {
 
 func (x *GenerateChunk) Reset() {
 	*x = GenerateChunk{}
-	mi := &file_triplane_v1_serving_proto_msgTypes[1]
+	mi := &file_triplane_v1_serving_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -120,7 +274,7 @@ func (x *GenerateChunk) String() string {
 func (*GenerateChunk) ProtoMessage() {}
 
 func (x *GenerateChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_triplane_v1_serving_proto_msgTypes[1]
+	mi := &file_triplane_v1_serving_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -133,7 +287,7 @@ func (x *GenerateChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateChunk.ProtoReflect.Descriptor instead.
 func (*GenerateChunk) Descriptor() ([]byte, []int) {
-	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{1}
+	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *GenerateChunk) GetTokens() []uint32 {
@@ -174,7 +328,7 @@ type RouterCandidate struct {
 
 func (x *RouterCandidate) Reset() {
 	*x = RouterCandidate{}
-	mi := &file_triplane_v1_serving_proto_msgTypes[2]
+	mi := &file_triplane_v1_serving_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -186,7 +340,7 @@ func (x *RouterCandidate) String() string {
 func (*RouterCandidate) ProtoMessage() {}
 
 func (x *RouterCandidate) ProtoReflect() protoreflect.Message {
-	mi := &file_triplane_v1_serving_proto_msgTypes[2]
+	mi := &file_triplane_v1_serving_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -199,7 +353,7 @@ func (x *RouterCandidate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouterCandidate.ProtoReflect.Descriptor instead.
 func (*RouterCandidate) Descriptor() ([]byte, []int) {
-	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{2}
+	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *RouterCandidate) GetWorker() string {
@@ -256,7 +410,7 @@ type RouteRequest struct {
 
 func (x *RouteRequest) Reset() {
 	*x = RouteRequest{}
-	mi := &file_triplane_v1_serving_proto_msgTypes[3]
+	mi := &file_triplane_v1_serving_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -268,7 +422,7 @@ func (x *RouteRequest) String() string {
 func (*RouteRequest) ProtoMessage() {}
 
 func (x *RouteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_triplane_v1_serving_proto_msgTypes[3]
+	mi := &file_triplane_v1_serving_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -281,7 +435,7 @@ func (x *RouteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteRequest.ProtoReflect.Descriptor instead.
 func (*RouteRequest) Descriptor() ([]byte, []int) {
-	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{3}
+	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *RouteRequest) GetRequestId() string {
@@ -345,7 +499,7 @@ type RouteScore struct {
 
 func (x *RouteScore) Reset() {
 	*x = RouteScore{}
-	mi := &file_triplane_v1_serving_proto_msgTypes[4]
+	mi := &file_triplane_v1_serving_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -357,7 +511,7 @@ func (x *RouteScore) String() string {
 func (*RouteScore) ProtoMessage() {}
 
 func (x *RouteScore) ProtoReflect() protoreflect.Message {
-	mi := &file_triplane_v1_serving_proto_msgTypes[4]
+	mi := &file_triplane_v1_serving_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -370,7 +524,7 @@ func (x *RouteScore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteScore.ProtoReflect.Descriptor instead.
 func (*RouteScore) Descriptor() ([]byte, []int) {
-	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{4}
+	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *RouteScore) GetWorker() string {
@@ -412,7 +566,7 @@ type RouteDecided struct {
 
 func (x *RouteDecided) Reset() {
 	*x = RouteDecided{}
-	mi := &file_triplane_v1_serving_proto_msgTypes[5]
+	mi := &file_triplane_v1_serving_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -424,7 +578,7 @@ func (x *RouteDecided) String() string {
 func (*RouteDecided) ProtoMessage() {}
 
 func (x *RouteDecided) ProtoReflect() protoreflect.Message {
-	mi := &file_triplane_v1_serving_proto_msgTypes[5]
+	mi := &file_triplane_v1_serving_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -437,7 +591,7 @@ func (x *RouteDecided) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteDecided.ProtoReflect.Descriptor instead.
 func (*RouteDecided) Descriptor() ([]byte, []int) {
-	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{5}
+	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *RouteDecided) GetRequestId() string {
@@ -507,7 +661,7 @@ type RouteReply struct {
 
 func (x *RouteReply) Reset() {
 	*x = RouteReply{}
-	mi := &file_triplane_v1_serving_proto_msgTypes[6]
+	mi := &file_triplane_v1_serving_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -519,7 +673,7 @@ func (x *RouteReply) String() string {
 func (*RouteReply) ProtoMessage() {}
 
 func (x *RouteReply) ProtoReflect() protoreflect.Message {
-	mi := &file_triplane_v1_serving_proto_msgTypes[6]
+	mi := &file_triplane_v1_serving_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -532,7 +686,7 @@ func (x *RouteReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteReply.ProtoReflect.Descriptor instead.
 func (*RouteReply) Descriptor() ([]byte, []int) {
-	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{6}
+	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RouteReply) GetWorker() string {
@@ -566,7 +720,7 @@ type RouterState struct {
 
 func (x *RouterState) Reset() {
 	*x = RouterState{}
-	mi := &file_triplane_v1_serving_proto_msgTypes[7]
+	mi := &file_triplane_v1_serving_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -578,7 +732,7 @@ func (x *RouterState) String() string {
 func (*RouterState) ProtoMessage() {}
 
 func (x *RouterState) ProtoReflect() protoreflect.Message {
-	mi := &file_triplane_v1_serving_proto_msgTypes[7]
+	mi := &file_triplane_v1_serving_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -591,7 +745,7 @@ func (x *RouterState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouterState.ProtoReflect.Descriptor instead.
 func (*RouterState) Descriptor() ([]byte, []int) {
-	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{7}
+	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RouterState) GetId() string {
@@ -633,14 +787,28 @@ var File_triplane_v1_serving_proto protoreflect.FileDescriptor
 
 const file_triplane_v1_serving_proto_rawDesc = "" +
 	"\n" +
-	"\x19triplane/v1/serving.proto\x12\vtriplane.v1\"}\n" +
+	"\x19triplane/v1/serving.proto\x12\vtriplane.v1\x1a\x16triplane/v1/data.proto\"\xa4\x01\n" +
 	"\x0fGenerateRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x16\n" +
 	"\x06tokens\x18\x02 \x03(\rR\x06tokens\x12\x1d\n" +
 	"\n" +
 	"max_tokens\x18\x03 \x01(\rR\tmaxTokens\x12\x14\n" +
-	"\x05model\x18\x04 \x01(\tR\x05model\"d\n" +
+	"\x05model\x18\x04 \x01(\tR\x05model\x12%\n" +
+	"\x0eprefill_worker\x18\x05 \x01(\tR\rprefillWorker\"\xf5\x01\n" +
+	"\x0ePrefillRequest\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x01 \x01(\tR\trequestId\x12\x16\n" +
+	"\x06tokens\x18\x02 \x03(\rR\x06tokens\x12!\n" +
+	"\fblock_hashes\x18\x03 \x03(\x06R\vblockHashes\x12?\n" +
+	"\fdestinations\x18\x04 \x03(\v2\x1b.triplane.v1.DataDescriptorR\fdestinations\x12)\n" +
+	"\x04peer\x18\x05 \x01(\v2\x15.triplane.v1.DataPeerR\x04peer\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\x06 \x01(\tR\tsessionId\"T\n" +
+	"\fPrefillReply\x12\x1f\n" +
+	"\vblocks_sent\x18\x01 \x01(\rR\n" +
+	"blocksSent\x12#\n" +
+	"\rcached_tokens\x18\x02 \x01(\rR\fcachedTokens\"d\n" +
 	"\rGenerateChunk\x12\x16\n" +
 	"\x06tokens\x18\x01 \x03(\rR\x06tokens\x12#\n" +
 	"\rcached_tokens\x18\x02 \x01(\rR\fcachedTokens\x12\x16\n" +
@@ -708,28 +876,34 @@ func file_triplane_v1_serving_proto_rawDescGZIP() []byte {
 	return file_triplane_v1_serving_proto_rawDescData
 }
 
-var file_triplane_v1_serving_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_triplane_v1_serving_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_triplane_v1_serving_proto_goTypes = []any{
 	(*GenerateRequest)(nil), // 0: triplane.v1.GenerateRequest
-	(*GenerateChunk)(nil),   // 1: triplane.v1.GenerateChunk
-	(*RouterCandidate)(nil), // 2: triplane.v1.RouterCandidate
-	(*RouteRequest)(nil),    // 3: triplane.v1.RouteRequest
-	(*RouteScore)(nil),      // 4: triplane.v1.RouteScore
-	(*RouteDecided)(nil),    // 5: triplane.v1.RouteDecided
-	(*RouteReply)(nil),      // 6: triplane.v1.RouteReply
-	(*RouterState)(nil),     // 7: triplane.v1.RouterState
-	nil,                     // 8: triplane.v1.RouterState.PerWorkerEntry
+	(*PrefillRequest)(nil),  // 1: triplane.v1.PrefillRequest
+	(*PrefillReply)(nil),    // 2: triplane.v1.PrefillReply
+	(*GenerateChunk)(nil),   // 3: triplane.v1.GenerateChunk
+	(*RouterCandidate)(nil), // 4: triplane.v1.RouterCandidate
+	(*RouteRequest)(nil),    // 5: triplane.v1.RouteRequest
+	(*RouteScore)(nil),      // 6: triplane.v1.RouteScore
+	(*RouteDecided)(nil),    // 7: triplane.v1.RouteDecided
+	(*RouteReply)(nil),      // 8: triplane.v1.RouteReply
+	(*RouterState)(nil),     // 9: triplane.v1.RouterState
+	nil,                     // 10: triplane.v1.RouterState.PerWorkerEntry
+	(*DataDescriptor)(nil),  // 11: triplane.v1.DataDescriptor
+	(*DataPeer)(nil),        // 12: triplane.v1.DataPeer
 }
 var file_triplane_v1_serving_proto_depIdxs = []int32{
-	2, // 0: triplane.v1.RouteRequest.candidates:type_name -> triplane.v1.RouterCandidate
-	2, // 1: triplane.v1.RouteDecided.candidates:type_name -> triplane.v1.RouterCandidate
-	4, // 2: triplane.v1.RouteDecided.scores:type_name -> triplane.v1.RouteScore
-	8, // 3: triplane.v1.RouterState.per_worker:type_name -> triplane.v1.RouterState.PerWorkerEntry
-	4, // [4:4] is the sub-list for method output_type
-	4, // [4:4] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	11, // 0: triplane.v1.PrefillRequest.destinations:type_name -> triplane.v1.DataDescriptor
+	12, // 1: triplane.v1.PrefillRequest.peer:type_name -> triplane.v1.DataPeer
+	4,  // 2: triplane.v1.RouteRequest.candidates:type_name -> triplane.v1.RouterCandidate
+	4,  // 3: triplane.v1.RouteDecided.candidates:type_name -> triplane.v1.RouterCandidate
+	6,  // 4: triplane.v1.RouteDecided.scores:type_name -> triplane.v1.RouteScore
+	10, // 5: triplane.v1.RouterState.per_worker:type_name -> triplane.v1.RouterState.PerWorkerEntry
+	6,  // [6:6] is the sub-list for method output_type
+	6,  // [6:6] is the sub-list for method input_type
+	6,  // [6:6] is the sub-list for extension type_name
+	6,  // [6:6] is the sub-list for extension extendee
+	0,  // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_triplane_v1_serving_proto_init() }
@@ -737,13 +911,14 @@ func file_triplane_v1_serving_proto_init() {
 	if File_triplane_v1_serving_proto != nil {
 		return
 	}
+	file_triplane_v1_data_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_triplane_v1_serving_proto_rawDesc), len(file_triplane_v1_serving_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   9,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

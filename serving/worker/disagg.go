@@ -1,0 +1,312 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync/atomic"
+	"time"
+
+	"github.com/triplane-dev/triplane/actors/transfer"
+	"github.com/triplane-dev/triplane/engine"
+	"github.com/triplane-dev/triplane/engine/mocker"
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planes/data"
+	"github.com/triplane-dev/triplane/planes/event"
+)
+
+// Worker roles in disaggregated serving.
+const (
+	RoleBoth    = "both"
+	RolePrefill = "prefill"
+	RoleDecode  = "decode"
+)
+
+// prefillTimeout bounds a decode worker's wait for a remote prefill; past
+// it the decode worker prefills locally.
+const prefillTimeout = 60 * time.Second
+
+// PrefillSubject is where a prefill worker takes prefill requests.
+func PrefillSubject(b *event.Bus, namespace, worker string) (string, error) {
+	return b.Subject(namespace, Component, "prefill", worker)
+}
+
+// Stats counts a worker's disaggregation work.
+type Stats struct {
+	RemotePrefills, Fallbacks, Imported, Exported uint64
+}
+
+type stats struct {
+	remotePrefills, fallbacks, imported, exported atomic.Uint64
+}
+
+// Stats returns the counters.
+func (w *Worker) Stats() Stats {
+	return Stats{RemotePrefills: w.stats.remotePrefills.Load(), Fallbacks: w.stats.fallbacks.Load(),
+		Imported: w.stats.imported.Load(), Exported: w.stats.exported.Load()}
+}
+
+func (w *Worker) startDisagg() error {
+	w.xfer = w.cfg.TransferMetrics
+	if w.xfer == nil {
+		w.xfer = transfer.NewMetrics(nil)
+	}
+	if w.cfg.Role != RolePrefill {
+		regions, err := data.NewRegions(w.region)
+		if err != nil {
+			return err
+		}
+		if w.dataSrv, err = data.ListenTCP("127.0.0.1:0", data.ServerConfig{Regions: regions, Token: w.cfg.DataToken,
+			OnLanded: w.onLanded, Logger: w.log}); err != nil {
+			return fmt.Errorf("data plane: %w", err)
+		}
+	}
+	if w.cfg.Role != RoleDecode && w.cfg.Host != nil {
+		subj, err := PrefillSubject(w.cfg.Bus, w.cfg.Namespace, w.cfg.ID)
+		if err != nil {
+			return err
+		}
+		if w.prefill, err = event.Serve(w.cfg.Bus, subj, "", w.servePrefill); err != nil {
+			return fmt.Errorf("prefill service: %w", err)
+		}
+	}
+	return nil
+}
+
+func (w *Worker) addresses() []*triplanev1.Endpoint {
+	out := []*triplanev1.Endpoint{{Protocol: triplanev1.Protocol_PROTOCOL_RESPONSE_STREAM, Address: w.srv.Addr()}}
+	if w.dataSrv != nil {
+		out = append(out, &triplanev1.Endpoint{Protocol: triplanev1.Protocol_PROTOCOL_DATA_TCP, Address: w.dataSrv.Addr()})
+	}
+	return out
+}
+
+// onLanded records blocks that landed in reserved places and verified;
+// anything else is counted (the data server only writes inside the
+// region, but a block nobody reserved is a peer's mistake).
+func (w *Worker) onLanded(l data.Landed) {
+	w.mu.Lock()
+	ok := w.expect[l.Desc]
+	if ok {
+		w.landed[l.Desc] = true
+	}
+	w.mu.Unlock()
+	if !ok {
+		w.metrics.unexpectedBlocks.Inc()
+	}
+}
+
+// onEngine runs fn on the engine goroutine and waits for it.
+func (w *Worker) onEngine(ctx context.Context, fn func()) error {
+	done := make(chan struct{})
+	select {
+	case w.inbox <- op{fn: func() { fn(); close(done) }}:
+	default:
+		return fmt.Errorf("%w: mailbox full", ErrOverloaded)
+	}
+	select {
+	case <-done:
+		return nil
+	case <-w.done:
+		return ErrStopped
+	case <-ctx.Done():
+		// fn still runs; callers only use this for short engine calls.
+		<-done
+		return context.Cause(ctx)
+	}
+}
+
+// importPrefix has the prefill worker compute the prompt's blocks and
+// transfer them into blocks reserved here. Any failure is logged and
+// counted and the request is prefilled here instead: disaggregation is an
+// optimisation, never a reason to fail a request.
+func (w *Worker) importPrefix(ctx context.Context, req *triplanev1.GenerateRequest) {
+	if w.dataSrv == nil {
+		return
+	}
+	bs := w.eng.Config().BlockSize
+	hashes := mocker.BlockHashes(req.Tokens, bs)
+	if len(hashes) == 0 {
+		return
+	}
+	id := "import-" + req.RequestId
+	var res mocker.Reservation
+	var rerr error
+	if err := w.onEngine(ctx, func() { res, rerr = w.eng.ReserveImport(id, hashes) }); err != nil || rerr != nil {
+		w.remoteFailed(req, "reserve", errors.Join(err, rerr))
+		return
+	}
+	if len(res.Blocks) == 0 {
+		return // all cached here already
+	}
+	descs := make([]data.Descriptor, len(res.Blocks))
+	preq := &triplanev1.PrefillRequest{RequestId: req.RequestId, Tokens: req.Tokens, BlockHashes: hashes[res.Cached:],
+		Peer:      &triplanev1.DataPeer{HostId: data.HostID(), TcpAddr: w.dataSrv.Addr(), Regions: []*triplanev1.DataRegion{w.region.Proto()}},
+		SessionId: fmt.Sprintf("kv-%s-%s", w.cfg.ID, req.RequestId)}
+	w.mu.Lock()
+	for i, b := range res.Blocks {
+		descs[i] = w.region.BlockDesc(b)
+		w.expect[descs[i]] = true
+		preq.Destinations = append(preq.Destinations, descs[i].Proto())
+	}
+	w.mu.Unlock()
+	settle := func(commit bool) (int, error) {
+		w.mu.Lock()
+		all := true
+		for _, d := range descs {
+			all = all && w.landed[d]
+			delete(w.expect, d)
+			delete(w.landed, d)
+		}
+		w.mu.Unlock()
+		var n int
+		var cerr error
+		err := w.onEngine(context.WithoutCancel(ctx), func() {
+			if commit && all {
+				n, cerr = w.eng.CommitImport(id)
+				w.publish(w.eng.TakeEvents())
+			} else {
+				w.eng.AbortImport(id)
+			}
+		})
+		if commit && !all {
+			cerr = errors.New("the prefill worker reported success but not every block landed here")
+		}
+		return n, errors.Join(err, cerr)
+	}
+	subj, err := PrefillSubject(w.cfg.Bus, w.cfg.Namespace, req.PrefillWorker)
+	if err != nil {
+		_, _ = settle(false)
+		w.remoteFailed(req, "subject", err)
+		return
+	}
+	pctx, cancel := context.WithTimeout(ctx, prefillTimeout)
+	defer cancel()
+	if _, err := event.Request[*triplanev1.PrefillRequest, *triplanev1.PrefillReply](pctx, w.cfg.Bus, subj, preq); err != nil {
+		_, _ = settle(false)
+		w.remoteFailed(req, "prefill", err)
+		return
+	}
+	n, err := settle(true)
+	if err != nil {
+		w.remoteFailed(req, "commit", err)
+		return
+	}
+	w.metrics.imported.Add(float64(n))
+	w.metrics.remotePrefills.Inc()
+	w.stats.imported.Add(uint64(n))
+	w.stats.remotePrefills.Add(1)
+	w.log.Debug("prompt blocks imported", "request", req.RequestId, "from", req.PrefillWorker, "blocks", n)
+}
+
+func (w *Worker) remoteFailed(req *triplanev1.GenerateRequest, stage string, err error) {
+	w.metrics.prefillFallbacks.WithLabelValues(stage).Inc()
+	w.stats.fallbacks.Add(1)
+	w.log.Warn("remote prefill failed; prefilling here", "request", req.RequestId, "prefill_worker", req.PrefillWorker,
+		"stage", stage, "err", err)
+}
+
+// servePrefill computes a prompt's blocks and moves the asked ones to the
+// decode worker with a transfer session.
+func (w *Worker) servePrefill(ctx context.Context, r *triplanev1.PrefillRequest) (*triplanev1.PrefillReply, error) {
+	bs := w.eng.Config().BlockSize
+	full := mocker.BlockHashes(r.Tokens, bs)
+	k := slices.Index(full, firstOr(r.BlockHashes))
+	switch {
+	case r.RequestId == "" || r.SessionId == "" || len(r.BlockHashes) == 0:
+		return nil, fmt.Errorf("%w: prefill needs a request id, a session id and blocks", ErrBadRequest)
+	case len(r.BlockHashes) != len(r.Destinations):
+		return nil, fmt.Errorf("%w: %d blocks but %d destinations", ErrBadRequest, len(r.BlockHashes), len(r.Destinations))
+	case k < 0 || k+len(r.BlockHashes) > len(full) || !slices.Equal(full[k:k+len(r.BlockHashes)], r.BlockHashes):
+		return nil, fmt.Errorf("%w: the blocks asked for are not blocks of the prompt", ErrBadRequest)
+	case r.Peer.GetTcpAddr() == "":
+		return nil, fmt.Errorf("%w: no data-plane address for the decode worker", ErrBadRequest)
+	}
+	// Prefill: the prompt with one generated token computes every block.
+	p := &pending{req: engine.Request{ID: "prefill-" + r.RequestId, Tokens: r.Tokens, MaxTokens: 1},
+		first: true, notify: make(chan struct{}, 1)}
+	w.mu.Lock()
+	if w.draining {
+		w.mu.Unlock()
+		return nil, ErrDraining
+	}
+	if w.reqs[p.req.ID] != nil {
+		w.mu.Unlock()
+		return nil, fmt.Errorf("%w: prefill %q already running", ErrBadRequest, r.RequestId)
+	}
+	w.reqs[p.req.ID] = p
+	w.mu.Unlock()
+	defer w.forget(p.req.ID)
+	res := make(chan error, 1)
+	select {
+	case w.inbox <- op{add: p, res: res}:
+	default:
+		return nil, fmt.Errorf("%w: mailbox full", ErrOverloaded)
+	}
+	if err := <-res; err != nil {
+		return nil, err
+	}
+	for done := false; !done; {
+		select {
+		case <-p.notify:
+		case <-ctx.Done():
+			select {
+			case w.inbox <- op{cancel: p.req.ID}:
+			default:
+			}
+			return nil, context.Cause(ctx)
+		case <-w.done:
+			return nil, ErrStopped
+		}
+		p.mu.Lock()
+		done = p.done
+		perr := p.err
+		p.mu.Unlock()
+		if perr != nil {
+			return nil, perr
+		}
+	}
+	// Copy the blocks out on the engine goroutine: they may be evicted
+	// once the request is gone, and the copies carry their checksums.
+	ops := make([]data.Op, len(r.BlockHashes))
+	var missing error
+	if err := w.onEngine(ctx, func() {
+		for i, h := range r.BlockHashes {
+			b, ok := w.eng.BlockBytes(h)
+			if !ok {
+				missing = fmt.Errorf("block %d (hash %016x) was evicted before it could be sent", i, h)
+				return
+			}
+			src := slices.Clone(b)
+			d := r.Destinations[i]
+			ops[i] = data.Op{Src: src, CRC: data.Checksum(src), HasCRC: true,
+				Dst: data.Descriptor{Region: d.GetRegion(), Offset: d.GetOffset(), Length: d.GetLength()}}
+		}
+	}); err != nil || missing != nil {
+		return nil, errors.Join(err, missing)
+	}
+	dialer := data.NewDialer(data.DialOptions{Prefer: "tcp", Lanes: 1, Token: w.cfg.DataToken, Logger: w.log})
+	sup, err := transfer.NewSupervisor(transfer.Config{Host: w.cfg.Host, Logger: w.log, Metrics: w.xfer,
+		Dial: func(ctx context.Context) (data.Transport, error) { return dialer.Dial(ctx, r.Peer) }})
+	if err != nil {
+		return nil, err
+	}
+	if _, err := sup.Run(ctx, transfer.Spec{ID: r.SessionId, Blocks: ops, BlockSize: w.eng.Config().BlockBytes,
+		MaxAttempts: 5, Peer: r.Peer.GetTcpAddr()}); err != nil {
+		return nil, fmt.Errorf("transfer %s: %w", r.SessionId, err)
+	}
+	w.metrics.exported.Add(float64(len(ops)))
+	w.stats.exported.Add(uint64(len(ops)))
+	p.mu.Lock()
+	cached := p.cached
+	p.mu.Unlock()
+	return &triplanev1.PrefillReply{BlocksSent: uint32(len(ops)), CachedTokens: uint32(cached)}, nil
+}
+
+func firstOr(h []uint64) uint64 {
+	if len(h) == 0 {
+		return 0
+	}
+	return h[0]
+}
