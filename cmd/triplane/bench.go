@@ -21,6 +21,7 @@ func newBenchCmd(g *globalFlags) *cobra.Command {
 		RunE:  func(cmd *cobra.Command, args []string) error { return cmd.Help() },
 	}
 	cmd.AddCommand(newBenchJournalCmd(g), newBenchEventCmd(g), newBenchTransferCmd(g))
+	cmd.AddCommand(newBenchRouteCmd())
 	return cmd
 }
 
