@@ -235,3 +235,45 @@ func (p pebbleLogger) Fatalf(format string, args ...any) {
 	p.l.Error("fatal: " + fmt.Sprintf(format, args...))
 	panic(fmt.Sprintf(format, args...))
 }
+
+// ErrNoState is returned by LoadState when nothing is stored under a name.
+var ErrNoState = errors.New("snapshots: no state stored under that name")
+
+// SaveState stores msg under name, outside the actor snapshots: the state
+// of a shell that is not an event-sourced actor (a router's KV index view),
+// checksummed like a snapshot and replaced on each save.
+func (s *Snapshots) SaveState(name string, msg proto.Message) error {
+	if err := CheckName("state", name); err != nil {
+		return err
+	}
+	data, err := proto.Marshal(msg)
+	if err != nil {
+		return fmt.Errorf("snapshots: encode state %s: %w", name, err)
+	}
+	val := binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(data)), crc32.Checksum(data, crcTable))
+	val = append(val, data...)
+	if err := s.db.Set([]byte("state/"+name), val, pebble.Sync); err != nil {
+		return fmt.Errorf("snapshots: write state %s: %w", name, err)
+	}
+	return nil
+}
+
+// LoadState reads the state stored under name into msg. A corrupt record
+// is an error naming it; nothing stored is ErrNoState.
+func (s *Snapshots) LoadState(name string, msg proto.Message) error {
+	val, closer, err := s.db.Get([]byte("state/" + name))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return ErrNoState
+	}
+	if err != nil {
+		return fmt.Errorf("snapshots: read state %s: %w", name, err)
+	}
+	defer closer.Close()
+	if len(val) < 4 || crc32.Checksum(val[4:], crcTable) != binary.BigEndian.Uint32(val) {
+		return fmt.Errorf("snapshots: state %s is corrupt (checksum mismatch)", name)
+	}
+	if err := proto.Unmarshal(val[4:], msg); err != nil {
+		return fmt.Errorf("snapshots: state %s: %w", name, err)
+	}
+	return nil
+}

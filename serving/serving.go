@@ -18,6 +18,7 @@ import (
 	"github.com/triplane-dev/triplane/actors"
 	"github.com/triplane-dev/triplane/actors/transfer"
 	"github.com/triplane-dev/triplane/engine/mocker"
+	"github.com/triplane-dev/triplane/journal"
 	"github.com/triplane-dev/triplane/planes/control"
 	"github.com/triplane-dev/triplane/planes/event"
 	"github.com/triplane-dev/triplane/router"
@@ -31,6 +32,9 @@ type Planes struct {
 	Etcd      *clientv3.Client
 	Host      *actors.Host
 	Registrar *control.Registrar
+	// Snapshots, when set, keeps the router's KV index view across
+	// restarts.
+	Snapshots *journal.Snapshots
 	// NodeID names the workers (<node>-w<i>) and the router actor.
 	NodeID     string
 	Namespace  string
@@ -136,9 +140,13 @@ func Start(ctx context.Context, p Planes, cfg Config) (_ *Stack, err error) {
 	if err := s.disc.WaitReady(wctx); err != nil {
 		return nil, fmt.Errorf("serving: discovery: %w", err)
 	}
-	if s.Router, err = frontend.NewRouter(frontend.RouterConfig{Namespace: p.Namespace, Model: cfg.Model,
+	rc := frontend.RouterConfig{Namespace: p.Namespace, Model: cfg.Model,
 		Policy: cfg.Policy, Params: cfg.Params, Bus: s.bus, Discovery: s.disc, Host: p.Host,
-		RouterID: p.NodeID, Logger: p.Logger.With("component", "router")}); err != nil {
+		RouterID: p.NodeID, Logger: p.Logger.With("component", "router")}
+	if p.Snapshots != nil {
+		rc.Store = p.Snapshots
+	}
+	if s.Router, err = frontend.NewRouter(rc); err != nil {
 		return nil, err
 	}
 	var disagg *frontend.Disagg
@@ -163,6 +171,11 @@ func (s *Stack) Shutdown(ctx context.Context) error {
 		if err := s.Frontend.Shutdown(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("frontend: %w", err))
 		}
+	}
+	// The router saves its view before the workers deregister (which
+	// would empty it).
+	if s.Router != nil {
+		s.Router.Close()
 	}
 	for _, w := range s.Workers {
 		if err := w.Drain(ctx); err != nil {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -120,4 +121,29 @@ func installOpenAIClient(t *testing.T, ctx context.Context) string {
 		os.RemoveAll(tmp)
 	}
 	return dir
+}
+
+// The router's KV index view is saved on stop and restored on start.
+func TestRouterIndexSurvivesRestart(t *testing.T) {
+	dir := t.TempDir()
+	u := startUp(t, dir, "--speedup", "50", "--workers", "1")
+	<-u.lines
+	m := curlRe.FindStringSubmatch(<-u.lines)
+	if m == nil {
+		t.Fatal("no curl example")
+	}
+	resp, err := http.Post("http://"+m[1]+"/v1/completions", "application/json",
+		strings.NewReader(`{"model":"triplane-mock","prompt":"`+strings.Repeat("words to cache ", 20)+`","max_tokens":2}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	u.stop(syscall.SIGTERM)
+	u2 := startUp(t, dir, "--speedup", "50", "--workers", "1")
+	<-u2.lines
+	<-u2.lines
+	u2.stop(syscall.SIGTERM)
+	if !regexp.MustCompile(`KV index restored.* workers=1`).MatchString(u2.stderr.String()) {
+		t.Fatalf("no restore logged:\n%s", u2.stderr.String())
+	}
 }

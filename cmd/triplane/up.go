@@ -297,7 +297,7 @@ func runUp(cmd *cobra.Command, g *globalFlags, f *upFlags) error {
 		return err
 	}
 	stack, err := serving.Start(ctx, serving.Planes{NATS: sys.NATS, Etcd: sys.Etcd, Host: sys.Host,
-		Registrar: sys.Control.Registrar, NodeID: sys.NodeID, Namespace: f.namespace,
+		Registrar: sys.Control.Registrar, Snapshots: sys.Snapshots, NodeID: sys.NodeID, Namespace: f.namespace,
 		Registerer: sys.Admin.Registry, Logger: log}, serving.Config{
 		Workers: f.workers, Frontend: f.httpAddr != "", HTTPAddr: f.httpAddr, Model: f.model, Engine: f.engine(),
 		Policy: router.Policy(f.policy), Params: router.Params{OverlapWeight: f.overlapWeight, Temperature: f.temperature},

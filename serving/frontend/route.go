@@ -8,9 +8,12 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/protobuf/proto"
+
 	"github.com/triplane-dev/triplane/actors"
 	routerm "github.com/triplane-dev/triplane/actors/router"
 	"github.com/triplane-dev/triplane/engine"
+	"github.com/triplane-dev/triplane/journal"
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/planes/control"
 	"github.com/triplane-dev/triplane/planes/event"
@@ -39,6 +42,9 @@ type Router struct {
 	unsub    func()
 	stop     chan struct{}
 	done     chan struct{}
+	// saverDone is closed when the saver stopped (nil without a store).
+	saverDone chan struct{}
+	closeOnce sync.Once
 }
 
 type flight struct {
@@ -60,7 +66,19 @@ type RouterConfig struct {
 	// Host runs the router actor RouterID.
 	Host     *actors.Host
 	RouterID string
-	Logger   *slog.Logger
+	// Store, when set, keeps the KV view across restarts: saved every
+	// SaveEvery (default 30 s) and on Close, restored on start, so a
+	// restarted router resumes from each worker's saved event id instead
+	// of asking every worker for a full dump.
+	Store     StateStore
+	SaveEvery time.Duration
+	Logger    *slog.Logger
+}
+
+// StateStore keeps named protobuf state (journal.Snapshots does, in Pebble).
+type StateStore interface {
+	SaveState(name string, msg proto.Message) error
+	LoadState(name string, msg proto.Message) error
 }
 
 // NewRouter starts following the workers.
@@ -81,8 +99,20 @@ func NewRouter(cfg RouterConfig) (_ *Router, err error) {
 			r.Close()
 		}
 	}()
-	r.cons, err = kvevents.NewConsumer(cfg.Bus, kvevents.ConsumerConfig{Namespace: cfg.Namespace,
-		OnEvent: r.onEvent, OnReset: r.onReset})
+	ccfg := kvevents.ConsumerConfig{Namespace: cfg.Namespace, OnEvent: r.onEvent, OnReset: r.onReset}
+	if cfg.Store != nil {
+		view := &triplanev1.KvView{}
+		switch err := cfg.Store.LoadState(r.viewName(), view); {
+		case err == nil:
+			ccfg.Initial = view
+			r.log.Info("KV index restored", "workers", len(view.Workers),
+				"saved", time.Unix(0, view.SavedUnixNanos).UTC().Format(time.RFC3339))
+		case errors.Is(err, journal.ErrNoState):
+		default:
+			r.log.Warn("saved KV index unusable; rebuilding it from the workers", "err", err)
+		}
+	}
+	r.cons, err = kvevents.NewConsumer(cfg.Bus, ccfg)
 	if err != nil {
 		return nil, fmt.Errorf("frontend: kv events: %w", err)
 	}
@@ -96,7 +126,40 @@ func NewRouter(cfg RouterConfig) (_ *Router, err error) {
 	events, unsub := r.disc.Subscribe()
 	r.unsub = unsub
 	go r.follow(events)
+	if cfg.Store != nil {
+		if cfg.SaveEvery <= 0 {
+			cfg.SaveEvery = 30 * time.Second
+		}
+		r.saverDone = make(chan struct{})
+		go r.saver(cfg.SaveEvery)
+	}
 	return r, nil
+}
+
+func (r *Router) viewName() string { return "kvview-" + r.cfg.RouterID }
+
+func (r *Router) saver(every time.Duration) {
+	defer close(r.saverDone)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-r.stop:
+			return
+		case <-t.C:
+			r.save()
+		}
+	}
+}
+
+// save writes the consumer's view: it is ordered and complete up to each
+// worker's last applied id, which the index follows.
+func (r *Router) save() {
+	view := r.cons.View()
+	view.SavedUnixNanos = time.Now().UnixNano()
+	if err := r.cfg.Store.SaveState(r.viewName(), view); err != nil {
+		r.log.Warn("saving the KV index failed", "err", err)
+	}
 }
 
 // follow drops a worker's blocks once discovery removed it, so no request
@@ -288,15 +351,24 @@ func (r *Router) IndexBlocks(worker string) map[uint64]bool {
 	return r.ix.Blocks(worker)
 }
 
-// Close stops following the workers.
-func (r *Router) Close() {
+// Close stops following the workers and saves the view. Safe to call
+// more than once.
+func (r *Router) Close() { r.closeOnce.Do(r.close) }
+
+func (r *Router) close() {
 	if r.unsub != nil {
 		close(r.stop)
 		<-r.done
 		r.unsub()
 	}
+	if r.saverDone != nil {
+		<-r.saverDone
+	}
 	if r.cons != nil {
 		r.cons.Close()
+		if r.cfg.Store != nil {
+			r.save()
+		}
 	}
 	if r.loads != nil {
 		_ = r.loads.Close()

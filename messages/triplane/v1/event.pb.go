@@ -855,6 +855,123 @@ func (x *EventProbe) GetSentUnixNanos() int64 {
 	return 0
 }
 
+// KvView is a consumer's view of every worker's blocks, saved so a router
+// that restarts resumes from it: each worker's epoch and last event id say
+// exactly where the view stands, so the gap repair fetches only what
+// followed (a new epoch, or a gap the ring no longer holds, gets a dump).
+type KvView struct {
+	state          protoimpl.MessageState `protogen:"open.v1"`
+	Workers        []*KvWorkerView        `protobuf:"bytes,1,rep,name=workers,proto3" json:"workers,omitempty"`
+	SavedUnixNanos int64                  `protobuf:"varint,2,opt,name=saved_unix_nanos,json=savedUnixNanos,proto3" json:"saved_unix_nanos,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *KvView) Reset() {
+	*x = KvView{}
+	mi := &file_triplane_v1_event_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KvView) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KvView) ProtoMessage() {}
+
+func (x *KvView) ProtoReflect() protoreflect.Message {
+	mi := &file_triplane_v1_event_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KvView.ProtoReflect.Descriptor instead.
+func (*KvView) Descriptor() ([]byte, []int) {
+	return file_triplane_v1_event_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *KvView) GetWorkers() []*KvWorkerView {
+	if x != nil {
+		return x.Workers
+	}
+	return nil
+}
+
+func (x *KvView) GetSavedUnixNanos() int64 {
+	if x != nil {
+		return x.SavedUnixNanos
+	}
+	return 0
+}
+
+// KvWorkerView is one worker's part of a KvView.
+type KvWorkerView struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	WorkerId      string                 `protobuf:"bytes,1,opt,name=worker_id,json=workerId,proto3" json:"worker_id,omitempty"`
+	Epoch         uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Dump          *KvDump                `protobuf:"bytes,3,opt,name=dump,proto3" json:"dump,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KvWorkerView) Reset() {
+	*x = KvWorkerView{}
+	mi := &file_triplane_v1_event_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KvWorkerView) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KvWorkerView) ProtoMessage() {}
+
+func (x *KvWorkerView) ProtoReflect() protoreflect.Message {
+	mi := &file_triplane_v1_event_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KvWorkerView.ProtoReflect.Descriptor instead.
+func (*KvWorkerView) Descriptor() ([]byte, []int) {
+	return file_triplane_v1_event_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *KvWorkerView) GetWorkerId() string {
+	if x != nil {
+		return x.WorkerId
+	}
+	return ""
+}
+
+func (x *KvWorkerView) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *KvWorkerView) GetDump() *KvDump {
+	if x != nil {
+		return x.Dump
+	}
+	return nil
+}
+
 var File_triplane_v1_event_proto protoreflect.FileDescriptor
 
 const file_triplane_v1_event_proto_rawDesc = "" +
@@ -918,7 +1035,14 @@ const file_triplane_v1_event_proto_rawDesc = "" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x12\n" +
 	"\x04text\x18\x02 \x01(\tR\x04text\x12\x12\n" +
 	"\x04body\x18\x03 \x01(\fR\x04body\x12&\n" +
-	"\x0fsent_unix_nanos\x18\x04 \x01(\x03R\rsentUnixNanosBBZ@github.com/triplane-dev/triplane/messages/triplane/v1;triplanev1b\x06proto3"
+	"\x0fsent_unix_nanos\x18\x04 \x01(\x03R\rsentUnixNanos\"g\n" +
+	"\x06KvView\x123\n" +
+	"\aworkers\x18\x01 \x03(\v2\x19.triplane.v1.KvWorkerViewR\aworkers\x12(\n" +
+	"\x10saved_unix_nanos\x18\x02 \x01(\x03R\x0esavedUnixNanos\"j\n" +
+	"\fKvWorkerView\x12\x1b\n" +
+	"\tworker_id\x18\x01 \x01(\tR\bworkerId\x12\x14\n" +
+	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12'\n" +
+	"\x04dump\x18\x03 \x01(\v2\x13.triplane.v1.KvDumpR\x04dumpBBZ@github.com/triplane-dev/triplane/messages/triplane/v1;triplanev1b\x06proto3"
 
 var (
 	file_triplane_v1_event_proto_rawDescOnce sync.Once
@@ -932,7 +1056,7 @@ func file_triplane_v1_event_proto_rawDescGZIP() []byte {
 	return file_triplane_v1_event_proto_rawDescData
 }
 
-var file_triplane_v1_event_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_triplane_v1_event_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_triplane_v1_event_proto_goTypes = []any{
 	(*LoadReport)(nil),            // 0: triplane.v1.LoadReport
 	(*KvEventBatch)(nil),          // 1: triplane.v1.KvEventBatch
@@ -946,10 +1070,12 @@ var file_triplane_v1_event_proto_goTypes = []any{
 	(*KvDump)(nil),                // 9: triplane.v1.KvDump
 	(*KvDumpBlock)(nil),           // 10: triplane.v1.KvDumpBlock
 	(*EventProbe)(nil),            // 11: triplane.v1.EventProbe
-	(*timestamppb.Timestamp)(nil), // 12: google.protobuf.Timestamp
+	(*KvView)(nil),                // 12: triplane.v1.KvView
+	(*KvWorkerView)(nil),          // 13: triplane.v1.KvWorkerView
+	(*timestamppb.Timestamp)(nil), // 14: google.protobuf.Timestamp
 }
 var file_triplane_v1_event_proto_depIdxs = []int32{
-	12, // 0: triplane.v1.LoadReport.sent_at:type_name -> google.protobuf.Timestamp
+	14, // 0: triplane.v1.LoadReport.sent_at:type_name -> google.protobuf.Timestamp
 	2,  // 1: triplane.v1.KvEventBatch.events:type_name -> triplane.v1.KvEvent
 	3,  // 2: triplane.v1.KvEvent.stored:type_name -> triplane.v1.KvBlocksStored
 	4,  // 3: triplane.v1.KvEvent.removed:type_name -> triplane.v1.KvBlocksRemoved
@@ -958,11 +1084,13 @@ var file_triplane_v1_event_proto_depIdxs = []int32{
 	9,  // 6: triplane.v1.KvResendReply.dump:type_name -> triplane.v1.KvDump
 	2,  // 7: triplane.v1.KvEventRange.events:type_name -> triplane.v1.KvEvent
 	10, // 8: triplane.v1.KvDump.blocks:type_name -> triplane.v1.KvDumpBlock
-	9,  // [9:9] is the sub-list for method output_type
-	9,  // [9:9] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	13, // 9: triplane.v1.KvView.workers:type_name -> triplane.v1.KvWorkerView
+	9,  // 10: triplane.v1.KvWorkerView.dump:type_name -> triplane.v1.KvDump
+	11, // [11:11] is the sub-list for method output_type
+	11, // [11:11] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_triplane_v1_event_proto_init() }
@@ -987,7 +1115,7 @@ func file_triplane_v1_event_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_triplane_v1_event_proto_rawDesc), len(file_triplane_v1_event_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   12,
+			NumMessages:   14,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -3,6 +3,8 @@ package kvevents
 import (
 	"context"
 	"fmt"
+	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -38,6 +40,9 @@ type ConsumerConfig struct {
 	// order (the router's index follows them). They run under the
 	// consumer's lock: keep them short.
 	OnEvent func(worker string, e *triplanev1.KvEvent)
+	// Initial, when set, is a saved view (View) restored before the
+	// subscription starts, so no batch can race it.
+	Initial *triplanev1.KvView
 	// OnReset gives the whole view and the id of the last event it
 	// reflects (0 after a worker restart).
 	OnReset func(worker string, blocks map[uint64]Block, last uint64)
@@ -111,6 +116,9 @@ func NewConsumer(b *event.Bus, cfg ConsumerConfig) (*Consumer, error) {
 		c.wg.Add(1)
 		go c.repairLoop()
 	}
+	if cfg.Initial != nil {
+		c.Restore(cfg.Initial)
+	}
 	sub, err := event.Subscribe(b, subject, c.Ingest)
 	if err != nil {
 		c.Close()
@@ -118,6 +126,56 @@ func NewConsumer(b *event.Bus, cfg ConsumerConfig) (*Consumer, error) {
 	}
 	c.sub = sub
 	return c, nil
+}
+
+// View returns the consumer's whole view, to be saved (Restore).
+func (c *Consumer) View() *triplanev1.KvView {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := &triplanev1.KvView{}
+	for _, w := range slices.Sorted(maps.Keys(c.workers)) {
+		v := c.workers[w]
+		d := &triplanev1.KvDump{EventId: v.next - 1, Blocks: make([]*triplanev1.KvDumpBlock, 0, len(v.blocks))}
+		for _, h := range slices.Sorted(maps.Keys(v.blocks)) {
+			b := &triplanev1.KvDumpBlock{Hash: h}
+			if v.blocks[h].HasParent {
+				p := v.blocks[h].Parent
+				b.ParentHash = &p
+			}
+			d.Blocks = append(d.Blocks, b)
+		}
+		out.Workers = append(out.Workers, &triplanev1.KvWorkerView{WorkerId: w, Epoch: v.epoch, Dump: d})
+	}
+	return out
+}
+
+// Restore seeds the view of workers not heard of yet from a saved view
+// (a restarted router), telling OnReset. Batches that follow continue from
+// each worker's saved event id; a worker that restarted since (a newer
+// epoch) starts afresh. Invalid entries are skipped and counted as
+// malformed.
+func (c *Consumer) Restore(view *triplanev1.KvView) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, wv := range view.GetWorkers() {
+		w := wv.GetWorkerId()
+		if event.CheckToken(w) != nil || wv.GetEpoch() == 0 || wv.GetDump() == nil {
+			c.stats.Malformed++
+			continue
+		}
+		if c.workers[w] != nil || len(c.workers) >= c.cfg.MaxWorkers {
+			continue
+		}
+		v := &workerView{epoch: wv.Epoch, next: wv.Dump.EventId + 1, head: wv.Dump.EventId,
+			blocks: make(map[uint64]Block, len(wv.Dump.Blocks)), pending: map[uint64]*triplanev1.KvEvent{}}
+		for _, b := range wv.Dump.Blocks {
+			v.blocks[b.Hash] = Block{Parent: b.GetParentHash(), HasParent: b.ParentHash != nil}
+		}
+		c.workers[w] = v
+		if c.cfg.OnReset != nil {
+			c.cfg.OnReset(w, copyBlocks(v.blocks), wv.Dump.EventId)
+		}
+	}
 }
 
 // Close stops the subscription and the repairs.

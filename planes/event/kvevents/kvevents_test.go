@@ -350,3 +350,54 @@ func TestRepairOfAGoneWorkerStopsUntilItsNextBatch(t *testing.T) {
 		t.Fatalf("applied up to %d without the missing events", last)
 	}
 }
+
+// A router that restarts from a saved view resumes at the saved event ids:
+// it needs neither a dump nor more than the events that followed.
+func TestRestoreFromSavedView(t *testing.T) {
+	n := planetest.StartNATS(t)
+	b := newBus(t, n.Connect(t))
+	p, err := kvevents.NewPublisher(b, kvevents.PublisherConfig{WorkerID: "w3", Namespace: "ns", Epoch: 5,
+		RingSize: 1024, HeartbeatInterval: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	c1, err := kvevents.NewConsumer(newBus(t, n.Connect(t)), kvevents.ConsumerConfig{Namespace: "ns"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(3, 3))
+	workload(t, p, rng, 100)
+	converge(t, c1, p, "w3")
+	saved, err := proto.Marshal(c1.View())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c1.Close()
+	workload(t, p, rng, 40) // while the router is down
+
+	view := &triplanev1.KvView{}
+	if err := proto.Unmarshal(saved, view); err != nil {
+		t.Fatal(err)
+	}
+	// A bad entry next to the good one is skipped and counted.
+	view.Workers = append(view.Workers, &triplanev1.KvWorkerView{WorkerId: "bad worker", Epoch: 1, Dump: &triplanev1.KvDump{}})
+	var resets int
+	var mu sync.Mutex
+	c2, err := kvevents.NewConsumer(newBus(t, n.Connect(t)), kvevents.ConsumerConfig{Namespace: "ns", Initial: view,
+		OnReset: func(string, map[uint64]kvevents.Block, uint64) { mu.Lock(); resets++; mu.Unlock() }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c2.Close()
+	converge(t, c2, p, "w3")
+	st := c2.Stats()
+	if st.Dumps != 0 || st.Resends == 0 || st.Malformed != 1 {
+		t.Fatalf("restored consumer: %+v (want resends, no dump, one malformed entry)", st)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if resets != 1 {
+		t.Fatalf("%d resets, want the restore only", resets)
+	}
+}
