@@ -22,6 +22,7 @@ func newBenchCmd(g *globalFlags) *cobra.Command {
 	}
 	cmd.AddCommand(newBenchJournalCmd(g), newBenchEventCmd(g), newBenchTransferCmd(g))
 	cmd.AddCommand(newBenchRouteCmd())
+	cmd.AddCommand(newBenchServeCmd(g))
 	return cmd
 }
 
