@@ -20,6 +20,13 @@ type Faults struct {
 	CrashRate float64
 }
 
+// Bugs are the planted bugs a run can switch on: apply-before-persist (the
+// host applies events before the append and keeps them when it fails),
+// router-ignores-gap and stale-route (the serving scenario's routing shell
+// skips missing KV event ids; sends a request to a worker discovery removed
+// while the decision was pending).
+var Bugs = []string{"apply-before-persist", BugRouterIgnoresGap, BugStaleRoute}
+
 // DefaultFaults are the faults of a run that names none.
 var DefaultFaults = Faults{AppendFailure: 0.03, WrittenOnFailure: 0.5, CrashRate: 0.1}
 
@@ -69,7 +76,7 @@ type Result struct {
 
 // Scenarios are the built-in scenarios by name.
 func Scenarios() map[string]Scenario {
-	return map[string]Scenario{ledgerScenario.Name: ledgerScenario}
+	return map[string]Scenario{ledgerScenario.Name: ledgerScenario, servingScenario.Name: servingScenario}
 }
 
 // ScenarioNames lists the built-in scenarios.

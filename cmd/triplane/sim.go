@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -33,7 +34,8 @@ failed, when, and the command that reproduces it, and writes the run's trace.
 Scenarios: ` + strings.Join(sim.ScenarioNames(), ", "),
 		Example: `  triplane sim --scenario ledger --seed 7 --duration 5s
   triplane sim --scenario ledger --seeds 1..200
-  triplane sim --scenario ledger --seeds 1..50 --bug apply-before-persist`,
+  triplane sim --scenario ledger --seeds 1..50 --bug apply-before-persist
+  triplane sim --scenario serving --seeds 1..20 --duration 3s --bug router-ignores-gap`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if _, err := resolve(cmd); err != nil {
@@ -52,6 +54,9 @@ Scenarios: ` + strings.Join(sim.ScenarioNames(), ", "),
 			}
 			if opts.Duration <= 0 || opts.Duration > time.Hour {
 				return usageError{&config.Error{Key: "duration", Err: fmt.Errorf("%s is outside (0, 1h]", opts.Duration)}}
+			}
+			if opts.Bug != "" && !slices.Contains(sim.Bugs, opts.Bug) {
+				return usageError{&config.Error{Key: "bug", Err: fmt.Errorf("unknown bug %q (known: %s)", opts.Bug, strings.Join(sim.Bugs, ", "))}}
 			}
 			for _, p := range []struct {
 				key string
@@ -108,7 +113,7 @@ Scenarios: ` + strings.Join(sim.ScenarioNames(), ", "),
 	fs.Float64Var(&opts.Faults.AppendFailure, "append-failure", sim.DefaultFaults.AppendFailure, "probability that a journal append fails")
 	fs.Float64Var(&opts.Faults.WrittenOnFailure, "written-on-failure", sim.DefaultFaults.WrittenOnFailure, "probability that a failed append was written anyway")
 	fs.Float64Var(&opts.Faults.CrashRate, "crash-rate", sim.DefaultFaults.CrashRate, "probability that a command's actor crashes just before it arrives")
-	fs.StringVar(&opts.Bug, "bug", "", "switch on a planted bug to see the simulator find it (apply-before-persist)")
+	fs.StringVar(&opts.Bug, "bug", "", "switch on a planted bug to see the simulator find it ("+strings.Join(sim.Bugs, ", ")+")")
 	fs.StringVar(&trace, "trace", "", "write the trace here (with --seeds, one file per seed with the seed appended); by default a failing run's trace goes to triplane-sim-<scenario>-<seed>.trace")
 	_ = g
 	return cmd

@@ -89,7 +89,12 @@ type Engine struct {
 	waiting []*seq
 	running []*seq
 	byID    map[string]*seq
-	outputs map[string]*engine.Output
+	// outs are the outputs of the step being run (inStep); each seq finds
+	// its own by outStep/outIdx.
+	outs    []engine.Output
+	stepNo  uint64
+	inStep  bool
+	scratch []*seq
 	imports map[string]*importing
 
 	promptTokens, cachedTokens uint64
@@ -109,6 +114,8 @@ type seq struct {
 	cached    int      // prompt tokens found cached at admission
 	reported  bool     // cached count reported
 	isRunning bool
+	outStep   uint64 // step whose output outIdx is
+	outIdx    int
 }
 
 // New creates a mock engine.
@@ -306,12 +313,15 @@ func (e *Engine) BlockBytes(hash uint64) ([]byte, bool) {
 // decode tokens for running sequences and prefill chunks with the rest of
 // the token budget.
 func (e *Engine) Step() engine.Step {
-	e.outputs = map[string]*engine.Output{}
+	e.stepNo++
+	e.outs, e.inStep = nil, true
+	defer func() { e.inStep = false }()
 	e.admit()
 	budget := e.cfg.MaxBatchTokens
 	var st engine.Step
 	// Decode first: every sequence past its prompt generates one token.
-	for _, s := range append([]*seq(nil), e.running...) {
+	e.scratch = append(e.scratch[:0], e.running...)
+	for _, s := range e.scratch {
 		if !s.isRunning || s.computed < s.prompt || budget == 0 {
 			continue
 		}
@@ -322,7 +332,8 @@ func (e *Engine) Step() engine.Step {
 		st.DecodeSeqs++
 		e.generate(s)
 	}
-	for _, s := range append([]*seq(nil), e.running...) {
+	e.scratch = append(e.scratch[:0], e.running...)
+	for _, s := range e.scratch {
 		if !s.isRunning || s.computed >= s.prompt || budget == 0 {
 			continue
 		}
@@ -339,21 +350,22 @@ func (e *Engine) Step() engine.Step {
 		}
 	}
 	st.Duration = e.duration(st.PrefillTokens, st.DecodeSeqs)
-	for _, o := range e.outputs {
-		st.Outputs = append(st.Outputs, *o)
-	}
+	clear(e.scratch)
+	st.Outputs = e.outs
+	e.outs = nil
 	sortOutputs(st.Outputs)
 	st.Events = e.pool.takeEvents()
 	return st
 }
 
+// out is s's output of this step. The pointer is valid until the next
+// call that adds an output: use it at once.
 func (e *Engine) out(s *seq) *engine.Output {
-	o := e.outputs[s.id]
-	if o == nil {
-		o = &engine.Output{ID: s.id}
-		e.outputs[s.id] = o
+	if s.outStep != e.stepNo {
+		s.outStep, s.outIdx = e.stepNo, len(e.outs)
+		e.outs = append(e.outs, engine.Output{ID: s.id})
 	}
-	return o
+	return &e.outs[s.outIdx]
 }
 
 // generate appends the next token of s.
@@ -377,13 +389,14 @@ func (e *Engine) generate(s *seq) {
 // of the request id and position, so a resumed request continues the same
 // text.
 func TokenAt(id string, pos int, vocab uint32) uint32 {
-	d := xxhash.New()
-	d.WriteString(id)
+	var d xxhash.Digest // on the stack: this runs once per generated token
+	d.Reset()
+	_, _ = d.WriteString(id)
 	var b [8]byte
 	for i := range 8 {
 		b[i] = byte(pos >> (8 * i))
 	}
-	d.Write(b[:])
+	_, _ = d.Write(b[:])
 	return uint32(d.Sum64() % uint64(vocab))
 }
 
@@ -487,7 +500,8 @@ func (e *Engine) finish(s *seq, reason string, err error) {
 		e.pool.release(b)
 	}
 	s.blocks = nil
-	if e.outputs != nil {
+	// Outside a step (Cancel) the caller learns the outcome directly.
+	if e.inStep {
 		o := e.out(s)
 		o.Finished, o.Reason, o.Err = true, reason, err
 	}

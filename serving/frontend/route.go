@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"sync"
 	"time"
 
@@ -251,6 +252,39 @@ func (p Pool) admits(in *triplanev1.InstanceInfo, l *triplanev1.LoadReport) bool
 // Route chooses a worker of the pool for a request, skipping the excluded
 // ones. The caller must call the returned done func when the request ends.
 func (r *Router) Route(ctx context.Context, requestID string, hashes []uint64, exclude map[string]bool, pool Pool) (*triplanev1.InstanceInfo, int, func(), error) {
+	// A decision can wait (the router actor recovering, a slow journal);
+	// a worker that discovery dropped meanwhile is not used: decide again
+	// without it. The simulator's serving scenario found this
+	// (--bug stale-route).
+	for try := 0; ; try++ {
+		id := requestID
+		if try > 0 {
+			id = fmt.Sprintf("%s.r%d", requestID, try)
+		}
+		in, overlap, release, err := r.route(ctx, id, hashes, exclude, pool)
+		if err != nil || try == 2 || r.available(in.GetInstanceId()) {
+			return in, overlap, release, err
+		}
+		release()
+		exclude = maps.Clone(exclude)
+		if exclude == nil {
+			exclude = map[string]bool{}
+		}
+		exclude[in.GetInstanceId()] = true
+		r.log.Info("the chosen worker left while the decision was made; routing again", "request", requestID, "worker", in.GetInstanceId())
+	}
+}
+
+func (r *Router) available(id string) bool {
+	for _, in := range r.disc.Available() {
+		if in.GetInstanceId() == id {
+			return true
+		}
+	}
+	return false
+}
+
+func (r *Router) route(ctx context.Context, requestID string, hashes []uint64, exclude map[string]bool, pool Pool) (*triplanev1.InstanceInfo, int, func(), error) {
 	avail := r.disc.Available()
 	byID := make(map[string]*triplanev1.InstanceInfo, len(avail))
 	loads := r.loads.Loads()

@@ -1,0 +1,66 @@
+package sim_test
+
+import (
+	"testing"
+	"time"
+
+	"github.com/triplane-dev/triplane/sim"
+)
+
+var servingScenario = sim.Scenarios()["serving"]
+
+// A bounded sweep of the serving scenario with faults on holds every
+// invariant.
+func TestServingScenarioSweep(t *testing.T) {
+	sim.Check(t, servingScenario, sim.Options{Duration: 2 * time.Second, Faults: sim.DefaultFaults}, 1, 2, 3, 4, 5, 6)
+}
+
+func TestServingScenarioReproducible(t *testing.T) {
+	opts := sim.Options{Duration: time.Second, Faults: sim.DefaultFaults}
+	a := sim.RunScenario(servingScenario, 42, opts)
+	b := sim.RunScenario(servingScenario, 42, opts)
+	if a.Err != nil || a.TraceHash != b.TraceHash || a.Steps != b.Steps {
+		t.Fatalf("same seed, different runs: %v %x/%x %d/%d", a.Err, a.TraceHash, b.TraceHash, a.Steps, b.Steps)
+	}
+	if c := sim.RunScenario(servingScenario, 43, opts); c.TraceHash == a.TraceHash {
+		t.Fatal("another seed gave the same trace")
+	}
+}
+
+// The sweep finds each planted serving bug, and the failing seed fails
+// again when rerun.
+func TestServingScenarioFindsPlantedBugs(t *testing.T) {
+	for _, bug := range []string{sim.BugRouterIgnoresGap, sim.BugStaleRoute} {
+		opts := sim.Options{Duration: 2 * time.Second, Faults: sim.DefaultFaults, Bug: bug}
+		var failing *sim.Result
+		for _, r := range sim.Sweep(servingScenario, 1, 12, opts) {
+			if r.Err != nil {
+				failing = &r
+				break
+			}
+		}
+		if failing == nil {
+			t.Fatalf("bug %s: no failing seed in 1..12", bug)
+		}
+		again := sim.RunScenario(servingScenario, failing.Seed, opts)
+		if again.Err == nil || again.TraceHash != failing.TraceHash {
+			t.Fatalf("bug %s: seed %d did not reproduce: %v", bug, failing.Seed, again.Err)
+		}
+		t.Logf("bug %s found by seed %d: %v", bug, failing.Seed, failing.Err)
+	}
+}
+
+// BenchmarkServingScenario reports simulated seconds per wall second for 8
+// workers, the router and 100 requests/s with faults.
+func BenchmarkServingScenario(b *testing.B) {
+	var sim_, wall time.Duration
+	for i := 0; i < b.N; i++ {
+		r := sim.RunScenario(servingScenario, uint64(i+1), sim.Options{Duration: 10 * time.Second, Faults: sim.DefaultFaults})
+		if r.Err != nil {
+			b.Fatal(r.Err)
+		}
+		sim_ += r.SimTime
+		wall += r.Wall
+	}
+	b.ReportMetric(sim_.Seconds()/wall.Seconds(), "sim-s/wall-s")
+}
