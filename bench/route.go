@@ -410,7 +410,7 @@ func (s *sim) arrive(at time.Duration, i int, rec *workload.Record, tokens []uin
 	s.now = at
 	for k, w := range s.ws {
 		l := w.eng.Load()
-		s.cands[k] = router.Candidate{ID: w.id, Active: l.Active + l.Waiting, BlocksUsed: l.BlocksUsed, BlocksTotal: l.BlocksTotal}
+		s.cands[k] = router.Candidate{ID: w.id, Active: l.Active + l.Waiting, Waiting: l.Waiting, BlocksUsed: l.BlocksUsed, BlocksTotal: l.BlocksTotal}
 	}
 	d, err := router.Choose(s.policy, s.cfg.Params, router.RequestOf(hashes), s.ix.WithOverlap(hashes, s.cands), uint64(i), s.rng.Float64())
 	if err != nil {

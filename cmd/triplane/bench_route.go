@@ -44,9 +44,13 @@ For each policy it prints:
     where a block hits if an earlier request had the same prefix of hash ids,
   - busiest: the busiest worker's prefilled (not cached) prompt tokens over the
     mean,
-  - time to first token p50/p99 in the model, simulated and wall time.`,
+  - time to first token p50/p99 in the model, simulated and wall time.
+
+The kv policy's cost of a worker is
+  overlap-weight x (blocks to prefill + waiting-prefill x requests waiting) + blocks in use
+(see router.Params).`,
 		Example: `  triplane bench route --trace mooncake_conversation_trace.jsonl --workers 8 --blocks-per-worker 8000
-  triplane bench route --trace trace.jsonl --policy kv,round-robin --limit 2000 --overlap-weight 2`,
+  triplane bench route --trace trace.jsonl --policy kv,round-robin --limit 2000 --overlap-weight 2 --waiting-prefill -1`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if _, err := resolve(cmd); err != nil {
@@ -62,8 +66,9 @@ For each policy it prints:
 				return usageError{fmt.Errorf("--speedup must be a positive number, got %v", cfg.SpeedUp)}
 			}
 			if !(cfg.Params.OverlapWeight > 0) || math.IsInf(cfg.Params.OverlapWeight, 0) ||
-				!(cfg.Params.Temperature >= 0) || math.IsInf(cfg.Params.Temperature, 0) {
-				return usageError{fmt.Errorf("--overlap-weight must be positive and --temperature not negative")}
+				!(cfg.Params.Temperature >= 0) || math.IsInf(cfg.Params.Temperature, 0) ||
+				math.IsNaN(cfg.Params.WaitingPrefill) || math.IsInf(cfg.Params.WaitingPrefill, 0) {
+				return usageError{fmt.Errorf("--overlap-weight must be positive, --temperature not negative and --waiting-prefill finite")}
 			}
 			cfg.Policies = nil
 			for _, s := range policies {
@@ -114,8 +119,8 @@ For each policy it prints:
 			if err != nil {
 				return err
 			}
-			title := fmt.Sprintf("routing: %d requests, %d workers x %d blocks of %d tokens, overlap weight %g, temperature %g, wall %s (%s)",
-				len(recs), cfg.Workers, cfg.BlocksPerWorker, cfg.BlockSize, cfg.Params.OverlapWeight, cfg.Params.Temperature,
+			title := fmt.Sprintf("routing: %d requests, %d workers x %d blocks of %d tokens, overlap weight %g, waiting prefill %g, temperature %g, wall %s (%s)",
+				len(recs), cfg.Workers, cfg.BlocksPerWorker, cfg.BlockSize, cfg.Params.OverlapWeight, cfg.Params.WaitingPrefill, cfg.Params.Temperature,
 				time.Since(total).Round(10*time.Millisecond), strings.Join(os.Args[1:], " "))
 			bench.PrintRoute(cmd.OutOrStdout(), title, rs)
 			return nil
@@ -134,7 +139,8 @@ For each policy it prints:
 	fs.IntVar(&limit, "limit", 0, "replay only the first N requests of the trace (0: all)")
 	fs.Float64Var(&cfg.SpeedUp, "speedup", 1, "divide every modelled engine duration by this")
 	fs.IntVar(&cfg.MaxBatchTokens, "max-batch-tokens", 8192, "prefill plus decode tokens per engine iteration")
-	fs.Float64Var(&cfg.Params.OverlapWeight, "overlap-weight", 1, "kv policy: weight of blocks to prefill against blocks in use")
+	fs.Float64Var(&cfg.Params.OverlapWeight, "overlap-weight", router.DefaultOverlapWeight, "kv policy: weight of blocks to prefill against blocks in use")
+	fs.Float64Var(&cfg.Params.WaitingPrefill, "waiting-prefill", router.DefaultWaitingPrefill, "kv policy: blocks of prefill charged for each request waiting in a worker's queue (0: the default, negative: none)")
 	fs.Float64Var(&cfg.Params.Temperature, "temperature", 0, "kv policy: 0 picks the cheapest worker; above 0 samples by exp(-normalized cost / temperature)")
 	fs.Uint64Var(&cfg.Seed, "seed", 1, "seed of the random draws (random policy, kv temperature)")
 	fs.StringVar(&cpuprofile, "cpuprofile", "", "write a CPU profile of the replay to this file")
