@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 
@@ -16,6 +17,7 @@ func newBenchTransferCmd(g *globalFlags) *cobra.Command {
 		cfg        databench.Config
 		blockSizes []string
 		gib        float64
+		cpuprofile string
 	)
 	cmd := &cobra.Command{
 		Use:   "transfer",
@@ -50,6 +52,17 @@ and measures, in one run:
 			}
 			cfg.RegionBytes <<= 20
 			cfg.Progress = cmd.ErrOrStderr()
+			if cpuprofile != "" {
+				f, err := os.Create(cpuprofile)
+				if err != nil {
+					return fmt.Errorf("cpu profile: %w", err)
+				}
+				defer f.Close()
+				if err := pprof.StartCPUProfile(f); err != nil {
+					return fmt.Errorf("cpu profile: %w", err)
+				}
+				defer pprof.StopCPUProfile()
+			}
 			rep, err := databench.Run(cmd.Context(), cfg)
 			if err != nil {
 				return fmt.Errorf("bench transfer: %w", err)
@@ -66,6 +79,7 @@ and measures, in one run:
 	fs.IntVar(&cfg.Rounds, "rounds", 3, "repetitions of every measurement with its baseline; the median is reported")
 	fs.IntVar(&cfg.LatencySamples, "latency-samples", 2000, "one-block writes timed per latency line")
 	fs.IntVar(&cfg.LatencyBlock, "latency-block", 4096, "block size of the latency runs in bytes")
+	fs.StringVar(&cpuprofile, "cpuprofile", "", "write a CPU profile of the run (senders and receivers both run in this process) to this file")
 	fs.BoolVar(&cfg.Iperf, "iperf", true, "also run iperf3 -l 1M as a baseline when it is installed")
 	return cmd
 }

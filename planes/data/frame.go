@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"sync/atomic"
 )
 
 // Wire format of block frames (TCP lanes and the shared-memory control
@@ -89,6 +90,36 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // Checksum is CRC-32C of b.
 func Checksum(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
+
+// checksumPiece is the step of checksumCold: small enough that a piece
+// stays in L1 between its touch and its checksum.
+const checksumPiece = 16 << 10
+
+// touchSink keeps the compiler from dropping the loads of touch.
+var touchSink atomic.Uint32
+
+// checksumCold is Checksum for bytes that are likely not in cache (a block
+// of a large region, or one another core just wrote). CRC-32C consumes its
+// input one dependent step after another, so on memory that is not cached
+// it stalls on every miss (~4.5 GB/s here against ~15 GB/s cached); first
+// touching a piece with independent loads, one per cache line, brings it
+// in with many misses in flight, and the checksum then runs from L1
+// (~6.5 GB/s overall).
+func checksumCold(b []byte) uint32 {
+	var crc uint32
+	var t byte
+	for off := 0; off < len(b); off += checksumPiece {
+		p := b[off:min(off+checksumPiece, len(b))]
+		for i := 0; i < len(p); i += 64 {
+			t += p[i]
+		}
+		crc = crc32.Update(crc, castagnoli, p)
+	}
+	if t == 0x5a && crc == 0x5a5a5a5a {
+		touchSink.Add(1)
+	}
+	return crc
+}
 
 // ErrBadFrame: the bytes are not a valid frame.
 var ErrBadFrame = errors.New("data: malformed frame")

@@ -10,7 +10,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"sync/atomic"
 	"time"
 )
 
@@ -165,29 +164,35 @@ type deadliner interface {
 // errors for I/O failures.
 //
 // The loop reads a payload straight into its block, checksumming each
-// piece as it arrives (while it is in cache), and hands the result to a
-// verifier goroutine, which compares the checksum, reports the block landed
-// and acknowledges it while the loop reads the next frame. A block is
-// acknowledged only after its checksum matched.
-func (s *Server) handle(br *bufio.Reader, bw *bufio.Writer, dl deadliner) (err error) {
-	v := &verifier{s: s, bw: bw, dl: dl, in: make(chan landing, 8), done: make(chan struct{}), failed: make(chan error, 1)}
-	go v.run()
-	defer func() {
-		close(v.in)
-		<-v.done
-		// A verifier failure explains the reader's error (it unblocked the
-		// read by expiring its deadline).
-		select {
-		case verr := <-v.failed:
-			err = verr
-		default:
-		}
-	}()
-	var hdr [HeaderSize]byte
-	g := newHandshake(s.cfg.Token)
+// piece as it arrives (while it is in cache), compares the checksum,
+// reports the block landed and acknowledges it. A block is acknowledged
+// only after its checksum matched. Acks are cumulative (an ack for frame n
+// covers every frame of the connection up to n) and written once the
+// frames read so far are verified, before a read that may wait: one ack
+// per batch the sender wrote, not one per frame.
+func (s *Server) handle(br *bufio.Reader, bw *bufio.Writer, dl deadliner) error {
+	cfg := &s.cfg
+	// Looked up once: a label lookup per frame shows at small blocks.
+	landedBytes := cfg.Metrics.bytesLanded.WithLabelValues("tcp")
+	landedFrames := cfg.Metrics.framesLanded.WithLabelValues("tcp")
+	var hdr, ack [HeaderSize]byte
+	var last Header // last frame verified and not yet acknowledged
+	unacked := false
+	g := newHandshake(cfg.Token)
 	for {
-		if err := v.setReadDeadline(s.cfg.IdleTimeout); err != nil {
-			return err
+		if unacked && br.Buffered() < HeaderSize {
+			Header{Type: FrameAck, Region: last.Region, Length: last.Length, Offset: last.Offset, Seq: last.Seq, CRC: last.CRC}.Encode(ack[:])
+			if dl != nil {
+				dl.SetWriteDeadline(time.Now().Add(cfg.FrameTimeout))
+			}
+			bw.Write(ack[:])
+			if err := bw.Flush(); err != nil {
+				return fmt.Errorf("write ack: %w", err)
+			}
+			unacked = false
+		}
+		if dl != nil {
+			dl.SetReadDeadline(time.Now().Add(cfg.IdleTimeout))
 		}
 		h, err := g.next(br, hdr[:])
 		if errors.Is(err, io.EOF) {
@@ -202,12 +207,12 @@ func (s *Server) handle(br *bufio.Reader, bw *bufio.Writer, dl deadliner) (err e
 				return err
 			}
 		case FrameData:
-			dst, err := s.cfg.Regions.Slice(h.Desc())
+			dst, err := cfg.Regions.Slice(h.Desc())
 			if err != nil {
 				return reject("out_of_region", err)
 			}
-			if err := v.setReadDeadline(s.cfg.FrameTimeout); err != nil {
-				return err
+			if dl != nil {
+				dl.SetReadDeadline(time.Now().Add(cfg.FrameTimeout))
 			}
 			// Straight into the block (no staging buffer for payloads at
 			// least as large as br's buffer), checksumming each piece
@@ -228,85 +233,19 @@ func (s *Server) handle(br *bufio.Reader, bw *bufio.Writer, dl deadliner) (err e
 					return fmt.Errorf("data frame %d: read payload: %w", h.Seq, err)
 				}
 			}
-			v.in <- landing{h: h, crc: crc, more: br.Buffered() >= HeaderSize}
+			if crc != h.CRC {
+				// The bytes stay unacknowledged: the block is not complete
+				// and the sender resends it.
+				return reject("checksum", fmt.Errorf("data frame %d: %s: checksum %#x, frame says %#x", h.Seq, h.Desc(), crc, h.CRC))
+			}
+			landedBytes.Add(float64(h.Length))
+			landedFrames.Inc()
+			if cfg.OnLanded != nil {
+				cfg.OnLanded(Landed{Transport: "tcp", Desc: h.Desc(), CRC: h.CRC})
+			}
+			last, unacked = h, true
 		default:
 			return reject("unexpected", fmt.Errorf("data: unexpected %s frame from a sender", h.Type))
-		}
-	}
-}
-
-type landing struct {
-	h    Header
-	crc  uint32 // of the bytes that landed
-	more bool   // the reader already holds the next header: delay the flush
-}
-
-// verifier checks the checksums of landed blocks and acknowledges them
-// in order.
-type verifier struct {
-	s      *Server
-	bw     *bufio.Writer
-	dl     deadliner
-	in     chan landing
-	done   chan struct{}
-	failed chan error // at most one error
-	bad    atomic.Bool
-}
-
-// setReadDeadline sets the reader's deadline unless the verifier failed.
-// Checking after setting closes the race with fail, which expires it.
-func (v *verifier) setReadDeadline(d time.Duration) error {
-	if v.dl != nil {
-		v.dl.SetReadDeadline(time.Now().Add(d))
-	}
-	if v.bad.Load() {
-		return errors.New("data: verifier failed")
-	}
-	return nil
-}
-
-func (v *verifier) fail(err error) {
-	v.failed <- err
-	v.bad.Store(true)
-	if v.dl != nil {
-		v.dl.SetReadDeadline(time.Unix(1, 0))
-	}
-}
-
-func (v *verifier) run() {
-	defer close(v.done)
-	var ack [HeaderSize]byte
-	cfg := &v.s.cfg
-	// Looked up once: a label lookup per frame shows at small blocks.
-	landedBytes := cfg.Metrics.bytesLanded.WithLabelValues("tcp")
-	landedFrames := cfg.Metrics.framesLanded.WithLabelValues("tcp")
-	for l := range v.in {
-		if v.bad.Load() {
-			continue
-		}
-		h := l.h
-		if got := l.crc; got != h.CRC {
-			// The bytes stay unacknowledged: the block is not complete
-			// and the sender resends it.
-			v.fail(reject("checksum", fmt.Errorf("data frame %d: %s: checksum %#x, frame says %#x", h.Seq, h.Desc(), got, h.CRC)))
-			continue
-		}
-		landedBytes.Add(float64(h.Length))
-		landedFrames.Inc()
-		if cfg.OnLanded != nil {
-			cfg.OnLanded(Landed{Transport: "tcp", Desc: h.Desc(), CRC: h.CRC})
-		}
-		Header{Type: FrameAck, Region: h.Region, Length: h.Length, Offset: h.Offset, Seq: h.Seq, CRC: h.CRC}.Encode(ack[:])
-		if v.dl != nil {
-			v.dl.SetWriteDeadline(time.Now().Add(cfg.FrameTimeout))
-		}
-		_, err := v.bw.Write(ack[:])
-		// Acks are batched while more frames are on their way.
-		if err == nil && !l.more && len(v.in) == 0 {
-			err = v.bw.Flush()
-		}
-		if err != nil {
-			v.fail(fmt.Errorf("write ack: %w", err))
 		}
 	}
 }

@@ -5,11 +5,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"io"
 	"net"
 	"os"
+	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -87,6 +88,8 @@ func (s *ShmServer) handle(c *net.UnixConn, br *bufio.Reader, bw *bufio.Writer) 
 	landedBytes := s.cfg.Metrics.bytesLanded.WithLabelValues("shm")
 	landedFrames := s.cfg.Metrics.framesLanded.WithLabelValues("shm")
 	g := newHandshake(s.cfg.Token)
+	var last Header // last landed frame verified
+	unacked := false
 	for {
 		c.SetReadDeadline(time.Now().Add(s.cfg.IdleTimeout))
 		h, err := g.next(br, hdr[:])
@@ -107,6 +110,11 @@ func (s *ShmServer) handle(c *net.UnixConn, br *bufio.Reader, bw *bufio.Writer) 
 			if !ok || !r.Shared() {
 				return reject("out_of_region", fmt.Errorf("%w: region %d is not a registered shared region", ErrOutOfRegion, h.Region))
 			}
+			if unacked {
+				Header{Type: FrameAck, Region: last.Region, Length: last.Length, Offset: last.Offset, Seq: last.Seq, CRC: last.CRC}.Encode(out[:])
+				bw.Write(out[:])
+				unacked = false
+			}
 			if err := bw.Flush(); err != nil {
 				return fmt.Errorf("write acks: %w", err)
 			}
@@ -120,7 +128,9 @@ func (s *ShmServer) handle(c *net.UnixConn, br *bufio.Reader, bw *bufio.Writer) 
 				return reject("out_of_region", err)
 			}
 			if !s.skipVerify {
-				if got := Checksum(mem); got != h.CRC {
+				// The sender wrote these bytes from another core, maybe
+				// with non-temporal stores: they are not in this cache.
+				if got := checksumCold(mem); got != h.CRC {
 					return reject("checksum", fmt.Errorf("landed frame %d: %s: checksum %#x, frame says %#x", h.Seq, h.Desc(), got, h.CRC))
 				}
 			}
@@ -129,14 +139,18 @@ func (s *ShmServer) handle(c *net.UnixConn, br *bufio.Reader, bw *bufio.Writer) 
 			if s.cfg.OnLanded != nil {
 				s.cfg.OnLanded(Landed{Transport: "shm", Desc: h.Desc(), CRC: h.CRC})
 			}
-			Header{Type: FrameAck, Region: h.Region, Length: h.Length, Offset: h.Offset, Seq: h.Seq, CRC: h.CRC}.Encode(out[:])
-			if _, err := bw.Write(out[:]); err != nil {
-				return fmt.Errorf("write ack: %w", err)
-			}
+			// Acks are cumulative: one for the last frame verified, sent
+			// once every landed frame read so far is verified.
+			last, unacked = h, true
 			if br.Buffered() < HeaderSize {
+				Header{Type: FrameAck, Region: last.Region, Length: last.Length, Offset: last.Offset, Seq: last.Seq, CRC: last.CRC}.Encode(out[:])
+				if _, err := bw.Write(out[:]); err != nil {
+					return fmt.Errorf("write ack: %w", err)
+				}
 				if err := bw.Flush(); err != nil {
 					return fmt.Errorf("write ack: %w", err)
 				}
+				unacked = false
 			}
 		default:
 			return reject("unexpected", fmt.Errorf("data: unexpected %s frame from a sender", h.Type))
@@ -155,42 +169,106 @@ func (shmBackend) Dial(ctx context.Context, o *DialOptions, p *triplanev1.DataPe
 }
 
 // shmTransport writes into a same-host peer's mapped regions.
+//
+// A Write copies frame after frame into the mapping and sends their landed
+// frames in batches (one write per shmFlushBytes copied), so that the
+// receiver verifies a range while the sender copies the next one and while
+// the bytes are still in cache. Acks are cumulative: an ack for frame n
+// acknowledges every landed frame up to n. A goroutine reads them for the
+// transport's lifetime.
 type shmTransport struct {
 	o    *DialOptions
 	path string
 	conn *net.UnixConn
 	br   *bufio.Reader
 
-	mu    sync.Mutex // one Write at a time
-	maps  map[uint32][]byte
-	seq   uint64 // last landed frame sent
-	acked uint64 // last frame acknowledged
-	err   error
+	mu   sync.Mutex // one Write at a time
+	maps map[uint32][]byte
+	seq  uint64 // last landed frame sent
+	err  error
+
+	acked  atomic.Uint64 // last frame acknowledged (cumulative)
+	ackc   chan struct{} // poked after every ack, and when the reader stops
+	rdone  chan struct{} // closed when the ack reader stopped; rerr says why
+	rerr   error
+	sent   atomic.Uint64 // last landed frame sent (the reader's bound)
+	closed atomic.Bool
 }
 
-// readAcks reads n acks, which must come in order.
-func (t *shmTransport) readAcks(ctx context.Context, n int) error {
+const (
+	// shmFlushBytes: landed frames are sent after this many bytes were
+	// copied; the receiver then verifies them while they are in cache.
+	shmFlushBytes = 256 << 10
+	// shmWindowBytes bounds the bytes copied but not yet acknowledged, so
+	// the receiver's verification trails the copy by less than a cache.
+	shmWindowBytes = 4 << 20
+)
+
+// readAcks runs for the transport's lifetime and records cumulative acks.
+func (t *shmTransport) readAcks() {
+	defer func() {
+		close(t.rdone)
+		select {
+		case t.ackc <- struct{}{}:
+		default:
+		}
+	}()
 	var hdr [HeaderSize]byte
-	for i := 0; i < n; i++ {
+	for {
 		if _, err := io.ReadFull(t.br, hdr[:]); err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
-			}
-			return fmt.Errorf("read ack: %w", err)
+			t.rerr = fmt.Errorf("read ack: %w", err)
+			return
 		}
 		h, err := DecodeHeader(hdr[:])
 		if err != nil {
-			return fmt.Errorf("receiver sent: %w", err)
+			t.rerr = fmt.Errorf("receiver sent: %w", err)
+			return
 		}
 		if h.Type == FrameError {
 			msg := make([]byte, h.Length)
 			io.ReadFull(t.br, msg)
-			return fmt.Errorf("receiver refused: %s", msg)
+			t.rerr = fmt.Errorf("receiver refused: %s", msg)
+			return
 		}
-		if h.Type != FrameAck || h.Seq != t.acked+1 {
-			return fmt.Errorf("receiver sent %s frame %d, want ack %d", h.Type, h.Seq, t.acked+1)
+		if h.Type != FrameAck || h.Seq <= t.acked.Load() || h.Seq > t.sent.Load() {
+			t.rerr = fmt.Errorf("receiver sent %s frame %d, want an ack in (%d, %d]", h.Type, h.Seq, t.acked.Load(), t.sent.Load())
+			return
 		}
-		t.acked++
+		t.acked.Store(h.Seq)
+		select {
+		case t.ackc <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// waitAcked waits until frame seq is acknowledged, at most IOTimeout
+// without progress.
+func (t *shmTransport) waitAcked(ctx context.Context, seq uint64) error {
+	var timer *time.Timer
+	for t.acked.Load() < seq {
+		if timer == nil {
+			timer = time.NewTimer(t.o.IOTimeout)
+			defer timer.Stop()
+		}
+		before := t.acked.Load()
+		select {
+		case <-t.ackc:
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-timer.C:
+			return fmt.Errorf("no ack for %s", t.o.IOTimeout)
+		}
+		select {
+		case <-t.rdone:
+			if t.acked.Load() < seq {
+				return t.rerr
+			}
+		default:
+		}
+		if t.acked.Load() != before {
+			timer.Reset(t.o.IOTimeout)
+		}
 	}
 	return nil
 }
@@ -201,7 +279,8 @@ func dialShm(ctx context.Context, p *triplanev1.DataPeer, o *DialOptions) (*shmT
 	if err != nil {
 		return nil, err
 	}
-	t := &shmTransport{o: o, path: p.GetShmSocket(), conn: c.(*net.UnixConn), maps: map[uint32][]byte{}}
+	t := &shmTransport{o: o, path: p.GetShmSocket(), conn: c.(*net.UnixConn), maps: map[uint32][]byte{},
+		ackc: make(chan struct{}, 1), rdone: make(chan struct{})}
 	t.conn.SetDeadline(time.Now().Add(o.IOTimeout))
 	if err := writeMessage(t.conn, FrameHello, o.Token); err != nil {
 		t.Close()
@@ -215,6 +294,7 @@ func dialShm(ctx context.Context, p *triplanev1.DataPeer, o *DialOptions) (*shmT
 	}
 	t.conn.SetDeadline(time.Time{})
 	t.br = bufio.NewReaderSize(t.conn, 16<<10)
+	go t.readAcks()
 	return t, nil
 }
 
@@ -287,12 +367,15 @@ func (t *shmTransport) Close() error {
 	if t.err == nil {
 		t.err = ErrBroken
 	}
-	var err error
+	err := t.conn.Close()
+	if t.br != nil && !t.closed.Swap(true) {
+		<-t.rdone
+	}
 	for id, m := range t.maps {
 		err = errors.Join(err, unix.Munmap(m))
 		delete(t.maps, id)
 	}
-	return errors.Join(err, t.conn.Close())
+	return err
 }
 
 func (t *shmTransport) Write(ctx context.Context, ops []Op) error {
@@ -311,59 +394,88 @@ func (t *shmTransport) Write(ctx context.Context, ops []Op) error {
 }
 
 func (t *shmTransport) write(ctx context.Context, ops []Op) error {
-	frames, err := split(ops, MaxFrame)
+	frames, err := split(ops, t.o.FrameSize)
 	if err != nil {
 		return err
 	}
-	if d, ok := ctx.Deadline(); ok {
-		t.conn.SetDeadline(d)
-	} else {
-		t.conn.SetDeadline(time.Now().Add(t.o.IOTimeout))
-	}
-	stop := context.AfterFunc(ctx, func() { t.conn.SetDeadline(time.Unix(1, 0)) })
+	// A cancelled ctx unblocks a write on a full socket; waits for acks
+	// watch ctx themselves.
+	stop := context.AfterFunc(ctx, func() { t.conn.SetWriteDeadline(time.Unix(1, 0)) })
 	defer stop()
-	t.acked = t.seq
-	// Landed frames go in chunks; the acks of one chunk are read after the
-	// next is sent, so neither side waits on a full socket buffer.
-	const chunk = 256
-	hdrs := make([]byte, HeaderSize*min(len(frames), chunk))
-	var bytes int
-	prev := 0 // frames sent whose acks are unread
-	for off := 0; off < len(frames); off += chunk {
-		fs := frames[off:min(off+chunk, len(frames))]
-		for i, f := range fs {
-			m, ok := t.maps[f.dst.Region]
-			if !ok {
-				return fmt.Errorf("%w: %s: region not mapped", ErrOutOfRegion, f.dst)
-			}
-			dst, err := checkIn(m, f.dst)
-			if err != nil {
-				return err
-			}
-			var crc uint32
-			if t.o.SkipShmVerify {
-				copy(dst, f.src) // the one copy
-			} else {
-				crc = f.crc
-				if f.hasCRC {
-					copy(dst, f.src)
-				} else {
-					crc = copyChecksum(dst, f.src)
-				}
-			}
-			t.seq++
-			Header{Type: FrameLanded, Region: f.dst.Region, Offset: f.dst.Offset, Length: uint32(len(f.src)), Seq: t.seq, CRC: crc}.Encode(hdrs[i*HeaderSize:])
-			bytes += len(f.src)
+	first := t.seq + 1
+	hdrs := make([]byte, 0, HeaderSize*min(len(frames), 1024))
+	// ends[i] is the byte count of this Write up to and including frame
+	// first+i: the window is counted in bytes.
+	ends := make([]int, len(frames))
+	var bytes, unflushed int
+	flush := func() error {
+		if len(hdrs) == 0 {
+			return nil
 		}
-		if _, err := t.conn.Write(hdrs[:len(fs)*HeaderSize]); err != nil {
+		t.sent.Store(t.seq)
+		t.conn.SetWriteDeadline(time.Now().Add(t.o.IOTimeout))
+		if _, err := t.conn.Write(hdrs); err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
 			return fmt.Errorf("send landed frames: %w", err)
 		}
-		if err := t.readAcks(ctx, prev); err != nil {
+		hdrs, unflushed = hdrs[:0], 0
+		return nil
+	}
+	for i, f := range frames {
+		m, ok := t.maps[f.dst.Region]
+		if !ok {
+			return fmt.Errorf("%w: %s: region not mapped", ErrOutOfRegion, f.dst)
+		}
+		dst, err := checkIn(m, f.dst)
+		if err != nil {
 			return err
 		}
-		prev = len(fs)
+		// Backpressure: keep the receiver's verification close behind.
+		if bytes > shmWindowBytes {
+			done := 0
+			if acked := t.acked.Load(); acked >= first {
+				done = ends[acked-first]
+			}
+			if bytes-done > shmWindowBytes {
+				if err := flush(); err != nil {
+					return err
+				}
+				// Wait for the frame that brings the backlog under half
+				// the window.
+				k := sort.SearchInts(ends[:i], bytes-shmWindowBytes/2)
+				if err := t.waitAcked(ctx, first+uint64(k)); err != nil {
+					return err
+				}
+			}
+		}
+		var crc uint32
+		switch {
+		case t.o.SkipShmVerify:
+			copy(dst, f.src) // the one copy
+		case f.hasCRC:
+			crc = f.crc
+			copy(dst, f.src)
+		default:
+			crc = copyChecksum(dst, f.src)
+		}
+		t.seq++
+		hdrs = hdrs[:len(hdrs)+HeaderSize]
+		Header{Type: FrameLanded, Region: f.dst.Region, Offset: f.dst.Offset, Length: uint32(len(f.src)), Seq: t.seq, CRC: crc}.Encode(hdrs[len(hdrs)-HeaderSize:])
+		bytes += len(f.src)
+		unflushed += len(f.src)
+		ends[i] = bytes
+		if unflushed >= shmFlushBytes || len(hdrs) == cap(hdrs) {
+			if err := flush(); err != nil {
+				return err
+			}
+		}
 	}
-	if err := t.readAcks(ctx, prev); err != nil {
+	if err := flush(); err != nil {
+		return err
+	}
+	if err := t.waitAcked(ctx, t.seq); err != nil {
 		return err
 	}
 	t.o.Metrics.bytesSent.WithLabelValues("shm").Add(float64(bytes))
@@ -372,15 +484,12 @@ func (t *shmTransport) write(ctx context.Context, ops []Op) error {
 }
 
 // copyChecksum copies src into dst (the one copy) and returns the checksum
-// of the bytes, computed a cache-sized piece at a time right after each
-// piece is copied so that it does not cost a second trip to memory.
+// of the source bytes, read again right after the copy brought them into
+// cache. The copy is one memmove per frame: from 1 MiB up the runtime uses
+// non-temporal stores, which skip reading the destination lines first and
+// run twice as fast as copying small pieces. The checksum is of the source,
+// so the receiver's verification checks the copy end to end.
 func copyChecksum(dst, src []byte) uint32 {
-	const piece = 64 << 10
-	var crc uint32
-	for off := 0; off < len(src); off += piece {
-		end := min(off+piece, len(src))
-		copy(dst[off:end], src[off:end])
-		crc = crc32.Update(crc, castagnoli, dst[off:end])
-	}
-	return crc
+	copy(dst, src)
+	return Checksum(src)
 }

@@ -30,8 +30,11 @@ type lane struct {
 	wmu    sync.Mutex // one batch write at a time
 	window chan struct{}
 
-	mu       sync.Mutex
-	pending  map[uint64]pendingFrame
+	mu sync.Mutex
+	// pending are the frames written and not yet acknowledged, in seq
+	// order: pending[0] is frame acked+1. Acks are cumulative.
+	pending  []pendingFrame
+	acked    uint64
 	seq      uint64
 	err      error
 	deadline time.Time
@@ -74,7 +77,7 @@ func (t *tcpTransport) dialLane(ctx context.Context) (*lane, error) {
 		c.Close()
 		return nil, fmt.Errorf("hello: %w", err)
 	}
-	l := &lane{t: t, conn: c, window: make(chan struct{}, t.o.Window), pending: map[uint64]pendingFrame{}, done: make(chan struct{})}
+	l := &lane{t: t, conn: c, window: make(chan struct{}, t.o.Window), done: make(chan struct{})}
 	go l.readAcks()
 	return l, nil
 }
@@ -149,6 +152,10 @@ func (t *tcpTransport) Write(ctx context.Context, ops []Op) error {
 // a window slot until its ack arrives (backpressure).
 func (l *lane) send(ctx context.Context, c *call, fs []frame) error {
 	for len(fs) > 0 {
+		// Frames are numbered and written under wmu, so they go out in
+		// seq order and a cumulative ack covers exactly the frames before
+		// it.
+		l.wmu.Lock()
 		var bufs net.Buffers
 		var size int
 		hdrs := make([]byte, 0, HeaderSize*min(len(fs), 1024))
@@ -174,6 +181,7 @@ func (l *lane) send(ctx context.Context, c *call, fs []frame) error {
 					stop = ctx.Err()
 					break fill
 				case <-l.done:
+					l.wmu.Unlock()
 					return l.failure()
 				case <-c.done:
 					stop = errCallDone // another lane failed this call
@@ -183,17 +191,23 @@ func (l *lane) send(ctx context.Context, c *call, fs []frame) error {
 			f := fs[n]
 			crc := f.crc
 			if !f.hasCRC {
-				crc = Checksum(f.src)
+				// The frame is read from memory here; writev then
+				// copies it from cache.
+				crc = checksumCold(f.src)
 			}
 			l.mu.Lock()
 			if l.err != nil {
+				err := l.err
 				l.mu.Unlock()
 				<-l.window
-				return l.err
+				// Frames of this batch already registered failed with
+				// the lane.
+				l.wmu.Unlock()
+				return err
 			}
 			l.seq++
 			seq := l.seq
-			l.pending[seq] = pendingFrame{crc: crc, n: uint32(len(f.src)), c: c}
+			l.pending = append(l.pending, pendingFrame{crc: crc, n: uint32(len(f.src)), c: c})
 			l.mu.Unlock()
 			hdrs = hdrs[:len(hdrs)+HeaderSize]
 			h := hdrs[len(hdrs)-HeaderSize:]
@@ -204,9 +218,9 @@ func (l *lane) send(ctx context.Context, c *call, fs []frame) error {
 		}
 		fs = fs[n:]
 		if len(bufs) == 0 {
+			l.wmu.Unlock()
 			return stopErr(stop)
 		}
-		l.wmu.Lock()
 		now := time.Now()
 		l.conn.SetWriteDeadline(now.Add(l.t.o.IOTimeout))
 		l.armReadDeadline(now)
@@ -263,7 +277,7 @@ func (l *lane) fail(err error) {
 		}
 	}
 	ps := l.pending
-	l.pending = map[uint64]pendingFrame{}
+	l.pending = nil
 	l.mu.Unlock()
 	l.conn.Close()
 	for _, p := range ps {
@@ -287,9 +301,21 @@ func (l *lane) readAcks() {
 		}
 		switch h.Type {
 		case FrameAck:
+			// Cumulative: frames acked+1 .. h.Seq landed and verified;
+			// the ack repeats frame h.Seq's length and checksum.
 			l.mu.Lock()
-			p, ok := l.pending[h.Seq]
-			delete(l.pending, h.Seq)
+			k := h.Seq - l.acked
+			if h.Seq <= l.acked || k > uint64(len(l.pending)) || l.pending[k-1].crc != h.CRC || l.pending[k-1].n != h.Length {
+				l.mu.Unlock()
+				l.fail(fmt.Errorf("receiver acknowledged unknown frame %d (%s)", h.Seq, h.Desc()))
+				return
+			}
+			done := l.pending[:k]
+			l.pending = l.pending[k:]
+			if len(l.pending) == 0 {
+				l.pending = nil // let the backing array go
+			}
+			l.acked = h.Seq
 			if len(l.pending) == 0 {
 				l.deadline = time.Time{}
 				l.conn.SetReadDeadline(time.Time{})
@@ -298,12 +324,10 @@ func (l *lane) readAcks() {
 				l.conn.SetReadDeadline(l.deadline)
 			}
 			l.mu.Unlock()
-			if !ok || p.crc != h.CRC || p.n != h.Length {
-				l.fail(fmt.Errorf("receiver acknowledged unknown frame %d (%s)", h.Seq, h.Desc()))
-				return
+			for _, p := range done {
+				<-l.window
+				p.c.landed()
 			}
-			<-l.window
-			p.c.landed()
 		case FrameError:
 			msg := make([]byte, h.Length)
 			io.ReadFull(br, msg)

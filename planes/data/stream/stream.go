@@ -311,7 +311,9 @@ func Open(ctx context.Context, addr string, open *triplanev1.StreamOpen, o Clien
 		return nil, fmt.Errorf("stream: open %s: %w", addr, err)
 	}
 	s := &Stream{c: c, br: bufio.NewReader(c)}
-	s.stop = context.AfterFunc(ctx, func() { s.Close() })
+	// The callback must not read s.stop: with ctx already done it runs at
+	// once, racing this assignment.
+	s.stop = context.AfterFunc(ctx, s.closeConn)
 	return s, nil
 }
 
@@ -347,13 +349,17 @@ func (s *Stream) Recv() (*triplanev1.StreamFrame, error) {
 // Close tells the worker the frontend is gone (cancelling the producer)
 // and closes the connection.
 func (s *Stream) Close() error {
+	s.stop()
+	s.closeConn()
+	return nil
+}
+
+func (s *Stream) closeConn() {
 	s.once.Do(func() {
-		s.stop()
 		if !s.done.Load() {
 			s.c.SetWriteDeadline(time.Now().Add(time.Second))
 			writeFrame(s.c, &triplanev1.StreamClientFrame{Kind: &triplanev1.StreamClientFrame_Cancel{Cancel: &triplanev1.StreamCancel{Reason: "frontend closed the stream"}}})
 		}
 		s.c.Close()
 	})
-	return nil
 }
