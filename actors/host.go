@@ -291,6 +291,34 @@ func (h *Host) forget(addr Address, pid *actor.PID) {
 	}
 }
 
+// Release stops one actor that expects no more commands (a finished
+// transfer session), freeing its memory; it writes its final snapshot on
+// the way out. Commands already queued are handled first; a later command
+// recovers it from its snapshot and journal.
+func (h *Host) Release(ctx context.Context, addr Address) error {
+	h.mu.Lock()
+	pid, ok := h.pids[addr]
+	h.mu.Unlock()
+	if !ok {
+		return nil
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := h.root.PoisonFuture(pid).Result()
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		h.forget(addr, pid)
+		if err != nil && !errors.Is(err, actor.ErrDeadLetter) {
+			return fmt.Errorf("actors: release %s: %w", addr, err)
+		}
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("actors: release %s: %w", addr, ctx.Err())
+	}
+}
+
 // Stop stops every actor (each writes a final snapshot), waits for the
 // snapshot writer and shuts the actor system down.
 func (h *Host) Stop(ctx context.Context) error {

@@ -304,3 +304,20 @@ func TestHostMailboxBoundRefusesInsteadOfBlocking(t *testing.T) {
 	}
 	t.Logf("%d applied, %d refused as overloaded", ok, overloaded)
 }
+
+// A released actor is stopped (its memory freed) and comes back with its
+// state on the next command.
+func TestHostReleaseAndRecover(t *testing.T) {
+	e := newEnv(t)
+	h := e.host(t)
+	ask(t, e.ctx, h, acct, &triplanev1.LedgerDeposit{Amount: 70})
+	if err := h.Release(e.ctx, acct); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Release(e.ctx, acct); err != nil { // not running: nothing to do
+		t.Fatal(err)
+	}
+	if r := ask(t, e.ctx, h, acct, &triplanev1.LedgerGet{}); r.Balance != 70 {
+		t.Fatalf("balance after release %d, want 70", r.Balance)
+	}
+}

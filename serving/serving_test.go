@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -58,7 +59,7 @@ func start(t *testing.T, workers int, mod ...func(*serving.Config)) *env {
 	}
 	t.Cleanup(func() { reg.Close(context.Background()) })
 	cfg := serving.Config{Workers: workers, Frontend: true, HTTPAddr: "127.0.0.1:0", Model: "mock",
-		Engine: mocker.Config{BlockSize: 4, NumBlocks: 256, SpeedUp: 100}}
+		Engine: mocker.Config{BlockSize: 4, NumBlocks: 256, SpeedUp: 100}, StreamToken: "s3cret", DataToken: "d4ta"}
 	for _, m := range mod {
 		m(&cfg)
 	}
@@ -401,5 +402,87 @@ func TestDisaggregatedPrefill(t *testing.T) {
 	}
 	if s := dec.Stats(); s.RemotePrefills != got.RemotePrefills {
 		t.Fatalf("cached prompt prefilled remotely again: %+v", s)
+	}
+}
+
+// Disaggregated requests whose clients give up while their blocks are on
+// the way, then many more requests: no cached block is ever wrong, and no
+// reservation or staging slot is leaked.
+func TestAbandonedTransfersNeverCorruptTheCache(t *testing.T) {
+	e := start(t, 2, func(c *serving.Config) {
+		c.PrefillWorkers = 1
+		c.DisaggThreshold = 16
+		c.Engine.SpeedUp = 1
+		c.Engine.NumBlocks = 2048
+	})
+	var wg sync.WaitGroup
+	for i := range 10 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			long := strings.Repeat(fmt.Sprintf("document %d has many words in it ", i), 20)
+			ctx, cancel := context.WithTimeout(context.Background(), 40*time.Millisecond)
+			defer cancel()
+			req, _ := http.NewRequestWithContext(ctx, "POST", e.base+"/v1/completions",
+				strings.NewReader(fmt.Sprintf(`{"model":"mock","prompt":%q,"max_tokens":2}`, long)))
+			req.Header.Set("Content-Type", "application/json")
+			if resp, err := http.DefaultClient.Do(req); err == nil {
+				resp.Body.Close()
+			}
+		}()
+	}
+	wg.Wait()
+	for i := range 40 {
+		body := fmt.Sprintf(`{"model":"mock","prompt":%q,"max_tokens":2}`, strings.Repeat(fmt.Sprintf("short %d ", i), 3))
+		if _, err := e.post(t, "/v1/completions", body); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, w := range e.stack.Workers {
+		bad, total, err := w.CheckCache()
+		if err != nil || bad != 0 {
+			t.Fatalf("worker %s: %d of %d cached blocks corrupt (%v)", w.ID(), bad, total, err)
+		}
+	}
+	// Every reservation ends: once idle, the decode worker holds no blocks.
+	dec := e.stack.Workers[1]
+	e.waitFor(t, "the decode worker idle with no block held", func() bool {
+		l := dec.Load()
+		return l.Active == 0 && l.Waiting == 0 && l.BlocksUsed == 0
+	})
+}
+
+// A worker that refuses because it is full is not reported down: when
+// every worker is busy the client gets 429 with Retry-After.
+func TestBusyWorkersGive429(t *testing.T) {
+	e := start(t, 1, func(c *serving.Config) {
+		c.Engine.SpeedUp = 1
+		c.Engine.MaxSeqs = 1
+		c.Engine.MaxWaiting = 1
+		c.Engine.NumBlocks = 2048
+	})
+	first, fsc := openStream(t, e, 3000)
+	defer first.Body.Close()
+	go func() {
+		for fsc.Scan() {
+		}
+	}()
+	// The second waits in the engine (its response headers come with its
+	// first token, so it is sent from a goroutine).
+	go func() {
+		if resp, err := http.Post(e.base+"/v1/completions", "application/json",
+			strings.NewReader(`{"model":"mock","prompt":"waiting","max_tokens":5}`)); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	e.waitFor(t, "one running and one waiting", func() bool { l := e.stack.Workers[0].Load(); return l.Active == 1 && l.Waiting == 1 })
+	resp, err := http.Post(e.base+"/v1/completions", "application/json", strings.NewReader(`{"model":"mock","prompt":"third","max_tokens":1}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusTooManyRequests || !strings.Contains(string(b), "overloaded") || resp.Header.Get("Retry-After") == "" {
+		t.Fatalf("status %d body %s, want 429 with Retry-After", resp.StatusCode, b)
 	}
 }

@@ -189,14 +189,14 @@ func (s *servingRun) route(req *simRequest) {
 			continue
 		}
 		l := wk.eng.Load()
-		cands = append(cands, router.Candidate{ID: id, Active: l.Active + l.Waiting, BlocksUsed: l.BlocksUsed, BlocksTotal: l.BlocksTotal})
+		cands = append(cands, router.Candidate{ID: id, Active: l.Active + l.Waiting, Waiting: l.Waiting, BlocksUsed: l.BlocksUsed, BlocksTotal: l.BlocksTotal})
 	}
 	cands = s.ix.WithOverlap(req.hashes, cands)
 	cmd := &triplanev1.RouteRequest{RequestId: fmt.Sprintf("%s.%d", req.id, req.attempts), Policy: string(router.PolicyKV),
 		Blocks: uint32(len(req.hashes)), FirstHash: req.hashes[0]}
 	for _, c := range cands {
 		cmd.Candidates = append(cmd.Candidates, &triplanev1.RouterCandidate{Worker: c.ID, Active: uint32(c.Active),
-			BlocksUsed: uint64(c.BlocksUsed), BlocksTotal: uint64(c.BlocksTotal), Overlap: uint32(c.Overlap)})
+			BlocksUsed: uint64(c.BlocksUsed), BlocksTotal: uint64(c.BlocksTotal), Overlap: uint32(c.Overlap), Waiting: uint32(c.Waiting)})
 	}
 	s.r.Host.Deliver(s.router, cmd.RequestId, cmd, func(m proto.Message, err error) {
 		switch {

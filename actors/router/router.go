@@ -68,11 +68,11 @@ func decide(s *triplanev1.RouterState, c *triplanev1.RouteRequest, rnd uint64) a
 	cands := make([]router.Candidate, len(c.Candidates))
 	for i, k := range c.Candidates {
 		cands[i] = router.Candidate{ID: k.Worker, Active: int(k.Active), BlocksUsed: int(k.BlocksUsed),
-			BlocksTotal: int(k.BlocksTotal), Overlap: int(k.Overlap)}
+			BlocksTotal: int(k.BlocksTotal), Overlap: int(k.Overlap), Waiting: int(k.Waiting)}
 	}
 	// 53 bits of the command's random draw give a uniform float in [0, 1).
 	draw := float64(rnd>>11) / (1 << 53)
-	d, err := router.Choose(policy, router.Params{OverlapWeight: c.OverlapWeight, Temperature: c.Temperature},
+	d, err := router.Choose(policy, router.Params{OverlapWeight: c.OverlapWeight, Temperature: c.Temperature, WaitingPrefill: c.WaitingPrefill},
 		router.Request{Blocks: int(c.Blocks), FirstHash: c.FirstHash}, cands, s.Decisions, draw)
 	if err != nil {
 		return actors.Decision{Err: err}
@@ -104,6 +104,9 @@ func validate(c *triplanev1.RouteRequest) error {
 		math.IsNaN(c.Temperature) || math.IsInf(c.Temperature, 0) || c.Temperature < 0 {
 		return fmt.Errorf("%w: overlap weight %v and temperature %v must be finite and not negative",
 			ErrInvalid, c.OverlapWeight, c.Temperature)
+	}
+	if math.IsNaN(c.WaitingPrefill) || math.IsInf(c.WaitingPrefill, 0) {
+		return fmt.Errorf("%w: waiting prefill %v must be finite", ErrInvalid, c.WaitingPrefill)
 	}
 	seen := make(map[string]bool, len(c.Candidates))
 	for _, k := range c.Candidates {

@@ -111,7 +111,7 @@ At most --concurrency requests are in flight; an arrival beyond that waits
 	fs.IntVar(&f.blockSize, "block-size", 16, "KV block size in tokens (with --url: the frontend's, to align a trace's prompts)")
 	fs.IntVar(&f.blocks, "blocks-per-worker", 4096, "KV blocks in each worker's pool")
 	fs.Float64Var(&f.speedup, "speedup", 10, "divides the mock engine's modelled prefill and decode times")
-	fs.Float64Var(&f.overlap, "overlap-weight", 1, "kv policy: weight of blocks to prefill against blocks in use")
+	fs.Float64Var(&f.overlap, "overlap-weight", router.DefaultOverlapWeight, "kv policy: weight of blocks to prefill against blocks in use")
 	fs.Float64Var(&f.temperature, "temperature", 0, "kv policy: 0 picks the cheapest worker, above 0 samples by cost")
 	config.EnumVar(fs, &f.jsSync, "jetstream-sync", "always", []string{"always", "interval"},
 		"when the in-process nodes' JetStream fsyncs the journal (the router journals every decision): always (as triplane up) or interval")

@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -26,8 +28,12 @@ import (
 	"github.com/triplane-dev/triplane/system"
 )
 
-// stopTimeout bounds a clean stop after SIGINT/SIGTERM.
-const stopTimeout = 10 * time.Second
+// stopTimeout bounds a clean stop after SIGINT/SIGTERM; drainTimeout is
+// the part of it running requests get to finish.
+const (
+	stopTimeout  = 10 * time.Second
+	drainTimeout = 6 * time.Second
+)
 
 type upFlags struct {
 	dataDir      string
@@ -62,6 +68,7 @@ type upFlags struct {
 	prefill       int
 	disaggMin     int
 	prefillQueue  int
+	dataToken     string
 }
 
 func defaultDataDir() string {
@@ -130,7 +137,7 @@ restart on the same data dir finds its streams and keys again.`,
 	fs.StringVar(&f.httpAddr, "http-addr", "127.0.0.1:8000", "address of the OpenAI-compatible HTTP frontend (empty: no frontend; port 0: any free port)")
 	fs.StringVar(&f.model, "model", "triplane-mock", "model name the workers and the frontend serve")
 	config.EnumVar(fs, &f.policy, "policy", string(router.PolicyKV), policyNames(), "how the router chooses a worker")
-	fs.Float64Var(&f.overlapWeight, "overlap-weight", 1, "kv policy: weight of blocks to prefill against blocks in use")
+	fs.Float64Var(&f.overlapWeight, "overlap-weight", router.DefaultOverlapWeight, "kv policy: weight of blocks to prefill against blocks in use")
 	fs.Float64Var(&f.temperature, "temperature", 0, "kv policy: 0 picks the cheapest worker, above 0 samples by cost")
 	fs.IntVar(&f.blockSize, "block-size", 16, "KV block size in tokens")
 	fs.IntVar(&f.blocks, "blocks-per-worker", 4096, "KV blocks in each worker's pool")
@@ -140,6 +147,7 @@ restart on the same data dir finds its streams and keys again.`,
 	fs.BoolVar(&f.disagg, "disagg", false, "disaggregated serving: prefill and decode worker pools; KV blocks move prefill → decode with transfer sessions")
 	fs.IntVar(&f.prefill, "prefill-workers", 0, "with --disagg: how many of --workers prefill (default: half, at least 1)")
 	fs.IntVar(&f.disaggMin, "disagg-threshold", 512, "with --disagg: least uncached prompt tokens worth a remote prefill")
+	fs.StringVar(&f.dataToken, "data-token", "", "shared secret workers and frontends present on the data plane (response streams, block transfers); default: a random one per process, so set the same value on every node of a multi-node deployment")
 	fs.IntVar(&f.prefillQueue, "max-prefill-queue", 8, "with --disagg: prefill workers with this many waiting requests are skipped (the decode worker prefills)")
 	return cmd
 }
@@ -191,8 +199,11 @@ func (f *upFlags) validate() error {
 	if err := control.CheckName("model", f.model); err != nil {
 		errs = append(errs, &config.Error{Key: "model", Err: err})
 	}
-	if f.overlapWeight < 0 || f.temperature < 0 {
-		errs = append(errs, &config.Error{Key: "overlap-weight", Err: errors.New("overlap-weight and temperature must not be negative")})
+	if f.overlapWeight <= 0 {
+		errs = append(errs, &config.Error{Key: "overlap-weight", Err: fmt.Errorf("%v must be above 0", f.overlapWeight)})
+	}
+	if f.temperature < 0 {
+		errs = append(errs, &config.Error{Key: "temperature", Err: fmt.Errorf("%v must not be negative", f.temperature)})
 	}
 	if f.disagg && f.workers < 2 {
 		errs = append(errs, &config.Error{Key: "disagg", Err: fmt.Errorf("needs at least 2 workers (one prefill, one decode), have %d", f.workers)})
@@ -296,6 +307,12 @@ func runUp(cmd *cobra.Command, g *globalFlags, f *upFlags) error {
 	if err != nil {
 		return err
 	}
+	token := f.dataToken
+	if token == "" {
+		var b [16]byte
+		_, _ = rand.Read(b[:])
+		token = hex.EncodeToString(b[:])
+	}
 	stack, err := serving.Start(ctx, serving.Planes{NATS: sys.NATS, Etcd: sys.Etcd, Host: sys.Host,
 		Registrar: sys.Control.Registrar, Snapshots: sys.Snapshots, NodeID: sys.NodeID, Namespace: f.namespace,
 		Registerer: sys.Admin.Registry, Logger: log}, serving.Config{
@@ -303,6 +320,7 @@ func runUp(cmd *cobra.Command, g *globalFlags, f *upFlags) error {
 		Policy: router.Policy(f.policy), Params: router.Params{OverlapWeight: f.overlapWeight, Temperature: f.temperature},
 		MaxInflight: f.maxInflight, MaxMigrations: migrations(f.maxMigrations),
 		PrefillWorkers: f.prefillWorkers(), DisaggThreshold: f.disaggMin, MaxPrefillQueue: f.prefillQueue,
+		StreamToken: token, DataToken: token, ListenHost: f.host,
 	})
 	if err != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
@@ -333,11 +351,16 @@ func runUp(cmd *cobra.Command, g *globalFlags, f *upFlags) error {
 	stop() // a second Ctrl-C kills the process the default way
 	log.Info("stopping", "reason", context.Cause(ctx), "timeout", stopTimeout)
 	t0 := time.Now()
-	sctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
-	defer cancel()
-	if err := stack.Shutdown(sctx); err != nil {
-		log.Warn("serving path did not drain cleanly", "err", err)
+	// Draining gets most of the budget; what is still running then is cut
+	// off, and the node's own stop (lease revoke, final snapshots) gets a
+	// fresh share.
+	dctx, dcancel := context.WithTimeout(context.Background(), drainTimeout)
+	if err := stack.Shutdown(dctx); err != nil {
+		log.Warn("serving path did not drain in time; remaining requests cut off", "err", err)
 	}
+	dcancel()
+	sctx, cancel := context.WithTimeout(context.Background(), stopTimeout-drainTimeout)
+	defer cancel()
 	if err := sys.Close(sctx); err != nil {
 		return fmt.Errorf("stop: %w", err)
 	}

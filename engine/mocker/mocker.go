@@ -215,6 +215,12 @@ func (e *Engine) ReserveImport(id string, hashes []uint64) (Reservation, error) 
 		im.parent = hashes[cached-1]
 	}
 	im.hashes = hashes[cached:]
+	// Check room first: allocating block by block would evict cached
+	// blocks before finding out the reservation cannot fit.
+	if room := len(e.pool.free) + e.pool.lruCount; room < len(im.hashes) {
+		e.drop(im)
+		return Reservation{}, fmt.Errorf("%w: %d blocks wanted, %d free or evictable", ErrImport, len(im.hashes), room)
+	}
 	for range im.hashes {
 		b, ok := e.pool.alloc()
 		if !ok {
@@ -245,7 +251,12 @@ func (e *Engine) drop(im *importing) {
 // whose bytes are wrong is never cached; it and the blocks after it (their
 // prefix is broken) are freed, and the error says which. It returns how
 // many blocks were added.
-func (e *Engine) CommitImport(id string) (int, error) {
+func (e *Engine) CommitImport(id string) (int, error) { return e.CommitImportFrom(id, nil) }
+
+// CommitImportFrom is CommitImport for blocks that landed elsewhere (a
+// staging area peers write to): src(i) is the i-th reserved block's bytes,
+// copied into the engine's block before it is checked.
+func (e *Engine) CommitImportFrom(id string, src func(i int) []byte) (int, error) {
 	im := e.imports[id]
 	if im == nil {
 		return 0, fmt.Errorf("%w: no reservation %q", ErrImport, id)
@@ -254,6 +265,9 @@ func (e *Engine) CommitImport(id string) (int, error) {
 	defer e.drop(im)
 	parent := im.parent
 	for i, b := range im.blocks {
+		if src != nil {
+			copy(e.pool.Block(b), src(i))
+		}
 		if !e.pool.adopt(b, im.hashes[i], parent) {
 			return i, fmt.Errorf("%w: block %d of %q (hash %016x) does not hold its contents", ErrImport, i, id, im.hashes[i])
 		}

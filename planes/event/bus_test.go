@@ -445,3 +445,49 @@ func TestMetricsSharedRegistry(t *testing.T) {
 	}
 	t.Fatal("triplane_event_published_total not registered")
 }
+
+// ServeConcurrent runs handlers side by side up to its limit and refuses
+// the one past it at once.
+func TestServeConcurrent(t *testing.T) {
+	n := planetest.StartNATS(t)
+	b := newBus(t, n.Connect(t), event.Config{})
+	client := newBus(t, n.Connect(t), event.Config{})
+	subj := b.MustSubject("ns", "worker", "slow")
+	release := make(chan struct{})
+	var running atomic.Int64
+	if _, err := event.ServeConcurrent(b, subj, "", 2, func(_ context.Context, req *triplanev1.EventProbe) (*triplanev1.EventProbe, error) {
+		running.Add(1)
+		<-release
+		return &triplanev1.EventProbe{Seq: req.Seq}, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := event.ServeConcurrent(b, subj, "", 0, func(context.Context, *triplanev1.EventProbe) (*triplanev1.EventProbe, error) { return nil, nil }); err == nil {
+		t.Fatal("limit 0 accepted")
+	}
+	// The server knows of the responder before the client asks.
+	if err := b.Conn().Flush(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	results := make(chan error, 3)
+	for i := range 2 {
+		go func() {
+			_, err := event.Request[*triplanev1.EventProbe, *triplanev1.EventProbe](ctx, client, subj, &triplanev1.EventProbe{Seq: uint64(i)})
+			results <- err
+		}()
+	}
+	eventually(t, "two handlers running at once", func() bool { return running.Load() == 2 })
+	_, err := event.Request[*triplanev1.EventProbe, *triplanev1.EventProbe](ctx, client, subj, &triplanev1.EventProbe{Seq: 9})
+	var re *event.RemoteError
+	if !errors.As(err, &re) || !strings.Contains(err.Error(), event.ErrBusyText) {
+		t.Fatalf("third request: %v, want busy", err)
+	}
+	close(release)
+	for range 2 {
+		if err := <-results; err != nil {
+			t.Fatal(err)
+		}
+	}
+}

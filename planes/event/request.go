@@ -143,36 +143,69 @@ func RequestFunc[Req, Resp proto.Message](ctx context.Context, b *Bus, subject s
 // Handlers run one at a time per subscription; their context ends when the
 // bus closes.
 func Serve[Req, Resp proto.Message](b *Bus, subject, queue string, h func(context.Context, Req) (Resp, error)) (*Subscription, error) {
+	return b.subscribe(subject, queue, func(s *Subscription, m *nats.Msg) { serveMsg(b, s, m, h) })
+}
+
+// ServeConcurrent is Serve with up to limit handlers running at once, each
+// on its own goroutine (Serve runs one at a time). A request beyond the
+// limit is refused at once with a RemoteError saying the responder is busy,
+// and counted as dropped, so the caller can go elsewhere instead of
+// queueing without bound.
+func ServeConcurrent[Req, Resp proto.Message](b *Bus, subject, queue string, limit int, h func(context.Context, Req) (Resp, error)) (*Subscription, error) {
+	if limit < 1 {
+		return nil, fmt.Errorf("event: serve %s: limit %d must be at least 1", subject, limit)
+	}
+	sem := make(chan struct{}, limit)
 	return b.subscribe(subject, queue, func(s *Subscription, m *nats.Msg) {
-		b.metrics.Received.Inc()
-		if m.Reply == "" {
-			s.badPayload(m.Subject, errors.New("request without a reply subject"))
+		select {
+		case sem <- struct{}{}:
+		default:
+			b.metrics.Dropped.Inc()
+			if m.Reply != "" {
+				b.respondErr(m, fmt.Sprintf("%s: busy, %d requests running", ErrBusyText, limit))
+			}
 			return
 		}
-		req, err := Decode[Req](m.Data)
-		if err != nil {
-			s.badPayload(m.Subject, err)
-			b.respondErr(m, err.Error())
-			return
-		}
-		resp, err := h(b.ctx, req)
-		if err != nil {
-			b.respondErr(m, err.Error())
-			return
-		}
-		bp, err := b.marshal(m.Reply, resp)
-		if err != nil {
-			b.log.Warn("cannot send reply", "subject", m.Subject, "err", err)
-			b.respondErr(m, err.Error())
-			return
-		}
-		defer b.release(bp)
-		if err := b.nc.Publish(m.Reply, *bp); err != nil {
-			b.log.Warn("cannot send reply", "subject", m.Subject, "err", err)
-			return
-		}
-		b.metrics.Published.Inc()
+		go func() {
+			defer func() { <-sem }()
+			serveMsg(b, s, m, h)
+		}()
 	})
+}
+
+// ErrBusyText starts the error a ServeConcurrent responder sends when it
+// is at its limit.
+const ErrBusyText = "responder busy"
+
+func serveMsg[Req, Resp proto.Message](b *Bus, s *Subscription, m *nats.Msg, h func(context.Context, Req) (Resp, error)) {
+	b.metrics.Received.Inc()
+	if m.Reply == "" {
+		s.badPayload(m.Subject, errors.New("request without a reply subject"))
+		return
+	}
+	req, err := Decode[Req](m.Data)
+	if err != nil {
+		s.badPayload(m.Subject, err)
+		b.respondErr(m, err.Error())
+		return
+	}
+	resp, err := h(b.ctx, req)
+	if err != nil {
+		b.respondErr(m, err.Error())
+		return
+	}
+	bp, err := b.marshal(m.Reply, resp)
+	if err != nil {
+		b.log.Warn("cannot send reply", "subject", m.Subject, "err", err)
+		b.respondErr(m, err.Error())
+		return
+	}
+	defer b.release(bp)
+	if err := b.nc.Publish(m.Reply, *bp); err != nil {
+		b.log.Warn("cannot send reply", "subject", m.Subject, "err", err)
+		return
+	}
+	b.metrics.Published.Inc()
 }
 
 func (b *Bus) respondErr(m *nats.Msg, msg string) {

@@ -148,7 +148,9 @@ func Start(cfg Config) (*Frontend, error) {
 		writeError(w, http.StatusNotFound, "invalid_request_error", "not_found",
 			fmt.Sprintf("no route %s %s; this server has POST /v1/completions, POST /v1/chat/completions and GET /v1/models", r.Method, r.URL.Path))
 	})
-	f.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	// No write timeout: streams last as long as generation does.
+	f.srv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 60 * time.Second,
+		IdleTimeout: 2 * time.Minute}
 	go func() {
 		if err := f.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			f.log.Error("frontend stopped serving", "err", err)
@@ -332,8 +334,13 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 	tried := map[string]bool{}
 	var generated []uint32
 	var lastErr error
+	busyOnly := false // every worker tried refused as busy
 	for attempt := 0; ; attempt++ {
 		if attempt > 0 {
+			if attempt > f.cfg.MaxMigrations && busyOnly && len(generated) == 0 {
+				return result{err: fmt.Errorf("every worker tried is busy: %w", lastErr), status: http.StatusTooManyRequests,
+					errType: "rate_limit_error", code: "overloaded", outcome: "overloaded"}
+			}
 			if attempt > f.cfg.MaxMigrations {
 				return result{generated: len(generated), err: fmt.Errorf("gave up after %d migrations: %w", attempt-1, lastErr),
 					status: http.StatusServiceUnavailable, errType: "server_error", code: "worker_failed", outcome: "worker_failed"}
@@ -347,6 +354,10 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 		if attempt > 0 {
 			routeID = fmt.Sprintf("%s.m%d", j.id, attempt)
 		}
+		if len(generated) >= j.maxTokens {
+			// Every token arrived before the worker failed to say so.
+			return result{reason: "length", generated: len(generated)}
+		}
 		prompt := append(append([]uint32(nil), j.tokens...), generated...)
 		in, overlap, release, err := f.cfg.Router.Route(ctx, routeID, hashes, tried, Pool{})
 		if err != nil {
@@ -355,6 +366,10 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 			}
 			if errors.Is(err, ErrNoWorker) && lastErr != nil {
 				err = fmt.Errorf("%w (after: %w)", err, lastErr)
+			}
+			if busyOnly && len(generated) == 0 {
+				return result{err: err, status: http.StatusTooManyRequests, errType: "rate_limit_error",
+					code: "overloaded", outcome: "overloaded"}
 			}
 			return result{generated: len(generated), err: err, status: http.StatusServiceUnavailable,
 				errType: "server_error", code: "no_worker", outcome: "no_worker"}
@@ -376,6 +391,13 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 		}
 		lastErr = fmt.Errorf("worker %s: %w", in.GetInstanceId(), err)
 		tried[in.GetInstanceId()] = true
+		if busy(err) {
+			// A busy or draining worker is healthy: try another without
+			// reporting it down.
+			busyOnly = busyOnly || attempt == 0
+			continue
+		}
+		busyOnly = false
 		f.cfg.Router.ReportDown(in)
 	}
 }
@@ -402,6 +424,12 @@ func (f *Frontend) prefillWorker(ctx context.Context, routeID string, hashes []u
 	return in.GetInstanceId(), release
 }
 
+// busy reports a refusal by a healthy worker (overloaded or draining).
+func busy(err error) bool {
+	msg := err.Error()
+	return strings.Contains(msg, "worker: overloaded") || strings.Contains(msg, "worker: draining")
+}
+
 type badRequestError struct{ msg string }
 
 func (e badRequestError) Error() string { return e.msg }
@@ -415,8 +443,8 @@ func (f *Frontend) attempt(ctx context.Context, j *job, in *triplanev1.InstanceI
 	}
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	s, err := stream.Open(sctx, streamAddr(in), &triplanev1.StreamOpen{RequestId: j.id, Payload: payload, Token: f.cfg.StreamToken},
-		stream.ClientOptions{IdleTimeout: 60 * time.Second})
+	s, err := stream.Open(sctx, streamAddr(in), &triplanev1.StreamOpen{RequestId: j.id, Payload: payload},
+		stream.ClientOptions{Token: f.cfg.StreamToken})
 	if err != nil {
 		return "", err
 	}
@@ -576,6 +604,9 @@ func (s *sink) finish(reason string, generated int) {
 // error event inside a stream that already started.
 func (s *sink) fail(status int, typ, code, msg string) {
 	if !s.started {
+		if status == http.StatusTooManyRequests {
+			s.w.Header().Set("Retry-After", "1")
+		}
 		writeError(s.w, status, typ, code, msg)
 		return
 	}

@@ -127,6 +127,9 @@ func NewRouter(cfg RouterConfig) (_ *Router, err error) {
 	events, unsub := r.disc.Subscribe()
 	r.unsub = unsub
 	go r.follow(events)
+	if ccfg.Initial != nil {
+		r.forgetUnlisted()
+	}
 	if cfg.Store != nil {
 		if cfg.SaveEvery <= 0 {
 			cfg.SaveEvery = 30 * time.Second
@@ -135,6 +138,24 @@ func NewRouter(cfg RouterConfig) (_ *Router, err error) {
 		go r.saver(cfg.SaveEvery)
 	}
 	return r, nil
+}
+
+// forgetUnlisted drops restored workers that discovery does not list: they
+// left while the router was down.
+func (r *Router) forgetUnlisted() {
+	listed := map[string]bool{}
+	for _, in := range r.disc.Instances() {
+		listed[in.GetInstanceId()] = true
+	}
+	for _, w := range r.cons.Workers() {
+		if !listed[w] {
+			r.cons.Forget(w)
+			r.mu.Lock()
+			r.ix.RemoveWorker(w)
+			r.mu.Unlock()
+			r.log.Info("restored worker is gone; its blocks dropped", "worker", w)
+		}
+	}
 }
 
 func (r *Router) viewName() string { return "kvview-" + r.cfg.RouterID }
@@ -305,7 +326,7 @@ func (r *Router) route(ctx context.Context, requestID string, hashes []uint64, e
 		byID[id] = in
 		c := router.Candidate{ID: id, Active: len(r.inflight[id])}
 		if l := loads[id]; l != nil {
-			c.BlocksUsed, c.BlocksTotal = int(l.KvBlocksUsed), int(l.KvBlocksTotal)
+			c.BlocksUsed, c.BlocksTotal, c.Waiting = int(l.KvBlocksUsed), int(l.KvBlocksTotal), int(l.WaitingRequests)
 			// Blocks of requests sent after the report are not in it yet.
 			sent := l.GetSentAt().AsTime()
 			for _, f := range r.inflight[id] {
@@ -322,14 +343,14 @@ func (r *Router) route(ctx context.Context, requestID string, hashes []uint64, e
 		return nil, 0, nil, ErrNoWorker
 	}
 	req := &triplanev1.RouteRequest{RequestId: requestID, Policy: string(r.cfg.Policy),
-		OverlapWeight: r.cfg.Params.OverlapWeight, Temperature: r.cfg.Params.Temperature,
+		OverlapWeight: r.cfg.Params.OverlapWeight, Temperature: r.cfg.Params.Temperature, WaitingPrefill: r.cfg.Params.WaitingPrefill,
 		Blocks: uint32(len(hashes))}
 	if len(hashes) > 0 {
 		req.FirstHash = hashes[0]
 	}
 	for _, c := range cands {
 		req.Candidates = append(req.Candidates, &triplanev1.RouterCandidate{Worker: c.ID, Active: uint32(c.Active),
-			BlocksUsed: uint64(c.BlocksUsed), BlocksTotal: uint64(c.BlocksTotal), Overlap: uint32(c.Overlap)})
+			BlocksUsed: uint64(c.BlocksUsed), BlocksTotal: uint64(c.BlocksTotal), Overlap: uint32(c.Overlap), Waiting: uint32(c.Waiting)})
 	}
 	reply, err := r.cfg.Host.Request(ctx, actors.Address{Kind: routerm.Kind, ID: r.cfg.RouterID}, req)
 	if err != nil {

@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"slices"
 	"sync/atomic"
 	"time"
 
+	"github.com/triplane-dev/triplane/actors"
 	"github.com/triplane-dev/triplane/actors/transfer"
 	"github.com/triplane-dev/triplane/engine"
 	"github.com/triplane-dev/triplane/engine/mocker"
@@ -57,7 +59,7 @@ func (w *Worker) startDisagg() error {
 		if err != nil {
 			return err
 		}
-		if w.dataSrv, err = data.ListenTCP("127.0.0.1:0", data.ServerConfig{Regions: regions, Token: w.cfg.DataToken,
+		if w.dataSrv, err = data.ListenTCP(net.JoinHostPort(w.cfg.ListenHost, "0"), data.ServerConfig{Regions: regions, Token: w.cfg.DataToken,
 			OnLanded: w.onLanded, Logger: w.log}); err != nil {
 			return fmt.Errorf("data plane: %w", err)
 		}
@@ -67,7 +69,11 @@ func (w *Worker) startDisagg() error {
 		if err != nil {
 			return err
 		}
-		if w.prefill, err = event.Serve(w.cfg.Bus, subj, "", w.servePrefill); err != nil {
+		limit := w.cfg.MaxPrefills
+		if limit <= 0 {
+			limit = 16
+		}
+		if w.prefill, err = event.ServeConcurrent(w.cfg.Bus, subj, "", limit, w.servePrefill); err != nil {
 			return fmt.Errorf("prefill service: %w", err)
 		}
 	}
@@ -97,29 +103,47 @@ func (w *Worker) onLanded(l data.Landed) {
 	}
 }
 
-// onEngine runs fn on the engine goroutine and waits for it.
-func (w *Worker) onEngine(ctx context.Context, fn func()) error {
+// onEngine runs fn on the engine goroutine and waits for it. It is not
+// dropped when the mailbox is full (it waits for room) and not abandoned
+// half-way: it returns an error only when the worker stopped, and then fn
+// did not run.
+func (w *Worker) onEngine(fn func()) error {
 	done := make(chan struct{})
 	select {
 	case w.inbox <- op{fn: func() { fn(); close(done) }}:
-	default:
-		return fmt.Errorf("%w: mailbox full", ErrOverloaded)
+	case <-w.done:
+		return ErrStopped
 	}
 	select {
 	case <-done:
 		return nil
 	case <-w.done:
-		return ErrStopped
-	case <-ctx.Done():
-		// fn still runs; callers only use this for short engine calls.
-		<-done
-		return context.Cause(ctx)
+		// The engine goroutine ran fn before stopping, or never will.
+		select {
+		case <-done:
+			return nil
+		default:
+			return ErrStopped
+		}
 	}
 }
 
+// takeSlots reserves n staging slots, or none.
+func (w *Worker) takeSlots(n int) ([]int, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if n > len(w.slots) {
+		return nil, false
+	}
+	out := slices.Clone(w.slots[:n])
+	w.slots = w.slots[n:]
+	return out, true
+}
+
 // importPrefix has the prefill worker compute the prompt's blocks and
-// transfer them into blocks reserved here. Any failure is logged and
-// counted and the request is prefilled here instead: disaggregation is an
+// transfer them into staging slots here, then commits them into the
+// engine's cache after checking them. Any failure is logged and counted
+// and the request is prefilled here instead: disaggregation is an
 // optimisation, never a reason to fail a request.
 func (w *Worker) importPrefix(ctx context.Context, req *triplanev1.GenerateRequest) {
 	if w.dataSrv == nil {
@@ -133,24 +157,46 @@ func (w *Worker) importPrefix(ctx context.Context, req *triplanev1.GenerateReque
 	id := "import-" + req.RequestId
 	var res mocker.Reservation
 	var rerr error
-	if err := w.onEngine(ctx, func() { res, rerr = w.eng.ReserveImport(id, hashes) }); err != nil || rerr != nil {
+	if err := w.onEngine(func() {
+		res, rerr = w.eng.ReserveImport(id, hashes)
+		if rerr == nil && len(res.Blocks) == 0 {
+			// All cached here already: nothing to move; let go of the
+			// references the reservation took.
+			w.eng.AbortImport(id)
+		}
+	}); err != nil || rerr != nil {
 		w.remoteFailed(req, "reserve", errors.Join(err, rerr))
 		return
 	}
 	if len(res.Blocks) == 0 {
-		return // all cached here already
+		return
 	}
-	descs := make([]data.Descriptor, len(res.Blocks))
+	slots, ok := w.takeSlots(len(res.Blocks))
+	if !ok {
+		_ = w.onEngine(func() { w.eng.AbortImport(id) })
+		w.remoteFailed(req, "staging", fmt.Errorf("%d blocks do not fit the staging region now", len(res.Blocks)))
+		return
+	}
+	deadline := time.Now().Add(prefillTimeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	descs := make([]data.Descriptor, len(slots))
 	preq := &triplanev1.PrefillRequest{RequestId: req.RequestId, Tokens: req.Tokens, BlockHashes: hashes[res.Cached:],
-		Peer:      &triplanev1.DataPeer{HostId: data.HostID(), TcpAddr: w.dataSrv.Addr(), Regions: []*triplanev1.DataRegion{w.region.Proto()}},
-		SessionId: fmt.Sprintf("kv-%s-%s", w.cfg.ID, req.RequestId)}
+		Peer:              &triplanev1.DataPeer{HostId: data.HostID(), TcpAddr: w.dataSrv.Addr(), Regions: []*triplanev1.DataRegion{w.region.Proto()}},
+		SessionId:         fmt.Sprintf("kv-%s-%s", w.cfg.ID, req.RequestId),
+		DeadlineUnixNanos: deadline.UnixNano()}
 	w.mu.Lock()
-	for i, b := range res.Blocks {
-		descs[i] = w.region.BlockDesc(b)
+	for i, slot := range slots {
+		descs[i] = w.region.BlockDesc(slot)
 		w.expect[descs[i]] = true
 		preq.Destinations = append(preq.Destinations, descs[i].Proto())
 	}
 	w.mu.Unlock()
+	// settle ends the reservation either way and hands the slots back.
+	// Committing copies each staged block into the engine and checks its
+	// bytes against its hash there, so a slot a late transfer spoiled can
+	// never put a wrong block in the cache.
 	settle := func(commit bool) (int, error) {
 		w.mu.Lock()
 		all := true
@@ -162,14 +208,17 @@ func (w *Worker) importPrefix(ctx context.Context, req *triplanev1.GenerateReque
 		w.mu.Unlock()
 		var n int
 		var cerr error
-		err := w.onEngine(context.WithoutCancel(ctx), func() {
+		err := w.onEngine(func() {
 			if commit && all {
-				n, cerr = w.eng.CommitImport(id)
+				n, cerr = w.eng.CommitImportFrom(id, func(i int) []byte { return w.region.Block(slots[i]) })
 				w.publish(w.eng.TakeEvents())
 			} else {
 				w.eng.AbortImport(id)
 			}
 		})
+		w.mu.Lock()
+		w.slots = append(w.slots, slots...)
+		w.mu.Unlock()
 		if commit && !all {
 			cerr = errors.New("the prefill worker reported success but not every block landed here")
 		}
@@ -181,7 +230,7 @@ func (w *Worker) importPrefix(ctx context.Context, req *triplanev1.GenerateReque
 		w.remoteFailed(req, "subject", err)
 		return
 	}
-	pctx, cancel := context.WithTimeout(ctx, prefillTimeout)
+	pctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 	if _, err := event.Request[*triplanev1.PrefillRequest, *triplanev1.PrefillReply](pctx, w.cfg.Bus, subj, preq); err != nil {
 		_, _ = settle(false)
@@ -223,6 +272,11 @@ func (w *Worker) servePrefill(ctx context.Context, r *triplanev1.PrefillRequest)
 	case r.Peer.GetTcpAddr() == "":
 		return nil, fmt.Errorf("%w: no data-plane address for the decode worker", ErrBadRequest)
 	}
+	if r.DeadlineUnixNanos > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithDeadline(ctx, time.Unix(0, r.DeadlineUnixNanos))
+		defer cancel()
+	}
 	// Prefill: the prompt with one generated token computes every block.
 	p := &pending{req: engine.Request{ID: "prefill-" + r.RequestId, Tokens: r.Tokens, MaxTokens: 1},
 		first: true, notify: make(chan struct{}, 1)}
@@ -244,17 +298,19 @@ func (w *Worker) servePrefill(ctx context.Context, r *triplanev1.PrefillRequest)
 	default:
 		return nil, fmt.Errorf("%w: mailbox full", ErrOverloaded)
 	}
-	if err := <-res; err != nil {
-		return nil, err
+	select {
+	case err := <-res:
+		if err != nil {
+			return nil, err
+		}
+	case <-w.done:
+		return nil, ErrStopped
 	}
 	for done := false; !done; {
 		select {
 		case <-p.notify:
 		case <-ctx.Done():
-			select {
-			case w.inbox <- op{cancel: p.req.ID}:
-			default:
-			}
+			w.cancel(p.req.ID)
 			return nil, context.Cause(ctx)
 		case <-w.done:
 			return nil, ErrStopped
@@ -271,7 +327,7 @@ func (w *Worker) servePrefill(ctx context.Context, r *triplanev1.PrefillRequest)
 	// once the request is gone, and the copies carry their checksums.
 	ops := make([]data.Op, len(r.BlockHashes))
 	var missing error
-	if err := w.onEngine(ctx, func() {
+	if err := w.onEngine(func() {
 		for i, h := range r.BlockHashes {
 			b, ok := w.eng.BlockBytes(h)
 			if !ok {
@@ -292,8 +348,13 @@ func (w *Worker) servePrefill(ctx context.Context, r *triplanev1.PrefillRequest)
 	if err != nil {
 		return nil, err
 	}
-	if _, err := sup.Run(ctx, transfer.Spec{ID: r.SessionId, Blocks: ops, BlockSize: w.eng.Config().BlockBytes,
-		MaxAttempts: 5, Peer: r.Peer.GetTcpAddr()}); err != nil {
+	_, err = sup.Run(ctx, transfer.Spec{ID: r.SessionId, Blocks: ops, BlockSize: w.eng.Config().BlockBytes,
+		MaxAttempts: 5, Peer: r.Peer.GetTcpAddr()})
+	// The session is over either way: free its actor (its journal stays).
+	if rerr := w.cfg.Host.Release(context.WithoutCancel(ctx), actors.Address{Kind: transfer.Kind, ID: r.SessionId}); rerr != nil {
+		w.log.Warn("releasing a finished transfer session", "session", r.SessionId, "err", rerr)
+	}
+	if err != nil {
 		return nil, fmt.Errorf("transfer %s: %w", r.SessionId, err)
 	}
 	w.metrics.exported.Add(float64(len(ops)))
@@ -309,4 +370,20 @@ func firstOr(h []uint64) uint64 {
 		return 0
 	}
 	return h[0]
+}
+
+// CheckCache verifies every cached block's bytes against its hash (the
+// invariant that no corrupted block is ever cached) and returns how many
+// are wrong and how many there are.
+func (w *Worker) CheckCache() (bad, total int, err error) {
+	err = w.onEngine(func() {
+		for h := range w.eng.Cached() {
+			b, _ := w.eng.BlockBytes(h)
+			total++
+			if !mocker.Verify(b, h) {
+				bad++
+			}
+		}
+	})
+	return bad, total, err
 }

@@ -3,11 +3,11 @@ package worker
 import "github.com/prometheus/client_golang/prometheus"
 
 type metrics struct {
-	requests                                             *prometheus.CounterVec
-	tokens, steps, publishErrors                         prometheus.Counter
-	imported, exported, remotePrefills, unexpectedBlocks prometheus.Counter
-	prefillFallbacks                                     *prometheus.CounterVec
-	active, waiting, blocksUsed                          prometheus.Gauge
+	requests                                                             *prometheus.CounterVec
+	tokens, steps, publishErrors                                         prometheus.Counter
+	imported, exported, remotePrefills, unexpectedBlocks, droppedCancels prometheus.Counter
+	prefillFallbacks                                                     *prometheus.CounterVec
+	active, waiting, blocksUsed                                          prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer, id string) *metrics {
@@ -29,6 +29,8 @@ func newMetrics(reg prometheus.Registerer, id string) *metrics {
 			Help: "Requests whose prompt was prefilled by a prefill worker.", ConstLabels: l}),
 		unexpectedBlocks: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_worker_kv_blocks_unexpected_total",
 			Help: "Blocks a peer wrote where no transfer was expected.", ConstLabels: l}),
+		droppedCancels: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_worker_cancels_dropped_total",
+			Help: "Cancels of requests whose client went away that found the engine's mailbox full.", ConstLabels: l}),
 		prefillFallbacks: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "triplane_worker_prefill_fallbacks_total",
 			Help: "Remote prefills that failed, by stage; the request was prefilled locally.", ConstLabels: l}, []string{"stage"}),
 		active: prometheus.NewGauge(prometheus.GaugeOpts{Name: "triplane_worker_active_requests",
@@ -40,7 +42,7 @@ func newMetrics(reg prometheus.Registerer, id string) *metrics {
 	}
 	if reg != nil {
 		reg.MustRegister(m.requests, m.tokens, m.steps, m.publishErrors, m.active, m.waiting, m.blocksUsed,
-			m.imported, m.exported, m.remotePrefills, m.unexpectedBlocks, m.prefillFallbacks)
+			m.imported, m.exported, m.remotePrefills, m.unexpectedBlocks, m.droppedCancels, m.prefillFallbacks)
 	}
 	return m
 }

@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"sync"
 	"time"
 
@@ -56,9 +57,10 @@ type Config struct {
 	// registers the worker on the control plane.
 	Bus       *event.Bus
 	Registrar *control.Registrar
-	// Listen is the response-stream server's address; default
-	// 127.0.0.1:0.
-	Listen string
+	// ListenHost is the address the worker's response-stream and block servers
+	// listen on and advertise (any free port); default 127.0.0.1. Use a
+	// routable address when frontends or peers run on other machines.
+	ListenHost string
 	// Token, when set, is required from frontends opening a stream.
 	Token string
 	// LoadInterval between load reports; default 500 ms.
@@ -76,6 +78,14 @@ type Config struct {
 	Host *actors.Host
 	// DataToken authenticates block transfers between workers.
 	DataToken string
+	// StagingBlocks is the size of the region incoming blocks land in
+	// (default a quarter of the engine's blocks, at least 16); an import
+	// that does not fit is prefilled locally.
+	StagingBlocks int
+	// MaxPrefills bounds the prefills a prefill worker runs at once
+	// (default 16); requests beyond it are refused at once and the decode
+	// worker prefills locally.
+	MaxPrefills int
 	// TransferMetrics count the transfer sessions this worker runs (shared
 	// by a node's workers); nil keeps them private.
 	TransferMetrics *transfer.Metrics
@@ -102,8 +112,10 @@ type Worker struct {
 	xfer    *transfer.Metrics
 
 	// Descriptors reserved for incoming blocks and those that landed
-	// (verified by the data server); guarded by mu.
+	// (verified by the data server), and the free staging slots (FIFO, so
+	// a slot given up is reused as late as possible); guarded by mu.
 	expect, landed map[data.Descriptor]bool
+	slots          []int
 
 	mu       sync.Mutex
 	draining bool
@@ -165,8 +177,8 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if cfg.Namespace == "" {
 		cfg.Namespace = "default"
 	}
-	if cfg.Listen == "" {
-		cfg.Listen = "127.0.0.1:0"
+	if cfg.ListenHost == "" {
+		cfg.ListenHost = "127.0.0.1"
 	}
 	if cfg.LoadInterval <= 0 {
 		cfg.LoadInterval = 500 * time.Millisecond
@@ -194,13 +206,18 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if err := cfg.Engine.Validate(); err != nil {
 		return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
 	}
-	// The engine's blocks live in a data-plane region, so peers can land
-	// transferred blocks straight in them.
-	region, err := data.NewRegion(1, cfg.Engine.BlockBytes, cfg.Engine.NumBlocks)
+	// Peers land transferred blocks in a staging region, never in the
+	// engine's own blocks: a transfer that arrives after its reservation
+	// was given up can then only spoil a staging slot, which is checked
+	// again when a reservation commits from it.
+	if cfg.StagingBlocks <= 0 {
+		cfg.StagingBlocks = max(16, cfg.Engine.NumBlocks/4)
+	}
+	region, err := data.NewRegion(1, cfg.Engine.BlockBytes, cfg.StagingBlocks)
 	if err != nil {
 		return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
 	}
-	eng, err := mocker.NewWithMemory(cfg.Engine, region.Bytes())
+	eng, err := mocker.New(cfg.Engine)
 	if err != nil {
 		return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
 	}
@@ -208,6 +225,9 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	w := &Worker{cfg: cfg, log: cfg.Logger.With("worker", cfg.ID), eng: eng, inbox: make(chan op, cfg.Mailbox),
 		stop: cancel, done: make(chan struct{}), reqs: map[string]*pending{}, metrics: newMetrics(cfg.Registerer, cfg.ID),
 		region: region, landed: map[data.Descriptor]bool{}, expect: map[data.Descriptor]bool{}}
+	for i := range cfg.StagingBlocks {
+		w.slots = append(w.slots, i)
+	}
 	defer func() {
 		if err != nil {
 			w.Close()
@@ -219,7 +239,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 		return nil, fmt.Errorf("worker %s: kv events: %w", cfg.ID, err)
 	}
 	go w.run(rctx)
-	w.srv, err = stream.Listen(cfg.Listen, stream.ServerConfig{Handler: w.serve, Token: cfg.Token,
+	w.srv, err = stream.Listen(net.JoinHostPort(cfg.ListenHost, "0"), stream.ServerConfig{Handler: w.serve, Token: cfg.Token,
 		Logger: w.log, Metrics: stream.NewMetrics(nil)})
 	if err != nil {
 		return nil, fmt.Errorf("worker %s: response streams: %w", cfg.ID, err)
@@ -484,12 +504,8 @@ func (w *Worker) serve(ctx context.Context, open *triplanev1.StreamOpen, send fu
 		case <-p.notify:
 		case <-ctx.Done():
 			// The frontend went away (or the server is closing): stop
-			// generating. The cancel may find the mailbox full; the
-			// engine then finishes the request on its own.
-			select {
-			case w.inbox <- op{cancel: req.RequestId}:
-			default:
-			}
+			// generating.
+			w.cancel(req.RequestId)
 			w.metrics.requests.WithLabelValues("cancelled").Inc()
 			return "", context.Cause(ctx)
 		}
@@ -511,10 +527,7 @@ func (w *Worker) serve(ctx context.Context, open *triplanev1.StreamOpen, send fu
 				err = send(b)
 			}
 			if err != nil {
-				select {
-				case w.inbox <- op{cancel: req.RequestId}:
-				default:
-				}
+				w.cancel(req.RequestId)
 				w.metrics.requests.WithLabelValues("cancelled").Inc()
 				return "", err
 			}
@@ -530,6 +543,16 @@ func (w *Worker) serve(ctx context.Context, open *triplanev1.StreamOpen, send fu
 			w.metrics.requests.WithLabelValues("ok").Inc()
 			return reason, nil
 		}
+	}
+}
+
+// cancel stops a request in the engine. A full mailbox drops the cancel
+// (counted): the engine then finishes the request for nobody.
+func (w *Worker) cancel(id string) {
+	select {
+	case w.inbox <- op{cancel: id}:
+	default:
+		w.metrics.droppedCancels.Inc()
 	}
 }
 

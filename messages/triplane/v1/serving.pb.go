@@ -116,9 +116,12 @@ type PrefillRequest struct {
 	// How to reach the decode worker's data plane.
 	Peer *DataPeer `protobuf:"bytes,5,opt,name=peer,proto3" json:"peer,omitempty"`
 	// Transfer session id (journaled as transfer/<session_id>).
-	SessionId     string `protobuf:"bytes,6,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	SessionId string `protobuf:"bytes,6,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	// The decode worker stops waiting at this time (Unix nanoseconds); the
+	// prefill worker gives up then too.
+	DeadlineUnixNanos int64 `protobuf:"varint,7,opt,name=deadline_unix_nanos,json=deadlineUnixNanos,proto3" json:"deadline_unix_nanos,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *PrefillRequest) Reset() {
@@ -191,6 +194,13 @@ func (x *PrefillRequest) GetSessionId() string {
 		return x.SessionId
 	}
 	return ""
+}
+
+func (x *PrefillRequest) GetDeadlineUnixNanos() int64 {
+	if x != nil {
+		return x.DeadlineUnixNanos
+	}
+	return 0
 }
 
 // PrefillReply says the blocks landed at the decode worker.
@@ -321,7 +331,9 @@ type RouterCandidate struct {
 	BlocksTotal uint64                 `protobuf:"varint,4,opt,name=blocks_total,json=blocksTotal,proto3" json:"blocks_total,omitempty"`
 	// Leading blocks of the request found in the worker's cache, per the
 	// router's KV index.
-	Overlap       uint32 `protobuf:"varint,5,opt,name=overlap,proto3" json:"overlap,omitempty"`
+	Overlap uint32 `protobuf:"varint,5,opt,name=overlap,proto3" json:"overlap,omitempty"`
+	// Requests queued at the worker, not yet admitted (included in active).
+	Waiting       uint32 `protobuf:"varint,6,opt,name=waiting,proto3" json:"waiting,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -391,6 +403,13 @@ func (x *RouterCandidate) GetOverlap() uint32 {
 	return 0
 }
 
+func (x *RouterCandidate) GetWaiting() uint32 {
+	if x != nil {
+		return x.Waiting
+	}
+	return 0
+}
+
 // RouteRequest asks the router actor for a worker. The observations
 // (candidates with overlap and load) travel with the command so the
 // decision is a pure function of it and is journaled with its reasons.
@@ -401,11 +420,14 @@ type RouteRequest struct {
 	OverlapWeight float64                `protobuf:"fixed64,3,opt,name=overlap_weight,json=overlapWeight,proto3" json:"overlap_weight,omitempty"`
 	Temperature   float64                `protobuf:"fixed64,4,opt,name=temperature,proto3" json:"temperature,omitempty"`
 	// Blocks of the prompt and the hash of the first one.
-	Blocks        uint32             `protobuf:"varint,5,opt,name=blocks,proto3" json:"blocks,omitempty"`
-	FirstHash     uint64             `protobuf:"fixed64,6,opt,name=first_hash,json=firstHash,proto3" json:"first_hash,omitempty"`
-	Candidates    []*RouterCandidate `protobuf:"bytes,7,rep,name=candidates,proto3" json:"candidates,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Blocks     uint32             `protobuf:"varint,5,opt,name=blocks,proto3" json:"blocks,omitempty"`
+	FirstHash  uint64             `protobuf:"fixed64,6,opt,name=first_hash,json=firstHash,proto3" json:"first_hash,omitempty"`
+	Candidates []*RouterCandidate `protobuf:"bytes,7,rep,name=candidates,proto3" json:"candidates,omitempty"`
+	// Blocks of prefill charged per waiting request (router.Params); 0 means
+	// the default, negative no charge.
+	WaitingPrefill float64 `protobuf:"fixed64,8,opt,name=waiting_prefill,json=waitingPrefill,proto3" json:"waiting_prefill,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *RouteRequest) Reset() {
@@ -485,6 +507,13 @@ func (x *RouteRequest) GetCandidates() []*RouterCandidate {
 		return x.Candidates
 	}
 	return nil
+}
+
+func (x *RouteRequest) GetWaitingPrefill() float64 {
+	if x != nil {
+		return x.WaitingPrefill
+	}
+	return 0
 }
 
 // RouteScore is one candidate's overlap and cost in a decision.
@@ -795,7 +824,7 @@ const file_triplane_v1_serving_proto_rawDesc = "" +
 	"\n" +
 	"max_tokens\x18\x03 \x01(\rR\tmaxTokens\x12\x14\n" +
 	"\x05model\x18\x04 \x01(\tR\x05model\x12%\n" +
-	"\x0eprefill_worker\x18\x05 \x01(\tR\rprefillWorker\"\xf5\x01\n" +
+	"\x0eprefill_worker\x18\x05 \x01(\tR\rprefillWorker\"\xa5\x02\n" +
 	"\x0ePrefillRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x16\n" +
@@ -804,7 +833,8 @@ const file_triplane_v1_serving_proto_rawDesc = "" +
 	"\fdestinations\x18\x04 \x03(\v2\x1b.triplane.v1.DataDescriptorR\fdestinations\x12)\n" +
 	"\x04peer\x18\x05 \x01(\v2\x15.triplane.v1.DataPeerR\x04peer\x12\x1d\n" +
 	"\n" +
-	"session_id\x18\x06 \x01(\tR\tsessionId\"T\n" +
+	"session_id\x18\x06 \x01(\tR\tsessionId\x12.\n" +
+	"\x13deadline_unix_nanos\x18\a \x01(\x03R\x11deadlineUnixNanos\"T\n" +
 	"\fPrefillReply\x12\x1f\n" +
 	"\vblocks_sent\x18\x01 \x01(\rR\n" +
 	"blocksSent\x12#\n" +
@@ -812,14 +842,15 @@ const file_triplane_v1_serving_proto_rawDesc = "" +
 	"\rGenerateChunk\x12\x16\n" +
 	"\x06tokens\x18\x01 \x03(\rR\x06tokens\x12#\n" +
 	"\rcached_tokens\x18\x02 \x01(\rR\fcachedTokens\x12\x16\n" +
-	"\x06worker\x18\x03 \x01(\tR\x06worker\"\x9f\x01\n" +
+	"\x06worker\x18\x03 \x01(\tR\x06worker\"\xb9\x01\n" +
 	"\x0fRouterCandidate\x12\x16\n" +
 	"\x06worker\x18\x01 \x01(\tR\x06worker\x12\x16\n" +
 	"\x06active\x18\x02 \x01(\rR\x06active\x12\x1f\n" +
 	"\vblocks_used\x18\x03 \x01(\x04R\n" +
 	"blocksUsed\x12!\n" +
 	"\fblocks_total\x18\x04 \x01(\x04R\vblocksTotal\x12\x18\n" +
-	"\aoverlap\x18\x05 \x01(\rR\aoverlap\"\x83\x02\n" +
+	"\aoverlap\x18\x05 \x01(\rR\aoverlap\x12\x18\n" +
+	"\awaiting\x18\x06 \x01(\rR\awaiting\"\xac\x02\n" +
 	"\fRouteRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x16\n" +
@@ -831,7 +862,8 @@ const file_triplane_v1_serving_proto_rawDesc = "" +
 	"first_hash\x18\x06 \x01(\x06R\tfirstHash\x12<\n" +
 	"\n" +
 	"candidates\x18\a \x03(\v2\x1c.triplane.v1.RouterCandidateR\n" +
-	"candidates\"R\n" +
+	"candidates\x12'\n" +
+	"\x0fwaiting_prefill\x18\b \x01(\x01R\x0ewaitingPrefill\"R\n" +
 	"\n" +
 	"RouteScore\x12\x16\n" +
 	"\x06worker\x18\x01 \x01(\tR\x06worker\x12\x18\n" +
