@@ -308,7 +308,7 @@ func TestState(t *testing.T) {
 		t.Errorf("state json: %s", buf.String())
 	}
 
-	if _, err := f.r.State(ctx, "router", "a", At{}); !errors.Is(err, ErrUnknownKind) || !strings.Contains(err.Error(), "ledger") {
+	if _, err := f.r.State(ctx, "nosuchkind", "a", At{}); !errors.Is(err, ErrUnknownKind) || !strings.Contains(err.Error(), "ledger") {
 		t.Errorf("unknown kind: %v", err)
 	}
 	if _, err := f.r.State(ctx, "ledger", "zz", At{}); !errors.Is(err, ErrNoActor) {
