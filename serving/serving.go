@@ -145,7 +145,7 @@ func Start(ctx context.Context, p Planes, cfg Config) (_ *Stack, err error) {
 	}
 	rc := frontend.RouterConfig{Namespace: p.Namespace, Model: cfg.Model,
 		Policy: cfg.Policy, Params: cfg.Params, Bus: s.bus, Discovery: s.disc, Host: p.Host,
-		RouterID: p.NodeID, Logger: p.Logger.With("component", "router")}
+		RouterID: p.NodeID, Logger: p.Logger.With("component", "router"), Registerer: p.Registerer}
 	if p.Snapshots != nil {
 		rc.Store = p.Snapshots
 	}

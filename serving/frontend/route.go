@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/triplane-dev/triplane/actors"
@@ -74,6 +75,8 @@ type RouterConfig struct {
 	Store     StateStore
 	SaveEvery time.Duration
 	Logger    *slog.Logger
+	// Registerer receives the index's size and pruning counters.
+	Registerer prometheus.Registerer
 }
 
 // StateStore keeps named protobuf state (journal.Snapshots does, in Pebble).
@@ -123,6 +126,24 @@ func NewRouter(cfg RouterConfig) (_ *Router, err error) {
 	}
 	if r.loads, err = event.NewLoadAggregator(cfg.Bus, subj, event.AggregatorConfig{}); err != nil {
 		return nil, fmt.Errorf("frontend: load reports: %w", err)
+	}
+	if cfg.Registerer != nil {
+		cfg.Registerer.MustRegister(
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "triplane_router_index_entries",
+				Help: "(block, worker) entries in the router's KV index."}, func() float64 { return float64(r.IndexLen()) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "triplane_router_index_pruned_total",
+				Help: "Index entries dropped to stay within its cap (least recently stored first)."}, func() float64 {
+				r.mu.Lock()
+				defer r.mu.Unlock()
+				return float64(r.ix.Pruned)
+			}),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "triplane_router_kv_events_applied_total",
+				Help: "KV events applied to the router's view, in order."}, func() float64 { return float64(r.cons.Stats().Applied) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "triplane_router_kv_gaps_total",
+				Help: "Gaps in workers' KV event ids the router noticed (repaired by resend or dump)."}, func() float64 { return float64(r.cons.Stats().Gaps) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "triplane_router_kv_dumps_total",
+				Help: "Full dumps of a worker's blocks the router needed."}, func() float64 { return float64(r.cons.Stats().Dumps) }),
+		)
 	}
 	events, unsub := r.disc.Subscribe()
 	r.unsub = unsub
