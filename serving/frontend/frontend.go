@@ -444,7 +444,9 @@ func (f *Frontend) attempt(ctx context.Context, j *job, in *triplanev1.InstanceI
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	s, err := stream.Open(sctx, streamAddr(in), &triplanev1.StreamOpen{RequestId: j.id, Payload: payload},
-		stream.ClientOptions{Token: f.cfg.StreamToken})
+		// Workers send keep-alives every 5 s while a request is silent (a
+		// remote prefill); a worker silent for 30 s is stuck: migrate.
+		stream.ClientOptions{Token: f.cfg.StreamToken, IdleTimeout: 30 * time.Second})
 	if err != nil {
 		return "", err
 	}

@@ -116,8 +116,12 @@ type ServerConfig struct {
 	// OpenTimeout bounds the wait for the open frame; WriteTimeout a frame
 	// write (a frontend that stops reading is cut off). Defaults 10 s.
 	OpenTimeout, WriteTimeout time.Duration
-	Logger                    *slog.Logger
-	Metrics                   *Metrics
+	// KeepAlive is how long a stream may be silent before the server sends
+	// a keep-alive frame (seq 0, no data), so a frontend's IdleTimeout
+	// tells a slow producer from a stuck one. Default 5 s; negative: none.
+	KeepAlive time.Duration
+	Logger    *slog.Logger
+	Metrics   *Metrics
 }
 
 // Server serves response streams.
@@ -139,6 +143,9 @@ func Listen(addr string, cfg ServerConfig) (*Server, error) {
 	}
 	if cfg.WriteTimeout == 0 {
 		cfg.WriteTimeout = 10 * time.Second
+	}
+	if cfg.KeepAlive == 0 {
+		cfg.KeepAlive = 5 * time.Second
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -255,6 +262,33 @@ func (s *Server) serve(c net.Conn) {
 		}
 		return write(&triplanev1.StreamFrame{Data: data})
 	}
+	if s.cfg.KeepAlive > 0 {
+		// A keep-alive takes no sequence number; it goes out only when
+		// nothing else did for a whole interval.
+		lastSeq := uint64(0)
+		t := time.NewTicker(s.cfg.KeepAlive)
+		defer t.Stop()
+		go func() {
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+				}
+				wmu.Lock()
+				if seq == lastSeq {
+					c.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
+					if err := writeFrame(c, &triplanev1.StreamFrame{}); err != nil {
+						wmu.Unlock()
+						cancel(fmt.Errorf("stream: frontend went away: %w", err))
+						return
+					}
+				}
+				lastSeq = seq
+				wmu.Unlock()
+			}
+		}()
+	}
 	reason, err := s.cfg.Handler(ctx, open, send)
 	if cause := context.Cause(ctx); cause != nil && s.ctx.Err() == nil {
 		// The frontend is gone; nobody reads a final frame.
@@ -273,6 +307,7 @@ func (s *Server) serve(c net.Conn) {
 
 // Stream is the frontend's end of one response stream.
 type Stream struct {
+	idle time.Duration
 	c    net.Conn
 	br   *bufio.Reader
 	seq  uint64
@@ -285,8 +320,9 @@ type Stream struct {
 type ClientOptions struct {
 	Token string
 	TLS   *tls.Config
-	// IdleTimeout bounds the wait for the next frame (default: none;
-	// ctx ends the stream).
+	// IdleTimeout bounds the wait for the next frame, keep-alives included
+	// (default: none; ctx ends the stream). Set it above the server's
+	// KeepAlive.
 	IdleTimeout time.Duration
 }
 
@@ -310,7 +346,7 @@ func Open(ctx context.Context, addr string, open *triplanev1.StreamOpen, o Clien
 		c.Close()
 		return nil, fmt.Errorf("stream: open %s: %w", addr, err)
 	}
-	s := &Stream{c: c, br: bufio.NewReader(c)}
+	s := &Stream{c: c, br: bufio.NewReader(c), idle: o.IdleTimeout}
 	// The callback must not read s.stop: with ctx already done it runs at
 	// once, racing this assignment.
 	s.stop = context.AfterFunc(ctx, s.closeConn)
@@ -325,13 +361,26 @@ func (s *Stream) Recv() (*triplanev1.StreamFrame, error) {
 		return nil, io.EOF
 	}
 	var f triplanev1.StreamFrame
-	if err := readFrame(s.br, &f); err != nil {
-		s.done.Store(true)
-		s.Close()
-		if errors.Is(err, io.EOF) {
-			err = io.ErrUnexpectedEOF
+	for {
+		if s.idle > 0 {
+			s.c.SetReadDeadline(time.Now().Add(s.idle))
 		}
-		return nil, fmt.Errorf("stream: worker connection ended before the final frame: %w", err)
+		if err := readFrame(s.br, &f); err != nil {
+			s.done.Store(true)
+			s.Close()
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				return nil, fmt.Errorf("stream: no frame from the worker for %s (not even a keep-alive): %w", s.idle, err)
+			}
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, fmt.Errorf("stream: worker connection ended before the final frame: %w", err)
+		}
+		if f.Seq != 0 || f.Final || len(f.Data) > 0 {
+			break
+		}
+		// A keep-alive: the worker is there, the producer is slow.
 	}
 	if f.Seq != s.seq+1 && !(f.Final && f.Seq == 0) {
 		s.done.Store(true)

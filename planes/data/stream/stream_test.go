@@ -239,3 +239,40 @@ func TestCloseDoesNotWaitForSilentPeers(t *testing.T) {
 		t.Fatal("Close waited for a peer that never sent its open frame")
 	}
 }
+
+// A producer silent for longer than the frontend's idle timeout keeps its
+// stream thanks to keep-alives; without them the frontend gives up on it
+// (a stuck worker does not hold a request forever).
+func TestKeepAliveAndIdleTimeout(t *testing.T) {
+	ctx := ctxT(t)
+	slow := func(ctx context.Context, _ *triplanev1.StreamOpen, send func([]byte) error) (string, error) {
+		select {
+		case <-time.After(400 * time.Millisecond): // longer than the client's idle timeout
+		case <-ctx.Done():
+			return "", ctx.Err()
+		}
+		return "stop", send([]byte("late"))
+	}
+	for _, tc := range []struct {
+		keepAlive time.Duration
+		wantErr   bool
+	}{{10 * time.Millisecond, false}, {-1, true}} {
+		s, err := Listen("127.0.0.1:0", ServerConfig{Handler: slow, KeepAlive: tc.keepAlive})
+		if err != nil {
+			t.Fatal(err)
+		}
+		st, err := Open(ctx, s.Addr(), &triplanev1.StreamOpen{RequestId: "slow"}, ClientOptions{IdleTimeout: 100 * time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := st.Recv()
+		switch {
+		case tc.wantErr && (err == nil || !strings.Contains(err.Error(), "no frame from the worker")):
+			t.Errorf("keep-alive %s: %v %v, want an idle timeout", tc.keepAlive, f, err)
+		case !tc.wantErr && (err != nil || string(f.Data) != "late" || f.Seq != 1):
+			t.Errorf("keep-alive %s: %v %v, want the late frame", tc.keepAlive, f, err)
+		}
+		st.Close()
+		s.Close()
+	}
+}
