@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -379,8 +380,13 @@ func TestDisaggregatedPrefill(t *testing.T) {
 	if got.RemotePrefills != base.RemotePrefills+1 || got.Imported <= base.Imported || got.Fallbacks != base.Fallbacks {
 		t.Fatalf("decode worker stats %+v (before %+v)", got, base)
 	}
-	if ps := pre.Stats(); ps.Exported != got.Imported {
+	ps := pre.Stats()
+	if ps.Exported != got.Imported {
 		t.Fatalf("prefill exported %d blocks, decode imported %d", ps.Exported, got.Imported)
+	}
+	// Same host: the dialer chose shared memory where the OS has memfd.
+	if runtime.GOOS == "linux" && (ps.ShmDials == 0 || ps.TCPDials != 0) {
+		t.Fatalf("transports used: %d shm, %d tcp; want shared memory on one host", ps.ShmDials, ps.TCPDials)
 	}
 	// The transfer session is journaled and completed.
 	list, err := e.j.Actors(e.ctx)

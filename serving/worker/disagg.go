@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
+	"path/filepath"
 	"slices"
 	"sync/atomic"
 	"time"
@@ -37,16 +39,20 @@ func PrefillSubject(b *event.Bus, namespace, worker string) (string, error) {
 // Stats counts a worker's disaggregation work.
 type Stats struct {
 	RemotePrefills, Fallbacks, Imported, Exported uint64
+	// ShmDials and TCPDials count the connections this worker's transfers
+	// made, by the transport the dialer chose.
+	ShmDials, TCPDials uint64
 }
 
 type stats struct {
-	remotePrefills, fallbacks, imported, exported atomic.Uint64
+	remotePrefills, fallbacks, imported, exported, shmDials, tcpDials atomic.Uint64
 }
 
 // Stats returns the counters.
 func (w *Worker) Stats() Stats {
 	return Stats{RemotePrefills: w.stats.remotePrefills.Load(), Fallbacks: w.stats.fallbacks.Load(),
-		Imported: w.stats.imported.Load(), Exported: w.stats.exported.Load()}
+		Imported: w.stats.imported.Load(), Exported: w.stats.exported.Load(),
+		ShmDials: w.stats.shmDials.Load(), TCPDials: w.stats.tcpDials.Load()}
 }
 
 func (w *Worker) startDisagg() error {
@@ -59,9 +65,19 @@ func (w *Worker) startDisagg() error {
 		if err != nil {
 			return err
 		}
-		if w.dataSrv, err = data.ListenTCP(net.JoinHostPort(w.cfg.ListenHost, "0"), data.ServerConfig{Regions: regions, Token: w.cfg.DataToken,
-			OnLanded: w.onLanded, Logger: w.log}); err != nil {
+		scfg := data.ServerConfig{Regions: regions, Token: w.cfg.DataToken, OnLanded: w.onLanded, Logger: w.log}
+		if w.dataSrv, err = data.ListenTCP(net.JoinHostPort(w.cfg.ListenHost, "0"), scfg); err != nil {
 			return fmt.Errorf("data plane: %w", err)
+		}
+		if w.region.Shared() {
+			// Peers on this host copy straight into the staging region; the
+			// receiver still verifies every block's checksum.
+			if w.shmDir, err = os.MkdirTemp("", "triplane-shm-"); err != nil {
+				return fmt.Errorf("data plane: %w", err)
+			}
+			if w.shmSrv, err = data.ListenShm(filepath.Join(w.shmDir, "blocks.sock"), scfg, false); err != nil {
+				return fmt.Errorf("data plane: %w", err)
+			}
 		}
 	}
 	if w.cfg.Role != RoleDecode && w.cfg.Host != nil {
@@ -80,10 +96,23 @@ func (w *Worker) startDisagg() error {
 	return nil
 }
 
+// peer describes this worker's block receivers: TCP, and shared memory for
+// senders on the same host (the dialer picks by host id).
+func (w *Worker) peer() *triplanev1.DataPeer {
+	p := &triplanev1.DataPeer{HostId: data.HostID(), TcpAddr: w.dataSrv.Addr(), Regions: []*triplanev1.DataRegion{w.region.Proto()}}
+	if w.shmSrv != nil {
+		p.ShmSocket = w.shmSrv.Path()
+	}
+	return p
+}
+
 func (w *Worker) addresses() []*triplanev1.Endpoint {
 	out := []*triplanev1.Endpoint{{Protocol: triplanev1.Protocol_PROTOCOL_RESPONSE_STREAM, Address: w.srv.Addr()}}
 	if w.dataSrv != nil {
 		out = append(out, &triplanev1.Endpoint{Protocol: triplanev1.Protocol_PROTOCOL_DATA_TCP, Address: w.dataSrv.Addr()})
+	}
+	if w.shmSrv != nil {
+		out = append(out, &triplanev1.Endpoint{Protocol: triplanev1.Protocol_PROTOCOL_DATA_SHM, Address: w.shmSrv.Path()})
 	}
 	return out
 }
@@ -183,7 +212,7 @@ func (w *Worker) importPrefix(ctx context.Context, req *triplanev1.GenerateReque
 	}
 	descs := make([]data.Descriptor, len(slots))
 	preq := &triplanev1.PrefillRequest{RequestId: req.RequestId, Tokens: req.Tokens, BlockHashes: hashes[res.Cached:],
-		Peer:              &triplanev1.DataPeer{HostId: data.HostID(), TcpAddr: w.dataSrv.Addr(), Regions: []*triplanev1.DataRegion{w.region.Proto()}},
+		Peer:              w.peer(),
 		SessionId:         fmt.Sprintf("kv-%s-%s", w.cfg.ID, req.RequestId),
 		DeadlineUnixNanos: deadline.UnixNano()}
 	w.mu.Lock()
@@ -342,9 +371,19 @@ func (w *Worker) servePrefill(ctx context.Context, r *triplanev1.PrefillRequest)
 	}); err != nil || missing != nil {
 		return nil, errors.Join(err, missing)
 	}
-	dialer := data.NewDialer(data.DialOptions{Prefer: "tcp", Lanes: 1, Token: w.cfg.DataToken, Logger: w.log})
+	// Automatic choice: shared memory when the decode worker is on this
+	// host and serves it, else TCP.
+	dialer := data.NewDialer(data.DialOptions{Lanes: 1, Token: w.cfg.DataToken, Logger: w.log})
 	sup, err := transfer.NewSupervisor(transfer.Config{Host: w.cfg.Host, Logger: w.log, Metrics: w.xfer,
-		Dial: func(ctx context.Context) (data.Transport, error) { return dialer.Dial(ctx, r.Peer) }})
+		Dial: func(ctx context.Context) (data.Transport, error) {
+			t, err := dialer.Dial(ctx, r.Peer)
+			if err == nil && t.Name() == "shm" {
+				w.stats.shmDials.Add(1)
+			} else if err == nil {
+				w.stats.tcpDials.Add(1)
+			}
+			return t, err
+		}})
 	if err != nil {
 		return nil, err
 	}

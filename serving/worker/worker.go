@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"sync"
 	"time"
 
@@ -108,6 +109,8 @@ type Worker struct {
 	stats   stats
 	region  *data.Region
 	dataSrv *data.Server
+	shmSrv  *data.ShmServer
+	shmDir  string
 	prefill *event.Subscription
 	xfer    *transfer.Metrics
 
@@ -213,9 +216,13 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if cfg.StagingBlocks <= 0 {
 		cfg.StagingBlocks = max(16, cfg.Engine.NumBlocks/4)
 	}
-	region, err := data.NewRegion(1, cfg.Engine.BlockBytes, cfg.StagingBlocks)
+	// memfd-backed where the OS has it, so a prefill worker on this host
+	// can copy straight in (shared memory); else plain memory (TCP only).
+	region, err := data.NewSharedRegion(1, cfg.Engine.BlockBytes, cfg.StagingBlocks)
 	if err != nil {
-		return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
+		if region, err = data.NewRegion(1, cfg.Engine.BlockBytes, cfg.StagingBlocks); err != nil {
+			return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
+		}
 	}
 	eng, err := mocker.New(cfg.Engine)
 	if err != nil {
@@ -623,6 +630,12 @@ func (w *Worker) Close() {
 	}
 	if w.dataSrv != nil {
 		_ = w.dataSrv.Close()
+	}
+	if w.shmSrv != nil {
+		_ = w.shmSrv.Close()
+	}
+	if w.shmDir != "" {
+		_ = os.RemoveAll(w.shmDir)
 	}
 	w.stop()
 	select {
