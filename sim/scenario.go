@@ -24,8 +24,9 @@ type Faults struct {
 // host applies events before the append and keeps them when it fails),
 // router-ignores-gap and stale-route (the serving scenario's routing shell
 // skips missing KV event ids; sends a request to a worker discovery removed
-// while the decision was pending).
-var Bugs = []string{"apply-before-persist", BugRouterIgnoresGap, BugStaleRoute}
+// while the decision was pending), ack-before-verify (the transfer
+// scenario's receiver acknowledges ranges before checking their checksums).
+var Bugs = []string{"apply-before-persist", BugRouterIgnoresGap, BugStaleRoute, BugAckBeforeVerify}
 
 // DefaultFaults are the faults of a run that names none.
 var DefaultFaults = Faults{AppendFailure: 0.03, WrittenOnFailure: 0.5, CrashRate: 0.1}
@@ -76,7 +77,8 @@ type Result struct {
 
 // Scenarios are the built-in scenarios by name.
 func Scenarios() map[string]Scenario {
-	return map[string]Scenario{ledgerScenario.Name: ledgerScenario, servingScenario.Name: servingScenario}
+	return map[string]Scenario{ledgerScenario.Name: ledgerScenario, servingScenario.Name: servingScenario,
+		transferScenario.Name: transferScenario}
 }
 
 // ScenarioNames lists the built-in scenarios.

@@ -91,3 +91,21 @@ func TestMachineGivesUpAndCancels(t *testing.T) {
 		t.Fatal("foreign command accepted")
 	}
 }
+
+// An ack retried after its first append was written (and completed the
+// session) is answered, not refused: the simulator's transfer scenario
+// found that the refusal failed a finished transfer.
+func TestRepeatedAckAfterCompletion(t *testing.T) {
+	s := Machine{}.Initial("t2").(*triplanev1.TransferState)
+	step(t, s, &triplanev1.TransferStart{Blocks: 4, BlockSize: 8, MaxAttempts: 3})
+	step(t, s, &triplanev1.TransferAck{From: 0, To: 4})
+	if s.Status != triplanev1.TransferStatus_TRANSFER_STATUS_COMPLETED {
+		t.Fatalf("status %s", s.Status)
+	}
+	if d := step(t, s, &triplanev1.TransferAck{From: 0, To: 4}); d.Err != nil || len(d.Events) != 0 {
+		t.Fatalf("repeated ack after completion: %v, %d events", d.Err, len(d.Events))
+	}
+	if d := step(t, s, &triplanev1.TransferAck{From: 0, To: 5}); d.Err == nil {
+		t.Fatal("ack past the blocks accepted")
+	}
+}
