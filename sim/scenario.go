@@ -25,8 +25,9 @@ type Faults struct {
 // router-ignores-gap and stale-route (the serving scenario's routing shell
 // skips missing KV event ids; sends a request to a worker discovery removed
 // while the decision was pending), ack-before-verify (the transfer
-// scenario's receiver acknowledges ranges before checking their checksums).
-var Bugs = []string{"apply-before-persist", BugRouterIgnoresGap, BugStaleRoute, BugAckBeforeVerify}
+// scenario's receiver acknowledges ranges before checking their checksums),
+// unfenced-writes (placement leaders publish without their election fence).
+var Bugs = []string{"apply-before-persist", BugRouterIgnoresGap, BugStaleRoute, BugAckBeforeVerify, BugUnfencedWrites}
 
 // DefaultFaults are the faults of a run that names none.
 var DefaultFaults = Faults{AppendFailure: 0.03, WrittenOnFailure: 0.5, CrashRate: 0.1}
@@ -78,7 +79,7 @@ type Result struct {
 // Scenarios are the built-in scenarios by name.
 func Scenarios() map[string]Scenario {
 	return map[string]Scenario{ledgerScenario.Name: ledgerScenario, servingScenario.Name: servingScenario,
-		transferScenario.Name: transferScenario}
+		transferScenario.Name: transferScenario, placementScenario.Name: placementScenario}
 }
 
 // ScenarioNames lists the built-in scenarios.
