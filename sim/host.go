@@ -31,8 +31,15 @@ type Host struct {
 	Crashes, Recoveries, Commands uint64
 	// PlantedBug switches on a deliberate bug, to show that a seed sweep
 	// finds it: "apply-before-persist" applies events to the live state
-	// before the append and keeps them when it fails.
+	// before the append and keeps them when it fails;
+	// "snapshot-before-persist" writes the snapshot of the new state before
+	// the append is acknowledged.
 	PlantedBug string
+	// Disk and SnapshotEvery, when set, snapshot each actor every N events
+	// (as the real host does with Pebble); recovery starts from the newest
+	// usable snapshot and replays the journal's tail.
+	Disk          *Disk
+	SnapshotEvery uint64
 }
 
 type simActor struct {
@@ -40,6 +47,7 @@ type simActor struct {
 	addr   actors.Address
 	state  proto.Message
 	pos    journal.Position
+	snap   uint64 // sequence of the last snapshot written
 	up     bool
 	inc    uint64 // incarnation: timers and deliveries of an older one are void
 	timers map[string]uint64
@@ -87,7 +95,16 @@ func (h *Host) actor(a actors.Address) (*simActor, error) {
 func (h *Host) recover(s *simActor) {
 	s.inc++
 	s.state = s.m.Initial(s.addr.ID)
-	for _, e := range h.j.Events(s.addr, 0) {
+	var from uint64
+	if h.Disk != nil {
+		st := s.m.Initial(s.addr.ID)
+		if pos, ok := h.Disk.Newest(s.addr, h.j.Highest(s.addr).Seq, st); ok {
+			s.state, from = st, pos.Seq
+			h.w.Tracef("%s recovering from its snapshot at seq %d", s.addr, pos.Seq)
+		}
+	}
+	s.snap = from
+	for _, e := range h.j.Events(s.addr, from) {
 		if err := s.m.Apply(s.state, e); err != nil {
 			panic(fmt.Sprintf("sim: recover %s: %v", s.addr, err))
 		}
@@ -144,6 +161,14 @@ func (h *Host) handle(s *simActor, c pending) {
 		if buggy {
 			h.apply(s, d.Events)
 		}
+		if h.PlantedBug == "snapshot-before-persist" && h.Disk != nil {
+			// The bug: the snapshot of a state the journal may never hold.
+			next := proto.Clone(s.state)
+			for _, e := range d.Events {
+				_ = s.m.Apply(next, e)
+			}
+			h.Disk.Write(s.addr, journal.Position{Seq: s.pos.Seq + uint64(len(d.Events))}, next)
+		}
 		pos, err := h.j.Append(s.addr, s.pos, c.id, d.Events)
 		if err != nil {
 			h.w.Tracef("%s %s persist failed: %v", s.addr, c.id, err)
@@ -161,6 +186,10 @@ func (h *Host) handle(s *simActor, c pending) {
 		}
 		s.pos = pos
 		h.w.Tracef("%s %s persisted %d events, seq %d", s.addr, c.id, len(d.Events), pos.Seq)
+		if h.Disk != nil && h.SnapshotEvery > 0 && pos.Seq-s.snap >= h.SnapshotEvery && h.PlantedBug != "snapshot-before-persist" {
+			h.Disk.Write(s.addr, pos, s.state)
+			s.snap = pos.Seq
+		}
 	}
 	for _, eff := range d.Effects {
 		h.effect(s, eff)
@@ -207,6 +236,9 @@ func (h *Host) Crash(a actors.Address) {
 	}
 	h.Crashes++
 	s.up = false
+	if h.Disk != nil && h.w.Chance(0.5) {
+		h.Disk.Crash(a) // a machine crash: unsynced snapshots are lost
+	}
 	s.inc++
 	s.state = nil
 	h.w.Tracef("%s crashed", a)

@@ -9,6 +9,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/triplane-dev/triplane/actors"
+	"github.com/triplane-dev/triplane/journal"
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/sim"
 )
@@ -36,7 +37,13 @@ func TestSameSeedSameTrace(t *testing.T) {
 
 // A planted bug is found by a sweep, and its failing seed reproduces.
 func TestSweepFindsPlantedBug(t *testing.T) {
-	opts := sim.Options{Faults: sim.DefaultFaults, Bug: "apply-before-persist"}
+	for _, bug := range []string{"apply-before-persist", "snapshot-before-persist"} {
+		t.Run(bug, func(t *testing.T) { sweepFinds(t, bug) })
+	}
+}
+
+func sweepFinds(t *testing.T, bug string) {
+	opts := sim.Options{Faults: sim.DefaultFaults, Bug: bug}
 	var failing []sim.Result
 	for _, r := range sim.Sweep(ledgerScenario, 1, 30, opts) {
 		if r.Err != nil {
@@ -81,5 +88,28 @@ func TestSimJournalSemantics(t *testing.T) {
 	}
 	if _, err := j.Append(a, struct{ Seq, Stream uint64 }{}, "c2", ev); err == nil {
 		t.Fatal("stale writer accepted")
+	}
+}
+
+// The simulated disk: unsynced snapshots are lost in a crash, a torn record
+// is skipped, and a snapshot past the journal is never used.
+func TestDiskLosesUnsyncedWrites(t *testing.T) {
+	w := sim.NewWorld(7)
+	d := sim.NewDisk(w)
+	a := actors.Address{Kind: "ledger", ID: "x"}
+	d.Write(a, journal.Position{Seq: 5}, &triplanev1.LedgerState{Balance: 5})
+	w.RunFor(time.Second) // synced
+	d.Write(a, journal.Position{Seq: 9}, &triplanev1.LedgerState{Balance: 9})
+	d.Crash(a) // before its sync
+	w.RunFor(time.Second)
+	var st triplanev1.LedgerState
+	if pos, ok := d.Newest(a, 100, &st); !ok || pos.Seq != 5 || st.Balance != 5 {
+		t.Fatalf("after a crash: %v %v %v, want the synced snapshot at 5", pos, ok, st.Balance)
+	}
+	if _, ok := d.Newest(a, 4, &st); ok {
+		t.Fatal("a snapshot past the journal's highest sequence was used")
+	}
+	if d.Lost != 1 {
+		t.Fatalf("lost %d writes, want 1", d.Lost)
 	}
 }

@@ -26,8 +26,11 @@ type Faults struct {
 // skips missing KV event ids; sends a request to a worker discovery removed
 // while the decision was pending), ack-before-verify (the transfer
 // scenario's receiver acknowledges ranges before checking their checksums),
-// unfenced-writes (placement leaders publish without their election fence).
-var Bugs = []string{"apply-before-persist", BugRouterIgnoresGap, BugStaleRoute, BugAckBeforeVerify, BugUnfencedWrites}
+// unfenced-writes (placement leaders publish without their election fence),
+// snapshot-before-persist (the host snapshots a state before its events are
+// journaled; the simulated disk then hands recovery a state the journal
+// never held).
+var Bugs = []string{"apply-before-persist", "snapshot-before-persist", BugRouterIgnoresGap, BugStaleRoute, BugAckBeforeVerify, BugUnfencedWrites}
 
 // DefaultFaults are the faults of a run that names none.
 var DefaultFaults = Faults{AppendFailure: 0.03, WrittenOnFailure: 0.5, CrashRate: 0.1}
@@ -106,6 +109,9 @@ func RunScenario(s Scenario, seed uint64, opts Options) Result {
 	j.FailAppend, j.WrittenOnFailure = opts.Faults.AppendFailure, opts.Faults.WrittenOnFailure
 	h := NewHost(w, j, s.Registry())
 	h.PlantedBug = opts.Bug
+	// Snapshots every few events on a disk that loses unsynced writes, so
+	// recovery runs from snapshot + tail as often as from the journal.
+	h.Disk, h.SnapshotEvery = NewDisk(w), 5
 	r := &Run{World: w, Journal: j, Host: h, Opts: opts}
 	w.Tracef("scenario %s seed %d duration %s faults %+v bug %q", s.Name, seed, opts.Duration, opts.Faults, opts.Bug)
 	final := s.Drive(r)
