@@ -1,6 +1,7 @@
 package sim
 
 import (
+	"errors"
 	"maps"
 	"slices"
 	"strings"
@@ -22,7 +23,32 @@ type Etcd struct {
 	// Latency bounds watch delivery; default 1..5 ms.
 	MinLatency, MaxLatency time.Duration
 	watches                []etcdWatch
+	down                   time.Time // unavailable until then (a leader election)
+	// LeaderChanges counts the simulated etcd leader elections.
+	LeaderChanges uint64
 }
+
+// ErrUnavailable is what a client gets while the simulated etcd elects a
+// new leader: the request failed, nothing changed, try again.
+var ErrUnavailable = errors.New("sim etcd: no leader (election in progress)")
+
+// LeaderChange makes etcd unavailable for d, as while its members elect a
+// new leader. Leases are not lost for it: when service resumes every
+// lease gets its full TTL again, as etcd's new leader does.
+func (e *Etcd) LeaderChange(d time.Duration) {
+	e.LeaderChanges++
+	e.down = e.w.Now().Add(d)
+	e.w.Tracef("etcd: leader change, unavailable for %s", d)
+	e.w.After(d, func() {
+		for _, id := range slices.Sorted(maps.Keys(e.leases)) {
+			if l := e.leases[id]; !l.revoked {
+				e.KeepAlive(id)
+			}
+		}
+	})
+}
+
+func (e *Etcd) available() bool { return !e.w.Now().Before(e.down) }
 
 type etcdKey struct {
 	value             string
@@ -48,27 +74,33 @@ func NewEtcd(w *World) *Etcd {
 }
 
 // Grant creates a lease of ttl, expiring unless kept alive.
-func (e *Etcd) Grant(ttl time.Duration) int64 {
+func (e *Etcd) Grant(ttl time.Duration) (int64, error) {
+	if !e.available() {
+		return 0, ErrUnavailable
+	}
 	e.nextID++
 	id := e.nextID
 	e.leases[id] = &etcdLease{ttl: ttl}
-	e.KeepAlive(id)
-	return id
+	_, _ = e.KeepAlive(id)
+	return id, nil
 }
 
 // KeepAlive renews a lease; false when it already expired.
-func (e *Etcd) KeepAlive(id int64) bool {
+func (e *Etcd) KeepAlive(id int64) (bool, error) {
+	if !e.available() {
+		return false, ErrUnavailable
+	}
 	l := e.leases[id]
 	if l == nil || l.revoked {
-		return false
+		return false, nil
 	}
 	l.expires = e.w.Now().Add(l.ttl)
 	e.w.After(l.ttl, func() {
-		if !l.revoked && !e.w.Now().Before(l.expires) {
+		if !l.revoked && !e.w.Now().Before(l.expires) && e.available() {
 			e.revoke(id)
 		}
 	})
-	return true
+	return true, nil
 }
 
 func (e *Etcd) revoke(id int64) {
@@ -86,9 +118,10 @@ func (e *Etcd) revoke(id int64) {
 }
 
 // Put writes key (attached to lease, 0 for none) and returns the revision.
-// A put on an expired lease fails.
+// A put on an expired lease fails, and so does any put while etcd is
+// unavailable.
 func (e *Etcd) Put(key, value string, lease int64) (int64, bool) {
-	if lease != 0 && (e.leases[lease] == nil || e.leases[lease].revoked) {
+	if !e.available() || (lease != 0 && (e.leases[lease] == nil || e.leases[lease].revoked)) {
 		return 0, false
 	}
 	e.rev++
@@ -120,7 +153,7 @@ func (e *Etcd) Get(key string) (value string, createRev int64, ok bool) {
 // PutIfCreateRev is a fenced write: it puts key only while fence exists
 // with createRev (the writer still holds the election key it won with).
 func (e *Etcd) PutIfCreateRev(fence string, createRev int64, key, value string) bool {
-	if k, ok := e.kv[fence]; !ok || k.createRev != createRev {
+	if k, ok := e.kv[fence]; !e.available() || !ok || k.createRev != createRev {
 		return false
 	}
 	_, ok := e.Put(key, value, 0)

@@ -86,6 +86,10 @@ func drivePlacement(r *Run) Invariant {
 	}
 	if r.Opts.Faults.CrashRate > 0 {
 		w.After(time.Duration(w.Rand().Int64N(int64(r.Opts.Duration))), func() { r.Host.Crash(p.group) })
+		// etcd elects a new leader: a short outage, leases kept.
+		w.After(time.Duration(w.Rand().Int64N(int64(r.Opts.Duration))), func() {
+			p.etcd.LeaderChange(time.Duration(50+w.Rand().IntN(200)) * time.Millisecond)
+		})
 	}
 	w.After(end-time.Millisecond, func() { p.final = p.converged() })
 	return p.check
@@ -115,9 +119,15 @@ func (p *placementRun) pause(n *simNode, d time.Duration) {
 	})
 }
 
-// register takes a lease and campaigns: both keys live on the lease.
+// register takes a lease and campaigns: both keys live on the lease. While
+// etcd is unavailable it fails and the next tick tries again.
 func (p *placementRun) register(n *simNode) {
-	n.lease = p.etcd.Grant(placementTTL)
+	lease, err := p.etcd.Grant(placementTTL)
+	if err != nil {
+		n.lease = 0
+		return
+	}
+	n.lease = lease
 	p.etcd.Put("/nodes/"+n.id, n.id, n.lease)
 	rev, ok := p.etcd.Put("/election/"+n.id, n.id, n.lease)
 	if ok {
@@ -142,9 +152,6 @@ func (p *placementRun) tick(n *simNode) {
 	if w.Now().Before(n.pausedTo) {
 		return
 	}
-	if n.lease == 0 {
-		return
-	}
 	// A node that believes it leads first publishes what it decided last
 	// (a retry, as after a failed write) — before its keep-alive loop can
 	// notice a lost lease, as after a stop-the-world pause. The fence is
@@ -152,8 +159,11 @@ func (p *placementRun) tick(n *simNode) {
 	if n.leader && n.last != nil {
 		p.publish(n, n.last)
 	}
-	if !p.etcd.KeepAlive(n.lease) {
-		// The lease expired (a pause): register again, at the back.
+	if n.lease == 0 {
+		p.register(n)
+	} else if alive, err := p.etcd.KeepAlive(n.lease); err == nil && !alive {
+		// The lease expired (a pause): register again, at the back. (An
+		// unavailable etcd is no news: try again next tick.)
 		w.Tracef("node %s lost its lease", n.id)
 		p.register(n)
 	}

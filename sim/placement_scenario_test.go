@@ -1,6 +1,7 @@
 package sim_test
 
 import (
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -38,7 +39,10 @@ func TestPlacementScenarioFindsUnfencedWrites(t *testing.T) {
 func TestSimEtcdLeasesAndFences(t *testing.T) {
 	w := sim.NewWorld(1)
 	e := sim.NewEtcd(w)
-	l := e.Grant(100 * time.Millisecond)
+	l, err := e.Grant(100 * time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if _, ok := e.Put("/election/a", "a", l); !ok {
 		t.Fatal("put on a live lease failed")
 	}
@@ -62,10 +66,23 @@ func TestSimEtcdLeasesAndFences(t *testing.T) {
 	if _, _, ok := e.Get("/election/a"); ok || len(deleted) != 1 {
 		t.Fatalf("lease did not expire with its key (deleted %v)", deleted)
 	}
-	if e.PutIfCreateRev("/election/a", rev, "/assign/x", "stale") || e.KeepAlive(l) {
+	if alive, _ := e.KeepAlive(l); alive || e.PutIfCreateRev("/election/a", rev, "/assign/x", "stale") {
 		t.Fatal("a deposed leader wrote, or an expired lease was renewed")
 	}
 	if _, ok := e.Put("/k", "v", l); ok {
 		t.Fatal("put on an expired lease accepted")
+	}
+	// A leader change: requests fail meanwhile, leases survive it.
+	l2, _ := e.Grant(100 * time.Millisecond)
+	e.LeaderChange(80 * time.Millisecond)
+	if _, err := e.KeepAlive(l2); !errors.Is(err, sim.ErrUnavailable) {
+		t.Fatalf("keep-alive during a leader change: %v", err)
+	}
+	if _, ok := e.Put("/k", "v", 0); ok {
+		t.Fatal("put accepted without a leader")
+	}
+	w.RunFor(150 * time.Millisecond)
+	if alive, err := e.KeepAlive(l2); !alive || err != nil {
+		t.Fatalf("lease lost over a leader change: %v %v", alive, err)
 	}
 }

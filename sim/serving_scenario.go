@@ -42,8 +42,9 @@ const (
 // servingScenario runs the serving path's real state machines: mock
 // engines as workers, the router actor (journaled decisions) and the
 // routing shell's KV index fed by the engines' KV events, which arrive late,
-// out of order or not at all and are repaired from the workers' rings (or a
-// dump). Workers crash and restart (new epoch, empty cache); their requests
+// out of order, twice or not at all (also for whole partitions of a
+// worker's stream, healed later) and are repaired from the workers' rings
+// (or a dump). Workers crash and restart (new epoch, empty cache); their requests
 // migrate with the tokens generated so far. Router appends fail and the
 // router actor crashes.
 var servingScenario = Scenario{
@@ -89,23 +90,25 @@ type simRequest struct {
 }
 
 type servingRun struct {
-	r        *Run
-	workers  map[string]*simWorker
-	order    []string
-	ix       *router.Index
-	views    map[string]*view
-	reqs     []*simRequest
-	router   actors.Address
-	bug      string
-	problems []error
-	dropped  uint64 // KV events lost on the way
-	repairs  uint64
-	dumps    uint64
-	reroutes uint64
+	r           *Run
+	workers     map[string]*simWorker
+	order       []string
+	ix          *router.Index
+	views       map[string]*view
+	reqs        []*simRequest
+	router      actors.Address
+	bug         string
+	problems    []error
+	dropped     uint64 // KV events lost on the way
+	repairs     uint64
+	dumps       uint64
+	reroutes    uint64
+	duplicated  uint64
+	partitioned map[string]time.Time
 }
 
 func driveServing(r *Run) Invariant {
-	s := &servingRun{r: r, workers: map[string]*simWorker{}, ix: router.NewIndex(servingIndexCap),
+	s := &servingRun{r: r, workers: map[string]*simWorker{}, ix: router.NewIndex(servingIndexCap), partitioned: map[string]time.Time{},
 		views: map[string]*view{}, router: actors.Address{Kind: routerm.Kind, ID: "r0"}, bug: r.Opts.Bug}
 	w := r.World
 	for i := range servingWorkers {
@@ -146,6 +149,11 @@ func driveServing(r *Run) Invariant {
 	if r.Opts.Faults.CrashRate > 0 {
 		for range 2 {
 			w.After(time.Duration(w.Rand().Int64N(int64(r.Opts.Duration))), func() { r.Host.Crash(s.router) })
+		}
+		for range 2 {
+			id := s.order[w.Rand().IntN(len(s.order))]
+			d := time.Duration(50+w.Rand().IntN(400)) * time.Millisecond
+			w.After(time.Duration(w.Rand().Int64N(int64(r.Opts.Duration))), func() { s.partition(id, d) })
 		}
 	}
 	// Heartbeats carry each worker's last event id, so a lost tail is
@@ -301,12 +309,26 @@ func (s *servingRun) stepWorker(wk *simWorker, epoch int) {
 // it.
 func (s *servingRun) sendEvent(wk *simWorker, ev engine.KVEvent) {
 	w := s.r.World
-	if w.Chance(0.02) {
+	if w.Chance(0.02) || w.Now().Before(s.partitioned[wk.id]) {
 		s.dropped++
 		return
 	}
 	id, epoch := wk.id, wk.epoch
 	w.After(time.Duration(100+w.Rand().IntN(4900))*time.Microsecond, func() { s.onEvent(id, epoch, ev) })
+	if w.Chance(0.01) {
+		// Duplicated on the way: the view must apply it once.
+		s.duplicated++
+		w.After(time.Duration(100+w.Rand().IntN(9900))*time.Microsecond, func() { s.onEvent(id, epoch, ev) })
+	}
+}
+
+// partition cuts the KV events of one worker off the router for d (the
+// worker keeps serving); after the heal, heartbeats reveal the gap and the
+// repair fetches it from the ring or a dump.
+func (s *servingRun) partition(id string, d time.Duration) {
+	w := s.r.World
+	s.partitioned[id] = w.Now().Add(d)
+	w.Tracef("partition: %s's KV events cut off from the router for %s", id, d)
 }
 
 func (s *servingRun) viewOf(id string, epoch int) *view {
@@ -480,7 +502,7 @@ func (s *servingRun) check(r *Run) error {
 	if s.ix.Len() > servingIndexCap {
 		return fmt.Errorf("invariant bounds: index holds %d entries, cap %d", s.ix.Len(), servingIndexCap)
 	}
-	r.World.Tracef("serving: %d requests, %d KV events dropped, %d repairs, %d dumps, %d stale decisions routed again, index %d entries",
-		len(s.reqs), s.dropped, s.repairs, s.dumps, s.reroutes, s.ix.Len())
+	r.World.Tracef("serving: %d requests, %d KV events dropped, %d duplicated, %d repairs, %d dumps, %d stale decisions routed again, index %d entries",
+		len(s.reqs), s.dropped, s.duplicated, s.repairs, s.dumps, s.reroutes, s.ix.Len())
 	return nil
 }
