@@ -58,7 +58,10 @@ type Config struct {
 	// PlacementGroups the node joins; default "default".
 	PlacementGroups []string
 	// Want lists singleton actors ("kind/id") to ask placement for.
-	Want    []string
+	Want []string
+	// Checks are more readiness checks for /readyz (for example the
+	// serving path, started after the node).
+	Checks  map[string]admin.Check
 	Version string
 	Logger  *slog.Logger
 }
@@ -151,6 +154,9 @@ func Start(ctx context.Context, cfg Config) (_ *System, err error) {
 	s.Admin.AddCheck("nats", s.checkNATS)
 	s.Admin.AddCheck("etcd", s.checkEtcd)
 	s.Admin.AddCheck("journal", s.Journal.Check)
+	for name, c := range cfg.Checks {
+		s.Admin.AddCheck(name, c)
+	}
 	info := prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "triplane_build_info", Help: "Version of the running triplane binary (always 1).",
 	}, []string{"version", "node_id"})

@@ -12,6 +12,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -293,7 +294,16 @@ func runUp(cmd *cobra.Command, g *globalFlags, f *upFlags) error {
 	ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
+	// /readyz waits for the serving path too: it starts after the node.
+	var servingUp atomic.Bool
+	servingCheck := func(context.Context) error {
+		if !servingUp.Load() {
+			return errors.New("serving path starting")
+		}
+		return nil
+	}
 	sys, err := system.Start(ctx, system.Config{
+		Checks:  map[string]admin.Check{"serving": servingCheck},
 		DataDir: f.dataDir, Host: f.host,
 		NATSPort: f.natsPort, EtcdPort: f.etcdPort, EtcdPeerPort: f.etcdPeerPort,
 		AdminAddr: f.adminAddr, NATSURL: f.natsURL, EtcdEndpoints: f.etcd,
@@ -337,6 +347,7 @@ func runUp(cmd *cobra.Command, g *globalFlags, f *upFlags) error {
 		}
 		return fmt.Errorf("serving: %w", err)
 	}
+	servingUp.Store(true)
 	fmt.Fprintln(cmd.OutOrStdout(), sys.Summary())
 	if stack.Frontend != nil {
 		mode := "aggregated"
