@@ -112,8 +112,11 @@ type Host struct {
 	// queued counts each actor's commands sent but not yet taken from its
 	// mailbox: the mailbox bound, checked before sending so a sender is
 	// refused (ErrOverloaded) instead of blocked.
-	queued  map[Address]*atomic.Int64
-	stopped bool
+	queued map[Address]*atomic.Int64
+	// releasing holds, per actor being released, a channel closed when
+	// the release is over.
+	releasing map[Address]chan struct{}
+	stopped   bool
 
 	seq         atomic.Uint64 // command id counter
 	incarnation atomic.Uint64
@@ -128,7 +131,8 @@ func NewHost(cfg HostConfig) (*Host, error) {
 		return nil, errors.New("actors: host needs a journal and a registry")
 	}
 	h := &Host{cfg: cfg, log: cfg.Logger, pids: map[Address]*actor.PID{}, queued: map[Address]*atomic.Int64{},
-		snaps: make(chan snapJob, cfg.SnapshotQueue)}
+		releasing: map[Address]chan struct{}{},
+		snaps:     make(chan snapJob, cfg.SnapshotQueue)}
 	plog := slog.New(minLevel{h.log.Handler(), slog.LevelWarn}).With("component", "protoactor")
 	h.system = actor.NewActorSystem(actor.WithLoggerFactory(func(*actor.ActorSystem) *slog.Logger { return plog }))
 	h.root = h.system.Root
@@ -206,7 +210,9 @@ func (h *Host) RequestID(ctx context.Context, addr Address, id string, msg proto
 			return nil, err
 		}
 		ch := make(chan reply, 1)
-		if err := h.send(addr, pid, envelope{id: id, msg: msg, reply: ch}); err != nil {
+		if err := h.send(addr, pid, envelope{id: id, msg: msg, reply: ch}); errors.Is(err, errReleased) && attempt < 3 {
+			continue
+		} else if err != nil {
 			return nil, fmt.Errorf("request %s: %w", id, err)
 		}
 		select {
@@ -226,23 +232,38 @@ func (h *Host) RequestID(ctx context.Context, addr Address, id string, msg proto
 
 // Send delivers a command without waiting for a reply.
 func (h *Host) Send(addr Address, msg proto.Message) error {
-	pid, err := h.pid(addr)
-	if err != nil {
-		return err
+	for attempt := 0; ; attempt++ {
+		pid, err := h.pid(addr)
+		if err != nil {
+			return err
+		}
+		err = h.send(addr, pid, envelope{id: fmt.Sprintf("c%d", h.seq.Add(1)), msg: msg})
+		if !errors.Is(err, errReleased) || attempt == 3 {
+			return err
+		}
 	}
-	return h.send(addr, pid, envelope{id: fmt.Sprintf("c%d", h.seq.Add(1)), msg: msg})
 }
 
 // send enqueues env for the actor unless its mailbox is full.
 func (h *Host) send(addr Address, pid *actor.PID, env envelope) error {
 	h.mu.Lock()
+	if ch := h.releasing[addr]; ch != nil {
+		// The actor is being released: wait, then the caller looks it up
+		// (and spawns it) afresh.
+		h.mu.Unlock()
+		<-ch
+		return errReleased
+	}
 	q, ok := h.queued[addr]
 	if !ok {
 		q = new(atomic.Int64)
 		h.queued[addr] = q
 	}
+	// Counted under the lock: Release sees either this command queued
+	// (and keeps the actor) or nothing (and no command follows its stop).
+	n := q.Add(1)
 	h.mu.Unlock()
-	if q.Add(1) > int64(h.cfg.MailboxSize) {
+	if n > int64(h.cfg.MailboxSize) {
 		q.Add(-1)
 		h.cfg.Metrics.overloaded.Inc()
 		return fmt.Errorf("%w: %s has %d commands queued", ErrOverloaded, addr, h.cfg.MailboxSize)
@@ -298,26 +319,50 @@ func (h *Host) forget(addr Address, pid *actor.PID) {
 func (h *Host) Release(ctx context.Context, addr Address) error {
 	h.mu.Lock()
 	pid, ok := h.pids[addr]
-	h.mu.Unlock()
-	if !ok {
+	if !ok || h.releasing[addr] != nil {
+		h.mu.Unlock()
 		return nil
 	}
+	if q := h.queued[addr]; q != nil && q.Load() > 0 {
+		h.mu.Unlock()
+		return nil // commands are queued for it: it is not idle, keep it
+	}
+	released := make(chan struct{})
+	h.releasing[addr] = released
+	h.mu.Unlock()
 	done := make(chan error, 1)
 	go func() {
 		_, err := h.root.PoisonFuture(pid).Result()
 		done <- err
 	}()
+	var err error
 	select {
-	case err := <-done:
-		h.forget(addr, pid)
-		if err != nil && !errors.Is(err, actor.ErrDeadLetter) {
-			return fmt.Errorf("actors: release %s: %w", addr, err)
+	case err = <-done:
+		if errors.Is(err, actor.ErrDeadLetter) {
+			err = nil
 		}
-		return nil
 	case <-ctx.Done():
-		return fmt.Errorf("actors: release %s: %w", addr, ctx.Err())
+		err = ctx.Err()
 	}
+	h.mu.Lock()
+	if cur, ok := h.pids[addr]; ok && cur.Equal(pid) {
+		delete(h.pids, addr)
+	}
+	if q := h.queued[addr]; q != nil && q.Load() == 0 {
+		delete(h.queued, addr)
+	}
+	delete(h.releasing, addr)
+	close(released)
+	h.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("actors: release %s: %w", addr, err)
+	}
+	return nil
 }
+
+// errReleased: the target was released while the command was being sent;
+// look it up again.
+var errReleased = errors.New("actors: actor released, send again")
 
 // Stop stops every actor (each writes a final snapshot), waits for the
 // snapshot writer and shuts the actor system down.

@@ -321,3 +321,37 @@ func TestHostReleaseAndRecover(t *testing.T) {
 		t.Fatalf("balance after release %d, want 70", r.Balance)
 	}
 }
+
+// Commands sent while an actor is being released are answered: they wait
+// for the release and reach the actor recovered afresh.
+func TestHostReleaseUnderConcurrentCommands(t *testing.T) {
+	e := newEnv(t)
+	h := e.host(t)
+	ask(t, e.ctx, h, acct, &triplanev1.LedgerDeposit{Amount: 3})
+	for round := range 20 {
+		var wg sync.WaitGroup
+		errs := make(chan error, 8)
+		for range 8 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				ctx, cancel := context.WithTimeout(e.ctx, 20*time.Second)
+				defer cancel()
+				if _, err := h.Request(ctx, acct, &triplanev1.LedgerGet{}); err != nil {
+					errs <- err
+				}
+			}()
+		}
+		if err := h.Release(e.ctx, acct); err != nil {
+			t.Fatal(err)
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Fatalf("round %d: %v", round, err)
+		}
+	}
+	if r := ask(t, e.ctx, h, acct, &triplanev1.LedgerGet{}); r.Balance != 3 {
+		t.Fatalf("balance %d after releases, want 3", r.Balance)
+	}
+}

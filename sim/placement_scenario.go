@@ -176,18 +176,27 @@ func (p *placementRun) tick(n *simNode) {
 	}
 	epoch := n.epoch
 	p.r.Host.Deliver(p.group, fmt.Sprintf("%s@%d-%s", n.id, epoch, w.Now().Format("15:04:05.000000")), cmd, func(m proto.Message, err error) {
-		switch {
-		case err == nil:
-			n.last = m.(*triplanev1.PlacementState)
-			p.publish(n, n.last)
-		case errors.Is(err, placement.ErrFenced):
-			p.refused++
-		case errors.Is(err, actors.ErrPersist), errors.Is(err, ErrCrashed):
-			// The next tick tries again.
-		default:
-			p.problems = append(p.problems, fmt.Errorf("node %s reconcile: %w", n.id, err))
-		}
+		p.onNode(n, func() { p.reconciled(n, epoch, m, err) })
 	})
+}
+
+// reconciled handles the placement actor's answer as the node that asked:
+// with the epoch it asked with (it may have re-registered since), and only
+// when it runs (a paused node handles it on resume).
+func (p *placementRun) reconciled(n *simNode, epoch int64, m proto.Message, err error) {
+	switch {
+	case err == nil && epoch != n.epoch:
+		// Decided for an election key the node no longer holds.
+	case err == nil:
+		n.last = m.(*triplanev1.PlacementState)
+		p.publish(n, n.last)
+	case errors.Is(err, placement.ErrFenced):
+		p.refused++
+	case errors.Is(err, actors.ErrPersist), errors.Is(err, ErrCrashed):
+		// The next tick tries again.
+	default:
+		p.problems = append(p.problems, fmt.Errorf("node %s reconcile: %w", n.id, err))
+	}
 }
 
 // publish writes the assignments, fenced by the node's election key.

@@ -22,7 +22,7 @@ const (
 	servingWorkers    = 8
 	servingRate       = 100 // requests per virtual second
 	servingBlockSize  = 16
-	servingRing       = 256 // KV events a worker keeps for resends
+	servingRing       = 24 // KV events a worker keeps for resends (small: partitions outlast it)
 	servingIndexCap   = 1 << 20
 	servingMaxPending = 4096 // out-of-order KV events buffered per worker
 	servingGrace      = 20 * time.Millisecond
@@ -152,7 +152,7 @@ func driveServing(r *Run) Invariant {
 		}
 		for range 2 {
 			id := s.order[w.Rand().IntN(len(s.order))]
-			d := time.Duration(50+w.Rand().IntN(400)) * time.Millisecond
+			d := time.Duration(200+w.Rand().IntN(600)) * time.Millisecond
 			w.After(time.Duration(w.Rand().Int64N(int64(r.Opts.Duration))), func() { s.partition(id, d) })
 		}
 	}
@@ -322,6 +322,9 @@ func (s *servingRun) sendEvent(wk *simWorker, ev engine.KVEvent) {
 	}
 }
 
+// cut reports whether a worker's stream is partitioned from the router now.
+func (s *servingRun) cut(id string) bool { return s.r.World.Now().Before(s.partitioned[id]) }
+
 // partition cuts the KV events of one worker off the router for d (the
 // worker keeps serving); after the heal, heartbeats reveal the gap and the
 // repair fetches it from the ring or a dump.
@@ -383,6 +386,9 @@ func (s *servingRun) drain(id string, v *view) {
 }
 
 func (s *servingRun) heartbeat(wk *simWorker) {
+	if s.cut(wk.id) {
+		return // the partition cuts heartbeats off too
+	}
 	id, epoch, last := wk.id, wk.epoch, wk.last
 	s.r.World.After(time.Millisecond, func() {
 		if cur := s.workers[id]; cur.gone || cur.epoch != epoch {
@@ -405,6 +411,11 @@ func (s *servingRun) repairLater(id string, v *view) {
 		v.repairing = false
 		wk := s.workers[id]
 		if !wk.alive || wk.epoch != v.epoch || s.views[id] != v {
+			return
+		}
+		if s.cut(id) {
+			// No resend gets through a partition; the next heartbeat
+			// after the heal starts the repair again.
 			return
 		}
 		if s.bug == BugRouterIgnoresGap {

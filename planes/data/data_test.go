@@ -357,3 +357,35 @@ func TestWriteRejectsMismatchedOps(t *testing.T) {
 		t.Fatal("length mismatch accepted")
 	}
 }
+
+// Same boot id but no reachable shared-memory socket (containers on one
+// node): the automatic choice falls back to TCP instead of failing.
+func TestDialFallsBackFromShmToTCP(t *testing.T) {
+	r, err := NewRegion(1, 64, 4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	rs, err := NewRegions(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := ListenTCP("127.0.0.1:0", ServerConfig{Regions: rs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	peer := &triplanev1.DataPeer{HostId: HostID(), TcpAddr: srv.Addr(), ShmSocket: filepath.Join(t.TempDir(), "gone.sock")}
+	tr, err := NewDialer(DialOptions{}).Dial(context.Background(), peer)
+	if err != nil {
+		t.Fatalf("no fallback: %v", err)
+	}
+	defer tr.Close()
+	if tr.Name() != "tcp" {
+		t.Fatalf("transport %s, want tcp", tr.Name())
+	}
+	// Forced shared memory does not fall back.
+	if _, err := NewDialer(DialOptions{Prefer: "shm"}).Dial(context.Background(), peer); err == nil {
+		t.Fatal("forced shm fell back")
+	}
+}

@@ -147,18 +147,41 @@ func (d *Dialer) Choose(peer *triplanev1.DataPeer) (Backend, error) {
 	return nil, fmt.Errorf("data: no transport reaches peer (host %q, tcp %q, shm %q)", peer.GetHostId(), peer.GetTcpAddr(), peer.GetShmSocket())
 }
 
-// Dial connects to peer with the chosen backend.
+// Dial connects to peer with the chosen backend. With the automatic
+// choice, a backend that fails to connect falls back to the next usable one
+// (the same boot id does not prove a shared filesystem: containers on one
+// node share it but not /tmp), and the error names every attempt.
 func (d *Dialer) Dial(ctx context.Context, peer *triplanev1.DataPeer) (Transport, error) {
 	b, err := d.Choose(peer)
 	if err != nil {
 		return nil, err
 	}
 	t, err := b.Dial(ctx, &d.opts, peer)
-	if err != nil {
-		d.opts.Metrics.connErrors.WithLabelValues(b.Name()).Inc()
-		return nil, fmt.Errorf("data: dial %s: %w", b.Name(), err)
+	if err == nil {
+		return t, nil
 	}
-	return t, nil
+	d.opts.Metrics.connErrors.WithLabelValues(b.Name()).Inc()
+	errs := []error{fmt.Errorf("data: dial %s: %w", b.Name(), err)}
+	if p := d.opts.Prefer; p == "" || p == "auto" {
+		tried := false
+		for _, next := range d.backends {
+			if !tried {
+				tried = next == b
+				continue
+			}
+			if !next.Usable(&d.opts, peer) {
+				continue
+			}
+			t, err := next.Dial(ctx, &d.opts, peer)
+			if err == nil {
+				d.opts.Logger.Info("data: transport fell back", "from", b.Name(), "to", next.Name(), "cause", errs[0])
+				return t, nil
+			}
+			d.opts.Metrics.connErrors.WithLabelValues(next.Name()).Inc()
+			errs = append(errs, fmt.Errorf("data: dial %s: %w", next.Name(), err))
+		}
+	}
+	return nil, errors.Join(errs...)
 }
 
 var hostIDOnce = sync.OnceValue(func() string {

@@ -17,6 +17,7 @@ type Metrics struct {
 	Dropped       prometheus.Counter
 	RequestErrors *prometheus.CounterVec // by kind: no_responders, timeout, canceled, disconnected, remote, malformed
 	DeadLettered  prometheus.Counter
+	Busy          prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*Metrics, error) {
@@ -37,6 +38,8 @@ func newMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			Help: "Failed requests, by kind."}, []string{"kind"}),
 		DeadLettered: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_event_dead_lettered_total",
 			Help: "Work-queue jobs moved to a dead-letter subject."}),
+		Busy: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_event_responder_busy_total",
+			Help: "Requests a concurrency-limited responder refused at once because it was at its limit."}),
 	}
 	if reg == nil {
 		return m, nil
@@ -65,6 +68,9 @@ func newMetrics(reg prometheus.Registerer) (*Metrics, error) {
 	}
 	if err == nil {
 		m.DeadLettered, err = register(reg, m.DeadLettered)
+	}
+	if err == nil {
+		m.Busy, err = register(reg, m.Busy)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("event: register metrics: %w", err)

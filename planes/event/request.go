@@ -149,7 +149,7 @@ func Serve[Req, Resp proto.Message](b *Bus, subject, queue string, h func(contex
 // ServeConcurrent is Serve with up to limit handlers running at once, each
 // on its own goroutine (Serve runs one at a time). A request beyond the
 // limit is refused at once with a RemoteError saying the responder is busy,
-// and counted as dropped, so the caller can go elsewhere instead of
+// and counted (Metrics.Busy), so the caller can go elsewhere instead of
 // queueing without bound.
 func ServeConcurrent[Req, Resp proto.Message](b *Bus, subject, queue string, limit int, h func(context.Context, Req) (Resp, error)) (*Subscription, error) {
 	if limit < 1 {
@@ -160,7 +160,7 @@ func ServeConcurrent[Req, Resp proto.Message](b *Bus, subject, queue string, lim
 		select {
 		case sem <- struct{}{}:
 		default:
-			b.metrics.Dropped.Inc()
+			b.metrics.Busy.Inc()
 			if m.Reply != "" {
 				b.respondErr(m, fmt.Sprintf("%s: busy, %d requests running", ErrBusyText, limit))
 			}

@@ -128,7 +128,9 @@ func NewRouter(cfg RouterConfig) (_ *Router, err error) {
 		return nil, fmt.Errorf("frontend: load reports: %w", err)
 	}
 	if cfg.Registerer != nil {
-		cfg.Registerer.MustRegister(
+		// A second router on the same registry (tests, two frontends in a
+		// process) keeps the first one's series: logged, not fatal.
+		for _, c := range []prometheus.Collector{
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "triplane_router_index_entries",
 				Help: "(block, worker) entries in the router's KV index."}, func() float64 { return float64(r.IndexLen()) }),
 			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "triplane_router_index_pruned_total",
@@ -143,7 +145,11 @@ func NewRouter(cfg RouterConfig) (_ *Router, err error) {
 				Help: "Gaps in workers' KV event ids the router noticed (repaired by resend or dump)."}, func() float64 { return float64(r.cons.Stats().Gaps) }),
 			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "triplane_router_kv_dumps_total",
 				Help: "Full dumps of a worker's blocks the router needed."}, func() float64 { return float64(r.cons.Stats().Dumps) }),
-		)
+		} {
+			if err := cfg.Registerer.Register(c); err != nil {
+				r.log.Warn("router metric not registered", "err", err)
+			}
+		}
 	}
 	events, unsub := r.disc.Subscribe()
 	r.unsub = unsub

@@ -226,6 +226,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	}
 	eng, err := mocker.New(cfg.Engine)
 	if err != nil {
+		region.Close()
 		return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
 	}
 	rctx, cancel := context.WithCancel(context.Background())
@@ -648,6 +649,11 @@ func (w *Worker) Close() {
 	}
 	if w.pub != nil {
 		w.pub.Close()
+	}
+	// Last: the servers that write into the staging region and the engine
+	// goroutine that reads it (commits) have stopped.
+	if w.region != nil {
+		_ = w.region.Close()
 	}
 }
 

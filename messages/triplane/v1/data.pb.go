@@ -224,7 +224,10 @@ type StreamOpen struct {
 	RequestId string                 `protobuf:"bytes,1,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	Payload   []byte                 `protobuf:"bytes,2,opt,name=payload,proto3" json:"payload,omitempty"`
 	// token authenticates the frontend when the worker requires one.
-	Token         string `protobuf:"bytes,3,opt,name=token,proto3" json:"token,omitempty"`
+	Token string `protobuf:"bytes,3,opt,name=token,proto3" json:"token,omitempty"`
+	// keep_alives asks the worker for keep-alive frames (seq 0, no data)
+	// while the stream is silent; clients that do not ask never get one.
+	KeepAlives    bool `protobuf:"varint,4,opt,name=keep_alives,json=keepAlives,proto3" json:"keep_alives,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -278,6 +281,13 @@ func (x *StreamOpen) GetToken() string {
 		return x.Token
 	}
 	return ""
+}
+
+func (x *StreamOpen) GetKeepAlives() bool {
+	if x != nil {
+		return x.KeepAlives
+	}
+	return false
 }
 
 // StreamFrame is one frame of a response stream, from worker to frontend.
@@ -508,13 +518,15 @@ const file_triplane_v1_data_proto_rawDesc = "" +
 	"\x0eDataDescriptor\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\rR\x06region\x12\x16\n" +
 	"\x06offset\x18\x02 \x01(\x04R\x06offset\x12\x16\n" +
-	"\x06length\x18\x03 \x01(\x04R\x06length\"[\n" +
+	"\x06length\x18\x03 \x01(\x04R\x06length\"|\n" +
 	"\n" +
 	"StreamOpen\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x18\n" +
 	"\apayload\x18\x02 \x01(\fR\apayload\x12\x14\n" +
-	"\x05token\x18\x03 \x01(\tR\x05token\"w\n" +
+	"\x05token\x18\x03 \x01(\tR\x05token\x12\x1f\n" +
+	"\vkeep_alives\x18\x04 \x01(\bR\n" +
+	"keepAlives\"w\n" +
 	"\vStreamFrame\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x12\n" +
 	"\x04data\x18\x02 \x01(\fR\x04data\x12\x14\n" +

@@ -243,11 +243,15 @@ func (s *Server) serve(c net.Conn) {
 	}()
 	var seq uint64
 	var wmu sync.Mutex
+	lastWrite := time.Now()
+	finished := false // the final frame went out: no keep-alive after it
 	write := func(f *triplanev1.StreamFrame) error {
 		wmu.Lock()
 		defer wmu.Unlock()
 		seq++
 		f.Seq = seq
+		lastWrite = time.Now()
+		finished = finished || f.Final
 		c.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
 		if err := writeFrame(c, f); err != nil {
 			cancel(fmt.Errorf("stream: frontend went away: %w", err))
@@ -262,11 +266,13 @@ func (s *Server) serve(c net.Conn) {
 		}
 		return write(&triplanev1.StreamFrame{Data: data})
 	}
-	if s.cfg.KeepAlive > 0 {
-		// A keep-alive takes no sequence number; it goes out only when
-		// nothing else did for a whole interval.
-		lastSeq := uint64(0)
-		t := time.NewTicker(s.cfg.KeepAlive)
+	if s.cfg.KeepAlive > 0 && open.KeepAlives {
+		// A keep-alive takes no sequence number; it goes out once nothing
+		// was written for KeepAlive (checked every half interval, so the
+		// gap between two frames stays under 1.5 KeepAlive). Only clients
+		// that ask get them: an older client would take one for a frame
+		// out of order.
+		t := time.NewTicker(s.cfg.KeepAlive / 2)
 		defer t.Stop()
 		go func() {
 			for {
@@ -276,15 +282,15 @@ func (s *Server) serve(c net.Conn) {
 				case <-t.C:
 				}
 				wmu.Lock()
-				if seq == lastSeq {
+				if time.Since(lastWrite) >= s.cfg.KeepAlive && !finished {
 					c.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
 					if err := writeFrame(c, &triplanev1.StreamFrame{}); err != nil {
 						wmu.Unlock()
 						cancel(fmt.Errorf("stream: frontend went away: %w", err))
 						return
 					}
+					lastWrite = time.Now()
 				}
-				lastSeq = seq
 				wmu.Unlock()
 			}
 		}()
@@ -321,8 +327,8 @@ type ClientOptions struct {
 	Token string
 	TLS   *tls.Config
 	// IdleTimeout bounds the wait for the next frame, keep-alives included
-	// (default: none; ctx ends the stream). Set it above the server's
-	// KeepAlive.
+	// (default: none; ctx ends the stream). Setting it asks the server for
+	// keep-alives; set it above 1.5 times the server's KeepAlive.
 	IdleTimeout time.Duration
 }
 
@@ -342,6 +348,7 @@ func Open(ctx context.Context, addr string, open *triplanev1.StreamOpen, o Clien
 	}
 	o2 := proto.Clone(open).(*triplanev1.StreamOpen)
 	o2.Token = o.Token
+	o2.KeepAlives = o.IdleTimeout > 0
 	if err := writeFrame(c, &triplanev1.StreamClientFrame{Kind: &triplanev1.StreamClientFrame_Open{Open: o2}}); err != nil {
 		c.Close()
 		return nil, fmt.Errorf("stream: open %s: %w", addr, err)
