@@ -44,6 +44,10 @@ type Candidate struct {
 	BlocksUsed  int
 	BlocksTotal int
 	Overlap     int // leading blocks of the request the worker holds (Index.Overlap)
+	// PendingPrefill is the blocks of prefill the router knows are ahead
+	// of this request on the worker (requests it sent there that have not
+	// produced their first token); charged like the request's own prefill.
+	PendingPrefill int
 }
 
 // Request is what a policy needs to know about a request: how many blocks
@@ -79,7 +83,7 @@ func (ix *Index) WithOverlap(hashes []uint64, cands []Candidate) []Candidate {
 
 // Params tune the kv policy. A candidate's cost is
 //
-//	OverlapWeight*(prefillBlocks + WaitingPrefill*Waiting) + BlocksUsed
+//	OverlapWeight*(prefillBlocks + WaitingPrefill*Waiting + PendingPrefill) + BlocksUsed
 //
 // prefillBlocks being the request's blocks the worker does not hold (the
 // prefill the request needs there) and WaitingPrefill*Waiting an estimate
@@ -155,7 +159,7 @@ func Choose(policy Policy, p Params, req Request, cands []Candidate, turn uint64
 	for i, c := range cands {
 		ov := min(max(c.Overlap, 0), req.Blocks)
 		prefill := float64(req.Blocks - ov)
-		queued := p.WaitingPrefill * float64(max(c.Waiting, 0))
+		queued := p.WaitingPrefill*float64(max(c.Waiting, 0)) + float64(max(c.PendingPrefill, 0))
 		scored[i] = Scored{ID: c.ID, Overlap: ov, Cost: p.OverlapWeight*(prefill+queued) + float64(c.BlocksUsed)}
 	}
 	pick := 0

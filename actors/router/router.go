@@ -68,7 +68,8 @@ func decide(s *triplanev1.RouterState, c *triplanev1.RouteRequest, rnd uint64) a
 	cands := make([]router.Candidate, len(c.Candidates))
 	for i, k := range c.Candidates {
 		cands[i] = router.Candidate{ID: k.Worker, Active: int(k.Active), BlocksUsed: int(k.BlocksUsed),
-			BlocksTotal: int(k.BlocksTotal), Overlap: int(k.Overlap), Waiting: int(k.Waiting)}
+			BlocksTotal: int(k.BlocksTotal), Overlap: int(k.Overlap), Waiting: int(k.Waiting),
+			PendingPrefill: int(k.PendingPrefill)}
 	}
 	// 53 bits of the command's random draw give a uniform float in [0, 1).
 	draw := float64(rnd>>11) / (1 << 53)

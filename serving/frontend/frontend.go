@@ -375,7 +375,8 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 				errType: "server_error", code: "no_worker", outcome: "no_worker"}
 		}
 		prefill, prelease := f.prefillWorker(ctx, routeID, hashes, overlap, len(generated))
-		reason, err := f.attempt(ctx, j, in, prompt, j.maxTokens-len(generated), prefill, &generated, out)
+		started := func() { f.cfg.Router.Started(in.GetInstanceId(), routeID) }
+		reason, err := f.attempt(ctx, j, in, prompt, j.maxTokens-len(generated), prefill, &generated, out, started)
 		prelease()
 		release()
 		if err == nil {
@@ -435,7 +436,7 @@ type badRequestError struct{ msg string }
 func (e badRequestError) Error() string { return e.msg }
 
 // attempt streams the request from one worker.
-func (f *Frontend) attempt(ctx context.Context, j *job, in *triplanev1.InstanceInfo, prompt []uint32, remaining int, prefill string, generated *[]uint32, out *sink) (string, error) {
+func (f *Frontend) attempt(ctx context.Context, j *job, in *triplanev1.InstanceInfo, prompt []uint32, remaining int, prefill string, generated *[]uint32, out *sink, started func()) (string, error) {
 	payload, err := proto.Marshal(&triplanev1.GenerateRequest{RequestId: j.id, Tokens: prompt, MaxTokens: uint32(remaining),
 		Model: j.model, PrefillWorker: prefill})
 	if err != nil {
@@ -465,6 +466,10 @@ func (f *Frontend) attempt(ctx context.Context, j *job, in *triplanev1.InstanceI
 				out.cached = int(chunk.CachedTokens)
 			}
 			if len(chunk.Tokens) > 0 {
+				if started != nil {
+					started()
+					started = nil
+				}
 				*generated = append(*generated, chunk.Tokens...)
 				if err := out.tokens(chunk.Tokens); err != nil {
 					return "", err

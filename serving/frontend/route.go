@@ -53,6 +53,7 @@ type flight struct {
 	id        string
 	at        time.Time
 	newBlocks int
+	started   bool // produced its first token: its prefill is done
 }
 
 // RouterConfig configures a Router.
@@ -352,6 +353,11 @@ func (r *Router) route(ctx context.Context, requestID string, hashes []uint64, e
 		}
 		byID[id] = in
 		c := router.Candidate{ID: id, Active: len(r.inflight[id])}
+		for _, f := range r.inflight[id] {
+			if !f.started {
+				c.PendingPrefill += f.newBlocks
+			}
+		}
 		if l := loads[id]; l != nil {
 			c.BlocksUsed, c.BlocksTotal, c.Waiting = int(l.KvBlocksUsed), int(l.KvBlocksTotal), int(l.WaitingRequests)
 			// Blocks of requests sent after the report are not in it yet.
@@ -377,7 +383,8 @@ func (r *Router) route(ctx context.Context, requestID string, hashes []uint64, e
 	}
 	for _, c := range cands {
 		req.Candidates = append(req.Candidates, &triplanev1.RouterCandidate{Worker: c.ID, Active: uint32(c.Active),
-			BlocksUsed: uint64(c.BlocksUsed), BlocksTotal: uint64(c.BlocksTotal), Overlap: uint32(c.Overlap), Waiting: uint32(c.Waiting)})
+			BlocksUsed: uint64(c.BlocksUsed), BlocksTotal: uint64(c.BlocksTotal), Overlap: uint32(c.Overlap), Waiting: uint32(c.Waiting),
+			PendingPrefill: uint64(c.PendingPrefill)})
 	}
 	reply, err := r.cfg.Host.Request(ctx, actors.Address{Kind: routerm.Kind, ID: r.cfg.RouterID}, req)
 	if err != nil {
@@ -412,6 +419,20 @@ func (r *Router) route(ctx context.Context, requestID string, hashes []uint64, e
 		}
 	}
 	return byID[w], int(rr.Overlap), release, nil
+}
+
+// Started marks a routed request as past its prefill (its first token
+// arrived), so it no longer counts as prefill queued on its worker.
+func (r *Router) Started(worker, requestID string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	fs := r.inflight[worker]
+	for i := range fs {
+		if fs[i].id == requestID {
+			fs[i].started = true
+			return
+		}
+	}
 }
 
 // ReportDown tells discovery a worker failed, so it is skipped for a

@@ -333,9 +333,12 @@ type RouterCandidate struct {
 	// router's KV index.
 	Overlap uint32 `protobuf:"varint,5,opt,name=overlap,proto3" json:"overlap,omitempty"`
 	// Requests queued at the worker, not yet admitted (included in active).
-	Waiting       uint32 `protobuf:"varint,6,opt,name=waiting,proto3" json:"waiting,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Waiting uint32 `protobuf:"varint,6,opt,name=waiting,proto3" json:"waiting,omitempty"`
+	// Blocks of prefill this router sent to the worker that have not produced
+	// a first token yet.
+	PendingPrefill uint64 `protobuf:"varint,7,opt,name=pending_prefill,json=pendingPrefill,proto3" json:"pending_prefill,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *RouterCandidate) Reset() {
@@ -406,6 +409,13 @@ func (x *RouterCandidate) GetOverlap() uint32 {
 func (x *RouterCandidate) GetWaiting() uint32 {
 	if x != nil {
 		return x.Waiting
+	}
+	return 0
+}
+
+func (x *RouterCandidate) GetPendingPrefill() uint64 {
+	if x != nil {
+		return x.PendingPrefill
 	}
 	return 0
 }
@@ -842,7 +852,7 @@ const file_triplane_v1_serving_proto_rawDesc = "" +
 	"\rGenerateChunk\x12\x16\n" +
 	"\x06tokens\x18\x01 \x03(\rR\x06tokens\x12#\n" +
 	"\rcached_tokens\x18\x02 \x01(\rR\fcachedTokens\x12\x16\n" +
-	"\x06worker\x18\x03 \x01(\tR\x06worker\"\xb9\x01\n" +
+	"\x06worker\x18\x03 \x01(\tR\x06worker\"\xe2\x01\n" +
 	"\x0fRouterCandidate\x12\x16\n" +
 	"\x06worker\x18\x01 \x01(\tR\x06worker\x12\x16\n" +
 	"\x06active\x18\x02 \x01(\rR\x06active\x12\x1f\n" +
@@ -850,7 +860,8 @@ const file_triplane_v1_serving_proto_rawDesc = "" +
 	"blocksUsed\x12!\n" +
 	"\fblocks_total\x18\x04 \x01(\x04R\vblocksTotal\x12\x18\n" +
 	"\aoverlap\x18\x05 \x01(\rR\aoverlap\x12\x18\n" +
-	"\awaiting\x18\x06 \x01(\rR\awaiting\"\xac\x02\n" +
+	"\awaiting\x18\x06 \x01(\rR\awaiting\x12'\n" +
+	"\x0fpending_prefill\x18\a \x01(\x04R\x0ependingPrefill\"\xac\x02\n" +
 	"\fRouteRequest\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x12\x16\n" +
