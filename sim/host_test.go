@@ -43,21 +43,7 @@ func TestSweepFindsPlantedBug(t *testing.T) {
 }
 
 func sweepFinds(t *testing.T, bug string) {
-	opts := sim.Options{Faults: sim.DefaultFaults, Bug: bug}
-	var failing []sim.Result
-	for _, r := range sim.Sweep(ledgerScenario, 1, 30, opts) {
-		if r.Err != nil {
-			failing = append(failing, r)
-		}
-	}
-	if len(failing) == 0 {
-		t.Fatal("the sweep did not find the planted bug")
-	}
-	again := sim.RunScenario(ledgerScenario, failing[0].Seed, opts)
-	if again.Err == nil || again.Err.Error() != failing[0].Err.Error() || again.TraceHash != failing[0].TraceHash {
-		t.Fatalf("seed %d does not reproduce: %v / %v", failing[0].Seed, failing[0].Err, again.Err)
-	}
-	t.Logf("planted bug found by %d of 30 seeds; seed %d reproduces: %v", len(failing), failing[0].Seed, again.Err)
+	sim.CheckFinds(t, ledgerScenario, sim.Options{Faults: sim.DefaultFaults, Bug: bug}, 1, 30, "invariant")
 }
 
 // A user's own invariant runs at the end and can fail a run.

@@ -2,7 +2,6 @@ package sim_test
 
 import (
 	"errors"
-	"strings"
 	"testing"
 	"time"
 
@@ -19,19 +18,7 @@ func TestPlacementScenarioSweep(t *testing.T) {
 
 func TestPlacementScenarioFindsUnfencedWrites(t *testing.T) {
 	opts := sim.Options{Duration: 3 * time.Second, Faults: sim.DefaultFaults, Bug: sim.BugUnfencedWrites}
-	for _, r := range sim.Sweep(placementScenario, 1, 10, opts) {
-		if r.Err == nil {
-			continue
-		}
-		if !strings.Contains(r.Err.Error(), "fenced-leader") {
-			t.Fatalf("seed %d failed for another reason: %v", r.Seed, r.Err)
-		}
-		if again := sim.RunScenario(placementScenario, r.Seed, opts); again.TraceHash != r.TraceHash || again.Err == nil {
-			t.Fatalf("seed %d did not reproduce", r.Seed)
-		}
-		return
-	}
-	t.Fatal("no seed in 1..10 found the planted bug")
+	sim.CheckFinds(t, placementScenario, opts, 1, 10, "fenced-leader")
 }
 
 // The simulated etcd: a lease not kept alive expires and takes its keys;

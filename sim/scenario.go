@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
 	"testing"
 	"time"
 
@@ -158,4 +159,29 @@ func Check(t testing.TB, s Scenario, opts Options, seeds ...uint64) {
 				s.Name, seed, r.Err, s.Name, seed, opts.Duration)
 		}
 	}
+}
+
+// CheckFinds sweeps seeds from..to with a fault or planted bug switched
+// on and fails t unless some seed violates an invariant whose message
+// contains want, and that seed fails the same way again (same trace hash):
+// the test that shows a scenario finds the bug it is meant to. It returns
+// the failing result.
+func CheckFinds(t testing.TB, s Scenario, opts Options, from, to uint64, want string) Result {
+	t.Helper()
+	for _, r := range Sweep(s, from, to, opts) {
+		if r.Err == nil {
+			continue
+		}
+		if !strings.Contains(r.Err.Error(), want) {
+			t.Fatalf("scenario %s seed %d failed, but not with %q: %v", s.Name, r.Seed, want, r.Err)
+		}
+		again := RunScenario(s, r.Seed, opts)
+		if again.Err == nil || again.Err.Error() != r.Err.Error() || again.TraceHash != r.TraceHash {
+			t.Fatalf("scenario %s seed %d does not reproduce: %v / %v", s.Name, r.Seed, r.Err, again.Err)
+		}
+		t.Logf("scenario %s, bug %q: found by seed %d: %v", s.Name, opts.Bug, r.Seed, r.Err)
+		return r
+	}
+	t.Fatalf("scenario %s: no seed in %d..%d found %q (bug %q)", s.Name, from, to, want, opts.Bug)
+	return Result{}
 }

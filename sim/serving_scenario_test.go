@@ -47,23 +47,9 @@ func TestServingScenarioReproducible(t *testing.T) {
 // The sweep finds each planted serving bug, and the failing seed fails
 // again when rerun.
 func TestServingScenarioFindsPlantedBugs(t *testing.T) {
-	for _, bug := range []string{sim.BugRouterIgnoresGap, sim.BugStaleRoute} {
+	for bug, want := range map[string]string{sim.BugRouterIgnoresGap: "invariant index", sim.BugStaleRoute: "dead-routing"} {
 		opts := sim.Options{Duration: 2 * time.Second, Faults: sim.DefaultFaults, Bug: bug}
-		var failing *sim.Result
-		for _, r := range sim.Sweep(servingScenario, 1, 12, opts) {
-			if r.Err != nil {
-				failing = &r
-				break
-			}
-		}
-		if failing == nil {
-			t.Fatalf("bug %s: no failing seed in 1..12", bug)
-		}
-		again := sim.RunScenario(servingScenario, failing.Seed, opts)
-		if again.Err == nil || again.TraceHash != failing.TraceHash {
-			t.Fatalf("bug %s: seed %d did not reproduce: %v", bug, failing.Seed, again.Err)
-		}
-		t.Logf("bug %s found by seed %d: %v", bug, failing.Seed, failing.Err)
+		sim.CheckFinds(t, servingScenario, opts, 1, 12, want)
 	}
 }
 

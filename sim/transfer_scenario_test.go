@@ -1,7 +1,6 @@
 package sim_test
 
 import (
-	"strings"
 	"testing"
 	"time"
 
@@ -18,17 +17,5 @@ func TestTransferScenarioSweep(t *testing.T) {
 // accepted; the sweep finds it and the seed reproduces it.
 func TestTransferScenarioFindsAckBeforeVerify(t *testing.T) {
 	opts := sim.Options{Duration: 2 * time.Second, Faults: sim.DefaultFaults, Bug: sim.BugAckBeforeVerify}
-	for _, r := range sim.Sweep(transferScenario, 1, 10, opts) {
-		if r.Err == nil {
-			continue
-		}
-		if !strings.Contains(r.Err.Error(), "no-corrupt-block") {
-			t.Fatalf("seed %d failed for another reason: %v", r.Seed, r.Err)
-		}
-		if again := sim.RunScenario(transferScenario, r.Seed, opts); again.TraceHash != r.TraceHash || again.Err == nil {
-			t.Fatalf("seed %d did not reproduce", r.Seed)
-		}
-		return
-	}
-	t.Fatal("no seed in 1..10 found the planted bug")
+	sim.CheckFinds(t, transferScenario, opts, 1, 10, "no-corrupt-block")
 }
