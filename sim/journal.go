@@ -1,7 +1,6 @@
 package sim
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 
@@ -28,10 +27,24 @@ type Journal struct {
 }
 
 type simBatch struct {
-	stream uint64
-	first  uint64
-	events []proto.Message
-	data   []byte
+	stream  uint64
+	first   uint64
+	events  []proto.Message
+	command string
+}
+
+// same reports whether b is the batch a command would write: the retry
+// of an append that was written is recognised by its content.
+func (b simBatch) same(commandID string, first uint64, events []proto.Message) bool {
+	if b.command != commandID || b.first != first || len(b.events) != len(events) {
+		return false
+	}
+	for i := range events {
+		if !proto.Equal(b.events[i], events[i]) {
+			return false
+		}
+	}
+	return true
 }
 
 // ErrAppendFault is the injected append failure.
@@ -57,11 +70,10 @@ func (j *Journal) Append(a actors.Address, expect journal.Position, commandID st
 	if len(events) == 0 {
 		return expect, nil
 	}
-	data := encode(commandID, expect.Seq+1, events)
 	if j.w.Chance(j.FailAppend) {
 		j.Failures++
 		if j.w.Chance(j.WrittenOnFailure) && j.Highest(a).Stream == expect.Stream {
-			j.write(a, expect, events, data)
+			j.write(a, expect, events, commandID)
 			j.w.Tracef("journal %s append seq %d: written, then failed", a, expect.Seq+1)
 		} else {
 			j.w.Tracef("journal %s append seq %d: failed", a, expect.Seq+1)
@@ -71,23 +83,23 @@ func (j *Journal) Append(a actors.Address, expect journal.Position, commandID st
 	cur := j.Highest(a)
 	if cur.Stream != expect.Stream {
 		// A retry of a batch that was written is recognised by content.
-		if bs := j.subjects[a]; len(bs) > 0 && bytes.Equal(bs[len(bs)-1].data, data) {
+		if bs := j.subjects[a]; len(bs) > 0 && bs[len(bs)-1].same(commandID, expect.Seq+1, events) {
 			return cur, nil
 		}
 		j.Conflicts++
 		return journal.Position{}, fmt.Errorf("%w: %s expected stream seq %d, last is %d", journal.ErrConflict, a, expect.Stream, cur.Stream)
 	}
-	return j.write(a, expect, events, data), nil
+	return j.write(a, expect, events, commandID), nil
 }
 
-func (j *Journal) write(a actors.Address, expect journal.Position, events []proto.Message, data []byte) journal.Position {
+func (j *Journal) write(a actors.Address, expect journal.Position, events []proto.Message, commandID string) journal.Position {
 	j.streamSeq++
 	j.Appends++
 	cp := make([]proto.Message, len(events))
 	for i, e := range events {
 		cp[i] = proto.Clone(e)
 	}
-	j.subjects[a] = append(j.subjects[a], simBatch{stream: j.streamSeq, first: expect.Seq + 1, events: cp, data: data})
+	j.subjects[a] = append(j.subjects[a], simBatch{stream: j.streamSeq, first: expect.Seq + 1, events: cp, command: commandID})
 	return journal.Position{Seq: expect.Seq + uint64(len(events)), Stream: j.streamSeq}
 }
 
@@ -112,15 +124,4 @@ func (j *Journal) Actors() []actors.Address {
 	}
 	sortAddrs(out)
 	return out
-}
-
-func encode(commandID string, first uint64, events []proto.Message) []byte {
-	var b bytes.Buffer
-	fmt.Fprintf(&b, "%s/%d", commandID, first)
-	for _, e := range events {
-		d, _ := proto.MarshalOptions{Deterministic: true}.Marshal(e)
-		b.WriteByte(0)
-		b.Write(d)
-	}
-	return b.Bytes()
 }
