@@ -113,6 +113,8 @@ type Host struct {
 	// mailbox: the mailbox bound, checked before sending so a sender is
 	// refused (ErrOverloaded) instead of blocked.
 	queued map[Address]*atomic.Int64
+	// incarnations numbers spawned entities, for unique actor names.
+	incarnations atomic.Uint64
 	// releasing holds, per actor being released, a channel closed when
 	// the release is over.
 	releasing map[Address]chan struct{}
@@ -445,7 +447,9 @@ func (s *shepherd) Receive(ctx actor.Context) {
 		props := actor.PropsFromProducer(func() actor.Actor { return newEntity(s.h, mach, m.addr) },
 			actor.WithMailbox(actor.Unbounded()), // bounded by Host.send
 			actor.WithDispatcher(actor.NewSynchronizedDispatcher(300)))
-		pid, err = ctx.SpawnNamed(props, m.addr.Kind+"/"+m.addr.ID)
+		// A name per incarnation: an actor just released or stopped may
+		// still hold its name in the registry for a moment.
+		pid, err = ctx.SpawnNamed(props, fmt.Sprintf("%s/%s#%d", m.addr.Kind, m.addr.ID, s.h.incarnations.Add(1)))
 		if err != nil {
 			ctx.Respond(spawnRes{err: fmt.Errorf("actors: spawn %s: %w", m.addr, err)})
 			return

@@ -56,14 +56,11 @@ func TestServeInProcess(t *testing.T) {
 	var out bytes.Buffer
 	bench.PrintServe(&out, "test", rs)
 	t.Logf("\n%s", out.String())
-	// Each prefix is missed once per worker that gets it: kv sends a
-	// prefix where it is cached, round-robin to both workers. With 30 live
-	// requests the margin is small and depends on timing (requests routed
-	// before the index heard of their prefix, load spreading), so this only
-	// checks kv is not clearly worse; the trace replays measure the ratio.
-	if kv, rr := rs[0].HitRate, rs[1].HitRate; kv < rr-0.05 {
-		t.Errorf("kv hit rate %.3f well below round-robin's %.3f", kv, rr)
-	}
+	// No comparison of the two hit rates here: for a 30-request burst it
+	// depends on timing (requests routed before the index heard of their
+	// prefix, kv spreading queued prefill). Prefix-following routing is
+	// tested in serving (sequential requests); the ratio is measured by
+	// the benchmark runs in docs/benchmarks.md.
 	if !strings.Contains(out.String(), "kv / round-robin") {
 		t.Error("no ratio column")
 	}
