@@ -115,6 +115,10 @@ type Host struct {
 	queued map[Address]*atomic.Int64
 	// incarnations numbers spawned entities, for unique actor names.
 	incarnations atomic.Uint64
+	// sending counts sends in progress; closing refuses new ones once Stop
+	// began (see send).
+	sending atomic.Int64
+	closing atomic.Bool
 	// releasing holds, per actor being released, a channel closed when
 	// the release is over.
 	releasing map[Address]chan struct{}
@@ -248,6 +252,14 @@ func (h *Host) Send(addr Address, msg proto.Message) error {
 
 // send enqueues env for the actor unless its mailbox is full.
 func (h *Host) send(addr Address, pid *actor.PID, env envelope) error {
+	// Stop waits for sends in progress before it poisons the entities, so
+	// a command is either enqueued ahead of the poison pill (and answered)
+	// or refused here; never dropped behind it unanswered.
+	h.sending.Add(1)
+	defer h.sending.Add(-1)
+	if h.closing.Load() {
+		return ErrStopped
+	}
 	h.mu.Lock()
 	if ch := h.releasing[addr]; ch != nil {
 		// The actor is being released: wait, then the caller looks it up
@@ -376,6 +388,14 @@ func (h *Host) Stop(ctx context.Context) error {
 	}
 	h.stopped = true
 	h.mu.Unlock()
+	h.closing.Store(true)
+	for h.sending.Load() > 0 {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("actors: stop: waiting for sends in progress: %w", ctx.Err())
+		case <-time.After(100 * time.Microsecond):
+		}
+	}
 	// Poison every entity first: a poison pill queues behind the commands
 	// already in its mailbox, so they are handled and answered (a Stop
 	// would jump the queue and drop them unanswered). Then stop the
