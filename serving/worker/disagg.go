@@ -307,33 +307,13 @@ func (w *Worker) servePrefill(ctx context.Context, r *triplanev1.PrefillRequest)
 		defer cancel()
 	}
 	// Prefill: the prompt with one generated token computes every block.
-	p := &pending{req: engine.Request{ID: "prefill-" + r.RequestId, Tokens: r.Tokens, MaxTokens: 1},
-		first: true, notify: make(chan struct{}, 1)}
-	w.mu.Lock()
-	if w.draining {
-		w.mu.Unlock()
-		return nil, ErrDraining
+	p, err := w.register(engine.Request{ID: "prefill-" + r.RequestId, Tokens: r.Tokens, MaxTokens: 1})
+	if err != nil {
+		return nil, err
 	}
-	if w.reqs[p.req.ID] != nil {
-		w.mu.Unlock()
-		return nil, fmt.Errorf("%w: prefill %q already running", ErrBadRequest, r.RequestId)
-	}
-	w.reqs[p.req.ID] = p
-	w.mu.Unlock()
 	defer w.forget(p.req.ID)
-	res := make(chan error, 1)
-	select {
-	case w.inbox <- op{add: p, res: res}:
-	default:
-		return nil, fmt.Errorf("%w: mailbox full", ErrOverloaded)
-	}
-	select {
-	case err := <-res:
-		if err != nil {
-			return nil, err
-		}
-	case <-w.done:
-		return nil, ErrStopped
+	if err := w.add(p); err != nil {
+		return nil, err
 	}
 	for done := false; !done; {
 		select {

@@ -471,41 +471,26 @@ func (w *Worker) serve(ctx context.Context, open *triplanev1.StreamOpen, send fu
 		w.metrics.requests.WithLabelValues("bad_request").Inc()
 		return "", err
 	}
-	p := &pending{req: engine.Request{ID: req.RequestId, Tokens: req.Tokens, MaxTokens: int(req.MaxTokens)},
-		first: true, notify: make(chan struct{}, 1)}
-	w.mu.Lock()
-	switch {
-	case w.draining:
-		w.mu.Unlock()
-		w.metrics.requests.WithLabelValues("draining").Inc()
-		return "", ErrDraining
-	case w.reqs[req.RequestId] != nil:
-		w.mu.Unlock()
-		w.metrics.requests.WithLabelValues("bad_request").Inc()
-		return "", fmt.Errorf("%w: request %q is already running here", ErrBadRequest, req.RequestId)
+	p, err := w.register(engine.Request{ID: req.RequestId, Tokens: req.Tokens, MaxTokens: int(req.MaxTokens)})
+	if err != nil {
+		outcome := "bad_request"
+		if errors.Is(err, ErrDraining) {
+			outcome = "draining"
+		}
+		w.metrics.requests.WithLabelValues(outcome).Inc()
+		return "", err
 	}
-	w.reqs[req.RequestId] = p
-	w.mu.Unlock()
 	defer w.forget(req.RequestId)
-
 	if req.PrefillWorker != "" {
 		w.importPrefix(ctx, req)
 	}
-	res := make(chan error, 1)
-	select {
-	case w.inbox <- op{add: p, res: res}:
-	default:
-		w.metrics.requests.WithLabelValues("overloaded").Inc()
-		return "", fmt.Errorf("%w: mailbox full", ErrOverloaded)
-	}
-	select {
-	case err := <-res:
-		if err != nil {
-			w.metrics.requests.WithLabelValues("refused").Inc()
-			return "", err
+	if err := w.add(p); err != nil {
+		outcome := "refused"
+		if errors.Is(err, errMailboxFull) {
+			outcome = "overloaded"
 		}
-	case <-w.done:
-		return "", ErrStopped
+		w.metrics.requests.WithLabelValues(outcome).Inc()
+		return "", err
 	}
 	for {
 		select {
@@ -551,6 +536,42 @@ func (w *Worker) serve(ctx context.Context, open *triplanev1.StreamOpen, send fu
 			w.metrics.requests.WithLabelValues("ok").Inc()
 			return reason, nil
 		}
+	}
+}
+
+// errMailboxFull refuses a request the engine goroutine has no room for.
+var errMailboxFull = fmt.Errorf("%w: mailbox full", ErrOverloaded)
+
+// register makes a request known to the worker (its outputs are delivered
+// to the returned pending); the caller forgets it when done. Refused while
+// draining or when the id is already running.
+func (w *Worker) register(r engine.Request) (*pending, error) {
+	p := &pending{req: r, first: true, notify: make(chan struct{}, 1)}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	switch {
+	case w.draining:
+		return nil, ErrDraining
+	case w.reqs[r.ID] != nil:
+		return nil, fmt.Errorf("%w: request %q is already running here", ErrBadRequest, r.ID)
+	}
+	w.reqs[r.ID] = p
+	return p, nil
+}
+
+// add hands a registered request to the engine and waits for its answer.
+func (w *Worker) add(p *pending) error {
+	res := make(chan error, 1)
+	select {
+	case w.inbox <- op{add: p, res: res}:
+	default:
+		return errMailboxFull
+	}
+	select {
+	case err := <-res:
+		return err
+	case <-w.done:
+		return ErrStopped
 	}
 }
 
