@@ -1,13 +1,13 @@
 package sim
 
 import (
-	"hash/crc32"
 	"time"
 
 	"google.golang.org/protobuf/proto"
 
 	"github.com/triplane-dev/triplane/actors"
 	"github.com/triplane-dev/triplane/journal"
+	"github.com/triplane-dev/triplane/planes/data"
 )
 
 // Disk is the simulated snapshot store (Pebble's role): a write is only
@@ -44,7 +44,7 @@ func (d *Disk) Write(a actors.Address, pos journal.Position, state proto.Message
 	if err != nil {
 		panic(err) // states are protobuf: cannot fail
 	}
-	rec := diskRecord{seq: pos.Seq, pos: pos, state: b, crc: crc32.Checksum(b, crcTable)}
+	rec := diskRecord{seq: pos.Seq, pos: pos, state: b, crc: data.Checksum(b)}
 	d.Writes++
 	d.pending[a] = append(d.pending[a], rec)
 	d.w.After(time.Duration(d.w.Rand().Int64N(int64(d.SyncDelay)+1)), func() { d.sync(a, rec) })
@@ -87,7 +87,7 @@ func (d *Disk) Newest(a actors.Address, highest uint64, state proto.Message) (jo
 	recs := d.durable[a]
 	for i := len(recs) - 1; i >= 0; i-- {
 		r := recs[i]
-		if crc32.Checksum(r.state, crcTable) != r.crc || r.seq > highest {
+		if data.Checksum(r.state) != r.crc || r.seq > highest {
 			continue // torn, or ahead of the journal: skipped as the real host does
 		}
 		if proto.Unmarshal(r.state, state) != nil {

@@ -4,6 +4,8 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"iter"
+	"maps"
 	"slices"
 	"time"
 
@@ -254,14 +256,7 @@ func (h *Host) State(a actors.Address) proto.Message {
 }
 
 // Addresses lists the actors the host has seen, deterministically.
-func (h *Host) Addresses() []actors.Address {
-	out := make([]actors.Address, 0, len(h.actors))
-	for a := range h.actors {
-		out = append(out, a)
-	}
-	sortAddrs(out)
-	return out
-}
+func (h *Host) Addresses() []actors.Address { return sortedAddrs(maps.Keys(h.actors)) }
 
 // CheckReplay is the invariant that replaying each live actor's journal
 // rebuilds exactly its live state.
@@ -282,6 +277,6 @@ func (h *Host) CheckReplay() error {
 	return nil
 }
 
-func sortAddrs(a []actors.Address) {
-	slices.SortFunc(a, func(x, y actors.Address) int { return cmp.Or(cmp.Compare(x.Kind, y.Kind), cmp.Compare(x.ID, y.ID)) })
+func sortedAddrs(seq iter.Seq[actors.Address]) []actors.Address {
+	return slices.SortedFunc(seq, func(x, y actors.Address) int { return cmp.Or(cmp.Compare(x.Kind, y.Kind), cmp.Compare(x.ID, y.ID)) })
 }

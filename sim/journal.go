@@ -3,6 +3,7 @@ package sim
 import (
 	"errors"
 	"fmt"
+	"maps"
 
 	"google.golang.org/protobuf/proto"
 
@@ -117,11 +118,4 @@ func (j *Journal) Events(a actors.Address, after uint64) []proto.Message {
 }
 
 // Actors lists every actor with events, in a deterministic order.
-func (j *Journal) Actors() []actors.Address {
-	out := make([]actors.Address, 0, len(j.subjects))
-	for a := range j.subjects {
-		out = append(out, a)
-	}
-	sortAddrs(out)
-	return out
-}
+func (j *Journal) Actors() []actors.Address { return sortedAddrs(maps.Keys(j.subjects)) }

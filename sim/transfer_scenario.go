@@ -3,7 +3,6 @@ package sim
 import (
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -12,6 +11,7 @@ import (
 	"github.com/triplane-dev/triplane/actors/transfer"
 	"github.com/triplane-dev/triplane/engine/mocker"
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planes/data"
 )
 
 // The transfer scenario's shape.
@@ -155,7 +155,7 @@ func (t *transferRun) next(s *simSession, st *triplanev1.TransferState) {
 				t.corrupt++
 				s.dst[b][w.Rand().IntN(transferBlockSize)] ^= 1
 			}
-			if crc32.Checksum(s.dst[b], crcTable) != crc32.Checksum(s.src[b], crcTable) && t.r.Opts.Bug != BugAckBeforeVerify {
+			if data.Checksum(s.dst[b]) != data.Checksum(s.src[b]) && t.r.Opts.Bug != BugAckBeforeVerify {
 				ok = false
 			}
 		}
@@ -205,8 +205,6 @@ func (t *transferRun) end(s *simSession, outcome string) {
 	s.ended++
 	s.outcome = outcome
 }
-
-var crcTable = crc32.MakeTable(crc32.Castagnoli)
 
 func (t *transferRun) check(r *Run) error {
 	if len(t.problems) > 0 {

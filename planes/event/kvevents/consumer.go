@@ -242,14 +242,7 @@ func (c *Consumer) ingestLocked(worker string, v *workerView, e *triplanev1.KvEv
 		c.stats.Duplicates++
 	case e.EventId == v.next:
 		c.applyLocked(worker, v, e)
-		for {
-			p, ok := v.pending[v.next]
-			if !ok {
-				break
-			}
-			delete(v.pending, v.next)
-			c.applyLocked(worker, v, p)
-		}
+		c.drainLocked(worker, v)
 	default:
 		v.head = max(v.head, e.EventId)
 		if _, ok := v.pending[e.EventId]; ok {
@@ -259,6 +252,18 @@ func (c *Consumer) ingestLocked(worker string, v *workerView, e *triplanev1.KvEv
 		} else {
 			c.stats.DroppedPending++
 		}
+	}
+}
+
+// drainLocked applies the buffered events that now follow in order.
+func (c *Consumer) drainLocked(worker string, v *workerView) {
+	for {
+		p, ok := v.pending[v.next]
+		if !ok {
+			return
+		}
+		delete(v.pending, v.next)
+		c.applyLocked(worker, v, p)
 	}
 }
 
@@ -388,14 +393,7 @@ func (c *Consumer) applyDumpLocked(worker string, v *workerView, d *triplanev1.K
 	if c.cfg.OnReset != nil {
 		c.cfg.OnReset(worker, copyBlocks(v.blocks), d.EventId)
 	}
-	for {
-		p, ok := v.pending[v.next]
-		if !ok {
-			break
-		}
-		delete(v.pending, v.next)
-		c.applyLocked(worker, v, p)
-	}
+	c.drainLocked(worker, v)
 }
 
 func copyBlocks(m map[uint64]Block) map[uint64]Block {
