@@ -54,16 +54,26 @@ func TestServingScenarioFindsPlantedBugs(t *testing.T) {
 }
 
 // BenchmarkServingScenario reports simulated seconds per wall second for 8
-// workers, the router and 100 requests/s with faults.
+// workers, the router and 100 requests/s with faults, beside the ledger
+// scenario (one small machine, no engine) run in the same benchmark as the
+// baseline, and the ratio of the two.
 func BenchmarkServingScenario(b *testing.B) {
-	var sim_, wall time.Duration
-	for i := 0; i < b.N; i++ {
-		r := sim.RunScenario(servingScenario, uint64(i+1), sim.Options{Duration: 10 * time.Second, Faults: sim.DefaultFaults})
+	speed := func(s sim.Scenario, seed uint64) (simTime, wall time.Duration) {
+		r := sim.RunScenario(s, seed, sim.Options{Duration: 10 * time.Second, Faults: sim.DefaultFaults})
 		if r.Err != nil {
 			b.Fatal(r.Err)
 		}
-		sim_ += r.SimTime
-		wall += r.Wall
+		return r.SimTime, r.Wall
 	}
-	b.ReportMetric(sim_.Seconds()/wall.Seconds(), "sim-s/wall-s")
+	var st, wt, lst, lwt time.Duration
+	for i := 0; i < b.N; i++ {
+		s, w := speed(servingScenario, uint64(i+1))
+		st, wt = st+s, wt+w
+		s, w = speed(ledgerScenario, uint64(i+1))
+		lst, lwt = lst+s, lwt+w
+	}
+	serving, ledger := st.Seconds()/wt.Seconds(), lst.Seconds()/lwt.Seconds()
+	b.ReportMetric(serving, "sim-s/wall-s")
+	b.ReportMetric(ledger, "ledger-sim-s/wall-s")
+	b.ReportMetric(serving/ledger, "x-of-ledger")
 }
