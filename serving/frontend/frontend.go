@@ -30,6 +30,7 @@ import (
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/planes/data/stream"
 	"github.com/triplane-dev/triplane/serving/tokenizer"
+	"github.com/triplane-dev/triplane/serving/worker"
 )
 
 // Config configures a frontend.
@@ -385,14 +386,14 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 		if ctx.Err() != nil {
 			return result{err: ctx.Err()}
 		}
-		var bad badRequestError
-		if errors.As(err, &bad) {
+		var refused workerError
+		if errors.As(err, &refused) && refused.code == worker.CodeBadRequest {
 			return result{generated: len(generated), err: err, status: http.StatusBadRequest,
 				errType: "invalid_request_error", code: "invalid_request", outcome: "bad_request"}
 		}
 		lastErr = fmt.Errorf("worker %s: %w", in.GetInstanceId(), err)
 		tried[in.GetInstanceId()] = true
-		if busy(err) {
+		if errors.As(err, &refused) && (refused.code == worker.CodeOverloaded || refused.code == worker.CodeDraining) {
 			// A busy or draining worker is healthy: try another without
 			// reporting it down.
 			busyOnly = busyOnly || attempt == 0
@@ -425,15 +426,10 @@ func (f *Frontend) prefillWorker(ctx context.Context, routeID string, hashes []u
 	return in.GetInstanceId(), release
 }
 
-// busy reports a refusal by a healthy worker (overloaded or draining).
-func busy(err error) bool {
-	msg := err.Error()
-	return strings.Contains(msg, "worker: overloaded") || strings.Contains(msg, "worker: draining")
-}
+// workerError is the error a worker ended a stream with, and its code.
+type workerError struct{ msg, code string }
 
-type badRequestError struct{ msg string }
-
-func (e badRequestError) Error() string { return e.msg }
+func (e workerError) Error() string { return e.msg }
 
 // attempt streams the request from one worker.
 func (f *Frontend) attempt(ctx context.Context, j *job, in *triplanev1.InstanceInfo, prompt []uint32, remaining int, prefill string, generated *[]uint32, out *sink, started func()) (string, error) {
@@ -478,10 +474,7 @@ func (f *Frontend) attempt(ctx context.Context, j *job, in *triplanev1.InstanceI
 		}
 		if fr.Final {
 			if fr.Error != "" {
-				if strings.Contains(fr.Error, "bad request") {
-					return "", badRequestError{fr.Error}
-				}
-				return "", errors.New(fr.Error)
+				return "", workerError{msg: fr.Error, code: fr.Code}
 			}
 			return fr.Reason, nil
 		}

@@ -353,19 +353,17 @@ func (r *Router) route(ctx context.Context, requestID string, hashes []uint64, e
 		}
 		byID[id] = in
 		c := router.Candidate{ID: id, Active: len(r.inflight[id])}
+		var sent time.Time // requests sent after the report are not in it yet
+		if l := loads[id]; l != nil {
+			c.BlocksUsed, c.BlocksTotal, c.Waiting = int(l.KvBlocksUsed), int(l.KvBlocksTotal), int(l.WaitingRequests)
+			sent = l.GetSentAt().AsTime()
+		}
 		for _, f := range r.inflight[id] {
 			if !f.started {
 				c.PendingPrefill += f.newBlocks
 			}
-		}
-		if l := loads[id]; l != nil {
-			c.BlocksUsed, c.BlocksTotal, c.Waiting = int(l.KvBlocksUsed), int(l.KvBlocksTotal), int(l.WaitingRequests)
-			// Blocks of requests sent after the report are not in it yet.
-			sent := l.GetSentAt().AsTime()
-			for _, f := range r.inflight[id] {
-				if f.at.After(sent) {
-					c.BlocksUsed += f.newBlocks
-				}
+			if loads[id] != nil && f.at.After(sent) {
+				c.BlocksUsed += f.newBlocks
 			}
 		}
 		cands = append(cands, c)

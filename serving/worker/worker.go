@@ -247,7 +247,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 		return nil, fmt.Errorf("worker %s: kv events: %w", cfg.ID, err)
 	}
 	go w.run(rctx)
-	w.srv, err = stream.Listen(net.JoinHostPort(cfg.ListenHost, "0"), stream.ServerConfig{Handler: w.serve, Token: cfg.Token,
+	w.srv, err = stream.Listen(net.JoinHostPort(cfg.ListenHost, "0"), stream.ServerConfig{Handler: w.serve, Token: cfg.Token, ErrorCode: ErrorCode,
 		Logger: w.log, Metrics: stream.NewMetrics(nil)})
 	if err != nil {
 		return nil, fmt.Errorf("worker %s: response streams: %w", cfg.ID, err)
@@ -537,6 +537,27 @@ func (w *Worker) serve(ctx context.Context, open *triplanev1.StreamOpen, send fu
 			return reason, nil
 		}
 	}
+}
+
+// Codes of a stream's final frame (ErrorCode).
+const (
+	CodeBadRequest = "bad_request"
+	CodeOverloaded = "overloaded"
+	CodeDraining   = "draining"
+)
+
+// ErrorCode classifies a worker's refusal for its client: a bad request is
+// not worth another worker; an overloaded or draining worker is healthy.
+func ErrorCode(err error) string {
+	switch {
+	case errors.Is(err, ErrBadRequest):
+		return CodeBadRequest
+	case errors.Is(err, ErrOverloaded):
+		return CodeOverloaded
+	case errors.Is(err, ErrDraining):
+		return CodeDraining
+	}
+	return ""
 }
 
 // errMailboxFull refuses a request the engine goroutine has no room for.

@@ -33,6 +33,12 @@ func startWorker(t *testing.T) *worker.Worker {
 
 // generate runs one request and returns its tokens, final reason and error.
 func generate(t *testing.T, w *worker.Worker, payload []byte) (int, string, string) {
+	n, reason, msg, _ := generateCode(t, w, payload)
+	return n, reason, msg
+}
+
+// generateCode is generate that also returns the final frame's code.
+func generateCode(t *testing.T, w *worker.Worker, payload []byte) (int, string, string, string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -55,7 +61,7 @@ func generate(t *testing.T, w *worker.Worker, payload []byte) (int, string, stri
 			n += len(c.Tokens)
 		}
 		if fr.Final {
-			return n, fr.Reason, fr.Error
+			return n, fr.Reason, fr.Error, fr.Code
 		}
 	}
 }
@@ -96,7 +102,10 @@ func TestDrainRefusesNewRequests(t *testing.T) {
 		t.Fatal(err)
 	}
 	b, _ := proto.Marshal(&triplanev1.GenerateRequest{RequestId: "late", Tokens: []uint32{1}, MaxTokens: 1})
-	if _, _, errMsg := generate(t, w, b); !strings.Contains(errMsg, "draining") {
-		t.Fatalf("draining worker answered %q", errMsg)
+	if _, _, errMsg, code := generateCode(t, w, b); !strings.Contains(errMsg, "draining") || code != worker.CodeDraining {
+		t.Fatalf("draining worker answered %q (code %q)", errMsg, code)
+	}
+	if _, _, _, code := generateCode(t, w, []byte{0xff}); code != worker.CodeBadRequest {
+		t.Fatalf("bad payload code %q", code)
 	}
 }

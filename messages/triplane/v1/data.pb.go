@@ -298,9 +298,12 @@ type StreamFrame struct {
 	Data []byte `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
 	// final marks the last frame: reason says why the stream ended (for
 	// example "stop" or "length"); error is set when it ended in an error.
-	Final         bool   `protobuf:"varint,3,opt,name=final,proto3" json:"final,omitempty"`
-	Reason        string `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
-	Error         string `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
+	Final  bool   `protobuf:"varint,3,opt,name=final,proto3" json:"final,omitempty"`
+	Reason string `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
+	Error  string `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
+	// code classifies error for the client without parsing its text, e.g.
+	// "bad_request", "overloaded", "draining" (the producer's vocabulary).
+	Code          string `protobuf:"bytes,6,opt,name=code,proto3" json:"code,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -366,6 +369,13 @@ func (x *StreamFrame) GetReason() string {
 func (x *StreamFrame) GetError() string {
 	if x != nil {
 		return x.Error
+	}
+	return ""
+}
+
+func (x *StreamFrame) GetCode() string {
+	if x != nil {
+		return x.Code
 	}
 	return ""
 }
@@ -526,13 +536,14 @@ const file_triplane_v1_data_proto_rawDesc = "" +
 	"\apayload\x18\x02 \x01(\fR\apayload\x12\x14\n" +
 	"\x05token\x18\x03 \x01(\tR\x05token\x12\x1f\n" +
 	"\vkeep_alives\x18\x04 \x01(\bR\n" +
-	"keepAlives\"w\n" +
+	"keepAlives\"\x8b\x01\n" +
 	"\vStreamFrame\x12\x10\n" +
 	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x12\n" +
 	"\x04data\x18\x02 \x01(\fR\x04data\x12\x14\n" +
 	"\x05final\x18\x03 \x01(\bR\x05final\x12\x16\n" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\x12\x14\n" +
-	"\x05error\x18\x05 \x01(\tR\x05error\"&\n" +
+	"\x05error\x18\x05 \x01(\tR\x05error\x12\x12\n" +
+	"\x04code\x18\x06 \x01(\tR\x04code\"&\n" +
 	"\fStreamCancel\x12\x16\n" +
 	"\x06reason\x18\x01 \x01(\tR\x06reason\"\x7f\n" +
 	"\x11StreamClientFrame\x12-\n" +

@@ -120,6 +120,9 @@ type ServerConfig struct {
 	// a keep-alive frame (seq 0, no data), so a frontend's IdleTimeout
 	// tells a slow producer from a stuck one. Default 5 s; negative: none.
 	KeepAlive time.Duration
+	// ErrorCode, when set, classifies a handler's error into the final
+	// frame's code, so clients need not parse error text.
+	ErrorCode func(error) string
 	Logger    *slog.Logger
 	Metrics   *Metrics
 }
@@ -305,6 +308,9 @@ func (s *Server) serve(c net.Conn) {
 	final := &triplanev1.StreamFrame{Final: true, Reason: reason}
 	if err != nil {
 		final.Error = err.Error()
+		if s.cfg.ErrorCode != nil {
+			final.Code = s.cfg.ErrorCode(err)
+		}
 	} else if s.ctx.Err() != nil {
 		final.Error = "stream: worker shutting down"
 	}
