@@ -87,7 +87,9 @@ type Machine interface {
 	SchemaVersion() uint32
 	// Initial returns the state of an actor with no events.
 	Initial(id string) proto.Message
-	// Decide handles a command. It must not modify state.
+	// Decide handles a command. It must not modify state. The events it
+	// returns belong to the host from then on: nothing may modify them,
+	// and Apply must copy what it keeps of one rather than hold on to it.
 	Decide(state proto.Message, cmd Command) Decision
 	// Apply folds an event into state, modifying it in place. An error
 	// means the event cannot belong to this machine (schema drift).

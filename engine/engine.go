@@ -72,8 +72,10 @@ type KVEvent struct {
 type Step struct {
 	// Duration is how long the iteration takes on the modelled hardware.
 	Duration time.Duration
-	Outputs  []Output
-	Events   []KVEvent
+	// Outputs (with their Tokens) are valid until the engine's next Step:
+	// the engine reuses their memory, so keep a copy of what must last.
+	Outputs []Output
+	Events  []KVEvent
 	// PrefillTokens and DecodeSeqs describe the batch, for metrics.
 	PrefillTokens int
 	DecodeSeqs    int

@@ -91,7 +91,10 @@ type Engine struct {
 	byID    map[string]*seq
 	// outs are the outputs of the step being run (inStep); each seq finds
 	// its own by outStep/outIdx.
-	outs    []engine.Output
+	outs []engine.Output
+	// toks backs every output's Tokens in one step (a sequence generates
+	// at most one token per step), so a step allocates nothing per token.
+	toks    []uint32
 	stepNo  uint64
 	inStep  bool
 	scratch []*seq
@@ -166,7 +169,10 @@ func (e *Engine) Add(r engine.Request) error {
 			return fmt.Errorf("%w: %s has token %d outside the vocabulary of %d", engine.ErrBadRequest, r.ID, t, e.cfg.Vocab)
 		}
 	}
-	s := &seq{id: r.ID, tokens: append([]uint32(nil), r.Tokens...), prompt: len(r.Tokens), maxTokens: r.MaxTokens}
+	// Room for the tokens it will generate (up to a bound: MaxTokens may
+	// be large and the request short-lived), so decoding rarely regrows.
+	tokens := append(make([]uint32, 0, len(r.Tokens)+min(r.MaxTokens, 1024)), r.Tokens...)
+	s := &seq{id: r.ID, tokens: tokens, prompt: len(r.Tokens), maxTokens: r.MaxTokens}
 	e.waiting = append(e.waiting, s)
 	e.byID[r.ID] = s
 	return nil
@@ -328,7 +334,7 @@ func (e *Engine) BlockBytes(hash uint64) ([]byte, bool) {
 // the token budget.
 func (e *Engine) Step() engine.Step {
 	e.stepNo++
-	e.outs, e.inStep = nil, true
+	e.outs, e.toks, e.inStep = e.outs[:0], e.toks[:0], true
 	defer func() { e.inStep = false }()
 	e.admit()
 	budget := e.cfg.MaxBatchTokens
@@ -366,7 +372,6 @@ func (e *Engine) Step() engine.Step {
 	st.Duration = e.duration(st.PrefillTokens, st.DecodeSeqs)
 	clear(e.scratch)
 	st.Outputs = e.outs
-	e.outs = nil
 	sortOutputs(st.Outputs)
 	st.Events = e.pool.takeEvents()
 	return st
@@ -389,7 +394,13 @@ func (e *Engine) generate(s *seq) {
 	s.generated++
 	s.computed = len(s.tokens) - 1 // the new token's KV is computed on the next step
 	o := e.out(s)
-	o.Tokens = append(o.Tokens, tok)
+	if len(o.Tokens) == 0 {
+		e.toks = append(e.toks, tok)
+		n := len(e.toks)
+		o.Tokens = e.toks[n-1 : n : n] // full: a second token would copy, not overwrite a neighbour's
+	} else {
+		o.Tokens = append(o.Tokens, tok)
+	}
 	if !s.reported {
 		o.CachedTokens, s.reported = s.cached, true
 	}

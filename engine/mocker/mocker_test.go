@@ -3,6 +3,7 @@ package mocker_test
 import (
 	"errors"
 	"os"
+	"slices"
 	"testing"
 	"time"
 
@@ -42,6 +43,7 @@ func run(t *testing.T, e *mocker.Engine) (map[string][]engine.Output, []engine.K
 		st := e.Step()
 		total += st.Duration
 		for _, o := range st.Outputs {
+			o.Tokens = slices.Clone(o.Tokens) // the engine reuses them on its next step
 			outs[o.ID] = append(outs[o.ID], o)
 		}
 		events = append(events, st.Events...)
