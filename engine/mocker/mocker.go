@@ -14,8 +14,6 @@ import (
 	"errors"
 	"fmt"
 	"math"
-	"slices"
-	"strings"
 	"time"
 
 	"github.com/cespare/xxhash/v2"
@@ -107,6 +105,7 @@ var _ engine.Engine = (*Engine)(nil)
 
 type seq struct {
 	id        string
+	idHash    uint64 // of id, for tokenAt
 	tokens    []uint32 // prompt, then generated
 	prompt    int      // prompt length (grows on preemption: generated tokens are recomputed)
 	maxTokens int
@@ -172,7 +171,7 @@ func (e *Engine) Add(r engine.Request) error {
 	// Room for the tokens it will generate (up to a bound: MaxTokens may
 	// be large and the request short-lived), so decoding rarely regrows.
 	tokens := append(make([]uint32, 0, len(r.Tokens)+min(r.MaxTokens, 1024)), r.Tokens...)
-	s := &seq{id: r.ID, tokens: tokens, prompt: len(r.Tokens), maxTokens: r.MaxTokens}
+	s := &seq{id: r.ID, idHash: xxhash.Sum64String(r.ID), tokens: tokens, prompt: len(r.Tokens), maxTokens: r.MaxTokens}
 	e.waiting = append(e.waiting, s)
 	e.byID[r.ID] = s
 	return nil
@@ -371,8 +370,7 @@ func (e *Engine) Step() engine.Step {
 	}
 	st.Duration = e.duration(st.PrefillTokens, st.DecodeSeqs)
 	clear(e.scratch)
-	st.Outputs = e.outs
-	sortOutputs(st.Outputs)
+	st.Outputs = e.outs // in batch order, deterministic
 	st.Events = e.pool.takeEvents()
 	return st
 }
@@ -389,7 +387,7 @@ func (e *Engine) out(s *seq) *engine.Output {
 
 // generate appends the next token of s.
 func (e *Engine) generate(s *seq) {
-	tok := TokenAt(s.id, len(s.tokens), e.cfg.Vocab)
+	tok := tokenAt(s.idHash, len(s.tokens), e.cfg.Vocab)
 	s.tokens = append(s.tokens, tok)
 	s.generated++
 	s.computed = len(s.tokens) - 1 // the new token's KV is computed on the next step
@@ -414,15 +412,20 @@ func (e *Engine) generate(s *seq) {
 // of the request id and position, so a resumed request continues the same
 // text.
 func TokenAt(id string, pos int, vocab uint32) uint32 {
-	var d xxhash.Digest // on the stack: this runs once per generated token
-	d.Reset()
-	_, _ = d.WriteString(id)
-	var b [8]byte
-	for i := range 8 {
-		b[i] = byte(pos >> (8 * i))
-	}
-	_, _ = d.Write(b[:])
-	return uint32(d.Sum64() % uint64(vocab))
+	return tokenAt(xxhash.Sum64String(id), pos, vocab)
+}
+
+// tokenAt mixes the id's hash (computed once per request) with the
+// position: this runs once per generated token.
+func tokenAt(idHash uint64, pos int, vocab uint32) uint32 {
+	x := idHash ^ uint64(pos)*0x9e3779b97f4a7c15
+	// splitmix64's finalizer: every bit of the position moves the result.
+	x ^= x >> 30
+	x *= 0xbf58476d1ce4e5b9
+	x ^= x >> 27
+	x *= 0x94d049bb133111eb
+	x ^= x >> 31
+	return uint32(x % uint64(vocab))
 }
 
 // admit moves waiting requests into the running set while sequence and
@@ -571,8 +574,4 @@ func (e *Engine) duration(prefill, decodes int) time.Duration {
 		ms += max(c.DecodeA*u*u+c.DecodeB*u+c.DecodeC, 0)
 	}
 	return time.Duration(ms / c.SpeedUp * float64(time.Millisecond))
-}
-
-func sortOutputs(o []engine.Output) {
-	slices.SortFunc(o, func(a, b engine.Output) int { return strings.Compare(a.ID, b.ID) })
 }

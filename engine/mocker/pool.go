@@ -219,14 +219,22 @@ func (p *pool) Cached() map[uint64]uint64 {
 
 // BlockHash chains a block's tokens onto its parent's hash.
 func BlockHash(parent uint64, tokens []uint32) uint64 {
-	d := xxhash.New()
-	var buf [8]byte
+	var d xxhash.Digest // on the stack: this runs for every block of every prompt
+	d.Reset()
+	// The bytes are the parent then each token, little-endian; they go in
+	// in chunks, since a 4-byte Write per token was most of the cost.
+	var buf [512]byte
 	binary.LittleEndian.PutUint64(buf[:], parent)
-	d.Write(buf[:])
+	n := 8
 	for _, t := range tokens {
-		binary.LittleEndian.PutUint32(buf[:4], t)
-		d.Write(buf[:4])
+		if n == len(buf) {
+			_, _ = d.Write(buf[:n])
+			n = 0
+		}
+		binary.LittleEndian.PutUint32(buf[n:], t)
+		n += 4
 	}
+	_, _ = d.Write(buf[:n])
 	return d.Sum64()
 }
 
