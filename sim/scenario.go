@@ -43,6 +43,9 @@ type Options struct {
 	// Bug switches on a planted bug (see Host.PlantedBug), to show that a
 	// sweep finds it.
 	Bug string
+	// Buggify switches on the fault points inside the real code the
+	// scenario runs (see Buggify).
+	Buggify bool
 	// Invariants run after the built-in ones at the end of the run.
 	Invariants []Invariant
 }
@@ -56,6 +59,9 @@ type Run struct {
 	Journal *Journal
 	Host    *Host
 	Opts    Options
+	// Points are the run's fault points, to hand to the real code a
+	// scenario builds (nil unless Options.Buggify: nothing fires).
+	Points *Buggify
 }
 
 // Scenario is a named workload over the simulated planes.
@@ -78,6 +84,8 @@ type Result struct {
 	Steps     uint64
 	SimTime   time.Duration
 	Wall      time.Duration
+	// Fired counts the fault points that fired (Options.Buggify).
+	Fired map[string]uint64
 }
 
 // Scenarios are the built-in scenarios by name.
@@ -114,7 +122,10 @@ func RunScenario(s Scenario, seed uint64, opts Options) Result {
 	// recovery runs from snapshot + tail as often as from the journal.
 	h.Disk, h.SnapshotEvery = NewDisk(w), 5
 	r := &Run{World: w, Journal: j, Host: h, Opts: opts}
-	w.Tracef("scenario %s seed %d duration %s faults %+v bug %q", s.Name, seed, opts.Duration, opts.Faults, opts.Bug)
+	if opts.Buggify {
+		r.Points = NewBuggify(w)
+	}
+	w.Tracef("scenario %s seed %d duration %s faults %+v bug %q buggify %v", s.Name, seed, opts.Duration, opts.Faults, opts.Bug, opts.Buggify)
 	final := s.Drive(r)
 	res := Result{Seed: seed, Scenario: s.Name}
 	if !w.RunQuiet(opts.Duration + time.Minute) {
@@ -132,6 +143,10 @@ func RunScenario(s Scenario, seed uint64, opts Options) Result {
 		if err := c(r); err != nil {
 			res.Err = fmt.Errorf("at %s: %w", w.Elapsed(), err)
 		}
+	}
+	if r.Points != nil {
+		res.Fired = r.Points.Fired()
+		w.Tracef("buggify: points on %v, fired %v", r.Points.On(), res.Fired)
 	}
 	if res.Err != nil {
 		w.Tracef("FAILED: %v", res.Err)

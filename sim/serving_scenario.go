@@ -157,22 +157,33 @@ func driveServing(r *Run) Invariant {
 		}
 	}
 	// Heartbeats carry each worker's last event id, so a lost tail is
-	// noticed; they stop after the load so the world goes quiet.
-	for t := 50 * time.Millisecond; t < r.Opts.Duration+time.Second; t += 50 * time.Millisecond {
-		w.After(t, func() {
-			for _, id := range s.order {
-				if wk := s.workers[id]; wk.alive && wk.last > 0 {
-					s.heartbeat(wk)
-				}
+	// noticed. They stop a few rounds after the load, once every engine is
+	// idle (slow iterations can run past the load), so the world goes quiet.
+	var tick func()
+	quiet := 0
+	tick = func() {
+		busy := w.Elapsed() < r.Opts.Duration+time.Second
+		for _, id := range s.order {
+			wk := s.workers[id]
+			if wk.alive && wk.last > 0 {
+				s.heartbeat(wk)
 			}
-		})
+			busy = busy || (wk.alive && !wk.eng.Idle())
+		}
+		if quiet = quiet + 1; busy {
+			quiet = 0
+		}
+		if quiet < 3 {
+			w.After(50*time.Millisecond, tick)
+		}
 	}
+	w.After(50*time.Millisecond, tick)
 	return s.check
 }
 
 func (s *servingRun) newWorker(id string, epoch int) *simWorker {
 	eng, err := mocker.New(mocker.Config{BlockSize: servingBlockSize, NumBlocks: 512, BlockBytes: 64,
-		MaxBatchTokens: 2048, MaxSeqs: 64, MaxWaiting: 256})
+		MaxBatchTokens: 2048, MaxSeqs: 64, MaxWaiting: 256, Faults: s.r.Faults()})
 	if err != nil {
 		panic(err) // a constant configuration
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"maps"
 	"os"
 	"slices"
 	"strconv"
@@ -28,14 +29,17 @@ func newSimCmd(g *globalFlags) *cobra.Command {
 		Long: `Runs a scenario in the deterministic simulator: the real state machines over
 simulated planes, a virtual clock and one random source derived from the seed,
 with injected faults. The same seed reproduces the same run exactly (the trace
-hash shows it). At the end every invariant is checked; a failure prints what
+hash shows it). --buggify also switches on the fault points inside the real
+code (a slow engine step, a resend answered with a dump, ...), so rare but legal
+paths are taken on purpose. At the end every invariant is checked; a failure prints what
 failed, when, and the command that reproduces it, and writes the run's trace.
 
 Scenarios: ` + strings.Join(sim.ScenarioNames(), ", "),
 		Example: `  triplane sim --scenario ledger --seed 7 --duration 5s
   triplane sim --scenario ledger --seeds 1..200
   triplane sim --scenario ledger --seeds 1..50 --bug apply-before-persist
-  triplane sim --scenario serving --seeds 1..20 --duration 3s --bug router-ignores-gap`,
+  triplane sim --scenario serving --seeds 1..20 --duration 3s --bug router-ignores-gap
+  triplane sim --scenario serving --seeds 1..40 --buggify`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if _, err := resolve(cmd); err != nil {
@@ -80,6 +84,9 @@ Scenarios: ` + strings.Join(sim.ScenarioNames(), ", "),
 				}
 				fmt.Fprintf(out, "seed %d: %s (virtual %s in %s wall, %d steps, trace %016x)\n",
 					sd, status, r.SimTime.Round(time.Millisecond), r.Wall.Round(time.Millisecond), r.Steps, r.TraceHash)
+				if len(r.Fired) > 0 {
+					fmt.Fprintf(out, "  fault points fired: %s\n", firedList(r.Fired))
+				}
 				path := trace
 				if path == "" && r.Err != nil {
 					path = fmt.Sprintf("triplane-sim-%s-%d.trace", s.Name, sd)
@@ -93,7 +100,7 @@ Scenarios: ` + strings.Join(sim.ScenarioNames(), ", "),
 					fmt.Fprintf(out, "  trace written to %s\n", path)
 				}
 				if r.Err != nil {
-					fmt.Fprintf(out, "  reproduce: triplane sim --scenario %s --seed %d --duration %s%s\n", s.Name, sd, opts.Duration, bugFlag(opts.Bug))
+					fmt.Fprintf(out, "  reproduce: triplane sim --scenario %s --seed %d --duration %s%s%s\n", s.Name, sd, opts.Duration, bugFlag(opts.Bug), buggifyFlag(opts.Buggify))
 				}
 			}
 			if wall > 0 {
@@ -113,6 +120,7 @@ Scenarios: ` + strings.Join(sim.ScenarioNames(), ", "),
 	fs.Float64Var(&opts.Faults.AppendFailure, "append-failure", sim.DefaultFaults.AppendFailure, "probability that a journal append fails")
 	fs.Float64Var(&opts.Faults.WrittenOnFailure, "written-on-failure", sim.DefaultFaults.WrittenOnFailure, "probability that a failed append was written anyway")
 	fs.Float64Var(&opts.Faults.CrashRate, "crash-rate", sim.DefaultFaults.CrashRate, "probability that a command's actor crashes just before it arrives")
+	fs.BoolVar(&opts.Buggify, "buggify", false, "switch on the fault points inside the real code (each on for a run with probability 0.25, then firing 5% of the times it is reached)")
 	fs.StringVar(&opts.Bug, "bug", "", "switch on a planted bug to see the simulator find it ("+strings.Join(sim.Bugs, ", ")+")")
 	fs.StringVar(&trace, "trace", "", "write the trace here (with --seeds, one file per seed with the seed appended); by default a failing run's trace goes to triplane-sim-<scenario>-<seed>.trace")
 	_ = g
@@ -124,6 +132,22 @@ func bugFlag(b string) string {
 		return ""
 	}
 	return " --bug " + b
+}
+
+func buggifyFlag(on bool) string {
+	if on {
+		return " --buggify"
+	}
+	return ""
+}
+
+// firedList prints fault point counts in name order.
+func firedList(m map[string]uint64) string {
+	var parts []string
+	for _, p := range slices.Sorted(maps.Keys(m)) {
+		parts = append(parts, fmt.Sprintf("%s x%d", p, m[p]))
+	}
+	return strings.Join(parts, ", ")
 }
 
 func parseSeeds(s string) (uint64, uint64, error) {

@@ -19,6 +19,7 @@ import (
 	"github.com/cespare/xxhash/v2"
 
 	"github.com/triplane-dev/triplane/engine"
+	"github.com/triplane-dev/triplane/fault"
 )
 
 // Config of the mock engine. Zero fields take the defaults noted.
@@ -37,7 +38,26 @@ type Config struct {
 	// [0, 1]: decoding slows as the cache fills.
 	DecodeA, DecodeB, DecodeC float64
 	Vocab                     uint32 // token ids are below it; default 32000
+	// Faults are the engine's fault points (FaultPoints), switched on by
+	// the simulator; nil in production.
+	Faults fault.Points
 }
+
+// The engine's fault points: legal but rare paths a simulated run can make
+// happen (package fault).
+const (
+	// FaultSlowStep makes an iteration take ten times its modelled time (a
+	// straggling GPU step).
+	FaultSlowStep = "mocker.step.slow"
+	// FaultDeferAdmit admits no waiting request this iteration, room or not.
+	FaultDeferAdmit = "mocker.admit.defer"
+	// FaultEvictUnused drops every cached block nobody holds before the
+	// iteration (a burst of memory pressure), announcing each removal.
+	FaultEvictUnused = "mocker.cache.evict-unused"
+)
+
+// FaultPoints lists the engine's fault points.
+var FaultPoints = []string{FaultSlowStep, FaultDeferAdmit, FaultEvictUnused}
 
 // Defaults fills zero fields.
 func (c *Config) Defaults() {
@@ -105,7 +125,7 @@ var _ engine.Engine = (*Engine)(nil)
 
 type seq struct {
 	id        string
-	idHash    uint64 // of id, for tokenAt
+	idHash    uint64   // of id, for tokenAt
 	tokens    []uint32 // prompt, then generated
 	prompt    int      // prompt length (grows on preemption: generated tokens are recomputed)
 	maxTokens int
@@ -335,7 +355,12 @@ func (e *Engine) Step() engine.Step {
 	e.stepNo++
 	e.outs, e.toks, e.inStep = e.outs[:0], e.toks[:0], true
 	defer func() { e.inStep = false }()
-	e.admit()
+	if fault.Fire(e.cfg.Faults, FaultEvictUnused) {
+		e.evictUnused()
+	}
+	if !fault.Fire(e.cfg.Faults, FaultDeferAdmit) {
+		e.admit()
+	}
 	budget := e.cfg.MaxBatchTokens
 	var st engine.Step
 	// Decode first: every sequence past its prompt generates one token.
@@ -369,6 +394,9 @@ func (e *Engine) Step() engine.Step {
 		}
 	}
 	st.Duration = e.duration(st.PrefillTokens, st.DecodeSeqs)
+	if st.Duration > 0 && fault.Fire(e.cfg.Faults, FaultSlowStep) {
+		st.Duration *= 10
+	}
 	clear(e.scratch)
 	st.Outputs = e.outs // in batch order, deterministic
 	st.Events = e.pool.takeEvents()
@@ -547,18 +575,33 @@ func (e *Engine) removeRunning(s *seq) {
 
 // Clear drops every unreferenced cached block (an operator's reset).
 func (e *Engine) Clear() []engine.KVEvent {
+	e.evictUnused()
+	return e.pool.takeEvents()
+}
+
+// evictUnused drops every cached block nobody holds and announces it: one
+// "cleared" when the cache is left empty, else a removal per block (blocks
+// held by running sequences stay cached, so "cleared" would be a lie; the
+// simulator's evict-unused fault point found that Clear announced nothing
+// in that case).
+func (e *Engine) evictUnused() {
+	var dropped []uint64
 	for e.pool.lruHead >= 0 {
 		b := e.pool.lruHead
 		e.pool.lruRemove(b)
 		m := &e.pool.meta[b]
 		delete(e.pool.cached, m.hash)
+		dropped = append(dropped, m.hash)
 		m.registered, m.hash, m.parent = false, 0, 0
 		e.pool.free = append(e.pool.free, b)
 	}
 	if len(e.pool.cached) == 0 {
 		e.pool.emit(engine.KVCleared, 0, 0)
+		return
 	}
-	return e.pool.takeEvents()
+	for _, h := range dropped {
+		e.pool.emit(engine.KVRemoved, h, 0)
+	}
 }
 
 // duration is the modelled time of a batch.

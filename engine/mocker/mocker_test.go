@@ -2,6 +2,7 @@ package mocker_test
 
 import (
 	"errors"
+	"maps"
 	"os"
 	"slices"
 	"testing"
@@ -342,5 +343,48 @@ func TestImportPrefix(t *testing.T) {
 	dec.AbortImport("nothing") // no-op
 	if _, err := mocker.NewWithMemory(cfg, make([]byte, 10)); err == nil {
 		t.Fatal("wrong memory size accepted")
+	}
+}
+
+// Clear (and the evict-unused fault point) announce what they drop: with a
+// running sequence still holding blocks, the cache is not empty, so each
+// dropped block gets a removal; a follower of the events stays equal to
+// the cache either way.
+func TestClearAnnouncesDroppedBlocksWhileOthersAreHeld(t *testing.T) {
+	for _, hold := range []bool{true, false} {
+		e := newEngine(t, mocker.Config{BlockSize: 4, NumBlocks: 64})
+		follower := map[uint64]bool{}
+		follow := func(evs []engine.KVEvent) {
+			for _, ev := range evs {
+				switch ev.Kind {
+				case engine.KVStored:
+					follower[ev.Hash] = true
+				case engine.KVRemoved:
+					delete(follower, ev.Hash)
+				case engine.KVCleared:
+					clear(follower)
+				}
+			}
+		}
+		_ = e.Add(engine.Request{ID: "done", Tokens: prompt(20, 1), MaxTokens: 2})
+		_, evs, _ := run(t, e)
+		follow(evs)
+		if hold {
+			_ = e.Add(engine.Request{ID: "held", Tokens: prompt(20, 500), MaxTokens: 50})
+			for range 3 {
+				follow(e.Step().Events)
+			}
+		}
+		follow(e.Clear())
+		want := map[uint64]bool{}
+		for h := range e.Cached() {
+			want[h] = true
+		}
+		if hold && len(want) == 0 {
+			t.Fatal("the held sequence's blocks should stay cached")
+		}
+		if !maps.Equal(follower, want) {
+			t.Fatalf("hold %v: the events describe %d blocks, the cache holds %d", hold, len(follower), len(want))
+		}
 	}
 }
