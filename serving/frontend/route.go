@@ -14,7 +14,6 @@ import (
 
 	"github.com/triplane-dev/triplane/actors"
 	routerm "github.com/triplane-dev/triplane/actors/router"
-	"github.com/triplane-dev/triplane/engine"
 	"github.com/triplane-dev/triplane/journal"
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/planes/control"
@@ -241,33 +240,8 @@ func (r *Router) follow(events <-chan control.Event[*triplanev1.InstanceInfo]) {
 
 func (r *Router) onEvent(w string, e *triplanev1.KvEvent) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	id := e.GetEventId()
-	switch k := e.Kind.(type) {
-	case *triplanev1.KvEvent_Stored:
-		parent := k.Stored.GetParentHash()
-		for i, h := range k.Stored.GetBlockHashes() {
-			ev := engine.KVEvent{ID: id, Kind: engine.KVStored, Hash: h, Parent: parent}
-			// One event id may store a chain; the id moves once.
-			if i == 0 {
-				r.ix.Apply(w, ev)
-			} else {
-				r.ix.ApplyRepair(w, ev)
-			}
-			parent = h
-		}
-	case *triplanev1.KvEvent_Removed:
-		for i, h := range k.Removed.GetBlockHashes() {
-			ev := engine.KVEvent{ID: id, Kind: engine.KVRemoved, Hash: h}
-			if i == 0 {
-				r.ix.Apply(w, ev)
-			} else {
-				r.ix.ApplyRepair(w, ev)
-			}
-		}
-	case *triplanev1.KvEvent_Cleared:
-		r.ix.Apply(w, engine.KVEvent{ID: id, Kind: engine.KVCleared})
-	}
+	r.ix.ApplyKvEvent(w, e)
+	r.mu.Unlock()
 }
 
 func (r *Router) onReset(w string, blocks map[uint64]kvevents.Block, last uint64) {
