@@ -201,3 +201,123 @@ func (e *Etcd) notify(key string, deleted bool) {
 		}
 	}
 }
+
+// EtcdClient is one node's connection to the simulated etcd: what a
+// network partition cuts. While cut (or while etcd elects a leader) every
+// request fails with ErrUnavailable, reads included, and watch
+// notifications wait; on the heal they are delivered in order, as a
+// resumed etcd watch replays what it missed.
+type EtcdClient struct {
+	e        *Etcd
+	name     string
+	cutUntil time.Time
+	held     []func()
+	// DroppedWatch counts notifications lost because more than
+	// maxHeldWatch waited for one heal.
+	DroppedWatch uint64
+}
+
+const maxHeldWatch = 1024
+
+// Client opens a named client connection.
+func (e *Etcd) Client(name string) *EtcdClient { return &EtcdClient{e: e, name: name} }
+
+// Partition cuts the client off etcd for d.
+func (c *EtcdClient) Partition(d time.Duration) {
+	w := c.e.w
+	if until := w.Now().Add(d); until.After(c.cutUntil) {
+		c.cutUntil = until // overlapping partitions: the later heal wins
+	}
+	w.Tracef("etcd: client %s partitioned for %s", c.name, d)
+	w.After(d, func() {
+		if c.cut() {
+			return // a later partition extended it
+		}
+		w.Tracef("etcd: client %s healed, %d watch notifications delivered", c.name, len(c.held))
+		held := c.held
+		c.held = nil
+		for _, fn := range held {
+			fn()
+		}
+	})
+}
+
+func (c *EtcdClient) cut() bool { return c.e.w.Now().Before(c.cutUntil) }
+
+func (c *EtcdClient) err() error {
+	if c.cut() || !c.e.available() {
+		return ErrUnavailable
+	}
+	return nil
+}
+
+// Grant creates a lease.
+func (c *EtcdClient) Grant(ttl time.Duration) (int64, error) {
+	if err := c.err(); err != nil {
+		return 0, err
+	}
+	return c.e.Grant(ttl)
+}
+
+// KeepAlive renews a lease; false when it already expired.
+func (c *EtcdClient) KeepAlive(id int64) (bool, error) {
+	if err := c.err(); err != nil {
+		return false, err
+	}
+	return c.e.KeepAlive(id)
+}
+
+// Put writes a key; false when it failed (cut off, unavailable, lease gone).
+func (c *EtcdClient) Put(key, value string, lease int64) (int64, bool) {
+	if c.err() != nil {
+		return 0, false
+	}
+	return c.e.Put(key, value, lease)
+}
+
+// PutIfCreateRev is a fenced write (Etcd.PutIfCreateRev).
+func (c *EtcdClient) PutIfCreateRev(fence string, createRev int64, key, value string) bool {
+	return c.err() == nil && c.e.PutIfCreateRev(fence, createRev, key, value)
+}
+
+// Get reads a key.
+func (c *EtcdClient) Get(key string) (value string, createRev int64, ok bool, err error) {
+	if err := c.err(); err != nil {
+		return "", 0, false, err
+	}
+	value, createRev, ok = c.e.Get(key)
+	return value, createRev, ok, nil
+}
+
+// Leader reads an election's winner (Etcd.Leader).
+func (c *EtcdClient) Leader(prefix string) (key string, createRev int64, ok bool, err error) {
+	if err := c.err(); err != nil {
+		return "", 0, false, err
+	}
+	key, createRev, ok = c.e.Leader(prefix)
+	return key, createRev, ok, nil
+}
+
+// Keys lists the keys under prefix, sorted.
+func (c *EtcdClient) Keys(prefix string) ([]string, error) {
+	if err := c.err(); err != nil {
+		return nil, err
+	}
+	return c.e.Keys(prefix), nil
+}
+
+// Watch calls fn for every change under prefix; while the client is cut
+// off the notifications wait for the heal.
+func (c *EtcdClient) Watch(prefix string, fn func(key string, deleted bool)) {
+	c.e.Watch(prefix, func(key string, deleted bool) {
+		if c.cut() {
+			if len(c.held) >= maxHeldWatch {
+				c.DroppedWatch++
+				return
+			}
+			c.held = append(c.held, func() { fn(key, deleted) })
+			return
+		}
+		fn(key, deleted)
+	})
+}

@@ -30,10 +30,11 @@ const BugUnfencedWrites = "unfenced-writes"
 // control plane (Etcd): nodes hold leases, campaign, and the leader feeds
 // the placement actor its view and publishes the assignments in fenced
 // writes. Nodes pause past their lease (a stop-the-world pause) and resume
-// believing they still lead; journal appends fail and the actor crashes.
+// believing they still lead; nodes are partitioned from etcd and heal;
+// journal appends fail and the actor crashes.
 var placementScenario = Scenario{
 	Name: "placement",
-	Description: fmt.Sprintf("%d nodes electing a placement leader on the simulated etcd (leases of %s), %d singleton actors; nodes pause past their lease and resume as stale leaders",
+	Description: fmt.Sprintf("%d nodes electing a placement leader on the simulated etcd (leases of %s), %d singleton actors; nodes pause past their lease and resume as stale leaders, are partitioned from etcd and heal",
 		placementNodes, placementTTL, placementActors),
 	Registry: func() *actors.Registry { return actors.NewRegistry(placement.Machine{}) },
 	Drive:    drivePlacement,
@@ -41,6 +42,7 @@ var placementScenario = Scenario{
 
 type simNode struct {
 	id       string
+	etcd     *EtcdClient // the node's connection: what a partition cuts
 	lease    int64
 	epoch    int64 // create revision of this node's election key
 	leader   bool  // what the node believes
@@ -70,9 +72,10 @@ func drivePlacement(r *Run) Invariant {
 	end := r.Opts.Duration + 2*time.Second
 	for i := range placementNodes {
 		n := &simNode{id: fmt.Sprintf("n%d", i)}
+		n.etcd = p.etcd.Client(n.id)
 		p.nodes = append(p.nodes, n)
 		w.After(time.Duration(i)*7*time.Millisecond, func() { p.register(n) })
-		p.etcd.Watch("/election/", func(string, bool) { p.onNode(n, func() { p.learn(n) }) })
+		n.etcd.Watch("/election/", func(string, bool) { p.onNode(n, func() { p.learn(n) }) })
 		for t := placementTick + time.Duration(i)*time.Millisecond; t < end; t += placementTick {
 			w.After(t, func() { p.tick(n) })
 		}
@@ -83,6 +86,15 @@ func drivePlacement(r *Run) Invariant {
 		at := time.Duration(w.Rand().Int64N(int64(r.Opts.Duration)))
 		n := p.nodes[w.Rand().IntN(len(p.nodes))]
 		w.After(at, func() { p.pause(n, 2*placementTTL+time.Duration(w.Rand().Int64N(int64(placementTTL)))) })
+	}
+	// Partitions of a node from etcd, shorter and longer than its lease:
+	// it keeps running, its requests fail, its watch stalls; after the heal
+	// it may still believe it leads.
+	for range 1 + int(r.Opts.Duration/time.Second) {
+		at := time.Duration(w.Rand().Int64N(int64(r.Opts.Duration)))
+		n := p.nodes[w.Rand().IntN(len(p.nodes))]
+		d := placementTTL/2 + time.Duration(w.Rand().Int64N(int64(3*placementTTL)))
+		w.After(at, func() { n.etcd.Partition(d) })
 	}
 	if r.Opts.Faults.CrashRate > 0 {
 		w.After(time.Duration(w.Rand().Int64N(int64(r.Opts.Duration))), func() { r.Host.Crash(p.group) })
@@ -122,24 +134,29 @@ func (p *placementRun) pause(n *simNode, d time.Duration) {
 // register takes a lease and campaigns: both keys live on the lease. While
 // etcd is unavailable it fails and the next tick tries again.
 func (p *placementRun) register(n *simNode) {
-	lease, err := p.etcd.Grant(placementTTL)
+	lease, err := n.etcd.Grant(placementTTL)
 	if err != nil {
 		n.lease = 0
 		return
 	}
 	n.lease = lease
-	p.etcd.Put("/nodes/"+n.id, n.id, n.lease)
-	rev, ok := p.etcd.Put("/election/"+n.id, n.id, n.lease)
+	n.etcd.Put("/nodes/"+n.id, n.id, n.lease)
+	rev, ok := n.etcd.Put("/election/"+n.id, n.id, n.lease)
 	if ok {
-		_, n.epoch, _ = p.etcd.Get("/election/" + n.id)
-		p.r.World.Tracef("node %s campaigns at revision %d (put %d)", n.id, n.epoch, rev)
+		if _, epoch, found, err := n.etcd.Get("/election/" + n.id); err == nil && found {
+			n.epoch = epoch
+			p.r.World.Tracef("node %s campaigns at revision %d (put %d)", n.id, n.epoch, rev)
+		}
 	}
 	p.learn(n)
 }
 
 // learn reads the election as a watch event tells the node to.
 func (p *placementRun) learn(n *simNode) {
-	key, rev, ok := p.etcd.Leader("/election/")
+	key, rev, ok, err := n.etcd.Leader("/election/")
+	if err != nil {
+		return // unreachable: keep believing what it believed
+	}
 	was := n.leader
 	n.leader = ok && key == "/election/"+n.id && rev == n.epoch
 	if n.leader != was {
@@ -161,7 +178,7 @@ func (p *placementRun) tick(n *simNode) {
 	}
 	if n.lease == 0 {
 		p.register(n)
-	} else if alive, err := p.etcd.KeepAlive(n.lease); err == nil && !alive {
+	} else if alive, err := n.etcd.KeepAlive(n.lease); err == nil && !alive {
 		// The lease expired (a pause): register again, at the back. (An
 		// unavailable etcd is no news: try again next tick.)
 		w.Tracef("node %s lost its lease", n.id)
@@ -170,8 +187,12 @@ func (p *placementRun) tick(n *simNode) {
 	if !n.leader {
 		return
 	}
+	keys, err := n.etcd.Keys("/nodes/")
+	if err != nil {
+		return // no view of the nodes this tick
+	}
 	cmd := &triplanev1.PlacementReconcile{Epoch: n.epoch, Leader: n.id, Actors: p.want}
-	for _, k := range p.etcd.Keys("/nodes/") {
+	for _, k := range keys {
 		cmd.Nodes = append(cmd.Nodes, strings.TrimPrefix(k, "/nodes/"))
 	}
 	epoch := n.epoch
@@ -206,9 +227,9 @@ func (p *placementRun) publish(n *simNode, st *triplanev1.PlacementState) {
 		val := fmt.Sprintf("%s@%d", a.NodeId, n.epoch)
 		var ok bool
 		if p.r.Opts.Bug == BugUnfencedWrites {
-			_, ok = p.etcd.Put(key, val, 0)
+			_, ok = n.etcd.Put(key, val, 0)
 		} else {
-			ok = p.etcd.PutIfCreateRev("/election/"+n.id, n.epoch, key, val)
+			ok = n.etcd.PutIfCreateRev("/election/"+n.id, n.epoch, key, val)
 		}
 		if !ok {
 			p.refused++

@@ -73,3 +73,40 @@ func TestSimEtcdLeasesAndFences(t *testing.T) {
 		t.Fatalf("lease lost over a leader change: %v %v", alive, err)
 	}
 }
+
+// A client cut off from the simulated etcd gets ErrUnavailable for every
+// request (reads too) while another client carries on; its watch
+// notifications wait and arrive after the heal, in order.
+func TestSimEtcdClientPartition(t *testing.T) {
+	w := sim.NewWorld(1)
+	e := sim.NewEtcd(w)
+	a, b := e.Client("a"), e.Client("b")
+	var seen []string
+	a.Watch("/k/", func(k string, del bool) { seen = append(seen, k) })
+	a.Partition(100 * time.Millisecond)
+	a.Partition(10 * time.Millisecond) // a shorter overlapping cut does not heal it early
+	if _, err := a.Grant(time.Second); !errors.Is(err, sim.ErrUnavailable) {
+		t.Fatalf("grant while cut: %v", err)
+	}
+	if _, _, _, err := a.Get("/k/1"); !errors.Is(err, sim.ErrUnavailable) {
+		t.Fatalf("read while cut: %v", err)
+	}
+	if _, ok := a.Put("/k/0", "x", 0); ok {
+		t.Fatal("a put while cut succeeded")
+	}
+	if _, ok := b.Put("/k/1", "x", 0); !ok {
+		t.Fatal("the other client's put failed")
+	}
+	b.Put("/k/2", "x", 0)
+	w.RunFor(50 * time.Millisecond)
+	if len(seen) != 0 {
+		t.Fatalf("watch delivered while cut: %v", seen)
+	}
+	w.RunFor(60 * time.Millisecond)
+	if len(seen) != 2 || seen[0] != "/k/1" || seen[1] != "/k/2" {
+		t.Fatalf("after the heal: %v", seen)
+	}
+	if v, _, ok, err := a.Get("/k/1"); err != nil || !ok || v != "x" {
+		t.Fatalf("read after the heal: %q %v %v", v, ok, err)
+	}
+}
