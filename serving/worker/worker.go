@@ -410,54 +410,11 @@ func (w *Worker) failAll(err error) {
 // publish announces the engine's KV events. Consecutive stored blocks of
 // one chain go out as one message.
 func (w *Worker) publish(evs []engine.KVEvent) {
-	flush := func(hashes []uint64, parent uint64) {
-		if len(hashes) == 0 {
-			return
-		}
-		var pp *uint64
-		if parent != 0 {
-			pp = &parent
-		}
-		if err := w.pub.Stored(hashes, pp); err != nil {
+	for _, e := range kvevents.FromEngine(evs) {
+		if err := w.pub.Publish(e); err != nil {
 			w.metrics.publishErrors.Inc()
 		}
 	}
-	var run []uint64
-	var runParent uint64
-	var removed []uint64
-	flushRemoved := func() {
-		if len(removed) > 0 {
-			if err := w.pub.Removed(removed); err != nil {
-				w.metrics.publishErrors.Inc()
-			}
-			removed = nil
-		}
-	}
-	for _, e := range evs {
-		switch e.Kind {
-		case engine.KVStored:
-			flushRemoved()
-			if len(run) > 0 && e.Parent == run[len(run)-1] {
-				run = append(run, e.Hash)
-				continue
-			}
-			flush(run, runParent)
-			run, runParent = []uint64{e.Hash}, e.Parent
-		case engine.KVRemoved:
-			flush(run, runParent)
-			run = nil
-			removed = append(removed, e.Hash)
-		case engine.KVCleared:
-			flush(run, runParent)
-			flushRemoved()
-			run = nil
-			if err := w.pub.Cleared(); err != nil {
-				w.metrics.publishErrors.Inc()
-			}
-		}
-	}
-	flush(run, runParent)
-	flushRemoved()
 }
 
 // serve is the response-stream handler of one request.

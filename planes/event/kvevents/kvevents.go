@@ -23,6 +23,26 @@ import (
 // ErrInvalid: a batch or reply that decodes but breaks the protocol.
 var ErrInvalid = errors.New("kvevents: invalid")
 
+// The package's fault points (see package fault), each a path that
+// production takes rarely and that must leave the consumer's view equal to
+// the worker's blocks once the repairs are done:
+//
+//   - FaultPendingFull: Sequencer.Ingest treats the out-of-order buffer as
+//     full for this event, which is dropped and counted in
+//     Stats.DroppedPending; the repair fetches it again.
+//   - FaultDump: Log.Resend answers with a dump though the ring holds the
+//     range asked for.
+//   - FaultShortResend: Log.Resend answers with only the first event of the
+//     range; the consumer asks again for the rest.
+const (
+	FaultPendingFull = "kvevents.sequencer.pending-full"
+	FaultDump        = "kvevents.log.dump"
+	FaultShortResend = "kvevents.log.short-resend"
+)
+
+// FaultPoints lists every fault point of the package, for a simulator to arm.
+var FaultPoints = []string{FaultPendingFull, FaultDump, FaultShortResend}
+
 // Block is one cached block: its parent in the prefix chain, if any.
 type Block struct {
 	Parent    uint64

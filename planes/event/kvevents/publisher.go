@@ -7,8 +7,6 @@ import (
 	"sync"
 	"time"
 
-	"google.golang.org/protobuf/proto"
-
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/planes/event"
 )
@@ -39,10 +37,8 @@ type Publisher struct {
 	cfg     PublisherConfig
 	subject string
 
-	mu     sync.Mutex
-	last   uint64                // latest event id
-	ring   []*triplanev1.KvEvent // ring[id % len]
-	blocks map[uint64]Block
+	mu  sync.Mutex
+	log *Log
 
 	serve  *event.Subscription
 	cancel context.CancelFunc
@@ -53,12 +49,6 @@ type Publisher struct {
 func NewPublisher(b *event.Bus, cfg PublisherConfig) (*Publisher, error) {
 	if cfg.Epoch == 0 {
 		return nil, errors.New("kvevents: publisher needs an epoch (the worker's start time)")
-	}
-	if cfg.RingSize <= 0 {
-		cfg.RingSize = 4096
-	}
-	if cfg.MaxResend <= 0 {
-		cfg.MaxResend = 1024
 	}
 	if cfg.HeartbeatInterval <= 0 {
 		cfg.HeartbeatInterval = time.Second
@@ -75,8 +65,8 @@ func NewPublisher(b *event.Bus, cfg PublisherConfig) (*Publisher, error) {
 	if err != nil {
 		return nil, err
 	}
-	p := &Publisher{b: b, cfg: cfg, subject: subject, ring: make([]*triplanev1.KvEvent, cfg.RingSize),
-		blocks: map[uint64]Block{}, done: make(chan struct{})}
+	p := &Publisher{b: b, cfg: cfg, subject: subject, log: NewLog(cfg.WorkerID, cfg.Epoch, cfg.RingSize, cfg.MaxResend, nil),
+		done: make(chan struct{})}
 	p.serve, err = event.Serve(b, resend, "", p.resend)
 	if err != nil {
 		return nil, err
@@ -105,7 +95,7 @@ func (p *Publisher) heartbeats(ctx context.Context) {
 		case <-t.C:
 		}
 		p.mu.Lock()
-		hb := &triplanev1.KvEventBatch{WorkerId: p.cfg.WorkerID, Epoch: p.cfg.Epoch, HeadEventId: p.last}
+		hb := p.log.Heartbeat()
 		p.mu.Unlock()
 		if err := event.Publish(p.b, p.subject, hb); err != nil {
 			p.b.Logger().Debug("kv heartbeat not sent", "worker", p.cfg.WorkerID, "err", err)
@@ -135,17 +125,13 @@ func (p *Publisher) Cleared() error {
 func (p *Publisher) publish(e *triplanev1.KvEvent) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	e.EventId = p.last + 1
-	batch := &triplanev1.KvEventBatch{WorkerId: p.cfg.WorkerID, Epoch: p.cfg.Epoch, Events: []*triplanev1.KvEvent{e}, HeadEventId: e.EventId}
 	// An event too large to send would also be too large to resend: refuse
 	// it before it takes an id (the caller splits it).
-	if n, max := proto.Size(batch), p.b.MaxPayload(); int64(n) > max/2 {
+	if n, max := p.log.Size(e), p.b.MaxPayload(); int64(n) > max/2 {
 		return fmt.Errorf("kvevents: worker %s: %w: an event of %d bytes, more than half the server's max payload of %d bytes; split it",
 			p.cfg.WorkerID, event.ErrTooLarge, n, max)
 	}
-	p.last = e.EventId
-	apply(p.blocks, e)
-	p.ring[e.EventId%uint64(len(p.ring))] = e
+	batch := p.log.Append(e)
 	// Published under the lock so ids go out in order on the connection.
 	err := event.Publish(p.b, p.subject, batch)
 	if err != nil {
@@ -158,18 +144,14 @@ func (p *Publisher) publish(e *triplanev1.KvEvent) error {
 func (p *Publisher) LastEventID() uint64 {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.last
+	return p.log.Last()
 }
 
 // Blocks is a copy of the worker's blocks as its events describe them.
 func (p *Publisher) Blocks() map[uint64]Block {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	out := make(map[uint64]Block, len(p.blocks))
-	for h, b := range p.blocks {
-		out[h] = b
-	}
-	return out
+	return p.log.Blocks()
 }
 
 // resend answers a KvResendRequest from the ring, or with a dump when the
@@ -177,45 +159,7 @@ func (p *Publisher) Blocks() map[uint64]Block {
 func (p *Publisher) resend(_ context.Context, req *triplanev1.KvResendRequest) (*triplanev1.KvResendReply, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	reply := &triplanev1.KvResendReply{WorkerId: p.cfg.WorkerID, Epoch: p.cfg.Epoch}
-	from, to := req.GetFromEventId(), min(req.GetToEventId(), p.last)
-	if from == 0 {
-		from = 1
-	}
-	oldest := uint64(1)
-	if p.last > uint64(len(p.ring)) {
-		oldest = p.last - uint64(len(p.ring)) + 1
-	}
-	if from > to {
-		// Nothing newer than the consumer has: an empty range.
-		reply.Reply = &triplanev1.KvResendReply_Range{Range: &triplanev1.KvEventRange{}}
-		return reply, nil
-	}
-	if from >= oldest {
-		to = min(to, from+uint64(p.cfg.MaxResend)-1)
-		r := &triplanev1.KvEventRange{Events: make([]*triplanev1.KvEvent, 0, to-from+1)}
-		// Keep the reply within half the max payload; the consumer asks
-		// again for the rest. Every event alone is below that (publish).
-		budget, size := p.b.MaxPayload()/2, int64(0)
-		for id := from; id <= to; id++ {
-			e := p.ring[id%uint64(len(p.ring))]
-			size += int64(proto.Size(e)) + 8
-			if size > budget && len(r.Events) > 0 {
-				break
-			}
-			r.Events = append(r.Events, e)
-		}
-		reply.Reply = &triplanev1.KvResendReply_Range{Range: r}
-		return reply, nil
-	}
-	d := &triplanev1.KvDump{EventId: p.last, Blocks: make([]*triplanev1.KvDumpBlock, 0, len(p.blocks))}
-	for h, b := range p.blocks {
-		db := &triplanev1.KvDumpBlock{Hash: h}
-		if b.HasParent {
-			db.ParentHash = proto.Uint64(b.Parent)
-		}
-		d.Blocks = append(d.Blocks, db)
-	}
-	reply.Reply = &triplanev1.KvResendReply_Dump{Dump: d}
-	return reply, nil
+	// Keep the reply within half the max payload; the consumer asks again
+	// for the rest. Every event alone is below that (publish).
+	return p.log.Resend(req, p.b.MaxPayload()/2), nil
 }

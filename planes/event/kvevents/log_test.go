@@ -1,0 +1,473 @@
+package kvevents_test
+
+import (
+	"cmp"
+	"errors"
+	"maps"
+	"math"
+	"math/rand/v2"
+	"slices"
+	"testing"
+
+	"google.golang.org/protobuf/proto"
+
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planes/event/kvevents"
+)
+
+// always fires the points it holds every time, counting them.
+type always map[string]int
+
+func (a always) Fire(point string) bool {
+	if _, ok := a[point]; !ok {
+		return false
+	}
+	a[point]++
+	return true
+}
+
+// chance fires every point with probability p from a seeded source, counting
+// the points that fired.
+type chance struct {
+	rng   *rand.Rand
+	p     float64
+	fired map[string]int
+}
+
+func (c *chance) Fire(point string) bool {
+	if c.rng.Float64() >= c.p {
+		return false
+	}
+	c.fired[point]++
+	return true
+}
+
+// randomEvent is a cache operation on the blocks in live, as a worker's
+// engine would make them.
+func randomEvent(rng *rand.Rand, live *[]uint64, next *uint64) *triplanev1.KvEvent {
+	switch x := rng.IntN(100); {
+	case x < 60 || len(*live) == 0:
+		hashes := make([]uint64, 1+rng.IntN(4))
+		for i := range hashes {
+			// Hashes out of order, so a dump's order is the Log's doing.
+			hashes[i] = *next * 7919 % 100003
+			*next++
+		}
+		var parent *uint64
+		if len(*live) > 0 && rng.IntN(2) == 0 {
+			parent = proto.Uint64((*live)[rng.IntN(len(*live))])
+		}
+		*live = append(*live, hashes...)
+		return &triplanev1.KvEvent{Kind: &triplanev1.KvEvent_Stored{Stored: &triplanev1.KvBlocksStored{BlockHashes: hashes, ParentHash: parent}}}
+	case x < 97:
+		i := rng.IntN(len(*live))
+		h := (*live)[i]
+		*live = append((*live)[:i], (*live)[i+1:]...)
+		return &triplanev1.KvEvent{Kind: &triplanev1.KvEvent_Removed{Removed: &triplanev1.KvBlocksRemoved{BlockHashes: []uint64{h}}}}
+	default:
+		*live = nil
+		return &triplanev1.KvEvent{Kind: &triplanev1.KvEvent_Cleared{Cleared: &triplanev1.KvAllCleared{}}}
+	}
+}
+
+// appendN appends n random events to l.
+func appendN(l *kvevents.Log, rng *rand.Rand, n int) []*triplanev1.KvEventBatch {
+	var live []uint64
+	next := uint64(1)
+	out := make([]*triplanev1.KvEventBatch, n)
+	for i := range out {
+		out[i] = l.Append(randomEvent(rng, &live, &next))
+	}
+	return out
+}
+
+// repairAll runs the worker's repair against l until it stops, as the
+// consumer's repairer does, without waiting between failures.
+func repairAll(t *testing.T, s *kvevents.Sequencer, l *kvevents.Log, worker string, budget int64) (requests int) {
+	t.Helper()
+	for ; requests < 10000; requests++ {
+		req, epoch, ok := s.RepairRequest(worker)
+		if !ok {
+			t.Fatalf("worker %s not followed", worker)
+		}
+		switch res := s.RepairDone(worker, epoch, l.Resend(req, budget), nil); res.Next {
+		case kvevents.RepairStop:
+			return requests + 1
+		case kvevents.RepairGaveUp, kvevents.RepairAfterBackoff:
+			t.Fatalf("repair from the log failed: %+v", res)
+		}
+	}
+	t.Fatalf("repair of %s did not end", worker)
+	return requests
+}
+
+func wantConverged(t *testing.T, s *kvevents.Sequencer, l *kvevents.Log, worker string) {
+	t.Helper()
+	got, last := s.Blocks(worker)
+	if last != l.Last() || !maps.Equal(got, l.Blocks()) {
+		t.Fatalf("sequencer at %d with %d blocks, log at %d with %d blocks; stats %v", last, len(got), l.Last(), len(l.Blocks()), s.Stats())
+	}
+}
+
+func TestLogNumbersEvents(t *testing.T) {
+	l := kvevents.NewLog("w1", 9, 0, 0, nil)
+	if hb := l.Heartbeat(); hb.WorkerId != "w1" || hb.Epoch != 9 || hb.HeadEventId != 0 || len(hb.Events) != 0 {
+		t.Fatalf("first heartbeat %v", hb)
+	}
+	e := storedEv(0, nil, 10, 11)
+	// Size says what Append would send, without taking the id.
+	n := l.Size(e)
+	if e.EventId != 0 || l.Last() != 0 {
+		t.Fatalf("Size took id %d, last %d", e.EventId, l.Last())
+	}
+	b := l.Append(e)
+	if n != proto.Size(b) {
+		t.Fatalf("Size %d, batch of %d bytes", n, proto.Size(b))
+	}
+	if b.WorkerId != "w1" || b.Epoch != 9 || b.HeadEventId != 1 || len(b.Events) != 1 || b.Events[0] != e || e.EventId != 1 {
+		t.Fatalf("first batch %v", b)
+	}
+	if err := kvevents.ValidateBatch(b); err != nil {
+		t.Fatal(err)
+	}
+	// The id in a caller's event is overwritten, not trusted.
+	if b := l.Append(removedEv(77, 10)); b.HeadEventId != 2 || b.Events[0].EventId != 2 {
+		t.Fatalf("second batch %v", b)
+	}
+	if hb := l.Heartbeat(); hb.HeadEventId != 2 || l.Last() != 2 {
+		t.Fatalf("heartbeat %v, last %d", hb, l.Last())
+	}
+	want := map[uint64]kvevents.Block{11: {Parent: 10, HasParent: true}}
+	got := l.Blocks()
+	if !maps.Equal(got, want) {
+		t.Fatalf("blocks %v, want %v", got, want)
+	}
+	got[99] = kvevents.Block{}
+	if len(l.Blocks()) != 1 {
+		t.Fatal("Blocks is not a copy")
+	}
+}
+
+func eventIDs(t *testing.T, r *triplanev1.KvResendReply) []uint64 {
+	t.Helper()
+	rg, ok := r.Reply.(*triplanev1.KvResendReply_Range)
+	if !ok {
+		t.Fatalf("reply %v is not a range", r)
+	}
+	ids := []uint64{}
+	for _, e := range rg.Range.Events {
+		ids = append(ids, e.EventId)
+	}
+	return ids
+}
+
+func idRange(from, to uint64) []uint64 {
+	out := []uint64{}
+	for id := from; id <= to; id++ {
+		out = append(out, id)
+	}
+	return out
+}
+
+func TestLogResendsFromTheRing(t *testing.T) {
+	l := kvevents.NewLog("w1", 1, 8, 3, nil)
+	appendN(l, rand.New(rand.NewPCG(1, 1)), 10) // the ring holds 3..10
+	for _, tc := range []struct {
+		from, to uint64
+		want     []uint64
+	}{
+		{3, 4, idRange(3, 4)},
+		{5, 100, idRange(5, 7)}, // at most MaxResend events
+		{9, 100, idRange(9, 10)},
+		{11, 20, idRange(1, 0)}, // nothing newer than the consumer has
+		{4, 3, idRange(1, 0)},
+	} {
+		r := l.Resend(&triplanev1.KvResendRequest{WorkerId: "w1", FromEventId: tc.from, ToEventId: tc.to}, math.MaxInt64)
+		if err := kvevents.ValidateReply(r); err != nil || r.WorkerId != "w1" || r.Epoch != 1 {
+			t.Fatalf("%d..%d: reply %v: %v", tc.from, tc.to, r, err)
+		}
+		if got := eventIDs(t, r); !slices.Equal(got, tc.want) {
+			t.Fatalf("%d..%d: events %v, want %v", tc.from, tc.to, got, tc.want)
+		}
+	}
+	// Ids from 0 mean from the first; the ring of a young log holds them.
+	young := kvevents.NewLog("w1", 1, 8, 0, nil)
+	appendN(young, rand.New(rand.NewPCG(1, 1)), 4)
+	if got := eventIDs(t, young.Resend(&triplanev1.KvResendRequest{ToEventId: 9}, math.MaxInt64)); !slices.Equal(got, idRange(1, 4)) {
+		t.Fatalf("from 0: %v", got)
+	}
+}
+
+func TestLogDumpsBeyondTheRing(t *testing.T) {
+	l := kvevents.NewLog("w1", 1, 8, 0, nil)
+	appendN(l, rand.New(rand.NewPCG(2, 2)), 40)
+	r := l.Resend(&triplanev1.KvResendRequest{FromEventId: 32, ToEventId: 40}, math.MaxInt64)
+	if _, ok := r.Reply.(*triplanev1.KvResendReply_Dump); !ok {
+		t.Fatalf("from 32 of 40 with a ring of 8: %v", r)
+	}
+	d := r.GetDump()
+	if d.EventId != 40 || len(d.Blocks) != len(l.Blocks()) || len(d.Blocks) < 2 {
+		t.Fatalf("dump at %d of %d blocks; log at 40 with %d", d.EventId, len(d.Blocks), len(l.Blocks()))
+	}
+	if !slices.IsSortedFunc(d.Blocks, func(a, b *triplanev1.KvDumpBlock) int { return cmp.Compare(a.Hash, b.Hash) }) {
+		t.Fatalf("dump blocks not sorted by hash: %v", d.Blocks)
+	}
+	for _, b := range d.Blocks {
+		if want := l.Blocks()[b.Hash]; want.Parent != b.GetParentHash() || want.HasParent != (b.ParentHash != nil) {
+			t.Fatalf("block %d: %v, want %+v", b.Hash, b, want)
+		}
+	}
+	// The same log gives the same dump, byte for byte.
+	again := l.Resend(&triplanev1.KvResendRequest{FromEventId: 1, ToEventId: 40}, math.MaxInt64)
+	b1, _ := proto.MarshalOptions{Deterministic: true}.Marshal(r)
+	b2, _ := proto.MarshalOptions{Deterministic: true}.Marshal(again)
+	if string(b1) != string(b2) {
+		t.Fatal("two dumps of the same log differ")
+	}
+	// From the oldest id the ring holds, a range again.
+	if got := eventIDs(t, l.Resend(&triplanev1.KvResendRequest{FromEventId: 33, ToEventId: 40}, math.MaxInt64)); !slices.Equal(got, idRange(33, 40)) {
+		t.Fatalf("from 33: %v", got)
+	}
+}
+
+func TestLogSplitsResendsByBudget(t *testing.T) {
+	l := kvevents.NewLog("w1", 1, 0, 0, nil)
+	for i := range uint64(10) {
+		l.Append(storedEv(0, nil, 1000+i))
+	}
+	one := int64(proto.Size(storedEv(5, nil, 1005))) + 8
+	req := &triplanev1.KvResendRequest{FromEventId: 1, ToEventId: 10}
+	if got := eventIDs(t, l.Resend(req, 3*one)); !slices.Equal(got, idRange(1, 3)) {
+		t.Fatalf("budget of 3 events: %v", got)
+	}
+	// However small the budget, an answer makes progress.
+	if got := eventIDs(t, l.Resend(req, 0)); !slices.Equal(got, idRange(1, 1)) {
+		t.Fatalf("budget 0: %v", got)
+	}
+	// The consumer gets the rest by asking again.
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{})
+	ingest(t, s, l.Heartbeat(), true)
+	if n := repairAll(t, s, l, "w1", 3*one); n != 4 {
+		t.Fatalf("%d requests for 10 events 3 at a time", n)
+	}
+	wantConverged(t, s, l, "w1")
+}
+
+func TestLogFaultPoints(t *testing.T) {
+	if !slices.Equal(kvevents.FaultPoints, []string{kvevents.FaultPendingFull, kvevents.FaultDump, kvevents.FaultShortResend}) {
+		t.Fatalf("FaultPoints %v", kvevents.FaultPoints)
+	}
+	req := &triplanev1.KvResendRequest{FromEventId: 2, ToEventId: 6}
+	t.Run("dump", func(t *testing.T) {
+		p := always{kvevents.FaultDump: 0}
+		l := kvevents.NewLog("w1", 1, 0, 0, p)
+		appendN(l, rand.New(rand.NewPCG(3, 3)), 6)
+		r := l.Resend(req, math.MaxInt64)
+		if r.GetDump() == nil || r.GetDump().EventId != 6 || p[kvevents.FaultDump] != 1 {
+			t.Fatalf("reply %v, fired %v; want a dump at 6", r, p)
+		}
+		// An empty range stays one: there is nothing to dump for.
+		if r := l.Resend(&triplanev1.KvResendRequest{FromEventId: 7, ToEventId: 9}, math.MaxInt64); r.GetRange() == nil {
+			t.Fatalf("nothing to resend: %v", r)
+		}
+	})
+	t.Run("short resend", func(t *testing.T) {
+		p := always{kvevents.FaultShortResend: 0}
+		l := kvevents.NewLog("w1", 1, 0, 0, p)
+		appendN(l, rand.New(rand.NewPCG(3, 3)), 6)
+		if got := eventIDs(t, l.Resend(req, math.MaxInt64)); !slices.Equal(got, idRange(2, 2)) || p[kvevents.FaultShortResend] != 1 {
+			t.Fatalf("events %v, fired %v; want the first only", got, p)
+		}
+	})
+	t.Run("pending full", func(t *testing.T) {
+		p := always{kvevents.FaultPendingFull: 0}
+		s := kvevents.NewSequencer(kvevents.SequencerConfig{Faults: p})
+		ingest(t, s, batchOf("w1", 1, 0, storedEv(1, nil, 10)), false)
+		ingest(t, s, batchOf("w1", 1, 0, storedEv(3, nil, 30)), true)
+		if st := s.Stats(); st.DroppedPending != 1 || p[kvevents.FaultPendingFull] != 1 {
+			t.Fatalf("stats %+v, fired %v; want the early event dropped", st, p)
+		}
+		req, epoch, _ := s.RepairRequest("w1")
+		if req.FromEventId != 2 || req.ToEventId != 3 {
+			t.Fatalf("repair request %v", req)
+		}
+		wantNext(t, s.RepairDone("w1", epoch, rangeReply("w1", 1, storedEv(2, nil, 20), storedEv(3, nil, 30)), nil), kvevents.RepairStop)
+		wantBlocks(t, s, "w1", blocksOf(10, 20, 30), 3)
+	})
+	// With every point firing half the time, the consumer still gets there.
+	for _, ring := range []int{4096, 8} {
+		p := &chance{rng: rand.New(rand.NewPCG(4, uint64(ring))), p: 0.5, fired: map[string]int{}}
+		l := kvevents.NewLog("w1", 1, ring, 50, p)
+		s := kvevents.NewSequencer(kvevents.SequencerConfig{Faults: p})
+		rng, live, next := rand.New(rand.NewPCG(4, 4)), []uint64{}, uint64(1)
+		for i := range 300 {
+			b := l.Append(randomEvent(rng, &live, &next))
+			if i%3 == 0 {
+				continue // lost
+			}
+			if repair, err := s.Ingest(b); err != nil {
+				t.Fatal(err)
+			} else if repair {
+				repairAll(t, s, l, "w1", math.MaxInt64)
+			}
+		}
+		if repair, _ := s.Ingest(l.Heartbeat()); repair {
+			repairAll(t, s, l, "w1", math.MaxInt64)
+		}
+		wantConverged(t, s, l, "w1")
+		for _, f := range kvevents.FaultPoints {
+			if p.fired[f] == 0 {
+				t.Fatalf("ring %d: %s never fired: %v", ring, f, p.fired)
+			}
+		}
+	}
+}
+
+// pipe carries a Log's batches to a Sequencer through a network that loses,
+// holds back and duplicates some, and interleaves the Sequencer's repairs
+// (some of whose requests fail) with the traffic, all from one seeded
+// source: what the simulator does, in small.
+type pipe struct {
+	t       *testing.T
+	rng     *rand.Rand
+	log     *kvevents.Log
+	seq     *kvevents.Sequencer
+	held    []*triplanev1.KvEventBatch
+	repairs []string
+	budget  int64
+	lossy   bool
+}
+
+func (p *pipe) deliver(b *triplanev1.KvEventBatch) {
+	repair, err := p.seq.Ingest(b)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	if repair {
+		p.repairs = append(p.repairs, b.WorkerId)
+	}
+}
+
+func (p *pipe) send(b *triplanev1.KvEventBatch) {
+	if !p.lossy {
+		p.deliver(b)
+		return
+	}
+	switch x := p.rng.IntN(100); {
+	case x < 20:
+	case x < 35:
+		p.held = append(p.held, b)
+	case x < 40:
+		p.deliver(b)
+		p.deliver(b)
+	default:
+		p.deliver(b)
+	}
+	if len(p.held) > 5 && p.rng.IntN(4) == 0 {
+		p.rng.Shuffle(len(p.held), func(i, j int) { p.held[i], p.held[j] = p.held[j], p.held[i] })
+		for _, h := range p.held {
+			p.deliver(h)
+		}
+		p.held = p.held[:0]
+	}
+}
+
+// step makes one resend request of the oldest repair under way.
+func (p *pipe) step() {
+	if len(p.repairs) == 0 {
+		return
+	}
+	w := p.repairs[0]
+	p.repairs = p.repairs[1:]
+	req, epoch, ok := p.seq.RepairRequest(w)
+	if !ok {
+		return
+	}
+	var reply *triplanev1.KvResendReply
+	var err error
+	if p.lossy && p.rng.IntN(10) == 0 {
+		err = errTimeout
+	} else {
+		reply = p.log.Resend(req, p.budget)
+	}
+	switch p.seq.RepairDone(w, epoch, reply, err).Next {
+	case kvevents.RepairAgain, kvevents.RepairAfterBackoff:
+		p.repairs = append(p.repairs, w)
+	}
+}
+
+var errTimeout = errors.New("timeout")
+
+// run appends n events through the lossy network, then heals it and
+// repairs until the view is the log's.
+func (p *pipe) run(n int) {
+	var live []uint64
+	next := uint64(1)
+	p.lossy = true
+	for range n {
+		p.send(p.log.Append(randomEvent(p.rng, &live, &next)))
+		if p.rng.IntN(3) == 0 {
+			p.send(p.log.Heartbeat())
+		}
+		if p.rng.IntN(2) == 0 {
+			p.step()
+		}
+	}
+	p.lossy = false
+	for _, h := range p.held {
+		p.deliver(h)
+	}
+	p.held = nil
+	for range 100 {
+		if last := p.seq.LastEventID("w1"); last == p.log.Last() && len(p.repairs) == 0 {
+			break
+		}
+		p.send(p.log.Heartbeat())
+		for len(p.repairs) > 0 {
+			p.step()
+		}
+	}
+}
+
+func TestSequencerFollowsLogThroughLossAndFaults(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		ring int
+		seed uint64
+	}{
+		{"ring holds the gaps", 4096, 1},
+		{"small ring", 8, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var views [2][]byte
+			var stats [2]kvevents.Stats
+			for i := range views {
+				faults := &chance{rng: rand.New(rand.NewPCG(tc.seed, 9)), p: 0.2, fired: map[string]int{}}
+				l := kvevents.NewLog("w1", 1, tc.ring, 20, faults)
+				s := kvevents.NewSequencer(kvevents.SequencerConfig{MaxPending: 16, RepairAttempts: 3, Faults: faults})
+				one := int64(proto.Size(storedEv(1000, proto.Uint64(99999), 99999, 99999, 99999, 99999))) + 8
+				p := &pipe{t: t, rng: rand.New(rand.NewPCG(tc.seed, 1)), log: l, seq: s, budget: 5 * one}
+				p.run(2000)
+				wantConverged(t, s, l, "w1")
+				for _, f := range kvevents.FaultPoints {
+					if faults.fired[f] == 0 {
+						t.Fatalf("%s never fired: %v", f, faults.fired)
+					}
+				}
+				st := s.Stats()
+				if st.Gaps == 0 || st.DroppedPending == 0 || st.Dumps == 0 || st.Resends == 0 || st.RepairFailures == 0 {
+					t.Fatalf("a path not taken: %v", st)
+				}
+				views[i], _ = proto.MarshalOptions{Deterministic: true}.Marshal(s.View())
+				stats[i] = st
+				if i == 0 {
+					t.Logf("%v; faults %v", st, faults.fired)
+				}
+			}
+			// The simulator replays a seed: the same inputs give the same run.
+			if string(views[0]) != string(views[1]) || stats[0] != stats[1] {
+				t.Fatalf("two runs of seed %d differ: %v, then %v", tc.seed, stats[0], stats[1])
+			}
+		})
+	}
+}

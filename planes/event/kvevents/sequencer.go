@@ -1,0 +1,401 @@
+package kvevents
+
+import (
+	"fmt"
+	"maps"
+	"slices"
+
+	"github.com/triplane-dev/triplane/fault"
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planes/event"
+)
+
+const (
+	defaultMaxPending     = 4096
+	defaultMaxWorkers     = 4096
+	defaultRepairAttempts = 10
+)
+
+// SequencerConfig configures a Sequencer; the fields mean what they mean in
+// ConsumerConfig, with the same defaults.
+type SequencerConfig struct {
+	MaxPending, MaxWorkers, RepairAttempts int
+	// OnEvent and OnReset are told every change to the view, in order,
+	// from within the call that makes it.
+	OnEvent func(worker string, e *triplanev1.KvEvent)
+	OnReset func(worker string, blocks map[uint64]Block, last uint64)
+	// Faults is nil in production (see FaultPendingFull).
+	Faults fault.Points
+}
+
+// Stats counts what the consumer saw.
+type Stats struct {
+	Applied, Duplicates, Gaps, Resends, Dumps, RepairFailures, Malformed, DroppedPending, DroppedWorkers, StaleEpoch uint64
+}
+
+// String summarises the stats for logs and benchmarks.
+func (s Stats) String() string {
+	return fmt.Sprintf("applied %d, duplicates %d, gaps %d, resends %d, dumps %d, repair failures %d, malformed %d, dropped pending %d",
+		s.Applied, s.Duplicates, s.Gaps, s.Resends, s.Dumps, s.RepairFailures, s.Malformed, s.DroppedPending)
+}
+
+type workerView struct {
+	epoch     uint64
+	next      uint64 // next event id to apply
+	head      uint64 // highest id known to exist
+	blocks    map[uint64]Block
+	pending   map[uint64]*triplanev1.KvEvent
+	repairing bool
+	failures  int // failed resend requests in a row
+}
+
+// Sequencer is the consumer's logic without its goroutines, lock, timers or
+// connection, so that the simulator runs the very code production runs: it
+// puts each worker's events in order, buffers what arrives early, says when a
+// gap needs a repair and applies the repair's answer. The caller does the
+// asking, the waiting and the locking (a Sequencer is not safe for
+// concurrent use); everything the Sequencer does is decided by its inputs
+// and its Faults.
+type Sequencer struct {
+	cfg     SequencerConfig
+	workers map[string]*workerView
+	stats   Stats
+}
+
+// NewSequencer returns a Sequencer following no worker yet.
+func NewSequencer(cfg SequencerConfig) *Sequencer {
+	if cfg.MaxPending <= 0 {
+		cfg.MaxPending = defaultMaxPending
+	}
+	if cfg.MaxWorkers <= 0 {
+		cfg.MaxWorkers = defaultMaxWorkers
+	}
+	if cfg.RepairAttempts <= 0 {
+		cfg.RepairAttempts = defaultRepairAttempts
+	}
+	return &Sequencer{cfg: cfg, workers: map[string]*workerView{}}
+}
+
+// Ingest takes one batch. repair says a repair of batch.WorkerId must start
+// now: the worker is then marked as being repaired, so a gap is reported
+// once however many batches show it, until RepairDone says stop. err is why
+// a malformed batch was dropped (counted in Stats.Malformed).
+func (s *Sequencer) Ingest(batch *triplanev1.KvEventBatch) (repair bool, err error) {
+	if err := ValidateBatch(batch); err != nil {
+		s.stats.Malformed++
+		return false, err
+	}
+	v := s.view(batch.WorkerId, batch.Epoch)
+	if v == nil {
+		return false, nil
+	}
+	v.head = max(v.head, batch.HeadEventId)
+	for _, e := range batch.Events {
+		s.ingest(batch.WorkerId, v, e)
+	}
+	if v.next <= v.head && !v.repairing {
+		v.repairing = true
+		s.stats.Gaps++
+		return true, nil
+	}
+	return false, nil
+}
+
+// view finds or makes the worker's view for epoch; nil drops the batch (an
+// old epoch, or no room).
+func (s *Sequencer) view(worker string, epoch uint64) *workerView {
+	v := s.workers[worker]
+	if v == nil {
+		if len(s.workers) >= s.cfg.MaxWorkers {
+			s.stats.DroppedWorkers++
+			return nil
+		}
+		v = &workerView{epoch: epoch, next: 1, blocks: map[uint64]Block{}, pending: map[uint64]*triplanev1.KvEvent{}}
+		s.workers[worker] = v
+		return v
+	}
+	switch {
+	case epoch < v.epoch:
+		s.stats.StaleEpoch++
+		return nil
+	case epoch > v.epoch:
+		// The worker restarted: its ids start again and its cache is new.
+		// A repair under way goes on; its answer, of the old epoch, is
+		// ignored and the next request asks the new one.
+		v.epoch, v.next, v.head = epoch, 1, 0
+		clear(v.blocks)
+		clear(v.pending)
+		if s.cfg.OnReset != nil {
+			s.cfg.OnReset(worker, map[uint64]Block{}, 0)
+		}
+	}
+	return v
+}
+
+func (s *Sequencer) ingest(worker string, v *workerView, e *triplanev1.KvEvent) {
+	switch {
+	case e.EventId < v.next:
+		s.stats.Duplicates++
+	case e.EventId == v.next:
+		s.apply(worker, v, e)
+		s.drain(worker, v)
+	default:
+		// Raised even when the event is dropped below, so the gap it
+		// leaves is repaired.
+		v.head = max(v.head, e.EventId)
+		if _, ok := v.pending[e.EventId]; ok {
+			s.stats.Duplicates++
+		} else if len(v.pending) < s.cfg.MaxPending && !fault.Fire(s.cfg.Faults, FaultPendingFull) {
+			v.pending[e.EventId] = e
+		} else {
+			s.stats.DroppedPending++
+		}
+	}
+}
+
+// drain applies the buffered events that now follow in order.
+func (s *Sequencer) drain(worker string, v *workerView) {
+	for {
+		p, ok := v.pending[v.next]
+		if !ok {
+			return
+		}
+		delete(v.pending, v.next)
+		s.apply(worker, v, p)
+	}
+}
+
+func (s *Sequencer) apply(worker string, v *workerView, e *triplanev1.KvEvent) {
+	apply(v.blocks, e)
+	v.next = e.EventId + 1
+	v.head = max(v.head, e.EventId)
+	s.stats.Applied++
+	if s.cfg.OnEvent != nil {
+		s.cfg.OnEvent(worker, e)
+	}
+}
+
+// RepairRequest is the resend request that asks worker for what its view
+// misses, and the epoch to hand back to RepairDone with the answer; ok is
+// false when the worker is no longer followed (Forget), and the repair ends.
+func (s *Sequencer) RepairRequest(worker string) (req *triplanev1.KvResendRequest, epoch uint64, ok bool) {
+	v := s.workers[worker]
+	if v == nil {
+		return nil, 0, false
+	}
+	return &triplanev1.KvResendRequest{WorkerId: worker, FromEventId: v.next, ToEventId: v.head}, v.epoch, true
+}
+
+// RepairNext is what a repair does after one resend request.
+type RepairNext int
+
+const (
+	// RepairStop: the view has no gap left (or the worker is no longer
+	// followed); the repair is over.
+	RepairStop RepairNext = iota
+	// RepairAgain: a gap remains (a partial answer, or one of an old
+	// epoch); ask again now.
+	RepairAgain
+	// RepairAfterBackoff: the request failed and a gap remains; ask again
+	// after a wait.
+	RepairAfterBackoff
+	// RepairGaveUp: RepairAttempts requests in a row failed; the repair is
+	// over until the worker's next batch or heartbeat starts another, so a
+	// worker that died stops costing requests.
+	RepairGaveUp
+)
+
+func (n RepairNext) String() string {
+	switch n {
+	case RepairStop:
+		return "stop"
+	case RepairAgain:
+		return "again"
+	case RepairAfterBackoff:
+		return "after backoff"
+	case RepairGaveUp:
+		return "gave up"
+	}
+	return fmt.Sprintf("RepairNext(%d)", int(n))
+}
+
+// RepairResult is what became of one resend request, with what the caller
+// logs.
+type RepairResult struct {
+	Next RepairNext
+	// Err is why the request counted as failed: the caller's error or the
+	// reply's invalidity; nil when it did not.
+	Err error
+	// Failures is the number of failed requests in a row, this one
+	// included (0 when it did not fail): the attempt number to log.
+	Failures int
+	// Missing and Head are the first event id the view still misses and
+	// the highest id known to exist, after the answer.
+	Missing, Head uint64
+}
+
+// RepairDone takes the outcome of the request RepairRequest made for epoch:
+// the reply, or err when there was none (a timeout, no responder).
+func (s *Sequencer) RepairDone(worker string, epoch uint64, reply *triplanev1.KvResendReply, err error) RepairResult {
+	v := s.workers[worker]
+	if v == nil {
+		return RepairResult{Next: RepairStop}
+	}
+	if err == nil {
+		err = ValidateReply(reply)
+	}
+	if err == nil {
+		v.failures = 0
+	}
+	switch {
+	case err != nil:
+		s.stats.RepairFailures++
+		v.failures++
+	case reply.Epoch != epoch || v.epoch != epoch:
+		// The worker restarted meanwhile; the new epoch's events decide.
+	default:
+		switch r := reply.Reply.(type) {
+		case *triplanev1.KvResendReply_Range:
+			s.stats.Resends++
+			for _, e := range r.Range.Events {
+				s.ingest(worker, v, e)
+			}
+		case *triplanev1.KvResendReply_Dump:
+			s.stats.Dumps++
+			s.applyDump(worker, v, r.Dump)
+		}
+	}
+	res := RepairResult{Err: err, Failures: v.failures, Missing: v.next, Head: v.head}
+	if v.next <= v.head && v.failures < s.cfg.RepairAttempts {
+		if err != nil {
+			res.Next = RepairAfterBackoff
+		} else {
+			res.Next = RepairAgain
+		}
+		return res
+	}
+	res.Next = RepairStop
+	if v.failures >= s.cfg.RepairAttempts {
+		v.failures = 0
+		res.Next = RepairGaveUp
+	}
+	v.repairing = false
+	return res
+}
+
+// applyDump replaces the view with a dump taken at dump.EventId and then
+// applies the buffered events that follow it.
+func (s *Sequencer) applyDump(worker string, v *workerView, d *triplanev1.KvDump) {
+	if d.EventId+1 < v.next {
+		return // older than what the view already has
+	}
+	clear(v.blocks)
+	for _, b := range d.Blocks {
+		v.blocks[b.Hash] = Block{Parent: b.GetParentHash(), HasParent: b.ParentHash != nil}
+	}
+	v.next = d.EventId + 1
+	v.head = max(v.head, d.EventId)
+	for id := range v.pending {
+		if id < v.next {
+			delete(v.pending, id)
+		}
+	}
+	if s.cfg.OnReset != nil {
+		s.cfg.OnReset(worker, copyBlocks(v.blocks), d.EventId)
+	}
+	s.drain(worker, v)
+}
+
+// View returns the whole view, to be saved (Restore), workers and blocks in
+// sorted order.
+func (s *Sequencer) View() *triplanev1.KvView {
+	out := &triplanev1.KvView{}
+	for _, w := range slices.Sorted(maps.Keys(s.workers)) {
+		v := s.workers[w]
+		out.Workers = append(out.Workers, &triplanev1.KvWorkerView{WorkerId: w, Epoch: v.epoch, Dump: dump(v.blocks, v.next-1)})
+	}
+	return out
+}
+
+// Restore seeds the view of workers not heard of yet from a saved view,
+// telling OnReset. Invalid entries are skipped and counted as malformed;
+// it returns how many were.
+func (s *Sequencer) Restore(view *triplanev1.KvView) (malformed int) {
+	for _, wv := range view.GetWorkers() {
+		w := wv.GetWorkerId()
+		if event.CheckToken(w) != nil || wv.GetEpoch() == 0 || wv.GetDump() == nil {
+			s.stats.Malformed++
+			malformed++
+			continue
+		}
+		if s.workers[w] != nil || len(s.workers) >= s.cfg.MaxWorkers {
+			continue
+		}
+		v := &workerView{epoch: wv.Epoch, next: wv.Dump.EventId + 1, head: wv.Dump.EventId,
+			blocks: make(map[uint64]Block, len(wv.Dump.Blocks)), pending: map[uint64]*triplanev1.KvEvent{}}
+		for _, b := range wv.Dump.Blocks {
+			v.blocks[b.Hash] = Block{Parent: b.GetParentHash(), HasParent: b.ParentHash != nil}
+		}
+		s.workers[w] = v
+		if s.cfg.OnReset != nil {
+			s.cfg.OnReset(w, copyBlocks(v.blocks), wv.Dump.EventId)
+		}
+	}
+	return malformed
+}
+
+// Blocks is a copy of the view of worker's blocks and the id of the last
+// event it reflects.
+func (s *Sequencer) Blocks(worker string) (map[uint64]Block, uint64) {
+	v := s.workers[worker]
+	if v == nil {
+		return map[uint64]Block{}, 0
+	}
+	return copyBlocks(v.blocks), v.next - 1
+}
+
+// LastEventID is the id of the last event of worker the view reflects.
+func (s *Sequencer) LastEventID(worker string) uint64 {
+	if v := s.workers[worker]; v != nil {
+		return v.next - 1
+	}
+	return 0
+}
+
+// Workers lists the workers followed, sorted.
+func (s *Sequencer) Workers() []string {
+	return slices.Sorted(maps.Keys(s.workers))
+}
+
+// Forget stops following a worker (it left the deployment). A repair of it
+// under way ends at its next RepairRequest or RepairDone, unless the worker
+// is followed again by then.
+func (s *Sequencer) Forget(worker string) {
+	delete(s.workers, worker)
+}
+
+// Stats returns the counters.
+func (s *Sequencer) Stats() Stats { return s.stats }
+
+func copyBlocks(m map[uint64]Block) map[uint64]Block {
+	out := make(map[uint64]Block, len(m))
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
+}
+
+// dump lists blocks sorted by hash, so that the same blocks always give the
+// same message (the simulator compares runs).
+func dump(blocks map[uint64]Block, last uint64) *triplanev1.KvDump {
+	d := &triplanev1.KvDump{EventId: last, Blocks: make([]*triplanev1.KvDumpBlock, 0, len(blocks))}
+	for _, h := range slices.Sorted(maps.Keys(blocks)) {
+		b := &triplanev1.KvDumpBlock{Hash: h}
+		if blocks[h].HasParent {
+			p := blocks[h].Parent
+			b.ParentHash = &p
+		}
+		d.Blocks = append(d.Blocks, b)
+	}
+	return d
+}

@@ -1,0 +1,398 @@
+package kvevents_test
+
+import (
+	"errors"
+	"maps"
+	"slices"
+	"testing"
+
+	"google.golang.org/protobuf/proto"
+
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planes/event/kvevents"
+)
+
+func storedEv(id uint64, parent *uint64, hashes ...uint64) *triplanev1.KvEvent {
+	return &triplanev1.KvEvent{EventId: id, Kind: &triplanev1.KvEvent_Stored{Stored: &triplanev1.KvBlocksStored{BlockHashes: hashes, ParentHash: parent}}}
+}
+
+func removedEv(id uint64, hashes ...uint64) *triplanev1.KvEvent {
+	return &triplanev1.KvEvent{EventId: id, Kind: &triplanev1.KvEvent_Removed{Removed: &triplanev1.KvBlocksRemoved{BlockHashes: hashes}}}
+}
+
+func clearedEv(id uint64) *triplanev1.KvEvent {
+	return &triplanev1.KvEvent{EventId: id, Kind: &triplanev1.KvEvent_Cleared{Cleared: &triplanev1.KvAllCleared{}}}
+}
+
+// batchOf is a batch of consecutive events whose head is the last one (or
+// head, for a heartbeat).
+func batchOf(worker string, epoch, head uint64, es ...*triplanev1.KvEvent) *triplanev1.KvEventBatch {
+	if n := len(es); n > 0 {
+		head = max(head, es[n-1].EventId)
+	}
+	return &triplanev1.KvEventBatch{WorkerId: worker, Epoch: epoch, HeadEventId: head, Events: es}
+}
+
+func rangeReply(worker string, epoch uint64, es ...*triplanev1.KvEvent) *triplanev1.KvResendReply {
+	return &triplanev1.KvResendReply{WorkerId: worker, Epoch: epoch,
+		Reply: &triplanev1.KvResendReply_Range{Range: &triplanev1.KvEventRange{Events: es}}}
+}
+
+func dumpReply(worker string, epoch, last uint64, hashes ...uint64) *triplanev1.KvResendReply {
+	d := &triplanev1.KvDump{EventId: last}
+	for _, h := range hashes {
+		d.Blocks = append(d.Blocks, &triplanev1.KvDumpBlock{Hash: h})
+	}
+	return &triplanev1.KvResendReply{WorkerId: worker, Epoch: epoch, Reply: &triplanev1.KvResendReply_Dump{Dump: d}}
+}
+
+// blocksOf is blocks without parents.
+func blocksOf(hashes ...uint64) map[uint64]kvevents.Block {
+	out := map[uint64]kvevents.Block{}
+	for _, h := range hashes {
+		out[h] = kvevents.Block{}
+	}
+	return out
+}
+
+func ingest(t *testing.T, s *kvevents.Sequencer, b *triplanev1.KvEventBatch, wantRepair bool) {
+	t.Helper()
+	repair, err := s.Ingest(b)
+	if err != nil {
+		t.Fatalf("Ingest(%v): %v", b, err)
+	}
+	if repair != wantRepair {
+		t.Fatalf("Ingest(%v): repair %v, want %v", b, repair, wantRepair)
+	}
+}
+
+func wantBlocks(t *testing.T, s *kvevents.Sequencer, worker string, want map[uint64]kvevents.Block, wantLast uint64) {
+	t.Helper()
+	got, last := s.Blocks(worker)
+	if last != wantLast || !maps.Equal(got, want) {
+		t.Fatalf("%s: blocks %v at %d, want %v at %d", worker, got, last, want, wantLast)
+	}
+	if s.LastEventID(worker) != wantLast {
+		t.Fatalf("%s: LastEventID %d, want %d", worker, s.LastEventID(worker), wantLast)
+	}
+}
+
+func wantNext(t *testing.T, res kvevents.RepairResult, want kvevents.RepairNext) {
+	t.Helper()
+	if res.Next != want {
+		t.Fatalf("RepairDone: %v (%+v), want %v", res.Next, res, want)
+	}
+}
+
+type reset struct {
+	worker string
+	blocks map[uint64]kvevents.Block
+	last   uint64
+}
+
+func recordResets(cfg *kvevents.SequencerConfig) *[]reset {
+	var out []reset
+	cfg.OnReset = func(w string, b map[uint64]kvevents.Block, last uint64) { out = append(out, reset{w, b, last}) }
+	return &out
+}
+
+func TestSequencerDropsMalformedBatches(t *testing.T) {
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{})
+	for i, bad := range []*triplanev1.KvEventBatch{
+		nil,
+		batchOf("", 1, 0, storedEv(1, nil, 10)),
+		batchOf("w 1", 1, 0, storedEv(1, nil, 10)),
+		batchOf("w1", 1, 0, storedEv(1, nil, 10), storedEv(3, nil, 11)),
+		batchOf("w1", 1, 0, storedEv(0, nil, 10)),
+		batchOf("w1", 1, 0, &triplanev1.KvEvent{EventId: 1}),
+		{WorkerId: "w1", Epoch: 1, HeadEventId: 0, Events: []*triplanev1.KvEvent{storedEv(1, nil, 10)}},
+	} {
+		repair, err := s.Ingest(bad)
+		if !errors.Is(err, kvevents.ErrInvalid) || repair {
+			t.Fatalf("bad batch %d: repair %v, err %v; want ErrInvalid", i, repair, err)
+		}
+		if st := s.Stats(); st.Malformed != uint64(i+1) || st.Applied != 0 {
+			t.Fatalf("bad batch %d: %+v", i, st)
+		}
+		if v := s.View(); len(v.Workers) != 0 {
+			t.Fatalf("bad batch %d changed the view: %v", i, v)
+		}
+	}
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(1, nil, 10)), false)
+	wantBlocks(t, s, "w1", blocksOf(10), 1)
+}
+
+func TestSequencerIgnoresStaleEpoch(t *testing.T) {
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{})
+	ingest(t, s, batchOf("w1", 2, 0, storedEv(1, nil, 10)), false)
+	ingest(t, s, batchOf("w1", 1, 0, clearedEv(1), storedEv(2, nil, 20)), false)
+	if st := s.Stats(); st.StaleEpoch != 1 || st.Applied != 1 {
+		t.Fatalf("stale batch: %+v", st)
+	}
+	wantBlocks(t, s, "w1", blocksOf(10), 1)
+	ingest(t, s, batchOf("w1", 2, 0, storedEv(2, proto.Uint64(10), 11)), false)
+	wantBlocks(t, s, "w1", map[uint64]kvevents.Block{10: {}, 11: {Parent: 10, HasParent: true}}, 2)
+}
+
+func TestSequencerStartsAfreshOnRestart(t *testing.T) {
+	cfg := kvevents.SequencerConfig{}
+	resets := recordResets(&cfg)
+	s := kvevents.NewSequencer(cfg)
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(1, nil, 10), storedEv(2, nil, 11), storedEv(3, nil, 12)), false)
+	if len(*resets) != 0 {
+		t.Fatalf("resets before the restart: %v", *resets)
+	}
+	// The restarted worker's ids start again at 1, below the view's.
+	ingest(t, s, batchOf("w1", 2, 0, storedEv(1, nil, 20)), false)
+	if len(*resets) != 1 || (*resets)[0].worker != "w1" || len((*resets)[0].blocks) != 0 || (*resets)[0].last != 0 {
+		t.Fatalf("resets %v, want one of w1 with no blocks at 0", *resets)
+	}
+	wantBlocks(t, s, "w1", blocksOf(20), 1)
+	if st := s.Stats(); st.Duplicates != 0 || st.Applied != 4 {
+		t.Fatalf("after the restart: %+v", st)
+	}
+}
+
+func TestSequencerBoundsWorkers(t *testing.T) {
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{MaxWorkers: 1})
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(1, nil, 10)), false)
+	ingest(t, s, batchOf("w2", 1, 0, storedEv(1, nil, 20)), false)
+	if st := s.Stats(); st.DroppedWorkers != 1 || st.Applied != 1 {
+		t.Fatalf("second worker: %+v", st)
+	}
+	if w := s.Workers(); !slices.Equal(w, []string{"w1"}) {
+		t.Fatalf("workers %v", w)
+	}
+	// Forgetting one makes room.
+	s.Forget("w1")
+	ingest(t, s, batchOf("w2", 1, 0, storedEv(1, nil, 20)), false)
+	wantBlocks(t, s, "w2", blocksOf(20), 1)
+	wantBlocks(t, s, "w1", blocksOf(), 0)
+}
+
+func TestSequencerBoundsPending(t *testing.T) {
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{MaxPending: 2})
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(2, nil, 20)), true)
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(3, nil, 30)), false)
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(4, nil, 40)), false)
+	if st := s.Stats(); st.DroppedPending != 1 || st.Applied != 0 {
+		t.Fatalf("third early event: %+v", st)
+	}
+	// The dropped event is fetched again by the repair.
+	req, epoch, ok := s.RepairRequest("w1")
+	if !ok || epoch != 1 || req.FromEventId != 1 || req.ToEventId != 4 {
+		t.Fatalf("repair request %v epoch %d ok %v", req, epoch, ok)
+	}
+	res := s.RepairDone("w1", epoch, rangeReply("w1", 1, storedEv(1, nil, 10)), nil)
+	wantNext(t, res, kvevents.RepairAgain)
+	if res.Missing != 4 || res.Head != 4 {
+		t.Fatalf("after the first answer: %+v", res)
+	}
+	req, epoch, _ = s.RepairRequest("w1")
+	if req.FromEventId != 4 || req.ToEventId != 4 {
+		t.Fatalf("second request %v", req)
+	}
+	wantNext(t, s.RepairDone("w1", epoch, rangeReply("w1", 1, storedEv(4, nil, 40)), nil), kvevents.RepairStop)
+	wantBlocks(t, s, "w1", blocksOf(10, 20, 30, 40), 4)
+}
+
+func TestSequencerCountsDuplicates(t *testing.T) {
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{})
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(1, nil, 10)), false)
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(1, nil, 10)), false)
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(3, nil, 30)), true)
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(3, nil, 30)), false)
+	if st := s.Stats(); st.Duplicates != 2 || st.Applied != 1 || st.Gaps != 1 {
+		t.Fatalf("duplicates: %+v", st)
+	}
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(2, nil, 20)), false)
+	wantBlocks(t, s, "w1", blocksOf(10, 20, 30), 3)
+}
+
+func TestSequencerReportsAGapOnce(t *testing.T) {
+	var applied []uint64
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{OnEvent: func(w string, e *triplanev1.KvEvent) { applied = append(applied, e.EventId) }})
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(3, nil, 30)), true)
+	// Further batches that show the gap while it is repaired do not start
+	// another repair.
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(4, nil, 40)), false)
+	ingest(t, s, batchOf("w1", 1, 6), false)
+	if st := s.Stats(); st.Gaps != 1 {
+		t.Fatalf("gaps: %+v", st)
+	}
+	req, epoch, ok := s.RepairRequest("w1")
+	if !ok || req.WorkerId != "w1" || req.FromEventId != 1 || req.ToEventId != 6 || epoch != 1 {
+		t.Fatalf("repair request %v epoch %d", req, epoch)
+	}
+	// An answer that fills the first gap only: ask again for the tail.
+	res := s.RepairDone("w1", epoch, rangeReply("w1", 1, storedEv(1, nil, 10), removedEv(2, 10)), nil)
+	wantNext(t, res, kvevents.RepairAgain)
+	if res.Err != nil || res.Missing != 5 || res.Head != 6 {
+		t.Fatalf("partial answer: %+v", res)
+	}
+	req, epoch, _ = s.RepairRequest("w1")
+	if req.FromEventId != 5 || req.ToEventId != 6 {
+		t.Fatalf("second request %v", req)
+	}
+	wantNext(t, s.RepairDone("w1", epoch, rangeReply("w1", 1, storedEv(5, nil, 50), storedEv(6, nil, 60)), nil), kvevents.RepairStop)
+	wantBlocks(t, s, "w1", blocksOf(30, 40, 50, 60), 6)
+	if !slices.Equal(applied, []uint64{1, 2, 3, 4, 5, 6}) {
+		t.Fatalf("OnEvent saw %v", applied)
+	}
+	if st := s.Stats(); st.Resends != 2 || st.Applied != 6 {
+		t.Fatalf("after the repair: %+v", st)
+	}
+	// The repair is over: the next gap starts another.
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(8, nil, 80)), true)
+	if st := s.Stats(); st.Gaps != 2 {
+		t.Fatalf("second gap: %+v", st)
+	}
+}
+
+func TestSequencerRepairBacksOffThenGivesUp(t *testing.T) {
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{RepairAttempts: 3})
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(3, nil, 30)), true)
+	timeout := errors.New("timeout")
+
+	_, epoch, _ := s.RepairRequest("w1")
+	res := s.RepairDone("w1", epoch, nil, timeout)
+	wantNext(t, res, kvevents.RepairAfterBackoff)
+	if res.Err != timeout || res.Failures != 1 {
+		t.Fatalf("first failure: %+v", res)
+	}
+	// A success in between starts the count again.
+	wantNext(t, s.RepairDone("w1", epoch, rangeReply("w1", 1, storedEv(1, nil, 10)), nil), kvevents.RepairAgain)
+	for i, fail := range []struct {
+		reply *triplanev1.KvResendReply
+		err   error
+	}{
+		{nil, timeout},
+		// A reply that breaks the protocol is a failure too.
+		{&triplanev1.KvResendReply{WorkerId: "w1", Epoch: 1}, nil},
+		{nil, timeout},
+	} {
+		res := s.RepairDone("w1", epoch, fail.reply, fail.err)
+		if res.Err == nil || res.Failures != i+1 {
+			t.Fatalf("failure %d: %+v", i+1, res)
+		}
+		if i < 2 {
+			wantNext(t, res, kvevents.RepairAfterBackoff)
+		} else {
+			wantNext(t, res, kvevents.RepairGaveUp)
+			if res.Missing != 2 || res.Head != 3 {
+				t.Fatalf("gave up: %+v", res)
+			}
+		}
+	}
+	if st := s.Stats(); st.RepairFailures != 4 || st.Gaps != 1 {
+		t.Fatalf("after giving up: %+v", st)
+	}
+	// The worker's next heartbeat starts a new repair, counting from 0.
+	ingest(t, s, batchOf("w1", 1, 3), true)
+	_, epoch, _ = s.RepairRequest("w1")
+	if res := s.RepairDone("w1", epoch, nil, timeout); res.Failures != 1 || res.Next != kvevents.RepairAfterBackoff {
+		t.Fatalf("new repair: %+v", res)
+	}
+	wantNext(t, s.RepairDone("w1", epoch, rangeReply("w1", 1, storedEv(2, nil, 20)), nil), kvevents.RepairStop)
+	wantBlocks(t, s, "w1", blocksOf(10, 20, 30), 3)
+}
+
+func TestSequencerAppliesDumpsNotOlderThanTheView(t *testing.T) {
+	cfg := kvevents.SequencerConfig{}
+	resets := recordResets(&cfg)
+	s := kvevents.NewSequencer(cfg)
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(1, nil, 10), storedEv(2, nil, 20), storedEv(3, nil, 30)), false)
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(6, nil, 60)), true)
+	_, epoch, _ := s.RepairRequest("w1")
+	// A dump taken before the view's last event says less than the view.
+	res := s.RepairDone("w1", epoch, dumpReply("w1", 1, 1, 10), nil)
+	wantNext(t, res, kvevents.RepairAgain)
+	wantBlocks(t, s, "w1", blocksOf(10, 20, 30), 3)
+	if len(*resets) != 0 {
+		t.Fatalf("old dump told OnReset: %v", *resets)
+	}
+	// A newer one replaces the view; the buffered event that follows it
+	// is applied on top.
+	wantNext(t, s.RepairDone("w1", epoch, dumpReply("w1", 1, 5, 20, 50), nil), kvevents.RepairStop)
+	wantBlocks(t, s, "w1", blocksOf(20, 50, 60), 6)
+	if len(*resets) != 1 || !maps.Equal((*resets)[0].blocks, blocksOf(20, 50)) || (*resets)[0].last != 5 {
+		t.Fatalf("resets %v, want the dump at 5", *resets)
+	}
+	if st := s.Stats(); st.Dumps != 2 {
+		t.Fatalf("dumps: %+v", st)
+	}
+}
+
+func TestSequencerIgnoresRepliesOfAnotherEpoch(t *testing.T) {
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{})
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(3, nil, 30)), true)
+	_, epoch, _ := s.RepairRequest("w1")
+	// The worker restarts while the request is out: its new gap is left to
+	// the repair under way.
+	ingest(t, s, batchOf("w1", 2, 0, storedEv(2, nil, 22)), false)
+	res := s.RepairDone("w1", epoch, rangeReply("w1", 1, storedEv(1, nil, 10), storedEv(2, nil, 20)), nil)
+	wantNext(t, res, kvevents.RepairAgain)
+	wantBlocks(t, s, "w1", blocksOf(), 0)
+	req, epoch, _ := s.RepairRequest("w1")
+	if epoch != 2 || req.FromEventId != 1 || req.ToEventId != 2 {
+		t.Fatalf("request after the restart %v epoch %d", req, epoch)
+	}
+	// A reply from a run other than the one asked is ignored as well.
+	wantNext(t, s.RepairDone("w1", epoch, rangeReply("w1", 3, storedEv(1, nil, 13)), nil), kvevents.RepairAgain)
+	wantNext(t, s.RepairDone("w1", epoch, rangeReply("w1", 2, storedEv(1, nil, 21)), nil), kvevents.RepairStop)
+	wantBlocks(t, s, "w1", blocksOf(21, 22), 2)
+	if st := s.Stats(); st.RepairFailures != 0 || st.Resends != 1 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+func TestSequencerForgottenWorkerEndsItsRepair(t *testing.T) {
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{})
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(3, nil, 30)), true)
+	_, epoch, _ := s.RepairRequest("w1")
+	s.Forget("w1")
+	wantNext(t, s.RepairDone("w1", epoch, rangeReply("w1", 1, storedEv(1, nil, 10)), nil), kvevents.RepairStop)
+	if _, _, ok := s.RepairRequest("w1"); ok {
+		t.Fatal("repair request for a forgotten worker")
+	}
+	if len(s.Workers()) != 0 || s.LastEventID("w1") != 0 {
+		t.Fatalf("forgotten worker still followed: %v", s.Workers())
+	}
+}
+
+func TestSequencerViewRestores(t *testing.T) {
+	s1 := kvevents.NewSequencer(kvevents.SequencerConfig{})
+	ingest(t, s1, batchOf("w2", 7, 0, storedEv(1, nil, 5), storedEv(2, proto.Uint64(5), 6)), false)
+	ingest(t, s1, batchOf("w1", 3, 0, storedEv(1, nil, 10, 30), removedEv(2, 30)), false)
+	view := s1.View()
+	if got := []string{view.Workers[0].WorkerId, view.Workers[1].WorkerId}; !slices.Equal(got, []string{"w1", "w2"}) {
+		t.Fatalf("view workers %v, want sorted", got)
+	}
+
+	cfg := kvevents.SequencerConfig{}
+	resets := recordResets(&cfg)
+	s2 := kvevents.NewSequencer(cfg)
+	// w2 is already followed: the saved entry does not overwrite it.
+	ingest(t, s2, batchOf("w2", 8, 0, storedEv(1, nil, 80)), false)
+	bad := proto.Clone(view).(*triplanev1.KvView)
+	bad.Workers = append(bad.Workers,
+		&triplanev1.KvWorkerView{WorkerId: "bad worker", Epoch: 1, Dump: &triplanev1.KvDump{}},
+		&triplanev1.KvWorkerView{WorkerId: "w3", Epoch: 0, Dump: &triplanev1.KvDump{}},
+		&triplanev1.KvWorkerView{WorkerId: "w4", Epoch: 1})
+	if n := s2.Restore(bad); n != 3 || s2.Stats().Malformed != 3 {
+		t.Fatalf("Restore: %d malformed, stats %+v; want 3", n, s2.Stats())
+	}
+	if len(*resets) != 1 || (*resets)[0].worker != "w1" || (*resets)[0].last != 2 {
+		t.Fatalf("resets %v, want w1's only", *resets)
+	}
+	wantBlocks(t, s2, "w1", blocksOf(10), 2)
+	wantBlocks(t, s2, "w2", blocksOf(80), 1)
+	// Batches continue from the saved id.
+	ingest(t, s2, batchOf("w1", 3, 0, storedEv(3, proto.Uint64(10), 11)), false)
+	wantBlocks(t, s2, "w1", map[uint64]kvevents.Block{10: {}, 11: {Parent: 10, HasParent: true}}, 3)
+
+	s3 := kvevents.NewSequencer(kvevents.SequencerConfig{})
+	if n := s3.Restore(view); n != 0 || !proto.Equal(s3.View(), view) {
+		t.Fatalf("round trip: %d malformed, view %v, want %v", n, s3.View(), view)
+	}
+}
