@@ -1,7 +1,12 @@
 package sim_test
 
-import "github.com/triplane-dev/triplane/engine/mocker"
+import (
+	"slices"
+
+	"github.com/triplane-dev/triplane/engine/mocker"
+	"github.com/triplane-dev/triplane/planes/event/kvevents"
+)
 
 // servingFaultPoints are the fault points the serving scenario's real code
-// reaches.
-var servingFaultPoints = mocker.FaultPoints
+// reaches: the engine's and the KV event log's and sequencer's.
+var servingFaultPoints = append(slices.Clone(mocker.FaultPoints), kvevents.FaultPoints...)

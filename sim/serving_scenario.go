@@ -14,6 +14,7 @@ import (
 	"github.com/triplane-dev/triplane/engine"
 	"github.com/triplane-dev/triplane/engine/mocker"
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planes/event/kvevents"
 	"github.com/triplane-dev/triplane/router"
 )
 
@@ -22,7 +23,7 @@ const (
 	servingWorkers    = 8
 	servingRate       = 100 // requests per virtual second
 	servingBlockSize  = 16
-	servingRing       = 24 // KV events a worker keeps for resends (small: partitions outlast it)
+	servingRing       = 8 // KV events a worker keeps for resends (small: partitions outlast it)
 	servingIndexCap   = 1 << 20
 	servingMaxPending = 4096 // out-of-order KV events buffered per worker
 	servingGrace      = 20 * time.Millisecond
@@ -31,8 +32,9 @@ const (
 
 // Bugs the serving scenario can plant.
 const (
-	// BugRouterIgnoresGap makes the router's KV view skip missing event
-	// ids instead of repairing them: the index drifts from the workers.
+	// BugRouterIgnoresGap makes the routing shell ignore the sequencer's
+	// call for a repair: a lost event leaves a gap nobody fills, and the
+	// index drifts from the workers.
 	BugRouterIgnoresGap = "router-ignores-gap"
 	// BugStaleRoute sends a request to the worker the router chose even
 	// when discovery removed it while the decision was pending.
@@ -40,11 +42,12 @@ const (
 )
 
 // servingScenario runs the serving path's real state machines: mock
-// engines as workers, the router actor (journaled decisions) and the
-// routing shell's KV index fed by the engines' KV events, which arrive late,
-// out of order, twice or not at all (also for whole partitions of a
-// worker's stream, healed later) and are repaired from the workers' rings
-// (or a dump). Workers crash and restart (new epoch, empty cache); their requests
+// engines as workers, each with the real KV event log (kvevents.Log:
+// numbering, resend ring, dumps), the router actor (journaled decisions)
+// and the routing shell's real KV event sequencer (kvevents.Sequencer) and
+// index. Event batches arrive late, out of order, twice or not at all (also
+// for whole partitions of a worker's stream, healed later) and the
+// sequencer's repairs fetch them from the rings (or a dump). Workers crash and restart (new epoch, empty cache); their requests
 // migrate with the tokens generated so far. Router appends fail and the
 // router actor crashes.
 var servingScenario = Scenario{
@@ -59,22 +62,12 @@ type simWorker struct {
 	id      string
 	epoch   int
 	eng     *mocker.Engine
+	log     *kvevents.Log // the worker's KV event numbering, mirror and resend ring
 	alive   bool
 	diedAt  time.Time
 	gone    bool // discovery removed it (past the grace)
 	step    bool // a step is scheduled
-	ring    []engine.KVEvent
-	last    uint64
 	running map[string]*simRequest
-}
-
-// view is the routing shell's ordered view of one worker's events (the
-// kvevents consumer's job in the real system).
-type view struct {
-	epoch     int
-	next      uint64
-	pending   map[uint64]engine.KVEvent
-	repairing bool
 }
 
 type simRequest struct {
@@ -90,26 +83,33 @@ type simRequest struct {
 }
 
 type servingRun struct {
-	r           *Run
-	workers     map[string]*simWorker
-	order       []string
-	ix          *router.Index
-	views       map[string]*view
+	r       *Run
+	workers map[string]*simWorker
+	order   []string
+	ix      *router.Index
+	// seq is the routing shell's KV event consumer core, the one
+	// production runs: it orders each worker's events, buffers early ones
+	// and says when to repair a gap.
+	seq         *kvevents.Sequencer
 	reqs        []*simRequest
 	router      actors.Address
 	bug         string
 	problems    []error
-	dropped     uint64 // KV events lost on the way
-	repairs     uint64
-	dumps       uint64
-	reroutes    uint64
+	sent        uint64 // KV event batches sent (heartbeats included)
+	dropped     uint64 // lost on the way
 	duplicated  uint64
+	reroutes    uint64
 	partitioned map[string]time.Time
 }
 
 func driveServing(r *Run) Invariant {
 	s := &servingRun{r: r, workers: map[string]*simWorker{}, ix: router.NewIndex(servingIndexCap), partitioned: map[string]time.Time{},
-		views: map[string]*view{}, router: actors.Address{Kind: routerm.Kind, ID: "r0"}, bug: r.Opts.Bug}
+		router: actors.Address{Kind: routerm.Kind, ID: "r0"}, bug: r.Opts.Bug}
+	s.seq = kvevents.NewSequencer(kvevents.SequencerConfig{MaxPending: servingMaxPending, Faults: r.Faults(),
+		OnEvent: s.ix.ApplyKvEvent,
+		OnReset: func(worker string, blocks map[uint64]kvevents.Block, last uint64) {
+			s.ix.Reset(worker, slices.Sorted(maps.Keys(blocks)), last)
+		}})
 	w := r.World
 	for i := range servingWorkers {
 		id := fmt.Sprintf("w%d", i)
@@ -165,7 +165,7 @@ func driveServing(r *Run) Invariant {
 		busy := w.Elapsed() < r.Opts.Duration+time.Second
 		for _, id := range s.order {
 			wk := s.workers[id]
-			if wk.alive && wk.last > 0 {
+			if wk.alive && wk.log.Last() > 0 {
 				s.heartbeat(wk)
 			}
 			busy = busy || (wk.alive && !wk.eng.Idle())
@@ -187,7 +187,8 @@ func (s *servingRun) newWorker(id string, epoch int) *simWorker {
 	if err != nil {
 		panic(err) // a constant configuration
 	}
-	return &simWorker{id: id, epoch: epoch, eng: eng, alive: true, running: map[string]*simRequest{}}
+	return &simWorker{id: id, epoch: epoch, eng: eng, alive: true, running: map[string]*simRequest{},
+		log: kvevents.NewLog(id, uint64(epoch), servingRing, 0, s.r.Faults())}
 }
 
 func (s *servingRun) fail(err error) { s.problems = append(s.problems, err) }
@@ -285,13 +286,8 @@ func (s *servingRun) stepWorker(wk *simWorker, epoch int) {
 		return
 	}
 	st := wk.eng.Step()
-	for _, ev := range st.Events {
-		wk.last = ev.ID
-		wk.ring = append(wk.ring, ev)
-		if len(wk.ring) > servingRing {
-			wk.ring = wk.ring[len(wk.ring)-servingRing:]
-		}
-		s.sendEvent(wk, ev)
+	for _, e := range kvevents.FromEngine(st.Events) {
+		s.send(wk, wk.log.Append(e))
 	}
 	for _, o := range st.Outputs {
 		req := wk.running[o.ID]
@@ -316,20 +312,20 @@ func (s *servingRun) stepWorker(wk *simWorker, epoch int) {
 	}
 }
 
-// sendEvent delivers one KV event to the router after a latency, or loses
-// it.
-func (s *servingRun) sendEvent(wk *simWorker, ev engine.KVEvent) {
+// send delivers one batch of a worker's KV events to the router after a
+// latency, or loses it (also to a partition); now and then twice.
+func (s *servingRun) send(wk *simWorker, b *triplanev1.KvEventBatch) {
 	w := s.r.World
-	if w.Chance(0.02) || w.Now().Before(s.partitioned[wk.id]) {
+	s.sent++
+	if w.Chance(0.02) || s.cut(wk.id) {
 		s.dropped++
 		return
 	}
-	id, epoch := wk.id, wk.epoch
-	w.After(time.Duration(100+w.Rand().IntN(4900))*time.Microsecond, func() { s.onEvent(id, epoch, ev) })
+	w.After(time.Duration(100+w.Rand().IntN(4900))*time.Microsecond, func() { s.ingest(b) })
 	if w.Chance(0.01) {
-		// Duplicated on the way: the view must apply it once.
+		// Duplicated on the way: the sequencer must apply it once.
 		s.duplicated++
-		w.After(time.Duration(100+w.Rand().IntN(9900))*time.Microsecond, func() { s.onEvent(id, epoch, ev) })
+		w.After(time.Duration(100+w.Rand().IntN(9900))*time.Microsecond, func() { s.ingest(b) })
 	}
 }
 
@@ -345,54 +341,16 @@ func (s *servingRun) partition(id string, d time.Duration) {
 	w.Tracef("partition: %s's KV events cut off from the router for %s", id, d)
 }
 
-func (s *servingRun) viewOf(id string, epoch int) *view {
-	v := s.views[id]
-	switch {
-	case v == nil || epoch > v.epoch:
-		// A new worker, or a restarted one: its ids start again.
-		s.ix.RemoveWorker(id)
-		v = &view{epoch: epoch, next: 1, pending: map[uint64]engine.KVEvent{}}
-		s.views[id] = v
-	case epoch < v.epoch:
-		return nil // stale
-	}
-	return v
-}
-
-func (s *servingRun) onEvent(id string, epoch int, ev engine.KVEvent) {
-	if cur := s.workers[id]; cur.gone || epoch != cur.epoch {
-		return // late events of a worker discovery removed, or of its previous run
-	}
-	v := s.viewOf(id, epoch)
-	if v == nil || ev.ID < v.next {
+// ingest hands a batch to the sequencer, as the real consumer's
+// subscription does, and starts a repair when it says so.
+func (s *servingRun) ingest(b *triplanev1.KvEventBatch) {
+	repair, err := s.seq.Ingest(b)
+	if err != nil {
+		s.fail(fmt.Errorf("the sequencer refused a worker's batch: %w", err))
 		return
 	}
-	if ev.ID == v.next {
-		s.apply(id, v, ev)
-		return
-	}
-	if len(v.pending) < servingMaxPending {
-		v.pending[ev.ID] = ev
-	}
-	s.repairLater(id, v)
-}
-
-func (s *servingRun) apply(id string, v *view, ev engine.KVEvent) {
-	s.ix.Apply(id, ev)
-	v.next = ev.ID + 1
-	s.drain(id, v)
-}
-
-// drain applies the buffered events that now follow in order.
-func (s *servingRun) drain(id string, v *view) {
-	for {
-		p, ok := v.pending[v.next]
-		if !ok {
-			return
-		}
-		delete(v.pending, v.next)
-		s.ix.Apply(id, p)
-		v.next = p.ID + 1
+	if repair {
+		s.repair(b.WorkerId, 5*time.Millisecond)
 	}
 }
 
@@ -400,63 +358,47 @@ func (s *servingRun) heartbeat(wk *simWorker) {
 	if s.cut(wk.id) {
 		return // the partition cuts heartbeats off too
 	}
-	id, epoch, last := wk.id, wk.epoch, wk.last
-	s.r.World.After(time.Millisecond, func() {
-		if cur := s.workers[id]; cur.gone || cur.epoch != epoch {
-			return
-		}
-		if v := s.viewOf(id, epoch); v != nil && last >= v.next {
-			s.repairLater(id, v)
-		}
-	})
+	b := wk.log.Heartbeat()
+	s.r.World.After(time.Millisecond, func() { s.ingest(b) })
 }
 
-// repairLater asks the worker for the missing events: from its ring when
-// it still has them, else a dump of its blocks.
-func (s *servingRun) repairLater(id string, v *view) {
-	if v.repairing {
-		return
-	}
-	v.repairing = true
-	s.r.World.After(5*time.Millisecond, func() {
-		v.repairing = false
-		wk := s.workers[id]
-		if !wk.alive || wk.epoch != v.epoch || s.views[id] != v {
-			return
-		}
-		if s.cut(id) {
-			// No resend gets through a partition; the next heartbeat
-			// after the heal starts the repair again.
+// errUnreachable is a resend request that got no answer.
+var errUnreachable = errors.New("sim: worker unreachable")
+
+// repair runs one resend request of the sequencer's repair after wait, as
+// the real consumer's repairer does: ask the worker's log, hand the answer
+// (or the failure) back, and go on as the sequencer says.
+func (s *servingRun) repair(id string, wait time.Duration) {
+	w := s.r.World
+	w.After(wait, func() {
+		req, epoch, ok := s.seq.RepairRequest(id)
+		if !ok {
 			return
 		}
 		if s.bug == BugRouterIgnoresGap {
-			// The bug: skip to the oldest buffered event, losing the gap.
-			if len(v.pending) > 0 {
-				oldest := slices.Min(slices.Collect(maps.Keys(v.pending)))
-				v.next = oldest
-				s.apply(id, v, v.pending[oldest])
-				delete(v.pending, oldest)
-			}
+			// The bug: the routing shell never asks; the gap stays and the
+			// events after it wait in the buffer.
 			return
 		}
-		s.repairs++
-		if len(wk.ring) > 0 && wk.ring[0].ID <= v.next {
-			for _, ev := range wk.ring {
-				if ev.ID >= v.next {
-					s.apply(id, v, ev)
-				}
-			}
-			return
+		wk := s.workers[id]
+		var reply *triplanev1.KvResendReply
+		var err error
+		if !wk.alive || s.cut(id) {
+			err = errUnreachable
+		} else {
+			reply = wk.log.Resend(req, 1<<20)
 		}
-		s.dumps++
-		s.ix.Reset(id, slices.Sorted(maps.Keys(wk.eng.Cached())), wk.last)
-		v.next = wk.last + 1
-		for k := range v.pending {
-			if k < v.next {
-				delete(v.pending, k)
+		w.After(time.Duration(500+w.Rand().IntN(2000))*time.Microsecond, func() {
+			res := s.seq.RepairDone(id, epoch, reply, err)
+			switch res.Next {
+			case kvevents.RepairAgain:
+				s.repair(id, 0)
+			case kvevents.RepairAfterBackoff:
+				s.repair(id, 20*time.Millisecond)
+			case kvevents.RepairGaveUp:
+				w.Tracef("kv repair of %s gave up until its next batch (missing from %d, head %d)", id, res.Missing, res.Head)
 			}
-		}
-		s.drain(id, v)
+		})
 	})
 }
 
@@ -476,9 +418,10 @@ func (s *servingRun) crashWorker(id string) {
 	}
 	wk.running = map[string]*simRequest{}
 	w.After(servingGrace/2, func() {
+		// Discovery drops it: the routing shell forgets its view.
 		wk.gone = true
+		s.seq.Forget(id)
 		s.ix.RemoveWorker(id)
-		delete(s.views, id)
 	})
 	w.After(200*time.Millisecond, func() {
 		nw := s.newWorker(id, wk.epoch+1)
@@ -517,14 +460,15 @@ func (s *servingRun) check(r *Run) error {
 			want[h] = true
 		}
 		if !maps.Equal(got, want) {
-			return fmt.Errorf("invariant index: after quiescence the router holds %d blocks of %s, the worker %d (events dropped %d, repairs %d, dumps %d)",
-				len(got), id, len(want), s.dropped, s.repairs, s.dumps)
+			st := s.seq.Stats()
+			return fmt.Errorf("invariant index: after quiescence the router holds %d blocks of %s, the worker %d (batches dropped %d, repairs %d, dumps %d)",
+				len(got), id, len(want), s.dropped, st.Resends, st.Dumps)
 		}
 	}
 	if s.ix.Len() > servingIndexCap {
 		return fmt.Errorf("invariant bounds: index holds %d entries, cap %d", s.ix.Len(), servingIndexCap)
 	}
-	r.World.Tracef("serving: %d requests, %d KV events dropped, %d duplicated, %d repairs, %d dumps, %d stale decisions routed again, index %d entries",
-		len(s.reqs), s.dropped, s.duplicated, s.repairs, s.dumps, s.reroutes, s.ix.Len())
+	r.World.Tracef("serving: %d requests, %d KV batches sent, %d dropped, %d duplicated, sequencer %s, %d stale decisions routed again, index %d entries",
+		len(s.reqs), s.sent, s.dropped, s.duplicated, s.seq.Stats(), s.reroutes, s.ix.Len())
 	return nil
 }

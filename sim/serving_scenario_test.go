@@ -22,8 +22,8 @@ func TestServingScenarioSweep(t *testing.T) {
 	for _, r := range sim.Sweep(servingScenario, 1, 6, opts) {
 		last := r.Trace[len(r.Trace)-1]
 		var n int
-		if i := strings.Index(last, " repairs, "); i >= 0 {
-			fmt.Sscanf(last[i+len(" repairs, "):], "%d dumps", &n)
+		if i := strings.Index(last, " dumps "); i >= 0 {
+			fmt.Sscanf(last[i+len(" dumps "):], "%d", &n)
 		}
 		dumps += n
 	}
