@@ -81,17 +81,20 @@ func (d *Disk) Crash(a actors.Address) {
 	}
 }
 
-// Newest returns the newest durable snapshot of a that is whole and not
-// past the journal's highest sequence, decoded into state.
+// Newest returns the newest durable snapshot of a that is whole, decoded
+// into state, as the real host's recovery (actors.Recover over
+// journal.Snapshots) picks it: torn records are skipped for older ones; but
+// when the newest whole one lies past the journal's highest sequence or
+// does not decode, there is no snapshot and the journal is replayed whole.
 func (d *Disk) Newest(a actors.Address, highest uint64, state proto.Message) (journal.Position, bool) {
 	recs := d.durable[a]
 	for i := len(recs) - 1; i >= 0; i-- {
 		r := recs[i]
-		if data.Checksum(r.state) != r.crc || r.seq > highest {
-			continue // torn, or ahead of the journal: skipped as the real host does
+		if data.Checksum(r.state) != r.crc {
+			continue // torn: Snapshots.Load tries an older one
 		}
-		if proto.Unmarshal(r.state, state) != nil {
-			continue
+		if r.seq > highest || proto.Unmarshal(r.state, state) != nil {
+			return journal.Position{}, false
 		}
 		return r.pos, true
 	}
