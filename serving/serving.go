@@ -68,9 +68,10 @@ type Config struct {
 	MaxPrefillQueue int
 	// DataToken authenticates block transfers between workers.
 	DataToken string
-	// ListenHost is where workers' stream and block servers listen and what
-	// they advertise; default 127.0.0.1.
-	ListenHost string
+	// ListenHost is where workers' stream and block servers listen;
+	// default 127.0.0.1. AdvertiseHost is what they publish (default
+	// ListenHost, or the machine's first routable address for 0.0.0.0).
+	ListenHost, AdvertiseHost string
 }
 
 // Stack is a running serving path.
@@ -123,7 +124,7 @@ func Start(ctx context.Context, p Planes, cfg Config) (_ *Stack, err error) {
 		}
 		w, err := worker.Start(ctx, worker.Config{
 			ID: name, Namespace: p.Namespace, Model: cfg.Model, Engine: cfg.Engine, Role: role, Host: p.Host,
-			DataToken: cfg.DataToken, TransferMetrics: xfer, ListenHost: cfg.ListenHost,
+			DataToken: cfg.DataToken, TransferMetrics: xfer, ListenHost: cfg.ListenHost, AdvertiseHost: cfg.AdvertiseHost,
 			Bus: s.bus, Registrar: p.Registrar, Token: cfg.StreamToken, Logger: p.Logger, Registerer: p.Registerer,
 		})
 		if err != nil {

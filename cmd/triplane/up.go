@@ -26,6 +26,7 @@ import (
 	"github.com/triplane-dev/triplane/planes/control"
 	"github.com/triplane-dev/triplane/router"
 	"github.com/triplane-dev/triplane/serving"
+	"github.com/triplane-dev/triplane/serving/worker"
 	"github.com/triplane-dev/triplane/system"
 )
 
@@ -37,21 +38,22 @@ const (
 )
 
 type upFlags struct {
-	dataDir      string
-	host         string
-	natsPort     int
-	etcdPort     int
-	etcdPeerPort int
-	adminAddr    string
-	natsURL      string
-	etcd         []string
-	jsSync       string
-	snapEvery    uint64
-	replicas     int
-	namespace    string
-	leaseTTL     time.Duration
-	configFile   string
-	printConfig  bool
+	dataDir       string
+	host          string
+	advertiseHost string
+	natsPort      int
+	etcdPort      int
+	etcdPeerPort  int
+	adminAddr     string
+	natsURL       string
+	etcd          []string
+	jsSync        string
+	snapEvery     uint64
+	replicas      int
+	namespace     string
+	leaseTTL      time.Duration
+	configFile    string
+	printConfig   bool
 
 	// The serving path.
 	workers       int
@@ -118,7 +120,8 @@ restart on the same data dir finds its streams and keys again.`,
 	}
 	fs := cmd.Flags()
 	fs.StringVar(&f.dataDir, "data-dir", defaultDataDir(), "directory for the node's data: JetStream store, etcd data, snapshots, lock file")
-	fs.StringVar(&f.host, "host", "127.0.0.1", "host the embedded NATS and etcd listen on")
+	fs.StringVar(&f.host, "host", "127.0.0.1", "host the embedded NATS and etcd, and the workers' stream and block servers, listen on")
+	fs.StringVar(&f.advertiseHost, "advertise-host", "", "address the workers publish for their servers, what frontends and peers on other machines dial (default --host; with --host 0.0.0.0, this machine's first routable address)")
 	fs.IntVar(&f.natsPort, "nats-port", 4222, "port of the embedded NATS server (0: any free port)")
 	fs.IntVar(&f.etcdPort, "etcd-port", 2379, "client port of the embedded etcd (0: any free port)")
 	fs.IntVar(&f.etcdPeerPort, "etcd-peer-port", 2380, "peer port of the embedded etcd (0: any free port)")
@@ -188,6 +191,11 @@ func (f *upFlags) validate() error {
 	}
 	if f.replicas < 1 || f.replicas > 5 {
 		errs = append(errs, &config.Error{Key: "journal-replicas", Err: fmt.Errorf("%d is outside 1-5", f.replicas)})
+	}
+	if f.advertiseHost != "" {
+		if err := worker.CheckHost(f.advertiseHost); err != nil {
+			errs = append(errs, &config.Error{Key: "advertise-host", Err: err})
+		}
 	}
 	if f.workers < 0 || f.workers > 256 {
 		errs = append(errs, &config.Error{Key: "workers", Err: fmt.Errorf("%d is outside 0-256", f.workers)})
@@ -330,7 +338,7 @@ func runUp(cmd *cobra.Command, g *globalFlags, f *upFlags) error {
 		Policy: router.Policy(f.policy), Params: router.Params{OverlapWeight: f.overlapWeight, Temperature: f.temperature},
 		MaxInflight: f.maxInflight, MaxMigrations: migrations(f.maxMigrations),
 		PrefillWorkers: f.prefillWorkers(), DisaggThreshold: f.disaggMin, MaxPrefillQueue: f.prefillQueue,
-		StreamToken: token, DataToken: token, ListenHost: f.host,
+		StreamToken: token, DataToken: token, ListenHost: f.host, AdvertiseHost: f.advertiseHost,
 	})
 	if err != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), stopTimeout)

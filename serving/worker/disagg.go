@@ -99,7 +99,7 @@ func (w *Worker) startDisagg() error {
 // peer describes this worker's block receivers: TCP, and shared memory for
 // senders on the same host (the dialer picks by host id).
 func (w *Worker) peer() *triplanev1.DataPeer {
-	p := &triplanev1.DataPeer{HostId: data.HostID(), TcpAddr: w.dataSrv.Addr(), Regions: []*triplanev1.DataRegion{w.region.Proto()}}
+	p := &triplanev1.DataPeer{HostId: data.HostID(), TcpAddr: w.advertised(w.dataSrv.Addr()), Regions: []*triplanev1.DataRegion{w.region.Proto()}}
 	if w.shmSrv != nil {
 		p.ShmSocket = w.shmSrv.Path()
 	}
@@ -107,9 +107,9 @@ func (w *Worker) peer() *triplanev1.DataPeer {
 }
 
 func (w *Worker) addresses() []*triplanev1.Endpoint {
-	out := []*triplanev1.Endpoint{{Protocol: triplanev1.Protocol_PROTOCOL_RESPONSE_STREAM, Address: w.srv.Addr()}}
+	out := []*triplanev1.Endpoint{{Protocol: triplanev1.Protocol_PROTOCOL_RESPONSE_STREAM, Address: w.Addr()}}
 	if w.dataSrv != nil {
-		out = append(out, &triplanev1.Endpoint{Protocol: triplanev1.Protocol_PROTOCOL_DATA_TCP, Address: w.dataSrv.Addr()})
+		out = append(out, &triplanev1.Endpoint{Protocol: triplanev1.Protocol_PROTOCOL_DATA_TCP, Address: w.advertised(w.dataSrv.Addr())})
 	}
 	if w.shmSrv != nil {
 		out = append(out, &triplanev1.Endpoint{Protocol: triplanev1.Protocol_PROTOCOL_DATA_SHM, Address: w.shmSrv.Path()})

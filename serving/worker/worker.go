@@ -59,9 +59,13 @@ type Config struct {
 	Bus       *event.Bus
 	Registrar *control.Registrar
 	// ListenHost is the address the worker's response-stream and block servers
-	// listen on and advertise (any free port); default 127.0.0.1. Use a
-	// routable address when frontends or peers run on other machines.
+	// listen on (any free port); default 127.0.0.1. Use a routable address,
+	// or 0.0.0.0, when frontends or peers run on other machines.
 	ListenHost string
+	// AdvertiseHost is the address published for those servers (what peers
+	// dial); default ListenHost, or this machine's first non-loopback
+	// address when ListenHost is 0.0.0.0 or ::.
+	AdvertiseHost string
 	// Token, when set, is required from frontends opening a stream.
 	Token string
 	// LoadInterval between load reports; default 500 ms.
@@ -183,6 +187,9 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if cfg.ListenHost == "" {
 		cfg.ListenHost = "127.0.0.1"
 	}
+	if cfg.AdvertiseHost, err = advertiseHost(cfg.ListenHost, cfg.AdvertiseHost, net.InterfaceAddrs); err != nil {
+		return nil, err
+	}
 	if cfg.LoadInterval <= 0 {
 		cfg.LoadInterval = 500 * time.Millisecond
 	}
@@ -273,13 +280,13 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 			return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
 		}
 	}
-	w.log.Info("worker started", "stream_addr", w.srv.Addr(), "model", cfg.Model,
+	w.log.Info("worker started", "stream_addr", w.Addr(), "listen", w.srv.Addr(), "model", cfg.Model,
 		"blocks", eng.Config().NumBlocks, "block_size", eng.Config().BlockSize)
 	return w, nil
 }
 
 // Addr is the response-stream server's address.
-func (w *Worker) Addr() string { return w.srv.Addr() }
+func (w *Worker) Addr() string { return w.advertised(w.srv.Addr()) }
 
 // ID is the worker's instance id.
 func (w *Worker) ID() string { return w.cfg.ID }

@@ -109,3 +109,25 @@ func TestDrainRefusesNewRequests(t *testing.T) {
 		t.Fatalf("bad payload code %q", code)
 	}
 }
+
+// A worker listening on every interface publishes an address peers can
+// dial, not 0.0.0.0.
+func TestWorkerAdvertisesADialableAddress(t *testing.T) {
+	bus, err := event.New(planetest.StartNATS(t).Connect(t), event.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w, err := worker.Start(context.Background(), worker.Config{ID: "w1", Model: "m", Bus: bus, ListenHost: "0.0.0.0", AdvertiseHost: "127.0.0.1",
+		Engine: mocker.Config{BlockSize: 4, NumBlocks: 64, SpeedUp: 100}, MaxTokens: 50})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(w.Close)
+	if !strings.HasPrefix(w.Addr(), "127.0.0.1:") {
+		t.Fatalf("advertised %s", w.Addr())
+	}
+	payload, _ := proto.Marshal(&triplanev1.GenerateRequest{RequestId: "r", Tokens: []uint32{1, 2, 3}, MaxTokens: 3})
+	if n, reason, msg := generate(t, w, payload); n != 3 || msg != "" {
+		t.Fatalf("%d tokens, %q %q", n, reason, msg)
+	}
+}

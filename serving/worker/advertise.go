@@ -1,0 +1,69 @@
+package worker
+
+import (
+	"fmt"
+	"net"
+	"strings"
+)
+
+// advertiseHost decides the host peers are told to reach the worker's
+// listeners at. An explicit advertise host wins; a specific listen host is
+// its own answer; a listen host that means every interface (0.0.0.0, ::)
+// cannot be dialled from elsewhere, so the machine's first non-loopback
+// address stands in for it.
+func advertiseHost(listen, advertise string, addrs func() ([]net.Addr, error)) (string, error) {
+	if advertise != "" {
+		if err := CheckHost(advertise); err != nil {
+			return "", fmt.Errorf("worker: advertise host %q: %w", advertise, err)
+		}
+		return advertise, nil
+	}
+	if ip := net.ParseIP(listen); ip == nil || !ip.IsUnspecified() {
+		return listen, nil
+	}
+	as, err := addrs()
+	if err != nil {
+		return "", fmt.Errorf("worker: listening on %s (every interface) and no advertise host set; reading this machine's addresses: %w", listen, err)
+	}
+	var v6 string
+	for _, a := range as {
+		n, ok := a.(*net.IPNet)
+		if !ok || !n.IP.IsGlobalUnicast() {
+			continue
+		}
+		if n.IP.To4() != nil {
+			return n.IP.String(), nil
+		}
+		if v6 == "" {
+			v6 = n.IP.String()
+		}
+	}
+	if v6 != "" {
+		return v6, nil
+	}
+	return "", fmt.Errorf("worker: listening on %s (every interface) but this machine has no routable address to advertise; set the advertise host", listen)
+}
+
+// CheckHost accepts an IP address or a host name peers can dial: not an
+// address that means every interface, and no port.
+func CheckHost(h string) error {
+	if ip := net.ParseIP(h); ip != nil {
+		if ip.IsUnspecified() {
+			return fmt.Errorf("means every interface, which no peer can dial")
+		}
+		return nil
+	}
+	if strings.ContainsAny(h, ":/ ") || h == "" {
+		return fmt.Errorf("want an IP address or a host name, without a port")
+	}
+	return nil
+}
+
+// advertised is addr (a listener's host:port) with the advertised host.
+func (w *Worker) advertised(addr string) string {
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return addr
+	}
+	return net.JoinHostPort(w.cfg.AdvertiseHost, port)
+}
