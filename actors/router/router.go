@@ -82,8 +82,12 @@ func decide(s *triplanev1.RouterState, c *triplanev1.RouteRequest, rnd uint64) a
 		RequestId: c.RequestId, Policy: string(policy), Worker: d.Worker, Overlap: uint32(d.Overlap),
 		Blocks: c.Blocks, Candidates: c.Candidates, Turn: s.Decisions,
 	}
-	for _, sc := range d.Candidates {
-		ev.Scores = append(ev.Scores, &triplanev1.RouteScore{Worker: sc.ID, Overlap: uint32(sc.Overlap), Cost: sc.Cost})
+	ev.Scores = make([]*triplanev1.RouteScore, len(d.Candidates))
+	scores := make([]triplanev1.RouteScore, len(d.Candidates)) // one allocation per decision
+	for i, sc := range d.Candidates {
+		s := &scores[i]
+		s.Worker, s.Overlap, s.Cost = sc.ID, uint32(sc.Overlap), sc.Cost
+		ev.Scores[i] = s
 	}
 	return actors.Decision{
 		Events: []proto.Message{ev},

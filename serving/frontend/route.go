@@ -37,22 +37,15 @@ type Router struct {
 	cons  *kvevents.Consumer
 	loads *event.LoadAggregator
 
-	mu       sync.Mutex
-	ix       *router.Index
-	inflight map[string][]flight // per worker, requests routed and not finished
-	unsub    func()
-	stop     chan struct{}
-	done     chan struct{}
+	mu      sync.Mutex
+	ix      *router.Index
+	flights *router.Flights // per worker, requests routed and not finished
+	unsub   func()
+	stop    chan struct{}
+	done    chan struct{}
 	// saverDone is closed when the saver stopped (nil without a store).
 	saverDone chan struct{}
 	closeOnce sync.Once
-}
-
-type flight struct {
-	id        string
-	at        time.Time
-	newBlocks int
-	started   bool // produced its first token: its prefill is done
 }
 
 // RouterConfig configures a Router.
@@ -97,7 +90,7 @@ func NewRouter(cfg RouterConfig) (_ *Router, err error) {
 		return nil, errors.New("frontend: the router needs an actor host, an event bus and discovery")
 	}
 	r := &Router{cfg: cfg, log: cfg.Logger, disc: cfg.Discovery, ix: router.NewIndex(cfg.MaxIndexBlocks),
-		inflight: map[string][]flight{}, stop: make(chan struct{}), done: make(chan struct{})}
+		flights: router.NewFlights(), stop: make(chan struct{}), done: make(chan struct{})}
 	defer func() {
 		if err != nil {
 			r.Close()
@@ -326,38 +319,19 @@ func (r *Router) route(ctx context.Context, requestID string, hashes []uint64, e
 			continue
 		}
 		byID[id] = in
-		c := router.Candidate{ID: id, Active: len(r.inflight[id])}
-		var sent time.Time // requests sent after the report are not in it yet
+		var rep *router.Report
 		if l := loads[id]; l != nil {
-			c.BlocksUsed, c.BlocksTotal, c.Waiting = int(l.KvBlocksUsed), int(l.KvBlocksTotal), int(l.WaitingRequests)
-			sent = l.GetSentAt().AsTime()
+			rep = &router.Report{BlocksUsed: int(l.KvBlocksUsed), BlocksTotal: int(l.KvBlocksTotal), Waiting: int(l.WaitingRequests),
+				SentAt: l.GetSentAt().AsTime()}
 		}
-		for _, f := range r.inflight[id] {
-			if !f.started {
-				c.PendingPrefill += f.newBlocks
-			}
-			if loads[id] != nil && f.at.After(sent) {
-				c.BlocksUsed += f.newBlocks
-			}
-		}
-		cands = append(cands, c)
+		cands = append(cands, r.flights.Candidate(id, rep))
 	}
 	cands = r.ix.WithOverlap(hashes, cands)
 	r.mu.Unlock()
 	if len(cands) == 0 {
 		return nil, 0, nil, ErrNoWorker
 	}
-	req := &triplanev1.RouteRequest{RequestId: requestID, Policy: string(r.cfg.Policy),
-		OverlapWeight: r.cfg.Params.OverlapWeight, Temperature: r.cfg.Params.Temperature, WaitingPrefill: r.cfg.Params.WaitingPrefill,
-		Blocks: uint32(len(hashes))}
-	if len(hashes) > 0 {
-		req.FirstHash = hashes[0]
-	}
-	for _, c := range cands {
-		req.Candidates = append(req.Candidates, &triplanev1.RouterCandidate{Worker: c.ID, Active: uint32(c.Active),
-			BlocksUsed: uint64(c.BlocksUsed), BlocksTotal: uint64(c.BlocksTotal), Overlap: uint32(c.Overlap), Waiting: uint32(c.Waiting),
-			PendingPrefill: uint64(c.PendingPrefill)})
-	}
+	req := routerm.Command(requestID, r.cfg.Policy, r.cfg.Params, hashes, cands)
 	reply, err := r.cfg.Host.Request(ctx, actors.Address{Kind: routerm.Kind, ID: r.cfg.RouterID}, req)
 	if err != nil {
 		if errors.Is(err, router.ErrNoWorkers) {
@@ -369,26 +343,14 @@ func (r *Router) route(ctx context.Context, requestID string, hashes []uint64, e
 	if !ok || byID[rr.GetWorker()] == nil {
 		return nil, 0, nil, fmt.Errorf("frontend: router replied %v, not one of the candidates", reply)
 	}
-	f := flight{id: requestID, at: now, newBlocks: len(hashes) - int(rr.Overlap)}
 	w := rr.GetWorker()
 	r.mu.Lock()
-	r.inflight[w] = append(r.inflight[w], f)
+	r.flights.Add(w, requestID, now, len(hashes)-int(rr.Overlap))
 	r.mu.Unlock()
 	release := func() {
 		r.mu.Lock()
-		defer r.mu.Unlock()
-		fs := r.inflight[w]
-		for i := range fs {
-			if fs[i].id == requestID {
-				fs = append(fs[:i], fs[i+1:]...)
-				break
-			}
-		}
-		if len(fs) == 0 {
-			delete(r.inflight, w)
-		} else {
-			r.inflight[w] = fs
-		}
+		r.flights.Done(w, requestID)
+		r.mu.Unlock()
 	}
 	return byID[w], int(rr.Overlap), release, nil
 }
@@ -397,14 +359,8 @@ func (r *Router) route(ctx context.Context, requestID string, hashes []uint64, e
 // arrived), so it no longer counts as prefill queued on its worker.
 func (r *Router) Started(worker, requestID string) {
 	r.mu.Lock()
-	defer r.mu.Unlock()
-	fs := r.inflight[worker]
-	for i := range fs {
-		if fs[i].id == requestID {
-			fs[i].started = true
-			return
-		}
-	}
+	r.flights.Started(worker, requestID)
+	r.mu.Unlock()
 }
 
 // ReportDown tells discovery a worker failed, so it is skipped for a
