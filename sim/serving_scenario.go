@@ -28,6 +28,10 @@ const (
 	servingMaxPending = 4096 // out-of-order KV events buffered per worker
 	servingGrace      = 20 * time.Millisecond
 	servingRetries    = 5 // routing attempts and migrations per request
+	// servingLoadInterval between a worker's load reports (the real
+	// worker's default): between reports the routing shell knows only its
+	// own flights.
+	servingLoadInterval = 500 * time.Millisecond
 )
 
 // Bugs the serving scenario can plant.
@@ -77,6 +81,7 @@ type simRequest struct {
 	maxTokens int
 	generated int
 	attempts  int
+	started   bool // this attempt produced a token: its prefill is done
 	worker    string
 	done      int // completions seen: must end at exactly 1
 	failed    error
@@ -90,7 +95,11 @@ type servingRun struct {
 	// seq is the routing shell's KV event consumer core, the one
 	// production runs: it orders each worker's events, buffers early ones
 	// and says when to repair a gap.
-	seq         *kvevents.Sequencer
+	seq *kvevents.Sequencer
+	// flights and reports are what the real routing shell knows of the
+	// workers' load: its own requests in flight and the last load report.
+	flights     *router.Flights
+	reports     map[string]*router.Report
 	reqs        []*simRequest
 	router      actors.Address
 	bug         string
@@ -104,7 +113,7 @@ type servingRun struct {
 
 func driveServing(r *Run) Invariant {
 	s := &servingRun{r: r, workers: map[string]*simWorker{}, ix: router.NewIndex(servingIndexCap), partitioned: map[string]time.Time{},
-		router: actors.Address{Kind: routerm.Kind, ID: "r0"}, bug: r.Opts.Bug}
+		router: actors.Address{Kind: routerm.Kind, ID: "r0"}, bug: r.Opts.Bug, flights: router.NewFlights(), reports: map[string]*router.Report{}}
 	s.seq = kvevents.NewSequencer(kvevents.SequencerConfig{MaxPending: servingMaxPending, Faults: r.Faults(),
 		OnEvent: s.ix.ApplyKvEvent,
 		OnReset: func(worker string, blocks map[uint64]kvevents.Block, last uint64) {
@@ -160,13 +169,17 @@ func driveServing(r *Run) Invariant {
 	// noticed. They stop a few rounds after the load, once every engine is
 	// idle (slow iterations can run past the load), so the world goes quiet.
 	var tick func()
-	quiet := 0
+	quiet, ticks := 0, 0
 	tick = func() {
 		busy := w.Elapsed() < r.Opts.Duration+time.Second
+		ticks++
 		for _, id := range s.order {
 			wk := s.workers[id]
 			if wk.alive && wk.log.Last() > 0 {
 				s.heartbeat(wk)
+			}
+			if wk.alive && ticks%int(servingLoadInterval/(50*time.Millisecond)) == 0 {
+				s.reportLoad(wk)
 			}
 			busy = busy || (wk.alive && !wk.eng.Idle())
 		}
@@ -202,22 +215,18 @@ func (s *servingRun) route(req *simRequest) {
 		req.done++
 		return
 	}
+	// The routing shell's view, as the frontend's: discovery's workers,
+	// each one's last load report corrected by the shell's own flights,
+	// and the index's overlap.
 	var cands []router.Candidate
 	for _, id := range s.order {
-		wk := s.workers[id]
-		if wk.gone {
+		if s.workers[id].gone {
 			continue
 		}
-		l := wk.eng.Load()
-		cands = append(cands, router.Candidate{ID: id, Active: l.Active + l.Waiting, Waiting: l.Waiting, BlocksUsed: l.BlocksUsed, BlocksTotal: l.BlocksTotal})
+		cands = append(cands, s.flights.Candidate(id, s.reports[id]))
 	}
 	cands = s.ix.WithOverlap(req.hashes, cands)
-	cmd := &triplanev1.RouteRequest{RequestId: fmt.Sprintf("%s.%d", req.id, req.attempts), Policy: string(router.PolicyKV),
-		Blocks: uint32(len(req.hashes)), FirstHash: req.hashes[0]}
-	for _, c := range cands {
-		cmd.Candidates = append(cmd.Candidates, &triplanev1.RouterCandidate{Worker: c.ID, Active: uint32(c.Active),
-			BlocksUsed: uint64(c.BlocksUsed), BlocksTotal: uint64(c.BlocksTotal), Overlap: uint32(c.Overlap), Waiting: uint32(c.Waiting)})
-	}
+	cmd := routerm.Command(fmt.Sprintf("%s.%d", req.id, req.attempts), router.PolicyKV, router.Params{}, req.hashes, cands)
 	s.r.Host.Deliver(s.router, cmd.RequestId, cmd, func(m proto.Message, err error) {
 		switch {
 		case err == nil:
@@ -231,7 +240,8 @@ func (s *servingRun) route(req *simRequest) {
 			req.done++
 			return
 		}
-		choice := m.(*triplanev1.RouteReply).Worker
+		reply := m.(*triplanev1.RouteReply)
+		choice := reply.Worker
 		wk := s.workers[choice]
 		if wk.gone && s.bug != BugStaleRoute {
 			// The decision waited (the router actor was recovering) and
@@ -244,6 +254,7 @@ func (s *servingRun) route(req *simRequest) {
 			s.fail(fmt.Errorf("invariant dead-routing: request %s routed to %s, dead for %s (grace %s)",
 				req.id, choice, w.Now().Sub(wk.diedAt), servingGrace))
 		}
+		s.flights.Add(choice, req.id, w.Now(), len(req.hashes)-int(reply.Overlap))
 		// The stream to the worker takes a moment to open.
 		w.After(time.Millisecond, func() { s.start(req, wk) })
 	})
@@ -253,6 +264,7 @@ func (s *servingRun) route(req *simRequest) {
 // engine; a dead worker fails the stream and the request migrates.
 func (s *servingRun) start(req *simRequest, wk *simWorker) {
 	if !wk.alive {
+		s.flights.Done(wk.id, req.id)
 		s.r.World.After(time.Millisecond, func() { s.route(req) })
 		return
 	}
@@ -262,11 +274,12 @@ func (s *servingRun) start(req *simRequest, wk *simWorker) {
 	}
 	err := wk.eng.Add(engine.Request{ID: req.id, Tokens: prompt, MaxTokens: req.maxTokens - req.generated})
 	if err != nil {
+		s.flights.Done(wk.id, req.id)
 		req.failed = fmt.Errorf("request %s refused by %s: %w", req.id, wk.id, err)
 		req.done++
 		return
 	}
-	req.worker = wk.id
+	req.worker, req.started = wk.id, false
 	wk.running[req.id] = req
 	s.kick(wk)
 }
@@ -295,7 +308,12 @@ func (s *servingRun) stepWorker(wk *simWorker, epoch int) {
 			continue
 		}
 		req.generated += len(o.Tokens)
+		if !req.started && len(o.Tokens) > 0 {
+			req.started = true
+			s.flights.Started(wk.id, req.id)
+		}
 		if o.Finished {
+			s.flights.Done(wk.id, req.id)
 			delete(wk.running, o.ID)
 			if o.Err != nil {
 				req.failed = o.Err
@@ -362,6 +380,22 @@ func (s *servingRun) heartbeat(wk *simWorker) {
 	s.r.World.After(time.Millisecond, func() { s.ingest(b) })
 }
 
+// reportLoad sends the worker's load report to the routing shell, which
+// keeps the last one (lost with the KV events in a partition).
+func (s *servingRun) reportLoad(wk *simWorker) {
+	if s.cut(wk.id) {
+		return
+	}
+	l := wk.eng.Load()
+	rep := &router.Report{BlocksUsed: l.BlocksUsed, BlocksTotal: l.BlocksTotal, Waiting: l.Waiting, SentAt: s.r.World.Now()}
+	id, epoch := wk.id, wk.epoch
+	s.r.World.After(time.Millisecond, func() {
+		if cur := s.workers[id]; cur.epoch == epoch {
+			s.reports[id] = rep
+		}
+	})
+}
+
 // errUnreachable is a resend request that got no answer.
 var errUnreachable = errors.New("sim: worker unreachable")
 
@@ -414,6 +448,7 @@ func (s *servingRun) crashWorker(id string) {
 	wk.alive, wk.diedAt = false, w.Now()
 	w.Tracef("worker %s crashed with %d requests", id, len(wk.running))
 	for _, req := range slices.SortedFunc(maps.Values(wk.running), func(a, b *simRequest) int { return cmpStr(a.id, b.id) }) {
+		s.flights.Done(id, req.id)
 		w.After(time.Millisecond, func() { s.route(req) })
 	}
 	wk.running = map[string]*simRequest{}
@@ -463,6 +498,11 @@ func (s *servingRun) check(r *Run) error {
 			st := s.seq.Stats()
 			return fmt.Errorf("invariant index: after quiescence the router holds %d blocks of %s, the worker %d (batches dropped %d, repairs %d, dumps %d)",
 				len(got), id, len(want), s.dropped, st.Resends, st.Dumps)
+		}
+	}
+	for _, id := range s.order {
+		if n := s.flights.Len(id); n > 0 {
+			return fmt.Errorf("invariant bounds: after quiescence the routing shell still counts %d requests in flight to %s", n, id)
 		}
 	}
 	if s.ix.Len() > servingIndexCap {
