@@ -1,6 +1,7 @@
 package sim_test
 
 import (
+	"strings"
 	"testing"
 	"time"
 
@@ -18,4 +19,27 @@ func TestTransferScenarioSweep(t *testing.T) {
 func TestTransferScenarioFindsAckBeforeVerify(t *testing.T) {
 	opts := sim.Options{Duration: 2 * time.Second, Faults: sim.DefaultFaults, Bug: sim.BugAckBeforeVerify}
 	sim.CheckFinds(t, transferScenario, opts, 1, 10, "no-corrupt-block")
+}
+
+// The sweep goes through the supervisor's paths that matter: attempts that
+// failed and were resumed, and runs that ended with a journal failure.
+func TestTransferScenarioCoversFailures(t *testing.T) {
+	seen := map[string]int{}
+	for seed := uint64(1); seed <= 10; seed++ {
+		r := sim.RunScenario(transferScenario, seed, sim.Options{Duration: 2 * time.Second, Faults: sim.DefaultFaults})
+		if r.Err != nil {
+			t.Fatal(r.Err)
+		}
+		for _, line := range r.Trace {
+			for _, what := range []string{"failed (dial:", "failed (connection reset", "failed (checksum mismatch", "failed (journal ack:",
+				"run returned TRANSFER_STATUS_COMPLETED", "*triplanev1.TransferStart: actors: persist failed", "*triplanev1.TransferAttemptFailed: actors: persist failed"} {
+				if strings.Contains(line, what) {
+					seen[what]++
+				}
+			}
+		}
+	}
+	if len(seen) != 7 {
+		t.Fatalf("seeds 1..10 went through %v, want all 7", seen)
+	}
 }

@@ -7,7 +7,9 @@
 // (completed, gave up, cancelled). The Supervisor drives it over a
 // data-plane transport: it resumes from the last acknowledged block,
 // retries with backoff after a failure, and gives up after the session's
-// bounded number of attempts with an error the requester sees.
+// bounded number of attempts with an error the requester sees. What it
+// does when is decided by the Driver, which has no I/O of its own so that
+// the simulator's transfer scenario runs it too.
 package transfer
 
 import (

@@ -85,15 +85,8 @@ func NewSupervisor(cfg Config) (*Supervisor, error) {
 	if cfg.Host == nil || cfg.Dial == nil {
 		return nil, errors.New("transfer: supervisor needs a host and a dial function")
 	}
-	if cfg.RangeBlocks <= 0 {
-		cfg.RangeBlocks = 16
-	}
-	if cfg.BackoffMin <= 0 {
-		cfg.BackoffMin = 50 * time.Millisecond
-	}
-	if cfg.BackoffMax < cfg.BackoffMin {
-		cfg.BackoffMax = max(5*time.Second, cfg.BackoffMin)
-	}
+	p := Pacing{RangeBlocks: cfg.RangeBlocks, BackoffMin: cfg.BackoffMin, BackoffMax: cfg.BackoffMax}.withDefaults()
+	cfg.RangeBlocks, cfg.BackoffMin, cfg.BackoffMax = p.RangeBlocks, p.BackoffMin, p.BackoffMax
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -120,11 +113,13 @@ func addr(id string) actors.Address { return actors.Address{Kind: Kind, ID: id} 
 // crashed) resumes after its last acknowledged block. It returns an error
 // wrapping ErrGaveUp when the attempts ran out, ErrCancelled when it was
 // cancelled (by Cancel or by ctx).
+//
+// What to do when is the Driver's; Run does it, with the goroutine,
+// timers, connection and actor host the Driver leaves out.
 func (s *Supervisor) Run(ctx context.Context, spec Spec) (*triplanev1.TransferState, error) {
-	for i, op := range spec.Blocks {
-		if len(op.Src) != spec.BlockSize || op.Dst.Length != uint64(spec.BlockSize) {
-			return nil, fmt.Errorf("transfer %s: block %d is %d bytes into %s, want %d", spec.ID, i, len(op.Src), op.Dst, spec.BlockSize)
-		}
+	d, err := NewDriver(spec, Pacing{RangeBlocks: s.cfg.RangeBlocks, BackoffMin: s.cfg.BackoffMin, BackoffMax: s.cfg.BackoffMax})
+	if err != nil {
+		return nil, err
 	}
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
@@ -141,130 +136,85 @@ func (s *Supervisor) Run(ctx context.Context, spec Spec) (*triplanev1.TransferSt
 		s.mu.Unlock()
 	}()
 
-	st, err := s.ask(ctx, spec.ID, &triplanev1.TransferStart{Blocks: uint64(len(spec.Blocks)), BlockSize: uint64(spec.BlockSize),
-		MaxAttempts: spec.MaxAttempts, Peer: spec.Peer})
-	if err != nil {
-		return nil, err
-	}
-	start := time.Now()
-	startAcked := st.Acked
 	var tr data.Transport
 	defer func() {
 		if tr != nil {
 			tr.Close()
 		}
 	}()
-	backoff := s.cfg.BackoffMin
-	for running(st) {
-		err := s.attempt(ctx, spec, &tr, &st)
-		if err == nil {
-			continue // st moved on; the loop ends when it completed
-		}
-		if tr != nil {
+	var start time.Time // when the session answered its start: throughput counts from there
+	for a := d.Action(); ; {
+		if a.Hangup && tr != nil {
 			tr.Close()
 			tr = nil
 		}
-		if ctx.Err() != nil {
-			return s.cancelled(spec.ID, context.Cause(ctx))
+		if a.AckedBytes > 0 {
+			s.cfg.Metrics.bytes.Add(float64(a.AckedBytes))
 		}
-		next, ferr := s.ask(ctx, spec.ID, &triplanev1.TransferAttemptFailed{Error: err.Error()})
-		if errors.Is(ferr, ErrNotRunning) {
-			// Cancelled elsewhere meanwhile: report how it ended.
-			next, ferr = s.State(ctx, spec.ID)
-		}
-		if ferr != nil {
-			if ctx.Err() != nil {
-				return s.cancelled(spec.ID, context.Cause(ctx))
+		var o Outcome
+		switch a.Op {
+		case OpAsk:
+			o.Reply, o.Err = s.request(ctx, spec.ID, a.Msg)
+			if start.IsZero() {
+				start = time.Now()
 			}
-			return nil, ferr
+		case OpDial:
+			var t data.Transport
+			if t, o.Err = s.cfg.Dial(ctx); o.Err == nil {
+				tr = t
+			}
+		case OpWrite:
+			o.Err = tr.Write(ctx, a.Blocks)
+		case OpWait:
+			s.cfg.Metrics.retries.Inc()
+			s.cfg.Logger.Warn("transfer attempt failed, retrying", "transfer", spec.ID, "attempt", a.State.Attempts, "of", a.State.MaxAttempts,
+				"resume_at_block", a.State.Acked, "backoff", a.Wait, "err", a.State.Error)
+			t := time.NewTimer(a.Wait)
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+				o.Stop = context.Cause(ctx)
+			}
+		case OpDone:
+			switch a.Ended {
+			case EndCompleted:
+				s.cfg.Metrics.completed.Inc()
+				if el := time.Since(start).Seconds(); el > 0 && a.Moved > 0 {
+					s.cfg.Metrics.throughput.Observe(float64(a.Moved) / el)
+				}
+			case EndGaveUp:
+				s.cfg.Metrics.failures.Inc()
+			case EndCancelled:
+				s.cfg.Metrics.cancelled.Inc()
+			}
+			return a.State, a.Err
 		}
-		st = next
-		if !running(st) {
-			break
+		// A wait whose timer fired first goes on: only the select says a
+		// wait was cut short.
+		if a.Op != OpWait && ctx.Err() != nil {
+			o.Stop = context.Cause(ctx)
 		}
-		s.cfg.Metrics.retries.Inc()
-		wait := backoff/2 + rand.N(backoff/2+1)
-		s.cfg.Logger.Warn("transfer attempt failed, retrying", "transfer", spec.ID, "attempt", st.Attempts, "of", st.MaxAttempts,
-			"resume_at_block", st.Acked, "backoff", wait, "err", st.Error)
-		t := time.NewTimer(wait)
-		select {
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
-			return s.cancelled(spec.ID, context.Cause(ctx))
-		}
-		backoff = min(backoff*2, s.cfg.BackoffMax)
+		o.Jitter = rand.Uint64()
+		a = d.Next(o)
 	}
-	switch st.Status {
-	case triplanev1.TransferStatus_TRANSFER_STATUS_COMPLETED:
-		s.cfg.Metrics.completed.Inc()
-		if el := time.Since(start).Seconds(); el > 0 && st.Acked > startAcked {
-			s.cfg.Metrics.throughput.Observe(float64((st.Acked-startAcked)*st.BlockSize) / el)
-		}
-		return st, nil
-	case triplanev1.TransferStatus_TRANSFER_STATUS_FAILED:
-		s.cfg.Metrics.failures.Inc()
-		return st, fmt.Errorf("%w: transfer %s after %d attempts, %d of %d blocks acknowledged: %s", ErrGaveUp, spec.ID, st.Attempts, st.Acked, st.Blocks, st.Error)
-	case triplanev1.TransferStatus_TRANSFER_STATUS_CANCELLED:
-		return st, fmt.Errorf("%w: transfer %s: %s", ErrCancelled, spec.ID, st.Error)
-	}
-	return st, fmt.Errorf("transfer %s: unexpected status %s", spec.ID, st.Status)
 }
 
-// attempt writes the blocks after the last acknowledged one, a range at a
-// time, journaling each range once the receiver verified it.
-func (s *Supervisor) attempt(ctx context.Context, spec Spec, tr *data.Transport, st **triplanev1.TransferState) error {
-	if *tr == nil {
-		t, err := s.cfg.Dial(ctx)
-		if err != nil {
-			return fmt.Errorf("dial: %w", err)
-		}
-		*tr = t
+// request sends a command to session id. A cancellation is journaled with
+// a fresh context: the run's is done by then.
+func (s *Supervisor) request(ctx context.Context, id string, msg proto.Message) (proto.Message, error) {
+	if _, ok := msg.(*triplanev1.TransferCancel); ok {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
 	}
-	for running(*st) {
-		from := (*st).Acked
-		to := min(from+uint64(s.cfg.RangeBlocks), (*st).Blocks)
-		if err := (*tr).Write(ctx, spec.Blocks[from:to]); err != nil {
-			return err
-		}
-		next, err := s.ask(ctx, spec.ID, &triplanev1.TransferAck{From: from, To: to})
-		if err != nil {
-			return fmt.Errorf("journal ack: %w", err)
-		}
-		s.cfg.Metrics.bytes.Add(float64((to - from) * uint64(spec.BlockSize)))
-		*st = next
-	}
-	return nil
+	return s.cfg.Host.Request(ctx, addr(id), msg)
 }
 
 // ask sends a command to session id and returns the state it replies.
 func (s *Supervisor) ask(ctx context.Context, id string, msg proto.Message) (*triplanev1.TransferState, error) {
 	r, err := s.cfg.Host.Request(ctx, addr(id), msg)
-	if err != nil {
-		return nil, fmt.Errorf("transfer %s: %T: %w", id, msg, err)
-	}
-	st, ok := r.(*triplanev1.TransferState)
-	if !ok {
-		return nil, fmt.Errorf("transfer %s: %T replied %T", id, msg, r)
-	}
-	return st, nil
-}
-
-// cancelled journals the cancellation (with a fresh context: the run's is
-// done) and returns ErrCancelled.
-func (s *Supervisor) cancelled(id string, cause error) (*triplanev1.TransferState, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	reason := "requester went away"
-	if cause != nil {
-		reason = cause.Error()
-	}
-	st, err := s.ask(ctx, id, &triplanev1.TransferCancel{Reason: reason})
-	if err != nil {
-		return nil, fmt.Errorf("%w: transfer %s (journaling the cancellation failed: %v)", ErrCancelled, id, err)
-	}
-	s.cfg.Metrics.cancelled.Inc()
-	return st, fmt.Errorf("%w: transfer %s: %s", ErrCancelled, id, reason)
+	return stateOf(id, msg, r, err)
 }
 
 // Cancel cancels session id if this supervisor runs it, else journals the
