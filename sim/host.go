@@ -2,7 +2,6 @@ package sim
 
 import (
 	"cmp"
-	"errors"
 	"fmt"
 	"iter"
 	"maps"
@@ -64,7 +63,7 @@ type pending struct {
 }
 
 // ErrCrashed: the actor crashed before handling the command (not applied).
-var ErrCrashed = errors.New("sim host: actor crashed, command not applied")
+var ErrCrashed = fmt.Errorf("sim host: actor crashed: %w", actors.ErrNotApplied)
 
 // NewHost creates a host in w over j.
 func NewHost(w *World, j *Journal, reg *actors.Registry) *Host {

@@ -155,7 +155,11 @@ func (t *transferRun) do(s *simSession, a transfer.Action) {
 	case transfer.OpWrite:
 		t.write(s, a)
 	case transfer.OpWait:
-		w.Tracef("%s attempt %d failed (%s), retrying after %s from block %d", s.addr, a.State.GetAttempts(), a.State.GetError(), a.Wait, a.State.GetAcked())
+		if a.Again != nil {
+			w.Tracef("%s asks again after %s: %v", s.addr, a.Wait, a.Again)
+		} else {
+			w.Tracef("%s attempt %d failed (%s), retrying after %s from block %d", s.addr, a.State.GetAttempts(), a.State.GetError(), a.Wait, a.State.GetAcked())
+		}
 		w.After(a.Wait, func() { t.next(s, transfer.Outcome{}) })
 	case transfer.OpDone:
 		s.ended++
@@ -248,13 +252,12 @@ func (t *transferRun) check(r *Run) error {
 			}
 		case errors.Is(s.err, transfer.ErrGaveUp):
 		case errors.Is(s.err, actors.ErrPersist), errors.Is(s.err, ErrCrashed):
-			// The append of the start or of a failed attempt's report
-			// failed, and Run returns that error, as the real supervisor
-			// does, though attempts remain. Unless the failed append was
-			// written and ended the session, the journal still says
-			// running and nothing drives the session until a requester
-			// runs it again: not checked here, it is how Supervisor.Run
-			// behaves (counted in the trace as left running).
+			// A command failed transiently more times in a row than the
+			// Driver asks again (the journal looks down, not flaky); Run
+			// returns that error. This simulator found that the Driver used
+			// to end the run at the first failed append of the start or of
+			// a report, leaving the session running with nothing driving
+			// it (counted in the trace as left running).
 			failed++
 		default:
 			return fmt.Errorf("invariant errors-explained: %s's run ended with %v, neither giving up nor an injected fault", s.addr, s.err)

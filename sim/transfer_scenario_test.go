@@ -22,24 +22,25 @@ func TestTransferScenarioFindsAckBeforeVerify(t *testing.T) {
 }
 
 // The sweep goes through the supervisor's paths that matter: attempts that
-// failed and were resumed, and runs that ended with a journal failure.
+// failed and were resumed, and commands whose journal append failed (or
+// that were never applied), asked again.
 func TestTransferScenarioCoversFailures(t *testing.T) {
 	seen := map[string]int{}
-	for seed := uint64(1); seed <= 10; seed++ {
+	for seed := uint64(1); seed <= 30; seed++ {
 		r := sim.RunScenario(transferScenario, seed, sim.Options{Duration: 2 * time.Second, Faults: sim.DefaultFaults})
 		if r.Err != nil {
 			t.Fatal(r.Err)
 		}
 		for _, line := range r.Trace {
 			for _, what := range []string{"failed (dial:", "failed (connection reset", "failed (checksum mismatch", "failed (journal ack:",
-				"run returned TRANSFER_STATUS_COMPLETED", "*triplanev1.TransferStart: actors: persist failed", "*triplanev1.TransferAttemptFailed: actors: persist failed"} {
+				"run returned TRANSFER_STATUS_COMPLETED", "asks again after", "*triplanev1.TransferStart: actors: persist failed", "*triplanev1.TransferAttemptFailed: actors: persist failed"} {
 				if strings.Contains(line, what) {
 					seen[what]++
 				}
 			}
 		}
 	}
-	if len(seen) != 7 {
-		t.Fatalf("seeds 1..10 went through %v, want all 7", seen)
+	if len(seen) != 8 {
+		t.Fatalf("seeds 1..30 went through %v, want all 8", seen)
 	}
 }

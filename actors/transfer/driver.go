@@ -7,6 +7,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 
+	"github.com/triplane-dev/triplane/actors"
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/planes/data"
 )
@@ -89,6 +90,10 @@ type Action struct {
 	Blocks   []data.Op
 	// Wait is the backoff before the next attempt (OpWait).
 	Wait time.Duration
+	// Again, for OpWait, is the transient failure of the command asked
+	// just now, which is asked again after the wait (a pause within the
+	// attempt, not a new attempt); nil for a backoff between attempts.
+	Again error
 	// State is the session after the failed attempt (OpWait, for the log)
 	// or the state the run returns (OpDone).
 	State *triplanev1.TransferState
@@ -135,6 +140,8 @@ const (
 	acking
 	reporting // a failed attempt
 	reading   // after reporting found the session ended
+	checking  // after a report whose append's outcome is unknown
+	pausing   // before asking again a command that failed transiently
 	waiting
 	cancelling
 	finished
@@ -158,6 +165,14 @@ type Driver struct {
 	dialled  bool
 	backoff  time.Duration
 	reason   string // of the cancellation being journaled
+	// tries counts transient failures in a row of the command being asked
+	// (its append failed, or it was never applied); resume and resumeMsg
+	// are what to ask after the pause.
+	tries     int
+	resume    phase
+	resumeMsg proto.Message
+	reportMsg proto.Message // the failed attempt's report, to send again
+	lastErr   error         // why the report is being checked
 	// Notes for the next Action, set by the step that leads to it.
 	hangup bool
 	acked  uint64
@@ -187,6 +202,11 @@ func (d *Driver) Next(o Outcome) Action {
 	switch d.phase {
 	case starting:
 		st, err := d.reply(o)
+		if d.transient(err, o) {
+			// Starting is idempotent: a session that did start answers
+			// where it stands.
+			return d.pause(starting, d.act.Msg, err, o)
+		}
 		if err != nil {
 			// The session may not exist: there is nothing to cancel.
 			return d.finish(nil, err, EndUncounted)
@@ -217,6 +237,12 @@ func (d *Driver) Next(o Outcome) Action {
 		return d.proceed()
 	case reporting:
 		st, err := d.reply(o)
+		if d.transient(err, o) {
+			// Written or not? Reporting again would count the attempt
+			// twice if it was: read the session first.
+			d.lastErr = err
+			return d.ask(checking, &triplanev1.TransferGet{})
+		}
 		if errors.Is(err, ErrNotRunning) {
 			// It ended meanwhile (cancelled elsewhere, or the ack that
 			// failed had been written and completed it): report how.
@@ -226,6 +252,22 @@ func (d *Driver) Next(o Outcome) Action {
 	case reading:
 		st, err := d.reply(o)
 		return d.reported(st, err, o)
+	case checking:
+		st, err := d.reply(o)
+		switch {
+		case d.transient(err, o):
+			return d.pause(checking, d.act.Msg, err, o)
+		case err != nil:
+			return d.reported(nil, err, o)
+		case !running(st) || st.Attempts > d.st.Attempts:
+			return d.reported(st, nil, o) // the report was journaled
+		}
+		return d.pause(reporting, d.reportMsg, d.lastErr, o)
+	case pausing:
+		if o.Stop != nil {
+			return d.cancel(o.Stop)
+		}
+		return d.ask(d.resume, d.resumeMsg)
 	case waiting:
 		if o.Stop != nil {
 			return d.cancel(o.Stop)
@@ -269,7 +311,33 @@ func (d *Driver) attemptFailed(err, stop error) Action {
 		// The failure is likely the stop itself: not an attempt to count.
 		return d.cancel(stop)
 	}
-	return d.ask(reporting, &triplanev1.TransferAttemptFailed{Error: err.Error()})
+	d.reportMsg = &triplanev1.TransferAttemptFailed{Error: err.Error()}
+	return d.ask(reporting, d.reportMsg)
+}
+
+// maxTransientTries bounds the transient failures in a row of one command
+// (an append that failed, a command never applied) before the run ends
+// with the error: the journal is then likely down, not flaky.
+const maxTransientTries = 5
+
+// transient reports whether asking failed in a way a retry may cure: the
+// append's outcome is unknown (actors.ErrPersist) or the command was never
+// applied (actors.ErrNotApplied, ErrOverloaded); and that tries remain and
+// the run was not stopped.
+func (d *Driver) transient(err error, o Outcome) bool {
+	if err == nil || o.Stop != nil || d.tries >= maxTransientTries {
+		return false
+	}
+	return errors.Is(err, actors.ErrPersist) || errors.Is(err, actors.ErrNotApplied) || errors.Is(err, actors.ErrOverloaded)
+}
+
+// pause waits a jittered backoff, then asks msg in phase p again.
+func (d *Driver) pause(p phase, msg proto.Message, err error, o Outcome) Action {
+	d.tries++
+	d.resume, d.resumeMsg = p, msg
+	half := d.pace.BackoffMin / 2
+	wait := half + time.Duration(o.Jitter%uint64(half+1))
+	return d.set(pausing, Action{Op: OpWait, Wait: wait, State: d.st, Again: err})
 }
 
 // reported goes on from the answer to a failed attempt's report: back off
@@ -330,7 +398,13 @@ func (d *Driver) set(p phase, a Action) Action {
 }
 
 func (d *Driver) reply(o Outcome) (*triplanev1.TransferState, error) {
-	return stateOf(d.spec.ID, d.act.Msg, o.Reply, o.Err)
+	st, err := stateOf(d.spec.ID, d.act.Msg, o.Reply, o.Err)
+	if err == nil && d.phase != checking {
+		// A command went through: the next one's transient failures count
+		// afresh. (A check only reads: the report it checks is not through.)
+		d.tries = 0
+	}
+	return st, err
 }
 
 // stateOf reads a session's reply to cmd.

@@ -388,15 +388,19 @@ func TestDriverRunEndingErrors(t *testing.T) {
 		{name: "more blocks than the spec", ask: func(*session, int, proto.Message) (proto.Message, error) {
 			return &triplanev1.TransferState{Id: "x", Status: triplanev1.TransferStatus_TRANSFER_STATUS_RUNNING, Blocks: 40, Acked: 8}, nil
 		}, err: "transfer x: running with 8 of 40 blocks acknowledged, the spec has 10: nothing to write", log: []string{"TransferStart", "dial", "done"}},
-		// The report's append failed: the run ends with that error though
-		// attempts remain (see the comment in sim/transfer_scenario.go).
+		// The report's append keeps failing: each time the session is read
+		// (the report was not written) and the report asked again, until
+		// the bound of transient failures in a row.
 		{name: "report refused", dial: func(int) error { return errBoom }, ask: func(s *session, _ int, msg proto.Message) (proto.Message, error) {
 			if _, ok := msg.(*triplanev1.TransferAttemptFailed); ok {
 				return nil, fmt.Errorf("%w: timeout", actors.ErrPersist)
 			}
 			return s.ask(msg)
 		}, err: "transfer x: *triplanev1.TransferAttemptFailed: actors: persist failed, outcome unknown: timeout",
-			log: []string{"TransferStart", "dial", "TransferAttemptFailed", "done"}},
+			log: []string{"TransferStart", "dial",
+				"TransferAttemptFailed", "TransferGet", "wait 5ms", "TransferAttemptFailed", "TransferGet", "wait 5ms",
+				"TransferAttemptFailed", "TransferGet", "wait 5ms", "TransferAttemptFailed", "TransferGet", "wait 5ms",
+				"TransferAttemptFailed", "TransferGet", "wait 5ms", "TransferAttemptFailed", "done"}},
 		{name: "report of the wrong type", dial: func(int) error { return errBoom }, ask: func(s *session, _ int, msg proto.Message) (proto.Message, error) {
 			if _, ok := msg.(*triplanev1.TransferAttemptFailed); ok {
 				return &triplanev1.TransferAck{}, nil
@@ -580,5 +584,58 @@ func TestDriverAnyOutcomes(t *testing.T) {
 	}
 	if ends[true] == 0 {
 		t.Fatalf("no run ended: %v", ends)
+	}
+}
+
+// A journal append that failed is not the end of the run: a start is asked
+// again (it is idempotent), a report is checked and asked again only if it
+// was not written, so an attempt is never counted twice.
+func TestDriverAsksAgainAfterTransientFailures(t *testing.T) {
+	t.Run("start", func(t *testing.T) {
+		s := newSession(t, "x")
+		sc := &script{s: s, ask: func(n int, msg proto.Message) (proto.Message, error) {
+			if _, ok := msg.(*triplanev1.TransferStart); ok && n <= 2 {
+				if n == 2 {
+					_, _ = s.ask(msg) // written, then failed
+				}
+				return nil, actors.ErrPersist
+			}
+			return s.ask(msg)
+		}}
+		a := sc.run(t, newDriver(t, testSpec("x", 10)))
+		if a.Err != nil || a.State.GetStatus() != triplanev1.TransferStatus_TRANSFER_STATUS_COMPLETED {
+			t.Fatalf("end %+v", a)
+		}
+		wantLog(t, sc.log[:6], "TransferStart", "wait 5ms", "TransferStart", "wait 5ms", "TransferStart", "dial")
+	})
+	for _, written := range []bool{true, false} {
+		t.Run(fmt.Sprintf("report written %v", written), func(t *testing.T) {
+			s := newSession(t, "x")
+			failedOnce := false
+			sc := &script{s: s, dial: func(n int) error {
+				if n == 1 {
+					return errBoom
+				}
+				return nil
+			}, ask: func(_ int, msg proto.Message) (proto.Message, error) {
+				if _, ok := msg.(*triplanev1.TransferAttemptFailed); ok && !failedOnce {
+					failedOnce = true
+					if written {
+						_, _ = s.ask(msg)
+					}
+					return nil, fmt.Errorf("%w: timeout", actors.ErrPersist)
+				}
+				return s.ask(msg)
+			}}
+			a := sc.run(t, newDriver(t, testSpec("x", 10)))
+			if a.Err != nil || a.State.GetAttempts() != 1 {
+				t.Fatalf("end %+v: the one failed attempt must count once", a)
+			}
+			want := []string{"TransferStart", "dial", "TransferAttemptFailed", "TransferGet"}
+			if !written {
+				want = append(want, "wait 5ms", "TransferAttemptFailed")
+			}
+			wantLog(t, sc.log[:len(want)], want...)
+		})
 	}
 }

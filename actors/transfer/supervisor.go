@@ -166,9 +166,13 @@ func (s *Supervisor) Run(ctx context.Context, spec Spec) (*triplanev1.TransferSt
 		case OpWrite:
 			o.Err = tr.Write(ctx, a.Blocks)
 		case OpWait:
-			s.cfg.Metrics.retries.Inc()
-			s.cfg.Logger.Warn("transfer attempt failed, retrying", "transfer", spec.ID, "attempt", a.State.Attempts, "of", a.State.MaxAttempts,
-				"resume_at_block", a.State.Acked, "backoff", a.Wait, "err", a.State.Error)
+			if a.Again != nil {
+				s.cfg.Logger.Warn("transfer command failed transiently, asking again", "transfer", spec.ID, "backoff", a.Wait, "err", a.Again)
+			} else {
+				s.cfg.Metrics.retries.Inc()
+				s.cfg.Logger.Warn("transfer attempt failed, retrying", "transfer", spec.ID, "attempt", a.State.Attempts, "of", a.State.MaxAttempts,
+					"resume_at_block", a.State.Acked, "backoff", a.Wait, "err", a.State.Error)
+			}
 			t := time.NewTimer(a.Wait)
 			select {
 			case <-t.C:
