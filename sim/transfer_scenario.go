@@ -25,6 +25,7 @@ const (
 	transferCorrupt   = 0.03 // probability a range arrives with a flipped bit
 	transferReset     = 0.05 // probability the connection resets during a range
 	transferDialFail  = 0.02 // probability a dial is refused
+	transferGone      = 0.1  // probability a session's requester goes away mid-run
 
 	transferBackoffMin = time.Millisecond      // the backoff between attempts doubles from here
 	transferBackoffMax = 64 * time.Millisecond // up to here
@@ -63,7 +64,13 @@ type simSession struct {
 	ended    int // how many times the run returned
 	state    *triplanev1.TransferState
 	err      error // what the requester saw
+	// goneAt is when the requester goes away (zero: never), as a
+	// cancelled context stops the real Run.
+	goneAt time.Time
 }
+
+// errRequesterGone is the cause of a simulated requester's cancellation.
+var errRequesterGone = errors.New("requester went away")
 
 type transferRun struct {
 	r        *Run
@@ -91,6 +98,9 @@ func driveTransfers(r *Run) Invariant {
 		}
 		t.sessions = append(t.sessions, s)
 		at := time.Duration(w.Rand().Int64N(int64(r.Opts.Duration)))
+		if w.Chance(transferGone) {
+			s.goneAt = Epoch.Add(at + time.Duration(w.Rand().Int64N(int64(200*time.Millisecond))))
+		}
 		w.After(at, func() { t.start(s) })
 	}
 	if r.Opts.Faults.CrashRate > 0 {
@@ -123,6 +133,9 @@ func (t *transferRun) start(s *simSession) {
 // from the world, so a seed replays every backoff.
 func (t *transferRun) next(s *simSession, o transfer.Outcome) {
 	o.Jitter = t.r.World.Rand().Uint64()
+	if t.gone(s) {
+		o.Stop = errRequesterGone
+	}
 	t.do(s, s.drv.Next(o))
 }
 
@@ -145,7 +158,10 @@ func (t *transferRun) do(s *simSession, a transfer.Action) {
 	case transfer.OpDial:
 		t.dials++
 		var err error
-		if w.Chance(transferDialFail) {
+		switch {
+		case t.gone(s):
+			err = errRequesterGone // a dial under a cancelled context fails at once
+		case w.Chance(transferDialFail):
 			err = errors.New("connection refused")
 		}
 		w.After(t.linkLatency(), func() {
@@ -160,7 +176,11 @@ func (t *transferRun) do(s *simSession, a transfer.Action) {
 		} else {
 			w.Tracef("%s attempt %d failed (%s), retrying after %s from block %d", s.addr, a.State.GetAttempts(), a.State.GetError(), a.Wait, a.State.GetAcked())
 		}
-		w.After(a.Wait, func() { t.next(s, transfer.Outcome{}) })
+		wait := a.Wait
+		if !s.goneAt.IsZero() && s.goneAt.Before(w.Now().Add(wait)) {
+			wait = max(s.goneAt.Sub(w.Now()), 0) // the real Run's select wakes at the cancellation
+		}
+		w.After(wait, func() { t.next(s, transfer.Outcome{}) })
 	case transfer.OpDone:
 		s.ended++
 		s.state, s.err = a.State, a.Err
@@ -191,6 +211,11 @@ func (t *transferRun) write(s *simSession, a transfer.Action) {
 	if !s.link {
 		t.problems = append(t.problems, fmt.Errorf("invariant dial-before-write: %s wrote [%d, %d) with no connection", s.addr, a.From, a.To))
 		t.next(s, transfer.Outcome{Err: errors.New("not connected")})
+		return
+	}
+	if t.gone(s) {
+		// A write under a cancelled context is broken off.
+		w.After(t.linkLatency(), func() { t.next(s, transfer.Outcome{Err: errRequesterGone}) })
 		return
 	}
 	from, to := int(a.From), int(a.To)
@@ -240,7 +265,7 @@ func (t *transferRun) check(r *Run) error {
 	if len(t.problems) > 0 {
 		return fmt.Errorf("%w (and %d more)", t.problems[0], len(t.problems)-1)
 	}
-	failed, orphans := 0, 0
+	failed, orphans, cancelled := 0, 0, 0
 	for _, s := range t.sessions {
 		if s.ended != 1 {
 			return fmt.Errorf("invariant exactly-once: session %s's run returned %d times (state %v, err %v)", s.addr, s.ended, s.state, s.err)
@@ -251,6 +276,8 @@ func (t *transferRun) check(r *Run) error {
 				return fmt.Errorf("invariant complete: %s returned no error with state %v", s.addr, s.state)
 			}
 		case errors.Is(s.err, transfer.ErrGaveUp):
+		case errors.Is(s.err, transfer.ErrCancelled) && !s.goneAt.IsZero():
+			cancelled++
 		case errors.Is(s.err, actors.ErrPersist), errors.Is(s.err, ErrCrashed):
 			// A command failed transiently more times in a row than the
 			// Driver asks again (the journal looks down, not flaky); Run
@@ -280,11 +307,19 @@ func (t *transferRun) check(r *Run) error {
 		if errors.Is(s.err, transfer.ErrGaveUp) && st.Status != triplanev1.TransferStatus_TRANSFER_STATUS_FAILED {
 			return fmt.Errorf("invariant gave-up-journaled: %s gave up, the journal says %s", s.addr, st.Status)
 		}
+		if errors.Is(s.err, transfer.ErrCancelled) && st.Status == triplanev1.TransferStatus_TRANSFER_STATUS_RUNNING {
+			return fmt.Errorf("invariant cancel-journaled: %s's run returned cancelled, the journal says it still runs", s.addr)
+		}
 		if s.err != nil && st.Status == triplanev1.TransferStatus_TRANSFER_STATUS_RUNNING {
 			orphans++
 		}
 	}
-	r.World.Tracef("transfer: %d sessions (%d ended on a journal failure, %d of them left running), %d dials, %d ranges sent, %d corrupted, %d resets",
-		len(t.sessions), failed, orphans, t.dials, t.ranges, t.corrupt, t.resets)
+	r.World.Tracef("transfer: %d sessions (%d cancelled by their requester, %d ended on a journal failure, %d of them left running), %d dials, %d ranges sent, %d corrupted, %d resets",
+		len(t.sessions), cancelled, failed, orphans, t.dials, t.ranges, t.corrupt, t.resets)
 	return nil
+}
+
+// gone reports whether s's requester went away (its context is done).
+func (t *transferRun) gone(s *simSession) bool {
+	return !s.goneAt.IsZero() && !t.r.World.Now().Before(s.goneAt)
 }

@@ -202,7 +202,7 @@ func (d *Driver) Next(o Outcome) Action {
 	switch d.phase {
 	case starting:
 		st, err := d.reply(o)
-		if d.transient(err, o) {
+		if o.Stop == nil && d.transient(err) {
 			// Starting is idempotent: a session that did start answers
 			// where it stands.
 			return d.pause(starting, d.act.Msg, err, o)
@@ -226,10 +226,16 @@ func (d *Driver) Next(o Outcome) Action {
 		return d.ask(acking, &triplanev1.TransferAck{From: d.from, To: d.to})
 	case acking:
 		st, err := d.reply(o)
+		if o.Stop == nil && d.transient(err) {
+			// The blocks landed and were verified; only journaling the ack
+			// failed, or it was written after all: asking again is safe
+			// (a repeated ack is a no-op) and spares an attempt.
+			return d.pause(acking, d.act.Msg, err, o)
+		}
 		if err != nil {
-			// Written or not, the ack is not repeated: the report of the
-			// failure answers with the session as journaled, and the next
-			// attempt resumes from there.
+			// The ack is not repeated: the report of the failure answers
+			// with the session as journaled, and the next attempt resumes
+			// from there.
 			return d.attemptFailed(fmt.Errorf("journal ack: %w", err), o.Stop)
 		}
 		d.acked = (d.to - d.from) * uint64(d.spec.BlockSize)
@@ -237,7 +243,7 @@ func (d *Driver) Next(o Outcome) Action {
 		return d.proceed()
 	case reporting:
 		st, err := d.reply(o)
-		if d.transient(err, o) {
+		if o.Stop == nil && d.transient(err) {
 			// Written or not? Reporting again would count the attempt
 			// twice if it was: read the session first.
 			d.lastErr = err
@@ -255,11 +261,12 @@ func (d *Driver) Next(o Outcome) Action {
 	case checking:
 		st, err := d.reply(o)
 		switch {
-		case d.transient(err, o):
+		case o.Stop == nil && d.transient(err):
 			return d.pause(checking, d.act.Msg, err, o)
 		case err != nil:
 			return d.reported(nil, err, o)
 		case !running(st) || st.Attempts > d.st.Attempts:
+			d.tries = 0                   // the report went through: the next command counts afresh
 			return d.reported(st, nil, o) // the report was journaled
 		}
 		return d.pause(reporting, d.reportMsg, d.lastErr, o)
@@ -276,10 +283,23 @@ func (d *Driver) Next(o Outcome) Action {
 		return d.proceed()
 	case cancelling:
 		st, err := d.reply(o)
+		if d.transient(err) {
+			// Asked again at once: the run is stopped, there is no waiting
+			// for it, and a session left running would be driven by nobody.
+			d.tries++
+			return d.ask(cancelling, d.act.Msg)
+		}
 		if err != nil {
 			return d.finish(nil, fmt.Errorf("%w: transfer %s (journaling the cancellation failed: %v)", ErrCancelled, d.spec.ID, err), EndUncounted)
 		}
-		return d.finish(st, fmt.Errorf("%w: transfer %s: %s", ErrCancelled, d.spec.ID, d.reason), EndCancelled)
+		end := EndUncounted
+		if st.Status == triplanev1.TransferStatus_TRANSFER_STATUS_CANCELLED {
+			// Counted only when it is cancelled: a session that never
+			// started (the stop came during a start's pause) or that had
+			// already ended is not.
+			end = EndCancelled
+		}
+		return d.finish(st, fmt.Errorf("%w: transfer %s: %s", ErrCancelled, d.spec.ID, d.reason), end)
 	}
 	return d.act
 }
@@ -320,22 +340,22 @@ func (d *Driver) attemptFailed(err, stop error) Action {
 // with the error: the journal is then likely down, not flaky.
 const maxTransientTries = 5
 
-// transient reports whether asking failed in a way a retry may cure: the
-// append's outcome is unknown (actors.ErrPersist) or the command was never
-// applied (actors.ErrNotApplied, ErrOverloaded); and that tries remain and
-// the run was not stopped.
-func (d *Driver) transient(err error, o Outcome) bool {
-	if err == nil || o.Stop != nil || d.tries >= maxTransientTries {
+// transient reports whether asking failed in a way a retry may cure, with
+// tries left: the append's outcome is unknown (actors.ErrPersist) or the
+// command was never applied (actors.ErrNotApplied, ErrOverloaded).
+func (d *Driver) transient(err error) bool {
+	if err == nil || d.tries >= maxTransientTries {
 		return false
 	}
 	return errors.Is(err, actors.ErrPersist) || errors.Is(err, actors.ErrNotApplied) || errors.Is(err, actors.ErrOverloaded)
 }
 
-// pause waits a jittered backoff, then asks msg in phase p again.
+// pause waits a jittered backoff that doubles with each try (a journal
+// that fails again and again is given time), then asks msg in phase p again.
 func (d *Driver) pause(p phase, msg proto.Message, err error, o Outcome) Action {
 	d.tries++
 	d.resume, d.resumeMsg = p, msg
-	half := d.pace.BackoffMin / 2
+	half := min(d.pace.BackoffMin<<(d.tries-1), d.pace.BackoffMax) / 2
 	wait := half + time.Duration(o.Jitter%uint64(half+1))
 	return d.set(pausing, Action{Op: OpWait, Wait: wait, State: d.st, Again: err})
 }

@@ -299,12 +299,13 @@ func TestDriverAttemptFailures(t *testing.T) {
 			reported: "journal ack: transfer f: *triplanev1.TransferAck replied *triplanev1.TransferState", log: failedAck},
 		{name: "ack of nothing", ack: func(*session, proto.Message) (proto.Message, error) { return nil, nil },
 			reported: "journal ack: transfer f: *triplanev1.TransferAck replied <nil>", log: failedAck},
-		// The append failed, yet was written: the next attempt resumes
-		// after the range instead of sending it again.
+		// The request failed (not a journal failure the driver asks again
+		// after), yet the ack was written: the next attempt resumes after
+		// the range instead of sending it again.
 		{name: "ack written, then failed", ack: func(s *session, msg proto.Message) (proto.Message, error) {
 			s.ask(msg)
-			return nil, fmt.Errorf("%w: timeout", actors.ErrPersist)
-		}, reported: "journal ack: transfer f: *triplanev1.TransferAck: actors: persist failed, outcome unknown: timeout",
+			return nil, errors.New("request timed out")
+		}, reported: "journal ack: transfer f: *triplanev1.TransferAck: request timed out",
 			log: []string{"TransferStart", "dial", "write 0-8", "TransferAck", "hangup, TransferAttemptFailed", "wait 5ms",
 				"dial", "write 8-10", "TransferAck", "done"}},
 	} {
@@ -334,7 +335,7 @@ func TestDriverReportFindsSessionEnded(t *testing.T) {
 	sc.ask = func(n int, msg proto.Message) (proto.Message, error) {
 		if m, ok := msg.(*triplanev1.TransferAck); ok && m.To == 10 {
 			s.ask(msg)
-			return nil, fmt.Errorf("%w: timeout", actors.ErrPersist)
+			return nil, errors.New("request timed out")
 		}
 		return s.ask(msg)
 	}
@@ -398,9 +399,9 @@ func TestDriverRunEndingErrors(t *testing.T) {
 			return s.ask(msg)
 		}, err: "transfer x: *triplanev1.TransferAttemptFailed: actors: persist failed, outcome unknown: timeout",
 			log: []string{"TransferStart", "dial",
-				"TransferAttemptFailed", "TransferGet", "wait 5ms", "TransferAttemptFailed", "TransferGet", "wait 5ms",
-				"TransferAttemptFailed", "TransferGet", "wait 5ms", "TransferAttemptFailed", "TransferGet", "wait 5ms",
-				"TransferAttemptFailed", "TransferGet", "wait 5ms", "TransferAttemptFailed", "done"}},
+				"TransferAttemptFailed", "TransferGet", "wait 5ms", "TransferAttemptFailed", "TransferGet", "wait 10ms",
+				"TransferAttemptFailed", "TransferGet", "wait 12.5ms", "TransferAttemptFailed", "TransferGet", "wait 12.5ms",
+				"TransferAttemptFailed", "TransferGet", "wait 12.5ms", "TransferAttemptFailed", "done"}},
 		{name: "report of the wrong type", dial: func(int) error { return errBoom }, ask: func(s *session, _ int, msg proto.Message) (proto.Message, error) {
 			if _, ok := msg.(*triplanev1.TransferAttemptFailed); ok {
 				return &triplanev1.TransferAck{}, nil
@@ -606,7 +607,7 @@ func TestDriverAsksAgainAfterTransientFailures(t *testing.T) {
 		if a.Err != nil || a.State.GetStatus() != triplanev1.TransferStatus_TRANSFER_STATUS_COMPLETED {
 			t.Fatalf("end %+v", a)
 		}
-		wantLog(t, sc.log[:6], "TransferStart", "wait 5ms", "TransferStart", "wait 5ms", "TransferStart", "dial")
+		wantLog(t, sc.log[:6], "TransferStart", "wait 5ms", "TransferStart", "wait 10ms", "TransferStart", "dial")
 	})
 	for _, written := range []bool{true, false} {
 		t.Run(fmt.Sprintf("report written %v", written), func(t *testing.T) {
@@ -638,4 +639,71 @@ func TestDriverAsksAgainAfterTransientFailures(t *testing.T) {
 			wantLog(t, sc.log[:len(want)], want...)
 		})
 	}
+}
+
+// An ack whose append failed is asked again (a repeated ack is a no-op),
+// not counted as a failed attempt.
+func TestDriverAsksAckAgain(t *testing.T) {
+	s := newSession(t, "x")
+	failed := false
+	sc := &script{s: s, ask: func(_ int, msg proto.Message) (proto.Message, error) {
+		if _, ok := msg.(*triplanev1.TransferAck); ok && !failed {
+			failed = true
+			_, _ = s.ask(msg) // written, then failed
+			return nil, actors.ErrPersist
+		}
+		return s.ask(msg)
+	}}
+	a := sc.run(t, newDriver(t, testSpec("x", 10)))
+	if a.Err != nil || a.State.GetAttempts() != 0 || a.State.GetAcked() != 10 {
+		t.Fatalf("end %+v", a)
+	}
+	wantLog(t, sc.log[:5], "TransferStart", "dial", "write 0-8", "TransferAck", "wait 5ms")
+	if sc.log[5] != "TransferAck" {
+		t.Fatalf("log %v", sc.log)
+	}
+}
+
+// Stopped during a start's pause: the cancellation finds no session and is
+// not counted as one; a cancellation whose append fails is asked again.
+func TestDriverStopDuringPauseAndCancelRetried(t *testing.T) {
+	gone := errors.New("client went away")
+	s := newSession(t, "x")
+	sc := &script{s: s, ask: func(n int, msg proto.Message) (proto.Message, error) {
+		if _, ok := msg.(*triplanev1.TransferStart); ok {
+			return nil, actors.ErrNotApplied
+		}
+		return s.ask(msg)
+	}, stop: func(a Action, _ Outcome) error {
+		if a.Op == OpWait {
+			return gone
+		}
+		return nil
+	}}
+	a := sc.run(t, newDriver(t, testSpec("x", 10)))
+	if !errors.Is(a.Err, ErrCancelled) || a.Ended != EndUncounted {
+		t.Fatalf("end %+v", a)
+	}
+	wantLog(t, sc.log, "TransferStart", "wait 5ms", "TransferCancel", "done")
+
+	s = newSession(t, "y")
+	cancels := 0
+	sc = &script{s: s, dial: func(int) error { return errBoom }, ask: func(_ int, msg proto.Message) (proto.Message, error) {
+		if _, ok := msg.(*triplanev1.TransferCancel); ok {
+			if cancels++; cancels <= 2 {
+				return nil, actors.ErrPersist
+			}
+		}
+		return s.ask(msg)
+	}, stop: func(a Action, _ Outcome) error {
+		if a.Op == OpDial {
+			return gone
+		}
+		return nil
+	}}
+	a = sc.run(t, newDriver(t, testSpec("y", 10)))
+	if !errors.Is(a.Err, ErrCancelled) || a.Ended != EndCancelled || a.State.GetStatus() != triplanev1.TransferStatus_TRANSFER_STATUS_CANCELLED {
+		t.Fatalf("end %+v", a)
+	}
+	wantLog(t, sc.log, "TransferStart", "dial", "TransferCancel", "TransferCancel", "TransferCancel", "done")
 }

@@ -155,8 +155,8 @@ func (s *Supervisor) Run(ctx context.Context, spec Spec) (*triplanev1.TransferSt
 		switch a.Op {
 		case OpAsk:
 			o.Reply, o.Err = s.request(ctx, spec.ID, a.Msg)
-			if start.IsZero() {
-				start = time.Now()
+			if _, ok := a.Msg.(*triplanev1.TransferStart); ok && o.Err == nil {
+				start = time.Now() // a start asked again after a failure counts from its success
 			}
 		case OpDial:
 			var t data.Transport
