@@ -88,8 +88,10 @@ type Machine interface {
 	// Initial returns the state of an actor with no events.
 	Initial(id string) proto.Message
 	// Decide handles a command. It must not modify state. The events it
-	// returns belong to the host from then on: nothing may modify them,
-	// and Apply must copy what it keeps of one rather than hold on to it.
+	// returns belong to the host from then on and nothing may modify them
+	// in place: the simulated journal keeps them as they are, so a state
+	// that holds on to part of an event (or an event that reuses part of a
+	// state) must replace that part, never change it.
 	Decide(state proto.Message, cmd Command) Decision
 	// Apply folds an event into state, modifying it in place. An error
 	// means the event cannot belong to this machine (schema drift).

@@ -2,6 +2,7 @@ package sim_test
 
 import (
 	"errors"
+	"math"
 	"strings"
 	"testing"
 	"time"
@@ -97,5 +98,18 @@ func TestDiskLosesUnsyncedWrites(t *testing.T) {
 	}
 	if d.Lost != 1 {
 		t.Fatalf("lost %d writes, want 1", d.Lost)
+	}
+}
+
+// A timer past the end of time never fires and the clock never runs
+// backwards (it used to wrap around and fire at once).
+func TestWorldFarTimerDoesNotWrap(t *testing.T) {
+	w := sim.NewWorld(1)
+	w.RunFor(time.Second)
+	fired := false
+	w.After(time.Duration(math.MaxInt64), func() { fired = true })
+	w.RunFor(time.Hour)
+	if fired || w.Elapsed() != time.Second+time.Hour {
+		t.Fatalf("fired %v, clock at %s", fired, w.Elapsed())
 	}
 }

@@ -3,6 +3,7 @@ package sim
 import (
 	"fmt"
 	"hash/fnv"
+	"math"
 	"math/rand/v2"
 	"time"
 )
@@ -106,8 +107,12 @@ func (w *World) After(d time.Duration, fn func()) {
 	if d < 0 {
 		d = 0
 	}
+	at := w.now + d
+	if at < w.now {
+		at = math.MaxInt64 // past the end of time: never runs, and the clock cannot wrap
+	}
 	w.seq++
-	w.queue.push(event{at: w.now + d, seq: w.seq, fn: fn})
+	w.queue.push(event{at: at, seq: w.seq, fn: fn})
 }
 
 // Pending is the number of scheduled events.

@@ -388,3 +388,46 @@ func TestClearAnnouncesDroppedBlocksWhileOthersAreHeld(t *testing.T) {
 		}
 	}
 }
+
+// Block hashes cross processes (frontends, routers and workers must agree,
+// across versions): these values are the chained xxhash64 of the parent and
+// the tokens, little-endian, as first released.
+func TestBlockHashGoldenValues(t *testing.T) {
+	toks := make([]uint32, 200)
+	for i := range toks {
+		toks[i] = uint32(i*7919 + 1)
+	}
+	for _, c := range []struct {
+		parent uint64
+		tokens []uint32
+		want   uint64
+	}{
+		{0, toks[:16], 0xfbca92996ca24296},
+		{0xdeadbeef, toks[:1], 0xcf86df6018526330},
+		{42, toks, 0xac9f8d75654f7846}, // longer than one write chunk
+	} {
+		if got := mocker.BlockHash(c.parent, c.tokens); got != c.want {
+			t.Errorf("BlockHash(%#x, %d tokens) = %#x, want %#x", c.parent, len(c.tokens), got, c.want)
+		}
+	}
+}
+
+// A step's outputs share one token buffer: each output's slice is full, so
+// appending to one copies instead of overwriting its neighbour's token.
+func TestStepTokensDoNotAlias(t *testing.T) {
+	e := newEngine(t, mocker.Config{BlockSize: 4, NumBlocks: 64})
+	for i := range 3 {
+		_ = e.Add(engine.Request{ID: string(rune('a' + i)), Tokens: prompt(6, uint32(100*i+1)), MaxTokens: 5})
+	}
+	e.Step() // prefill: first tokens
+	st := e.Step()
+	if len(st.Outputs) != 3 {
+		t.Fatalf("%d outputs", len(st.Outputs))
+	}
+	second := st.Outputs[1].Tokens[0]
+	grown := append(st.Outputs[0].Tokens, 7)
+	grown[0] = 9
+	if st.Outputs[1].Tokens[0] != second || len(st.Outputs[0].Tokens) != 1 || cap(st.Outputs[0].Tokens) != 1 {
+		t.Fatal("an output's tokens alias another's")
+	}
+}

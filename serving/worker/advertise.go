@@ -16,7 +16,8 @@ func advertiseHost(listen, advertise string, addrs func() ([]net.Addr, error)) (
 		if err := CheckHost(advertise); err != nil {
 			return "", fmt.Errorf("worker: advertise host %q: %w", advertise, err)
 		}
-		return advertise, nil
+		// JoinHostPort adds the brackets an IPv6 address needs.
+		return strings.TrimSuffix(strings.TrimPrefix(advertise, "["), "]"), nil
 	}
 	if ip := net.ParseIP(listen); ip == nil || !ip.IsUnspecified() {
 		return listen, nil
@@ -44,17 +45,27 @@ func advertiseHost(listen, advertise string, addrs func() ([]net.Addr, error)) (
 	return "", fmt.Errorf("worker: listening on %s (every interface) but this machine has no routable address to advertise; set the advertise host", listen)
 }
 
-// CheckHost accepts an IP address or a host name peers can dial: not an
-// address that means every interface, and no port.
+// CheckHost accepts an IP address (IPv6 with or without brackets) or a
+// host name peers can dial: not an address that means every interface, no
+// port, nothing but letters, digits, '-', '_' and '.' in a name.
 func CheckHost(h string) error {
-	if ip := net.ParseIP(h); ip != nil {
+	ip := net.ParseIP(strings.TrimSuffix(strings.TrimPrefix(h, "["), "]"))
+	if ip != nil {
 		if ip.IsUnspecified() {
 			return fmt.Errorf("means every interface, which no peer can dial")
 		}
 		return nil
 	}
-	if strings.ContainsAny(h, ":/ ") || h == "" {
+	if h == "" || len(h) > 253 {
+		return fmt.Errorf("want an IP address or a host name of 1 to 253 characters")
+	}
+	if strings.Contains(h, ":") {
 		return fmt.Errorf("want an IP address or a host name, without a port")
+	}
+	for _, r := range h {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
+			return fmt.Errorf("%q is not allowed in a host name", r)
+		}
 	}
 	return nil
 }

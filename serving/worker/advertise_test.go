@@ -27,11 +27,16 @@ func TestAdvertiseHost(t *testing.T) {
 		{listen: "0.0.0.0", ips: []string{"127.0.0.1", "fe80::1", "10.1.2.3"}, want: "10.1.2.3"},
 		{listen: "::", ips: []string{"127.0.0.1", "2001:db8::5"}, want: "2001:db8::5"},
 		{listen: "0.0.0.0", advertise: "node-7.example", want: "node-7.example"},
+		{listen: "::", advertise: "[2001:db8::1]", want: "2001:db8::1"},
+		{listen: "::", advertise: "2001:db8::1", want: "2001:db8::1"},
 		// Bad beside good: nothing dialable, an unspecified or port-carrying
 		// advertise host.
 		{listen: "0.0.0.0", ips: []string{"127.0.0.1"}, err: "no routable address"},
 		{listen: "0.0.0.0", advertise: "0.0.0.0", err: "every interface"},
 		{listen: "127.0.0.1", advertise: "host:80", err: "without a port"},
+		{listen: "127.0.0.1", advertise: "user@host", err: "not allowed"},
+		{listen: "127.0.0.1", advertise: "ho%st", err: "not allowed"},
+		{listen: "127.0.0.1", advertise: "[::]", err: "every interface"},
 	} {
 		got, err := advertiseHost(c.listen, c.advertise, addrs(c.ips...))
 		switch {
