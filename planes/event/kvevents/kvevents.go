@@ -96,6 +96,11 @@ func ValidateBatch(b *triplanev1.KvEventBatch) error {
 	if err := event.CheckToken(b.GetWorkerId()); err != nil {
 		return fmt.Errorf("%w: batch worker id: %w", ErrInvalid, err)
 	}
+	if b.Epoch == 0 {
+		// Publishers refuse epoch 0 and a saved view cannot hold it: a
+		// batch claiming it is not from a real worker.
+		return fmt.Errorf("%w: batch of worker %s has epoch 0 (an epoch is the worker's start time)", ErrInvalid, b.WorkerId)
+	}
 	if err := validateEvents(b.Events); err != nil {
 		return fmt.Errorf("%w: batch of worker %s: %w", ErrInvalid, b.WorkerId, err)
 	}
