@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	"github.com/triplane-dev/triplane/actors"
 	routerm "github.com/triplane-dev/triplane/actors/router"
@@ -28,6 +29,9 @@ const (
 	servingMaxPending = 4096 // out-of-order KV events buffered per worker
 	servingGrace      = 20 * time.Millisecond
 	servingRetries    = 5 // routing attempts and migrations per request
+	// servingRepairTimeout bounds one resend request (lost, or its worker
+	// cut off or dead).
+	servingRepairTimeout = 50 * time.Millisecond
 	// servingLoadInterval between a worker's load reports (the real
 	// worker's default): between reports the routing shell knows only its
 	// own flights.
@@ -67,6 +71,8 @@ type simWorker struct {
 	epoch   int
 	eng     *mocker.Engine
 	log     *kvevents.Log // the worker's KV event numbering, mirror and resend ring
+	bus     *BusClient
+	unserve func() // stops answering resend requests (a crash)
 	alive   bool
 	diedAt  time.Time
 	gone    bool // discovery removed it (past the grace)
@@ -98,21 +104,23 @@ type servingRun struct {
 	seq *kvevents.Sequencer
 	// flights and reports are what the real routing shell knows of the
 	// workers' load: its own requests in flight and the last load report.
-	flights     *router.Flights
-	reports     map[string]*router.Report
-	reqs        []*simRequest
-	router      actors.Address
-	bug         string
-	problems    []error
-	sent        uint64 // KV event batches sent (heartbeats included)
-	dropped     uint64 // lost on the way
-	duplicated  uint64
-	reroutes    uint64
-	partitioned map[string]time.Time
+	flights  *router.Flights
+	reports  map[string]*router.Report
+	reqs     []*simRequest
+	router   actors.Address
+	bug      string
+	problems []error
+	// bus is the simulated event plane the workers and the routing shell
+	// talk over: KV event batches and heartbeats, resend requests, load
+	// reports; it loses, duplicates and delays them, and partitions a
+	// worker off.
+	bus       *Bus
+	routerBus *BusClient
+	reroutes  uint64
 }
 
 func driveServing(r *Run) Invariant {
-	s := &servingRun{r: r, workers: map[string]*simWorker{}, ix: router.NewIndex(servingIndexCap), partitioned: map[string]time.Time{},
+	s := &servingRun{r: r, workers: map[string]*simWorker{}, ix: router.NewIndex(servingIndexCap), bus: NewBus(r.World),
 		router: actors.Address{Kind: routerm.Kind, ID: "r0"}, bug: r.Opts.Bug, flights: router.NewFlights(), reports: map[string]*router.Report{}}
 	s.seq = kvevents.NewSequencer(kvevents.SequencerConfig{MaxPending: servingMaxPending, Faults: r.Faults(),
 		OnEvent: s.ix.ApplyKvEvent,
@@ -120,6 +128,16 @@ func driveServing(r *Run) Invariant {
 			s.ix.Reset(worker, slices.Sorted(maps.Keys(blocks)), last)
 		}})
 	w := r.World
+	s.bus.Loss, s.bus.Duplicate = 0.02, 0.01
+	s.routerBus = s.bus.Client("router")
+	// The routing shell's subscriptions, as the frontend's consumer and
+	// load aggregator make them.
+	if _, err := s.routerBus.Subscribe("kv.events.*", "", func(_ string, m proto.Message) { s.ingest(m.(*triplanev1.KvEventBatch)) }); err != nil {
+		panic(err) // a constant subject
+	}
+	if _, err := s.routerBus.Subscribe("load.*", "", func(_ string, m proto.Message) { s.onLoad(m.(*triplanev1.LoadReport)) }); err != nil {
+		panic(err)
+	}
 	for i := range servingWorkers {
 		id := fmt.Sprintf("w%d", i)
 		s.order = append(s.order, id)
@@ -200,8 +218,15 @@ func (s *servingRun) newWorker(id string, epoch int) *simWorker {
 	if err != nil {
 		panic(err) // a constant configuration
 	}
-	return &simWorker{id: id, epoch: epoch, eng: eng, alive: true, running: map[string]*simRequest{},
-		log: kvevents.NewLog(id, uint64(epoch), servingRing, 0, s.r.Faults())}
+	wk := &simWorker{id: id, epoch: epoch, eng: eng, alive: true, running: map[string]*simRequest{},
+		log: kvevents.NewLog(id, uint64(epoch), servingRing, 0, s.r.Faults()), bus: s.bus.Client(id)}
+	wk.unserve, err = wk.bus.Serve("kv.resend."+id, "", func(m proto.Message) (proto.Message, error) {
+		return wk.log.Resend(m.(*triplanev1.KvResendRequest), 1<<20), nil
+	})
+	if err != nil {
+		panic(err) // a constant subject
+	}
+	return wk
 }
 
 func (s *servingRun) fail(err error) { s.problems = append(s.problems, err) }
@@ -330,34 +355,16 @@ func (s *servingRun) stepWorker(wk *simWorker, epoch int) {
 	}
 }
 
-// send delivers one batch of a worker's KV events to the router after a
-// latency, or loses it (also to a partition); now and then twice.
+// send publishes one batch of a worker's KV events.
 func (s *servingRun) send(wk *simWorker, b *triplanev1.KvEventBatch) {
-	w := s.r.World
-	s.sent++
-	if w.Chance(0.02) || s.cut(wk.id) {
-		s.dropped++
-		return
-	}
-	w.After(time.Duration(100+w.Rand().IntN(4900))*time.Microsecond, func() { s.ingest(b) })
-	if w.Chance(0.01) {
-		// Duplicated on the way: the sequencer must apply it once.
-		s.duplicated++
-		w.After(time.Duration(100+w.Rand().IntN(9900))*time.Microsecond, func() { s.ingest(b) })
-	}
+	_ = wk.bus.Publish("kv.events."+wk.id, b)
 }
 
-// cut reports whether a worker's stream is partitioned from the router now.
-func (s *servingRun) cut(id string) bool { return s.r.World.Now().Before(s.partitioned[id]) }
-
-// partition cuts the KV events of one worker off the router for d (the
-// worker keeps serving); after the heal, heartbeats reveal the gap and the
-// repair fetches it from the ring or a dump.
-func (s *servingRun) partition(id string, d time.Duration) {
-	w := s.r.World
-	s.partitioned[id] = w.Now().Add(d)
-	w.Tracef("partition: %s's KV events cut off from the router for %s", id, d)
-}
+// partition cuts one worker off the event plane for d (it keeps serving
+// its streams): its KV events, heartbeats, load reports and resend answers
+// are lost; after the heal, heartbeats reveal the gap and the repair
+// fetches it from the ring or a dump.
+func (s *servingRun) partition(id string, d time.Duration) { s.bus.Partition(id, d) }
 
 // ingest hands a batch to the sequencer, as the real consumer's
 // subscription does, and starts a repair when it says so.
@@ -373,31 +380,22 @@ func (s *servingRun) ingest(b *triplanev1.KvEventBatch) {
 }
 
 func (s *servingRun) heartbeat(wk *simWorker) {
-	if s.cut(wk.id) {
-		return // the partition cuts heartbeats off too
-	}
-	b := wk.log.Heartbeat()
-	s.r.World.After(time.Millisecond, func() { s.ingest(b) })
+	_ = wk.bus.Publish("kv.events."+wk.id, wk.log.Heartbeat())
 }
 
-// reportLoad sends the worker's load report to the routing shell, which
-// keeps the last one (lost with the KV events in a partition).
+// reportLoad publishes the worker's load report, as the real worker does.
 func (s *servingRun) reportLoad(wk *simWorker) {
-	if s.cut(wk.id) {
-		return
-	}
 	l := wk.eng.Load()
-	rep := &router.Report{BlocksUsed: l.BlocksUsed, BlocksTotal: l.BlocksTotal, Waiting: l.Waiting, SentAt: s.r.World.Now()}
-	id, epoch := wk.id, wk.epoch
-	s.r.World.After(time.Millisecond, func() {
-		if cur := s.workers[id]; cur.epoch == epoch {
-			s.reports[id] = rep
-		}
-	})
+	_ = wk.bus.Publish("load."+wk.id, &triplanev1.LoadReport{InstanceId: wk.id, ActiveRequests: uint32(l.Active), WaitingRequests: uint32(l.Waiting),
+		KvBlocksUsed: uint64(l.BlocksUsed), KvBlocksTotal: uint64(l.BlocksTotal), SentAt: timestamppb.New(s.r.World.Now())})
 }
 
-// errUnreachable is a resend request that got no answer.
-var errUnreachable = errors.New("sim: worker unreachable")
+// onLoad keeps a worker's last load report, as the frontend's load
+// aggregator does.
+func (s *servingRun) onLoad(l *triplanev1.LoadReport) {
+	s.reports[l.InstanceId] = &router.Report{BlocksUsed: int(l.KvBlocksUsed), BlocksTotal: int(l.KvBlocksTotal),
+		Waiting: int(l.WaitingRequests), SentAt: l.SentAt.AsTime()}
+}
 
 // repair runs one resend request of the sequencer's repair after wait, as
 // the real consumer's repairer does: ask the worker's log, hand the answer
@@ -414,15 +412,8 @@ func (s *servingRun) repair(id string, wait time.Duration) {
 			// events after it wait in the buffer.
 			return
 		}
-		wk := s.workers[id]
-		var reply *triplanev1.KvResendReply
-		var err error
-		if !wk.alive || s.cut(id) {
-			err = errUnreachable
-		} else {
-			reply = wk.log.Resend(req, 1<<20)
-		}
-		w.After(time.Duration(500+w.Rand().IntN(2000))*time.Microsecond, func() {
+		_ = s.routerBus.Request("kv.resend."+id, req, servingRepairTimeout, func(m proto.Message, err error) {
+			reply, _ := m.(*triplanev1.KvResendReply)
 			res := s.seq.RepairDone(id, epoch, reply, err)
 			switch res.Next {
 			case kvevents.RepairAgain:
@@ -446,6 +437,7 @@ func (s *servingRun) crashWorker(id string) {
 		return
 	}
 	wk.alive, wk.diedAt = false, w.Now()
+	wk.unserve()
 	w.Tracef("worker %s crashed with %d requests", id, len(wk.running))
 	for _, req := range slices.SortedFunc(maps.Values(wk.running), func(a, b *simRequest) int { return cmpStr(a.id, b.id) }) {
 		s.flights.Done(id, req.id)
@@ -496,8 +488,8 @@ func (s *servingRun) check(r *Run) error {
 		}
 		if !maps.Equal(got, want) {
 			st := s.seq.Stats()
-			return fmt.Errorf("invariant index: after quiescence the router holds %d blocks of %s, the worker %d (batches dropped %d, repairs %d, dumps %d)",
-				len(got), id, len(want), s.dropped, st.Resends, st.Dumps)
+			return fmt.Errorf("invariant index: after quiescence the router holds %d blocks of %s, the worker %d (messages lost %d, repairs %d, dumps %d)",
+				len(got), id, len(want), s.bus.Lost, st.Resends, st.Dumps)
 		}
 	}
 	for _, id := range s.order {
@@ -508,7 +500,7 @@ func (s *servingRun) check(r *Run) error {
 	if s.ix.Len() > servingIndexCap {
 		return fmt.Errorf("invariant bounds: index holds %d entries, cap %d", s.ix.Len(), servingIndexCap)
 	}
-	r.World.Tracef("serving: %d requests, %d KV batches sent, %d dropped, %d duplicated, sequencer %s, %d stale decisions routed again, index %d entries",
-		len(s.reqs), s.sent, s.dropped, s.duplicated, s.seq.Stats(), s.reroutes, s.ix.Len())
+	r.World.Tracef("serving: %d requests, bus %d published, %d lost, %d duplicated, sequencer %s, %d stale decisions routed again, index %d entries",
+		len(s.reqs), s.bus.Published, s.bus.Lost, s.bus.Duplicated, s.seq.Stats(), s.reroutes, s.ix.Len())
 	return nil
 }
