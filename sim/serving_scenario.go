@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -27,8 +28,15 @@ const (
 	servingRing       = 8 // KV events a worker keeps for resends (small: partitions outlast it)
 	servingIndexCap   = 1 << 20
 	servingMaxPending = 4096 // out-of-order KV events buffered per worker
-	servingGrace      = 20 * time.Millisecond
-	servingRetries    = 5 // routing attempts and migrations per request
+	// Workers register on the simulated etcd under a lease they keep
+	// alive every heartbeat round; a dead worker leaves discovery when its
+	// lease expires. The grace is that TTL plus the watch's delivery.
+	servingLeaseTTL = 150 * time.Millisecond
+	// servingGrace bounds how long discovery may list a dead worker: its
+	// lease's TTL, an etcd leader change (up to 250 ms, after which the new
+	// leader renews every lease), the keep-alive round and the watch.
+	servingGrace   = 2*servingLeaseTTL + 250*time.Millisecond + 50*time.Millisecond
+	servingRetries = 5 // routing attempts and migrations per request
 	// servingRepairTimeout bounds one resend request (lost, or its worker
 	// cut off or dead).
 	servingRepairTimeout = 50 * time.Millisecond
@@ -75,8 +83,9 @@ type simWorker struct {
 	unserve func() // stops answering resend requests (a crash)
 	alive   bool
 	diedAt  time.Time
-	gone    bool // discovery removed it (past the grace)
-	step    bool // a step is scheduled
+	etcd    *EtcdClient
+	lease   int64 // 0: not registered (etcd unavailable): the next round tries
+	step    bool  // a step is scheduled
 	running map[string]*simRequest
 }
 
@@ -116,11 +125,17 @@ type servingRun struct {
 	// worker off.
 	bus       *Bus
 	routerBus *BusClient
-	reroutes  uint64
+	// etcd is the simulated control plane: workers register there and the
+	// shell's discovery (listed) follows its watch.
+	etcd     *Etcd
+	listed   map[string]bool
+	caughtUp bool // the index was checked once every view caught up
+	reroutes uint64
 }
 
 func driveServing(r *Run) Invariant {
 	s := &servingRun{r: r, workers: map[string]*simWorker{}, ix: router.NewIndex(servingIndexCap), bus: NewBus(r.World),
+		etcd: NewEtcd(r.World), listed: map[string]bool{},
 		router: actors.Address{Kind: routerm.Kind, ID: "r0"}, bug: r.Opts.Bug, flights: router.NewFlights(), reports: map[string]*router.Report{}}
 	s.seq = kvevents.NewSequencer(kvevents.SequencerConfig{MaxPending: servingMaxPending, Faults: r.Faults(),
 		OnEvent: s.ix.ApplyKvEvent,
@@ -138,6 +153,29 @@ func driveServing(r *Run) Invariant {
 	if _, err := s.routerBus.Subscribe("load.*", "", func(_ string, m proto.Message) { s.onLoad(m.(*triplanev1.LoadReport)) }); err != nil {
 		panic(err)
 	}
+	// Discovery: the shell watches the instances and reads the key a
+	// change names (level-triggered: a late notification cannot undo a
+	// newer registration).
+	disc := s.etcd.Client("router")
+	var learn func(key string)
+	learn = func(key string) {
+		id := strings.TrimPrefix(key, "instances/")
+		_, _, ok, err := disc.Get(key)
+		switch {
+		case err != nil:
+			// etcd is electing a leader: read again shortly, or a change
+			// notified meanwhile would be missed for good.
+			w.After(10*time.Millisecond, func() { learn(key) })
+		case ok:
+			s.listed[id] = true
+		case s.listed[id]:
+			delete(s.listed, id)
+			s.seq.Forget(id)
+			s.ix.RemoveWorker(id)
+			w.Tracef("discovery: %s left (its lease expired); its blocks dropped from the index", id)
+		}
+	}
+	disc.Watch("instances/", func(key string, _ bool) { learn(key) })
 	for i := range servingWorkers {
 		id := fmt.Sprintf("w%d", i)
 		s.order = append(s.order, id)
@@ -177,6 +215,10 @@ func driveServing(r *Run) Invariant {
 		for range 2 {
 			w.After(time.Duration(w.Rand().Int64N(int64(r.Opts.Duration))), func() { r.Host.Crash(s.router) })
 		}
+		// etcd elects a new leader: registrations and reads fail a while.
+		w.After(time.Duration(w.Rand().Int64N(int64(r.Opts.Duration))), func() {
+			s.etcd.LeaderChange(time.Duration(50+w.Rand().IntN(200)) * time.Millisecond)
+		})
 		for range 2 {
 			id := s.order[w.Rand().IntN(len(s.order))]
 			d := time.Duration(200+w.Rand().IntN(600)) * time.Millisecond
@@ -193,8 +235,23 @@ func driveServing(r *Run) Invariant {
 		ticks++
 		for _, id := range s.order {
 			wk := s.workers[id]
-			if wk.alive && wk.log.Last() > 0 {
+			if wk.alive {
+				// Even before its first event, as the real publisher: a
+				// restarted worker's heartbeat carries its new epoch, which
+				// resets a view that discovery never dropped (it came back
+				// before its old lease expired).
 				s.heartbeat(wk)
+			}
+			if !wk.alive && s.listed[id] && w.Now().Sub(wk.diedAt) > servingGrace {
+				s.fail(fmt.Errorf("invariant discovery: %s dead for %s and still listed (grace %s)", id, w.Now().Sub(wk.diedAt), servingGrace))
+			}
+			if wk.alive {
+				s.keepAlive(wk)
+				// Not quiet until the shell's view caught up with the worker
+				// (a repair may still run), unless that takes implausibly
+				// long (a bug that never repairs: the check then fails).
+				behind := s.listed[id] && s.seq.LastEventID(id) != wk.log.Last()
+				busy = busy || (behind && w.Elapsed() < r.Opts.Duration+10*time.Second)
 			}
 			if wk.alive && ticks%int(servingLoadInterval/(50*time.Millisecond)) == 0 {
 				s.reportLoad(wk)
@@ -206,7 +263,13 @@ func driveServing(r *Run) Invariant {
 		}
 		if quiet < 3 {
 			w.After(50*time.Millisecond, tick)
+			return
 		}
+		// Quiet: check the index now, while every worker is still
+		// registered; then the keep-alives stop, the leases expire and
+		// discovery drops every worker (checked at the end).
+		s.checkIndex()
+		s.caughtUp = true
 	}
 	w.After(50*time.Millisecond, tick)
 	return s.check
@@ -220,6 +283,8 @@ func (s *servingRun) newWorker(id string, epoch int) *simWorker {
 	}
 	wk := &simWorker{id: id, epoch: epoch, eng: eng, alive: true, running: map[string]*simRequest{},
 		log: kvevents.NewLog(id, uint64(epoch), servingRing, 0, s.r.Faults()), bus: s.bus.Client(id)}
+	wk.etcd = s.etcd.Client(id)
+	s.register(wk)
 	wk.unserve, err = wk.bus.Serve("kv.resend."+id, "", func(m proto.Message) (proto.Message, error) {
 		return wk.log.Resend(m.(*triplanev1.KvResendRequest), 1<<20), nil
 	})
@@ -245,7 +310,7 @@ func (s *servingRun) route(req *simRequest) {
 	// and the index's overlap.
 	var cands []router.Candidate
 	for _, id := range s.order {
-		if s.workers[id].gone {
+		if !s.listed[id] {
 			continue
 		}
 		cands = append(cands, s.flights.Candidate(id, s.reports[id]))
@@ -268,16 +333,18 @@ func (s *servingRun) route(req *simRequest) {
 		reply := m.(*triplanev1.RouteReply)
 		choice := reply.Worker
 		wk := s.workers[choice]
-		if wk.gone && s.bug != BugStaleRoute {
+		if !s.listed[choice] && s.bug != BugStaleRoute {
 			// The decision waited (the router actor was recovering) and
 			// discovery has removed the worker since: route again.
 			s.reroutes++
 			w.After(time.Millisecond, func() { s.route(req) })
 			return
 		}
-		if !wk.alive && w.Now().Sub(wk.diedAt) > servingGrace {
-			s.fail(fmt.Errorf("invariant dead-routing: request %s routed to %s, dead for %s (grace %s)",
-				req.id, choice, w.Now().Sub(wk.diedAt), servingGrace))
+		if !wk.alive && !s.listed[choice] {
+			// Known dead: discovery dropped it (its lease expired) before
+			// the request was sent.
+			s.fail(fmt.Errorf("invariant dead-routing: request %s routed to %s, dead for %s and dropped by discovery",
+				req.id, choice, w.Now().Sub(wk.diedAt)))
 		}
 		s.flights.Add(choice, req.id, w.Now(), len(req.hashes)-int(reply.Overlap))
 		// The stream to the worker takes a moment to open.
@@ -427,6 +494,51 @@ func (s *servingRun) repair(id string, wait time.Duration) {
 	})
 }
 
+// register puts the worker's instance key on a fresh lease (its epoch as
+// the value), as the real registrar does; while etcd is unavailable it
+// fails and the next round tries again.
+func (s *servingRun) register(wk *simWorker) {
+	lease, err := wk.etcd.Grant(servingLeaseTTL)
+	if err != nil {
+		wk.lease = 0
+		return
+	}
+	if _, ok := wk.etcd.Put("instances/"+wk.id, fmt.Sprint(wk.epoch), lease); ok {
+		wk.lease = lease
+	}
+}
+
+// keepAlive renews the worker's lease, registering again when it was
+// lost (an unavailable etcd is no news: the next round tries).
+func (s *servingRun) keepAlive(wk *simWorker) {
+	if wk.lease == 0 {
+		s.register(wk)
+		return
+	}
+	if alive, err := wk.etcd.KeepAlive(wk.lease); err == nil && !alive {
+		s.register(wk)
+	}
+}
+
+// checkIndex compares the router's index with every worker's real blocks,
+// once the load is quiet and every view caught up.
+func (s *servingRun) checkIndex() {
+	for _, id := range s.order {
+		wk := s.workers[id]
+		got := s.ix.Blocks(id)
+		want := map[uint64]bool{}
+		for h := range wk.eng.Cached() {
+			want[h] = true
+		}
+		if !maps.Equal(got, want) {
+			st := s.seq.Stats()
+			s.fail(fmt.Errorf("invariant index: once quiet the router holds %d blocks of %s, the worker %d (messages lost %d, repairs %d, dumps %d)",
+				len(got), id, len(want), s.bus.Lost, st.Resends, st.Dumps))
+			return
+		}
+	}
+}
+
 // crashWorker kills a worker: its streams fail (the requests migrate), the
 // router drops it when discovery does (after the grace), and it restarts
 // with an empty cache and a new epoch.
@@ -444,12 +556,7 @@ func (s *servingRun) crashWorker(id string) {
 		w.After(time.Millisecond, func() { s.route(req) })
 	}
 	wk.running = map[string]*simRequest{}
-	w.After(servingGrace/2, func() {
-		// Discovery drops it: the routing shell forgets its view.
-		wk.gone = true
-		s.seq.Forget(id)
-		s.ix.RemoveWorker(id)
-	})
+	// Its keep-alives stop: discovery drops it when the lease expires.
 	w.After(200*time.Millisecond, func() {
 		nw := s.newWorker(id, wk.epoch+1)
 		s.workers[id] = nw
@@ -479,18 +586,13 @@ func (s *servingRun) check(r *Run) error {
 			return fmt.Errorf("invariant exactly-once: request %s completed %d times", req.id, req.done)
 		}
 	}
-	for _, id := range s.order {
-		wk := s.workers[id]
-		got := s.ix.Blocks(id)
-		want := map[uint64]bool{}
-		for h := range wk.eng.Cached() {
-			want[h] = true
-		}
-		if !maps.Equal(got, want) {
-			st := s.seq.Stats()
-			return fmt.Errorf("invariant index: after quiescence the router holds %d blocks of %s, the worker %d (messages lost %d, repairs %d, dumps %d)",
-				len(got), id, len(want), s.bus.Lost, st.Resends, st.Dumps)
-		}
+	if !s.caughtUp {
+		return errors.New("invariant quiescence: the load never went quiet")
+	}
+	// After the load every lease expired: discovery dropped every worker
+	// and the index keeps none of their blocks.
+	if len(s.listed) > 0 || s.ix.Len() > 0 {
+		return fmt.Errorf("invariant discovery: after every lease expired, discovery lists %d workers and the index holds %d blocks", len(s.listed), s.ix.Len())
 	}
 	for _, id := range s.order {
 		if n := s.flights.Len(id); n > 0 {
