@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"sort"
 
 	"google.golang.org/protobuf/proto"
 
@@ -106,8 +107,12 @@ func (j *Journal) write(a actors.Address, expect journal.Position, events []prot
 
 // Events returns the actor's events with sequence above after.
 func (j *Journal) Events(a actors.Address, after uint64) []proto.Message {
+	bs := j.subjects[a]
+	// Batches are in sequence order: skip those wholly at or below after
+	// (a recovery from a recent snapshot reads only the tail).
+	k := sort.Search(len(bs), func(i int) bool { return bs[i].first+uint64(len(bs[i].events))-1 > after })
 	var out []proto.Message
-	for _, b := range j.subjects[a] {
+	for _, b := range bs[k:] {
 		for i, e := range b.events {
 			if b.first+uint64(i) > after {
 				out = append(out, e)
