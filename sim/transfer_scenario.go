@@ -151,6 +151,15 @@ func (t *transferRun) do(s *simSession, a transfer.Action) {
 		id := fmt.Sprintf("%s.%d", s.addr.ID, s.asks)
 		// A failed append (actors.ErrPersist) or a crash reaches the Driver
 		// as an error, as the host's would reach the supervisor.
+		if _, cancel := a.Msg.(*triplanev1.TransferCancel); t.gone(s) && !cancel {
+			// Under a cancelled context the request returns the
+			// context's error, sent or not (actors.Host.Request).
+			if w.Chance(0.5) {
+				t.r.Host.Deliver(s.addr, id, a.Msg, nil)
+			}
+			w.After(t.linkLatency(), func() { t.next(s, transfer.Outcome{Err: errRequesterGone}) })
+			return
+		}
 		t.r.Host.Deliver(s.addr, id, a.Msg, func(m proto.Message, err error) {
 			t.checkReply(s, a.Msg, err)
 			t.next(s, transfer.Outcome{Reply: m, Err: err})
@@ -307,8 +316,9 @@ func (t *transferRun) check(r *Run) error {
 		if errors.Is(s.err, transfer.ErrGaveUp) && st.Status != triplanev1.TransferStatus_TRANSFER_STATUS_FAILED {
 			return fmt.Errorf("invariant gave-up-journaled: %s gave up, the journal says %s", s.addr, st.Status)
 		}
-		if errors.Is(s.err, transfer.ErrCancelled) && st.Status == triplanev1.TransferStatus_TRANSFER_STATUS_RUNNING {
-			return fmt.Errorf("invariant cancel-journaled: %s's run returned cancelled, the journal says it still runs", s.addr)
+		if errors.Is(s.err, transfer.ErrCancelled) && st.Status != triplanev1.TransferStatus_TRANSFER_STATUS_CANCELLED &&
+			st.Status != triplanev1.TransferStatus_TRANSFER_STATUS_UNSPECIFIED {
+			return fmt.Errorf("invariant cancel-journaled: %s's run returned cancelled, the journal says %s", s.addr, st.Status)
 		}
 		if s.err != nil && st.Status == triplanev1.TransferStatus_TRANSFER_STATUS_RUNNING {
 			orphans++

@@ -72,8 +72,7 @@ const (
 	EndUncounted End = iota
 	EndCompleted
 	EndGaveUp
-	// EndCancelled: this run journaled the cancellation (a session found
-	// already cancelled is not counted again).
+	// EndCancelled: this run cancelled a session it saw running.
 	EndCancelled
 )
 
@@ -207,8 +206,13 @@ func (d *Driver) Next(o Outcome) Action {
 			// where it stands.
 			return d.pause(starting, d.act.Msg, err, o)
 		}
+		if err != nil && o.Stop != nil {
+			// Stopped while asking: the start may have been applied, and
+			// a session left running would be driven by nobody. Cancelling
+			// one that never started changes nothing.
+			return d.cancel(o.Stop)
+		}
 		if err != nil {
-			// The session may not exist: there is nothing to cancel.
 			return d.finish(nil, err, EndUncounted)
 		}
 		d.st, d.startAck = st, st.Acked
@@ -292,11 +296,18 @@ func (d *Driver) Next(o Outcome) Action {
 		if err != nil {
 			return d.finish(nil, fmt.Errorf("%w: transfer %s (journaling the cancellation failed: %v)", ErrCancelled, d.spec.ID, err), EndUncounted)
 		}
+		switch st.Status {
+		case triplanev1.TransferStatus_TRANSFER_STATUS_COMPLETED, triplanev1.TransferStatus_TRANSFER_STATUS_FAILED:
+			// It ended before the cancellation (an ack or a report that
+			// failed yet was written): the requester learns how, and a
+			// completed transfer is not reported cancelled.
+			d.st = st
+			return d.end()
+		}
 		end := EndUncounted
-		if st.Status == triplanev1.TransferStatus_TRANSFER_STATUS_CANCELLED {
-			// Counted only when it is cancelled: a session that never
-			// started (the stop came during a start's pause) or that had
-			// already ended is not.
+		if st.Status == triplanev1.TransferStatus_TRANSFER_STATUS_CANCELLED && d.st != nil && running(d.st) {
+			// Counted when this run saw the session running: one that
+			// never started (the stop came during its start) is not.
 			end = EndCancelled
 		}
 		return d.finish(st, fmt.Errorf("%w: transfer %s: %s", ErrCancelled, d.spec.ID, d.reason), end)
@@ -327,6 +338,7 @@ func (d *Driver) proceed() Action {
 
 func (d *Driver) attemptFailed(err, stop error) Action {
 	d.hangup, d.dialled = d.dialled, false
+	d.tries = 0 // the report (or cancellation) is a new command
 	if stop != nil {
 		// The failure is likely the stop itself: not an attempt to count.
 		return d.cancel(stop)
@@ -379,6 +391,7 @@ func (d *Driver) reported(st *triplanev1.TransferState, err error, o Outcome) Ac
 }
 
 func (d *Driver) cancel(stop error) Action {
+	d.tries = 0 // a new command: its own transient failures
 	d.reason = stop.Error()
 	return d.ask(cancelling, &triplanev1.TransferCancel{Reason: d.reason})
 }

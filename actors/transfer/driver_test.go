@@ -491,10 +491,11 @@ func TestDriverCancel(t *testing.T) {
 		}, stop: func(a Action, o Outcome) bool { return o.Err != nil },
 			err: "transfer: cancelled: transfer c (journaling the cancellation failed: transfer c: *triplanev1.TransferCancel: boom)",
 			log: []string{"TransferStart", "dial", "TransferCancel", "done"}},
-		// Nothing to cancel: the session may not exist.
+		// Stopped while the start was asked: it may have been applied,
+		// so the run cancels (here the journal refuses that too).
 		{name: "start refused", ask: func(*session, proto.Message) (proto.Message, error) { return nil, errBoom },
 			stop: func(Action, Outcome) bool { return true },
-			err:  "transfer c: *triplanev1.TransferStart: boom", log: []string{"TransferStart", "done"}},
+			err:  "transfer: cancelled: transfer c (journaling the cancellation failed: transfer c: *triplanev1.TransferCancel: boom)", log: []string{"TransferStart", "TransferCancel", "done"}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			s := newSession(t, "c")
@@ -706,4 +707,51 @@ func TestDriverStopDuringPauseAndCancelRetried(t *testing.T) {
 		t.Fatalf("end %+v", a)
 	}
 	wantLog(t, sc.log, "TransferStart", "dial", "TransferCancel", "TransferCancel", "TransferCancel", "done")
+}
+
+// Each command has its own budget of transient failures: an ack that used
+// it up leaves the report its own; a cancel after a start's pauses too.
+// A cancel that finds the session already completed reports completion.
+func TestDriverTransientBudgetPerCommandAndLateCompletion(t *testing.T) {
+	s := newSession(t, "b")
+	acks, reports := 0, 0
+	sc := &script{s: s, ask: func(_ int, msg proto.Message) (proto.Message, error) {
+		switch msg.(type) {
+		case *triplanev1.TransferAck:
+			if acks++; acks <= 6 {
+				return nil, actors.ErrNotApplied
+			}
+		case *triplanev1.TransferAttemptFailed:
+			if reports++; reports == 1 {
+				return nil, actors.ErrNotApplied
+			}
+		}
+		return s.ask(msg)
+	}}
+	a := sc.run(t, newDriver(t, testSpec("b", 10)))
+	if a.Err != nil || a.State.GetStatus() != triplanev1.TransferStatus_TRANSFER_STATUS_COMPLETED || a.State.GetAttempts() != 1 {
+		t.Fatalf("end %+v (log %v)", a, sc.log)
+	}
+
+	// The last ack is written but its reply lost; the requester goes
+	// away: the cancel finds the session completed, and says so.
+	s = newSession(t, "l")
+	gone := errors.New("client went away")
+	sc = &script{s: s, ask: func(_ int, msg proto.Message) (proto.Message, error) {
+		if m, ok := msg.(*triplanev1.TransferAck); ok && m.To == 10 {
+			_, _ = s.ask(msg)
+			return nil, errors.New("request timed out")
+		}
+		return s.ask(msg)
+	}, stop: func(a Action, o Outcome) error {
+		if o.Err != nil {
+			return gone
+		}
+		return nil
+	}}
+	a = sc.run(t, newDriver(t, testSpec("l", 10)))
+	if a.Err != nil || a.Ended != EndCompleted || a.State.GetStatus() != triplanev1.TransferStatus_TRANSFER_STATUS_COMPLETED {
+		t.Fatalf("end %+v", a)
+	}
+	wantLog(t, sc.log[len(sc.log)-2:], "hangup, TransferCancel", "done")
 }
