@@ -16,6 +16,7 @@ import (
 	"github.com/triplane-dev/triplane/engine"
 	"github.com/triplane-dev/triplane/engine/mocker"
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	eventplane "github.com/triplane-dev/triplane/planes/event"
 	"github.com/triplane-dev/triplane/planes/event/kvevents"
 	"github.com/triplane-dev/triplane/router"
 )
@@ -81,6 +82,7 @@ type simWorker struct {
 	log     *kvevents.Log // the worker's KV event numbering, mirror and resend ring
 	bus     *BusClient
 	unserve func() // stops answering resend requests (a crash)
+	loadSeq uint64
 	alive   bool
 	diedAt  time.Time
 	etcd    *EtcdClient
@@ -111,10 +113,10 @@ type servingRun struct {
 	// production runs: it orders each worker's events, buffers early ones
 	// and says when to repair a gap.
 	seq *kvevents.Sequencer
-	// flights and reports are what the real routing shell knows of the
-	// workers' load: its own requests in flight and the last load report.
+	// flights and loads are what the real routing shell knows of the
+	// workers' load: its own requests in flight and the last load reports.
 	flights  *router.Flights
-	reports  map[string]*router.Report
+	loads    *eventplane.LoadAggregator // the frontend's load view, on the virtual clock
 	reqs     []*simRequest
 	router   actors.Address
 	bug      string
@@ -136,7 +138,8 @@ type servingRun struct {
 func driveServing(r *Run) Invariant {
 	s := &servingRun{r: r, workers: map[string]*simWorker{}, ix: router.NewIndex(servingIndexCap), bus: NewBus(r.World),
 		etcd: NewEtcd(r.World), listed: map[string]bool{},
-		router: actors.Address{Kind: routerm.Kind, ID: "r0"}, bug: r.Opts.Bug, flights: router.NewFlights(), reports: map[string]*router.Report{}}
+		router: actors.Address{Kind: routerm.Kind, ID: "r0"}, bug: r.Opts.Bug, flights: router.NewFlights()}
+	s.loads = eventplane.NewLoadView(eventplane.AggregatorConfig{Now: r.World.Now})
 	s.seq = kvevents.NewSequencer(kvevents.SequencerConfig{MaxPending: servingMaxPending, Faults: r.Faults(),
 		OnEvent: s.ix.ApplyKvEvent,
 		OnReset: func(worker string, blocks map[uint64]kvevents.Block, last uint64) {
@@ -309,11 +312,17 @@ func (s *servingRun) route(req *simRequest) {
 	// each one's last load report corrected by the shell's own flights,
 	// and the index's overlap.
 	var cands []router.Candidate
+	loads := s.loads.Loads()
 	for _, id := range s.order {
 		if !s.listed[id] {
 			continue
 		}
-		cands = append(cands, s.flights.Candidate(id, s.reports[id]))
+		var rep *router.Report
+		if l := loads[id]; l != nil {
+			rep = &router.Report{BlocksUsed: int(l.KvBlocksUsed), BlocksTotal: int(l.KvBlocksTotal), Waiting: int(l.WaitingRequests),
+				SentAt: l.GetSentAt().AsTime()}
+		}
+		cands = append(cands, s.flights.Candidate(id, rep))
 	}
 	cands = s.ix.WithOverlap(req.hashes, cands)
 	cmd := routerm.Command(fmt.Sprintf("%s.%d", req.id, req.attempts), router.PolicyKV, router.Params{}, req.hashes, cands)
@@ -453,16 +462,14 @@ func (s *servingRun) heartbeat(wk *simWorker) {
 // reportLoad publishes the worker's load report, as the real worker does.
 func (s *servingRun) reportLoad(wk *simWorker) {
 	l := wk.eng.Load()
-	_ = wk.bus.Publish("load."+wk.id, &triplanev1.LoadReport{InstanceId: wk.id, ActiveRequests: uint32(l.Active), WaitingRequests: uint32(l.Waiting),
+	wk.loadSeq++
+	_ = wk.bus.Publish("load."+wk.id, &triplanev1.LoadReport{InstanceId: wk.id, Seq: wk.loadSeq, ActiveRequests: uint32(l.Active), WaitingRequests: uint32(l.Waiting),
 		KvBlocksUsed: uint64(l.BlocksUsed), KvBlocksTotal: uint64(l.BlocksTotal), SentAt: timestamppb.New(s.r.World.Now())})
 }
 
-// onLoad keeps a worker's last load report, as the frontend's load
-// aggregator does.
-func (s *servingRun) onLoad(l *triplanev1.LoadReport) {
-	s.reports[l.InstanceId] = &router.Report{BlocksUsed: int(l.KvBlocksUsed), BlocksTotal: int(l.KvBlocksTotal),
-		Waiting: int(l.WaitingRequests), SentAt: l.SentAt.AsTime()}
-}
+// onLoad hands a report to the frontend's load aggregator (which keeps
+// each worker's newest and ages out the silent).
+func (s *servingRun) onLoad(l *triplanev1.LoadReport) { s.loads.Observe(l) }
 
 // repair runs one resend request of the sequencer's repair after wait, as
 // the real consumer's repairer does: ask the worker's log, hand the answer
@@ -556,8 +563,14 @@ func (s *servingRun) crashWorker(id string) {
 		w.After(time.Millisecond, func() { s.route(req) })
 	}
 	wk.running = map[string]*simRequest{}
-	// Its keep-alives stop: discovery drops it when the lease expires.
-	w.After(200*time.Millisecond, func() {
+	// Its keep-alives stop: discovery drops it when the lease expires. It
+	// usually comes back before that, sometimes only after the grace (so
+	// the discovery invariant can see a dead worker listed too long).
+	back := 200 * time.Millisecond
+	if w.Chance(0.3) {
+		back = servingGrace + 400*time.Millisecond
+	}
+	w.After(back, func() {
 		nw := s.newWorker(id, wk.epoch+1)
 		s.workers[id] = nw
 		w.Tracef("worker %s restarted, epoch %d", id, nw.epoch)

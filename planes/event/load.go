@@ -91,6 +91,19 @@ var _ LoadSource = (*LoadAggregator)(nil)
 
 // NewLoadAggregator subscribes to subject (usually LoadSubject(ns, "*")).
 func NewLoadAggregator(b *Bus, subject string, cfg AggregatorConfig) (*LoadAggregator, error) {
+	a := NewLoadView(cfg)
+	sub, err := Subscribe(b, subject, a.Observe)
+	if err != nil {
+		return nil, err
+	}
+	a.sub = sub
+	return a, nil
+}
+
+// NewLoadView is a LoadAggregator fed only by Observe, with no
+// subscription: for an in-process reporter, or the simulator's routing
+// shell (with its virtual clock as Now).
+func NewLoadView(cfg AggregatorConfig) *LoadAggregator {
 	if cfg.TTL <= 0 {
 		cfg.TTL = 3 * time.Second
 	}
@@ -100,13 +113,7 @@ func NewLoadAggregator(b *Bus, subject string, cfg AggregatorConfig) (*LoadAggre
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	a := &LoadAggregator{cfg: cfg, latest: map[string]loadEntry{}}
-	sub, err := Subscribe(b, subject, a.Observe)
-	if err != nil {
-		return nil, err
-	}
-	a.sub = sub
-	return a, nil
+	return &LoadAggregator{cfg: cfg, latest: map[string]loadEntry{}}
 }
 
 // Observe records a report; the subscription calls it, and so can a test
@@ -171,4 +178,9 @@ func (a *LoadAggregator) Evicted() uint64 {
 }
 
 // Close stops listening.
-func (a *LoadAggregator) Close() error { return a.sub.Unsubscribe() }
+func (a *LoadAggregator) Close() error {
+	if a.sub == nil {
+		return nil
+	}
+	return a.sub.Unsubscribe()
+}
