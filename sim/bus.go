@@ -13,10 +13,13 @@ import (
 // dot-separated tokens, subscriptions with wildcards ('*' one token, '>'
 // the rest), queue groups (each message goes to one member of a group,
 // besides every plain subscriber), request-reply to a served subject, and
-// at-most-once delivery: a message arrives after a seeded latency, or is
-// lost, or (a retransmission) arrives twice, and a partitioned client's
-// messages are lost both ways until the heal. Each receiver gets its own
-// copy of a message, as each decodes its own in the real system.
+// at-most-once delivery: a message arrives after a seeded latency or is
+// lost, and a partitioned client's messages are lost both ways until the
+// heal. As over one NATS connection, a publisher's messages reach each
+// subscriber in the order sent, unless Reorder is set; Duplicate delivers
+// some twice. Both are harsher than NATS, faults for the code above it to
+// survive. Each receiver gets its own copy of a message, as each decodes
+// its own in the real system.
 type Bus struct {
 	w    *World
 	subs []*busSub
@@ -25,8 +28,17 @@ type Bus struct {
 	// and Duplicate are the chances a message is lost or delivered twice.
 	MinLatency, MaxLatency time.Duration
 	Loss, Duplicate        float64
+	Reorder                bool
+	// last is when the latest message from a publisher to a subscription
+	// arrives: the next one arrives no earlier (in-order delivery).
+	last map[busPair]time.Duration
 	// Counters.
 	Published, Delivered, Lost, Duplicated, NoResponders uint64
+}
+
+type busPair struct {
+	from string
+	sub  *busSub
 }
 
 type busSub struct {
@@ -46,7 +58,7 @@ var ErrTimeout = errors.New("sim bus: request timed out")
 
 // NewBus creates a simulated event plane in w.
 func NewBus(w *World) *Bus {
-	return &Bus{w: w, cut: map[string]time.Time{}, MinLatency: 100 * time.Microsecond, MaxLatency: 5 * time.Millisecond}
+	return &Bus{w: w, cut: map[string]time.Time{}, last: map[busPair]time.Duration{}, MinLatency: 100 * time.Microsecond, MaxLatency: 5 * time.Millisecond}
 }
 
 // BusClient is one process's connection to the bus: what a partition cuts.
@@ -121,6 +133,9 @@ func (c *BusClient) Subscribe(pattern, group string, fn func(subject string, msg
 }
 
 func (c *BusClient) subscribe(pattern, group string, fn func(subject string, payload any)) (func(), error) {
+	if fn == nil {
+		return nil, errors.New("sim bus: subscribe: no handler")
+	}
 	if err := checkSubject(pattern, true); err != nil {
 		return nil, fmt.Errorf("sim bus: subscribe: %w", err)
 	}
@@ -203,7 +218,13 @@ func (b *Bus) publish(from, subject string, payload any) {
 			if msg, ok := payload.(proto.Message); ok {
 				m = proto.Clone(msg)
 			}
-			b.w.After(b.latency(), func() {
+			d := b.latency()
+			if !b.Reorder {
+				pair := busPair{from, s}
+				at := max(b.w.Elapsed()+d, b.last[pair])
+				b.last[pair], d = at, at-b.w.Elapsed()
+			}
+			b.w.After(d, func() {
 				if s.closed || b.Cut(s.client) {
 					b.Lost++
 					return
@@ -235,6 +256,9 @@ func (c *BusClient) Request(subject string, msg proto.Message, timeout time.Dura
 	if err := checkSubject(subject, false); err != nil {
 		return fmt.Errorf("sim bus: request: %w", err)
 	}
+	if reply == nil {
+		return errors.New("sim bus: request: no reply handler")
+	}
 	b := c.b
 	done := false
 	finish := func(m proto.Message, err error) {
@@ -248,7 +272,7 @@ func (c *BusClient) Request(subject string, msg proto.Message, timeout time.Dura
 		b.w.After(b.latency(), func() { finish(nil, fmt.Errorf("%w on %s", ErrNoResponders, subject)) })
 		return nil
 	}
-	req := &busRequest{b: b, to: c.name, msg: msg, finish: finish}
+	req := &busRequest{b: b, to: c.name, msg: proto.Clone(msg), finish: finish}
 	b.publish(c.name, subject, req)
 	b.w.After(timeout, func() { finish(nil, fmt.Errorf("%w after %s on %s", ErrTimeout, timeout, subject)) })
 	return nil

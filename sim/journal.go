@@ -98,9 +98,9 @@ func (j *Journal) Append(a actors.Address, expect journal.Position, commandID st
 func (j *Journal) write(a actors.Address, expect journal.Position, events []proto.Message, commandID string) journal.Position {
 	j.streamSeq++
 	j.Appends++
-	// The batch keeps the host's messages: a machine's events are not
-	// touched after Decide returns (Apply reads them, never keeps them),
-	// and cloning them was a tenth of a serving run.
+	// The batch keeps the host's messages: nothing modifies a machine's
+	// events in place once Decide returned (actors.Machine), and cloning
+	// them was a tenth of a serving run.
 	j.subjects[a] = append(j.subjects[a], simBatch{stream: j.streamSeq, first: expect.Seq + 1, events: slices.Clone(events), command: commandID})
 	return journal.Position{Seq: expect.Seq + uint64(len(events)), Stream: j.streamSeq}
 }

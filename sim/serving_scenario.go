@@ -146,7 +146,9 @@ func driveServing(r *Run) Invariant {
 			s.ix.Reset(worker, slices.Sorted(maps.Keys(blocks)), last)
 		}})
 	w := r.World
-	s.bus.Loss, s.bus.Duplicate = 0.02, 0.01
+	// Harsher than NATS: besides losses, some messages arrive twice and
+	// out of order, which the KV event sequencer must absorb.
+	s.bus.Loss, s.bus.Duplicate, s.bus.Reorder = 0.02, 0.01, true
 	s.routerBus = s.bus.Client("router")
 	// The routing shell's subscriptions, as the frontend's consumer and
 	// load aggregator make them.

@@ -107,10 +107,7 @@ func (w *World) After(d time.Duration, fn func()) {
 	if d < 0 {
 		d = 0
 	}
-	at := w.now + d
-	if at < w.now {
-		at = math.MaxInt64 // past the end of time: never runs, and the clock cannot wrap
-	}
+	at := addSat(w.now, d) // past the end of time: never runs, and the clock cannot wrap
 	w.seq++
 	w.queue.push(event{at: at, seq: w.seq, fn: fn})
 }
@@ -123,7 +120,15 @@ func (w *World) Steps() uint64 { return w.steps }
 
 // RunFor runs events until d of virtual time has passed or none are left.
 func (w *World) RunFor(d time.Duration) {
-	w.RunUntil(Epoch.Add(w.now + d))
+	w.RunUntil(Epoch.Add(addSat(w.now, d)))
+}
+
+// addSat adds without wrapping past the end of time.
+func addSat(a, b time.Duration) time.Duration {
+	if s := a + b; b < 0 || s >= a {
+		return s
+	}
+	return math.MaxInt64
 }
 
 // RunUntil runs events up to time t; the clock ends at t.
@@ -143,7 +148,7 @@ func (w *World) RunUntil(t time.Time) {
 // RunQuiet runs until no events are left or limit of virtual time passed,
 // and reports whether the world went quiet.
 func (w *World) RunQuiet(limit time.Duration) bool {
-	end := w.now + limit
+	end := addSat(w.now, limit)
 	for len(w.queue) > 0 && w.queue[0].at <= end {
 		e := w.queue.pop()
 		w.now = e.at

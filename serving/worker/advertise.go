@@ -49,7 +49,17 @@ func advertiseHost(listen, advertise string, addrs func() ([]net.Addr, error)) (
 // host name peers can dial: not an address that means every interface, no
 // port, nothing but letters, digits, '-', '_' and '.' in a name.
 func CheckHost(h string) error {
-	ip := net.ParseIP(strings.TrimSuffix(strings.TrimPrefix(h, "["), "]"))
+	bare := h
+	if strings.HasPrefix(h, "[") || strings.HasSuffix(h, "]") {
+		if !strings.HasPrefix(h, "[") || !strings.HasSuffix(h, "]") {
+			return fmt.Errorf("unbalanced brackets")
+		}
+		bare = h[1 : len(h)-1]
+		if net.ParseIP(bare) == nil {
+			return fmt.Errorf("brackets hold an IPv6 address (without a zone)")
+		}
+	}
+	ip := net.ParseIP(bare)
 	if ip != nil {
 		if ip.IsUnspecified() {
 			return fmt.Errorf("means every interface, which no peer can dial")
@@ -65,6 +75,11 @@ func CheckHost(h string) error {
 	for _, r := range h {
 		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_' || r == '.') {
 			return fmt.Errorf("%q is not allowed in a host name", r)
+		}
+	}
+	for _, label := range strings.Split(h, ".") {
+		if label == "" || strings.HasPrefix(label, "-") || strings.HasSuffix(label, "-") {
+			return fmt.Errorf("label %q: host name labels are not empty and neither start nor end with '-'", label)
 		}
 	}
 	return nil

@@ -37,6 +37,9 @@ func TestAdvertiseHost(t *testing.T) {
 		{listen: "127.0.0.1", advertise: "user@host", err: "not allowed"},
 		{listen: "127.0.0.1", advertise: "ho%st", err: "not allowed"},
 		{listen: "127.0.0.1", advertise: "[::]", err: "every interface"},
+		{listen: "127.0.0.1", advertise: "[::1", err: "unbalanced"},
+		{listen: "127.0.0.1", advertise: "a..b", err: "label"},
+		{listen: "127.0.0.1", advertise: "-a.example", err: "label"},
 	} {
 		got, err := advertiseHost(c.listen, c.advertise, addrs(c.ips...))
 		switch {
