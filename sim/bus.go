@@ -125,6 +125,9 @@ func matches(pattern []string, subject string) bool {
 // group, when not empty, makes it a queue group member. The returned
 // function unsubscribes. A malformed pattern is an error.
 func (c *BusClient) Subscribe(pattern, group string, fn func(subject string, msg proto.Message)) (func(), error) {
+	if fn == nil {
+		return nil, errors.New("sim bus: subscribe: no handler")
+	}
 	return c.subscribe(pattern, group, func(subject string, p any) {
 		if m, ok := p.(proto.Message); ok {
 			fn(subject, m)
@@ -239,6 +242,9 @@ func (b *Bus) publish(from, subject string, payload any) {
 // Serve answers requests on subject (group: load-balanced among servers of
 // the group) with fn's reply or error.
 func (c *BusClient) Serve(subject, group string, fn func(msg proto.Message) (proto.Message, error)) (func(), error) {
+	if fn == nil {
+		return nil, errors.New("sim bus: serve: no handler")
+	}
 	return c.subscribe(subject, group, func(_ string, p any) {
 		req, ok := p.(*busRequest)
 		if !ok {

@@ -128,3 +128,33 @@ func TestBusOrderPerPublisher(t *testing.T) {
 		}
 	}
 }
+
+// '>' needs at least one token; an unsubscribed handler gets nothing more;
+// a duplicated request is answered once.
+func TestBusEdges(t *testing.T) {
+	w := sim.NewWorld(4)
+	b := sim.NewBus(w)
+	c := b.Client("c")
+	n := 0
+	unsub, _ := c.Subscribe("kv.>", "", func(string, proto.Message) { n++ })
+	_ = c.Publish("kv", &triplanev1.KvEventBatch{})
+	_ = c.Publish("kv.a", &triplanev1.KvEventBatch{})
+	w.RunFor(time.Second)
+	unsub()
+	_ = c.Publish("kv.b", &triplanev1.KvEventBatch{})
+	w.RunFor(time.Second)
+	if n != 1 {
+		t.Fatalf("%d deliveries, want 1 (kv.a)", n)
+	}
+	b.Duplicate = 1
+	_, _ = c.Serve("echo", "", func(m proto.Message) (proto.Message, error) { return m, nil })
+	replies := 0
+	_ = c.Request("echo", &triplanev1.KvEventBatch{}, time.Second, func(proto.Message, error) { replies++ })
+	w.RunFor(2 * time.Second)
+	if replies != 1 || b.Duplicated == 0 {
+		t.Fatalf("%d replies (duplicated %d)", replies, b.Duplicated)
+	}
+	if _, err := c.Subscribe("x", "", nil); err == nil {
+		t.Fatal("a nil handler was accepted")
+	}
+}
