@@ -3,6 +3,8 @@ package router
 import (
 	"slices"
 	"time"
+
+	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 )
 
 // Flights are a routing shell's own requests in flight, per worker: what
@@ -81,4 +83,14 @@ func (f *Flights) Candidate(worker string, r *Report) Candidate {
 		}
 	}
 	return c
+}
+
+// ReportOf is what a worker's load report says, for Candidate; nil for
+// none.
+func ReportOf(l *triplanev1.LoadReport) *Report {
+	if l == nil {
+		return nil
+	}
+	return &Report{BlocksUsed: int(l.KvBlocksUsed), BlocksTotal: int(l.KvBlocksTotal), Waiting: int(l.WaitingRequests),
+		SentAt: l.GetSentAt().AsTime()}
 }

@@ -160,12 +160,23 @@ func (a *LoadAggregator) sweepLocked(now time.Time) {
 
 // Loads returns the latest report of every instance heard within the TTL.
 func (a *LoadAggregator) Loads() map[string]*triplanev1.LoadReport {
+	out := a.Latest()
+	for id, r := range out {
+		out[id] = proto.Clone(r).(*triplanev1.LoadReport)
+	}
+	return out
+}
+
+// Latest is Loads without copying the reports, which must then be read
+// only: a kept report is never changed (a newer one replaces it). Routers
+// call it once per request.
+func (a *LoadAggregator) Latest() map[string]*triplanev1.LoadReport {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.sweepLocked(a.cfg.Now())
 	out := make(map[string]*triplanev1.LoadReport, len(a.latest))
 	for id, e := range a.latest {
-		out[id] = proto.Clone(e.r).(*triplanev1.LoadReport)
+		out[id] = e.r
 	}
 	return out
 }

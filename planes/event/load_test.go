@@ -69,6 +69,10 @@ func TestLoadReportsAggregatedAndAgedOut(t *testing.T) {
 	if r := l["w1"]; r.KvBlocksTotal != 100 || r.CacheHitRate != 0.5 || r.Component != "decode" || r.SentAt == nil {
 		t.Fatalf("report %v", r)
 	}
+	// Latest shares the same reports without copying them.
+	if lt := agg.Latest(); len(lt) != 2 || lt["w1"].KvBlocksTotal != 100 || lt["w1"].Seq != l["w1"].Seq {
+		t.Fatalf("Latest %v, Loads %v", lt, l)
+	}
 	// The map is the caller's: changing it changes nothing inside.
 	l["w1"].ActiveRequests = 99
 	if src.Loads()["w1"].ActiveRequests != 3 {

@@ -303,7 +303,7 @@ func (r *Router) available(id string) bool {
 func (r *Router) route(ctx context.Context, requestID string, hashes []uint64, exclude map[string]bool, pool Pool) (*triplanev1.InstanceInfo, int, func(), error) {
 	avail := r.disc.Available()
 	byID := make(map[string]*triplanev1.InstanceInfo, len(avail))
-	loads := r.loads.Loads()
+	loads := r.loads.Latest()
 	now := time.Now()
 	r.mu.Lock()
 	var cands []router.Candidate
@@ -319,12 +319,7 @@ func (r *Router) route(ctx context.Context, requestID string, hashes []uint64, e
 			continue
 		}
 		byID[id] = in
-		var rep *router.Report
-		if l := loads[id]; l != nil {
-			rep = &router.Report{BlocksUsed: int(l.KvBlocksUsed), BlocksTotal: int(l.KvBlocksTotal), Waiting: int(l.WaitingRequests),
-				SentAt: l.GetSentAt().AsTime()}
-		}
-		cands = append(cands, r.flights.Candidate(id, rep))
+		cands = append(cands, r.flights.Candidate(id, router.ReportOf(loads[id])))
 	}
 	cands = r.ix.WithOverlap(hashes, cands)
 	r.mu.Unlock()
