@@ -153,7 +153,7 @@ func (c *BusClient) Publish(subject string, msg proto.Message) error {
 	if err := checkSubject(subject, false); err != nil {
 		return fmt.Errorf("sim bus: publish: %w", err)
 	}
-	c.b.publish(c.name, subject, msg)
+	c.b.publish(c.name, subject, msg, c.b.receivers(subject))
 	return nil
 }
 
@@ -200,13 +200,13 @@ func (b *Bus) latency() time.Duration {
 
 // publish delivers payload: a message (each receiver gets a copy) or a
 // request (shared: its reply goes back to one requester).
-func (b *Bus) publish(from, subject string, payload any) {
+func (b *Bus) publish(from, subject string, payload any, to []*busSub) {
 	b.Published++
 	if b.Cut(from) {
 		b.Lost++
 		return
 	}
-	for _, s := range b.receivers(subject) {
+	for _, s := range to {
 		if b.w.Chance(b.Loss) {
 			b.Lost++
 			continue
@@ -273,13 +273,14 @@ func (c *BusClient) Request(subject string, msg proto.Message, timeout time.Dura
 			reply(m, err)
 		}
 	}
-	if len(b.receivers(subject)) == 0 {
+	to := b.receivers(subject)
+	if len(to) == 0 {
 		b.NoResponders++
 		b.w.After(b.latency(), func() { finish(nil, fmt.Errorf("%w on %s", ErrNoResponders, subject)) })
 		return nil
 	}
 	req := &busRequest{b: b, to: c.name, msg: proto.Clone(msg), finish: finish}
-	b.publish(c.name, subject, req)
+	b.publish(c.name, subject, req, to)
 	b.w.After(timeout, func() { finish(nil, fmt.Errorf("%w after %s on %s", ErrTimeout, timeout, subject)) })
 	return nil
 }

@@ -37,7 +37,9 @@ var ErrUnavailable = errors.New("sim etcd: no leader (election in progress)")
 // lease gets its full TTL again, as etcd's new leader does.
 func (e *Etcd) LeaderChange(d time.Duration) {
 	e.LeaderChanges++
-	e.down = e.w.Now().Add(d)
+	if until := e.w.Now().Add(d); until.After(e.down) {
+		e.down = until // overlapping elections: the later end wins, as for partitions
+	}
 	e.w.Tracef("etcd: leader change, unavailable for %s", d)
 	e.w.After(d, func() {
 		for _, id := range slices.Sorted(maps.Keys(e.leases)) {
@@ -51,9 +53,9 @@ func (e *Etcd) LeaderChange(d time.Duration) {
 func (e *Etcd) available() bool { return !e.w.Now().Before(e.down) }
 
 type etcdKey struct {
-	value             string
-	createRev, modRev int64
-	lease             int64
+	value     string
+	createRev int64
+	lease     int64
 }
 
 type etcdLease struct {
@@ -129,7 +131,7 @@ func (e *Etcd) Put(key, value string, lease int64) (int64, bool) {
 	if !ok {
 		k.createRev = e.rev
 	}
-	k.value, k.modRev, k.lease = value, e.rev, lease
+	k.value, k.lease = value, lease
 	e.kv[key] = k
 	e.notify(key, false)
 	return e.rev, true

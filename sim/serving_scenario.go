@@ -314,17 +314,12 @@ func (s *servingRun) route(req *simRequest) {
 	// each one's last load report corrected by the shell's own flights,
 	// and the index's overlap.
 	var cands []router.Candidate
-	loads := s.loads.Loads()
+	loads := s.loads.Latest()
 	for _, id := range s.order {
 		if !s.listed[id] {
 			continue
 		}
-		var rep *router.Report
-		if l := loads[id]; l != nil {
-			rep = &router.Report{BlocksUsed: int(l.KvBlocksUsed), BlocksTotal: int(l.KvBlocksTotal), Waiting: int(l.WaitingRequests),
-				SentAt: l.GetSentAt().AsTime()}
-		}
-		cands = append(cands, s.flights.Candidate(id, rep))
+		cands = append(cands, s.flights.Candidate(id, router.ReportOf(loads[id])))
 	}
 	cands = s.ix.WithOverlap(req.hashes, cands)
 	cmd := routerm.Command(fmt.Sprintf("%s.%d", req.id, req.attempts), router.PolicyKV, router.Params{}, req.hashes, cands)
@@ -532,6 +527,9 @@ func (s *servingRun) keepAlive(wk *simWorker) {
 // checkIndex compares the router's index with every worker's real blocks,
 // once the load is quiet and every view caught up.
 func (s *servingRun) checkIndex() {
+	if s.ix.Len() > servingIndexCap {
+		s.fail(fmt.Errorf("invariant bounds: index holds %d entries, cap %d", s.ix.Len(), servingIndexCap))
+	}
 	for _, id := range s.order {
 		wk := s.workers[id]
 		got := s.ix.Blocks(id)
@@ -560,7 +558,8 @@ func (s *servingRun) crashWorker(id string) {
 	wk.alive, wk.diedAt = false, w.Now()
 	wk.unserve()
 	w.Tracef("worker %s crashed with %d requests", id, len(wk.running))
-	for _, req := range slices.SortedFunc(maps.Values(wk.running), func(a, b *simRequest) int { return cmpStr(a.id, b.id) }) {
+	for _, rid := range slices.Sorted(maps.Keys(wk.running)) {
+		req := wk.running[rid]
 		s.flights.Done(id, req.id)
 		w.After(time.Millisecond, func() { s.route(req) })
 	}
@@ -577,16 +576,6 @@ func (s *servingRun) crashWorker(id string) {
 		s.workers[id] = nw
 		w.Tracef("worker %s restarted, epoch %d", id, nw.epoch)
 	})
-}
-
-func cmpStr(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 func (s *servingRun) check(r *Run) error {
@@ -614,10 +603,13 @@ func (s *servingRun) check(r *Run) error {
 			return fmt.Errorf("invariant bounds: after quiescence the routing shell still counts %d requests in flight to %s", n, id)
 		}
 	}
-	if s.ix.Len() > servingIndexCap {
-		return fmt.Errorf("invariant bounds: index holds %d entries, cap %d", s.ix.Len(), servingIndexCap)
+	failed := 0
+	for _, req := range s.reqs {
+		if req.failed != nil {
+			failed++
+		}
 	}
-	r.World.Tracef("serving: %d requests, bus %d published, %d lost, %d duplicated, sequencer %s, %d stale decisions routed again, index %d entries",
-		len(s.reqs), s.bus.Published, s.bus.Lost, s.bus.Duplicated, s.seq.Stats(), s.reroutes, s.ix.Len())
+	r.World.Tracef("serving: %d requests (%d failed visibly), bus %d published, %d delivered, %d lost, %d duplicated, %d without responders, etcd %d leader changes, sequencer %s, %d stale decisions routed again",
+		len(s.reqs), failed, s.bus.Published, s.bus.Delivered, s.bus.Lost, s.bus.Duplicated, s.bus.NoResponders, s.etcd.LeaderChanges, s.seq.Stats(), s.reroutes)
 	return nil
 }

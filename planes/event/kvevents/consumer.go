@@ -62,11 +62,8 @@ type Consumer struct {
 
 // NewConsumer subscribes and starts the repairers.
 func NewConsumer(b *event.Bus, cfg ConsumerConfig) (*Consumer, error) {
-	if cfg.MaxPending <= 0 {
-		cfg.MaxPending = defaultMaxPending
-	}
 	if cfg.MaxWorkers <= 0 {
-		cfg.MaxWorkers = defaultMaxWorkers
+		cfg.MaxWorkers = defaultMaxWorkers // also the repair queue's size (the Sequencer defaults the rest)
 	}
 	if cfg.RepairTimeout <= 0 {
 		cfg.RepairTimeout = 2 * time.Second
@@ -76,9 +73,6 @@ func NewConsumer(b *event.Bus, cfg ConsumerConfig) (*Consumer, error) {
 	}
 	if cfg.Repairers <= 0 {
 		cfg.Repairers = 4
-	}
-	if cfg.RepairAttempts <= 0 {
-		cfg.RepairAttempts = defaultRepairAttempts
 	}
 	subject := cfg.Subject
 	if subject == "" {

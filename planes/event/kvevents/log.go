@@ -2,6 +2,7 @@ package kvevents
 
 import (
 	"google.golang.org/protobuf/proto"
+	"maps"
 
 	"github.com/triplane-dev/triplane/fault"
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
@@ -121,4 +122,4 @@ func (l *Log) Resend(req *triplanev1.KvResendRequest, budget int64) *triplanev1.
 func (l *Log) Last() uint64 { return l.last }
 
 // Blocks is a copy of the worker's blocks as its events describe them.
-func (l *Log) Blocks() map[uint64]Block { return copyBlocks(l.blocks) }
+func (l *Log) Blocks() map[uint64]Block { return maps.Clone(l.blocks) }

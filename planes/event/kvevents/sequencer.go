@@ -301,7 +301,7 @@ func (s *Sequencer) applyDump(worker string, v *workerView, d *triplanev1.KvDump
 		}
 	}
 	if s.cfg.OnReset != nil {
-		s.cfg.OnReset(worker, copyBlocks(v.blocks), d.EventId)
+		s.cfg.OnReset(worker, maps.Clone(v.blocks), d.EventId)
 	}
 	s.drain(worker, v)
 }
@@ -338,7 +338,7 @@ func (s *Sequencer) Restore(view *triplanev1.KvView) (malformed int) {
 		}
 		s.workers[w] = v
 		if s.cfg.OnReset != nil {
-			s.cfg.OnReset(w, copyBlocks(v.blocks), wv.Dump.EventId)
+			s.cfg.OnReset(w, maps.Clone(v.blocks), wv.Dump.EventId)
 		}
 	}
 	return malformed
@@ -351,7 +351,7 @@ func (s *Sequencer) Blocks(worker string) (map[uint64]Block, uint64) {
 	if v == nil {
 		return map[uint64]Block{}, 0
 	}
-	return copyBlocks(v.blocks), v.next - 1
+	return maps.Clone(v.blocks), v.next - 1
 }
 
 // LastEventID is the id of the last event of worker the view reflects.
@@ -376,14 +376,6 @@ func (s *Sequencer) Forget(worker string) {
 
 // Stats returns the counters.
 func (s *Sequencer) Stats() Stats { return s.stats }
-
-func copyBlocks(m map[uint64]Block) map[uint64]Block {
-	out := make(map[uint64]Block, len(m))
-	for k, v := range m {
-		out[k] = v
-	}
-	return out
-}
 
 // dump lists blocks sorted by hash, so that the same blocks always give the
 // same message (the simulator compares runs).
