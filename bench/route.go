@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"math/rand/v2"
 	"runtime"
 	"slices"
@@ -129,11 +130,9 @@ func Route(ctx context.Context, cfg RouteConfig, progress io.Writer) ([]RouteRes
 			return nil, err
 		}
 	}
-	for i, r := range cfg.Records {
-		if r.Timestamp < 0 || r.InputLength < 1 || r.OutputLength < 1 ||
-			len(r.HashIDs) != (r.InputLength+workload.TraceBlockSize-1)/workload.TraceBlockSize {
-			return nil, fmt.Errorf("bench route: record %d: timestamp %d, %d input tokens in %d hash ids, %d output tokens",
-				i, r.Timestamp, r.InputLength, len(r.HashIDs), r.OutputLength)
+	for i := range cfg.Records {
+		if err := cfg.Records[i].Validate(); err != nil {
+			return nil, fmt.Errorf("bench route: record %d: %w", i, err)
 		}
 	}
 	recs := cfg.Records
@@ -447,11 +446,14 @@ func (s *sim) result() RouteResult {
 	return r
 }
 
+// percentile is the nearest-rank percentile p (0..1) of sorted: the
+// smallest value at least a share p of the values do not exceed. Both
+// benchmarks of this package report with it.
 func percentile(sorted []time.Duration, p float64) time.Duration {
 	if len(sorted) == 0 {
 		return 0
 	}
-	return sorted[min(int(p*float64(len(sorted))), len(sorted)-1)]
+	return sorted[min(max(int(math.Ceil(p*float64(len(sorted))))-1, 0), len(sorted)-1)]
 }
 
 // PrintRoute writes the results as a table. Ratios against round-robin are

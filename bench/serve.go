@@ -11,7 +11,6 @@ import (
 	"io"
 	"log/slog"
 	"maps"
-	"math"
 	"math/rand/v2"
 	"net/http"
 	"os"
@@ -277,11 +276,10 @@ func Serve(ctx context.Context, cfg ServeConfig, progress io.Writer) ([]ServeRes
 			cfg.Model, d.cfg.Model = m, m
 		}
 		fmt.Fprintf(progress, "  %s: %d requests\n", base, len(cfg.Requests))
-		r := d.run(ctx, base, base, progress)
+		r := d.run(ctx, base, base, progress) // no hit rate here: run leaves it at -1
 		if err := ctx.Err(); err != nil {
 			return nil, err
 		}
-		r.HitRate = -1
 		return []ServeResult{r}, nil
 	}
 	if len(cfg.Policies) == 0 {
@@ -482,12 +480,12 @@ func (d *serveDriver) warmUp(ctx context.Context, base string) error {
 
 // serveOutcome is one request's fate.
 type serveOutcome struct {
-	err, msg       string // err: the error's label; empty if OK
-	ttft, e2e      time.Duration
-	itl            []time.Duration
-	tokens, usage  int // words streamed; the usage chunk's completion_tokens (-1: none)
-	maxTokens      int
-	waited, cancel bool
+	err, msg      string // err: the error's label; empty if OK
+	ttft, e2e     time.Duration
+	itl           []time.Duration
+	tokens, usage int // words streamed; the usage chunk's completion_tokens (-1: none)
+	maxTokens     int
+	waited        bool
 }
 
 // run sends the workload: each request at its arrival time, at most
@@ -725,15 +723,9 @@ func PrintServe(w io.Writer, title string, rs []ServeResult) {
 		}
 		return fmt.Sprintf("%.1f ms", float64(d)/float64(time.Millisecond))
 	}
-	pct := func(ds []time.Duration, p float64) time.Duration {
-		if len(ds) == 0 {
-			return 0
-		}
-		return ds[min(int(math.Ceil(p*float64(len(ds))))-1, len(ds)-1)]
-	}
 	lat := func(name string, get func(ServeResult) []time.Duration, p float64) row {
-		return row{name, func(r ServeResult) string { return ms(pct(get(r), p)) },
-			func(r ServeResult) float64 { return float64(pct(get(r), p)) }}
+		return row{name, func(r ServeResult) string { return ms(percentile(get(r), p)) },
+			func(r ServeResult) float64 { return float64(percentile(get(r), p)) }}
 	}
 	counts := func(m map[string]int) string {
 		if len(m) == 0 {

@@ -47,7 +47,7 @@ func Read(r io.Reader, limit int) ([]Record, error) {
 		if err := dec.Decode(&rec); err != nil {
 			return nil, fmt.Errorf("workload: line %d: %w", line, err)
 		}
-		if err := rec.validate(); err != nil {
+		if err := rec.Validate(); err != nil {
 			return nil, fmt.Errorf("workload: line %d: %w", line, err)
 		}
 		out = append(out, rec)
@@ -61,7 +61,9 @@ func Read(r io.Reader, limit int) ([]Record, error) {
 	return out, nil
 }
 
-func (r *Record) validate() error {
+// Validate says what is wrong with a record, as Read checks each one
+// (callers building records in memory check them the same way).
+func (r *Record) Validate() error {
 	switch {
 	case r.Timestamp < 0:
 		return fmt.Errorf("negative timestamp %d", r.Timestamp)
