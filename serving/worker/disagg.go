@@ -332,8 +332,9 @@ func (w *Worker) servePrefill(ctx context.Context, r *triplanev1.PrefillRequest)
 			return nil, perr
 		}
 	}
-	// Copy the blocks out on the engine goroutine: they may be evicted
-	// once the request is gone, and the copies carry their checksums.
+	// Copy the blocks out on the engine goroutine (they may be evicted
+	// once the request is gone); the transport checksums the copies off it,
+	// so engine steps wait for the copy only.
 	ops := make([]data.Op, len(r.BlockHashes))
 	var missing error
 	if err := w.onEngine(func() {
@@ -345,7 +346,7 @@ func (w *Worker) servePrefill(ctx context.Context, r *triplanev1.PrefillRequest)
 			}
 			src := slices.Clone(b)
 			d := r.Destinations[i]
-			ops[i] = data.Op{Src: src, CRC: data.Checksum(src), HasCRC: true,
+			ops[i] = data.Op{Src: src,
 				Dst: data.Descriptor{Region: d.GetRegion(), Offset: d.GetOffset(), Length: d.GetLength()}}
 		}
 	}); err != nil || missing != nil {
