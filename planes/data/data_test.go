@@ -4,11 +4,13 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"io"
 	"math/rand/v2"
 	"net"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -118,6 +120,7 @@ func TestTransportsMoveEveryByte(t *testing.T) {
 		blockSize    int
 	}{
 		{"tcp-1-lane-4k", "tcp", 1, 4096},
+		{"tcp-1-lane-4k-reversed", "tcp", 1, 4096},
 		{"tcp-4-lanes-64k", "tcp", 4, 64 << 10},
 		{"tcp-3-lanes-5m-split", "tcp", 3, 5 << 20},
 		{"shm-64k", "shm", 0, 64 << 10},
@@ -127,6 +130,12 @@ func TestTransportsMoveEveryByte(t *testing.T) {
 			ctx := ctxT(t)
 			r := newReceiver(t, tc.blockSize, 6, nil)
 			src, ops := source(r, 1)
+			if strings.HasSuffix(tc.name, "reversed") {
+				// No two destinations follow each other in the write:
+				// one data frame per block instead of blocks frames.
+				slices.Reverse(ops[:3])
+				slices.Reverse(ops[3:])
+			}
 			d := NewDialer(DialOptions{Prefer: tc.prefer, Lanes: tc.lanes, FrameSize: 2 << 20})
 			tr, err := d.Dial(ctx, r.peer())
 			if err != nil {
@@ -158,6 +167,32 @@ func TestTransportsMoveEveryByte(t *testing.T) {
 			r.mu.Unlock()
 			if n != uint64(len(src.Bytes())) {
 				t.Fatalf("landed notifications cover %d bytes, want %d", n, len(src.Bytes()))
+			}
+			frames := counterValue(r.metrics.framesLanded.WithLabelValues("tcp"))
+			switch tc.name {
+			case "tcp-1-lane-4k": // one blocks frame per Write
+				if frames != 2 {
+					t.Fatalf("%v frames landed, want 2", frames)
+				}
+			case "tcp-1-lane-4k-reversed":
+				if frames != 6 {
+					t.Fatalf("%v frames landed, want 6", frames)
+				}
+			}
+			if tc.blockSize <= 2<<20 {
+				// Blocks sent together in one frame still land one by
+				// one, each with its own checksum.
+				r.mu.Lock()
+				defer r.mu.Unlock()
+				if len(r.landed) != len(ops) {
+					t.Fatalf("%d landed notifications for %d blocks", len(r.landed), len(ops))
+				}
+				for _, l := range r.landed {
+					i := int(l.Desc.Offset) / tc.blockSize
+					if l.Desc != r.region.BlockDesc(i) || l.CRC != Checksum(src.Block(i)) {
+						t.Fatalf("landed %s crc %#x, want %s crc %#x", l.Desc, l.CRC, r.region.BlockDesc(i), Checksum(src.Block(i)))
+					}
+				}
 			}
 		})
 	}
@@ -209,6 +244,54 @@ func rawFrame(h Header, payload []byte) []byte {
 	return b
 }
 
+// rawBlocks builds a blocks frame by hand: the table of blocks (changed by
+// mod when set), then payload. h's Length and CRC default to the payload's
+// length and the table's checksum.
+func rawBlocks(h Header, blocks []blockSum, payload []byte, mod func(table []byte)) []byte {
+	table := appendBlockTable(nil, len(blocks))
+	for _, b := range blocks {
+		table = appendBlock(table, b.n, b.crc)
+	}
+	if mod != nil {
+		mod(table)
+	}
+	h.Type = FrameBlocks
+	if h.Length == 0 {
+		h.Length = uint32(len(payload))
+	}
+	if h.CRC == 0 {
+		h.CRC = Checksum(table)
+	}
+	return append(rawFrame(h, table)[:HeaderSize+len(table)], payload...)
+}
+
+func TestCoalesceGroupsContiguousDestinations(t *testing.T) {
+	d := func(region uint32, off, n uint64) frame {
+		return frame{src: make([]byte, n), dst: Descriptor{Region: region, Offset: off, Length: n}}
+	}
+	fs := []frame{d(1, 0, 100), d(1, 100, 100), d(1, 200, 100), // one run
+		d(1, 400, 100),                // a gap before it
+		d(2, 500, 100),                // another region
+		d(2, 600, 900), d(2, 1500, 1), // the size limit splits here
+	}
+	var got []Descriptor
+	for _, r := range coalesce(fs, 1000) {
+		got = append(got, r.dst)
+	}
+	want := []Descriptor{{1, 0, 300}, {1, 400, 100}, {2, 500, 1000}, {2, 1500, 1}}
+	if !slices.Equal(got, want) {
+		t.Fatalf("runs %v, want %v", got, want)
+	}
+	many := make([]frame, MaxFrameBlocks+1)
+	for i := range many {
+		many[i] = d(1, uint64(i), 1)
+	}
+	rs := coalesce(many, 1<<20)
+	if len(rs) != 2 || len(rs[0].parts) != MaxFrameBlocks {
+		t.Fatalf("%d runs of %d blocks, want the first to hold %d", len(rs), len(rs[0].parts), MaxFrameBlocks)
+	}
+}
+
 func TestBadInputClosesOnlyThatConnection(t *testing.T) {
 	ctx := ctxT(t)
 	r := newReceiver(t, 4096, 4, nil)
@@ -227,6 +310,10 @@ func TestBadInputClosesOnlyThatConnection(t *testing.T) {
 	garbage := bytes.Repeat([]byte("not a frame at all! "), 4)
 	corruptHeader := rawFrame(Header{Type: FrameData, Region: 7, Length: 100, CRC: Checksum(payload)}, payload)
 	corruptHeader[20] ^= 1
+	// Two blocks of 100 bytes for blocks frames.
+	two := bytes.Repeat([]byte{0xCD}, 200)
+	two[150] = 1
+	twoBlocks := []blockSum{{100, Checksum(two[:100])}, {100, Checksum(two[100:])}}
 	for _, tc := range []struct {
 		name, reason string
 		bytes        []byte
@@ -243,9 +330,22 @@ func TestBadInputClosesOnlyThatConnection(t *testing.T) {
 		{"short payload", "length", append(hello, rawFrame(Header{Type: FrameData, Region: 7, Offset: 8192, Length: 200, CRC: Checksum(payload)}, payload)...), true},
 		{"truncated header", "length", hello[:20], true},
 		{"ack from sender", "unexpected", append(hello, rawFrame(Header{Type: FrameAck}, nil)...), false},
+		{"blocks: table checksum", "malformed", append(hello, rawBlocks(Header{Region: 7, Offset: 8192, CRC: 1}, twoBlocks, two, nil)...), false},
+		{"blocks: no blocks", "malformed", append(hello, rawBlocks(Header{Region: 7, Offset: 8192, Length: 200}, nil, two, nil)...), false},
+		{"blocks: too many blocks", "malformed", append(hello, rawBlocks(Header{Region: 7, Offset: 8192}, twoBlocks, two, func(b []byte) { binary.LittleEndian.PutUint32(b, MaxFrameBlocks+1) })...), false},
+		{"blocks: reserved bits", "malformed", append(hello, rawBlocks(Header{Region: 7, Offset: 8192}, twoBlocks, two, func(b []byte) { b[4] = 1 })...), false},
+		{"blocks: empty block", "malformed", append(hello, rawBlocks(Header{Region: 7, Offset: 8192}, []blockSum{{0, 0}, {200, Checksum(two)}}, two, nil)...), false},
+		{"blocks: lengths disagree", "length", append(hello, rawBlocks(Header{Region: 7, Offset: 8192, Length: 100}, twoBlocks, two[:100], nil)...), false},
+		{"blocks: truncated table", "length", append(hello, rawBlocks(Header{Region: 7, Offset: 8192}, twoBlocks, nil, nil)[:HeaderSize+12]...), true},
+		{"blocks: outside region", "out_of_region", append(hello, rawBlocks(Header{Region: 7, Offset: 4*4096 - 150}, twoBlocks, two, nil)...), false},
+		{"blocks: second block corrupt", "checksum", append(hello, rawBlocks(Header{Region: 7, Offset: 8192}, []blockSum{twoBlocks[0], {100, 12345}}, two, nil)...), false},
+		{"blocks: short payload", "length", append(hello, rawBlocks(Header{Region: 7, Offset: 8192, Length: 200}, twoBlocks, two[:150], nil)...), true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := r.metrics.RejectedCount("tcp", tc.reason)
+			r.mu.Lock()
+			landed := len(r.landed)
+			r.mu.Unlock()
 			c, err := net.Dial("tcp", r.tcp.Addr())
 			if err != nil {
 				t.Fatal(err)
@@ -271,6 +371,13 @@ func TestBadInputClosesOnlyThatConnection(t *testing.T) {
 			}
 			if got := r.metrics.RejectedCount("tcp", tc.reason); got != before+1 {
 				t.Fatalf("rejections for %q: %v, want %v", tc.reason, got, before+1)
+			}
+			// No block of a refused frame is reported landed, even one
+			// whose own checksum matched.
+			r.mu.Lock()
+			defer r.mu.Unlock()
+			if len(r.landed) != landed {
+				t.Fatalf("%d blocks landed from a refused connection", len(r.landed)-landed)
 			}
 		})
 	}

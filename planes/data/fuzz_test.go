@@ -35,6 +35,12 @@ func FuzzReceiver(f *testing.F) {
 	f.Add(append(rawFrame(Header{Type: FrameHello}, []byte("tok")), good...))
 	f.Add(good)
 	f.Add(append(rawFrame(Header{Type: FrameHello}, []byte("tok")), rawFrame(Header{Type: FrameData, Region: 1, Offset: 250, Length: 64, CRC: Checksum(payload)}, payload)...))
+	// Blocks frames: two blocks in a row, and one whose run straddles the
+	// region's end.
+	two := bytes.Repeat([]byte{9}, 96)
+	blocks := []blockSum{{32, Checksum(two[:32])}, {64, Checksum(two[32:])}}
+	f.Add(rawBlocks(Header{Region: 1, Offset: 100}, blocks, two, nil))
+	f.Add(rawBlocks(Header{Region: 1, Offset: 200}, blocks, two, nil))
 	f.Fuzz(func(t *testing.T, in []byte) {
 		const guard, size = 128, 256
 		mem := make([]byte, guard+size+guard)

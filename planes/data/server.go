@@ -153,6 +153,49 @@ func writeMessage(w io.Writer, t FrameType, msg string) error {
 	return err
 }
 
+// readBlocks reads frame h's payload straight into dst (no staging buffer
+// for payloads at least as large as br's buffer) and checks every block's
+// checksum, computed piece by piece as the bytes arrive, while they are
+// still in cache. A block whose checksum differs fails the frame: nothing
+// of it is acknowledged, so the sender resends it.
+func readBlocks(br *bufio.Reader, h Header, dst []byte, blocks []blockSum) error {
+	k := 0                  // the block being read
+	end := int(blocks[0].n) // where it ends in dst
+	var crc uint32
+	for off := 0; off < len(dst); {
+		// Reads of at most 256 KiB: each piece is checksummed while it
+		// is still in cache (a whole 1 MiB+ read would be evicted
+		// first).
+		n, err := br.Read(dst[off:min(off+256<<10, len(dst))])
+		for p := off; p < off+n; {
+			q := min(off+n, end)
+			crc = crc32.Update(crc, castagnoli, dst[p:q])
+			p = q
+			if p < end {
+				continue
+			}
+			if crc != blocks[k].crc {
+				d := h.Desc()
+				d.Offset += uint64(end) - uint64(blocks[k].n)
+				d.Length = uint64(blocks[k].n)
+				return reject("checksum", fmt.Errorf("%s frame %d: block %d (%s): checksum %#x, frame says %#x", h.Type, h.Seq, k, d, crc, blocks[k].crc))
+			}
+			crc = 0
+			if k++; k < len(blocks) {
+				end += int(blocks[k].n)
+			}
+		}
+		off += n
+		if err != nil && off < len(dst) {
+			if errors.Is(err, io.EOF) {
+				return reject("length", fmt.Errorf("%s frame %d: %s: payload ended after %d bytes: %w", h.Type, h.Seq, h.Desc(), off, io.ErrUnexpectedEOF))
+			}
+			return fmt.Errorf("%s frame %d: read payload: %w", h.Type, h.Seq, err)
+		}
+	}
+	return nil
+}
+
 // deadliner is the part of a connection handle uses; nil in the fuzz test.
 type deadliner interface {
 	SetReadDeadline(time.Time) error
@@ -178,6 +221,7 @@ func (s *Server) handle(br *bufio.Reader, bw *bufio.Writer, dl deadliner) error 
 	var hdr, ack [HeaderSize]byte
 	var last Header // last frame verified and not yet acknowledged
 	unacked := false
+	var blocks []blockSum // the frame's blocks; reused
 	g := newHandshake(cfg.Token)
 	for {
 		if unacked && br.Buffered() < HeaderSize {
@@ -206,7 +250,13 @@ func (s *Server) handle(br *bufio.Reader, bw *bufio.Writer, dl deadliner) error 
 			if err := g.hello(br, h); err != nil {
 				return err
 			}
-		case FrameData:
+		case FrameData, FrameBlocks:
+			blocks = append(blocks[:0], blockSum{n: h.Length, crc: h.CRC})
+			if h.Type == FrameBlocks {
+				if blocks, err = readBlockTable(br, h, blocks); err != nil {
+					return err
+				}
+			}
 			dst, err := cfg.Regions.Slice(h.Desc())
 			if err != nil {
 				return reject("out_of_region", err)
@@ -214,34 +264,18 @@ func (s *Server) handle(br *bufio.Reader, bw *bufio.Writer, dl deadliner) error 
 			if dl != nil {
 				dl.SetReadDeadline(time.Now().Add(cfg.FrameTimeout))
 			}
-			// Straight into the block (no staging buffer for payloads at
-			// least as large as br's buffer), checksumming each piece
-			// while it is still in cache.
-			var crc uint32
-			for off := 0; off < len(dst); {
-				// Reads of at most 256 KiB: each piece is checksummed
-				// while it is still in cache (a whole 1 MiB+ read would be
-				// evicted first). Still larger than br's buffer, so read
-				// straight into the block.
-				n, err := br.Read(dst[off:min(off+256<<10, len(dst))])
-				crc = crc32.Update(crc, castagnoli, dst[off:off+n])
-				off += n
-				if err != nil && off < len(dst) {
-					if errors.Is(err, io.EOF) {
-						return reject("length", fmt.Errorf("data frame %d: %s: payload ended after %d bytes: %w", h.Seq, h.Desc(), off, io.ErrUnexpectedEOF))
-					}
-					return fmt.Errorf("data frame %d: read payload: %w", h.Seq, err)
-				}
-			}
-			if crc != h.CRC {
-				// The bytes stay unacknowledged: the block is not complete
-				// and the sender resends it.
-				return reject("checksum", fmt.Errorf("data frame %d: %s: checksum %#x, frame says %#x", h.Seq, h.Desc(), crc, h.CRC))
+			if err := readBlocks(br, h, dst, blocks); err != nil {
+				return err
 			}
 			landedBytes.Add(float64(h.Length))
 			landedFrames.Inc()
 			if cfg.OnLanded != nil {
-				cfg.OnLanded(Landed{Transport: "tcp", Desc: h.Desc(), CRC: h.CRC})
+				d := h.Desc()
+				for _, b := range blocks {
+					d.Length = uint64(b.n)
+					cfg.OnLanded(Landed{Transport: "tcp", Desc: d, CRC: b.crc})
+					d.Offset += d.Length
+				}
 			}
 			last, unacked = h, true
 		default:

@@ -93,16 +93,17 @@ func (t *tcpTransport) Close() error {
 }
 
 func (t *tcpTransport) Write(ctx context.Context, ops []Op) error {
-	frames, err := split(ops, t.o.FrameSize)
+	split, err := split(ops, t.o.FrameSize)
 	if err != nil {
 		return err
 	}
+	frames := coalesce(split, t.o.FrameSize)
 	c := newCall(len(frames))
 	// Frames go round-robin over the lanes, starting where the last Write
 	// stopped so that streams of single-block writes use every lane.
 	n := len(t.lanes)
 	start := int(t.next.Add(uint64(len(frames))) - uint64(len(frames)))
-	per := make([][]frame, n)
+	per := make([][]run, n)
 	for i, f := range frames {
 		k := (start + i) % n
 		per[k] = append(per[k], f)
@@ -139,18 +140,80 @@ func (t *tcpTransport) Write(ctx context.Context, ops []Op) error {
 	if c.err != nil {
 		return fmt.Errorf("data: tcp write to %s: %w", t.addr, c.err)
 	}
-	var bytes int
+	var bytes uint64
 	for _, f := range frames {
-		bytes += len(f.src)
+		bytes += f.dst.Length
 	}
 	t.o.Metrics.bytesSent.WithLabelValues("tcp").Add(float64(bytes))
 	t.o.Metrics.framesSent.WithLabelValues("tcp").Add(float64(len(frames)))
 	return nil
 }
 
+// run is frames whose destinations are contiguous in one region, sent as
+// one frame: a data frame when alone, else a blocks frame that keeps each
+// block's checksum.
+type run struct {
+	parts []frame
+	dst   Descriptor // all of them
+}
+
+// coalesce groups consecutive frames into runs of at most size bytes and
+// MaxFrameBlocks blocks. Only destinations need to be contiguous: the
+// sources go out as separate pieces of one writev.
+func coalesce(fs []frame, size int) []run {
+	rs := make([]run, 0, len(fs))
+	for i := 0; i < len(fs); {
+		d, j := fs[i].dst, i+1
+		for ; j < len(fs) && j-i < MaxFrameBlocks; j++ {
+			next := fs[j].dst
+			if next.Region != d.Region || next.Offset != d.Offset+d.Length || d.Length+next.Length > uint64(size) {
+				break
+			}
+			d.Length += next.Length
+		}
+		rs = append(rs, run{parts: fs[i:j], dst: d})
+		i = j
+	}
+	return rs
+}
+
+// prepare returns the bytes that go before r's sources, with room for the
+// frame header at the start (hdr itself when r is a single block; else a
+// new buffer that also holds the block table), and the frame's checksum,
+// which its ack repeats. The sources are read here; writev then copies
+// them from cache.
+func (r run) prepare(hdr []byte) ([]byte, uint32) {
+	if len(r.parts) == 1 {
+		f := r.parts[0]
+		if f.hasCRC {
+			return hdr, f.crc
+		}
+		return hdr, checksumCold(f.src)
+	}
+	b := make([]byte, HeaderSize, HeaderSize+blockTableHeader+blockEntry*len(r.parts))
+	b = appendBlockTable(b, len(r.parts))
+	for _, f := range r.parts {
+		crc := f.crc
+		if !f.hasCRC {
+			crc = checksumCold(f.src)
+		}
+		b = appendBlock(b, uint32(len(f.src)), crc)
+	}
+	return b, Checksum(b[HeaderSize:])
+}
+
+// header writes r's frame header into b.
+func (r run) header(b []byte, seq uint64, crc uint32) {
+	t := FrameData
+	if len(r.parts) > 1 {
+		t = FrameBlocks
+	}
+	Header{Type: t, Region: r.dst.Region, Offset: r.dst.Offset, Length: uint32(r.dst.Length), Seq: seq, CRC: crc}.Encode(b)
+}
+
 // send writes fs in writev batches of up to BatchBytes, each frame holding
 // a window slot until its ack arrives (backpressure).
-func (l *lane) send(ctx context.Context, c *call, fs []frame) error {
+func (l *lane) send(ctx context.Context, c *call, fs []run) error {
 	for len(fs) > 0 {
 		// Frames are numbered and written under wmu, so they go out in
 		// seq order and a cumulative ack covers exactly the frames before
@@ -164,7 +227,7 @@ func (l *lane) send(ctx context.Context, c *call, fs []frame) error {
 		// batch are still written so that their window slots come back.
 		var stop error
 	fill:
-		for n < len(fs) && (n == 0 || size+len(fs[n].src) <= l.t.o.BatchBytes) && len(hdrs)+HeaderSize <= cap(hdrs) {
+		for n < len(fs) && (n == 0 || size+int(fs[n].dst.Length) <= l.t.o.BatchBytes) && len(hdrs)+HeaderSize <= cap(hdrs) {
 			if n > 0 {
 				// Frames of this batch hold window slots but their acks
 				// cannot come before they are written: write them rather
@@ -188,13 +251,8 @@ func (l *lane) send(ctx context.Context, c *call, fs []frame) error {
 					break fill
 				}
 			}
-			f := fs[n]
-			crc := f.crc
-			if !f.hasCRC {
-				// The frame is read from memory here; writev then
-				// copies it from cache.
-				crc = checksumCold(f.src)
-			}
+			r := fs[n]
+			h, crc := r.prepare(hdrs[len(hdrs) : len(hdrs)+HeaderSize])
 			l.mu.Lock()
 			if l.err != nil {
 				err := l.err
@@ -207,13 +265,15 @@ func (l *lane) send(ctx context.Context, c *call, fs []frame) error {
 			}
 			l.seq++
 			seq := l.seq
-			l.pending = append(l.pending, pendingFrame{crc: crc, n: uint32(len(f.src)), c: c})
+			l.pending = append(l.pending, pendingFrame{crc: crc, n: uint32(r.dst.Length), c: c})
 			l.mu.Unlock()
 			hdrs = hdrs[:len(hdrs)+HeaderSize]
-			h := hdrs[len(hdrs)-HeaderSize:]
-			Header{Type: FrameData, Region: f.dst.Region, Offset: f.dst.Offset, Length: uint32(len(f.src)), Seq: seq, CRC: crc}.Encode(h)
-			bufs = append(bufs, h, f.src)
-			size += len(f.src)
+			r.header(h, seq, crc)
+			bufs = append(bufs, h)
+			for _, f := range r.parts {
+				bufs = append(bufs, f.src)
+			}
+			size += int(r.dst.Length)
 			n++
 		}
 		fs = fs[n:]

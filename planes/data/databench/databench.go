@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"syscall"
 	"time"
 
 	"github.com/triplane-dev/triplane/planes/data"
@@ -56,6 +57,10 @@ type Row struct {
 	Goal      float64 // ratio wanted, 0 if none
 	GoalOf    string
 	GoalRatio float64
+	// Cores is the process's CPU time over the wall time of the
+	// measurement (both ends run in this process): a line at the
+	// machine's core count is CPU-bound, and more lanes cannot help it.
+	Cores float64
 }
 
 // Latency is one latency line.
@@ -147,17 +152,17 @@ func measureBlock(ctx context.Context, cfg Config, dir string, bs int, recv, src
 	for i := range ops {
 		ops[i] = data.Op{Src: src.Block(i), Dst: recv.BlockDesc(i)}
 	}
-	run := func(prefer string, lanes int, skipVerify bool, sock string) (float64, error) {
+	run := func(prefer string, lanes int, skipVerify bool, sock string) (sample, error) {
 		peer := data.Peer(regions, tcp, nil)
 		peer.ShmSocket = sock
 		tr, err := data.NewDialer(data.DialOptions{Prefer: prefer, Lanes: lanes, SkipShmVerify: skipVerify}).Dial(ctx, peer)
 		if err != nil {
-			return 0, err
+			return sample{}, err
 		}
 		defer tr.Close()
 		return throughput(cfg.Bytes, int64(len(src.Bytes())), func() error { return tr.Write(ctx, ops) })
 	}
-	memcpy := func() (float64, error) {
+	memcpy := func() (sample, error) {
 		dst := recv.Bytes()
 		return throughput(cfg.Bytes, int64(len(src.Bytes())), func() error {
 			for i := range ops {
@@ -166,19 +171,19 @@ func measureBlock(ctx context.Context, cfg Config, dir string, bs int, recv, src
 			return nil
 		})
 	}
-	var plain, plainRegions, one, many, shmV, shmT, mc []float64
+	var plain, plainRegions, one, many, shmV, shmT, mc []sample
 	for r := 0; r < cfg.Rounds; r++ {
 		for _, m := range []struct {
-			into *[]float64
-			f    func() (float64, error)
+			into *[]sample
+			f    func() (sample, error)
 		}{
-			{&plain, func() (float64, error) { return plainStream(ctx, cfg.Bytes, nil, nil) }},
-			{&plainRegions, func() (float64, error) { return plainStream(ctx, cfg.Bytes, src.Bytes(), recv.Bytes()) }},
+			{&plain, func() (sample, error) { return plainStream(ctx, cfg.Bytes, nil, nil) }},
+			{&plainRegions, func() (sample, error) { return plainStream(ctx, cfg.Bytes, src.Bytes(), recv.Bytes()) }},
 			{&mc, memcpy},
-			{&one, func() (float64, error) { return run("tcp", 1, false, "") }},
-			{&many, func() (float64, error) { return run("tcp", cfg.Lanes, false, "") }},
-			{&shmV, func() (float64, error) { return run("shm", 0, false, shmVerify.Path()) }},
-			{&shmT, func() (float64, error) { return run("shm", 0, true, shmTrust.Path()) }},
+			{&one, func() (sample, error) { return run("tcp", 1, false, "") }},
+			{&many, func() (sample, error) { return run("tcp", cfg.Lanes, false, "") }},
+			{&shmV, func() (sample, error) { return run("shm", 0, false, shmVerify.Path()) }},
+			{&shmT, func() (sample, error) { return run("shm", 0, true, shmTrust.Path()) }},
 		} {
 			g, err := m.f()
 			if err != nil {
@@ -187,52 +192,80 @@ func measureBlock(ctx context.Context, cfg Config, dir string, bs int, recv, src
 			*m.into = append(*m.into, g)
 		}
 	}
-	med := func(xs []float64) float64 { slices.Sort(xs); return xs[len(xs)/2] }
-	stream, streamR, o, mn, sv, st, c := med(plain), med(plainRegions), med(one), med(many), med(shmV), med(shmT), med(mc)
+	stream, streamR, o, mn, sv, st, c := medianOf(plain), medianOf(plainRegions), medianOf(one), medianOf(many), medianOf(shmV), medianOf(shmT), medianOf(mc)
 	fmt.Fprintf(cfg.Progress, "block %s: plain stream %.2f, tcp 1 lane %.2f, tcp %d lanes %.2f, shm %.2f (verified) %.2f (trusted), copy %.2f GB/s\n",
-		size(bs), stream, o, cfg.Lanes, mn, sv, st, c)
+		size(bs), stream.gbps, o.gbps, cfg.Lanes, mn.gbps, sv.gbps, st.gbps, c.gbps)
 	streamName := "plain Go TCP stream"
+	row := func(what string, s sample) Row { return Row{What: what, Block: bs, GBps: s.gbps, Cores: s.cores} }
+	vs := func(r Row, name string, base sample, goal float64) Row {
+		r.Baseline, r.BaseGBps, r.Ratio, r.Goal = name, base.gbps, r.GBps/base.gbps, goal
+		return r
+	}
+	lanes := vs(row(fmt.Sprintf("tcp, %d lanes", cfg.Lanes), mn), streamName, stream, 1.3)
+	lanes.GoalOf, lanes.GoalRatio = "tcp, 1 lane", mn.gbps/o.gbps
 	return []Row{
-		{What: "plain Go TCP stream, 1 MiB writes (baseline)", Block: bs, GBps: stream},
-		{What: "tcp, 1 lane", Block: bs, GBps: o, Baseline: streamName, BaseGBps: stream, Ratio: o / stream, Goal: 0.9},
-		{What: fmt.Sprintf("tcp, %d lanes", cfg.Lanes), Block: bs, GBps: mn, Baseline: streamName, BaseGBps: stream, Ratio: mn / stream,
-			Goal: 1.3, GoalOf: "tcp, 1 lane", GoalRatio: mn / o},
-		{What: "plain Go TCP stream, region to region (like-for-like baseline)", Block: bs, GBps: streamR},
-		{What: "tcp, 1 lane vs the region-to-region stream", Block: bs, GBps: o, Baseline: "region-to-region stream", BaseGBps: streamR, Ratio: o / streamR},
-		{What: "copy (memcpy baseline)", Block: bs, GBps: c},
-		{What: "shm, receiver verifies CRC", Block: bs, GBps: sv, Baseline: "copy", BaseGBps: c, Ratio: sv / c, Goal: 0.5},
-		{What: "shm, no receiver CRC", Block: bs, GBps: st, Baseline: "copy", BaseGBps: c, Ratio: st / c, Goal: 0.5},
+		row("plain Go TCP stream, 1 MiB writes (baseline)", stream),
+		vs(row("tcp, 1 lane", o), streamName, stream, 0.9),
+		lanes,
+		row("plain Go TCP stream, region to region (like-for-like baseline)", streamR),
+		vs(row("tcp, 1 lane vs the region-to-region stream", o), "region-to-region stream", streamR, 0),
+		row("copy (memcpy baseline)", c),
+		vs(row("shm, receiver verifies CRC", sv), "copy", c, 0.5),
+		vs(row("shm, no receiver CRC", st), "copy", c, 0.5),
 	}, nil
 }
 
-// throughput calls pass (which moves per bytes) until total bytes moved,
-// after one warm-up pass, and returns GB/s.
-func throughput(total, per int64, pass func() error) (float64, error) {
-	if err := pass(); err != nil {
-		return 0, err
+// sample is one measurement: throughput, and the cores the process kept
+// busy meanwhile.
+type sample struct{ gbps, cores float64 }
+
+// medianOf takes the median throughput and, separately, the median cores.
+func medianOf(xs []sample) sample {
+	g := make([]float64, len(xs))
+	c := make([]float64, len(xs))
+	for i, x := range xs {
+		g[i], c[i] = x.gbps, x.cores
 	}
-	start := time.Now()
+	slices.Sort(g)
+	slices.Sort(c)
+	return sample{gbps: g[len(g)/2], cores: c[len(c)/2]}
+}
+
+// clock reads the wall clock and the process's CPU time (user and system,
+// every thread).
+type clock struct {
+	wall time.Time
+	cpu  time.Duration
+}
+
+func now() clock {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return clock{wall: time.Now(), cpu: time.Duration(ru.Utime.Nano() + ru.Stime.Nano())}
+}
+
+// since turns bytes moved since c into a sample.
+func (c clock) since(bytes int64) sample {
+	e := now()
+	wall := e.wall.Sub(c.wall).Seconds()
+	return sample{gbps: float64(bytes) / wall / 1e9, cores: (e.cpu - c.cpu).Seconds() / wall}
+}
+
+// throughput calls pass (which moves per bytes) until total bytes moved,
+// after one warm-up pass.
+func throughput(total, per int64, pass func() error) (sample, error) {
+	if err := pass(); err != nil {
+		return sample{}, err
+	}
+	start := now()
 	var moved int64
 	for moved < total {
 		if err := pass(); err != nil {
-			return 0, err
+			return sample{}, err
 		}
 		moved += per
 	}
-	return float64(moved) / time.Since(start).Seconds() / 1e9, nil
-}
-
-func median(n int, f func() (float64, error)) (float64, error) {
-	var xs []float64
-	for i := 0; i < n; i++ {
-		x, err := f()
-		if err != nil {
-			return 0, err
-		}
-		xs = append(xs, x)
-	}
-	slices.Sort(xs)
-	return xs[len(xs)/2], nil
+	return start.since(moved), nil
 }
 
 // plainStream is the TCP baseline: one Go connection, 1 MiB writes, the
@@ -240,7 +273,7 @@ func median(n int, f func() (float64, error)) (float64, error) {
 // cache-hot 1 MiB buffer (the baseline the issue names); given the regions,
 // the writer walks src and the reader walks dst, so the baseline pays the
 // same memory traffic as a transfer between the regions.
-func plainStream(ctx context.Context, total int64, src, dst []byte) (float64, error) {
+func plainStream(ctx context.Context, total int64, src, dst []byte) (sample, error) {
 	const chunk = 1 << 20
 	if src == nil {
 		src = make([]byte, chunk)
@@ -256,7 +289,7 @@ func plainStream(ctx context.Context, total int64, src, dst []byte) (float64, er
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		return 0, err
+		return sample{}, err
 	}
 	defer ln.Close()
 	got := make(chan error, 1)
@@ -282,30 +315,30 @@ func plainStream(ctx context.Context, total int64, src, dst []byte) (float64, er
 	var d net.Dialer
 	c, err := d.DialContext(ctx, "tcp", ln.Addr().String())
 	if err != nil {
-		return 0, err
+		return sample{}, err
 	}
 	defer c.Close()
 	if _, err := c.Write(piece(src, 0)); err != nil { // warm-up
-		return 0, err
+		return sample{}, err
 	}
-	start := time.Now()
+	start := now()
 	var n int64
 	for i := int64(1); n < total; i++ {
 		if _, err := c.Write(piece(src, i)); err != nil {
-			return 0, err
+			return sample{}, err
 		}
 		n += chunk
 	}
 	// Wait until the reader has it all, like a transfer waits for acks.
 	one := make([]byte, 1)
 	if _, err := io.ReadFull(c, one); err != nil {
-		return 0, err
+		return sample{}, err
 	}
-	el := time.Since(start)
+	res := start.since(n)
 	if err := <-got; err != nil {
-		return 0, err
+		return sample{}, err
 	}
-	return float64(n) / el.Seconds() / 1e9, nil
+	return res, nil
 }
 
 // iperf runs iperf3 -l 1M over loopback for 3 s.
@@ -469,7 +502,7 @@ func size(n int) string {
 // Print writes the report as aligned tables.
 func Print(w io.Writer, title string, rep *Report) {
 	fmt.Fprintf(w, "%s\n", title)
-	fmt.Fprintf(w, "  %-46s %8s %9s  %-34s %s\n", "what", "block", "GB/s", "vs baseline", "goal")
+	fmt.Fprintf(w, "  %-46s %8s %9s %6s  %-34s %s\n", "what", "block", "GB/s", "cores", "vs baseline", "goal")
 	for _, r := range rep.Rows {
 		vs, goal := "", ""
 		if r.Baseline != "" {
@@ -481,7 +514,11 @@ func Print(w io.Writer, title string, rep *Report) {
 		case r.Goal > 0:
 			goal = fmt.Sprintf("goal >= %.1fx %s", r.Goal, okString(r.Ratio >= r.Goal))
 		}
-		fmt.Fprintf(w, "  %-46s %8s %9.2f  %-34s %s\n", r.What, size(r.Block), r.GBps, vs, goal)
+		cores := "-"
+		if r.Cores > 0 {
+			cores = fmt.Sprintf("%.2f", r.Cores)
+		}
+		fmt.Fprintf(w, "  %-46s %8s %9.2f %6s  %-34s %s\n", r.What, size(r.Block), r.GBps, cores, vs, goal)
 	}
 	fmt.Fprintf(w, "  %-46s %8s %10s %10s\n", "latency, one block at a time", "block", "p50", "p99")
 	for _, l := range rep.Latencies {
