@@ -20,6 +20,8 @@ import (
 	"github.com/triplane-dev/triplane/engine/mocker"
 	"github.com/triplane-dev/triplane/journal"
 	"github.com/triplane-dev/triplane/planes/control"
+	"github.com/triplane-dev/triplane/planes/data"
+	"github.com/triplane-dev/triplane/planes/data/stream"
 	"github.com/triplane-dev/triplane/planes/event"
 	"github.com/triplane-dev/triplane/router"
 	"github.com/triplane-dev/triplane/serving/frontend"
@@ -112,8 +114,11 @@ func Start(ctx context.Context, p Planes, cfg Config) (_ *Stack, err error) {
 		return nil, fmt.Errorf("serving: %d prefill workers of %d: disaggregated serving needs at least one decode worker", cfg.PrefillWorkers, cfg.Workers)
 	}
 	xfer := transfer.NewMetrics(p.Registerer)
+	dataMetrics, streamMetrics := data.NewMetrics(p.Registerer), stream.NewMetrics(p.Registerer)
 	for i := range cfg.Workers {
-		role, name := worker.RoleBoth, fmt.Sprintf("%s-w%d", p.NodeID, i)
+		// Without prefill workers nobody moves blocks: the workers open
+		// no data-plane servers.
+		role, name := worker.RoleAggregated, fmt.Sprintf("%s-w%d", p.NodeID, i)
 		if cfg.PrefillWorkers > 0 {
 			role = worker.RoleDecode
 			if i < cfg.PrefillWorkers {
@@ -124,7 +129,7 @@ func Start(ctx context.Context, p Planes, cfg Config) (_ *Stack, err error) {
 		}
 		w, err := worker.Start(ctx, worker.Config{
 			ID: name, Namespace: p.Namespace, Model: cfg.Model, Engine: cfg.Engine, Role: role, Host: p.Host,
-			DataToken: cfg.DataToken, TransferMetrics: xfer, ListenHost: cfg.ListenHost, AdvertiseHost: cfg.AdvertiseHost,
+			DataToken: cfg.DataToken, TransferMetrics: xfer, DataMetrics: dataMetrics, StreamMetrics: streamMetrics, ListenHost: cfg.ListenHost, AdvertiseHost: cfg.AdvertiseHost,
 			Bus: s.bus, Registrar: p.Registrar, Token: cfg.StreamToken, Logger: p.Logger, Registerer: p.Registerer,
 		})
 		if err != nil {

@@ -59,8 +59,9 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 // Config configures a Supervisor.
 type Config struct {
 	Host *actors.Host
-	// Dial connects to the receiving peer; it is called again for every
-	// attempt, so it may look the peer up afresh (it may have moved).
+	// Dial connects to the receiving peer of sessions whose Spec has no
+	// Dial of its own; it is called again for every attempt, so it may
+	// look the peer up afresh (it may have moved).
 	Dial func(ctx context.Context) (data.Transport, error)
 	// RangeBlocks is the number of blocks written and acknowledged
 	// together (default 16): the granularity of resumption.
@@ -82,8 +83,8 @@ type Supervisor struct {
 
 // NewSupervisor returns a supervisor.
 func NewSupervisor(cfg Config) (*Supervisor, error) {
-	if cfg.Host == nil || cfg.Dial == nil {
-		return nil, errors.New("transfer: supervisor needs a host and a dial function")
+	if cfg.Host == nil {
+		return nil, errors.New("transfer: supervisor needs an actor host")
 	}
 	p := Pacing{RangeBlocks: cfg.RangeBlocks, BackoffMin: cfg.BackoffMin, BackoffMax: cfg.BackoffMax}.withDefaults()
 	cfg.RangeBlocks, cfg.BackoffMin, cfg.BackoffMax = p.RangeBlocks, p.BackoffMin, p.BackoffMax
@@ -104,6 +105,10 @@ type Spec struct {
 	BlockSize   int
 	MaxAttempts uint32
 	Peer        string
+	// Dial connects to this session's receiver, once per attempt; nil
+	// uses the supervisor's Config.Dial. One supervisor then serves
+	// sessions to many peers.
+	Dial func(ctx context.Context) (data.Transport, error)
 }
 
 func addr(id string) actors.Address { return actors.Address{Kind: Kind, ID: id} }
@@ -117,6 +122,13 @@ func addr(id string) actors.Address { return actors.Address{Kind: Kind, ID: id} 
 // What to do when is the Driver's; Run does it, with the goroutine,
 // timers, connection and actor host the Driver leaves out.
 func (s *Supervisor) Run(ctx context.Context, spec Spec) (*triplanev1.TransferState, error) {
+	dial := spec.Dial
+	if dial == nil {
+		dial = s.cfg.Dial
+	}
+	if dial == nil {
+		return nil, fmt.Errorf("transfer %s: no dial function in the spec or the supervisor", spec.ID)
+	}
 	d, err := NewDriver(spec, Pacing{RangeBlocks: s.cfg.RangeBlocks, BackoffMin: s.cfg.BackoffMin, BackoffMax: s.cfg.BackoffMax})
 	if err != nil {
 		return nil, err
@@ -160,7 +172,7 @@ func (s *Supervisor) Run(ctx context.Context, spec Spec) (*triplanev1.TransferSt
 			}
 		case OpDial:
 			var t data.Transport
-			if t, o.Err = s.cfg.Dial(ctx); o.Err == nil {
+			if t, o.Err = dial(ctx); o.Err == nil {
 				tr = t
 			}
 		case OpWrite:

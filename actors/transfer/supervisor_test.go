@@ -3,6 +3,7 @@ package transfer
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"strings"
@@ -318,5 +319,34 @@ func TestCancelStopsTheTransfer(t *testing.T) {
 	// A cancelled session stays cancelled.
 	if _, err := sup.Run(ctx, r.spec("cancel-1", 5)); !errors.Is(err, ErrCancelled) {
 		t.Fatalf("rerun: %v", err)
+	}
+}
+
+// One supervisor without a dial function of its own runs sessions to
+// different peers, each spec dialling its own; a spec without one is
+// refused with an error that says so.
+func TestSpecDialsItsOwnPeer(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	h := newHost(t, ctx)
+	sup, err := NewSupervisor(Config{Host: h, RangeBlocks: 8, BackoffMin: 5 * time.Millisecond, BackoffMax: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dialer := data.NewDialer(data.DialOptions{Prefer: "tcp", Lanes: 1, IOTimeout: 5 * time.Second})
+	for i, r := range []*receiver{newReceiver(t, 4096, 32), newReceiver(t, 4096, 32)} {
+		spec := r.spec(fmt.Sprintf("peer-%d", i), 3)
+		spec.Dial = func(ctx context.Context) (data.Transport, error) {
+			return dialer.Dial(ctx, &triplanev1.DataPeer{TcpAddr: r.addr})
+		}
+		st, err := sup.Run(ctx, spec)
+		if err != nil || st.Status != triplanev1.TransferStatus_TRANSFER_STATUS_COMPLETED {
+			t.Fatalf("peer %d: %v %v", i, st, err)
+		}
+		r.verify(t)
+	}
+	r := newReceiver(t, 4096, 4)
+	if _, err := sup.Run(ctx, r.spec("no-dial", 3)); err == nil || !strings.Contains(err.Error(), "no dial function") {
+		t.Fatalf("err %v, want one naming the missing dial function", err)
 	}
 }

@@ -25,7 +25,15 @@ const (
 	RoleBoth    = "both"
 	RolePrefill = "prefill"
 	RoleDecode  = "decode"
+	// RoleAggregated serves whole requests only: no block transfers in
+	// or out (what a node without prefill workers runs).
+	RoleAggregated = "aggregated"
 )
+
+// decodes reports whether a worker of role receives KV blocks, and
+// prefills whether it answers prefill requests.
+func decodes(role string) bool  { return role == RoleBoth || role == RoleDecode }
+func prefills(role string) bool { return role == RoleBoth || role == RolePrefill }
 
 // prefillTimeout bounds a decode worker's wait for a remote prefill; past
 // it the decode worker prefills locally.
@@ -60,12 +68,12 @@ func (w *Worker) startDisagg() error {
 	if w.xfer == nil {
 		w.xfer = transfer.NewMetrics(nil)
 	}
-	if w.cfg.Role != RolePrefill {
+	if decodes(w.cfg.Role) {
 		regions, err := data.NewRegions(w.region)
 		if err != nil {
 			return err
 		}
-		scfg := data.ServerConfig{Regions: regions, Token: w.cfg.DataToken, OnLanded: w.onLanded, Logger: w.log}
+		scfg := data.ServerConfig{Regions: regions, Token: w.cfg.DataToken, OnLanded: w.onLanded, Logger: w.log, Metrics: w.cfg.DataMetrics}
 		if w.dataSrv, err = data.ListenTCP(net.JoinHostPort(w.cfg.ListenHost, "0"), scfg); err != nil {
 			return fmt.Errorf("data plane: %w", err)
 		}
@@ -80,7 +88,17 @@ func (w *Worker) startDisagg() error {
 			}
 		}
 	}
-	if w.cfg.Role != RoleDecode && w.cfg.Host != nil {
+	if prefills(w.cfg.Role) && w.cfg.Host != nil {
+		// One dialer and one supervisor for every prefill this worker
+		// serves: the supervisor refuses a second run of a session
+		// already running here (a prefill request delivered twice), and
+		// the dialer's counts land in the node's metrics. Each session
+		// dials its own decode worker (Spec.Dial).
+		w.dialer = data.NewDialer(data.DialOptions{Lanes: 1, Token: w.cfg.DataToken, Logger: w.log, Metrics: w.cfg.DataMetrics})
+		var err error
+		if w.sup, err = transfer.NewSupervisor(transfer.Config{Host: w.cfg.Host, Logger: w.log, Metrics: w.xfer}); err != nil {
+			return err
+		}
 		subj, err := PrefillSubject(w.cfg.Bus, w.cfg.Namespace, w.cfg.ID)
 		if err != nil {
 			return err
@@ -106,7 +124,9 @@ func (w *Worker) peer() *triplanev1.DataPeer {
 	return p
 }
 
-func (w *Worker) addresses() []*triplanev1.Endpoint {
+// Endpoints lists what the worker serves, as registered on the control
+// plane: its response stream, and its block receivers when it decodes.
+func (w *Worker) Endpoints() []*triplanev1.Endpoint {
 	out := []*triplanev1.Endpoint{{Protocol: triplanev1.Protocol_PROTOCOL_RESPONSE_STREAM, Address: w.Addr()}}
 	if w.dataSrv != nil {
 		out = append(out, &triplanev1.Endpoint{Protocol: triplanev1.Protocol_PROTOCOL_DATA_TCP, Address: w.advertised(w.dataSrv.Addr())})
@@ -354,22 +374,17 @@ func (w *Worker) servePrefill(ctx context.Context, r *triplanev1.PrefillRequest)
 	}
 	// Automatic choice: shared memory when the decode worker is on this
 	// host and serves it, else TCP.
-	dialer := data.NewDialer(data.DialOptions{Lanes: 1, Token: w.cfg.DataToken, Logger: w.log})
-	sup, err := transfer.NewSupervisor(transfer.Config{Host: w.cfg.Host, Logger: w.log, Metrics: w.xfer,
-		Dial: func(ctx context.Context) (data.Transport, error) {
-			t, err := dialer.Dial(ctx, r.Peer)
-			if err == nil && t.Name() == "shm" {
-				w.stats.shmDials.Add(1)
-			} else if err == nil {
-				w.stats.tcpDials.Add(1)
-			}
-			return t, err
-		}})
-	if err != nil {
-		return nil, err
+	dial := func(ctx context.Context) (data.Transport, error) {
+		t, err := w.dialer.Dial(ctx, r.Peer)
+		if err == nil && t.Name() == "shm" {
+			w.stats.shmDials.Add(1)
+		} else if err == nil {
+			w.stats.tcpDials.Add(1)
+		}
+		return t, err
 	}
-	_, err = sup.Run(ctx, transfer.Spec{ID: r.SessionId, Blocks: ops, BlockSize: w.eng.Config().BlockBytes,
-		MaxAttempts: 5, Peer: r.Peer.GetTcpAddr()})
+	_, err = w.sup.Run(ctx, transfer.Spec{ID: r.SessionId, Blocks: ops, BlockSize: w.eng.Config().BlockBytes,
+		MaxAttempts: 5, Peer: r.Peer.GetTcpAddr(), Dial: dial})
 	// The session is over either way: free its actor (its journal stays).
 	if rerr := w.cfg.Host.Release(context.WithoutCancel(ctx), actors.Address{Kind: transfer.Kind, ID: r.SessionId}); rerr != nil {
 		w.log.Warn("releasing a finished transfer session", "session", r.SessionId, "err", rerr)

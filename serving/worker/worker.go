@@ -75,10 +75,13 @@ type Config struct {
 	// Mailbox bounds the commands waiting for the engine goroutine;
 	// default 4096. A full mailbox refuses with ErrOverloaded.
 	Mailbox int
-	// Role is RoleBoth (default), RolePrefill or RoleDecode. Decode-capable
-	// workers receive KV blocks on a data-plane server; prefill-capable
-	// ones answer prefill requests and send blocks with transfer sessions
-	// run on Host.
+	// Role is RoleBoth (default), RolePrefill, RoleDecode or
+	// RoleAggregated. Decode-capable workers (both, decode) receive KV
+	// blocks on a data-plane server into a staging region;
+	// prefill-capable ones (both, prefill) answer prefill requests and
+	// send blocks with transfer sessions run on Host. An aggregated worker
+	// does neither: it opens no data-plane server or socket and takes no
+	// prefill requests.
 	Role string
 	Host *actors.Host
 	// DataToken authenticates block transfers between workers.
@@ -94,8 +97,13 @@ type Config struct {
 	// TransferMetrics count the transfer sessions this worker runs (shared
 	// by a node's workers); nil keeps them private.
 	TransferMetrics *transfer.Metrics
-	Logger          *slog.Logger
-	Registerer      prometheus.Registerer
+	// DataMetrics and StreamMetrics count this worker's block transfers
+	// (bytes, refused connections) and response streams; shared by a
+	// node's workers, nil keeps them private.
+	DataMetrics   *data.Metrics
+	StreamMetrics *stream.Metrics
+	Logger        *slog.Logger
+	Registerer    prometheus.Registerer
 }
 
 // Worker is a running worker.
@@ -117,6 +125,9 @@ type Worker struct {
 	shmDir  string
 	prefill *event.Subscription
 	xfer    *transfer.Metrics
+	// dialer and sup send a prefill worker's blocks (nil otherwise).
+	dialer *data.Dialer
+	sup    *transfer.Supervisor
 
 	// Descriptors reserved for incoming blocks and those that landed
 	// (verified by the data server), and the free staging slots (FIFO, so
@@ -205,43 +216,57 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	switch cfg.Role {
 	case "":
 		cfg.Role = RoleBoth
-	case RoleBoth, RolePrefill, RoleDecode:
+	case RoleBoth, RolePrefill, RoleDecode, RoleAggregated:
 	default:
-		return nil, fmt.Errorf("worker %s: role %q is not %s, %s or %s", cfg.ID, cfg.Role, RoleBoth, RolePrefill, RoleDecode)
+		return nil, fmt.Errorf("worker %s: role %q is not %s, %s, %s or %s", cfg.ID, cfg.Role, RoleBoth, RolePrefill, RoleDecode, RoleAggregated)
 	}
-	if cfg.Role != RoleBoth && cfg.Host == nil {
+	if (cfg.Role == RolePrefill || cfg.Role == RoleDecode) && cfg.Host == nil {
 		return nil, fmt.Errorf("worker %s: a %s worker needs an actor host for transfer sessions", cfg.ID, cfg.Role)
+	}
+	if cfg.DataMetrics == nil {
+		cfg.DataMetrics = data.NewMetrics(nil)
+	}
+	if cfg.StreamMetrics == nil {
+		cfg.StreamMetrics = stream.NewMetrics(nil)
 	}
 	cfg.Engine.Defaults()
 	if err := cfg.Engine.Validate(); err != nil {
 		return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
 	}
-	// Peers land transferred blocks in a staging region, never in the
-	// engine's own blocks: a transfer that arrives after its reservation
-	// was given up can then only spoil a staging slot, which is checked
-	// again when a reservation commits from it.
-	if cfg.StagingBlocks <= 0 {
-		cfg.StagingBlocks = max(16, cfg.Engine.NumBlocks/4)
-	}
-	// memfd-backed where the OS has it, so a prefill worker on this host
-	// can copy straight in (shared memory); else plain memory (TCP only).
-	region, err := data.NewSharedRegion(1, cfg.Engine.BlockBytes, cfg.StagingBlocks)
-	if err != nil {
-		if region, err = data.NewRegion(1, cfg.Engine.BlockBytes, cfg.StagingBlocks); err != nil {
-			return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
+	var region *data.Region
+	if decodes(cfg.Role) {
+		// Peers land transferred blocks in a staging region, never in
+		// the engine's own blocks: a transfer that arrives after its
+		// reservation was given up can then only spoil a staging slot,
+		// which is checked again when a reservation commits from it.
+		if cfg.StagingBlocks <= 0 {
+			cfg.StagingBlocks = max(16, cfg.Engine.NumBlocks/4)
+		}
+		// memfd-backed where the OS has it, so a prefill worker on this
+		// host can copy straight in (shared memory); else plain memory
+		// (TCP only).
+		var err error
+		if region, err = data.NewSharedRegion(1, cfg.Engine.BlockBytes, cfg.StagingBlocks); err != nil {
+			if region, err = data.NewRegion(1, cfg.Engine.BlockBytes, cfg.StagingBlocks); err != nil {
+				return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
+			}
 		}
 	}
 	eng, err := mocker.New(cfg.Engine)
 	if err != nil {
-		region.Close()
+		if region != nil {
+			region.Close()
+		}
 		return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
 	}
 	rctx, cancel := context.WithCancel(context.Background())
 	w := &Worker{cfg: cfg, log: cfg.Logger.With("worker", cfg.ID), eng: eng, inbox: make(chan op, cfg.Mailbox),
 		stop: cancel, done: make(chan struct{}), reqs: map[string]*pending{}, metrics: newMetrics(cfg.Registerer, cfg.ID),
 		region: region, landed: map[data.Descriptor]bool{}, expect: map[data.Descriptor]bool{}}
-	for i := range cfg.StagingBlocks {
-		w.slots = append(w.slots, i)
+	if region != nil {
+		for i := range cfg.StagingBlocks {
+			w.slots = append(w.slots, i)
+		}
 	}
 	defer func() {
 		if err != nil {
@@ -255,7 +280,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	}
 	go w.run(rctx)
 	w.srv, err = stream.Listen(net.JoinHostPort(cfg.ListenHost, "0"), stream.ServerConfig{Handler: w.serve, Token: cfg.Token, ErrorCode: ErrorCode,
-		Logger: w.log, Metrics: stream.NewMetrics(nil)})
+		Logger: w.log, Metrics: cfg.StreamMetrics})
 	if err != nil {
 		return nil, fmt.Errorf("worker %s: response streams: %w", cfg.ID, err)
 	}
@@ -272,7 +297,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if cfg.Registrar != nil {
 		err = cfg.Registrar.Register(ctx, &triplanev1.InstanceInfo{
 			Component: Component, Endpoint: Endpoint, InstanceId: cfg.ID,
-			Addresses: w.addresses(),
+			Addresses: w.Endpoints(),
 			Metadata: map[string]string{"model": cfg.Model, "block_size": fmt.Sprint(eng.Config().BlockSize),
 				"engine": "mocker", "role": cfg.Role, "host_id": data.HostID()},
 		})
@@ -294,7 +319,7 @@ func (w *Worker) ID() string { return w.cfg.ID }
 // Info is the worker's registration, for callers that route without etcd.
 func (w *Worker) Info() *triplanev1.InstanceInfo {
 	return &triplanev1.InstanceInfo{Namespace: w.cfg.Namespace, Component: Component, Endpoint: Endpoint, InstanceId: w.cfg.ID,
-		Addresses: w.addresses(), Metadata: map[string]string{"model": w.cfg.Model, "role": w.cfg.Role}}
+		Addresses: w.Endpoints(), Metadata: map[string]string{"model": w.cfg.Model, "role": w.cfg.Role}}
 }
 
 func (w *Worker) loadReport() *triplanev1.LoadReport {

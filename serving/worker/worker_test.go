@@ -131,3 +131,37 @@ func TestWorkerAdvertisesADialableAddress(t *testing.T) {
 		t.Fatalf("%d tokens, %q %q", n, reason, msg)
 	}
 }
+
+// Only workers that take blocks open block receivers; an unknown role is
+// refused with the roles it could be.
+func TestRolesOpenOnlyWhatTheyUse(t *testing.T) {
+	bus, err := event.New(planetest.StartNATS(t).Connect(t), event.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := func(role string) (*worker.Worker, error) {
+		return worker.Start(context.Background(), worker.Config{ID: "w-" + role, Model: "m", Bus: bus, Role: role,
+			Engine: mocker.Config{BlockSize: 4, NumBlocks: 64, SpeedUp: 100}, MaxTokens: 50})
+	}
+	for role, want := range map[string]int{worker.RoleAggregated: 1, worker.RoleBoth: 2} {
+		w, err := start(role)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(w.Close)
+		eps := w.Endpoints()
+		if len(eps) < want || (role == worker.RoleAggregated && len(eps) != 1) {
+			t.Fatalf("%s worker serves %v", role, eps)
+		}
+		if eps[0].Protocol != triplanev1.Protocol_PROTOCOL_RESPONSE_STREAM {
+			t.Fatalf("%s worker's first endpoint is %v", role, eps[0])
+		}
+		payload, _ := proto.Marshal(&triplanev1.GenerateRequest{RequestId: "r", Tokens: []uint32{1, 2, 3}, MaxTokens: 3})
+		if n, _, msg := generate(t, w, payload); n != 3 || msg != "" {
+			t.Fatalf("%s worker: %d tokens, %q", role, n, msg)
+		}
+	}
+	if _, err := start("both-ways"); err == nil || !strings.Contains(err.Error(), worker.RoleAggregated) {
+		t.Fatalf("unknown role: %v", err)
+	}
+}
