@@ -105,6 +105,14 @@ type Header struct {
 	CRC    uint32
 }
 
+// ack is the cumulative acknowledgement of every frame up to h: it repeats
+// h's descriptor and checksum, which the sender checks against the frame
+// it sent with that seq.
+func (h Header) ack() Header {
+	h.Type = FrameAck
+	return h
+}
+
 // Desc is the descriptor the header names.
 func (h Header) Desc() Descriptor {
 	return Descriptor{Region: h.Region, Offset: h.Offset, Length: uint64(h.Length)}

@@ -225,7 +225,7 @@ func (s *Server) handle(br *bufio.Reader, bw *bufio.Writer, dl deadliner) error 
 	g := newHandshake(cfg.Token)
 	for {
 		if unacked && br.Buffered() < HeaderSize {
-			Header{Type: FrameAck, Region: last.Region, Length: last.Length, Offset: last.Offset, Seq: last.Seq, CRC: last.CRC}.Encode(ack[:])
+			last.ack().Encode(ack[:])
 			if dl != nil {
 				dl.SetWriteDeadline(time.Now().Add(cfg.FrameTimeout))
 			}

@@ -111,7 +111,7 @@ func (s *ShmServer) handle(c *net.UnixConn, br *bufio.Reader, bw *bufio.Writer) 
 				return reject("out_of_region", fmt.Errorf("%w: region %d is not a registered shared region", ErrOutOfRegion, h.Region))
 			}
 			if unacked {
-				Header{Type: FrameAck, Region: last.Region, Length: last.Length, Offset: last.Offset, Seq: last.Seq, CRC: last.CRC}.Encode(out[:])
+				last.ack().Encode(out[:])
 				bw.Write(out[:])
 				unacked = false
 			}
@@ -143,7 +143,7 @@ func (s *ShmServer) handle(c *net.UnixConn, br *bufio.Reader, bw *bufio.Writer) 
 			// once every landed frame read so far is verified.
 			last, unacked = h, true
 			if br.Buffered() < HeaderSize {
-				Header{Type: FrameAck, Region: last.Region, Length: last.Length, Offset: last.Offset, Seq: last.Seq, CRC: last.CRC}.Encode(out[:])
+				last.ack().Encode(out[:])
 				if _, err := bw.Write(out[:]); err != nil {
 					return fmt.Errorf("write ack: %w", err)
 				}
