@@ -91,6 +91,13 @@ func ReportOf(l *triplanev1.LoadReport) *Report {
 	if l == nil {
 		return nil
 	}
-	return &Report{BlocksUsed: int(l.KvBlocksUsed), BlocksTotal: int(l.KvBlocksTotal), Waiting: int(l.WaitingRequests),
+	// Small enough to inline, so that a caller handing the report straight
+	// to Candidate keeps it on its stack (routing runs this per candidate).
+	r := reportOf(l)
+	return &r
+}
+
+func reportOf(l *triplanev1.LoadReport) Report {
+	return Report{BlocksUsed: int(l.KvBlocksUsed), BlocksTotal: int(l.KvBlocksTotal), Waiting: int(l.WaitingRequests),
 		SentAt: l.GetSentAt().AsTime()}
 }

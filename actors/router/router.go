@@ -65,7 +65,12 @@ func decide(s *triplanev1.RouterState, c *triplanev1.RouteRequest, rnd uint64) a
 	if err != nil {
 		return actors.Decision{Err: fmt.Errorf("%w: %w", ErrInvalid, err)}
 	}
-	cands := make([]router.Candidate, len(c.Candidates))
+	var buf [16]router.Candidate // on the stack for the usual handful
+	cands := buf[:0]
+	if len(c.Candidates) > len(buf) {
+		cands = make([]router.Candidate, 0, len(c.Candidates))
+	}
+	cands = cands[:len(c.Candidates)]
 	for i, k := range c.Candidates {
 		cands[i] = router.Candidate{ID: k.Worker, Active: int(k.Active), BlocksUsed: int(k.BlocksUsed),
 			BlocksTotal: int(k.BlocksTotal), Overlap: int(k.Overlap), Waiting: int(k.Waiting),
@@ -78,10 +83,12 @@ func decide(s *triplanev1.RouterState, c *triplanev1.RouteRequest, rnd uint64) a
 	if err != nil {
 		return actors.Decision{Err: err}
 	}
-	ev := &triplanev1.RouteDecided{
-		RequestId: c.RequestId, Policy: string(policy), Worker: d.Worker, Overlap: uint32(d.Overlap),
-		Blocks: c.Blocks, Candidates: c.Candidates, Turn: s.Decisions,
-	}
+	// The event, the decision's list of it and the reply in one allocation:
+	// this runs once per request.
+	out := &decided{}
+	ev := &out.event
+	ev.RequestId, ev.Policy, ev.Worker, ev.Overlap = c.RequestId, string(policy), d.Worker, uint32(d.Overlap)
+	ev.Blocks, ev.Candidates, ev.Turn = c.Blocks, c.Candidates, s.Decisions
 	ev.Scores = make([]*triplanev1.RouteScore, len(d.Candidates))
 	scores := make([]triplanev1.RouteScore, len(d.Candidates)) // one allocation per decision
 	for i, sc := range d.Candidates {
@@ -89,10 +96,16 @@ func decide(s *triplanev1.RouterState, c *triplanev1.RouteRequest, rnd uint64) a
 		s.Worker, s.Overlap, s.Cost = sc.ID, uint32(sc.Overlap), sc.Cost
 		ev.Scores[i] = s
 	}
-	return actors.Decision{
-		Events: []proto.Message{ev},
-		Reply:  &triplanev1.RouteReply{Worker: d.Worker, Overlap: uint32(d.Overlap)},
-	}
+	out.events[0] = ev
+	out.reply.Worker, out.reply.Overlap = d.Worker, uint32(d.Overlap)
+	return actors.Decision{Events: out.events[:], Reply: &out.reply}
+}
+
+// decided holds what a decision returns.
+type decided struct {
+	event  triplanev1.RouteDecided
+	events [1]proto.Message
+	reply  triplanev1.RouteReply
 }
 
 func validate(c *triplanev1.RouteRequest) error {
@@ -113,15 +126,27 @@ func validate(c *triplanev1.RouteRequest) error {
 	if math.IsNaN(c.WaitingPrefill) || math.IsInf(c.WaitingPrefill, 0) {
 		return fmt.Errorf("%w: waiting prefill %v must be finite", ErrInvalid, c.WaitingPrefill)
 	}
-	seen := make(map[string]bool, len(c.Candidates))
-	for _, k := range c.Candidates {
+	// A handful of candidates (the usual case) are checked pairwise rather
+	// than with a map allocated per command.
+	var seen map[string]bool
+	if len(c.Candidates) > 16 {
+		seen = make(map[string]bool, len(c.Candidates))
+	}
+	for i, k := range c.Candidates {
 		if k.Worker == "" {
 			return fmt.Errorf("%w: candidate without a worker id", ErrInvalid)
 		}
-		if seen[k.Worker] {
+		twice := seen[k.Worker]
+		if seen == nil {
+			for _, o := range c.Candidates[:i] {
+				twice = twice || o.Worker == k.Worker
+			}
+		} else {
+			seen[k.Worker] = true
+		}
+		if twice {
 			return fmt.Errorf("%w: worker %q offered twice", ErrInvalid, k.Worker)
 		}
-		seen[k.Worker] = true
 	}
 	return nil
 }

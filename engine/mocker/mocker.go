@@ -116,6 +116,10 @@ type Engine struct {
 	stepNo  uint64
 	inStep  bool
 	scratch []*seq
+	// took and hashes are admit's scratch lists of a prefix's cached
+	// blocks.
+	took    []int32
+	hashes  []uint64
 	imports map[string]*importing
 
 	promptTokens, cachedTokens uint64
@@ -467,8 +471,7 @@ func (e *Engine) admit() {
 		// fully cached (there must be one token to prefill).
 		full := (s.prompt - 1) / bs
 		var parent uint64
-		var took []int32
-		var hashes []uint64
+		took, hashes := e.took[:0], e.hashes[:0] // reused: a request may wait here many steps
 		for i := range full {
 			h := BlockHash(parent, s.tokens[i*bs:(i+1)*bs])
 			b, ok := e.pool.lookup(h)
@@ -477,6 +480,7 @@ func (e *Engine) admit() {
 			}
 			took, hashes, parent = append(took, b), append(hashes, h), h
 		}
+		e.took, e.hashes = took, hashes
 		// Admit only when the rest of the prompt fits now.
 		need := (s.prompt+bs-1)/bs - len(took)
 		if need > len(e.pool.free)+e.pool.lruCount {
@@ -485,7 +489,11 @@ func (e *Engine) admit() {
 			}
 			return
 		}
-		s.blocks, s.hashes = took, hashes
+		// The sequence's own block and hash lists, with room for the blocks
+		// it will fill (up to a bound), so that it rarely regrows them.
+		room := min((len(s.tokens)+s.maxTokens-s.generated+bs-1)/bs, (s.prompt+bs-1)/bs+64)
+		s.blocks = append(make([]int32, 0, max(room, len(took))), took...)
+		s.hashes = append(make([]uint64, 0, max(room, len(hashes))), hashes...)
 		s.computed = len(took) * bs
 		if !s.reported && s.cached == 0 {
 			s.cached = s.computed

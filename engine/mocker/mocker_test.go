@@ -1,12 +1,15 @@
 package mocker_test
 
 import (
+	"encoding/binary"
 	"errors"
 	"maps"
 	"os"
 	"slices"
 	"testing"
 	"time"
+
+	"github.com/cespare/xxhash/v2"
 
 	"github.com/triplane-dev/triplane/engine"
 	"github.com/triplane-dev/triplane/engine/mocker"
@@ -408,6 +411,24 @@ func TestBlockHashGoldenValues(t *testing.T) {
 	} {
 		if got := mocker.BlockHash(c.parent, c.tokens); got != c.want {
 			t.Errorf("BlockHash(%#x, %d tokens) = %#x, want %#x", c.parent, len(c.tokens), got, c.want)
+		}
+	}
+}
+
+// Every length hashes the parent's and tokens' little-endian bytes, whether
+// they fit BlockHash's buffer (one call) or not (streamed).
+func TestBlockHashEveryLength(t *testing.T) {
+	toks := make([]uint32, 300)
+	for i := range toks {
+		toks[i] = uint32(i*7919 + 1)
+	}
+	for n := range len(toks) + 1 {
+		b := binary.LittleEndian.AppendUint64(nil, 99)
+		for _, tk := range toks[:n] {
+			b = binary.LittleEndian.AppendUint32(b, tk)
+		}
+		if got, want := mocker.BlockHash(99, toks[:n]), xxhash.Sum64(b); got != want {
+			t.Fatalf("BlockHash of %d tokens = %#x, want %#x", n, got, want)
 		}
 	}
 }

@@ -47,13 +47,26 @@ func newPool(blocks, blockBytes int) *pool {
 }
 
 func (p *pool) emit(kind engine.KVEventKind, hash, parent uint64) {
+	if len(p.events) == cap(p.events) {
+		// Events are appended to a chunk that successive steps share
+		// (takeEvents hands out full slices of it): one allocation for many
+		// steps instead of one or more per step.
+		p.events = append(make([]engine.KVEvent, 0, max(64, 2*len(p.events))), p.events...)
+	}
 	p.events = append(p.events, engine.KVEvent{ID: p.nextEvent, Kind: kind, Hash: hash, Parent: parent})
 	p.nextEvent++
 }
 
+// takeEvents returns the events emitted since the last call (nil for none)
+// and forgets them. The slice is full, and later events go past its end:
+// the caller may keep it.
 func (p *pool) takeEvents() []engine.KVEvent {
-	ev := p.events
-	p.events = nil
+	n := len(p.events)
+	if n == 0 {
+		return nil
+	}
+	ev := p.events[:n:n]
+	p.events = p.events[n:]
 	return ev
 }
 
@@ -219,12 +232,22 @@ func (p *pool) Cached() map[uint64]uint64 {
 
 // BlockHash chains a block's tokens onto its parent's hash.
 func BlockHash(parent uint64, tokens []uint32) uint64 {
-	var d xxhash.Digest // on the stack: this runs for every block of every prompt
-	d.Reset()
-	// The bytes are the parent then each token, little-endian; they go in
-	// in chunks, since a 4-byte Write per token was most of the cost.
+	// The bytes are the parent then each token, little-endian. A block
+	// that fits the buffer (every usual block size) is hashed in one call,
+	// the same hash as streaming them (a Digest's Write and Sum64 cost
+	// more than the hashing).
 	var buf [512]byte
 	binary.LittleEndian.PutUint64(buf[:], parent)
+	if 8+4*len(tokens) <= len(buf) {
+		for i, t := range tokens {
+			binary.LittleEndian.PutUint32(buf[8+4*i:], t)
+		}
+		return xxhash.Sum64(buf[:8+4*len(tokens)])
+	}
+	var d xxhash.Digest // on the stack: this runs for every block of every prompt
+	d.Reset()
+	// Longer blocks go in in chunks, since a 4-byte Write per token was
+	// most of the cost.
 	n := 8
 	for _, t := range tokens {
 		if n == len(buf) {

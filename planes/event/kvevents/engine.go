@@ -18,44 +18,61 @@ const MaxHashesPerEvent = 4096
 // both publish through it.
 func FromEngine(evs []engine.KVEvent) []*triplanev1.KvEvent {
 	var out []*triplanev1.KvEvent
-	var run []uint64
+	// Runs take turns (a stored run ends before a removed one starts and
+	// the other way round), so every run's hashes are consecutive in one
+	// backing array, each run capped at its length: one allocation for the
+	// hashes of an iteration.
+	var all []uint64
+	start := 0 // of the current run in all
+	run := func() []uint64 { return all[start:len(all):len(all)] }
 	var runParent uint64
-	var removed []uint64
+	stored, removed := false, false // a run of that kind is open
 	flushStored := func() {
-		if len(run) == 0 {
+		if !stored {
 			return
 		}
-		st := &triplanev1.KvBlocksStored{BlockHashes: run}
+		st := &storedEvent{}
+		st.stored.BlockHashes = run()
 		if runParent != 0 {
-			p := runParent
-			st.ParentHash = &p
+			st.parent = runParent
+			st.stored.ParentHash = &st.parent
 		}
-		out = append(out, &triplanev1.KvEvent{Kind: &triplanev1.KvEvent_Stored{Stored: st}})
-		run = nil
+		st.kind.Stored = &st.stored
+		st.event.Kind = &st.kind
+		out = append(out, &st.event)
+		stored, start = false, len(all)
 	}
 	flushRemoved := func() {
-		if len(removed) == 0 {
+		if !removed {
 			return
 		}
-		out = append(out, &triplanev1.KvEvent{Kind: &triplanev1.KvEvent_Removed{Removed: &triplanev1.KvBlocksRemoved{BlockHashes: removed}}})
-		removed = nil
+		out = append(out, &triplanev1.KvEvent{Kind: &triplanev1.KvEvent_Removed{Removed: &triplanev1.KvBlocksRemoved{BlockHashes: run()}}})
+		removed, start = false, len(all)
 	}
 	for _, e := range evs {
 		switch e.Kind {
 		case engine.KVStored:
 			flushRemoved()
-			if len(run) > 0 && len(run) < MaxHashesPerEvent && e.Parent == run[len(run)-1] {
-				run = append(run, e.Hash)
+			if n := len(all) - start; stored && n < MaxHashesPerEvent && e.Parent == all[len(all)-1] {
+				all = append(all, e.Hash)
 				continue
 			}
 			flushStored()
-			run, runParent = []uint64{e.Hash}, e.Parent
+			if all == nil {
+				all = make([]uint64, 0, len(evs))
+			}
+			all = append(all, e.Hash)
+			stored, runParent = true, e.Parent
 		case engine.KVRemoved:
 			flushStored()
-			if len(removed) == MaxHashesPerEvent {
+			if len(all)-start == MaxHashesPerEvent {
 				flushRemoved()
 			}
-			removed = append(removed, e.Hash)
+			if all == nil {
+				all = make([]uint64, 0, len(evs))
+			}
+			all = append(all, e.Hash)
+			removed = true
 		case engine.KVCleared:
 			flushStored()
 			flushRemoved()
@@ -65,6 +82,14 @@ func FromEngine(evs []engine.KVEvent) []*triplanev1.KvEvent {
 	flushStored()
 	flushRemoved()
 	return out
+}
+
+// storedEvent is a stored event with its parts, allocated together.
+type storedEvent struct {
+	event  triplanev1.KvEvent
+	kind   triplanev1.KvEvent_Stored
+	stored triplanev1.KvBlocksStored
+	parent uint64
 }
 
 // Publish numbers and sends one event (as from FromEngine).

@@ -67,8 +67,17 @@ func (l *Log) Append(e *triplanev1.KvEvent) *triplanev1.KvEventBatch {
 	return l.batch(e)
 }
 
+// oneEvent is a batch of one event with its events slice, allocated
+// together: a batch goes out per event.
+type oneEvent struct {
+	batch  triplanev1.KvEventBatch
+	events [1]*triplanev1.KvEvent
+}
+
 func (l *Log) batch(e *triplanev1.KvEvent) *triplanev1.KvEventBatch {
-	return &triplanev1.KvEventBatch{WorkerId: l.worker, Epoch: l.epoch, Events: []*triplanev1.KvEvent{e}, HeadEventId: e.EventId}
+	b := &oneEvent{events: [1]*triplanev1.KvEvent{e}}
+	b.batch.WorkerId, b.batch.Epoch, b.batch.Events, b.batch.HeadEventId = l.worker, l.epoch, b.events[:], e.EventId
+	return &b.batch
 }
 
 // Heartbeat is a batch without events carrying the latest id, so that a

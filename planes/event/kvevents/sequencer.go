@@ -155,7 +155,7 @@ func (s *Sequencer) ingest(worker string, v *workerView, e *triplanev1.KvEvent) 
 
 // drain applies the buffered events that now follow in order.
 func (s *Sequencer) drain(worker string, v *workerView) {
-	for {
+	for len(v.pending) > 0 { // usually empty: events mostly arrive in order
 		p, ok := v.pending[v.next]
 		if !ok {
 			return
