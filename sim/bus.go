@@ -3,6 +3,7 @@ package sim
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -23,7 +24,10 @@ import (
 type Bus struct {
 	w    *World
 	subs []*busSub
-	cut  map[string]time.Time
+	// conns are the clients by name, with their partitions (a client's
+	// subscriptions and requests hold theirs: no lookup by name per
+	// message).
+	conns map[string]*busConn
 	// MinLatency..MaxLatency bound a delivery (default 100 µs..5 ms); Loss
 	// and Duplicate are the chances a message is lost or delivered twice.
 	MinLatency, MaxLatency time.Duration
@@ -32,17 +36,26 @@ type Bus struct {
 	// last is when the latest message from a publisher to a subscription
 	// arrives: the next one arrives no earlier (in-order delivery).
 	last map[busPair]time.Duration
+	// routes caches each subject's matching subscriptions; subscribing and
+	// unsubscribing clear it.
+	routes map[string]*busRoute
 	// Counters.
 	Published, Delivered, Lost, Duplicated, NoResponders uint64
 }
 
 type busPair struct {
-	from string
+	from *busConn
 	sub  *busSub
 }
 
+// busConn is what the bus knows of a client by its name: until when it is
+// cut off.
+type busConn struct {
+	cut time.Time
+}
+
 type busSub struct {
-	client  string
+	client  *busConn
 	pattern []string
 	group   string
 	fn      func(subject string, payload any) // a proto.Message, or a *busRequest
@@ -58,44 +71,61 @@ var ErrTimeout = errors.New("sim bus: request timed out")
 
 // NewBus creates a simulated event plane in w.
 func NewBus(w *World) *Bus {
-	return &Bus{w: w, cut: map[string]time.Time{}, last: map[busPair]time.Duration{}, MinLatency: 100 * time.Microsecond, MaxLatency: 5 * time.Millisecond}
+	return &Bus{w: w, conns: map[string]*busConn{}, last: map[busPair]time.Duration{}, routes: map[string]*busRoute{}, MinLatency: 100 * time.Microsecond, MaxLatency: 5 * time.Millisecond}
 }
 
 // BusClient is one process's connection to the bus: what a partition cuts.
 type BusClient struct {
 	b    *Bus
 	name string
+	conn *busConn
 }
 
 // Client opens a named connection.
-func (b *Bus) Client(name string) *BusClient { return &BusClient{b: b, name: name} }
+func (b *Bus) Client(name string) *BusClient { return &BusClient{b: b, name: name, conn: b.conn(name)} }
+
+func (b *Bus) conn(name string) *busConn {
+	c := b.conns[name]
+	if c == nil {
+		c = &busConn{}
+		b.conns[name] = c
+	}
+	return c
+}
 
 // Partition cuts client off the bus for d: what it publishes and what is
 // delivered to it meanwhile is lost. Overlapping partitions: the later
 // heal wins.
 func (b *Bus) Partition(client string, d time.Duration) {
-	if until := b.w.Now().Add(d); until.After(b.cut[client]) {
-		b.cut[client] = until
+	if c, until := b.conn(client), b.w.Now().Add(d); until.After(c.cut) {
+		c.cut = until
 	}
 	b.w.Tracef("bus: client %s partitioned for %s", client, d)
 }
 
 // Cut reports whether client is partitioned off now.
-func (b *Bus) Cut(client string) bool { return b.w.Now().Before(b.cut[client]) }
+func (b *Bus) Cut(client string) bool {
+	c := b.conns[client]
+	return c != nil && b.isCut(c)
+}
 
-// checkSubject accepts a subject to publish on: tokens, no wildcards.
+func (b *Bus) isCut(c *busConn) bool { return b.w.Now().Before(c.cut) }
+
+// checkSubject accepts a subject to publish on: tokens, no wildcards. It
+// walks the tokens without splitting (this runs for every message).
 func checkSubject(s string, wildcards bool) error {
 	if s == "" {
 		return errors.New("empty subject")
 	}
-	toks := strings.Split(s, ".")
-	for i, t := range toks {
+	for rest, more := s, true; more; {
+		var t string
+		t, rest, more = strings.Cut(rest, ".")
 		switch {
 		case t == "":
 			return fmt.Errorf("subject %q has an empty token", s)
 		case (t == "*" || t == ">") && !wildcards:
 			return fmt.Errorf("subject %q: wildcards only subscribe", s)
-		case t == ">" && i != len(toks)-1:
+		case t == ">" && more:
 			return fmt.Errorf("subject %q: '>' must be the last token", s)
 		}
 	}
@@ -142,9 +172,16 @@ func (c *BusClient) subscribe(pattern, group string, fn func(subject string, pay
 	if err := checkSubject(pattern, true); err != nil {
 		return nil, fmt.Errorf("sim bus: subscribe: %w", err)
 	}
-	s := &busSub{client: c.name, pattern: strings.Split(pattern, "."), group: group, fn: fn}
-	c.b.subs = append(c.b.subs, s)
-	return func() { s.closed = true }, nil
+	s := &busSub{client: c.conn, pattern: strings.Split(pattern, "."), group: group, fn: fn}
+	b := c.b
+	b.subs = append(b.subs, s)
+	clear(b.routes)
+	return func() {
+		if !s.closed {
+			s.closed = true
+			clear(b.routes)
+		}
+	}, nil
 }
 
 // Publish sends msg on subject to every matching subscriber and one member
@@ -153,42 +190,96 @@ func (c *BusClient) Publish(subject string, msg proto.Message) error {
 	if err := checkSubject(subject, false); err != nil {
 		return fmt.Errorf("sim bus: publish: %w", err)
 	}
-	c.b.publish(c.name, subject, msg, c.b.receivers(subject))
+	c.b.publish(c.conn, msg, c.b.receivers(subject))
 	return nil
 }
 
 // receivers are the subscriptions a message on subject goes to: every
 // plain one, and one member per queue group picked from the world's rand.
-func (b *Bus) receivers(subject string) []*busSub {
-	var out []*busSub
-	groups := map[string][]*busSub{}
-	var order []string
-	live := b.subs[:0]
-	for _, s := range b.subs {
-		if s.closed {
-			continue
-		}
-		live = append(live, s)
-		if !matches(s.pattern, subject) {
-			continue
-		}
-		if s.group == "" {
-			out = append(out, s)
-			continue
-		}
-		if _, ok := groups[s.group]; !ok {
-			order = append(order, s.group)
-		}
-		groups[s.group] = append(groups[s.group], s)
+// The caller must not modify the slice.
+func (b *Bus) receivers(subject string) []busTarget {
+	r := b.route(subject)
+	if len(r.groups) == 0 {
+		return r.plain
 	}
-	clear(b.subs[len(live):])
-	b.subs = live
-	for _, g := range order {
-		members := groups[g]
+	out := make([]busTarget, len(r.plain), len(r.plain)+len(r.groups))
+	copy(out, r.plain)
+	for _, members := range r.groups {
 		out = append(out, members[b.w.Rand().IntN(len(members))])
 	}
 	return out
 }
+
+// busRoute is what subscriptions a subject matches: the plain ones, and
+// each queue group's members (groups in order of their first member), in
+// subscription order.
+type busRoute struct {
+	plain  []busTarget
+	groups [][]busTarget
+}
+
+// busTarget is a subscription a subject matches, with the function that
+// delivers a message on that subject to it (made once per subject, not per
+// message).
+type busTarget struct {
+	s       *busSub
+	deliver func(payload any)
+}
+
+func (b *Bus) target(s *busSub, subject string) busTarget {
+	return busTarget{s: s, deliver: func(payload any) {
+		if s.closed || b.isCut(s.client) {
+			b.Lost++
+			return
+		}
+		b.Delivered++
+		s.fn(subject, payload)
+	}}
+}
+
+// route returns subject's matching subscriptions, from the cache that
+// subscribing and unsubscribing clear (matching every subscription against
+// every message, and building the receiver list, were 4% of a serving
+// run).
+func (b *Bus) route(subject string) *busRoute {
+	if r, ok := b.routes[subject]; ok {
+		return r
+	}
+	live := b.subs[:0]
+	for _, s := range b.subs {
+		if !s.closed {
+			live = append(live, s)
+		}
+	}
+	clear(b.subs[len(live):])
+	b.subs = live
+	r := &busRoute{}
+	var names []string
+	for _, s := range b.subs {
+		if !matches(s.pattern, subject) {
+			continue
+		}
+		if s.group == "" {
+			r.plain = append(r.plain, b.target(s, subject))
+			continue
+		}
+		i := slices.Index(names, s.group)
+		if i < 0 {
+			i = len(names)
+			names = append(names, s.group)
+			r.groups = append(r.groups, nil)
+		}
+		r.groups[i] = append(r.groups[i], b.target(s, subject))
+	}
+	if len(b.routes) >= maxBusRoutes {
+		clear(b.routes) // many one-off subjects (reply inboxes): start again
+	}
+	b.routes[subject] = r
+	return r
+}
+
+// maxBusRoutes bounds the subjects whose receivers are cached.
+const maxBusRoutes = 4096
 
 func (b *Bus) latency() time.Duration {
 	d := b.MinLatency
@@ -200,13 +291,13 @@ func (b *Bus) latency() time.Duration {
 
 // publish delivers payload: a message (each receiver gets a copy) or a
 // request (shared: its reply goes back to one requester).
-func (b *Bus) publish(from, subject string, payload any, to []*busSub) {
+func (b *Bus) publish(from *busConn, payload any, to []busTarget) {
 	b.Published++
-	if b.Cut(from) {
+	if b.isCut(from) {
 		b.Lost++
 		return
 	}
-	for _, s := range to {
+	for _, t := range to {
 		if b.w.Chance(b.Loss) {
 			b.Lost++
 			continue
@@ -219,22 +310,15 @@ func (b *Bus) publish(from, subject string, payload any, to []*busSub) {
 		for range copies {
 			m := payload
 			if msg, ok := payload.(proto.Message); ok {
-				m = proto.Clone(msg)
+				m = copyMessage(msg)
 			}
 			d := b.latency()
 			if !b.Reorder {
-				pair := busPair{from, s}
+				pair := busPair{from, t.s}
 				at := max(b.w.Elapsed()+d, b.last[pair])
 				b.last[pair], d = at, at-b.w.Elapsed()
 			}
-			b.w.After(d, func() {
-				if s.closed || b.Cut(s.client) {
-					b.Lost++
-					return
-				}
-				b.Delivered++
-				s.fn(subject, m)
-			})
+			b.w.afterCall(d, t.deliver, m)
 		}
 	}
 }
@@ -250,8 +334,8 @@ func (c *BusClient) Serve(subject, group string, fn func(msg proto.Message) (pro
 		if !ok {
 			return // a plain message on a served subject: nobody to answer
 		}
-		reply, err := fn(proto.Clone(req.msg))
-		req.answer(c.name, reply, err)
+		reply, err := fn(copyMessage(req.msg))
+		req.answer(c.conn, reply, err)
 	})
 }
 
@@ -279,31 +363,35 @@ func (c *BusClient) Request(subject string, msg proto.Message, timeout time.Dura
 		b.w.After(b.latency(), func() { finish(nil, fmt.Errorf("%w on %s", ErrNoResponders, subject)) })
 		return nil
 	}
-	req := &busRequest{b: b, to: c.name, msg: proto.Clone(msg), finish: finish}
-	b.publish(c.name, subject, req, to)
-	b.w.After(timeout, func() { finish(nil, fmt.Errorf("%w after %s on %s", ErrTimeout, timeout, subject)) })
+	req := &busRequest{b: b, to: c.conn, msg: copyMessage(msg), finish: finish}
+	b.publish(c.conn, req, to)
+	b.w.After(timeout, func() {
+		if !done { // usually answered by now: no error to format
+			finish(nil, fmt.Errorf("%w after %s on %s", ErrTimeout, timeout, subject))
+		}
+	})
 	return nil
 }
 
 // busRequest carries a request through publish.
 type busRequest struct {
 	b      *Bus
-	to     string
+	to     *busConn
 	msg    proto.Message
 	finish func(proto.Message, error)
 }
 
-func (r *busRequest) answer(from string, reply proto.Message, err error) {
+func (r *busRequest) answer(from *busConn, reply proto.Message, err error) {
 	b := r.b
-	if b.Cut(from) || b.w.Chance(b.Loss) {
+	if b.isCut(from) || b.w.Chance(b.Loss) {
 		b.Lost++
 		return // the requester times out
 	}
 	if reply != nil {
-		reply = proto.Clone(reply)
+		reply = copyMessage(reply)
 	}
 	b.w.After(b.latency(), func() {
-		if b.Cut(r.to) {
+		if b.isCut(r.to) {
 			b.Lost++
 			return
 		}

@@ -62,6 +62,7 @@ type etcdLease struct {
 	ttl     time.Duration
 	expires time.Time
 	revoked bool
+	check   func() // revokes the lease if it expired
 }
 
 type etcdWatch struct {
@@ -97,11 +98,14 @@ func (e *Etcd) KeepAlive(id int64) (bool, error) {
 		return false, nil
 	}
 	l.expires = e.w.Now().Add(l.ttl)
-	e.w.After(l.ttl, func() {
-		if !l.revoked && !e.w.Now().Before(l.expires) && e.available() {
-			e.revoke(id)
+	if l.check == nil { // made once per lease: workers keep leases alive every round
+		l.check = func() {
+			if !l.revoked && !e.w.Now().Before(l.expires) && e.available() {
+				e.revoke(id)
+			}
 		}
-	})
+	}
+	e.w.After(l.ttl, l.check)
 	return true, nil
 }
 

@@ -111,7 +111,14 @@ func (j *Journal) Events(a actors.Address, after uint64) []proto.Message {
 	// Batches are in sequence order: skip those wholly at or below after
 	// (a recovery from a recent snapshot reads only the tail).
 	k := sort.Search(len(bs), func(i int) bool { return bs[i].first+uint64(len(bs[i].events))-1 > after })
-	var out []proto.Message
+	n := 0
+	for _, b := range bs[k:] {
+		n += len(b.events)
+	}
+	if n == 0 {
+		return nil
+	}
+	out := make([]proto.Message, 0, n)
 	for _, b := range bs[k:] {
 		for i, e := range b.events {
 			if b.first+uint64(i) > after {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -89,6 +90,14 @@ type simWorker struct {
 	lease   int64 // 0: not registered (etcd unavailable): the next round tries
 	step    bool  // a step is scheduled
 	running map[string]*simRequest
+	// outputs are the running requests of the last step's outputs, by
+	// place (stepWorker's shortcut past running; cleared when a request
+	// leaves running).
+	outputs []*simRequest
+	// The worker's subjects and its step, made once (a worker object is
+	// one epoch: a restart makes a new one).
+	eventsSubject, loadSubject string
+	stepFn                     func()
 }
 
 type simRequest struct {
@@ -133,6 +142,7 @@ type servingRun struct {
 	listed   map[string]bool
 	caughtUp bool // the index was checked once every view caught up
 	reroutes uint64
+	cands    []router.Candidate // route's buffer
 }
 
 func driveServing(r *Run) Invariant {
@@ -190,24 +200,41 @@ func driveServing(r *Run) Invariant {
 	// prefix, then a unique tail: the KV router has prefixes to find.
 	n := int(r.Opts.Duration.Seconds() * servingRate)
 	var at time.Duration
+	arrivals := make([]time.Duration, 0, n)
 	for i := range n {
 		at += time.Duration(w.Rand().ExpFloat64() * float64(time.Second) / servingRate)
 		sys := w.Rand().IntN(4)
 		conv := w.Rand().IntN(40)
-		prompt := make([]uint32, 0, 256)
+		tail := 8 + w.Rand().IntN(24) // drawn after conv, as always
+		prompt := make([]uint32, 0, 64+64+16*(conv%4)+tail)
 		for j := range 64 {
 			prompt = append(prompt, uint32(1000+sys*100+j))
 		}
 		for j := range 64 + 16*(conv%4) {
 			prompt = append(prompt, uint32(5000+conv*200+j))
 		}
-		for j := range 8 + w.Rand().IntN(24) {
+		for j := range tail {
 			prompt = append(prompt, uint32(20000+i*7+j)%30000+1)
 		}
-		req := &simRequest{id: fmt.Sprintf("q%d", i), prompt: prompt, hashes: mocker.BlockHashes(prompt, servingBlockSize),
+		req := &simRequest{id: "q" + strconv.Itoa(i), prompt: prompt, hashes: mocker.BlockHashes(prompt, servingBlockSize),
 			maxTokens: 4 + w.Rand().IntN(60)}
 		s.reqs = append(s.reqs, req)
-		w.After(at, func() { s.route(req) })
+		arrivals = append(arrivals, at)
+	}
+	// The arrivals run in the order they had when all were scheduled here,
+	// but each is queued by the one before: a thousand events waiting in
+	// the queue for the whole run made every other event's turn slower.
+	if n > 0 {
+		first, next := w.reserve(n), 0
+		var arrive func()
+		arrive = func() {
+			req := s.reqs[next]
+			if next++; next < n {
+				w.at(arrivals[next], first+uint64(next), arrive)
+			}
+			s.route(req)
+		}
+		w.at(arrivals[0], first, arrive)
 	}
 	// Faults while the load runs.
 	for _, id := range s.order {
@@ -289,6 +316,8 @@ func (s *servingRun) newWorker(id string, epoch int) *simWorker {
 	wk := &simWorker{id: id, epoch: epoch, eng: eng, alive: true, running: map[string]*simRequest{},
 		log: kvevents.NewLog(id, uint64(epoch), servingRing, 0, s.r.Faults()), bus: s.bus.Client(id)}
 	wk.etcd = s.etcd.Client(id)
+	wk.eventsSubject, wk.loadSubject = "kv.events."+id, "load."+id
+	wk.stepFn = func() { s.stepWorker(wk, epoch) }
 	s.register(wk)
 	wk.unserve, err = wk.bus.Serve("kv.resend."+id, "", func(m proto.Message) (proto.Message, error) {
 		return wk.log.Resend(m.(*triplanev1.KvResendRequest), 1<<20), nil
@@ -313,7 +342,9 @@ func (s *servingRun) route(req *simRequest) {
 	// The routing shell's view, as the frontend's: discovery's workers,
 	// each one's last load report corrected by the shell's own flights,
 	// and the index's overlap.
-	var cands []router.Candidate
+	// The candidates go into a buffer reused by every route: WithOverlap
+	// returns a new slice and Command copies what it needs.
+	cands := s.cands[:0]
 	loads := s.loads.Latest()
 	for _, id := range s.order {
 		if !s.listed[id] {
@@ -321,8 +352,9 @@ func (s *servingRun) route(req *simRequest) {
 		}
 		cands = append(cands, s.flights.Candidate(id, router.ReportOf(loads[id])))
 	}
+	s.cands = cands
 	cands = s.ix.WithOverlap(req.hashes, cands)
-	cmd := routerm.Command(fmt.Sprintf("%s.%d", req.id, req.attempts), router.PolicyKV, router.Params{}, req.hashes, cands)
+	cmd := routerm.Command(req.id+"."+strconv.Itoa(req.attempts), router.PolicyKV, router.Params{}, req.hashes, cands)
 	s.r.Host.Deliver(s.router, cmd.RequestId, cmd, func(m proto.Message, err error) {
 		switch {
 		case err == nil:
@@ -366,9 +398,14 @@ func (s *servingRun) start(req *simRequest, wk *simWorker) {
 		s.r.World.After(time.Millisecond, func() { s.route(req) })
 		return
 	}
-	prompt := slices.Clone(req.prompt)
-	for k := range req.generated {
-		prompt = append(prompt, mocker.TokenAt(req.id, k, 32000))
+	// The engine copies the prompt (Add keeps its own tokens): a first
+	// attempt hands over the request's own, full so nothing can append to it.
+	prompt := req.prompt[:len(req.prompt):len(req.prompt)]
+	if req.generated > 0 {
+		prompt = slices.Clone(req.prompt)
+		for k := range req.generated {
+			prompt = append(prompt, mocker.TokenAt(req.id, k, 32000))
+		}
 	}
 	err := wk.eng.Add(engine.Request{ID: req.id, Tokens: prompt, MaxTokens: req.maxTokens - req.generated})
 	if err != nil {
@@ -388,8 +425,7 @@ func (s *servingRun) kick(wk *simWorker) {
 		return
 	}
 	wk.step = true
-	epoch := wk.epoch
-	s.r.World.After(0, func() { s.stepWorker(wk, epoch) })
+	s.r.World.After(0, wk.stepFn)
 }
 
 func (s *servingRun) stepWorker(wk *simWorker, epoch int) {
@@ -400,11 +436,20 @@ func (s *servingRun) stepWorker(wk *simWorker, epoch int) {
 	for _, e := range kvevents.FromEngine(st.Events) {
 		s.send(wk, wk.log.Append(e))
 	}
-	for _, o := range st.Outputs {
-		req := wk.running[o.ID]
-		if req == nil {
+	for i, o := range st.Outputs {
+		// The engine lists its running requests in the same order step
+		// after step: the request at the same place last step is usually
+		// this one (only requests still running are remembered there).
+		var req *simRequest
+		if i < len(wk.outputs) && wk.outputs[i] != nil && wk.outputs[i].id == o.ID {
+			req = wk.outputs[i]
+		} else if req = wk.running[o.ID]; req == nil {
 			continue
 		}
+		if i >= len(wk.outputs) {
+			wk.outputs = append(wk.outputs, make([]*simRequest, i+1-len(wk.outputs))...)
+		}
+		wk.outputs[i] = req
 		req.generated += len(o.Tokens)
 		if !req.started && len(o.Tokens) > 0 {
 			req.started = true
@@ -413,6 +458,7 @@ func (s *servingRun) stepWorker(wk *simWorker, epoch int) {
 		if o.Finished {
 			s.flights.Done(wk.id, req.id)
 			delete(wk.running, o.ID)
+			clear(wk.outputs)
 			if o.Err != nil {
 				req.failed = o.Err
 			} else if req.generated != req.maxTokens {
@@ -424,13 +470,13 @@ func (s *servingRun) stepWorker(wk *simWorker, epoch int) {
 	wk.step = false
 	if !wk.eng.Idle() {
 		wk.step = true
-		s.r.World.After(max(st.Duration, time.Microsecond), func() { s.stepWorker(wk, epoch) })
+		s.r.World.After(max(st.Duration, time.Microsecond), wk.stepFn)
 	}
 }
 
 // send publishes one batch of a worker's KV events.
 func (s *servingRun) send(wk *simWorker, b *triplanev1.KvEventBatch) {
-	_ = wk.bus.Publish("kv.events."+wk.id, b)
+	_ = wk.bus.Publish(wk.eventsSubject, b)
 }
 
 // partition cuts one worker off the event plane for d (it keeps serving
@@ -453,14 +499,14 @@ func (s *servingRun) ingest(b *triplanev1.KvEventBatch) {
 }
 
 func (s *servingRun) heartbeat(wk *simWorker) {
-	_ = wk.bus.Publish("kv.events."+wk.id, wk.log.Heartbeat())
+	_ = wk.bus.Publish(wk.eventsSubject, wk.log.Heartbeat())
 }
 
 // reportLoad publishes the worker's load report, as the real worker does.
 func (s *servingRun) reportLoad(wk *simWorker) {
 	l := wk.eng.Load()
 	wk.loadSeq++
-	_ = wk.bus.Publish("load."+wk.id, &triplanev1.LoadReport{InstanceId: wk.id, Seq: wk.loadSeq, ActiveRequests: uint32(l.Active), WaitingRequests: uint32(l.Waiting),
+	_ = wk.bus.Publish(wk.loadSubject, &triplanev1.LoadReport{InstanceId: wk.id, Seq: wk.loadSeq, ActiveRequests: uint32(l.Active), WaitingRequests: uint32(l.Waiting),
 		KvBlocksUsed: uint64(l.BlocksUsed), KvBlocksTotal: uint64(l.BlocksTotal), SentAt: timestamppb.New(s.r.World.Now())})
 }
 
@@ -532,12 +578,15 @@ func (s *servingRun) checkIndex() {
 	}
 	for _, id := range s.order {
 		wk := s.workers[id]
-		got := s.ix.Blocks(id)
-		want := map[uint64]bool{}
-		for h := range wk.eng.Cached() {
-			want[h] = true
+		got, want := s.ix.Blocks(id), wk.eng.Cached()
+		same := len(got) == len(want)
+		for h := range got {
+			if _, ok := want[h]; !ok {
+				same = false
+				break
+			}
 		}
-		if !maps.Equal(got, want) {
+		if !same {
 			st := s.seq.Stats()
 			s.fail(fmt.Errorf("invariant index: once quiet the router holds %d blocks of %s, the worker %d (messages lost %d, repairs %d, dumps %d)",
 				len(got), id, len(want), s.bus.Lost, st.Resends, st.Dumps))
@@ -564,6 +613,7 @@ func (s *servingRun) crashWorker(id string) {
 		w.After(time.Millisecond, func() { s.route(req) })
 	}
 	wk.running = map[string]*simRequest{}
+	clear(wk.outputs)
 	// Its keep-alives stop: discovery drops it when the lease expires. It
 	// usually comes back before that, sometimes only after the grace (so
 	// the discovery invariant can see a dead worker listed too long).

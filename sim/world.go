@@ -2,10 +2,10 @@ package sim
 
 import (
 	"fmt"
-	"hash/fnv"
 	"math"
 	"math/rand/v2"
 	"time"
+	"unicode/utf8"
 )
 
 // World is the simulator's universe: a virtual clock, one seeded random
@@ -20,7 +20,11 @@ type World struct {
 	seq   uint64
 
 	traceHash uint64
-	trace     []string
+	// The kept trace lines, one after the other in text (no pointers for
+	// the collector, no allocation per line); lines end at ends. A line is
+	// built at text's end and dropped again past TraceLimit.
+	text []byte
+	ends []int
 	// TraceLimit bounds the trace lines kept (the hash covers all of them);
 	// default 10,000.
 	TraceLimit int
@@ -28,9 +32,9 @@ type World struct {
 }
 
 type event struct {
-	at  time.Duration // since Epoch
-	seq uint64        // ties broken by scheduling order
-	fn  func()
+	at   time.Duration // since Epoch
+	seq  uint64        // ties broken by scheduling order
+	slot uint32        // of the event's function in eventQueue.fns
 }
 
 func (a *event) before(b *event) bool {
@@ -39,47 +43,88 @@ func (a *event) before(b *event) bool {
 
 // eventQueue is a binary min-heap of events held by value: the scheduler
 // runs millions of them, and container/heap's interface boxing and a
-// pointer per event were a tenth of a serving run's time.
-type eventQueue []event
+// pointer per event were a tenth of a serving run's time. The heap holds
+// no pointers (the functions wait in slots beside it), so moving events
+// costs no write barriers and the collector does not scan it.
+type eventQueue struct {
+	heap []event
+	fns  []eventFn // by slot; zero when free
+	free []uint32  // free slots
+}
 
-func (q *eventQueue) push(e event) {
-	*q = append(*q, e)
-	h := *q
+// eventFn is what an event runs: fn, or call with arg (a handler made once
+// and its argument: no closure to allocate per event).
+type eventFn struct {
+	fn   func()
+	call func(any)
+	arg  any
+}
+
+func (f *eventFn) run() {
+	if f.fn != nil {
+		f.fn()
+		return
+	}
+	f.call(f.arg)
+}
+
+func (q *eventQueue) len() int { return len(q.heap) }
+
+func (q *eventQueue) push(at time.Duration, seq uint64, fn eventFn) {
+	var slot uint32
+	if n := len(q.free); n > 0 {
+		slot = q.free[n-1]
+		q.free = q.free[:n-1]
+		q.fns[slot] = fn
+	} else {
+		slot = uint32(len(q.fns))
+		q.fns = append(q.fns, fn)
+	}
+	e := event{at: at, seq: seq, slot: slot}
+	q.heap = append(q.heap, e)
+	h := q.heap
 	i := len(h) - 1
 	for i > 0 {
 		p := (i - 1) / 2
-		if !h[i].before(&h[p]) {
+		if !e.before(&h[p]) {
 			break
 		}
-		h[i], h[p] = h[p], h[i]
+		h[i] = h[p]
 		i = p
 	}
+	h[i] = e
 }
 
-func (q *eventQueue) pop() event {
-	h := *q
+// pop removes the earliest event and returns its time and function.
+func (q *eventQueue) pop() (time.Duration, eventFn) {
+	h := q.heap
 	top := h[0]
 	n := len(h) - 1
-	h[0] = h[n]
-	h[n] = event{} // drop the closure for the collector
+	last := h[n]
 	h = h[:n]
-	for i := 0; ; {
-		l := 2*i + 1
-		if l >= n {
-			break
+	if n > 0 {
+		i := 0
+		for {
+			c := 2*i + 1
+			if c >= n {
+				break
+			}
+			if r := c + 1; r < n && h[r].before(&h[c]) {
+				c = r
+			}
+			if !h[c].before(&last) {
+				break
+			}
+			h[i] = h[c]
+			i = c
 		}
-		c := l
-		if r := l + 1; r < n && h[r].before(&h[l]) {
-			c = r
-		}
-		if !h[c].before(&h[i]) {
-			break
-		}
-		h[i], h[c] = h[c], h[i]
-		i = c
+		h[i] = last
 	}
-	*q = h
-	return top
+	q.heap = h
+	fn := q.fns[top.slot]
+	q.fns[top.slot] = eventFn{} // for the collector
+	q.free = append(q.free, top.slot)
+	return top.at, fn
 }
 
 // NewWorld creates a world whose every choice derives from seed.
@@ -109,11 +154,36 @@ func (w *World) After(d time.Duration, fn func()) {
 	}
 	at := addSat(w.now, d) // past the end of time: never runs, and the clock cannot wrap
 	w.seq++
-	w.queue.push(event{at: at, seq: w.seq, fn: fn})
+	w.queue.push(at, w.seq, eventFn{fn: fn})
+}
+
+// reserve sets aside n scheduling positions for events that will be
+// scheduled later (at): they run in the order they would have had if
+// scheduled now, ties included, without waiting in the queue meanwhile.
+// It returns the first.
+func (w *World) reserve(n int) uint64 {
+	first := w.seq + 1
+	w.seq += uint64(n)
+	return first
+}
+
+// at runs fn at virtual time t (since Epoch, not before now) in the
+// scheduling position seq from reserve.
+func (w *World) at(t time.Duration, seq uint64, fn func()) {
+	w.queue.push(max(t, w.now), seq, eventFn{fn: fn})
+}
+
+// afterCall runs call(arg) after d of virtual time, as After does.
+func (w *World) afterCall(d time.Duration, call func(any), arg any) {
+	if d < 0 {
+		d = 0
+	}
+	w.seq++
+	w.queue.push(addSat(w.now, d), w.seq, eventFn{call: call, arg: arg})
 }
 
 // Pending is the number of scheduled events.
-func (w *World) Pending() int { return len(w.queue) }
+func (w *World) Pending() int { return w.queue.len() }
 
 // Steps is the number of events run so far.
 func (w *World) Steps() uint64 { return w.steps }
@@ -134,11 +204,11 @@ func addSat(a, b time.Duration) time.Duration {
 // RunUntil runs events up to time t; the clock ends at t.
 func (w *World) RunUntil(t time.Time) {
 	end := t.Sub(Epoch)
-	for len(w.queue) > 0 && w.queue[0].at <= end {
-		e := w.queue.pop()
-		w.now = e.at
+	for w.queue.len() > 0 && w.queue.heap[0].at <= end {
+		at, fn := w.queue.pop()
+		w.now = at
 		w.steps++
-		e.fn()
+		fn.run()
 	}
 	if w.now < end {
 		w.now = end
@@ -149,29 +219,55 @@ func (w *World) RunUntil(t time.Time) {
 // and reports whether the world went quiet.
 func (w *World) RunQuiet(limit time.Duration) bool {
 	end := addSat(w.now, limit)
-	for len(w.queue) > 0 && w.queue[0].at <= end {
-		e := w.queue.pop()
-		w.now = e.at
+	for w.queue.len() > 0 && w.queue.heap[0].at <= end {
+		at, fn := w.queue.pop()
+		w.now = at
 		w.steps++
-		e.fn()
+		fn.run()
 	}
-	return len(w.queue) == 0
+	return w.queue.len() == 0
 }
 
 // Tracef records a line in the trace, stamped with the virtual time.
 func (w *World) Tracef(format string, args ...any) {
-	line := fmt.Sprintf("%12s ", w.Elapsed().Round(time.Microsecond)) + fmt.Sprintf(format, args...)
-	h := fnv.New64a()
-	var b [8]byte
+	w.traceLine(fmt.Appendf(w.traceStamp(), format, args...))
+}
+
+// traceStamp starts a trace line: the virtual time, right-aligned in 12
+// columns, and a space (what "%12s " printed). The line is built at the end
+// of the kept text; traceLine ends it, and nothing may trace in between.
+func (w *World) traceStamp() []byte {
+	b := w.text
+	d := w.Elapsed().Round(time.Microsecond).String()
+	for range 12 - utf8.RuneCountInString(d) { // %12s counts runes: µs
+		b = append(b, ' ')
+	}
+	b = append(append(b, d...), ' ')
+	return b
+}
+
+// traceLine ends a line begun by traceStamp: it goes into the trace hash
+// (FNV-1a over the previous hash's 8 bytes, little-endian, then the line)
+// and is kept while under the limit. Tracef formats lines this way and hot
+// callers append theirs by hand: the same bytes either way.
+func (w *World) traceLine(text []byte) {
+	start := len(w.text)
+	line := text[start:]
+	const prime = 1099511628211
+	h := uint64(14695981039346656037)
 	for i := range 8 {
-		b[i] = byte(w.traceHash >> (8 * i))
+		h = (h ^ uint64(byte(w.traceHash>>(8*i)))) * prime
 	}
-	h.Write(b[:])
-	h.Write([]byte(line))
-	w.traceHash = h.Sum64()
-	if len(w.trace) < w.TraceLimit {
-		w.trace = append(w.trace, line)
+	for _, c := range line {
+		h = (h ^ uint64(c)) * prime
 	}
+	w.traceHash = h
+	if len(w.ends) < w.TraceLimit {
+		w.text = text
+		w.ends = append(w.ends, len(text))
+		return
+	}
+	w.text = text[:start]
 }
 
 // TraceHash covers every traced line in order: two runs with the same
@@ -179,4 +275,12 @@ func (w *World) Tracef(format string, args ...any) {
 func (w *World) TraceHash() uint64 { return w.traceHash }
 
 // Trace returns the kept trace lines.
-func (w *World) Trace() []string { return w.trace }
+func (w *World) Trace() []string {
+	text := string(w.text)
+	out := make([]string, len(w.ends))
+	start := 0
+	for i, end := range w.ends {
+		out[i], start = text[start:end], end
+	}
+	return out
+}
