@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -158,10 +159,47 @@ func RunScenario(s Scenario, seed uint64, opts Options) Result {
 // Sweep runs seeds from..to (inclusive) and returns every result.
 func Sweep(s Scenario, from, to uint64, opts Options) []Result {
 	var out []Result
-	for seed := from; seed <= to; seed++ {
-		out = append(out, RunScenario(s, seed, opts))
-	}
+	_ = SweepEach(s, from, to, opts, 1, func(r Result) error { out = append(out, r); return nil })
 	return out
+}
+
+// SweepEach runs seeds from..to, up to parallel at once, and calls fn with
+// each result in seed order on the caller's goroutine; the results are
+// those of runs one at a time (each run has its own World). Only scenarios
+// that keep no state outside their run may run in parallel: the built-in
+// ones do (their tests sweep in parallel under the race detector). Once fn
+// returns an error no further seed starts; SweepEach waits for the runs
+// already started and returns that error.
+func SweepEach(s Scenario, from, to uint64, opts Options, parallel int, fn func(Result) error) error {
+	if to < from {
+		return nil
+	}
+	parallel = max(parallel, 1)
+	// In seed order: the slot each run delivers into. Its capacity, plus
+	// the slot being waited on, bounds the runs in flight.
+	slots := make(chan chan Result, parallel-1)
+	var stop atomic.Bool
+	go func() {
+		defer close(slots)
+		for seed := from; !stop.Load(); seed++ {
+			c := make(chan Result, 1)
+			slots <- c
+			go func() { c <- RunScenario(s, seed, opts) }()
+			if seed == to {
+				return
+			}
+		}
+	}()
+	var err error
+	for c := range slots {
+		r := <-c
+		if err == nil {
+			if err = fn(r); err != nil {
+				stop.Store(true)
+			}
+		}
+	}
+	return err
 }
 
 // Check runs a scenario over seeds in a test and fails it with the first

@@ -1,7 +1,10 @@
 package sim_test
 
 import (
+	"errors"
 	"fmt"
+	"runtime"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -10,6 +13,41 @@ import (
 )
 
 var servingScenario = sim.Scenarios()["serving"]
+
+// A parallel sweep gives exactly the runs of a serial one, in seed order
+// (under -race this also shows the built-in scenarios share no state
+// between runs), and stops starting seeds once its callback fails.
+func TestParallelSweepMatchesSerial(t *testing.T) {
+	opts := sim.Options{Duration: time.Second, Faults: sim.DefaultFaults}
+	for _, s := range []sim.Scenario{servingScenario, transferScenario} {
+		serial := sim.Sweep(s, 1, 6, opts)
+		var got []sim.Result
+		if err := sim.SweepEach(s, 1, 6, opts, 3, func(r sim.Result) error { got = append(got, r); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if len(got) != len(serial) {
+			t.Fatalf("%s: %d results, want %d", s.Name, len(got), len(serial))
+		}
+		for i := range got {
+			if got[i].Seed != serial[i].Seed || got[i].TraceHash != serial[i].TraceHash || (got[i].Err == nil) != (serial[i].Err == nil) {
+				t.Fatalf("%s: parallel result %d (seed %d, trace %016x) differs from serial (seed %d, trace %016x)",
+					s.Name, i, got[i].Seed, got[i].TraceHash, serial[i].Seed, serial[i].TraceHash)
+			}
+		}
+	}
+	stop := errors.New("enough")
+	var seen []uint64
+	err := sim.SweepEach(transferScenario, 1, 100, opts, 2, func(r sim.Result) error {
+		seen = append(seen, r.Seed)
+		if r.Seed == 3 {
+			return stop
+		}
+		return nil
+	})
+	if !errors.Is(err, stop) || !slices.Equal(seen, []uint64{1, 2, 3}) {
+		t.Fatalf("err %v after seeds %v, want the callback's error after 1, 2, 3", err, seen)
+	}
+}
 
 // A bounded sweep of the serving scenario with faults on holds every
 // invariant.
@@ -87,13 +125,17 @@ func BenchmarkServingScenario(b *testing.B) {
 func TestServingScenarioBuggifySweep(t *testing.T) {
 	opts := sim.Options{Duration: 2 * time.Second, Faults: sim.DefaultFaults, Buggify: true}
 	fired := map[string]uint64{}
-	for _, r := range sim.Sweep(servingScenario, 1, 24, opts) {
+	err := sim.SweepEach(servingScenario, 1, 24, opts, runtime.GOMAXPROCS(0), func(r sim.Result) error {
 		if r.Err != nil {
-			t.Fatalf("seed %d failed: %v\nreproduce: triplane sim --scenario serving --seed %d --duration 2s --buggify", r.Seed, r.Err, r.Seed)
+			return fmt.Errorf("seed %d failed: %w\nreproduce: triplane sim --scenario serving --seed %d --duration 2s --buggify", r.Seed, r.Err, r.Seed)
 		}
 		for p, n := range r.Fired {
 			fired[p] += n
 		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 	for _, p := range servingFaultPoints {
 		if fired[p] == 0 {

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"maps"
 	"os"
+	"runtime"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -22,6 +24,7 @@ func newSimCmd(g *globalFlags) *cobra.Command {
 		seeds    string
 		opts     = sim.Options{Faults: sim.DefaultFaults}
 		trace    string
+		parallel int
 	)
 	cmd := &cobra.Command{
 		Use:   "sim",
@@ -59,6 +62,9 @@ Scenarios: ` + strings.Join(sim.ScenarioNames(), ", "),
 			if opts.Duration <= 0 || opts.Duration > time.Hour {
 				return usageError{&config.Error{Key: "duration", Err: fmt.Errorf("%s is outside (0, 1h]", opts.Duration)}}
 			}
+			if parallel < 1 || parallel > 256 {
+				return usageError{&config.Error{Key: "parallel", Err: fmt.Errorf("%d is outside 1..256", parallel)}}
+			}
 			if opts.Bug != "" && !slices.Contains(sim.Bugs, opts.Bug) {
 				return usageError{&config.Error{Key: "bug", Err: fmt.Errorf("unknown bug %q (known: %s)", opts.Bug, strings.Join(sim.Bugs, ", "))}}
 			}
@@ -70,11 +76,19 @@ Scenarios: ` + strings.Join(sim.ScenarioNames(), ", "),
 					return usageError{&config.Error{Key: p.key, Err: fmt.Errorf("probability %v is outside [0, 1]", p.v)}}
 				}
 			}
+			if os.Getenv("GOGC") == "" {
+				// A run allocates fast over a live heap of a few MB; the
+				// default GC target spent a quarter of a serving run
+				// collecting (1.24-1.44x faster at 400, measured in
+				// docs/benchmarks.md). GOGC set by the user wins.
+				debug.SetGCPercent(400)
+			}
 			out := cmd.OutOrStdout()
 			var failed []uint64
 			var simTime, wall time.Duration
-			for sd := from; sd <= to; sd++ {
-				r := sim.RunScenario(s, sd, opts)
+			began := time.Now()
+			err := sim.SweepEach(s, from, to, opts, parallel, func(r sim.Result) error {
+				sd := r.Seed
 				simTime += r.SimTime
 				wall += r.Wall
 				status := "ok"
@@ -102,9 +116,18 @@ Scenarios: ` + strings.Join(sim.ScenarioNames(), ", "),
 				if r.Err != nil {
 					fmt.Fprintf(out, "  reproduce: triplane sim --scenario %s --seed %d --duration %s%s%s\n", s.Name, sd, opts.Duration, bugFlag(opts.Bug), buggifyFlag(opts.Buggify))
 				}
+				return nil
+			})
+			if err != nil {
+				return err
 			}
 			if wall > 0 {
-				fmt.Fprintf(out, "%d runs, %d failed; %.0fx simulated time per wall second\n", to-from+1, len(failed), simTime.Seconds()/wall.Seconds())
+				fmt.Fprintf(out, "%d runs, %d failed; %.0fx simulated time per wall second of a run", to-from+1, len(failed), simTime.Seconds()/wall.Seconds())
+				if from != to {
+					el := time.Since(began)
+					fmt.Fprintf(out, "; sweep %s wall, %.0f seeds/minute (%d at once)", el.Round(time.Millisecond), float64(to-from+1)/el.Minutes(), parallel)
+				}
+				fmt.Fprintln(out)
 			}
 			if len(failed) > 0 {
 				return fmt.Errorf("failing seeds: %v", failed)
@@ -122,6 +145,7 @@ Scenarios: ` + strings.Join(sim.ScenarioNames(), ", "),
 	fs.Float64Var(&opts.Faults.CrashRate, "crash-rate", sim.DefaultFaults.CrashRate, "probability that a command's actor crashes just before it arrives")
 	fs.BoolVar(&opts.Buggify, "buggify", false, "switch on the fault points inside the real code (each on for a run with probability 0.25, then firing 5% of the times it is reached)")
 	fs.StringVar(&opts.Bug, "bug", "", "switch on a planted bug to see the simulator find it ("+strings.Join(sim.Bugs, ", ")+")")
+	fs.IntVar(&parallel, "parallel", runtime.GOMAXPROCS(0), "seeds of a sweep run at once (results print in seed order and equal those of one at a time)")
 	fs.StringVar(&trace, "trace", "", "write the trace here (with --seeds, one file per seed with the seed appended); by default a failing run's trace goes to triplane-sim-<scenario>-<seed>.trace")
 	_ = g
 	return cmd
