@@ -121,6 +121,7 @@ func TestTransportsMoveEveryByte(t *testing.T) {
 	}{
 		{"tcp-1-lane-4k", "tcp", 1, 4096},
 		{"tcp-1-lane-4k-reversed", "tcp", 1, 4096},
+		{"tcp-1-lane-4k-old-receiver", "tcp", 1, 4096},
 		{"tcp-4-lanes-64k", "tcp", 4, 64 << 10},
 		{"tcp-3-lanes-5m-split", "tcp", 3, 5 << 20},
 		{"shm-64k", "shm", 0, 64 << 10},
@@ -137,7 +138,13 @@ func TestTransportsMoveEveryByte(t *testing.T) {
 				slices.Reverse(ops[3:])
 			}
 			d := NewDialer(DialOptions{Prefer: tc.prefer, Lanes: tc.lanes, FrameSize: 2 << 20})
-			tr, err := d.Dial(ctx, r.peer())
+			peer := r.peer()
+			if strings.HasSuffix(tc.name, "old-receiver") {
+				// A receiver from before blocks frames does not say it
+				// takes them: it gets a data frame per block.
+				peer.TcpBlocksFrames = false
+			}
+			tr, err := d.Dial(ctx, peer)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -174,7 +181,7 @@ func TestTransportsMoveEveryByte(t *testing.T) {
 				if frames != 2 {
 					t.Fatalf("%v frames landed, want 2", frames)
 				}
-			case "tcp-1-lane-4k-reversed":
+			case "tcp-1-lane-4k-reversed", "tcp-1-lane-4k-old-receiver":
 				if frames != 6 {
 					t.Fatalf("%v frames landed, want 6", frames)
 				}
@@ -275,7 +282,7 @@ func TestCoalesceGroupsContiguousDestinations(t *testing.T) {
 		d(2, 600, 900), d(2, 1500, 1), // the size limit splits here
 	}
 	var got []Descriptor
-	for _, r := range coalesce(fs, 1000) {
+	for _, r := range coalesce(fs, 1000, MaxFrameBlocks) {
 		got = append(got, r.dst)
 	}
 	want := []Descriptor{{1, 0, 300}, {1, 400, 100}, {2, 500, 1000}, {2, 1500, 1}}
@@ -286,7 +293,7 @@ func TestCoalesceGroupsContiguousDestinations(t *testing.T) {
 	for i := range many {
 		many[i] = d(1, uint64(i), 1)
 	}
-	rs := coalesce(many, 1<<20)
+	rs := coalesce(many, 1<<20, MaxFrameBlocks)
 	if len(rs) != 2 || len(rs[0].parts) != MaxFrameBlocks {
 		t.Fatalf("%d runs of %d blocks, want the first to hold %d", len(rs), len(rs[0].parts), MaxFrameBlocks)
 	}

@@ -11,6 +11,7 @@ func Peer(regions *Regions, tcp *Server, shm *ShmServer) *triplanev1.DataPeer {
 	p := &triplanev1.DataPeer{HostId: HostID(), Regions: regions.List()}
 	if tcp != nil {
 		p.TcpAddr = tcp.Addr()
+		p.TcpBlocksFrames = true
 	}
 	if shm != nil {
 		p.ShmSocket = shm.Path()

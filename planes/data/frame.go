@@ -239,7 +239,7 @@ func appendBlock(b []byte, n, crc uint32) []byte {
 func readBlockTable(br *bufio.Reader, h Header, buf []blockSum) ([]blockSum, error) {
 	var head [blockTableHeader]byte
 	if _, err := io.ReadFull(br, head[:]); err != nil {
-		return nil, reject("length", fmt.Errorf("blocks frame %d: block table: %w", h.Seq, err))
+		return nil, tableErr(h, err)
 	}
 	count := binary.LittleEndian.Uint32(head[0:])
 	if count == 0 || count > MaxFrameBlocks || binary.LittleEndian.Uint32(head[4:]) != 0 {
@@ -251,7 +251,7 @@ func readBlockTable(br *bufio.Reader, h Header, buf []blockSum) ([]blockSum, err
 	var total uint64
 	for range count {
 		if _, err := io.ReadFull(br, e[:]); err != nil {
-			return nil, reject("length", fmt.Errorf("blocks frame %d: block table: %w", h.Seq, err))
+			return nil, tableErr(h, err)
 		}
 		crc = crc32.Update(crc, castagnoli, e[:])
 		p := blockSum{n: binary.LittleEndian.Uint32(e[0:]), crc: binary.LittleEndian.Uint32(e[4:])}
@@ -268,6 +268,17 @@ func readBlockTable(br *bufio.Reader, h Header, buf []blockSum) ([]blockSum, err
 		return nil, reject("length", fmt.Errorf("%w: blocks frame %d: blocks of %d bytes in a frame of %d", ErrBadFrame, h.Seq, total, h.Length))
 	}
 	return buf, nil
+}
+
+// tableErr says why a block table could not be read: a table cut short by
+// the end of the connection is the peer's bad input, anything else (a
+// timeout, a reset) an I/O failure.
+func tableErr(h Header, err error) error {
+	err = fmt.Errorf("blocks frame %d: block table: %w", h.Seq, err)
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return reject("length", err)
+	}
+	return err
 }
 
 // handshake reads frame headers on a receiving connection and enforces the

@@ -251,6 +251,9 @@ func (s *Server) handle(br *bufio.Reader, bw *bufio.Writer, dl deadliner) error 
 				return err
 			}
 		case FrameData, FrameBlocks:
+			if dl != nil {
+				dl.SetReadDeadline(time.Now().Add(cfg.FrameTimeout))
+			}
 			blocks = append(blocks[:0], blockSum{n: h.Length, crc: h.CRC})
 			if h.Type == FrameBlocks {
 				if blocks, err = readBlockTable(br, h, blocks); err != nil {
@@ -260,9 +263,6 @@ func (s *Server) handle(br *bufio.Reader, bw *bufio.Writer, dl deadliner) error 
 			dst, err := cfg.Regions.Slice(h.Desc())
 			if err != nil {
 				return reject("out_of_region", err)
-			}
-			if dl != nil {
-				dl.SetReadDeadline(time.Now().Add(cfg.FrameTimeout))
 			}
 			if err := readBlocks(br, h, dst, blocks); err != nil {
 				return err

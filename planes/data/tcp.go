@@ -20,6 +20,9 @@ type tcpTransport struct {
 	addr  string
 	lanes []*lane
 	next  atomic.Uint64
+	// runBlocks bounds the blocks of one frame: MaxFrameBlocks when the
+	// receiver accepts blocks frames, else 1 (a data frame per block).
+	runBlocks int
 }
 
 // lane is one TCP connection: writers take turns on it, one reader
@@ -47,8 +50,11 @@ type pendingFrame struct {
 	c   *call
 }
 
-func dialTCP(ctx context.Context, addr string, o *DialOptions) (*tcpTransport, error) {
-	t := &tcpTransport{o: o, addr: addr}
+func dialTCP(ctx context.Context, addr string, o *DialOptions, blocksFrames bool) (*tcpTransport, error) {
+	t := &tcpTransport{o: o, addr: addr, runBlocks: 1}
+	if blocksFrames {
+		t.runBlocks = MaxFrameBlocks
+	}
 	for i := 0; i < o.Lanes; i++ {
 		l, err := t.dialLane(ctx)
 		if err != nil {
@@ -97,7 +103,7 @@ func (t *tcpTransport) Write(ctx context.Context, ops []Op) error {
 	if err != nil {
 		return err
 	}
-	frames := coalesce(split, t.o.FrameSize)
+	frames := coalesce(split, t.o.FrameSize, t.runBlocks)
 	c := newCall(len(frames))
 	// Frames go round-robin over the lanes, starting where the last Write
 	// stopped so that streams of single-block writes use every lane.
@@ -158,13 +164,13 @@ type run struct {
 }
 
 // coalesce groups consecutive frames into runs of at most size bytes and
-// MaxFrameBlocks blocks. Only destinations need to be contiguous: the
-// sources go out as separate pieces of one writev.
-func coalesce(fs []frame, size int) []run {
+// blocks blocks. Only destinations need to be contiguous: the sources go
+// out as separate pieces of one writev.
+func coalesce(fs []frame, size, blocks int) []run {
 	rs := make([]run, 0, len(fs))
 	for i := 0; i < len(fs); {
 		d, j := fs[i].dst, i+1
-		for ; j < len(fs) && j-i < MaxFrameBlocks; j++ {
+		for ; j < len(fs) && j-i < blocks; j++ {
 			next := fs[j].dst
 			if next.Region != d.Region || next.Offset != d.Offset+d.Length || d.Length+next.Length > uint64(size) {
 				break

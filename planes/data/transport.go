@@ -202,7 +202,7 @@ func (tcpBackend) Usable(_ *DialOptions, p *triplanev1.DataPeer) bool {
 	return p.GetTcpAddr() != ""
 }
 func (tcpBackend) Dial(ctx context.Context, o *DialOptions, p *triplanev1.DataPeer) (Transport, error) {
-	return dialTCP(ctx, p.GetTcpAddr(), o)
+	return dialTCP(ctx, p.GetTcpAddr(), o, p.GetTcpBlocksFrames())
 }
 
 // call tracks the frames of one Write.

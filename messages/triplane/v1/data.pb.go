@@ -92,10 +92,16 @@ type DataPeer struct {
 	// tcp_addr is host:port of the TCP block receiver.
 	TcpAddr string `protobuf:"bytes,2,opt,name=tcp_addr,json=tcpAddr,proto3" json:"tcp_addr,omitempty"`
 	// shm_socket is the unix socket path that hands out region fds.
-	ShmSocket     string        `protobuf:"bytes,3,opt,name=shm_socket,json=shmSocket,proto3" json:"shm_socket,omitempty"`
-	Regions       []*DataRegion `protobuf:"bytes,4,rep,name=regions,proto3" json:"regions,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	ShmSocket string        `protobuf:"bytes,3,opt,name=shm_socket,json=shmSocket,proto3" json:"shm_socket,omitempty"`
+	Regions   []*DataRegion `protobuf:"bytes,4,rep,name=regions,proto3" json:"regions,omitempty"`
+	// tcp_blocks_frames says the TCP receiver accepts blocks frames (a run of
+	// blocks with contiguous destinations and a checksum table). Senders send
+	// one frame per block to a receiver that does not say so (an older
+	// version refuses the frame type), so mixed versions keep working during
+	// a rolling upgrade.
+	TcpBlocksFrames bool `protobuf:"varint,5,opt,name=tcp_blocks_frames,json=tcpBlocksFrames,proto3" json:"tcp_blocks_frames,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *DataPeer) Reset() {
@@ -154,6 +160,13 @@ func (x *DataPeer) GetRegions() []*DataRegion {
 		return x.Regions
 	}
 	return nil
+}
+
+func (x *DataPeer) GetTcpBlocksFrames() bool {
+	if x != nil {
+		return x.TcpBlocksFrames
+	}
+	return false
 }
 
 // DataDescriptor names bytes inside a registered region (like a NIXL
@@ -518,13 +531,14 @@ const file_triplane_v1_data_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x1d\n" +
 	"\n" +
 	"block_size\x18\x02 \x01(\x04R\tblockSize\x12\x16\n" +
-	"\x06blocks\x18\x03 \x01(\x04R\x06blocks\"\x90\x01\n" +
+	"\x06blocks\x18\x03 \x01(\x04R\x06blocks\"\xbc\x01\n" +
 	"\bDataPeer\x12\x17\n" +
 	"\ahost_id\x18\x01 \x01(\tR\x06hostId\x12\x19\n" +
 	"\btcp_addr\x18\x02 \x01(\tR\atcpAddr\x12\x1d\n" +
 	"\n" +
 	"shm_socket\x18\x03 \x01(\tR\tshmSocket\x121\n" +
-	"\aregions\x18\x04 \x03(\v2\x17.triplane.v1.DataRegionR\aregions\"X\n" +
+	"\aregions\x18\x04 \x03(\v2\x17.triplane.v1.DataRegionR\aregions\x12*\n" +
+	"\x11tcp_blocks_frames\x18\x05 \x01(\bR\x0ftcpBlocksFrames\"X\n" +
 	"\x0eDataDescriptor\x12\x16\n" +
 	"\x06region\x18\x01 \x01(\rR\x06region\x12\x16\n" +
 	"\x06offset\x18\x02 \x01(\x04R\x06offset\x12\x16\n" +
