@@ -97,6 +97,10 @@ func NewSupervisor(cfg Config) (*Supervisor, error) {
 	return &Supervisor{cfg: cfg, running: map[string]context.CancelCauseFunc{}}, nil
 }
 
+// ErrAlreadyRunning: Run was asked for a session this supervisor is
+// already driving; the running one goes on.
+var ErrAlreadyRunning = errors.New("already running here")
+
 // Spec is one transfer: block i moves Blocks[i].Src into Blocks[i].Dst.
 // Every block has BlockSize bytes.
 type Spec struct {
@@ -138,7 +142,7 @@ func (s *Supervisor) Run(ctx context.Context, spec Spec) (*triplanev1.TransferSt
 	s.mu.Lock()
 	if _, dup := s.running[spec.ID]; dup {
 		s.mu.Unlock()
-		return nil, fmt.Errorf("transfer %s: already running here", spec.ID)
+		return nil, fmt.Errorf("transfer %s: %w", spec.ID, ErrAlreadyRunning)
 	}
 	s.running[spec.ID] = cancel
 	s.mu.Unlock()

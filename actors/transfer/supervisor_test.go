@@ -307,6 +307,11 @@ func TestCancelStopsTheTransfer(t *testing.T) {
 		done <- err
 	}()
 	<-stalled
+	// The same session asked again while it runs is refused; the running
+	// one goes on.
+	if _, err := sup.Run(ctx, r.spec("cancel-1", 5)); !errors.Is(err, ErrAlreadyRunning) {
+		t.Fatalf("second run while running: %v, want ErrAlreadyRunning", err)
+	}
 	if err := sup.Cancel(ctx, "cancel-1", "client went away"); err != nil {
 		t.Fatal(err)
 	}

@@ -375,7 +375,7 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 			return result{generated: len(generated), err: err, status: http.StatusServiceUnavailable,
 				errType: "server_error", code: "no_worker", outcome: "no_worker"}
 		}
-		prefill, prelease := f.prefillWorker(ctx, routeID, hashes, overlap, len(generated))
+		prefill, prelease := f.prefillWorker(ctx, in, routeID, hashes, overlap, len(generated))
 		started := func() { f.cfg.Router.Started(in.GetInstanceId(), routeID) }
 		reason, err := f.attempt(ctx, j, in, prompt, j.maxTokens-len(generated), prefill, &generated, out, started)
 		prelease()
@@ -406,10 +406,15 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 
 // prefillWorker picks a prefill worker when the prompt's uncached part on
 // the chosen decode worker is long enough and a prefill worker's queue has
-// room; "" means the decode worker prefills.
-func (f *Frontend) prefillWorker(ctx context.Context, routeID string, hashes []uint64, overlap, generated int) (string, func()) {
+// room; "" means the decode worker prefills. An aggregated decode worker
+// (a node without --disagg) takes no blocks: it prefills itself.
+func (f *Frontend) prefillWorker(ctx context.Context, decode *triplanev1.InstanceInfo, routeID string, hashes []uint64, overlap, generated int) (string, func()) {
 	d := f.cfg.Disagg
 	if d == nil || generated > 0 {
+		return "", func() {}
+	}
+	if decode.GetMetadata()["role"] == worker.RoleAggregated {
+		f.metrics.prefills.WithLabelValues("local").Inc()
 		return "", func() {}
 	}
 	if (len(hashes)-overlap)*f.cfg.BlockSize < d.Threshold {

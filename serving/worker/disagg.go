@@ -117,7 +117,8 @@ func (w *Worker) startDisagg() error {
 // peer describes this worker's block receivers: TCP, and shared memory for
 // senders on the same host (the dialer picks by host id).
 func (w *Worker) peer() *triplanev1.DataPeer {
-	p := &triplanev1.DataPeer{HostId: data.HostID(), TcpAddr: w.advertised(w.dataSrv.Addr()), Regions: []*triplanev1.DataRegion{w.region.Proto()}}
+	p := &triplanev1.DataPeer{HostId: data.HostID(), TcpAddr: w.advertised(w.dataSrv.Addr()), TcpBlocksFrames: true,
+		Regions: []*triplanev1.DataRegion{w.region.Proto()}}
 	if w.shmSrv != nil {
 		p.ShmSocket = w.shmSrv.Path()
 	}
@@ -196,6 +197,9 @@ func (w *Worker) takeSlots(n int) ([]int, bool) {
 // optimisation, never a reason to fail a request.
 func (w *Worker) importPrefix(ctx context.Context, req *triplanev1.GenerateRequest) {
 	if w.dataSrv == nil {
+		// A frontend that does not know this worker's role asked it to
+		// take blocks it has no receiver for.
+		w.remoteFailed(req, "no_data_plane", fmt.Errorf("a %s worker receives no blocks", w.cfg.Role))
 		return
 	}
 	bs := w.eng.Config().BlockSize
@@ -385,6 +389,11 @@ func (w *Worker) servePrefill(ctx context.Context, r *triplanev1.PrefillRequest)
 	}
 	_, err = w.sup.Run(ctx, transfer.Spec{ID: r.SessionId, Blocks: ops, BlockSize: w.eng.Config().BlockBytes,
 		MaxAttempts: 5, Peer: r.Peer.GetTcpAddr(), Dial: dial})
+	if errors.Is(err, transfer.ErrAlreadyRunning) {
+		// Another prefill drives this session (the same session asked
+		// twice): it is not over, so its actor stays.
+		return nil, fmt.Errorf("transfer %s: %w", r.SessionId, err)
+	}
 	// The session is over either way: free its actor (its journal stays).
 	if rerr := w.cfg.Host.Release(context.WithoutCancel(ctx), actors.Address{Kind: transfer.Kind, ID: r.SessionId}); rerr != nil {
 		w.log.Warn("releasing a finished transfer session", "session", r.SessionId, "err", rerr)

@@ -160,6 +160,17 @@ func TestRolesOpenOnlyWhatTheyUse(t *testing.T) {
 		if n, _, msg := generate(t, w, payload); n != 3 || msg != "" {
 			t.Fatalf("%s worker: %d tokens, %q", role, n, msg)
 		}
+		if role == worker.RoleAggregated {
+			// Asked to take a prefill worker's blocks, it has nowhere to
+			// put them: it prefills itself and counts the fallback.
+			remote, _ := proto.Marshal(&triplanev1.GenerateRequest{RequestId: "r2", Tokens: []uint32{1, 2, 3, 4, 5, 6, 7, 8}, MaxTokens: 3, PrefillWorker: "p0"})
+			if n, _, msg := generate(t, w, remote); n != 3 || msg != "" {
+				t.Fatalf("%s worker, remote prefill asked: %d tokens, %q", role, n, msg)
+			}
+			if st := w.Stats(); st.Fallbacks != 1 || st.RemotePrefills != 0 {
+				t.Fatalf("stats %+v, want one fallback", st)
+			}
+		}
 	}
 	if _, err := start("both-ways"); err == nil || !strings.Contains(err.Error(), worker.RoleAggregated) {
 		t.Fatalf("unknown role: %v", err)
