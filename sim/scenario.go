@@ -3,6 +3,7 @@ package sim
 import (
 	"errors"
 	"fmt"
+	"runtime/debug"
 	"sort"
 	"strings"
 	"sync/atomic"
@@ -168,8 +169,9 @@ func Sweep(s Scenario, from, to uint64, opts Options) []Result {
 // those of runs one at a time (each run has its own World). Only scenarios
 // that keep no state outside their run may run in parallel: the built-in
 // ones do (their tests sweep in parallel under the race detector). Once fn
-// returns an error no further seed starts; SweepEach waits for the runs
-// already started and returns that error.
+// returns an error at most one further seed starts and its result is
+// dropped; SweepEach waits for the runs already started and returns that
+// error. A run that panics becomes a failed result naming its seed.
 func SweepEach(s Scenario, from, to uint64, opts Options, parallel int, fn func(Result) error) error {
 	if to < from {
 		return nil
@@ -184,7 +186,14 @@ func SweepEach(s Scenario, from, to uint64, opts Options, parallel int, fn func(
 		for seed := from; !stop.Load(); seed++ {
 			c := make(chan Result, 1)
 			slots <- c
-			go func() { c <- RunScenario(s, seed, opts) }()
+			go func() {
+				defer func() {
+					if p := recover(); p != nil {
+						c <- Result{Seed: seed, Scenario: s.Name, Err: fmt.Errorf("seed %d panicked: %v\n%s", seed, p, debug.Stack())}
+					}
+				}()
+				c <- RunScenario(s, seed, opts)
+			}()
 			if seed == to {
 				return
 			}

@@ -225,16 +225,17 @@ func driveServing(r *Run) Invariant {
 	// but each is queued by the one before: a thousand events waiting in
 	// the queue for the whole run made every other event's turn slower.
 	if n > 0 {
-		first, next := w.reserve(n), 0
+		// Arrival times are after now, as After's delays are.
+		first, next, base := w.reserve(n), 0, w.Elapsed()
 		var arrive func()
 		arrive = func() {
 			req := s.reqs[next]
 			if next++; next < n {
-				w.at(arrivals[next], first+uint64(next), arrive)
+				w.at(base+arrivals[next], first+uint64(next), arrive)
 			}
 			s.route(req)
 		}
-		w.at(arrivals[0], first, arrive)
+		w.at(base+arrivals[0], first, arrive)
 	}
 	// Faults while the load runs.
 	for _, id := range s.order {

@@ -35,6 +35,20 @@ func TestParallelSweepMatchesSerial(t *testing.T) {
 			}
 		}
 	}
+	// A run that panics fails its seed, named, instead of the process.
+	boom := sim.Scenario{Name: "boom", Registry: transferScenario.Registry, Drive: func(*sim.Run) sim.Invariant { panic("boom") }}
+	var errs []error
+	if err := sim.SweepEach(boom, 1, 3, opts, 2, func(r sim.Result) error { errs = append(errs, r.Err); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	for i, err := range errs {
+		if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("seed %d panicked: boom", i+1)) {
+			t.Fatalf("results %v, want every seed failed with its panic", errs)
+		}
+	}
+	if len(errs) != 3 {
+		t.Fatalf("%d results, want 3", len(errs))
+	}
 	stop := errors.New("enough")
 	var seen []uint64
 	err := sim.SweepEach(transferScenario, 1, 100, opts, 2, func(r sim.Result) error {

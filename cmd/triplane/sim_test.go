@@ -9,7 +9,7 @@ import (
 func TestSimCommand(t *testing.T) {
 	p := start(t, nil, "sim", "--seeds", "1..3")
 	code, out := p.wait(60 * time.Second)
-	if code != 0 || !strings.Contains(out, "3 runs, 0 failed") {
+	if code != 0 || !strings.Contains(out, "3 runs, 0 failed") || strings.Index(out, "seed 1:") > strings.Index(out, "seed 3:") {
 		t.Fatalf("sweep: exit %d\n%s%s", code, out, p.stderr.String())
 	}
 	dir := t.TempDir()
@@ -21,6 +21,12 @@ func TestSimCommand(t *testing.T) {
 	p = start(t, nil, "sim", "--seeds", "9..2")
 	if code, _ := p.wait(30 * time.Second); code != 2 || !strings.Contains(p.stderr.String(), `"seeds"`) {
 		t.Fatalf("bad seeds: exit %d %s", code, p.stderr.String())
+	}
+	for _, n := range []string{"0", "257"} {
+		p = start(t, nil, "sim", "--seeds", "1..2", "--parallel", n)
+		if code, _ := p.wait(30 * time.Second); code != 2 || !strings.Contains(p.stderr.String(), `"parallel"`) {
+			t.Fatalf("--parallel %s: exit %d %s", n, code, p.stderr.String())
+		}
 	}
 	p = start(t, nil, "sim", "--scenario", "nope")
 	if code, _ := p.wait(30 * time.Second); code != 2 || !strings.Contains(p.stderr.String(), "unknown scenario") {
