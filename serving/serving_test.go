@@ -22,14 +22,16 @@ import (
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/planes/control"
 	"github.com/triplane-dev/triplane/planetest"
+	"github.com/triplane-dev/triplane/router"
 	"github.com/triplane-dev/triplane/serving"
 )
 
 type env struct {
-	ctx   context.Context
-	j     *journal.Journal
-	stack *serving.Stack
-	base  string
+	ctx    context.Context
+	j      *journal.Journal
+	stack  *serving.Stack
+	base   string
+	planes serving.Planes
 }
 
 func start(t *testing.T, workers int, mod ...func(*serving.Config)) *env {
@@ -64,12 +66,13 @@ func start(t *testing.T, workers int, mod ...func(*serving.Config)) *env {
 	for _, m := range mod {
 		m(&cfg)
 	}
-	s, err := serving.Start(ctx, serving.Planes{NATS: nc, Etcd: cli, Host: h, Registrar: reg, NodeID: "n1", Namespace: "test"}, cfg)
+	planes := serving.Planes{NATS: nc, Etcd: cli, Host: h, Registrar: reg, NodeID: "n1", Namespace: "test"}
+	s, err := serving.Start(ctx, planes, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(s.Close)
-	e := &env{ctx: ctx, j: j, stack: s, base: "http://" + s.Frontend.Addr()}
+	e := &env{ctx: ctx, j: j, stack: s, base: "http://" + s.Frontend.Addr(), planes: planes}
 	// Discovery sees the workers once their registrations are watched.
 	e.waitFor(t, "workers discovered", func() bool {
 		_, err := e.post(t, "/v1/completions", `{"model":"mock","prompt":"warm up","max_tokens":1}`)
@@ -408,6 +411,44 @@ func TestDisaggregatedPrefill(t *testing.T) {
 	}
 	if s := dec.Stats(); s.RemotePrefills != got.RemotePrefills {
 		t.Fatalf("cached prompt prefilled remotely again: %+v", s)
+	}
+}
+
+// A node without --disagg in the namespace of a disaggregated frontend:
+// its aggregated worker takes no blocks, so the frontend prefills long
+// prompts on it locally instead of booking a prefill worker whose blocks it
+// could not receive (the worker would count that as a fallback).
+func TestAggregatedWorkerInADisaggregatedNamespace(t *testing.T) {
+	e := start(t, 2, func(c *serving.Config) {
+		c.PrefillWorkers = 1
+		c.DisaggThreshold = 16
+		c.Policy = router.PolicyRoundRobin // both decode workers get requests
+	})
+	planes := e.planes
+	planes.NodeID = "n2"
+	other, err := serving.Start(e.ctx, planes, serving.Config{Workers: 1, Model: "mock",
+		Engine: mocker.Config{BlockSize: 4, NumBlocks: 256, SpeedUp: 100}, StreamToken: "s3cret", DataToken: "d4ta"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(other.Close)
+	agg, dec := other.Workers[0], e.stack.Workers[1]
+	n := 0
+	e.waitFor(t, "long prompts served by both decode workers", func() bool {
+		n++
+		long := strings.Repeat(fmt.Sprintf("document %d with many distinct words ", n), 4)
+		if _, err := e.post(t, "/v1/completions", fmt.Sprintf(`{"model":"mock","prompt":%q,"max_tokens":2}`, long)); err != nil {
+			t.Fatal(err)
+		}
+		if st := agg.Stats(); st.Fallbacks != 0 || st.RemotePrefills != 0 {
+			t.Fatalf("aggregated worker stats %+v: the frontend booked a prefill worker for it", st)
+		}
+		// The disaggregated decode worker prefills long prompts remotely:
+		// the threshold is reached.
+		return len(agg.Blocks()) > 0 && dec.Stats().RemotePrefills > 0
+	})
+	if st := agg.Stats(); st.Fallbacks != 0 || st.RemotePrefills != 0 {
+		t.Fatalf("aggregated worker stats %+v: the frontend booked a prefill worker for it", st)
 	}
 }
 
