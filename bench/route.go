@@ -42,6 +42,13 @@ type RouteConfig struct {
 	// Seed makes the draws of the random policy and of the kv policy's
 	// temperature reproducible.
 	Seed uint64
+	// LoadInterval, when above 0, routes with what a frontend knows
+	// instead of the engines' exact load: each engine's load as of its
+	// last report (one every LoadInterval of virtual time, the worker's
+	// default being 500 ms), corrected by the router's own requests in
+	// flight (router.Flights), as the frontend does. 0 routes with the
+	// exact load at each arrival.
+	LoadInterval time.Duration
 }
 
 // RouteResult is one policy's replay.
@@ -124,6 +131,8 @@ func Route(ctx context.Context, cfg RouteConfig, progress io.Writer) ([]RouteRes
 		return nil, fmt.Errorf("bench route: %d workers of %d blocks of %d tokens: all must be positive", cfg.Workers, cfg.BlocksPerWorker, cfg.BlockSize)
 	case len(cfg.Policies) == 0:
 		return nil, errors.New("bench route: no policy")
+	case cfg.LoadInterval < 0:
+		return nil, fmt.Errorf("bench route: load interval %s is negative", cfg.LoadInterval)
 	}
 	for _, p := range cfg.Policies {
 		if _, err := router.ParsePolicy(string(p)); err != nil {
@@ -316,6 +325,33 @@ type sim struct {
 	now    time.Duration
 	cands  []router.Candidate
 	res    RouteResult
+	// With LoadInterval: the last reports, when the next is due, and the
+	// router's flights.
+	reports    []router.Report
+	reported   bool
+	nextReport time.Duration
+	flights    *router.Flights
+}
+
+// epoch turns the replay's virtual durations into the times Flights and
+// reports carry.
+var epoch = time.Unix(0, 0)
+
+// reportUntil takes the load reports due up to t: each engine's load as it
+// is now, which is its load at the report's time when nothing happened in
+// between.
+func (s *sim) reportUntil(t time.Duration) {
+	if s.cfg.LoadInterval <= 0 {
+		return
+	}
+	for s.nextReport <= t {
+		for k, w := range s.ws {
+			l := w.eng.Load()
+			s.reports[k] = router.Report{BlocksUsed: l.BlocksUsed, BlocksTotal: l.BlocksTotal, Waiting: l.Waiting, SentAt: epoch.Add(s.nextReport)}
+		}
+		s.reported = true
+		s.nextReport += s.cfg.LoadInterval
+	}
 }
 
 // newSim makes fresh engines and a fresh index. The engines' blocks carry
@@ -326,7 +362,8 @@ func newSim(cfg RouteConfig, policy router.Policy) (*sim, error) {
 		ix:   router.NewIndex(cfg.Workers * cfg.BlocksPerWorker),
 		rng:  rand.New(rand.NewPCG(cfg.Seed, 0x7269706c616e65)),
 		live: map[string]*inflight{}, cands: make([]router.Candidate, cfg.Workers),
-		res: RouteResult{Policy: policy, PrefillTokens: make([]int, cfg.Workers)}}
+		res:     RouteResult{Policy: policy, PrefillTokens: make([]int, cfg.Workers)},
+		reports: make([]router.Report, cfg.Workers), flights: router.NewFlights()}
 	width := len(fmt.Sprint(cfg.Workers - 1))
 	for i := range s.ws {
 		e, err := mocker.New(mocker.Config{BlockSize: cfg.BlockSize, NumBlocks: cfg.BlocksPerWorker, BlockBytes: 64,
@@ -346,11 +383,17 @@ func newSim(cfg RouteConfig, policy router.Policy) (*sim, error) {
 // so the router sees their KV events.
 func (s *sim) advance(until time.Duration) error {
 	for s.q.Len() > 0 && (until < 0 || s.q[0].at <= until) {
+		// Reports due before this iteration ends see the engines as they
+		// were then.
+		s.reportUntil(s.q[0].at - 1)
 		ev := heap.Pop(&s.q).(event)
 		s.now = ev.at
 		if err := s.iterate(ev.worker); err != nil {
 			return err
 		}
+	}
+	if until >= 0 {
+		s.reportUntil(until)
 	}
 	return nil
 }
@@ -370,11 +413,13 @@ func (s *sim) iterate(k int) error {
 		}
 		if !f.started && len(o.Tokens) > 0 {
 			f.started = true
+			s.flights.Started(w.id, o.ID)
 			s.res.HitBlocks += o.CachedTokens / s.cfg.BlockSize
 			s.ttfts = append(s.ttfts, s.now-f.arrival)
 		}
 		if o.Finished {
 			delete(s.live, o.ID)
+			s.flights.Done(w.id, o.ID)
 		}
 	}
 	w.pending = engine.Step{}
@@ -408,8 +453,15 @@ func (s *sim) arrive(at time.Duration, i int, rec *workload.Record, tokens []uin
 	}
 	s.now = at
 	for k, w := range s.ws {
-		l := w.eng.Load()
-		s.cands[k] = router.Candidate{ID: w.id, Active: l.Active + l.Waiting, Waiting: l.Waiting, BlocksUsed: l.BlocksUsed, BlocksTotal: l.BlocksTotal}
+		switch {
+		case s.cfg.LoadInterval <= 0:
+			l := w.eng.Load()
+			s.cands[k] = router.Candidate{ID: w.id, Active: l.Active + l.Waiting, Waiting: l.Waiting, BlocksUsed: l.BlocksUsed, BlocksTotal: l.BlocksTotal}
+		case s.reported:
+			s.cands[k] = s.flights.Candidate(w.id, &s.reports[k])
+		default:
+			s.cands[k] = s.flights.Candidate(w.id, nil)
+		}
 	}
 	d, err := router.Choose(s.policy, s.cfg.Params, router.RequestOf(hashes), s.ix.WithOverlap(hashes, s.cands), uint64(i), s.rng.Float64())
 	if err != nil {
@@ -429,6 +481,9 @@ func (s *sim) arrive(at time.Duration, i int, rec *workload.Record, tokens []uin
 	s.res.Requests++
 	s.res.RouterBlocks += d.Overlap
 	s.live[id] = &inflight{arrival: at}
+	if s.cfg.LoadInterval > 0 {
+		s.flights.Add(w.id, id, epoch.Add(at), len(hashes)-d.Overlap)
+	}
 	if !w.busy {
 		return s.iterate(k) // an idle engine starts an iteration now
 	}

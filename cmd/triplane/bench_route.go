@@ -62,6 +62,9 @@ The kv policy's cost of a worker is
 			if cfg.Workers <= 0 || cfg.BlocksPerWorker <= 0 || cfg.BlockSize <= 0 || cfg.MaxBatchTokens <= 0 || limit < 0 {
 				return usageError{fmt.Errorf("--workers, --blocks-per-worker, --block-size and --max-batch-tokens must be positive, --limit not negative")}
 			}
+			if cfg.LoadInterval < 0 {
+				return usageError{fmt.Errorf("--load-interval must not be negative, got %s", cfg.LoadInterval)}
+			}
 			if !(cfg.SpeedUp > 0) || math.IsInf(cfg.SpeedUp, 0) {
 				return usageError{fmt.Errorf("--speedup must be a positive number, got %v", cfg.SpeedUp)}
 			}
@@ -142,6 +145,7 @@ The kv policy's cost of a worker is
 	fs.Float64Var(&cfg.Params.OverlapWeight, "overlap-weight", router.DefaultOverlapWeight, "kv policy: weight of blocks to prefill against blocks in use")
 	fs.Float64Var(&cfg.Params.WaitingPrefill, "waiting-prefill", router.DefaultWaitingPrefill, "kv policy: blocks of prefill charged for each request waiting in a worker's queue (0: the default, negative: none)")
 	fs.Float64Var(&cfg.Params.Temperature, "temperature", 0, "kv policy: 0 picks the cheapest worker; above 0 samples by exp(-normalized cost / temperature)")
+	fs.DurationVar(&cfg.LoadInterval, "load-interval", 0, "route as a frontend does: with each worker's load report (one per interval; workers default to 500ms) and the router's own requests in flight; 0 routes with every engine's exact load")
 	fs.Uint64Var(&cfg.Seed, "seed", 1, "seed of the random draws (random policy, kv temperature)")
 	fs.StringVar(&cpuprofile, "cpuprofile", "", "write a CPU profile of the replay to this file")
 	return cmd
