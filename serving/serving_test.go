@@ -24,6 +24,7 @@ import (
 	"github.com/triplane-dev/triplane/planetest"
 	"github.com/triplane-dev/triplane/router"
 	"github.com/triplane-dev/triplane/serving"
+	"github.com/triplane-dev/triplane/serving/worker"
 )
 
 type env struct {
@@ -449,6 +450,35 @@ func TestAggregatedWorkerInADisaggregatedNamespace(t *testing.T) {
 	})
 	if st := agg.Stats(); st.Fallbacks != 0 || st.RemotePrefills != 0 {
 		t.Fatalf("aggregated worker stats %+v: the frontend booked a prefill worker for it", st)
+	}
+	// The control plane publishes what a sender needs (receivers and
+	// regions) for the worker that takes blocks, nothing for the others.
+	disc, err := control.NewDiscovery(e.planes.Etcd, control.DiscoveryConfig{Namespace: "test", Component: worker.Component, Endpoint: worker.Endpoint})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer disc.Close()
+	if err := disc.WaitReady(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	seen := 0
+	for _, in := range disc.Instances() {
+		p := in.GetDataPeer()
+		switch in.GetInstanceId() {
+		case dec.ID():
+			seen++
+			if p.GetTcpAddr() == "" || !p.GetTcpBlocksFrames() || len(p.GetRegions()) != 1 || p.GetRegions()[0].GetBlocks() == 0 {
+				t.Fatalf("decode worker's registration: data peer %v", p)
+			}
+		case agg.ID(), e.stack.Workers[0].ID():
+			seen++
+			if p != nil {
+				t.Fatalf("%s takes no blocks but registered data peer %v", in.GetInstanceId(), p)
+			}
+		}
+	}
+	if seen != 3 {
+		t.Fatalf("%d of the 3 workers registered", seen)
 	}
 }
 

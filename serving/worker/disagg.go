@@ -114,8 +114,19 @@ func (w *Worker) startDisagg() error {
 	return nil
 }
 
+// dataPeer is what this worker publishes on the control plane for peers
+// that send it blocks (nil when it takes none).
+func (w *Worker) dataPeer() *triplanev1.DataPeer {
+	if w.dataSrv == nil {
+		return nil
+	}
+	return w.peer()
+}
+
 // peer describes this worker's block receivers: TCP, and shared memory for
-// senders on the same host (the dialer picks by host id).
+// senders on the same host (the dialer picks by host id). It goes with each
+// prefill request too, so a prefill worker needs no control-plane read per
+// request.
 func (w *Worker) peer() *triplanev1.DataPeer {
 	p := &triplanev1.DataPeer{HostId: data.HostID(), TcpAddr: w.advertised(w.dataSrv.Addr()), TcpBlocksFrames: true,
 		Regions: []*triplanev1.DataRegion{w.region.Proto()}}

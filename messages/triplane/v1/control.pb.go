@@ -43,8 +43,12 @@ type InstanceInfo struct {
 	Metadata map[string]string `protobuf:"bytes,9,rep,name=metadata,proto3" json:"metadata,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	// When this registration was written, in Unix nanoseconds.
 	RegisteredUnixNanos int64 `protobuf:"varint,10,opt,name=registered_unix_nanos,json=registeredUnixNanos,proto3" json:"registered_unix_nanos,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// data_peer is what a peer needs to send the instance KV blocks: its
+	// block receivers and its registered regions (id, block size, blocks).
+	// Unset when the instance takes no blocks.
+	DataPeer      *DataPeer `protobuf:"bytes,11,opt,name=data_peer,json=dataPeer,proto3" json:"data_peer,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *InstanceInfo) Reset() {
@@ -147,6 +151,13 @@ func (x *InstanceInfo) GetRegisteredUnixNanos() int64 {
 	return 0
 }
 
+func (x *InstanceInfo) GetDataPeer() *DataPeer {
+	if x != nil {
+		return x.DataPeer
+	}
+	return nil
+}
+
 // NodeRegistration is the value of /triplane/<namespace>/nodes/<node-id>,
 // attached to the node's lease: a node is alive while the key exists.
 type NodeRegistration struct {
@@ -231,7 +242,7 @@ var File_triplane_v1_control_proto protoreflect.FileDescriptor
 
 const file_triplane_v1_control_proto_rawDesc = "" +
 	"\n" +
-	"\x19triplane/v1/control.proto\x12\vtriplane.v1\x1a\x16triplane/v1/node.proto\"\xd3\x03\n" +
+	"\x19triplane/v1/control.proto\x12\vtriplane.v1\x1a\x16triplane/v1/data.proto\x1a\x16triplane/v1/node.proto\"\x87\x04\n" +
 	"\fInstanceInfo\x12\x1c\n" +
 	"\tnamespace\x18\x01 \x01(\tR\tnamespace\x12\x1c\n" +
 	"\tcomponent\x18\x02 \x01(\tR\tcomponent\x12\x1a\n" +
@@ -244,7 +255,8 @@ const file_triplane_v1_control_proto_rawDesc = "" +
 	"\blease_id\x18\b \x01(\x03R\aleaseId\x12C\n" +
 	"\bmetadata\x18\t \x03(\v2'.triplane.v1.InstanceInfo.MetadataEntryR\bmetadata\x122\n" +
 	"\x15registered_unix_nanos\x18\n" +
-	" \x01(\x03R\x13registeredUnixNanos\x1a;\n" +
+	" \x01(\x03R\x13registeredUnixNanos\x122\n" +
+	"\tdata_peer\x18\v \x01(\v2\x15.triplane.v1.DataPeerR\bdataPeer\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xe2\x01\n" +
@@ -274,18 +286,20 @@ var file_triplane_v1_control_proto_goTypes = []any{
 	nil,                      // 2: triplane.v1.InstanceInfo.MetadataEntry
 	(*Endpoint)(nil),         // 3: triplane.v1.Endpoint
 	(*Health)(nil),           // 4: triplane.v1.Health
-	(*NodeInfo)(nil),         // 5: triplane.v1.NodeInfo
+	(*DataPeer)(nil),         // 5: triplane.v1.DataPeer
+	(*NodeInfo)(nil),         // 6: triplane.v1.NodeInfo
 }
 var file_triplane_v1_control_proto_depIdxs = []int32{
 	3, // 0: triplane.v1.InstanceInfo.addresses:type_name -> triplane.v1.Endpoint
 	4, // 1: triplane.v1.InstanceInfo.health:type_name -> triplane.v1.Health
 	2, // 2: triplane.v1.InstanceInfo.metadata:type_name -> triplane.v1.InstanceInfo.MetadataEntry
-	5, // 3: triplane.v1.NodeRegistration.node:type_name -> triplane.v1.NodeInfo
-	4, // [4:4] is the sub-list for method output_type
-	4, // [4:4] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	5, // 3: triplane.v1.InstanceInfo.data_peer:type_name -> triplane.v1.DataPeer
+	6, // 4: triplane.v1.NodeRegistration.node:type_name -> triplane.v1.NodeInfo
+	5, // [5:5] is the sub-list for method output_type
+	5, // [5:5] is the sub-list for method input_type
+	5, // [5:5] is the sub-list for extension type_name
+	5, // [5:5] is the sub-list for extension extendee
+	0, // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_triplane_v1_control_proto_init() }
@@ -293,6 +307,7 @@ func file_triplane_v1_control_proto_init() {
 	if File_triplane_v1_control_proto != nil {
 		return
 	}
+	file_triplane_v1_data_proto_init()
 	file_triplane_v1_node_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{
