@@ -247,19 +247,25 @@ func readBlockTable(br *bufio.Reader, h Header, buf []blockSum) ([]blockSum, err
 	}
 	crc := crc32.Update(0, castagnoli, head[:])
 	buf = buf[:0]
-	var e [blockEntry]byte
 	var total uint64
-	for range count {
-		if _, err := io.ReadFull(br, e[:]); err != nil {
+	// The entries are checksummed and parsed where they sit in br's
+	// buffer, as much of them at a time as it holds.
+	for left := int(count) * blockEntry; left > 0; {
+		b, err := br.Peek(min(left, br.Size()/blockEntry*blockEntry))
+		if err != nil {
 			return nil, tableErr(h, err)
 		}
-		crc = crc32.Update(crc, castagnoli, e[:])
-		p := blockSum{n: binary.LittleEndian.Uint32(e[0:]), crc: binary.LittleEndian.Uint32(e[4:])}
-		if p.n == 0 {
-			return nil, reject("malformed", fmt.Errorf("%w: blocks frame %d: a block of 0 bytes", ErrBadFrame, h.Seq))
+		crc = crc32.Update(crc, castagnoli, b)
+		for i := 0; i < len(b); i += blockEntry {
+			p := blockSum{n: binary.LittleEndian.Uint32(b[i:]), crc: binary.LittleEndian.Uint32(b[i+4:])}
+			if p.n == 0 {
+				return nil, reject("malformed", fmt.Errorf("%w: blocks frame %d: a block of 0 bytes", ErrBadFrame, h.Seq))
+			}
+			total += uint64(p.n)
+			buf = append(buf, p)
 		}
-		total += uint64(p.n)
-		buf = append(buf, p)
+		br.Discard(len(b))
+		left -= len(b)
 	}
 	if crc != h.CRC {
 		return nil, reject("malformed", fmt.Errorf("%w: blocks frame %d: block table checksum %#x, frame says %#x", ErrBadFrame, h.Seq, crc, h.CRC))

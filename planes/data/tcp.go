@@ -190,20 +190,12 @@ func coalesce(fs []frame, size, blocks int) []run {
 // them from cache.
 func (r run) prepare(hdr []byte) ([]byte, uint32) {
 	if len(r.parts) == 1 {
-		f := r.parts[0]
-		if f.hasCRC {
-			return hdr, f.crc
-		}
-		return hdr, checksumCold(f.src)
+		return hdr, r.parts[0].checksum()
 	}
 	b := make([]byte, HeaderSize, HeaderSize+blockTableHeader+blockEntry*len(r.parts))
 	b = appendBlockTable(b, len(r.parts))
 	for _, f := range r.parts {
-		crc := f.crc
-		if !f.hasCRC {
-			crc = checksumCold(f.src)
-		}
-		b = appendBlock(b, uint32(len(f.src)), crc)
+		b = appendBlock(b, uint32(len(f.src)), f.checksum())
 	}
 	return b, Checksum(b[HeaderSize:])
 }

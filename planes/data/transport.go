@@ -240,6 +240,15 @@ type frame struct {
 	hasCRC bool
 }
 
+// checksum is the frame's CRC: the one its op came with, else computed
+// (from memory that is likely not cached).
+func (f frame) checksum() uint32 {
+	if f.hasCRC {
+		return f.crc
+	}
+	return checksumCold(f.src)
+}
+
 // split cuts ops into frames of at most size bytes after checking them.
 func split(ops []Op, size int) ([]frame, error) {
 	var fs []frame
