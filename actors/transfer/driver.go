@@ -367,8 +367,7 @@ func (d *Driver) transient(err error) bool {
 func (d *Driver) pause(p phase, msg proto.Message, err error, o Outcome) Action {
 	d.tries++
 	d.resume, d.resumeMsg = p, msg
-	half := min(d.pace.BackoffMin<<(d.tries-1), d.pace.BackoffMax) / 2
-	wait := half + time.Duration(o.Jitter%uint64(half+1))
+	wait := jittered(min(d.pace.BackoffMin<<(d.tries-1), d.pace.BackoffMax), o.Jitter)
 	return d.set(pausing, Action{Op: OpWait, Wait: wait, State: d.st, Again: err})
 }
 
@@ -385,9 +384,14 @@ func (d *Driver) reported(st *triplanev1.TransferState, err error, o Outcome) Ac
 	if !running(st) {
 		return d.end()
 	}
-	half := d.backoff / 2
-	wait := half + time.Duration(o.Jitter%uint64(half+1))
-	return d.set(waiting, Action{Op: OpWait, Wait: wait, State: st})
+	return d.set(waiting, Action{Op: OpWait, Wait: jittered(d.backoff, o.Jitter), State: st})
+}
+
+// jittered is a wait between half of backoff and backoff, drawn from
+// jitter.
+func jittered(backoff time.Duration, jitter uint64) time.Duration {
+	half := backoff / 2
+	return half + time.Duration(jitter%uint64(half+1))
 }
 
 func (d *Driver) cancel(stop error) Action {

@@ -75,7 +75,8 @@ type Config struct {
 
 // Supervisor drives transfer sessions.
 type Supervisor struct {
-	cfg Config
+	cfg  Config
+	pace Pacing // cfg's pacing with the defaults filled in
 
 	mu      sync.Mutex
 	running map[string]context.CancelCauseFunc
@@ -86,15 +87,14 @@ func NewSupervisor(cfg Config) (*Supervisor, error) {
 	if cfg.Host == nil {
 		return nil, errors.New("transfer: supervisor needs an actor host")
 	}
-	p := Pacing{RangeBlocks: cfg.RangeBlocks, BackoffMin: cfg.BackoffMin, BackoffMax: cfg.BackoffMax}.withDefaults()
-	cfg.RangeBlocks, cfg.BackoffMin, cfg.BackoffMax = p.RangeBlocks, p.BackoffMin, p.BackoffMax
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	if cfg.Metrics == nil {
 		cfg.Metrics = NewMetrics(nil)
 	}
-	return &Supervisor{cfg: cfg, running: map[string]context.CancelCauseFunc{}}, nil
+	return &Supervisor{cfg: cfg, running: map[string]context.CancelCauseFunc{},
+		pace: Pacing{RangeBlocks: cfg.RangeBlocks, BackoffMin: cfg.BackoffMin, BackoffMax: cfg.BackoffMax}.withDefaults()}, nil
 }
 
 // ErrAlreadyRunning: Run was asked for a session this supervisor is
@@ -133,7 +133,7 @@ func (s *Supervisor) Run(ctx context.Context, spec Spec) (*triplanev1.TransferSt
 	if dial == nil {
 		return nil, fmt.Errorf("transfer %s: no dial function in the spec or the supervisor", spec.ID)
 	}
-	d, err := NewDriver(spec, Pacing{RangeBlocks: s.cfg.RangeBlocks, BackoffMin: s.cfg.BackoffMin, BackoffMax: s.cfg.BackoffMax})
+	d, err := NewDriver(spec, s.pace)
 	if err != nil {
 		return nil, err
 	}
