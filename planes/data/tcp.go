@@ -265,7 +265,9 @@ func (l *lane) send(ctx context.Context, c *call, fs []run) error {
 			seq := l.seq
 			l.pending = append(l.pending, pendingFrame{crc: crc, n: uint32(r.dst.Length), c: c})
 			l.mu.Unlock()
-			hdrs = hdrs[:len(hdrs)+HeaderSize]
+			if len(r.parts) == 1 {
+				hdrs = hdrs[:len(hdrs)+HeaderSize] // h is this slot
+			}
 			r.header(h, seq, crc)
 			bufs = append(bufs, h)
 			for _, f := range r.parts {

@@ -406,14 +406,15 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 
 // prefillWorker picks a prefill worker when the prompt's uncached part on
 // the chosen decode worker is long enough and a prefill worker's queue has
-// room; "" means the decode worker prefills. An aggregated decode worker
-// (a node without --disagg) takes no blocks: it prefills itself.
+// room; "" means the decode worker prefills. A decode worker that
+// publishes no data peer takes no blocks (an aggregated worker, a node
+// without --disagg): it prefills itself.
 func (f *Frontend) prefillWorker(ctx context.Context, decode *triplanev1.InstanceInfo, routeID string, hashes []uint64, overlap, generated int) (string, func()) {
 	d := f.cfg.Disagg
 	if d == nil || generated > 0 {
 		return "", func() {}
 	}
-	if decode.GetMetadata()["role"] == worker.RoleAggregated {
+	if decode.GetDataPeer() == nil {
 		f.metrics.prefills.WithLabelValues("local").Inc()
 		return "", func() {}
 	}

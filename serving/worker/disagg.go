@@ -87,6 +87,11 @@ func (w *Worker) startDisagg() error {
 				return fmt.Errorf("data plane: %w", err)
 			}
 		}
+		// What a sender needs: published on the control plane and sent
+		// with each prefill request (so a prefill worker reads no etcd per
+		// request), with the TCP address peers can dial.
+		w.dataPeer = data.Peer(regions, w.dataSrv, w.shmSrv)
+		w.dataPeer.TcpAddr = w.advertised(w.dataPeer.TcpAddr)
 	}
 	if prefills(w.cfg.Role) && w.cfg.Host != nil {
 		// One dialer and one supervisor for every prefill this worker
@@ -112,28 +117,6 @@ func (w *Worker) startDisagg() error {
 		}
 	}
 	return nil
-}
-
-// dataPeer is what this worker publishes on the control plane for peers
-// that send it blocks (nil when it takes none).
-func (w *Worker) dataPeer() *triplanev1.DataPeer {
-	if w.dataSrv == nil {
-		return nil
-	}
-	return w.peer()
-}
-
-// peer describes this worker's block receivers: TCP, and shared memory for
-// senders on the same host (the dialer picks by host id). It goes with each
-// prefill request too, so a prefill worker needs no control-plane read per
-// request.
-func (w *Worker) peer() *triplanev1.DataPeer {
-	p := &triplanev1.DataPeer{HostId: data.HostID(), TcpAddr: w.advertised(w.dataSrv.Addr()), TcpBlocksFrames: true,
-		Regions: []*triplanev1.DataRegion{w.region.Proto()}}
-	if w.shmSrv != nil {
-		p.ShmSocket = w.shmSrv.Path()
-	}
-	return p
 }
 
 // Endpoints lists what the worker serves, as registered on the control
@@ -247,7 +230,7 @@ func (w *Worker) importPrefix(ctx context.Context, req *triplanev1.GenerateReque
 	}
 	descs := make([]data.Descriptor, len(slots))
 	preq := &triplanev1.PrefillRequest{RequestId: req.RequestId, Tokens: req.Tokens, BlockHashes: hashes[res.Cached:],
-		Peer:              w.peer(),
+		Peer:              w.dataPeer,
 		SessionId:         fmt.Sprintf("kv-%s-%s", w.cfg.ID, req.RequestId),
 		DeadlineUnixNanos: deadline.UnixNano()}
 	w.mu.Lock()

@@ -125,6 +125,9 @@ type Worker struct {
 	shmDir  string
 	prefill *event.Subscription
 	xfer    *transfer.Metrics
+	// dataPeer describes the block receivers and staging region of a
+	// worker that takes blocks (nil otherwise); read-only once started.
+	dataPeer *triplanev1.DataPeer
 	// dialer and sup send a prefill worker's blocks (nil otherwise).
 	dialer *data.Dialer
 	sup    *transfer.Supervisor
@@ -297,7 +300,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if cfg.Registrar != nil {
 		err = cfg.Registrar.Register(ctx, &triplanev1.InstanceInfo{
 			Component: Component, Endpoint: Endpoint, InstanceId: cfg.ID,
-			Addresses: w.Endpoints(), DataPeer: w.dataPeer(),
+			Addresses: w.Endpoints(), DataPeer: w.dataPeer,
 			Metadata: map[string]string{"model": cfg.Model, "block_size": fmt.Sprint(eng.Config().BlockSize),
 				"engine": "mocker", "role": cfg.Role, "host_id": data.HostID()},
 		})
@@ -319,7 +322,7 @@ func (w *Worker) ID() string { return w.cfg.ID }
 // Info is the worker's registration, for callers that route without etcd.
 func (w *Worker) Info() *triplanev1.InstanceInfo {
 	return &triplanev1.InstanceInfo{Namespace: w.cfg.Namespace, Component: Component, Endpoint: Endpoint, InstanceId: w.cfg.ID,
-		Addresses: w.Endpoints(), DataPeer: w.dataPeer(), Metadata: map[string]string{"model": w.cfg.Model, "role": w.cfg.Role}}
+		Addresses: w.Endpoints(), DataPeer: w.dataPeer, Metadata: map[string]string{"model": w.cfg.Model, "role": w.cfg.Role}}
 }
 
 func (w *Worker) loadReport() *triplanev1.LoadReport {

@@ -6,6 +6,7 @@
 package databench
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -219,16 +220,11 @@ func measureBlock(ctx context.Context, cfg Config, dir string, bs int, recv, src
 // busy meanwhile.
 type sample struct{ gbps, cores float64 }
 
-// medianOf takes the median throughput and, separately, the median cores.
+// medianOf is the round with the median throughput (its cores with it).
 func medianOf(xs []sample) sample {
-	g := make([]float64, len(xs))
-	c := make([]float64, len(xs))
-	for i, x := range xs {
-		g[i], c[i] = x.gbps, x.cores
-	}
-	slices.Sort(g)
-	slices.Sort(c)
-	return sample{gbps: g[len(g)/2], cores: c[len(c)/2]}
+	xs = slices.Clone(xs)
+	slices.SortFunc(xs, func(a, b sample) int { return cmp.Compare(a.gbps, b.gbps) })
+	return xs[len(xs)/2]
 }
 
 // clock reads the wall clock and the process's CPU time (user and system,
