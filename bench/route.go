@@ -328,7 +328,6 @@ type sim struct {
 	// With LoadInterval: the last reports, when the next is due, and the
 	// router's flights.
 	reports    []router.Report
-	reported   bool
 	nextReport time.Duration
 	flights    *router.Flights
 }
@@ -349,7 +348,6 @@ func (s *sim) reportUntil(t time.Duration) {
 			l := w.eng.Load()
 			s.reports[k] = router.Report{BlocksUsed: l.BlocksUsed, BlocksTotal: l.BlocksTotal, Waiting: l.Waiting, SentAt: epoch.Add(s.nextReport)}
 		}
-		s.reported = true
 		s.nextReport += s.cfg.LoadInterval
 	}
 }
@@ -413,13 +411,17 @@ func (s *sim) iterate(k int) error {
 		}
 		if !f.started && len(o.Tokens) > 0 {
 			f.started = true
-			s.flights.Started(w.id, o.ID)
+			if s.cfg.LoadInterval > 0 {
+				s.flights.Started(w.id, o.ID)
+			}
 			s.res.HitBlocks += o.CachedTokens / s.cfg.BlockSize
 			s.ttfts = append(s.ttfts, s.now-f.arrival)
 		}
 		if o.Finished {
 			delete(s.live, o.ID)
-			s.flights.Done(w.id, o.ID)
+			if s.cfg.LoadInterval > 0 {
+				s.flights.Done(w.id, o.ID)
+			}
 		}
 	}
 	w.pending = engine.Step{}
@@ -453,15 +455,13 @@ func (s *sim) arrive(at time.Duration, i int, rec *workload.Record, tokens []uin
 	}
 	s.now = at
 	for k, w := range s.ws {
-		switch {
-		case s.cfg.LoadInterval <= 0:
-			l := w.eng.Load()
-			s.cands[k] = router.Candidate{ID: w.id, Active: l.Active + l.Waiting, Waiting: l.Waiting, BlocksUsed: l.BlocksUsed, BlocksTotal: l.BlocksTotal}
-		case s.reported:
+		if s.cfg.LoadInterval > 0 {
+			// advance took the report due at 0 or since.
 			s.cands[k] = s.flights.Candidate(w.id, &s.reports[k])
-		default:
-			s.cands[k] = s.flights.Candidate(w.id, nil)
+			continue
 		}
+		l := w.eng.Load()
+		s.cands[k] = router.Candidate{ID: w.id, Active: l.Active + l.Waiting, Waiting: l.Waiting, BlocksUsed: l.BlocksUsed, BlocksTotal: l.BlocksTotal}
 	}
 	d, err := router.Choose(s.policy, s.cfg.Params, router.RequestOf(hashes), s.ix.WithOverlap(hashes, s.cands), uint64(i), s.rng.Float64())
 	if err != nil {

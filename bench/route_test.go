@@ -144,6 +144,17 @@ func TestRouteWithLoadReports(t *testing.T) {
 	if a[0].HitRatio() <= a[1].HitRatio() {
 		t.Errorf("kv hit ratio %.3f not above round-robin's %.3f", a[0].HitRatio(), a[1].HitRatio())
 	}
+	// The reports are what kv routes by: with exact loads it decides
+	// differently (round-robin reads no load and does not change).
+	cfg.LoadInterval = 0
+	exact, err := bench.Route(context.Background(), cfg, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	exact[0].Wall, exact[1].Wall = 0, 0
+	if equalResults(exact[0], a[0]) || !equalResults(exact[1], a[1]) {
+		t.Errorf("kv with reports %+v\nkv with exact loads %+v\nround-robin %+v / %+v", a[0], exact[0], a[1], exact[1])
+	}
 }
 
 // The ceiling counts a block when an earlier request had the same prefix of
