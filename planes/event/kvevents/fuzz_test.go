@@ -34,6 +34,19 @@ func FuzzDecodeKvEvents(f *testing.F) {
 	})
 }
 
+// framed cuts messages the way FuzzSequencerAndLog reads them: a byte
+// saying the length (1..64, as length-1), then the message.
+func framed(msgs ...[]byte) []byte {
+	var out []byte
+	for _, m := range msgs {
+		if len(m) == 0 || len(m) > 64 {
+			panic("a fuzz seed's message must be 1..64 bytes")
+		}
+		out = append(append(out, byte(len(m)-1)), m...)
+	}
+	return out
+}
+
 // FuzzSequencerAndLog feeds a Sequencer whatever comes off the wire: each
 // input is cut into messages decoded as batches (ingested) or resend
 // replies (handed to a repair), and a Log answers resend requests built
@@ -48,8 +61,8 @@ func FuzzSequencerAndLog(f *testing.F) {
 		Blocks: []*triplanev1.KvDumpBlock{{Hash: 2}}}}}
 	b, _ := proto.Marshal(batch)
 	d, _ := proto.Marshal(dump)
-	f.Add(b, uint64(1), uint64(3))
-	f.Add(append(append([]byte{byte(len(b))}, b...), d...), uint64(0), uint64(1<<40))
+	f.Add(framed(b), uint64(1), uint64(3))
+	f.Add(framed(b, d), uint64(0), uint64(1<<40))
 	f.Fuzz(func(t *testing.T, data []byte, from, to uint64) {
 		const maxPending = 8
 		s := kvevents.NewSequencer(kvevents.SequencerConfig{MaxPending: maxPending, MaxWorkers: 4})
