@@ -103,12 +103,6 @@ func (b *Bus) Partition(client string, d time.Duration) {
 	b.w.Tracef("bus: client %s partitioned for %s", client, d)
 }
 
-// Cut reports whether client is partitioned off now.
-func (b *Bus) Cut(client string) bool {
-	c := b.conns[client]
-	return c != nil && b.isCut(c)
-}
-
 func (b *Bus) isCut(c *busConn) bool { return b.w.Now().Before(c.cut) }
 
 // checkSubject accepts a subject to publish on: tokens, no wildcards. It

@@ -6,7 +6,6 @@ import (
 	"iter"
 	"maps"
 	"slices"
-	"strconv"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -187,13 +186,7 @@ func (h *Host) handle(s *simActor, c pending) {
 			h.apply(s, d.Events)
 		}
 		s.pos = pos
-		// Tracef("%s %s persisted %d events, seq %d"), by hand: one line
-		// per command.
-		line := append(h.w.traceStamp(), s.addr.Kind...)
-		line = append(append(append(append(line, '/'), s.addr.ID...), ' '), c.id...)
-		line = strconv.AppendInt(append(line, " persisted "...), int64(len(d.Events)), 10)
-		line = strconv.AppendUint(append(line, " events, seq "...), pos.Seq, 10)
-		h.w.traceLine(line)
+		h.w.Tracef("%s %s persisted %d events, seq %d", s.addr, c.id, len(d.Events), pos.Seq)
 		if h.Disk != nil && h.SnapshotEvery > 0 && pos.Seq-s.snap >= h.SnapshotEvery && h.PlantedBug != "snapshot-before-persist" {
 			h.Disk.Write(s.addr, pos, s.state)
 			s.snap = pos.Seq

@@ -90,10 +90,6 @@ type simWorker struct {
 	lease   int64 // 0: not registered (etcd unavailable): the next round tries
 	step    bool  // a step is scheduled
 	running map[string]*simRequest
-	// outputs are the running requests of the last step's outputs, by
-	// place (stepWorker's shortcut past running; cleared when a request
-	// leaves running).
-	outputs []*simRequest
 	// The worker's subjects and its step, made once (a worker object is
 	// one epoch: a restart makes a new one).
 	eventsSubject, loadSubject string
@@ -372,18 +368,21 @@ func (s *servingRun) route(req *simRequest) {
 		reply := m.(*triplanev1.RouteReply)
 		choice := reply.Worker
 		wk := s.workers[choice]
-		if !s.listed[choice] && s.bug != BugStaleRoute {
-			// The decision waited (the router actor was recovering) and
-			// discovery has removed the worker since: route again.
-			s.reroutes++
-			w.After(time.Millisecond, func() { s.route(req) })
-			return
-		}
-		if !wk.alive && !s.listed[choice] {
-			// Known dead: discovery dropped it (its lease expired) before
-			// the request was sent.
-			s.fail(fmt.Errorf("invariant dead-routing: request %s routed to %s, dead for %s and dropped by discovery",
-				req.id, choice, w.Now().Sub(wk.diedAt)))
+		if !s.listed[choice] {
+			if s.bug != BugStaleRoute {
+				// The decision waited (the router actor was recovering)
+				// and discovery has removed the worker since: route again.
+				s.reroutes++
+				w.After(time.Millisecond, func() { s.route(req) })
+				return
+			}
+			if !wk.alive {
+				// The planted bug sends it anyway to a worker known dead:
+				// discovery dropped it (its lease expired) before the
+				// request was sent.
+				s.fail(fmt.Errorf("invariant dead-routing: request %s routed to %s, dead for %s and dropped by discovery",
+					req.id, choice, w.Now().Sub(wk.diedAt)))
+			}
 		}
 		s.flights.Add(choice, req.id, w.Now(), len(req.hashes)-int(reply.Overlap))
 		// The stream to the worker takes a moment to open.
@@ -437,20 +436,11 @@ func (s *servingRun) stepWorker(wk *simWorker, epoch int) {
 	for _, e := range kvevents.FromEngine(st.Events) {
 		s.send(wk, wk.log.Append(e))
 	}
-	for i, o := range st.Outputs {
-		// The engine lists its running requests in the same order step
-		// after step: the request at the same place last step is usually
-		// this one (only requests still running are remembered there).
-		var req *simRequest
-		if i < len(wk.outputs) && wk.outputs[i] != nil && wk.outputs[i].id == o.ID {
-			req = wk.outputs[i]
-		} else if req = wk.running[o.ID]; req == nil {
+	for _, o := range st.Outputs {
+		req := wk.running[o.ID]
+		if req == nil {
 			continue
 		}
-		if i >= len(wk.outputs) {
-			wk.outputs = append(wk.outputs, make([]*simRequest, i+1-len(wk.outputs))...)
-		}
-		wk.outputs[i] = req
 		req.generated += len(o.Tokens)
 		if !req.started && len(o.Tokens) > 0 {
 			req.started = true
@@ -459,7 +449,6 @@ func (s *servingRun) stepWorker(wk *simWorker, epoch int) {
 		if o.Finished {
 			s.flights.Done(wk.id, req.id)
 			delete(wk.running, o.ID)
-			clear(wk.outputs)
 			if o.Err != nil {
 				req.failed = o.Err
 			} else if req.generated != req.maxTokens {
@@ -614,7 +603,6 @@ func (s *servingRun) crashWorker(id string) {
 		w.After(time.Millisecond, func() { s.route(req) })
 	}
 	wk.running = map[string]*simRequest{}
-	clear(wk.outputs)
 	// Its keep-alives stop: discovery drops it when the lease expires. It
 	// usually comes back before that, sometimes only after the grace (so
 	// the discovery invariant can see a dead worker listed too long).

@@ -148,13 +148,15 @@ func (w *World) Rand() *rand.Rand { return w.rng }
 func (w *World) Chance(p float64) bool { return p > 0 && w.rng.Float64() < p }
 
 // After runs fn after d of virtual time.
-func (w *World) After(d time.Duration, fn func()) {
+func (w *World) After(d time.Duration, fn func()) { w.after(d, eventFn{fn: fn}) }
+
+func (w *World) after(d time.Duration, e eventFn) {
 	if d < 0 {
 		d = 0
 	}
 	at := addSat(w.now, d) // past the end of time: never runs, and the clock cannot wrap
 	w.seq++
-	w.queue.push(at, w.seq, eventFn{fn: fn})
+	w.queue.push(at, w.seq, e)
 }
 
 // reserve sets aside n scheduling positions for events that will be
@@ -175,11 +177,7 @@ func (w *World) at(t time.Duration, seq uint64, fn func()) {
 
 // afterCall runs call(arg) after d of virtual time, as After does.
 func (w *World) afterCall(d time.Duration, call func(any), arg any) {
-	if d < 0 {
-		d = 0
-	}
-	w.seq++
-	w.queue.push(addSat(w.now, d), w.seq, eventFn{call: call, arg: arg})
+	w.after(d, eventFn{call: call, arg: arg})
 }
 
 // Pending is the number of scheduled events.
@@ -248,8 +246,7 @@ func (w *World) traceStamp() []byte {
 
 // traceLine ends a line begun by traceStamp: it goes into the trace hash
 // (FNV-1a over the previous hash's 8 bytes, little-endian, then the line)
-// and is kept while under the limit. Tracef formats lines this way and hot
-// callers append theirs by hand: the same bytes either way.
+// and is kept while under the limit.
 func (w *World) traceLine(text []byte) {
 	start := len(w.text)
 	line := text[start:]
