@@ -6,9 +6,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"io"
-	"sync/atomic"
+
+	"github.com/triplane-dev/triplane/planes/data/crc32c"
 )
 
 // Wire format of block frames (TCP lanes and the shared-memory control
@@ -118,40 +118,8 @@ func (h Header) Desc() Descriptor {
 	return Descriptor{Region: h.Region, Offset: h.Offset, Length: uint64(h.Length)}
 }
 
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
-// Checksum is CRC-32C of b.
-func Checksum(b []byte) uint32 { return crc32.Checksum(b, castagnoli) }
-
-// checksumPiece is the step of checksumCold: small enough that a piece
-// stays in L1 between its touch and its checksum.
-const checksumPiece = 16 << 10
-
-// touchSink keeps the compiler from dropping the loads of touch.
-var touchSink atomic.Uint32
-
-// checksumCold is Checksum for bytes that are likely not in cache (a block
-// of a large region, or one another core just wrote). CRC-32C consumes its
-// input one dependent step after another, so on memory that is not cached
-// it stalls on every miss (~4.5 GB/s here against ~15 GB/s cached); first
-// touching a piece with independent loads, one per cache line, brings it
-// in with many misses in flight, and the checksum then runs from L1
-// (~6.5 GB/s overall).
-func checksumCold(b []byte) uint32 {
-	var crc uint32
-	var t byte
-	for off := 0; off < len(b); off += checksumPiece {
-		p := b[off:min(off+checksumPiece, len(b))]
-		for i := 0; i < len(p); i += 64 {
-			t += p[i]
-		}
-		crc = crc32.Update(crc, castagnoli, p)
-	}
-	if t == 0x5a && crc == 0x5a5a5a5a {
-		touchSink.Add(1)
-	}
-	return crc
-}
+// Checksum is CRC-32C of b, the checksum of every block and frame.
+func Checksum(b []byte) uint32 { return crc32c.Checksum(b) }
 
 // ErrBadFrame: the bytes are not a valid frame.
 var ErrBadFrame = errors.New("data: malformed frame")
@@ -168,7 +136,7 @@ func (h Header) Encode(b []byte) {
 	binary.LittleEndian.PutUint64(b[16:], h.Offset)
 	binary.LittleEndian.PutUint64(b[24:], h.Seq)
 	binary.LittleEndian.PutUint32(b[32:], h.CRC)
-	binary.LittleEndian.PutUint32(b[36:], crc32.Checksum(b[:36], castagnoli))
+	binary.LittleEndian.PutUint32(b[36:], crc32c.Checksum(b[:36]))
 }
 
 // DecodeHeader parses and validates a header: magic, header checksum, known
@@ -180,7 +148,7 @@ func DecodeHeader(b []byte) (Header, error) {
 	if m := binary.LittleEndian.Uint32(b[0:]); m != magic {
 		return Header{}, fmt.Errorf("%w: bad magic %#x", ErrBadFrame, m)
 	}
-	if want, got := crc32.Checksum(b[:36], castagnoli), binary.LittleEndian.Uint32(b[36:]); want != got {
+	if want, got := crc32c.Checksum(b[:36]), binary.LittleEndian.Uint32(b[36:]); want != got {
 		return Header{}, fmt.Errorf("%w: header checksum %#x, computed %#x", ErrBadFrame, got, want)
 	}
 	if b[5] != 0 || binary.LittleEndian.Uint16(b[6:]) != 0 {
@@ -245,7 +213,7 @@ func readBlockTable(br *bufio.Reader, h Header, buf []blockSum) ([]blockSum, err
 	if count == 0 || count > MaxFrameBlocks || binary.LittleEndian.Uint32(head[4:]) != 0 {
 		return nil, reject("malformed", fmt.Errorf("%w: blocks frame %d: %d blocks (want 1..%d) or reserved bits set", ErrBadFrame, h.Seq, count, MaxFrameBlocks))
 	}
-	crc := crc32.Update(0, castagnoli, head[:])
+	crc := crc32c.Checksum(head[:])
 	buf = buf[:0]
 	var total uint64
 	// The entries are checksummed and parsed where they sit in br's
@@ -255,7 +223,7 @@ func readBlockTable(br *bufio.Reader, h Header, buf []blockSum) ([]blockSum, err
 		if err != nil {
 			return nil, tableErr(h, err)
 		}
-		crc = crc32.Update(crc, castagnoli, b)
+		crc = crc32c.Update(crc, b)
 		for i := 0; i < len(b); i += blockEntry {
 			p := blockSum{n: binary.LittleEndian.Uint32(b[i:]), crc: binary.LittleEndian.Uint32(b[i+4:])}
 			if p.n == 0 {

@@ -6,11 +6,12 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"hash/crc32"
 	"io"
 	"log/slog"
 	"net"
 	"time"
+
+	"github.com/triplane-dev/triplane/planes/data/crc32c"
 )
 
 // Landed reports that the bytes of one frame landed in a region and their
@@ -169,7 +170,7 @@ func readBlocks(br *bufio.Reader, h Header, dst []byte, blocks []blockSum) error
 		n, err := br.Read(dst[off:min(off+256<<10, len(dst))])
 		for p := off; p < off+n; {
 			q := min(off+n, end)
-			crc = crc32.Update(crc, castagnoli, dst[p:q])
+			crc = crc32c.Update(crc, dst[p:q])
 			p = q
 			if p < end {
 				continue

@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planes/data/crc32c"
 )
 
 // Shared memory: the receiver serves a unix socket. A sender on the same
@@ -129,8 +130,9 @@ func (s *ShmServer) handle(c *net.UnixConn, br *bufio.Reader, bw *bufio.Writer) 
 			}
 			if !s.skipVerify {
 				// The sender wrote these bytes from another core, maybe
-				// with non-temporal stores: they are not in this cache.
-				if got := checksumCold(mem); got != h.CRC {
+				// with non-temporal stores: they are not in this cache
+				// (crc32c reads ahead).
+				if got := Checksum(mem); got != h.CRC {
 					return reject("checksum", fmt.Errorf("landed frame %d: %s: checksum %#x, frame says %#x", h.Seq, h.Desc(), got, h.CRC))
 				}
 			}
@@ -458,7 +460,7 @@ func (t *shmTransport) write(ctx context.Context, ops []Op) error {
 			crc = f.crc
 			copy(dst, f.src)
 		default:
-			crc = copyChecksum(dst, f.src)
+			crc = crc32c.Copy(dst, f.src) // the one copy, checksummed as it goes
 		}
 		t.seq++
 		hdrs = hdrs[:len(hdrs)+HeaderSize]
@@ -481,15 +483,4 @@ func (t *shmTransport) write(ctx context.Context, ops []Op) error {
 	t.o.Metrics.bytesSent.WithLabelValues("shm").Add(float64(bytes))
 	t.o.Metrics.framesSent.WithLabelValues("shm").Add(float64(len(frames)))
 	return nil
-}
-
-// copyChecksum copies src into dst (the one copy) and returns the checksum
-// of the source bytes, read again right after the copy brought them into
-// cache. The copy is one memmove per frame: from 1 MiB up the runtime uses
-// non-temporal stores, which skip reading the destination lines first and
-// run twice as fast as copying small pieces. The checksum is of the source,
-// so the receiver's verification checks the copy end to end.
-func copyChecksum(dst, src []byte) uint32 {
-	copy(dst, src)
-	return Checksum(src)
 }

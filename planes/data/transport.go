@@ -241,12 +241,12 @@ type frame struct {
 }
 
 // checksum is the frame's CRC: the one its op came with, else computed
-// (from memory that is likely not cached).
+// (from memory that is likely not cached, which crc32c reads ahead of).
 func (f frame) checksum() uint32 {
 	if f.hasCRC {
 		return f.crc
 	}
-	return checksumCold(f.src)
+	return Checksum(f.src)
 }
 
 // split cuts ops into frames of at most size bytes after checking them.

@@ -1,0 +1,127 @@
+package crc32c
+
+import (
+	"bytes"
+	"hash/crc32"
+	"math/rand/v2"
+	"testing"
+)
+
+var want = crc32.MakeTable(crc32.Castagnoli)
+
+// lengths around every boundary of the fast path: below a stripe, at it,
+// with the alignment head, several stripes and a tail.
+var lengths = []int{0, 1, 7, 8, 15, 16, 31, 33, lane - 1, lane, stripe - 1, stripe, stripe + 1, stripe + 15, stripe + 16,
+	stripe + 17, 2*stripe + 100, 5*stripe + 4095, ntMin - 1, ntMin, ntMin + 15, ntMin + 16, ntMin + stripe + 17, 1 << 20, 1<<20 + 13}
+
+func filled(n int, seed uint64) []byte {
+	b := make([]byte, n)
+	r := rand.New(rand.NewPCG(seed, uint64(n)))
+	for i := range b {
+		b[i] = byte(r.Uint32())
+	}
+	return b
+}
+
+// both runs f on the fast path (where the machine has it) and on the
+// standard library's.
+func both(t *testing.T, f func(t *testing.T)) {
+	t.Helper()
+	saved := fast
+	defer func() { fast = saved }()
+	for _, on := range []bool{saved, false} {
+		fast = on
+		f(t)
+	}
+}
+
+func TestChecksumMatchesHashCRC32(t *testing.T) {
+	both(t, func(t *testing.T) {
+		for _, n := range lengths {
+			buf := filled(n+64, 1)
+			for off := range 17 { // every alignment of the input
+				b := buf[off : off+n]
+				if got, w := Checksum(b), crc32.Checksum(b, want); got != w {
+					t.Fatalf("fast %v, %d bytes at offset %d: %#x, want %#x", fast, n, off, got, w)
+				}
+			}
+		}
+	})
+}
+
+func TestUpdateChains(t *testing.T) {
+	both(t, func(t *testing.T) {
+		b := filled(3*stripe+777, 2)
+		w := crc32.Checksum(b, want)
+		for _, cut := range []int{0, 1, 100, stripe, stripe + 5, 2*stripe - 3, len(b)} {
+			if got := Update(Checksum(b[:cut]), b[cut:]); got != w {
+				t.Fatalf("fast %v, cut at %d: %#x, want %#x", fast, cut, got, w)
+			}
+		}
+	})
+}
+
+func TestCopyCopiesAndChecksums(t *testing.T) {
+	both(t, func(t *testing.T) {
+		for _, n := range lengths {
+			src := filled(n+32, 3)
+			dstBuf := make([]byte, n+64)
+			for _, so := range []int{0, 3, 8} {
+				for do := range 17 { // every alignment of the destination
+					s := src[so : so+n]
+					clear(dstBuf)
+					got := Copy(dstBuf[do:], s)
+					if w := crc32.Checksum(s, want); got != w {
+						t.Fatalf("fast %v, %d bytes, src+%d dst+%d: %#x, want %#x", fast, n, so, do, got, w)
+					}
+					if !bytes.Equal(dstBuf[do:do+n], s) {
+						t.Fatalf("fast %v, %d bytes, src+%d dst+%d: the copy differs", fast, n, so, do)
+					}
+					// Nothing around the destination is touched.
+					for i, c := range dstBuf {
+						if (i < do || i >= do+n) && c != 0 {
+							t.Fatalf("fast %v, %d bytes, dst+%d: byte %d outside the destination written", fast, n, do, i)
+						}
+					}
+				}
+			}
+		}
+	})
+}
+
+func TestCopyIntoAShortDestinationPanics(t *testing.T) {
+	defer func() {
+		if recover() == nil {
+			t.Fatal("Copy into a destination shorter than the source did not panic")
+		}
+	}()
+	Copy(make([]byte, 10), make([]byte, 11))
+}
+
+func TestShiftIsAdvanceOverZeros(t *testing.T) {
+	zeros := make([]byte, lane)
+	for _, s := range []uint32{1, 0x80000000, 0xdeadbeef, 0xffffffff} {
+		// The raw register advanced over zeros, via the standard library
+		// (which inverts before and after).
+		w := ^crc32.Update(^s, want, zeros)
+		if got := shift(shiftTable(), s); got != w {
+			t.Fatalf("shift(%#x) = %#x, want %#x", s, got, w)
+		}
+	}
+}
+
+func FuzzChecksum(f *testing.F) {
+	f.Add([]byte("123456789"), uint16(0))
+	f.Add(bytes.Repeat([]byte{0xa5}, stripe+40), uint16(stripe/2))
+	f.Fuzz(func(t *testing.T, b []byte, cut uint16) {
+		c := min(int(cut), len(b))
+		w := crc32.Checksum(b, want)
+		if got := Update(Checksum(b[:c]), b[c:]); got != w {
+			t.Fatalf("%d bytes cut at %d: %#x, want %#x", len(b), c, got, w)
+		}
+		dst := make([]byte, len(b)+1)
+		if got := Copy(dst[1:], b); got != w || !bytes.Equal(dst[1:], b) {
+			t.Fatalf("Copy of %d bytes: %#x (want %#x) or bytes differ", len(b), got, w)
+		}
+	})
+}
