@@ -51,7 +51,7 @@ type busPair struct {
 // busConn is what the bus knows of a client by its name: until when it is
 // cut off.
 type busConn struct {
-	cut time.Time
+	cut outage
 }
 
 type busSub struct {
@@ -97,13 +97,11 @@ func (b *Bus) conn(name string) *busConn {
 // delivered to it meanwhile is lost. Overlapping partitions: the later
 // heal wins.
 func (b *Bus) Partition(client string, d time.Duration) {
-	if c, until := b.conn(client), b.w.Now().Add(d); until.After(c.cut) {
-		c.cut = until
-	}
+	b.conn(client).cut.extend(b.w.Now(), d)
 	b.w.Tracef("bus: client %s partitioned for %s", client, d)
 }
 
-func (b *Bus) isCut(c *busConn) bool { return b.w.Now().Before(c.cut) }
+func (b *Bus) isCut(c *busConn) bool { return c.cut.on(b.w.Now()) }
 
 // checkSubject accepts a subject to publish on: tokens, no wildcards. It
 // walks the tokens without splitting (this runs for every message).
@@ -275,13 +273,7 @@ func (b *Bus) route(subject string) *busRoute {
 // maxBusRoutes bounds the subjects whose receivers are cached.
 const maxBusRoutes = 4096
 
-func (b *Bus) latency() time.Duration {
-	d := b.MinLatency
-	if span := int64(b.MaxLatency - b.MinLatency); span > 0 {
-		d += time.Duration(b.w.Rand().Int64N(span + 1))
-	}
-	return d
-}
+func (b *Bus) latency() time.Duration { return b.w.Between(b.MinLatency, b.MaxLatency) }
 
 // publish delivers payload: a message (each receiver gets a copy) or a
 // request (shared: its reply goes back to one requester).

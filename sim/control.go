@@ -23,7 +23,7 @@ type Etcd struct {
 	// Latency bounds watch delivery; default 1..5 ms.
 	MinLatency, MaxLatency time.Duration
 	watches                []etcdWatch
-	down                   time.Time // unavailable until then (a leader election)
+	down                   outage // unavailable meanwhile (a leader election)
 	// LeaderChanges counts the simulated etcd leader elections.
 	LeaderChanges uint64
 }
@@ -37,9 +37,7 @@ var ErrUnavailable = errors.New("sim etcd: no leader (election in progress)")
 // lease gets its full TTL again, as etcd's new leader does.
 func (e *Etcd) LeaderChange(d time.Duration) {
 	e.LeaderChanges++
-	if until := e.w.Now().Add(d); until.After(e.down) {
-		e.down = until // overlapping elections: the later end wins, as for partitions
-	}
+	e.down.extend(e.w.Now(), d)
 	e.w.Tracef("etcd: leader change, unavailable for %s", d)
 	e.w.After(d, func() {
 		for _, id := range slices.Sorted(maps.Keys(e.leases)) {
@@ -50,7 +48,7 @@ func (e *Etcd) LeaderChange(d time.Duration) {
 	})
 }
 
-func (e *Etcd) available() bool { return !e.w.Now().Before(e.down) }
+func (e *Etcd) available() bool { return !e.down.on(e.w.Now()) }
 
 type etcdKey struct {
 	value     string
@@ -198,12 +196,8 @@ func (e *Etcd) Watch(prefix string, fn func(key string, deleted bool)) {
 func (e *Etcd) notify(key string, deleted bool) {
 	for _, wt := range e.watches {
 		if strings.HasPrefix(key, wt.prefix) {
-			d := e.MinLatency
-			if span := int64(e.MaxLatency - e.MinLatency); span > 0 {
-				d += time.Duration(e.w.Rand().Int64N(span + 1))
-			}
 			fn := wt.fn
-			e.w.After(d, func() { fn(key, deleted) })
+			e.w.After(e.w.Between(e.MinLatency, e.MaxLatency), func() { fn(key, deleted) })
 		}
 	}
 }
@@ -214,10 +208,10 @@ func (e *Etcd) notify(key string, deleted bool) {
 // notifications wait; on the heal they are delivered in order, as a
 // resumed etcd watch replays what it missed.
 type EtcdClient struct {
-	e        *Etcd
-	name     string
-	cutUntil time.Time
-	held     []func()
+	e      *Etcd
+	name   string
+	cutOff outage
+	held   []func()
 	// DroppedWatch counts notifications lost because more than
 	// maxHeldWatch waited for one heal.
 	DroppedWatch uint64
@@ -228,12 +222,11 @@ const maxHeldWatch = 1024
 // Client opens a named client connection.
 func (e *Etcd) Client(name string) *EtcdClient { return &EtcdClient{e: e, name: name} }
 
-// Partition cuts the client off etcd for d.
+// Partition cuts the client off etcd for d (overlapping partitions: the
+// later heal wins).
 func (c *EtcdClient) Partition(d time.Duration) {
 	w := c.e.w
-	if until := w.Now().Add(d); until.After(c.cutUntil) {
-		c.cutUntil = until // overlapping partitions: the later heal wins
-	}
+	c.cutOff.extend(w.Now(), d)
 	w.Tracef("etcd: client %s partitioned for %s", c.name, d)
 	w.After(d, func() {
 		if c.cut() {
@@ -248,7 +241,7 @@ func (c *EtcdClient) Partition(d time.Duration) {
 	})
 }
 
-func (c *EtcdClient) cut() bool { return c.e.w.Now().Before(c.cutUntil) }
+func (c *EtcdClient) cut() bool { return c.cutOff.on(c.e.w.Now()) }
 
 func (c *EtcdClient) err() error {
 	if c.cut() || !c.e.available() {

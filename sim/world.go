@@ -147,6 +147,29 @@ func (w *World) Rand() *rand.Rand { return w.rng }
 // Chance reports true with probability p.
 func (w *World) Chance(p float64) bool { return p > 0 && w.rng.Float64() < p }
 
+// Between returns a duration drawn uniformly from lo..hi (lo when hi is
+// not above it): the delays of the simulated planes.
+func (w *World) Between(lo, hi time.Duration) time.Duration {
+	if span := int64(hi - lo); span > 0 {
+		return lo + time.Duration(w.rng.Int64N(span+1))
+	}
+	return lo
+}
+
+// outage is when a fault that lasts a while ends: a partition, an
+// election. Overlapping ones end with the later.
+type outage struct{ end time.Time }
+
+// extend makes the outage last at least until now+d.
+func (o *outage) extend(now time.Time, d time.Duration) {
+	if end := now.Add(d); end.After(o.end) {
+		o.end = end
+	}
+}
+
+// on reports whether the outage lasts at now.
+func (o outage) on(now time.Time) bool { return now.Before(o.end) }
+
 // After runs fn after d of virtual time.
 func (w *World) After(d time.Duration, fn func()) { w.after(d, eventFn{fn: fn}) }
 
