@@ -125,6 +125,10 @@ func TestTransportsMoveEveryByte(t *testing.T) {
 		{"tcp-4-lanes-64k", "tcp", 4, 64 << 10},
 		{"tcp-3-lanes-5m-split", "tcp", 3, 5 << 20},
 		{"shm-64k", "shm", 0, 64 << 10},
+		// Frames from 256 KiB up are copied with non-temporal stores
+		// into the receiver's mapping (crc32c.Copy).
+		{"shm-1m", "shm", 0, 1 << 20},
+		{"shm-5m-split", "shm", 0, 5 << 20},
 		{"auto-is-shm", "", 0, 4096},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

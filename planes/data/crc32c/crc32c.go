@@ -2,21 +2,23 @@
 // (Castagnoli), and copies blocks while checksumming them.
 //
 // A transfer checksums every byte it moves, mostly bytes that are not in
-// cache: a block of a large region, or one another core just wrote. The
-// standard library's CRC-32C consumes its input one dependent step after
-// another and stalls on each cache miss there (about half of what memory
-// delivers on the machines we measured), and checksumming after a copy
-// reads the source a second time. On amd64 with SSE4.2 this package runs
-// three interleaved CRC streams over each stripe of 3*lane bytes while
-// prefetching ahead, and Copy moves the bytes with non-temporal stores in
-// the same pass that checksums them. The three streams' CRCs are joined
-// with the polynomial arithmetic below. Elsewhere, and for inputs shorter
-// than a stripe, it is hash/crc32 (and copy).
+// cache: a block of a large region, or one another core just wrote.
+// hash/crc32 interleaves three CRC chains over short lanes (1,344 bytes)
+// without reading ahead, and stalls on cache misses there (about half of
+// what memory delivers on the machines we measured); checksumming after a
+// copy reads the source a second time. On amd64 with SSE4.2 this package
+// runs three CRC chains over the three 4 KiB lanes of each 12 KiB stripe
+// while prefetching ahead in each, and Copy stores the bytes with
+// non-temporal stores in the same pass that checksums them. The chains'
+// CRCs are joined with the polynomial arithmetic below. Elsewhere, and for
+// inputs shorter than a stripe, it is hash/crc32 (and copy).
 package crc32c
 
 import (
+	"fmt"
 	"hash/crc32"
 	"sync"
+	"unsafe"
 )
 
 // lane is the bytes one of the three streams covers per stripe: large
@@ -57,6 +59,7 @@ func Update(crc uint32, b []byte) uint32 {
 	}
 	// The streams run on the raw register: hash/crc32 inverts before and
 	// after.
+	raceRead(b)
 	s := ^crc
 	for len(b) >= stripe {
 		a, m, c := sumStripe(&b[0], s)
@@ -66,20 +69,27 @@ func Update(crc uint32, b []byte) uint32 {
 	return crc32.Update(^s, table, b)
 }
 
-// Copy copies src into dst, which must be at least as long and must not
-// overlap it, and returns
-// the CRC-32C of src: of the bytes read, so a receiver that checksums its
-// copy checks the copy end to end. It is meant for a destination that
-// another core or process reads next: from ntMin bytes up the copy
-// bypasses this core's cache, as the runtime's copy does from 1 MiB up.
+// Copy copies src into dst and returns the CRC-32C of src. It panics when
+// dst is shorter than src. It is meant for a destination that another
+// core or process reads next: from ntMin bytes up it reads the source
+// from memory once, checksumming what it stores, and stores around this
+// core's cache, as the runtime's copy does from 1 MiB up. Below that it
+// is copy, then Checksum of the source (then in cache).
 func Copy(dst, src []byte) uint32 {
-	dst = dst[:len(src)]
-	if !fast || len(src) < ntMin {
-		// The source is in cache after the copy: checksumming it then
-		// reads it from there.
-		copy(dst, src)
-		return Checksum(src)
+	if len(dst) < len(src) {
+		// Reslicing would only check the capacity, and write past len.
+		panic(fmt.Sprintf("crc32c: Copy of %d bytes into %d", len(src), len(dst)))
 	}
+	dst = dst[:len(src)]
+	if !fast || len(src) < ntMin || overlap(dst, src) {
+		// Checksum first: a copy into an overlapping destination changes
+		// the source.
+		crc := Checksum(src)
+		copy(dst, src)
+		return crc
+	}
+	raceRead(src)
+	raceWrite(dst)
 	// The vector stores need a 16-byte aligned destination: a few bytes
 	// first, the ordinary way.
 	head := int(-uintptrOf(dst) & 15)
@@ -94,6 +104,14 @@ func Copy(dst, src []byte) uint32 {
 	storeFence()
 	copy(dst, src)
 	return crc32.Update(^s, table, src)
+}
+
+func uintptrOf(b []byte) uintptr { return uintptr(unsafe.Pointer(unsafe.SliceData(b))) }
+
+// overlap reports whether a and b (both non-empty) share bytes.
+func overlap(a, b []byte) bool {
+	pa, pb := uintptrOf(a), uintptrOf(b)
+	return pa < pb+uintptr(len(b)) && pb < pa+uintptr(len(a))
 }
 
 // join returns the raw CRC register after a whole stripe from the three

@@ -1,10 +1,6 @@
 package crc32c
 
-import (
-	"unsafe"
-
-	"golang.org/x/sys/cpu"
-)
+import "golang.org/x/sys/cpu"
 
 // fast: the CRC32 instruction is there (SSE4.2); the rest of what the
 // assembly uses (SSE2 moves, prefetch, non-temporal stores) is in every
@@ -26,8 +22,6 @@ func copyStripe(dst, src *byte, s uint32) (a, m, c uint32)
 // storeFence orders the non-temporal stores before any later store (the
 // message that says the bytes landed).
 func storeFence()
-
-func uintptrOf(b []byte) uintptr { return uintptr(unsafe.Pointer(unsafe.SliceData(b))) }
 
 // prefetch asks for the n bytes at p to be brought into cache, without
 // waiting for them: the CRC chain that follows then finds them arriving

@@ -90,12 +90,45 @@ func TestCopyCopiesAndChecksums(t *testing.T) {
 }
 
 func TestCopyIntoAShortDestinationPanics(t *testing.T) {
-	defer func() {
-		if recover() == nil {
-			t.Fatal("Copy into a destination shorter than the source did not panic")
+	for _, n := range []int{11, ntMin + 100} {
+		// Room past the destination's length: reslicing to the source's
+		// length would succeed and write there.
+		buf := make([]byte, n+16)
+		func() {
+			defer func() {
+				if recover() == nil {
+					t.Fatalf("Copy of %d bytes into %d did not panic", n, n-10)
+				}
+			}()
+			Copy(buf[:n-10], make([]byte, n))
+		}()
+		for i, c := range buf {
+			if c != 0 {
+				t.Fatalf("Copy of %d bytes into %d wrote byte %d before panicking", n, n-10, i)
+			}
 		}
-	}()
-	Copy(make([]byte, 10), make([]byte, 11))
+	}
+}
+
+func TestCopyBetweenOverlappingSlices(t *testing.T) {
+	both(t, func(t *testing.T) {
+		for _, n := range []int{100, stripe + 40, ntMin + stripe + 17} {
+			for _, shift := range []int{-16, -1, 1, 16, 5000} {
+				buf := filled(n+2*5000, 4)
+				src := buf[5000 : 5000+n]
+				w := crc32.Checksum(src, want)
+				moved := make([]byte, n+2*5000)
+				copy(moved, buf)
+				copy(moved[5000+shift:5000+shift+n], moved[5000:5000+n])
+				if got := Copy(buf[5000+shift:5000+shift+n], src); got != w {
+					t.Fatalf("fast %v, %d bytes moved by %d: %#x, want the source's %#x", fast, n, shift, got, w)
+				}
+				if !bytes.Equal(buf, moved) {
+					t.Fatalf("fast %v, %d bytes moved by %d: not what copy leaves", fast, n, shift)
+				}
+			}
+		}
+	})
 }
 
 func TestShiftIsAdvanceOverZeros(t *testing.T) {
@@ -110,18 +143,28 @@ func TestShiftIsAdvanceOverZeros(t *testing.T) {
 	}
 }
 
+// FuzzChecksum checks Update's chaining and Copy against hash/crc32. The
+// input is repeated up to reps times (up to past ntMin, which mutations
+// alone rarely reach) and copied to an offset of a destination (every
+// alignment of the vector stores).
 func FuzzChecksum(f *testing.F) {
-	f.Add([]byte("123456789"), uint16(0))
-	f.Add(bytes.Repeat([]byte{0xa5}, stripe+40), uint16(stripe/2))
-	f.Fuzz(func(t *testing.T, b []byte, cut uint16) {
-		c := min(int(cut), len(b))
+	f.Add([]byte("123456789"), uint16(0), uint8(0), uint8(0))
+	f.Add(bytes.Repeat([]byte{0xa5}, stripe+40), uint16(stripe/2), uint8(1), uint8(3))
+	f.Add([]byte("a block of a KV cache"), uint16(7), uint8(255), uint8(15))
+	f.Fuzz(func(t *testing.T, in []byte, cut uint16, reps, dstOff uint8) {
+		b := in
+		if len(in) > 0 && reps > 1 {
+			b = bytes.Repeat(in, min(int(reps), (ntMin+2*stripe)/len(in)+1))
+		}
+		c := min(int(cut)*len(b)/65535, len(b))
 		w := crc32.Checksum(b, want)
 		if got := Update(Checksum(b[:c]), b[c:]); got != w {
 			t.Fatalf("%d bytes cut at %d: %#x, want %#x", len(b), c, got, w)
 		}
-		dst := make([]byte, len(b)+1)
-		if got := Copy(dst[1:], b); got != w || !bytes.Equal(dst[1:], b) {
-			t.Fatalf("Copy of %d bytes: %#x (want %#x) or bytes differ", len(b), got, w)
+		off := int(dstOff % 16)
+		dst := make([]byte, len(b)+off)
+		if got := Copy(dst[off:], b); got != w || !bytes.Equal(dst[off:], b) {
+			t.Fatalf("Copy of %d bytes to offset %d: %#x (want %#x) or bytes differ", len(b), off, got, w)
 		}
 	})
 }
