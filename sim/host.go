@@ -6,6 +6,7 @@ import (
 	"iter"
 	"maps"
 	"slices"
+	"strconv"
 	"time"
 
 	"google.golang.org/protobuf/proto"
@@ -186,7 +187,13 @@ func (h *Host) handle(s *simActor, c pending) {
 			h.apply(s, d.Events)
 		}
 		s.pos = pos
-		h.w.Tracef("%s %s persisted %d events, seq %d", s.addr, c.id, len(d.Events), pos.Seq)
+		// Every persisted command traces this line: built by hand, it is
+		// byte for byte what Tracef("%s %s persisted %d events, seq %d")
+		// printed, without fmt's reflection (6% of a serving run).
+		b := append(h.w.traceStamp(), s.addr.Kind...)
+		b = append(append(append(append(b, '/'), s.addr.ID...), ' '), c.id...)
+		b = strconv.AppendInt(append(b, " persisted "...), int64(len(d.Events)), 10)
+		h.w.traceLine(strconv.AppendUint(append(b, " events, seq "...), pos.Seq, 10))
 		if h.Disk != nil && h.SnapshotEvery > 0 && pos.Seq-s.snap >= h.SnapshotEvery && h.PlantedBug != "snapshot-before-persist" {
 			h.Disk.Write(s.addr, pos, s.state)
 			s.snap = pos.Seq
