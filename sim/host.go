@@ -72,13 +72,7 @@ func NewHost(w *World, j *Journal, reg *actors.Registry) *Host {
 		MinLatency: time.Millisecond, MaxLatency: 5 * time.Millisecond, Restart: 50 * time.Millisecond}
 }
 
-func (h *Host) latency() time.Duration {
-	span := int64(h.MaxLatency - h.MinLatency)
-	if span <= 0 {
-		return h.MinLatency
-	}
-	return h.MinLatency + time.Duration(h.w.Rand().Int64N(span+1))
-}
+func (h *Host) latency() time.Duration { return h.w.Between(h.MinLatency, h.MaxLatency) }
 
 func (h *Host) actor(a actors.Address) (*simActor, error) {
 	if s, ok := h.actors[a]; ok {

@@ -174,8 +174,8 @@ func (shmBackend) Dial(ctx context.Context, o *DialOptions, p *triplanev1.DataPe
 //
 // A Write copies frame after frame into the mapping and sends their landed
 // frames in batches (one write per shmFlushBytes copied), so that the
-// receiver verifies a range while the sender copies the next one and while
-// the bytes are still in cache. Acks are cumulative: an ack for frame n
+// receiver verifies a range on its core while the sender copies the next
+// one. Acks are cumulative: an ack for frame n
 // acknowledges every landed frame up to n. A goroutine reads them for the
 // transport's lifetime.
 type shmTransport struct {
@@ -199,10 +199,11 @@ type shmTransport struct {
 
 const (
 	// shmFlushBytes: landed frames are sent after this many bytes were
-	// copied; the receiver then verifies them while they are in cache.
+	// copied, so the receiver's verification runs alongside the copy (and
+	// finds smaller frames still in the shared cache).
 	shmFlushBytes = 256 << 10
-	// shmWindowBytes bounds the bytes copied but not yet acknowledged, so
-	// the receiver's verification trails the copy by less than a cache.
+	// shmWindowBytes bounds the bytes copied but not yet acknowledged: the
+	// receiver's verification trails the copy by at most this.
 	shmWindowBytes = 4 << 20
 )
 

@@ -11,7 +11,7 @@ var want = crc32.MakeTable(crc32.Castagnoli)
 
 // lengths around every boundary of the fast path: below a stripe, at it,
 // with the alignment head, several stripes and a tail.
-var lengths = []int{0, 1, 7, 8, 15, 16, 31, 33, lane - 1, lane, stripe - 1, stripe, stripe + 1, stripe + 15, stripe + 16,
+var lengths = []int{0, 1, 7, 8, 15, 16, 31, 33, prefetchMin - 1, prefetchMin, prefetchMin + 1, lane - 1, lane, stripe - 1, stripe, stripe + 1, stripe + 15, stripe + 16,
 	stripe + 17, 2*stripe + 100, 5*stripe + 4095, ntMin - 1, ntMin, ntMin + 15, ntMin + 16, ntMin + stripe + 17, 1 << 20, 1<<20 + 13}
 
 func filled(n int, seed uint64) []byte {
@@ -66,7 +66,11 @@ func TestCopyCopiesAndChecksums(t *testing.T) {
 		for _, n := range lengths {
 			src := filled(n+32, 3)
 			dstBuf := make([]byte, n+64)
-			for _, so := range []int{0, 3, 8} {
+			srcOffs := []int{0, 3, 8}
+			if n < 64<<10 {
+				srcOffs = []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}
+			}
+			for _, so := range srcOffs {
 				for do := range 17 { // every alignment of the destination
 					s := src[so : so+n]
 					clear(dstBuf)
@@ -143,18 +147,18 @@ func TestShiftIsAdvanceOverZeros(t *testing.T) {
 	}
 }
 
-// FuzzChecksum checks Update's chaining and Copy against hash/crc32. The
-// input is repeated up to reps times (up to past ntMin, which mutations
-// alone rarely reach) and copied to an offset of a destination (every
-// alignment of the vector stores).
+// FuzzChecksum checks Update's chaining and Copy (on this machine's path)
+// against hash/crc32. The input is repeated to a length that grows with
+// size, up to past ntMin (which mutations alone rarely reach), and copied
+// to an offset of a destination (every alignment of the vector stores).
 func FuzzChecksum(f *testing.F) {
 	f.Add([]byte("123456789"), uint16(0), uint8(0), uint8(0))
 	f.Add(bytes.Repeat([]byte{0xa5}, stripe+40), uint16(stripe/2), uint8(1), uint8(3))
 	f.Add([]byte("a block of a KV cache"), uint16(7), uint8(255), uint8(15))
-	f.Fuzz(func(t *testing.T, in []byte, cut uint16, reps, dstOff uint8) {
+	f.Fuzz(func(t *testing.T, in []byte, cut uint16, size, dstOff uint8) {
 		b := in
-		if len(in) > 0 && reps > 1 {
-			b = bytes.Repeat(in, min(int(reps), (ntMin+2*stripe)/len(in)+1))
+		if n := int(size) * (ntMin + 2*stripe) / 255; len(in) > 0 && n > len(in) {
+			b = bytes.Repeat(in, n/len(in)+1)[:n]
 		}
 		c := min(int(cut)*len(b)/65535, len(b))
 		w := crc32.Checksum(b, want)
