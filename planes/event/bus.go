@@ -68,8 +68,8 @@ type Config struct {
 	// MalformedLogInterval is the least time between two log lines about
 	// malformed payloads on one subscription; default 10 s.
 	MalformedLogInterval time.Duration
-	// RequestTimeout bounds a request whose context has no deadline;
-	// default 5 s.
+	// RequestTimeout bounds a request whose context has no deadline, and
+	// the server's confirmation of a new subscription; default 5 s.
 	RequestTimeout time.Duration
 }
 
@@ -427,6 +427,18 @@ func (b *Bus) subscribe(subject, queue string, cb func(s *Subscription, m *nats.
 		_ = sub.Unsubscribe()
 		return nil, fmt.Errorf("event: pending limits on %s: %w", subject, err)
 	}
+	// nats.go sends the subscription to the server in the background: a
+	// message another connection publishes right after Subscribe returned
+	// could find no interest yet and vanish uncounted (a test found it
+	// under load). One round trip makes "subscribed" mean the server has
+	// it. While reconnecting there is no server to ask; the client sends
+	// its subscriptions again on reconnect.
+	if b.nc.IsConnected() {
+		if err := b.nc.FlushTimeout(b.cfg.RequestTimeout); err != nil {
+			_ = sub.Unsubscribe()
+			return nil, fmt.Errorf("event: subscribe to %s: the server did not confirm: %w", subject, err)
+		}
+	}
 	s.sub = sub
 	b.mu.Lock()
 	b.subs[sub] = s
@@ -436,7 +448,8 @@ func (b *Bus) subscribe(subject, queue string, cb func(s *Subscription, m *nats.
 
 // Subscribe calls h with every message published on subject (wildcards
 // allowed). h runs on the subscription's goroutine, one message at a time;
-// malformed payloads never reach it.
+// malformed payloads never reach it. When it returns (connected), the
+// server has the subscription: what is published afterwards is delivered.
 func Subscribe[T proto.Message](b *Bus, subject string, h func(T)) (*Subscription, error) {
 	return QueueSubscribe(b, subject, "", h)
 }
