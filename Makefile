@@ -7,7 +7,7 @@ LDFLAGS   := -X main.version=$(VERSION)
 TESTFLAGS ?= -race -count=1 -timeout 15m
 RUNFLAGS  ?=
 
-.PHONY: all build run generate check-generate lint test bench clean
+.PHONY: all build run generate check-generate lint test bench bench-deps clean
 
 all: build
 
@@ -44,6 +44,10 @@ test: lint check-generate
 ## bench: the benchmarks recorded in docs/benchmarks.md
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./...
+
+## bench-deps: install iperf3, the optional baseline of `triplane bench transfer`
+bench-deps:
+	scripts/bench-deps
 
 clean:
 	rm -rf bin
