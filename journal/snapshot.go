@@ -73,8 +73,7 @@ func (s *Snapshots) Save(snap *triplanev1.Snapshot) error {
 	if err != nil {
 		return fmt.Errorf("snapshots: encode %s/%s: %w", snap.Kind, snap.ActorId, err)
 	}
-	val := binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(data)), crc32.Checksum(data, crcTable))
-	val = append(val, data...)
+	val := seal(data)
 	b := s.db.NewBatch()
 	defer b.Close()
 	if err := b.Set(snapKey(snap.Kind, snap.ActorId, snap.Seq), val, nil); err != nil {
@@ -156,15 +155,30 @@ func (s *Snapshots) Load(kind, id string, schemaVersion uint32) (*triplanev1.Sna
 	return nil, ErrNoSnapshot
 }
 
-func decodeSnapshot(val []byte) (*triplanev1.Snapshot, error) {
+// seal is how every value is stored: the CRC-32C of data (big endian),
+// then data.
+func seal(data []byte) []byte {
+	return append(binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(data)), crc32.Checksum(data, crcTable)), data...)
+}
+
+// unseal returns the data of a sealed value, or what is wrong with it.
+func unseal(val []byte) ([]byte, error) {
 	if len(val) < 4 {
 		return nil, fmt.Errorf("value of %d bytes is too short", len(val))
 	}
 	if got, want := crc32.Checksum(val[4:], crcTable), binary.BigEndian.Uint32(val); got != want {
 		return nil, fmt.Errorf("checksum mismatch (got %08x, want %08x)", got, want)
 	}
+	return val[4:], nil
+}
+
+func decodeSnapshot(val []byte) (*triplanev1.Snapshot, error) {
+	data, err := unseal(val)
+	if err != nil {
+		return nil, err
+	}
 	snap := &triplanev1.Snapshot{}
-	if err := proto.Unmarshal(val[4:], snap); err != nil {
+	if err := proto.Unmarshal(data, snap); err != nil {
 		return nil, fmt.Errorf("decode: %w", err)
 	}
 	return snap, nil
@@ -250,9 +264,7 @@ func (s *Snapshots) SaveState(name string, msg proto.Message) error {
 	if err != nil {
 		return fmt.Errorf("snapshots: encode state %s: %w", name, err)
 	}
-	val := binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(data)), crc32.Checksum(data, crcTable))
-	val = append(val, data...)
-	if err := s.db.Set([]byte("state/"+name), val, pebble.Sync); err != nil {
+	if err := s.db.Set([]byte("state/"+name), seal(data), pebble.Sync); err != nil {
 		return fmt.Errorf("snapshots: write state %s: %w", name, err)
 	}
 	return nil
@@ -269,10 +281,11 @@ func (s *Snapshots) LoadState(name string, msg proto.Message) error {
 		return fmt.Errorf("snapshots: read state %s: %w", name, err)
 	}
 	defer closer.Close()
-	if len(val) < 4 || crc32.Checksum(val[4:], crcTable) != binary.BigEndian.Uint32(val) {
-		return fmt.Errorf("snapshots: state %s is corrupt (checksum mismatch)", name)
+	data, err := unseal(val)
+	if err != nil {
+		return fmt.Errorf("snapshots: state %s is corrupt: %w", name, err)
 	}
-	if err := proto.Unmarshal(val[4:], msg); err != nil {
+	if err := proto.Unmarshal(data, msg); err != nil {
 		return fmt.Errorf("snapshots: state %s: %w", name, err)
 	}
 	return nil
