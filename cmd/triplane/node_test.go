@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -69,13 +70,9 @@ func TestNodeJoinsAndFailsOver(t *testing.T) {
 		return rec.NodeId
 	}
 	var first string
-	deadline := time.Now().Add(20 * time.Second)
-	for first = assigned(); first == ""; first = assigned() {
-		if time.Now().After(deadline) {
-			t.Fatalf("ledger/acct-1 not placed\n%s\n%s", a.stderr.String(), b.stderr.String())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	eventually(t, 20*time.Second, func() bool { first = assigned(); return first != "" }, func() string {
+		return fmt.Sprintf("ledger/acct-1 not placed\n%s\n%s", a.stderr.String(), b.stderr.String())
+	})
 	other := idA
 	if first == idA {
 		other = idB
@@ -84,13 +81,9 @@ func TestNodeJoinsAndFailsOver(t *testing.T) {
 	if err := procs[first].cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}
-	deadline = time.Now().Add(20 * time.Second)
-	for assigned() != other {
-		if time.Now().After(deadline) {
-			t.Fatalf("not moved to %s\n%s", other, procs[other].stderr.String())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	eventually(t, 20*time.Second, func() bool { return assigned() == other }, func() string {
+		return fmt.Sprintf("not moved to %s\n%s", other, procs[other].stderr.String())
+	})
 	t.Logf("placement failed over %s after SIGKILL (lease TTL 1s)", time.Since(t0).Round(time.Millisecond))
 	if err := procs[other].cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)

@@ -142,15 +142,10 @@ func TestRouterIndexSurvivesRestart(t *testing.T) {
 	// path, maybe after the reply: stopping before they did saves an
 	// empty index (this test failed so, 1 run in ~10 under load).
 	indexed := regexp.MustCompile(`(?m)^triplane_router_index_entries [1-9]`)
-	for deadline := time.Now().Add(30 * time.Second); ; {
-		if _, body := get(t, "http://"+u.admin+"/metrics"); indexed.MatchString(body) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the router's index never held the completion's blocks")
-		}
-		time.Sleep(20 * time.Millisecond) // polling a process's metrics: nothing to wait on
-	}
+	eventually(t, 30*time.Second, func() bool {
+		_, body := get(t, "http://"+u.admin+"/metrics")
+		return indexed.MatchString(body)
+	}, func() string { return "the router's index never held the completion's blocks" })
 	u.stop(syscall.SIGTERM)
 	u2 := startUp(t, dir, "--speedup", "50", "--workers", "1")
 	<-u2.lines

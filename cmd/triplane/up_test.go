@@ -188,6 +188,18 @@ func (u *up) stop(sig syscall.Signal) {
 	}
 }
 
+// eventually polls cond every 20 ms until it holds, failing the test with
+// failure() after within. Polling, because these tests wait on other
+// processes, which offer nothing in this one to wait on.
+func eventually(t *testing.T, within time.Duration, cond func() bool, failure func() string) {
+	t.Helper()
+	for deadline := time.Now().Add(within); !cond(); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal(failure())
+		}
+	}
+}
+
 func get(t *testing.T, url string) (int, string) {
 	t.Helper()
 	resp, err := http.Get(url)
