@@ -132,7 +132,7 @@ func (s *ShmServer) handle(c *net.UnixConn, br *bufio.Reader, bw *bufio.Writer) 
 				// The sender wrote these bytes from another core, maybe
 				// with non-temporal stores: they are not in this cache
 				// (crc32c reads ahead).
-				if got := Checksum(mem); got != h.CRC {
+				if got := crc32c.ChecksumCold(mem); got != h.CRC {
 					return reject("checksum", fmt.Errorf("landed frame %d: %s: checksum %#x, frame says %#x", h.Seq, h.Desc(), got, h.CRC))
 				}
 			}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planes/data/crc32c"
 )
 
 // Op moves the local bytes Src into the peer's memory named by Dst;
@@ -246,7 +247,7 @@ func (f frame) checksum() uint32 {
 	if f.hasCRC {
 		return f.crc
 	}
-	return Checksum(f.src)
+	return crc32c.ChecksumCold(f.src)
 }
 
 // split cuts ops into frames of at most size bytes after checking them.
