@@ -76,7 +76,7 @@ type Config struct {
 // Supervisor drives transfer sessions.
 type Supervisor struct {
 	cfg  Config
-	pace Pacing // cfg's pacing with the defaults filled in
+	pace Pacing // cfg's pacing (NewDriver fills in the defaults)
 
 	mu      sync.Mutex
 	running map[string]context.CancelCauseFunc
@@ -94,7 +94,7 @@ func NewSupervisor(cfg Config) (*Supervisor, error) {
 		cfg.Metrics = NewMetrics(nil)
 	}
 	return &Supervisor{cfg: cfg, running: map[string]context.CancelCauseFunc{},
-		pace: Pacing{RangeBlocks: cfg.RangeBlocks, BackoffMin: cfg.BackoffMin, BackoffMax: cfg.BackoffMax}.withDefaults()}, nil
+		pace: Pacing{RangeBlocks: cfg.RangeBlocks, BackoffMin: cfg.BackoffMin, BackoffMax: cfg.BackoffMax}}, nil
 }
 
 // ErrAlreadyRunning: Run was asked for a session this supervisor is

@@ -124,7 +124,7 @@ func (w *Worker) startDisagg() error {
 func (w *Worker) Endpoints() []*triplanev1.Endpoint {
 	out := []*triplanev1.Endpoint{{Protocol: triplanev1.Protocol_PROTOCOL_RESPONSE_STREAM, Address: w.Addr()}}
 	if w.dataSrv != nil {
-		out = append(out, &triplanev1.Endpoint{Protocol: triplanev1.Protocol_PROTOCOL_DATA_TCP, Address: w.advertised(w.dataSrv.Addr())})
+		out = append(out, &triplanev1.Endpoint{Protocol: triplanev1.Protocol_PROTOCOL_DATA_TCP, Address: w.dataPeer.TcpAddr})
 	}
 	if w.shmSrv != nil {
 		out = append(out, &triplanev1.Endpoint{Protocol: triplanev1.Protocol_PROTOCOL_DATA_SHM, Address: w.shmSrv.Path()})

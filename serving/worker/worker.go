@@ -226,12 +226,6 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if (cfg.Role == RolePrefill || cfg.Role == RoleDecode) && cfg.Host == nil {
 		return nil, fmt.Errorf("worker %s: a %s worker needs an actor host for transfer sessions", cfg.ID, cfg.Role)
 	}
-	if cfg.DataMetrics == nil {
-		cfg.DataMetrics = data.NewMetrics(nil)
-	}
-	if cfg.StreamMetrics == nil {
-		cfg.StreamMetrics = stream.NewMetrics(nil)
-	}
 	cfg.Engine.Defaults()
 	if err := cfg.Engine.Validate(); err != nil {
 		return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
