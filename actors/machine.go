@@ -37,7 +37,10 @@ type Address struct {
 	ID   string
 }
 
-func (a Address) String() string { return a.Kind + "/" + a.ID }
+func (a Address) String() string { return string(a.AppendTo(nil)) }
+
+// AppendTo appends the address as String writes it.
+func (a Address) AppendTo(b []byte) []byte { return append(append(append(b, a.Kind...), '/'), a.ID...) }
 
 // Effect is something the host does after the events are persisted.
 type Effect interface{ effect() }

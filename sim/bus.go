@@ -77,12 +77,11 @@ func NewBus(w *World) *Bus {
 // BusClient is one process's connection to the bus: what a partition cuts.
 type BusClient struct {
 	b    *Bus
-	name string
 	conn *busConn
 }
 
 // Client opens a named connection.
-func (b *Bus) Client(name string) *BusClient { return &BusClient{b: b, name: name, conn: b.conn(name)} }
+func (b *Bus) Client(name string) *BusClient { return &BusClient{b: b, conn: b.conn(name)} }
 
 func (b *Bus) conn(name string) *busConn {
 	c := b.conns[name]
@@ -264,13 +263,14 @@ func (b *Bus) route(subject string) *busRoute {
 		r.groups[i] = append(r.groups[i], b.target(s, subject))
 	}
 	if len(b.routes) >= maxBusRoutes {
-		clear(b.routes) // many one-off subjects (reply inboxes): start again
+		clear(b.routes) // a scenario publishing on ever new subjects: start again
 	}
 	b.routes[subject] = r
 	return r
 }
 
-// maxBusRoutes bounds the subjects whose receivers are cached.
+// maxBusRoutes bounds the subjects whose receivers are cached (the
+// built-in scenarios use a few per worker; a user's may use more).
 const maxBusRoutes = 4096
 
 func (b *Bus) latency() time.Duration { return b.w.Between(b.MinLatency, b.MaxLatency) }

@@ -184,8 +184,7 @@ func (h *Host) handle(s *simActor, c pending) {
 		// Every persisted command traces this line: built by hand, it is
 		// byte for byte what Tracef("%s %s persisted %d events, seq %d")
 		// printed, without fmt's reflection (6% of a serving run).
-		b := append(h.w.traceStamp(), s.addr.Kind...)
-		b = append(append(append(append(b, '/'), s.addr.ID...), ' '), c.id...)
+		b := append(append(s.addr.AppendTo(h.w.traceStamp()), ' '), c.id...)
 		b = strconv.AppendInt(append(b, " persisted "...), int64(len(d.Events)), 10)
 		h.w.traceLine(strconv.AppendUint(append(b, " events, seq "...), pos.Seq, 10))
 		if h.Disk != nil && h.SnapshotEvery > 0 && pos.Seq-s.snap >= h.SnapshotEvery && h.PlantedBug != "snapshot-before-persist" {

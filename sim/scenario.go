@@ -109,13 +109,22 @@ func ScenarioNames() []string {
 // ErrNotQuiet: the run did not settle within the time allowed after its load.
 var ErrNotQuiet = errors.New("sim: the world did not go quiet")
 
-// RunScenario runs a scenario once with a seed.
-func RunScenario(s Scenario, seed uint64, opts Options) Result {
+// RunScenario runs a scenario once with a seed. A run that panics is a
+// failed result naming its seed, with the trace up to the panic.
+func RunScenario(s Scenario, seed uint64, opts Options) (res Result) {
 	if opts.Duration == 0 {
 		opts.Duration = 2 * time.Second
 	}
 	start := time.Now()
 	w := NewWorld(seed)
+	res = Result{Seed: seed, Scenario: s.Name}
+	defer func() {
+		if p := recover(); p != nil {
+			res.Err = fmt.Errorf("seed %d panicked: %v\n%s", seed, p, debug.Stack())
+			w.Tracef("PANIC: %v", p)
+		}
+		res.TraceHash, res.Trace, res.Steps, res.SimTime, res.Wall = w.TraceHash(), w.Trace(), w.Steps(), w.Elapsed(), time.Since(start)
+	}()
 	j := NewJournal(w)
 	j.FailAppend, j.WrittenOnFailure = opts.Faults.AppendFailure, opts.Faults.WrittenOnFailure
 	h := NewHost(w, j, s.Registry())
@@ -129,7 +138,6 @@ func RunScenario(s Scenario, seed uint64, opts Options) Result {
 	}
 	w.Tracef("scenario %s seed %d duration %s faults %+v bug %q buggify %v", s.Name, seed, opts.Duration, opts.Faults, opts.Bug, opts.Buggify)
 	final := s.Drive(r)
-	res := Result{Seed: seed, Scenario: s.Name}
 	if !w.RunQuiet(opts.Duration + time.Minute) {
 		res.Err = fmt.Errorf("%w within %s of virtual time", ErrNotQuiet, opts.Duration+time.Minute)
 	}
@@ -153,7 +161,6 @@ func RunScenario(s Scenario, seed uint64, opts Options) Result {
 	if res.Err != nil {
 		w.Tracef("FAILED: %v", res.Err)
 	}
-	res.TraceHash, res.Trace, res.Steps, res.SimTime, res.Wall = w.TraceHash(), w.Trace(), w.Steps(), w.Elapsed(), time.Since(start)
 	return res
 }
 
@@ -171,7 +178,7 @@ func Sweep(s Scenario, from, to uint64, opts Options) []Result {
 // ones do (their tests sweep in parallel under the race detector). Once fn
 // returns an error at most one further seed starts and its result is
 // dropped; SweepEach waits for the runs already started and returns that
-// error. A run that panics becomes a failed result naming its seed.
+// error.
 func SweepEach(s Scenario, from, to uint64, opts Options, parallel int, fn func(Result) error) error {
 	if to < from {
 		return nil
@@ -186,14 +193,7 @@ func SweepEach(s Scenario, from, to uint64, opts Options, parallel int, fn func(
 		for seed := from; !stop.Load(); seed++ {
 			c := make(chan Result, 1)
 			slots <- c
-			go func() {
-				defer func() {
-					if p := recover(); p != nil {
-						c <- Result{Seed: seed, Scenario: s.Name, Err: fmt.Errorf("seed %d panicked: %v\n%s", seed, p, debug.Stack())}
-					}
-				}()
-				c <- RunScenario(s, seed, opts)
-			}()
+			go func() { c <- RunScenario(s, seed, opts) }()
 			if seed == to {
 				return
 			}

@@ -314,7 +314,7 @@ func (s *servingRun) newWorker(id string, epoch int) *simWorker {
 		log: kvevents.NewLog(id, uint64(epoch), servingRing, 0, s.r.Faults()), bus: s.bus.Client(id)}
 	wk.etcd = s.etcd.Client(id)
 	wk.eventsSubject, wk.loadSubject = "kv.events."+id, "load."+id
-	wk.stepFn = func() { s.stepWorker(wk, epoch) }
+	wk.stepFn = func() { s.stepWorker(wk) }
 	s.register(wk)
 	wk.unserve, err = wk.bus.Serve("kv.resend."+id, "", func(m proto.Message) (proto.Message, error) {
 		return wk.log.Resend(m.(*triplanev1.KvResendRequest), 1<<20), nil
@@ -428,8 +428,10 @@ func (s *servingRun) kick(wk *simWorker) {
 	s.r.World.After(0, wk.stepFn)
 }
 
-func (s *servingRun) stepWorker(wk *simWorker, epoch int) {
-	if !wk.alive || wk.epoch != epoch {
+// stepWorker runs one engine iteration of wk (a worker object is one
+// epoch: a crash stops it for good, a restart makes a new one).
+func (s *servingRun) stepWorker(wk *simWorker) {
+	if !wk.alive {
 		return
 	}
 	st := wk.eng.Step()

@@ -20,7 +20,11 @@ var servingScenario = sim.Scenarios()["serving"]
 func TestParallelSweepMatchesSerial(t *testing.T) {
 	opts := sim.Options{Duration: time.Second, Faults: sim.DefaultFaults}
 	for _, s := range []sim.Scenario{servingScenario, transferScenario} {
-		serial := sim.Sweep(s, 1, 6, opts)
+		// The baseline runs each seed on its own, not through a sweep.
+		var serial []sim.Result
+		for seed := uint64(1); seed <= 6; seed++ {
+			serial = append(serial, sim.RunScenario(s, seed, opts))
+		}
 		var got []sim.Result
 		if err := sim.SweepEach(s, 1, 6, opts, 3, func(r sim.Result) error { got = append(got, r); return nil }); err != nil {
 			t.Fatal(err)
@@ -35,10 +39,20 @@ func TestParallelSweepMatchesSerial(t *testing.T) {
 			}
 		}
 	}
-	// A run that panics fails its seed, named, instead of the process.
-	boom := sim.Scenario{Name: "boom", Registry: transferScenario.Registry, Drive: func(*sim.Run) sim.Invariant { panic("boom") }}
+	// A run that panics fails its seed, named, instead of the process, and
+	// keeps its trace up to the panic.
+	boom := sim.Scenario{Name: "boom", Registry: transferScenario.Registry, Drive: func(r *sim.Run) sim.Invariant {
+		r.World.Tracef("about to fail")
+		panic("boom")
+	}}
 	var errs []error
-	if err := sim.SweepEach(boom, 1, 3, opts, 2, func(r sim.Result) error { errs = append(errs, r.Err); return nil }); err != nil {
+	if err := sim.SweepEach(boom, 1, 3, opts, 2, func(r sim.Result) error {
+		errs = append(errs, r.Err)
+		if tr := strings.Join(r.Trace, "\n"); !strings.Contains(tr, "about to fail") || !strings.Contains(tr, "PANIC: boom") {
+			t.Errorf("seed %d: the trace lost what led to the panic:\n%s", r.Seed, r.Trace)
+		}
+		return nil
+	}); err != nil {
 		t.Fatal(err)
 	}
 	for i, err := range errs {
