@@ -137,7 +137,7 @@ func (h *Harness) CheckReplay() error {
 		return err
 	}
 	if !proto.Equal(s, h.state) {
-		return fmt.Errorf("sim: %s: replaying %d events gives %v, live state is %v", h.addr, len(h.events), s, h.state)
+		return fmt.Errorf("sim: %s: replaying %d events gives %s, live state is %s", h.addr, len(h.events), stableText(s), stableText(h.state))
 	}
 	return nil
 }

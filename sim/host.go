@@ -7,8 +7,10 @@ import (
 	"maps"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
+	"google.golang.org/protobuf/encoding/prototext"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/triplane-dev/triplane/actors"
@@ -270,7 +272,7 @@ func (h *Host) CheckReplay() error {
 			return err
 		}
 		if !proto.Equal(fold, s.state) {
-			return fmt.Errorf("invariant replay: %s live state %v, journal fold %v", a, s.state, fold)
+			return fmt.Errorf("invariant replay: %s live state %s, journal fold %s", a, stableText(s.state), stableText(fold))
 		}
 	}
 	return nil
@@ -278,4 +280,11 @@ func (h *Host) CheckReplay() error {
 
 func sortedAddrs(seq iter.Seq[actors.Address]) []actors.Address {
 	return slices.SortedFunc(seq, func(x, y actors.Address) int { return cmp.Or(cmp.Compare(x.Kind, y.Kind), cmp.Compare(x.ID, y.ID)) })
+}
+
+// stableText is a message's text form with single spaces: protobuf's own
+// text output spaces its fields at random per build, which would make a
+// failing run's trace hash differ between two builds of the same code.
+func stableText(m proto.Message) string {
+	return strings.Join(strings.Fields(prototext.MarshalOptions{}.Format(m)), " ")
 }
