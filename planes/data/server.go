@@ -9,9 +9,11 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"time"
 
 	"github.com/triplane-dev/triplane/planes/data/crc32c"
+	"github.com/triplane-dev/triplane/planes/data/deadline"
 )
 
 // Landed reports that the bytes of one frame landed in a region and their
@@ -35,8 +37,10 @@ type ServerConfig struct {
 	// OnLanded, when set, is called (on the connection's goroutine) for
 	// every frame that landed and verified, before it is acknowledged.
 	OnLanded func(Landed)
-	// IdleTimeout bounds the wait for the next frame header (default 5 min);
-	// FrameTimeout bounds reading one payload and writing acks (default 30 s).
+	// IdleTimeout bounds the wait for the next frame (default 5 min, at
+	// least FrameTimeout); FrameTimeout bounds reading one frame and
+	// writing acks (default 30 s). Deadlines move lazily (see package
+	// deadline): each may fire up to an eighth of FrameTimeout late.
 	IdleTimeout, FrameTimeout time.Duration
 	Logger                    *slog.Logger
 	Metrics                   *Metrics
@@ -49,6 +53,8 @@ func (c *ServerConfig) defaults() {
 	if c.FrameTimeout == 0 {
 		c.FrameTimeout = 30 * time.Second
 	}
+	// The idle wait runs in steps of FrameTimeout.
+	c.IdleTimeout = max(c.IdleTimeout, c.FrameTimeout)
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -197,6 +203,35 @@ func readBlocks(br *bufio.Reader, h Header, dst []byte, blocks []blockSum) error
 	return nil
 }
 
+// await waits for the next frame and reads its header, under rdl: the
+// wait for its first byte goes on in steps of FrameTimeout until the
+// connection has been idle for IdleTimeout; the rest of the frame then has
+// at least FrameTimeout. A clean end of the connection at a frame boundary
+// is io.EOF.
+func (g *handshake) await(br *bufio.Reader, hdr []byte, rdl *deadline.Lazy, cfg *ServerConfig) (Header, error) {
+	if br.Buffered() == 0 {
+		start := time.Now()
+		for {
+			rdl.Extend(time.Now(), cfg.FrameTimeout)
+			_, err := br.Peek(1)
+			if err == nil {
+				break
+			}
+			if errors.Is(err, io.EOF) {
+				return Header{}, io.EOF
+			}
+			if !errors.Is(err, os.ErrDeadlineExceeded) {
+				return Header{}, fmt.Errorf("read frame header: %w", err)
+			}
+			if idle := time.Since(start); idle >= cfg.IdleTimeout {
+				return Header{}, fmt.Errorf("no frame for %s: %w", idle.Round(time.Millisecond), err)
+			}
+		}
+	}
+	rdl.Extend(time.Now(), cfg.FrameTimeout)
+	return g.next(br, hdr)
+}
+
 // deadliner is the part of a connection handle uses; nil in the fuzz test.
 type deadliner interface {
 	SetReadDeadline(time.Time) error
@@ -224,22 +259,21 @@ func (s *Server) handle(br *bufio.Reader, bw *bufio.Writer, dl deadliner) error 
 	unacked := false
 	var blocks []blockSum // the frame's blocks; reused
 	g := newHandshake(cfg.Token)
+	var rdl, wdl deadline.Lazy
+	if dl != nil {
+		rdl.Set, wdl.Set = dl.SetReadDeadline, dl.SetWriteDeadline
+	}
 	for {
 		if unacked && br.Buffered() < HeaderSize {
 			last.ack().Encode(ack[:])
-			if dl != nil {
-				dl.SetWriteDeadline(time.Now().Add(cfg.FrameTimeout))
-			}
+			wdl.Extend(time.Now(), cfg.FrameTimeout)
 			bw.Write(ack[:])
 			if err := bw.Flush(); err != nil {
 				return fmt.Errorf("write ack: %w", err)
 			}
 			unacked = false
 		}
-		if dl != nil {
-			dl.SetReadDeadline(time.Now().Add(cfg.IdleTimeout))
-		}
-		h, err := g.next(br, hdr[:])
+		h, err := g.await(br, hdr[:], &rdl, cfg)
 		if errors.Is(err, io.EOF) {
 			return nil
 		}
@@ -252,9 +286,6 @@ func (s *Server) handle(br *bufio.Reader, bw *bufio.Writer, dl deadliner) error 
 				return err
 			}
 		case FrameData, FrameBlocks:
-			if dl != nil {
-				dl.SetReadDeadline(time.Now().Add(cfg.FrameTimeout))
-			}
 			blocks = append(blocks[:0], blockSum{n: h.Length, crc: h.CRC})
 			if h.Type == FrameBlocks {
 				if blocks, err = readBlockTable(br, h, blocks); err != nil {

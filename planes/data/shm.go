@@ -17,6 +17,7 @@ import (
 
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/planes/data/crc32c"
+	"github.com/triplane-dev/triplane/planes/data/deadline"
 )
 
 // Shared memory: the receiver serves a unix socket. A sender on the same
@@ -91,16 +92,16 @@ func (s *ShmServer) handle(c *net.UnixConn, br *bufio.Reader, bw *bufio.Writer) 
 	g := newHandshake(s.cfg.Token)
 	var last Header // last landed frame verified
 	unacked := false
+	rdl, wdl := deadline.Lazy{Set: c.SetReadDeadline}, deadline.Lazy{Set: c.SetWriteDeadline}
 	for {
-		c.SetReadDeadline(time.Now().Add(s.cfg.IdleTimeout))
-		h, err := g.next(br, hdr[:])
+		h, err := g.await(br, hdr[:], &rdl, &s.cfg)
 		if errors.Is(err, io.EOF) {
 			return nil
 		}
 		if err != nil {
 			return err
 		}
-		c.SetWriteDeadline(time.Now().Add(s.cfg.FrameTimeout))
+		wdl.Extend(time.Now(), s.cfg.FrameTimeout)
 		switch h.Type {
 		case FrameHello:
 			if err := g.hello(br, h); err != nil {

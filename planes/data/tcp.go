@@ -8,9 +8,12 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/triplane-dev/triplane/planes/data/deadline"
 )
 
 // tcpTransport sends frames over several TCP connections (lanes) to one
@@ -30,18 +33,22 @@ type tcpTransport struct {
 type lane struct {
 	t      *tcpTransport
 	conn   net.Conn
-	wmu    sync.Mutex // one batch write at a time
+	wmu    sync.Mutex    // one batch write at a time
+	wdl    deadline.Lazy // under wmu
 	window chan struct{}
 
 	mu sync.Mutex
 	// pending are the frames written and not yet acknowledged, in seq
 	// order: pending[0] is frame acked+1. Acks are cumulative.
-	pending  []pendingFrame
-	acked    uint64
-	seq      uint64
-	err      error
-	deadline time.Time
-	done     chan struct{}
+	pending []pendingFrame
+	acked   uint64
+	seq     uint64
+	err     error
+	// rdl bounds the wait for acks while frames are pending. It is left
+	// in place when the last ack comes (the next write would only set it
+	// again); a reader woken by it with nothing pending clears it.
+	rdl  deadline.Lazy
+	done chan struct{}
 }
 
 type pendingFrame struct {
@@ -84,6 +91,7 @@ func (t *tcpTransport) dialLane(ctx context.Context) (*lane, error) {
 		return nil, fmt.Errorf("hello: %w", err)
 	}
 	l := &lane{t: t, conn: c, window: make(chan struct{}, t.o.Window), done: make(chan struct{})}
+	l.wdl.Set, l.rdl.Set = c.SetWriteDeadline, c.SetReadDeadline
 	go l.readAcks()
 	return l, nil
 }
@@ -282,7 +290,7 @@ func (l *lane) send(ctx context.Context, c *call, fs []run) error {
 			return stopErr(stop)
 		}
 		now := time.Now()
-		l.conn.SetWriteDeadline(now.Add(l.t.o.IOTimeout))
+		l.wdl.Extend(now, l.t.o.IOTimeout)
 		l.armReadDeadline(now)
 		_, err := bufs.WriteTo(l.conn) // writev on a plain TCP conn
 		l.wmu.Unlock()
@@ -307,14 +315,12 @@ func stopErr(err error) error {
 }
 
 // armReadDeadline makes the ack reader give up if no ack comes within
-// IOTimeout; it is pushed forward at most every IOTimeout/8 to keep timer
-// churn off the hot path.
+// IOTimeout (up to an eighth more: the deadline moves lazily).
 func (l *lane) armReadDeadline(now time.Time) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if len(l.pending) > 0 && now.Sub(l.deadline) > -l.t.o.IOTimeout+l.t.o.IOTimeout/8 {
-		l.deadline = now.Add(l.t.o.IOTimeout)
-		l.conn.SetReadDeadline(l.deadline)
+	if len(l.pending) > 0 {
+		l.rdl.Extend(now, l.t.o.IOTimeout)
 	}
 }
 
@@ -350,6 +356,10 @@ func (l *lane) readAcks() {
 	br := bufio.NewReaderSize(l.conn, 32<<10)
 	var hdr [HeaderSize]byte
 	for {
+		if err := l.awaitAck(br); err != nil {
+			l.fail(fmt.Errorf("read ack: %w", err))
+			return
+		}
 		if _, err := io.ReadFull(br, hdr[:]); err != nil {
 			l.fail(fmt.Errorf("read ack: %w", err))
 			return
@@ -376,12 +386,8 @@ func (l *lane) readAcks() {
 				l.pending = nil // let the backing array go
 			}
 			l.acked = h.Seq
-			if len(l.pending) == 0 {
-				l.deadline = time.Time{}
-				l.conn.SetReadDeadline(time.Time{})
-			} else if now := time.Now(); now.Sub(l.deadline) > -l.t.o.IOTimeout+l.t.o.IOTimeout/8 {
-				l.deadline = now.Add(l.t.o.IOTimeout)
-				l.conn.SetReadDeadline(l.deadline)
+			if len(l.pending) > 0 {
+				l.rdl.Extend(time.Now(), l.t.o.IOTimeout)
 			}
 			l.mu.Unlock()
 			for _, p := range done {
@@ -396,6 +402,27 @@ func (l *lane) readAcks() {
 		default:
 			l.fail(fmt.Errorf("receiver sent unexpected %s frame", h.Type))
 			return
+		}
+	}
+}
+
+// awaitAck returns once the next ack's first byte is here. A deadline that
+// passes with nothing pending (the lane went idle after its last ack) is
+// cleared and the wait goes on; so is one a writer has moved since.
+func (l *lane) awaitAck(br *bufio.Reader) error {
+	for {
+		_, err := br.Peek(1)
+		if err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
+			return err
+		}
+		l.mu.Lock()
+		idle, passed := len(l.pending) == 0, l.rdl.Passed(time.Now())
+		if idle {
+			l.rdl.Clear()
+		}
+		l.mu.Unlock()
+		if !idle && passed {
+			return fmt.Errorf("no ack within %s: %w", l.t.o.IOTimeout, err)
 		}
 	}
 }

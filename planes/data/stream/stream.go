@@ -29,6 +29,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planes/data/deadline"
 )
 
 // MaxFrame bounds one frame's protobuf bytes.
@@ -114,7 +115,8 @@ type ServerConfig struct {
 	// TLS, when set, serves TLS (ClientAuth for mutual TLS).
 	TLS *tls.Config
 	// OpenTimeout bounds the wait for the open frame; WriteTimeout a frame
-	// write (a frontend that stops reading is cut off). Defaults 10 s.
+	// write (a frontend that stops reading is cut off; it may fire up to an
+	// eighth late, see package deadline). Defaults 10 s.
 	OpenTimeout, WriteTimeout time.Duration
 	// KeepAlive is how long a stream may be silent before the server sends
 	// a keep-alive frame (seq 0, no data), so a frontend's IdleTimeout
@@ -246,6 +248,7 @@ func (s *Server) serve(c net.Conn) {
 	}()
 	var seq uint64
 	var wmu sync.Mutex
+	wdl := deadline.Lazy{Set: c.SetWriteDeadline} // under wmu
 	lastWrite := time.Now()
 	finished := false // the final frame went out: no keep-alive after it
 	write := func(f *triplanev1.StreamFrame) error {
@@ -255,7 +258,7 @@ func (s *Server) serve(c net.Conn) {
 		f.Seq = seq
 		lastWrite = time.Now()
 		finished = finished || f.Final
-		c.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
+		wdl.Extend(lastWrite, s.cfg.WriteTimeout)
 		if err := writeFrame(c, f); err != nil {
 			cancel(fmt.Errorf("stream: frontend went away: %w", err))
 			return err
@@ -286,7 +289,7 @@ func (s *Server) serve(c net.Conn) {
 				}
 				wmu.Lock()
 				if time.Since(lastWrite) >= s.cfg.KeepAlive && !finished {
-					c.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
+					wdl.Extend(time.Now(), s.cfg.WriteTimeout)
 					if err := writeFrame(c, &triplanev1.StreamFrame{}); err != nil {
 						wmu.Unlock()
 						cancel(fmt.Errorf("stream: frontend went away: %w", err))
@@ -320,6 +323,7 @@ func (s *Server) serve(c net.Conn) {
 // Stream is the frontend's end of one response stream.
 type Stream struct {
 	idle time.Duration
+	rdl  deadline.Lazy // of c, used by Recv only
 	c    net.Conn
 	br   *bufio.Reader
 	seq  uint64
@@ -333,7 +337,8 @@ type ClientOptions struct {
 	Token string
 	TLS   *tls.Config
 	// IdleTimeout bounds the wait for the next frame, keep-alives included
-	// (default: none; ctx ends the stream). Setting it asks the server for
+	// (default: none; ctx ends the stream; it may fire up to an eighth
+	// late, never early). Setting it asks the server for
 	// keep-alives; set it above 1.5 times the server's KeepAlive.
 	IdleTimeout time.Duration
 }
@@ -359,7 +364,7 @@ func Open(ctx context.Context, addr string, open *triplanev1.StreamOpen, o Clien
 		c.Close()
 		return nil, fmt.Errorf("stream: open %s: %w", addr, err)
 	}
-	s := &Stream{c: c, br: bufio.NewReader(c), idle: o.IdleTimeout}
+	s := &Stream{c: c, br: bufio.NewReader(c), idle: o.IdleTimeout, rdl: deadline.Lazy{Set: c.SetReadDeadline}}
 	// The callback must not read s.stop: with ctx already done it runs at
 	// once, racing this assignment.
 	s.stop = context.AfterFunc(ctx, s.closeConn)
@@ -376,7 +381,7 @@ func (s *Stream) Recv() (*triplanev1.StreamFrame, error) {
 	var f triplanev1.StreamFrame
 	for {
 		if s.idle > 0 {
-			s.c.SetReadDeadline(time.Now().Add(s.idle))
+			s.rdl.Extend(time.Now(), s.idle)
 		}
 		if err := readFrame(s.br, &f); err != nil {
 			s.done.Store(true)
