@@ -37,10 +37,13 @@ type ServerConfig struct {
 	// OnLanded, when set, is called (on the connection's goroutine) for
 	// every frame that landed and verified, before it is acknowledged.
 	OnLanded func(Landed)
-	// IdleTimeout bounds the wait for the next frame (default 5 min, at
-	// least FrameTimeout); FrameTimeout bounds reading one frame and
-	// writing acks (default 30 s). Deadlines move lazily (see package
-	// deadline): each may fire up to an eighth of FrameTimeout late.
+	// IdleTimeout bounds the wait for the next frame (default 5 min; a
+	// value below FrameTimeout counts as FrameTimeout); FrameTimeout bounds
+	// reading one frame and writing acks (default 30 s). Deadlines move
+	// lazily (see package deadline): FrameTimeout may fire up to an eighth
+	// late; idleness is checked in steps of FrameTimeout, so an idle
+	// connection closes between IdleTimeout and IdleTimeout plus 9/8 of
+	// FrameTimeout. Neither fires early.
 	IdleTimeout, FrameTimeout time.Duration
 	Logger                    *slog.Logger
 	Metrics                   *Metrics

@@ -272,6 +272,10 @@ func (l *lane) send(ctx context.Context, c *call, fs []run) error {
 			l.seq++
 			seq := l.seq
 			l.pending = append(l.pending, pendingFrame{crc: crc, n: uint32(r.dst.Length), c: c})
+			// In the same lock section as the append: the ack reader,
+			// woken by a deadline that passed while the lane was idle,
+			// must not find this frame pending under it.
+			l.rdl.Extend(time.Now(), l.t.o.IOTimeout)
 			l.mu.Unlock()
 			if len(r.parts) == 1 {
 				hdrs = hdrs[:len(hdrs)+HeaderSize] // h is this slot
@@ -289,9 +293,7 @@ func (l *lane) send(ctx context.Context, c *call, fs []run) error {
 			l.wmu.Unlock()
 			return stopErr(stop)
 		}
-		now := time.Now()
-		l.wdl.Extend(now, l.t.o.IOTimeout)
-		l.armReadDeadline(now)
+		l.wdl.Extend(time.Now(), l.t.o.IOTimeout)
 		_, err := bufs.WriteTo(l.conn) // writev on a plain TCP conn
 		l.wmu.Unlock()
 		if err != nil {
@@ -312,16 +314,6 @@ func stopErr(err error) error {
 		return nil
 	}
 	return err
-}
-
-// armReadDeadline makes the ack reader give up if no ack comes within
-// IOTimeout (up to an eighth more: the deadline moves lazily).
-func (l *lane) armReadDeadline(now time.Time) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if len(l.pending) > 0 {
-		l.rdl.Extend(now, l.t.o.IOTimeout)
-	}
 }
 
 func (l *lane) failure() error {

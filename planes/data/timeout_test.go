@@ -50,9 +50,19 @@ func TestReceiverTimeouts(t *testing.T) {
 				c := dial(stallR, network)
 				payload := make([]byte, 100)
 				f := rawFrame(Header{Type: FrameData, Region: 7, Length: 100, CRC: Checksum(payload)}, payload)
+				start := time.Now()
 				c.Write(append(rawFrame(Header{Type: FrameHello}, nil), f[:len(f)-50]...))
 				if !closed(c) {
 					t.Fatal("a frame stalled mid-payload was not closed by the frame timeout")
+				}
+				// Closed by the timeout, not refused as bad input.
+				if waited := time.Since(start); waited < frame {
+					t.Fatalf("a stalled frame was closed after %s, before the frame timeout %s", waited, frame)
+				}
+				for _, reason := range []string{"length", "malformed", "checksum", "out_of_region"} {
+					if n := stallR.metrics.RejectedCount("tcp", reason); n != 0 {
+						t.Fatalf("a stalled frame was counted as a %s refusal", reason)
+					}
 				}
 			}
 		})
@@ -64,7 +74,8 @@ func TestReceiverTimeouts(t *testing.T) {
 func TestLaneIdlePastAckDeadline(t *testing.T) {
 	ctx := ctxT(t)
 	r := newReceiver(t, 4096, 4, nil)
-	const ioTimeout = 20 * time.Millisecond
+	// Long enough for a round trip on a loaded machine under -race.
+	const ioTimeout = 250 * time.Millisecond
 	tr, err := NewDialer(DialOptions{Prefer: "tcp", Lanes: 1, IOTimeout: ioTimeout}).Dial(ctx, r.peer())
 	if err != nil {
 		t.Fatal(err)
@@ -77,7 +88,7 @@ func TestLaneIdlePastAckDeadline(t *testing.T) {
 		}
 		// Past the deadline the last write left (IOTimeout and an eighth):
 		// the ack reader wakes with nothing pending.
-		time.Sleep(2 * ioTimeout)
+		time.Sleep(ioTimeout + ioTimeout/4)
 	}
 }
 
