@@ -216,6 +216,10 @@ func TestBadRequests(t *testing.T) {
 		{"/v1/completions", `{"model":"mock","prompt":"x","max_tokens":0}`, 400, "max_tokens 0"},
 		{"/v1/completions", `{"model":"mock","prompt":"x","max_tokens":100000}`, 400, "max_tokens 100000"},
 		{"/v1/completions", `{"model":"mock","prompt":"x","n":2}`, 400, "one choice"},
+		{"/v1/completions", `{"model":"mock","prompt":[31999, 40000]}`, 400, "token 40000 at 1 is outside the vocabulary"},
+		// Refused by the worker's engine (256 blocks of 4 tokens): a bad
+		// request, not a failed worker to report down and migrate from.
+		{"/v1/completions", fmt.Sprintf(`{"model":"mock","prompt":%q}`, strings.Repeat("word ", 1100)), 400, "the pool has 256"},
 		{"/v1/chat/completions", `{"model":"mock","messages":[]}`, 400, "at least one message"},
 		{"/v1/chat/completions", `{"model":"mock","messages":[{"role":"wizard","content":"x"}]}`, 400, "role"},
 		{"/v1/nothing", `{}`, 404, "no route"},
@@ -230,11 +234,14 @@ func TestBadRequests(t *testing.T) {
 		err = json.NewDecoder(resp.Body).Decode(&out)
 		resp.Body.Close()
 		if resp.StatusCode != tc.status || err != nil || !strings.Contains(out.Error.Message, tc.want) || out.Error.Type == "" {
-			t.Errorf("%s %s: status %d, error %+v (%v); want %d %q", tc.path, tc.body, resp.StatusCode, out.Error, err, tc.status, tc.want)
+			t.Errorf("%s %.120s: status %d, error %+v (%v); want %d %q", tc.path, tc.body, resp.StatusCode, out.Error, err, tc.status, tc.want)
 		}
 	}
-	// The server still serves.
+	// The server still serves, with its one worker: none was reported down.
 	if _, err := e.post(t, "/v1/completions", `{"model":"mock","prompt":"still here","max_tokens":2}`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.post(t, "/v1/completions", `{"model":"mock","prompt":[31999],"max_tokens":2}`); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -191,7 +191,7 @@ func (f *Frontend) completions(w http.ResponseWriter, r *http.Request) {
 	if !f.decode(w, r, &req) {
 		return
 	}
-	text, ids, err := promptText(req.Prompt)
+	text, ids, err := promptText(req.Prompt, f.cfg.Vocab)
 	if err != nil {
 		f.badRequest(w, err.Error())
 		return

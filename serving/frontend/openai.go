@@ -104,7 +104,7 @@ type apiError struct {
 
 // promptText reads a completion prompt: a string, or an array of one
 // string. Token-id prompts are accepted as an array of integers.
-func promptText(raw json.RawMessage) (text string, ids []uint32, err error) {
+func promptText(raw json.RawMessage, vocab uint32) (text string, ids []uint32, err error) {
 	if len(raw) == 0 || string(raw) == "null" {
 		return "", nil, errors.New("prompt is required")
 	}
@@ -125,8 +125,8 @@ func promptText(raw json.RawMessage) (text string, ids []uint32, err error) {
 		}
 		ids = make([]uint32, len(nums))
 		for i, n := range nums {
-			if n < 0 || n > 1<<31 {
-				return "", nil, fmt.Errorf("prompt: token %d at %d is out of range", n, i)
+			if n < 0 || n >= int64(vocab) {
+				return "", nil, fmt.Errorf("prompt: token %d at %d is outside the vocabulary (ids 0 to %d)", n, i, vocab-1)
 			}
 			ids[i] = uint32(n)
 		}

@@ -403,8 +403,13 @@ func (w *Worker) handle(o op) {
 	switch {
 	case o.add != nil:
 		err := w.eng.Add(o.add.req)
-		if errors.Is(err, engine.ErrQueueFull) {
+		switch {
+		case errors.Is(err, engine.ErrQueueFull):
 			err = fmt.Errorf("%w: %w", ErrOverloaded, err)
+		case errors.Is(err, engine.ErrBadRequest):
+			// The request's fault, not the worker's: the frontend answers
+			// 400 instead of reporting this worker down and migrating.
+			err = fmt.Errorf("%w: %w", ErrBadRequest, err)
 		}
 		o.res <- err
 	case o.cancel != "":
