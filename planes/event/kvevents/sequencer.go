@@ -1,6 +1,7 @@
 package kvevents
 
 import (
+	"errors"
 	"fmt"
 	"maps"
 	"slices"
@@ -244,19 +245,21 @@ func (s *Sequencer) RepairDone(worker string, epoch uint64, reply *triplanev1.Kv
 	if err == nil {
 		err = ValidateReply(reply)
 	}
-	if err == nil {
-		v.failures = 0
-	}
+	before, reset := v.next, v.epoch != epoch
 	switch {
 	case err != nil:
-		s.stats.RepairFailures++
-		v.failures++
-	case reply.Epoch != epoch || v.epoch != epoch:
+	case reply.Epoch != epoch || reset:
 		// The worker restarted meanwhile; the new epoch's events decide.
 	default:
 		switch r := reply.Reply.(type) {
 		case *triplanev1.KvResendReply_Range:
 			s.stats.Resends++
+			if len(r.Range.Events) == 0 {
+				// The worker has nothing past what the view holds: the
+				// head that asked for more was not its own (a forged or
+				// corrupt heartbeat). The worker's log is the truth.
+				v.head = min(v.head, v.next-1)
+			}
 			for _, e := range r.Range.Events {
 				s.ingest(worker, v, e)
 			}
@@ -265,8 +268,22 @@ func (s *Sequencer) RepairDone(worker string, epoch uint64, reply *triplanev1.Kv
 			s.applyDump(worker, v, r.Dump)
 		}
 	}
+	gap := v.next <= v.head
+	if err == nil && gap && v.next == before && !reset {
+		// An answer that filled nothing while the gap stays (one of
+		// another epoch, a dump older than the view) counts as a failed
+		// request: else a peer answering that way forever keeps the
+		// repair asking forever, with no pause.
+		err = errNoProgress
+	}
+	if err != nil {
+		s.stats.RepairFailures++
+		v.failures++
+	} else {
+		v.failures = 0
+	}
 	res := RepairResult{Err: err, Failures: v.failures, Missing: v.next, Head: v.head}
-	if v.next <= v.head && v.failures < s.cfg.RepairAttempts {
+	if gap && v.failures < s.cfg.RepairAttempts {
 		if err != nil {
 			res.Next = RepairAfterBackoff
 		} else {
@@ -282,6 +299,9 @@ func (s *Sequencer) RepairDone(worker string, epoch uint64, reply *triplanev1.Kv
 	v.repairing = false
 	return res
 }
+
+// errNoProgress is a resend answer that filled none of the gap.
+var errNoProgress = errors.New("the answer filled none of the gap")
 
 // applyDump replaces the view with a dump taken at dump.EventId and then
 // applies the buffered events that follow it.

@@ -304,9 +304,10 @@ func TestSequencerAppliesDumpsNotOlderThanTheView(t *testing.T) {
 	ingest(t, s, batchOf("w1", 1, 0, storedEv(1, nil, 10), storedEv(2, nil, 20), storedEv(3, nil, 30)), false)
 	ingest(t, s, batchOf("w1", 1, 0, storedEv(6, nil, 60)), true)
 	_, epoch, _ := s.RepairRequest("w1")
-	// A dump taken before the view's last event says less than the view.
+	// A dump taken before the view's last event says less than the view:
+	// it fills nothing, which counts as a failed request.
 	res := s.RepairDone("w1", epoch, dumpReply("w1", 1, 1, 10), nil)
-	wantNext(t, res, kvevents.RepairAgain)
+	wantNext(t, res, kvevents.RepairAfterBackoff)
 	wantBlocks(t, s, "w1", blocksOf(10, 20, 30), 3)
 	if len(*resets) != 0 {
 		t.Fatalf("old dump told OnReset: %v", *resets)
@@ -337,12 +338,53 @@ func TestSequencerIgnoresRepliesOfAnotherEpoch(t *testing.T) {
 	if epoch != 2 || req.FromEventId != 1 || req.ToEventId != 2 {
 		t.Fatalf("request after the restart %v epoch %d", req, epoch)
 	}
-	// A reply from a run other than the one asked is ignored as well.
-	wantNext(t, s.RepairDone("w1", epoch, rangeReply("w1", 3, storedEv(1, nil, 13)), nil), kvevents.RepairAgain)
+	// A reply from a run other than the one asked is ignored as well; as
+	// it fills nothing of a gap the view still has, it counts as failed
+	// (the view's own reset above did not: the request was for the old
+	// view).
+	wantNext(t, s.RepairDone("w1", epoch, rangeReply("w1", 3, storedEv(1, nil, 13)), nil), kvevents.RepairAfterBackoff)
 	wantNext(t, s.RepairDone("w1", epoch, rangeReply("w1", 2, storedEv(1, nil, 21)), nil), kvevents.RepairStop)
 	wantBlocks(t, s, "w1", blocksOf(21, 22), 2)
-	if st := s.Stats(); st.RepairFailures != 0 || st.Resends != 1 {
+	if st := s.Stats(); st.RepairFailures != 1 || st.Resends != 1 {
 		t.Fatalf("stats %+v", st)
+	}
+}
+
+// A forged heartbeat cannot keep a repair going: a head past the worker's
+// last event is dropped once the worker answers that it has nothing more,
+// and answers that never fill the gap (the view's epoch forged) are failed
+// requests, spaced and bounded.
+func TestSequencerRepairOfForgedHeartbeats(t *testing.T) {
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{RepairAttempts: 3})
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(1, nil, 10)), false)
+	// The good case beside it: a true head is repaired.
+	ingest(t, s, batchOf("w1", 1, 2), true)
+	_, epoch, _ := s.RepairRequest("w1")
+	wantNext(t, s.RepairDone("w1", epoch, rangeReply("w1", 1, storedEv(2, nil, 20)), nil), kvevents.RepairStop)
+	// A forged head: the worker's log has nothing past event 2.
+	ingest(t, s, batchOf("w1", 1, 1<<63), true)
+	_, epoch, _ = s.RepairRequest("w1")
+	res := s.RepairDone("w1", epoch, rangeReply("w1", 1), nil)
+	wantNext(t, res, kvevents.RepairStop)
+	if res.Head != 2 || res.Missing != 3 {
+		t.Fatalf("after the worker's empty answer: %+v", res)
+	}
+	wantBlocks(t, s, "w1", blocksOf(10, 20), 2)
+
+	// A forged epoch takes over the view; the real worker's answers (its
+	// own epoch) fill nothing of the forged gap.
+	ingest(t, s, batchOf("w1", 1<<62, 5), true)
+	_, epoch, _ = s.RepairRequest("w1")
+	for i := range 3 {
+		res := s.RepairDone("w1", epoch, rangeReply("w1", 1, storedEv(3, nil, 30)), nil)
+		if res.Err == nil || res.Failures != i+1 {
+			t.Fatalf("answer %d: %+v", i+1, res)
+		}
+		if i < 2 {
+			wantNext(t, res, kvevents.RepairAfterBackoff)
+		} else {
+			wantNext(t, res, kvevents.RepairGaveUp)
+		}
 	}
 }
 
