@@ -79,6 +79,7 @@ type Cache[T proto.Message] struct {
 	cli    *clientv3.Client
 	prefix string
 	newT   func() T
+	check  func(key string, v T) error // nil: every value that decodes
 	cfg    CacheConfig
 	log    *slog.Logger
 
@@ -99,6 +100,13 @@ type subscriber[T proto.Message] struct{ ch chan Event[T] }
 // NewCache starts caching prefix. newT returns an empty message to decode
 // into. Stop it with Close.
 func NewCache[T proto.Message](cli *clientv3.Client, prefix string, newT func() T, cfg CacheConfig) *Cache[T] {
+	return NewCheckedCache(cli, prefix, newT, nil, cfg)
+}
+
+// NewCheckedCache is NewCache that also ignores (and counts, as values
+// that do not decode) the values check refuses: a record that decodes but
+// would mislead its readers.
+func NewCheckedCache[T proto.Message](cli *clientv3.Client, prefix string, newT func() T, check func(key string, v T) error, cfg CacheConfig) *Cache[T] {
 	if cfg.SubscriberBuffer <= 0 {
 		cfg.SubscriberBuffer = 1024
 	}
@@ -115,7 +123,7 @@ func NewCache[T proto.Message](cli *clientv3.Client, prefix string, newT func() 
 		cfg.Metrics = NewMetrics(nil)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	c := &Cache[T]{cli: cli, prefix: prefix, newT: newT, cfg: cfg, log: cfg.Logger.With("prefix", prefix),
+	c := &Cache[T]{cli: cli, prefix: prefix, newT: newT, check: check, cfg: cfg, log: cfg.Logger.With("prefix", prefix),
 		items: map[string]Item[T]{}, subs: map[*subscriber[T]]struct{}{},
 		notes: map[chan struct{}]struct{}{}, ready: make(chan struct{}), cancel: cancel, done: make(chan struct{})}
 	go c.run(ctx)
@@ -225,9 +233,12 @@ func Decode[T proto.Message](b []byte, newT func() T) (T, error) {
 
 func (c *Cache[T]) decode(kv *mvccpb.KeyValue) (T, bool) {
 	v, err := Decode(kv.Value, c.newT)
+	if err == nil && c.check != nil {
+		err = c.check(string(kv.Key), v)
+	}
 	if err != nil {
 		c.cfg.Metrics.DecodeErrors.Inc()
-		c.log.Warn("ignoring a value that does not decode", "key", string(kv.Key), "type", fmt.Sprintf("%T", v), "err", err)
+		c.log.Warn("ignoring a value that does not decode or is invalid", "key", string(kv.Key), "type", fmt.Sprintf("%T", v), "err", err)
 		return v, false
 	}
 	return v, true

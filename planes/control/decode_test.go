@@ -52,6 +52,15 @@ func TestBadValueIsIgnoredAndCounted(t *testing.T) {
 	if _, err := cli.Put(ctx, "/triplane/test/instances/worker/generate/bad", "not json {"); err != nil {
 		t.Fatal(err)
 	}
+	// Records that decode but do not name their own key: no instance id,
+	// and another record's id (a router would refuse a decision with
+	// either among its candidates, failing every request).
+	for key, in := range map[string]*triplanev1.InstanceInfo{"noid": instance(""), "dup": instance("good")} {
+		b, _ := protojson.Marshal(in)
+		if _, err := cli.Put(ctx, "/triplane/test/instances/worker/generate/"+key, string(b)); err != nil {
+			t.Fatal(err)
+		}
+	}
 	m := control.NewMetrics(nil)
 	d, err := control.NewDiscovery(cli, control.DiscoveryConfig{Namespace: "test", Component: "worker", Endpoint: "generate",
 		Cache: control.CacheConfig{Metrics: m}})
@@ -60,8 +69,8 @@ func TestBadValueIsIgnoredAndCounted(t *testing.T) {
 	}
 	defer d.Close()
 	eventually(t, 5*time.Second, "good instance listed", func() bool { return ids(d.Instances()) == "good" })
-	if n := counter(m.DecodeErrors); n != 1 {
-		t.Fatalf("decode_errors_total = %v, want 1", n)
+	if n := counter(m.DecodeErrors); n != 3 {
+		t.Fatalf("decode_errors_total = %v, want 3", n)
 	}
 	if _, err := control.NewDiscovery(cli, control.DiscoveryConfig{Namespace: "test", Component: "a/b"}); err == nil {
 		t.Fatal("component with a slash accepted")

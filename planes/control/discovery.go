@@ -57,10 +57,25 @@ func NewDiscovery(cli *clientv3.Client, cfg DiscoveryConfig) (*Discovery, error)
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	prefix := Keys{cfg.Namespace}.Instances(cfg.Component, cfg.Endpoint)
-	d := &Discovery{cfg: cfg, down: map[string]time.Time{},
-		cache: NewCache(cli, prefix, func() *triplanev1.InstanceInfo { return &triplanev1.InstanceInfo{} }, cfg.Cache)}
+	keys := Keys{cfg.Namespace}
+	d := &Discovery{cfg: cfg, down: map[string]time.Time{}}
+	d.cache = NewCheckedCache(cli, keys.Instances(cfg.Component, cfg.Endpoint),
+		func() *triplanev1.InstanceInfo { return &triplanev1.InstanceInfo{} }, keys.checkInstance, cfg.Cache)
 	return d, nil
+}
+
+// checkInstance refuses a record whose fields do not name its own key: an
+// empty or repeated instance id would be a routing candidate no router
+// accepts (and would fail every decision), and ReportDown finds an
+// instance by the key its fields name.
+func (k Keys) checkInstance(key string, in *triplanev1.InstanceInfo) error {
+	if err := CheckName("instance id", in.GetInstanceId()); err != nil {
+		return err
+	}
+	if want := k.Instance(in.GetComponent(), in.GetEndpoint(), in.GetInstanceId()); key != want {
+		return fmt.Errorf("control: instance %q of %s/%s is stored under %s, not %s", in.GetInstanceId(), in.GetComponent(), in.GetEndpoint(), key, want)
+	}
+	return nil
 }
 
 // Close stops the watch.

@@ -29,7 +29,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		Registrations:  c("registrations_total", "Registration keys written."),
 		WatchResumes:   c("watch_resumes_total", "Watches resumed from their last revision after the stream broke."),
 		WatchResyncs:   c("watch_resyncs_total", "Full resyncs after etcd compacted past a watch's revision."),
-		DecodeErrors:   c("decode_errors_total", "Values under a watched prefix that did not decode; they are ignored."),
+		DecodeErrors:   c("decode_errors_total", "Values under a watched prefix that did not decode or were invalid; they are ignored."),
 		EventsDropped:  c("subscriber_events_dropped_total", "Discovery events dropped because a subscriber's buffer was full."),
 		Elected:        c("placement_elected_total", "Times this node became a placement leader."),
 		FencedWrites:   c("placement_fenced_writes_total", "Placement writes refused because this node was no longer leader."),
