@@ -48,8 +48,20 @@ func readFrame(r io.Reader, m proto.Message) error {
 	if size > MaxFrame {
 		return fmt.Errorf("%w: %d bytes, at most %d", ErrBadFrame, size, MaxFrame)
 	}
-	b := make([]byte, size)
-	if _, err := io.ReadFull(r, b); err != nil {
+	var b []byte
+	var err error
+	if size <= 64<<10 {
+		b = make([]byte, size)
+		_, err = io.ReadFull(r, b)
+	} else {
+		// A large frame's buffer grows with the bytes that arrive: a
+		// length prefix alone does not hold MaxFrame of memory.
+		b, err = io.ReadAll(io.LimitReader(r, int64(size)))
+		if err == nil && len(b) < int(size) {
+			err = io.ErrUnexpectedEOF
+		}
+	}
+	if err != nil {
 		if errors.Is(err, io.EOF) {
 			err = io.ErrUnexpectedEOF
 		}
@@ -125,8 +137,11 @@ type ServerConfig struct {
 	// ErrorCode, when set, classifies a handler's error into the final
 	// frame's code, so clients need not parse error text.
 	ErrorCode func(error) string
-	Logger    *slog.Logger
-	Metrics   *Metrics
+	// MaxConns bounds the connections served at once, open or opening
+	// (default 4096); more are closed at once and counted as refused.
+	MaxConns int
+	Logger   *slog.Logger
+	Metrics  *Metrics
 }
 
 // Server serves response streams.
@@ -136,6 +151,7 @@ type Server struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	conns  atomic.Int64 // being served
 }
 
 // Listen starts a stream server on addr.
@@ -151,6 +167,9 @@ func Listen(addr string, cfg ServerConfig) (*Server, error) {
 	}
 	if cfg.KeepAlive == 0 {
 		cfg.KeepAlive = 5 * time.Second
+	}
+	if cfg.MaxConns <= 0 {
+		cfg.MaxConns = 4096
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -191,9 +210,19 @@ func (s *Server) accept() {
 		if err != nil {
 			return
 		}
+		if s.conns.Load() >= int64(s.cfg.MaxConns) {
+			// Closed without a word: writing a refusal could wait on a
+			// TLS handshake, and the accept loop must not.
+			s.cfg.Metrics.refused.Inc()
+			s.cfg.Logger.Warn("stream: refusing a connection: at the connection limit", "peer", c.RemoteAddr(), "max_conns", s.cfg.MaxConns)
+			c.Close()
+			continue
+		}
+		s.conns.Add(1)
 		s.wg.Add(1)
 		go func() {
 			defer s.wg.Done()
+			defer s.conns.Add(-1)
 			s.serve(c)
 		}()
 	}

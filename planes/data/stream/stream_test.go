@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -274,5 +276,85 @@ func TestKeepAliveAndIdleTimeout(t *testing.T) {
 		}
 		st.Close()
 		s.Close()
+	}
+}
+
+// A frame's length prefix alone does not make the reader hold that much
+// memory: a peer announcing MaxFrame and sending 100 bytes costs about
+// 100 bytes. A real large frame beside it reads whole.
+func TestFrameLengthAloneHoldsNoMemory(t *testing.T) {
+	var good bytes.Buffer
+	payload := bytes.Repeat([]byte{7}, 1<<20)
+	writeFrame(&good, &triplanev1.StreamFrame{Seq: 1, Data: payload})
+	var f triplanev1.StreamFrame
+	if err := readFrame(&good, &f); err != nil || !bytes.Equal(f.Data, payload) {
+		t.Fatalf("a 1 MiB frame: %v", err)
+	}
+
+	bad := append([]byte{0, 0, 0x40, 0}, make([]byte, 100)...) // MaxFrame announced
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	err := readFrame(bytes.NewReader(bad), &f)
+	runtime.ReadMemStats(&after)
+	if err == nil || !strings.Contains(err.Error(), "cut short") {
+		t.Fatalf("a frame cut short: %v", err)
+	}
+	if n := after.TotalAlloc - before.TotalAlloc; n > 1<<20 {
+		t.Fatalf("reading a %d-byte prefix-only frame allocated %d bytes", len(bad), n)
+	}
+}
+
+// Connections past MaxConns are closed at once and counted; once one
+// ends, a good stream is served again.
+func TestConnectionLimit(t *testing.T) {
+	ctx := ctxT(t)
+	p := &producer{stopped: make(chan error, 4)}
+	s, err := Listen("127.0.0.1:0", ServerConfig{Handler: p.handle, MaxConns: 2, OpenTimeout: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	var idle []net.Conn
+	for range 2 {
+		c, err := net.Dial("tcp", s.Addr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		idle = append(idle, c)
+	}
+	for s.conns.Load() < 2 {
+		if ctx.Err() != nil {
+			t.Fatal("the server never took the two connections")
+		}
+		runtime.Gosched()
+	}
+	c, err := net.Dial("tcp", s.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if n, err := c.Read(make([]byte, 1)); n != 0 || err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("a connection past the limit: read %d, %v; want it closed", n, err)
+	}
+	if got := s.cfg.Metrics.Refused(); got != 1 {
+		t.Fatalf("refused %v, want 1", got)
+	}
+	idle[0].Close()
+	for {
+		st, err := Open(ctx, s.Addr(), &triplanev1.StreamOpen{RequestId: "r", Payload: []byte("1")}, ClientOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f, err := st.Recv()
+		if err == nil && string(f.Data) == "tok-0" {
+			st.Close()
+			return
+		}
+		if ctx.Err() != nil {
+			t.Fatalf("no stream served after a connection ended: %v", err)
+		}
+		st.Close()
 	}
 }
