@@ -86,12 +86,24 @@ func (c *Config) Defaults() {
 	}
 }
 
+// Bounds of one engine's pool: blocks are numbered with int32, and the
+// pool's bytes are real memory.
+const (
+	MaxBlocks    = 1 << 24
+	MaxPoolBytes = 1 << 40
+)
+
 // Validate reports a configuration that cannot work.
 func (c *Config) Validate() error {
 	switch {
 	case c.BlockSize < 1 || c.NumBlocks < 2 || c.BlockBytes < 8 || c.BlockBytes%8 != 0:
 		return fmt.Errorf("mocker: block size %d tokens, %d blocks of %d bytes: want >= 1, >= 2, a multiple of 8",
 			c.BlockSize, c.NumBlocks, c.BlockBytes)
+	case c.NumBlocks > MaxBlocks || c.BlockBytes > MaxPoolBytes/c.NumBlocks:
+		// Checked before anything is allocated: a pool this size would
+		// end the process (a length out of range, or out of memory).
+		return fmt.Errorf("mocker: %d blocks of %d bytes: at most %d blocks and %d GiB in all",
+			c.NumBlocks, c.BlockBytes, MaxBlocks, MaxPoolBytes>>30)
 	case c.MaxBatchTokens < 1 || c.MaxSeqs < 1 || c.MaxWaiting < 1:
 		return fmt.Errorf("mocker: batch tokens %d, sequences %d, waiting %d: all must be positive", c.MaxBatchTokens, c.MaxSeqs, c.MaxWaiting)
 	case c.SpeedUp <= 0 || math.IsInf(c.SpeedUp, 0) || math.IsNaN(c.SpeedUp):

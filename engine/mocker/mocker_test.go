@@ -236,10 +236,17 @@ func TestBadRequestsAndConfig(t *testing.T) {
 	if err := e.Add(engine.Request{ID: "dup", Tokens: prompt(4, 1), MaxTokens: 1}); !errors.Is(err, engine.ErrBadRequest) {
 		t.Errorf("duplicate id: %v", err)
 	}
-	for _, c := range []mocker.Config{{BlockBytes: 12}, {NumBlocks: 1}, {SpeedUp: -1}} {
+	for _, c := range []mocker.Config{{BlockBytes: 12}, {NumBlocks: 1}, {SpeedUp: -1},
+		{NumBlocks: 1 << 62}, {NumBlocks: mocker.MaxBlocks + 1}, {NumBlocks: 1 << 20, BlockBytes: 1 << 21}} {
 		if _, err := mocker.New(c); err == nil {
 			t.Errorf("config %+v accepted", c)
 		}
+	}
+	// The largest pool count allowed is fine to validate (not to build here).
+	c := mocker.Config{NumBlocks: mocker.MaxBlocks}
+	c.Defaults()
+	if err := c.Validate(); err != nil {
+		t.Errorf("%d blocks refused: %v", mocker.MaxBlocks, err)
 	}
 }
 
