@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"path/filepath"
 	"runtime"
@@ -568,5 +569,37 @@ func TestBusyWorkersGive429(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusTooManyRequests || !strings.Contains(string(b), "overloaded") || resp.Header.Get("Retry-After") == "" {
 		t.Fatalf("status %d body %s, want 429 with Retry-After", resp.StatusCode, b)
+	}
+}
+
+// The in-flight limit is taken before a request's body is read: at the
+// limit, a request whose body never finishes arriving gets 429 at once
+// (its body cannot hold memory), beside the request that runs.
+func TestInflightLimitBeforeBody(t *testing.T) {
+	e := start(t, 1, func(c *serving.Config) {
+		c.Engine.SpeedUp = 1
+		c.Engine.NumBlocks = 2048
+		c.MaxInflight = 1
+	})
+	first, fsc := openStream(t, e, 3000)
+	defer first.Body.Close()
+	go func() {
+		for fsc.Scan() {
+		}
+	}()
+	c, err := net.Dial("tcp", strings.TrimPrefix(e.base, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{\"prompt\": \"")
+	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("no answer while the body is still coming: %v", err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusTooManyRequests || !strings.Contains(string(b), "the limit is 1") {
+		t.Fatalf("status %d body %s, want 429", resp.StatusCode, b)
 	}
 }

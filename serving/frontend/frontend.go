@@ -187,6 +187,11 @@ type job struct {
 }
 
 func (f *Frontend) completions(w http.ResponseWriter, r *http.Request) {
+	release, ok := f.admit(w)
+	if !ok {
+		return
+	}
+	defer release()
 	var req completionRequest
 	if !f.decode(w, r, &req) {
 		return
@@ -207,6 +212,11 @@ func (f *Frontend) completions(w http.ResponseWriter, r *http.Request) {
 }
 
 func (f *Frontend) chat(w http.ResponseWriter, r *http.Request) {
+	release, ok := f.admit(w)
+	if !ok {
+		return
+	}
+	defer release()
 	var req chatRequest
 	if !f.decode(w, r, &req) {
 		return
@@ -286,19 +296,28 @@ func (f *Frontend) badRequest(w http.ResponseWriter, msg string) {
 	writeError(w, http.StatusBadRequest, "invalid_request_error", "invalid_request", msg)
 }
 
-// run routes and generates, relaying tokens to the client.
-func (f *Frontend) run(w http.ResponseWriter, r *http.Request, j *job) {
+// admit takes one of MaxInflight slots, before the body is read: a body
+// decodes into several times its size, so the limit bounds the memory
+// requests hold, not only the generations running. release gives it back.
+func (f *Frontend) admit(w http.ResponseWriter) (release func(), ok bool) {
 	if n := f.inflight.Add(1); n > int64(f.cfg.MaxInflight) {
 		f.inflight.Add(-1)
 		f.metrics.requests.WithLabelValues("overloaded").Inc()
 		w.Header().Set("Retry-After", "1")
 		writeError(w, http.StatusTooManyRequests, "rate_limit_error", "overloaded",
 			fmt.Sprintf("%d requests are running, the limit is %d; retry later", n-1, f.cfg.MaxInflight))
-		return
+		return nil, false
 	}
-	defer f.inflight.Add(-1)
 	f.metrics.inflight.Inc()
-	defer f.metrics.inflight.Dec()
+	return func() {
+		f.metrics.inflight.Dec()
+		f.inflight.Add(-1)
+	}, true
+}
+
+// run routes and generates, relaying tokens to the client; the caller
+// holds an in-flight slot (admit).
+func (f *Frontend) run(w http.ResponseWriter, r *http.Request, j *job) {
 	t0 := time.Now()
 
 	out := newSink(w, j, f)
