@@ -147,6 +147,8 @@ func driveServing(r *Run) Invariant {
 		router: actors.Address{Kind: routerm.Kind, ID: "r0"}, bug: r.Opts.Bug, flights: router.NewFlights()}
 	s.loads = eventplane.NewLoadView(eventplane.AggregatorConfig{Now: r.World.Now})
 	s.seq = kvevents.NewSequencer(kvevents.SequencerConfig{MaxPending: servingMaxPending, Faults: r.Faults(),
+		// As the frontend: only workers discovery lists get a view.
+		Follows: func(w string) bool { return s.listed[w] },
 		OnEvent: s.ix.ApplyKvEvent,
 		OnReset: func(worker string, blocks map[uint64]kvevents.Block, last uint64) {
 			s.ix.Reset(worker, slices.Sorted(maps.Keys(blocks)), last)

@@ -96,7 +96,7 @@ func NewRouter(cfg RouterConfig) (_ *Router, err error) {
 			r.Close()
 		}
 	}()
-	ccfg := kvevents.ConsumerConfig{Namespace: cfg.Namespace, OnEvent: r.onEvent, OnReset: r.onReset}
+	ccfg := kvevents.ConsumerConfig{Namespace: cfg.Namespace, OnEvent: r.onEvent, OnReset: r.onReset, Follows: r.follows}
 	if cfg.Store != nil {
 		view := &triplanev1.KvView{}
 		switch err := cfg.Store.LoadState(r.viewName(), view); {
@@ -138,6 +138,13 @@ func NewRouter(cfg RouterConfig) (_ *Router, err error) {
 				Help: "Gaps in workers' KV event ids the router noticed (repaired by resend or dump)."}, func() float64 { return float64(r.cons.Stats().Gaps) }),
 			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "triplane_router_kv_dumps_total",
 				Help: "Full dumps of a worker's blocks the router needed."}, func() float64 { return float64(r.cons.Stats().Dumps) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "triplane_router_kv_repair_failures_total",
+				Help: "Resend requests of a gap repair that failed or filled nothing."}, func() float64 { return float64(r.cons.Stats().RepairFailures) }),
+			kvDropped(r.cons, "malformed", "an invalid batch", func(s kvevents.Stats) uint64 { return s.Malformed }),
+			kvDropped(r.cons, "stale_epoch", "a batch of a worker's earlier run", func(s kvevents.Stats) uint64 { return s.StaleEpoch }),
+			kvDropped(r.cons, "pending_full", "an early event with no room to wait for its gap (fetched again)", func(s kvevents.Stats) uint64 { return s.DroppedPending }),
+			kvDropped(r.cons, "too_many_workers", "a batch of a worker past MaxWorkers", func(s kvevents.Stats) uint64 { return s.DroppedWorkers }),
+			kvDropped(r.cons, "unlisted", "a batch of a worker discovery does not list", func(s kvevents.Stats) uint64 { return s.Unfollowed }),
 		} {
 			if err := cfg.Registerer.Register(c); err != nil {
 				r.log.Warn("router metric not registered", "err", err)
@@ -158,6 +165,27 @@ func NewRouter(cfg RouterConfig) (_ *Router, err error) {
 		go r.saver(cfg.SaveEvery)
 	}
 	return r, nil
+}
+
+// follows is the consumer's Follows: the workers discovery lists, so that
+// a worker that left (and heartbeats while it drains) does not come back
+// into the view after follow forgot it. Discovery removes an instance
+// before it reports the removal, so no batch after Forget starts a view.
+// It runs only for batches of workers without a view.
+func (r *Router) follows(worker string) bool {
+	for _, in := range r.disc.Instances() {
+		if in.GetInstanceId() == worker {
+			return true
+		}
+	}
+	return false
+}
+
+// kvDropped is one reason of triplane_router_kv_dropped_total.
+func kvDropped(c *kvevents.Consumer, reason, what string, n func(kvevents.Stats) uint64) prometheus.Collector {
+	return prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "triplane_router_kv_dropped_total",
+		Help:        "KV event batches or events the router dropped, by reason.",
+		ConstLabels: prometheus.Labels{"reason": reason}}, func() float64 { return float64(n(c.Stats())) })
 }
 
 // forgetUnlisted drops restored workers that discovery does not list: they

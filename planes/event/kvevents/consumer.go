@@ -43,6 +43,8 @@ type ConsumerConfig struct {
 	// OnReset gives the whole view and the id of the last event it
 	// reflects (0 after a worker restart).
 	OnReset func(worker string, blocks map[uint64]Block, last uint64)
+	// Follows: see SequencerConfig (it runs under the consumer's lock).
+	Follows func(worker string) bool
 }
 
 // Consumer follows every worker's events and keeps each worker's blocks,
@@ -84,7 +86,7 @@ func NewConsumer(b *event.Bus, cfg ConsumerConfig) (*Consumer, error) {
 	}
 	c := &Consumer{b: b, cfg: cfg,
 		seq: NewSequencer(SequencerConfig{MaxPending: cfg.MaxPending, MaxWorkers: cfg.MaxWorkers,
-			RepairAttempts: cfg.RepairAttempts, OnEvent: cfg.OnEvent, OnReset: cfg.OnReset}),
+			RepairAttempts: cfg.RepairAttempts, OnEvent: cfg.OnEvent, OnReset: cfg.OnReset, Follows: cfg.Follows}),
 		// Each worker is queued at most once (the Sequencer reports a gap
 		// once per repair), so this never blocks.
 		repair: make(chan string, cfg.MaxWorkers)}

@@ -25,13 +25,19 @@ type SequencerConfig struct {
 	// from within the call that makes it.
 	OnEvent func(worker string, e *triplanev1.KvEvent)
 	OnReset func(worker string, blocks map[uint64]Block, last uint64)
+	// Follows, when set, says which workers to follow: a batch of a worker
+	// without a view starts one only if Follows says so, else it is
+	// dropped and counted (Unfollowed). The router follows what discovery
+	// lists, so a worker that left (and still heartbeats while it drains)
+	// does not come back into the view after Forget.
+	Follows func(worker string) bool
 	// Faults is nil in production (see FaultPendingFull).
 	Faults fault.Points
 }
 
 // Stats counts what the consumer saw.
 type Stats struct {
-	Applied, Duplicates, Gaps, Resends, Dumps, RepairFailures, Malformed, DroppedPending, DroppedWorkers, StaleEpoch uint64
+	Applied, Duplicates, Gaps, Resends, Dumps, RepairFailures, Malformed, DroppedPending, DroppedWorkers, StaleEpoch, Unfollowed uint64
 }
 
 // String summarises the stats for logs and benchmarks.
@@ -107,6 +113,10 @@ func (s *Sequencer) Ingest(batch *triplanev1.KvEventBatch) (repair bool, err err
 func (s *Sequencer) view(worker string, epoch uint64) *workerView {
 	v := s.workers[worker]
 	if v == nil {
+		if s.cfg.Follows != nil && !s.cfg.Follows(worker) {
+			s.stats.Unfollowed++
+			return nil
+		}
 		if len(s.workers) >= s.cfg.MaxWorkers {
 			s.stats.DroppedWorkers++
 			return nil

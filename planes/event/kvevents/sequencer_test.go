@@ -438,3 +438,30 @@ func TestSequencerViewRestores(t *testing.T) {
 		t.Fatalf("round trip: %d malformed, view %v, want %v", n, s3.View(), view)
 	}
 }
+
+// With Follows, only listed workers get a view: a worker that left and
+// still heartbeats (draining) does not come back after Forget, and its
+// batches are counted.
+func TestSequencerFollowsOnlyListedWorkers(t *testing.T) {
+	listed := map[string]bool{"w1": true}
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{Follows: func(w string) bool { return listed[w] }})
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(1, nil, 10)), false)
+	ingest(t, s, batchOf("w2", 1, 0, storedEv(1, nil, 20)), false)
+	if got := s.Workers(); len(got) != 1 || got[0] != "w1" {
+		t.Fatalf("workers %v, want only the listed w1", got)
+	}
+	// w1 leaves discovery, is forgotten, and heartbeats on.
+	delete(listed, "w1")
+	s.Forget("w1")
+	ingest(t, s, batchOf("w1", 1, 1), false)
+	if got := s.Workers(); len(got) != 0 {
+		t.Fatalf("workers %v after w1 left", got)
+	}
+	if st := s.Stats(); st.Unfollowed != 2 || st.Applied != 1 {
+		t.Fatalf("stats %+v", st)
+	}
+	// w2 is listed now: its heartbeat starts a view and a repair of what
+	// it missed.
+	listed["w2"] = true
+	ingest(t, s, batchOf("w2", 1, 1), true)
+}
