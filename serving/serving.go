@@ -140,8 +140,13 @@ func Start(ctx context.Context, p Planes, cfg Config) (_ *Stack, err error) {
 	if !cfg.Frontend {
 		return s, nil
 	}
-	if s.disc, err = control.NewDiscovery(p.Etcd, control.DiscoveryConfig{Namespace: p.Namespace,
-		Component: worker.Component, Endpoint: worker.Endpoint}); err != nil {
+	dcfg := control.DiscoveryConfig{Namespace: p.Namespace, Component: worker.Component, Endpoint: worker.Endpoint}
+	if p.Registrar != nil {
+		// Exported with the node's: records ignored, watch resumes, events
+		// a slow subscriber dropped.
+		dcfg.Cache = control.CacheConfig{Metrics: p.Registrar.Metrics(), Logger: p.Logger.With("plane", "control")}
+	}
+	if s.disc, err = control.NewDiscovery(p.Etcd, dcfg); err != nil {
 		return nil, err
 	}
 	wctx, cancel := context.WithTimeout(ctx, 30*time.Second)

@@ -141,6 +141,10 @@ func (r *Registrar) NodeID() string { return r.cfg.Node.GetIdentity().GetNodeId(
 // Keys of the registrar's namespace.
 func (r *Registrar) Keys() Keys { return r.keys }
 
+// Metrics are the control plane's metrics this registrar counts in; a
+// node's other watches (discovery) count in them too.
+func (r *Registrar) Metrics() *Metrics { return r.cfg.Metrics }
+
 // Client is the etcd client.
 func (r *Registrar) Client() *clientv3.Client { return r.cfg.Client }
 
