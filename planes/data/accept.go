@@ -21,8 +21,10 @@ type connTracker[C interface {
 	wg     sync.WaitGroup
 }
 
-// start runs accept in the background, handing each connection to serve.
-func (t *connTracker[C]) start(accept func() (C, error), serve func(C), log *slog.Logger, what string) {
+// start runs accept in the background, handing each connection to serve;
+// past max connections at once, a new one is closed and handed to full
+// instead.
+func (t *connTracker[C]) start(accept func() (C, error), serve func(C), max int, full func(C), log *slog.Logger, what string) {
 	t.conns = map[C]struct{}{}
 	t.wg.Add(1)
 	go func() {
@@ -40,6 +42,12 @@ func (t *connTracker[C]) start(accept func() (C, error), serve func(C), log *slo
 				t.mu.Unlock()
 				c.Close()
 				return
+			}
+			if len(t.conns) >= max {
+				t.mu.Unlock()
+				c.Close()
+				full(c)
+				continue
 			}
 			t.conns[c] = struct{}{}
 			t.wg.Add(1)

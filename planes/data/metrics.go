@@ -28,7 +28,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		bytesLanded:  v("bytes_landed_total", "Block bytes received, verified and landed in a region.", "transport"),
 		framesSent:   v("frames_sent_total", "Block frames acknowledged by the receiver.", "transport"),
 		framesLanded: v("frames_landed_total", "Block frames landed in a region.", "transport"),
-		rejected:     v("connections_rejected_total", "Connections closed by the receiver because of bad input (malformed frame, wrong length, descriptor outside regions, checksum mismatch, failed authentication).", "transport", "reason"),
+		rejected:     v("connections_rejected_total", "Connections closed by the receiver because of bad input (malformed frame, wrong length, descriptor outside regions, checksum mismatch, failed authentication) or at its connection limit.", "transport", "reason"),
 		connErrors:   v("connection_errors_total", "Sender connections that failed (peer gone, reset, timeout, refused).", "transport"),
 	}
 }

@@ -45,8 +45,12 @@ type ServerConfig struct {
 	// connection closes between IdleTimeout and IdleTimeout plus 9/8 of
 	// FrameTimeout. Neither fires early.
 	IdleTimeout, FrameTimeout time.Duration
-	Logger                    *slog.Logger
-	Metrics                   *Metrics
+	// MaxConns bounds the connections served at once (default 4096); more
+	// are closed at once and counted as rejected (too_many_connections).
+	// A connection must send its first frame within FrameTimeout.
+	MaxConns int
+	Logger   *slog.Logger
+	Metrics  *Metrics
 }
 
 func (c *ServerConfig) defaults() {
@@ -58,6 +62,9 @@ func (c *ServerConfig) defaults() {
 	}
 	// The idle wait runs in steps of FrameTimeout.
 	c.IdleTimeout = max(c.IdleTimeout, c.FrameTimeout)
+	if c.MaxConns <= 0 {
+		c.MaxConns = 4096
+	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -100,7 +107,7 @@ func ListenTCP(addr string, cfg ServerConfig) (*Server, error) {
 		ln = tls.NewListener(ln, cfg.TLS)
 	}
 	s := &Server{cfg: cfg, ln: ln}
-	s.conns.start(ln.Accept, s.serve, cfg.Logger, "tcp receiver")
+	s.conns.start(ln.Accept, s.serve, cfg.MaxConns, func(c net.Conn) { s.cfg.tooMany("tcp", c.RemoteAddr()) }, cfg.Logger, "tcp receiver")
 	return s, nil
 }
 
@@ -137,6 +144,12 @@ func (s *Server) serve(c net.Conn) {
 		return
 	}
 	s.cfg.Logger.Info("data: tcp receiver connection ended", "peer", c.RemoteAddr(), "err", err)
+}
+
+// tooMany counts and logs a connection closed at the MaxConns limit.
+func (cfg *ServerConfig) tooMany(transport string, peer net.Addr) {
+	cfg.Metrics.rejected.WithLabelValues(transport, "too_many_connections").Inc()
+	cfg.Logger.Warn("data: closing a connection: at the connection limit", "transport", transport, "peer", peer, "max_conns", cfg.MaxConns)
 }
 
 func refused(cfg *ServerConfig, transport string, peer net.Addr, err error) {
@@ -226,7 +239,13 @@ func (g *handshake) await(br *bufio.Reader, hdr []byte, rdl *deadline.Lazy, cfg 
 			if !errors.Is(err, os.ErrDeadlineExceeded) {
 				return Header{}, fmt.Errorf("read frame header: %w", err)
 			}
-			if idle := time.Since(start); idle >= cfg.IdleTimeout {
+			limit := cfg.IdleTimeout
+			if g.first {
+				// Nothing yet, not even a hello: an unauthenticated
+				// connection holds a slot (MaxConns) only so long.
+				limit = cfg.FrameTimeout
+			}
+			if idle := time.Since(start); idle >= limit {
 				return Header{}, fmt.Errorf("no frame for %s: %w", idle.Round(time.Millisecond), err)
 			}
 		}

@@ -53,7 +53,7 @@ func ListenShm(path string, cfg ServerConfig, skipVerify bool) (*ShmServer, erro
 		return nil, fmt.Errorf("data: listen unix %s: %w", path, err)
 	}
 	s := &ShmServer{cfg: cfg, skipVerify: skipVerify, ln: ln, path: path}
-	s.conns.start(ln.AcceptUnix, s.serve, cfg.Logger, "shm server")
+	s.conns.start(ln.AcceptUnix, s.serve, cfg.MaxConns, func(c *net.UnixConn) { s.cfg.tooMany("shm", c.RemoteAddr()) }, cfg.Logger, "shm server")
 	return s, nil
 }
 

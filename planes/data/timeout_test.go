@@ -44,6 +44,12 @@ func TestReceiverTimeouts(t *testing.T) {
 			if waited := time.Since(start); waited < idle {
 				t.Fatalf("an idle connection was closed after %s, before the idle timeout %s", waited, idle)
 			}
+			// A connection that never says hello holds its slot for the
+			// frame timeout only, though the idle timeout is far off.
+			silent := dial(stallR, network)
+			if !closed(silent) {
+				t.Fatal("a connection that never sent a frame was not closed")
+			}
 			// Half a data frame's payload (a landed frame has none: its
 			// header alone stalls nothing, so only TCP has this case).
 			if network == "tcp" {
@@ -119,5 +125,55 @@ func TestNoAckFailsWrite(t *testing.T) {
 	err = tr.Write(ctx, ops[:1])
 	if err == nil || !strings.Contains(err.Error(), "no ack within") {
 		t.Fatalf("write to a receiver that never acks: %v", err)
+	}
+}
+
+// Connections past MaxConns are closed at once and counted; the ones
+// within it are served.
+func TestReceiverConnectionLimit(t *testing.T) {
+	ctx := ctxT(t)
+	r := newReceiver(t, 4096, 4, func(c *ServerConfig) { c.MaxConns = 2 })
+	tr, err := NewDialer(DialOptions{Prefer: "tcp", Lanes: 2}).Dial(ctx, r.peer())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tr.Close()
+	_, ops := source(r, 7)
+	if err := tr.Write(ctx, ops); err != nil {
+		t.Fatal(err)
+	}
+	for _, network := range []string{"tcp", "unix"} {
+		addr := r.tcp.Addr()
+		if network == "unix" {
+			addr = r.shm.Path()
+			// Fill the shm server's two slots first.
+			for range 2 {
+				c, err := net.Dial("unix", addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				c.Write(rawFrame(Header{Type: FrameHello}, nil))
+			}
+		}
+		transport := map[string]string{"tcp": "tcp", "unix": "shm"}[network]
+		// The accept loop may not have counted the slots' connections
+		// yet: dial until one is turned away.
+		for r.metrics.RejectedCount(transport, "too_many_connections") == 0 {
+			if ctx.Err() != nil {
+				t.Fatalf("%s: no connection refused at the limit", network)
+			}
+			c, err := net.Dial(network, addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			io.ReadAll(c)
+			c.Close()
+		}
+	}
+	// The lanes within the limit still work.
+	if err := tr.Write(ctx, ops); err != nil {
+		t.Fatalf("a write within the limit: %v", err)
 	}
 }
