@@ -321,7 +321,11 @@ func newMessage[T proto.Message]() T {
 
 // Subscription is a typed subscription made through a Bus.
 type Subscription struct {
-	b             *Bus
+	b *Bus
+	// subject is what was subscribed to: set before the handler can run
+	// (sub is set only once the server confirmed the subscription, and
+	// messages may arrive before that).
+	subject       string
 	sub           *nats.Subscription
 	malformed     prometheus.Counter
 	malformedN    atomic.Uint64
@@ -333,7 +337,7 @@ type Subscription struct {
 }
 
 // Subject is the subscribed subject (possibly with wildcards).
-func (s *Subscription) Subject() string { return s.sub.Subject }
+func (s *Subscription) Subject() string { return s.subject }
 
 // Malformed is the number of payloads dropped because they did not decode.
 func (s *Subscription) Malformed() uint64 { return s.malformedN.Load() }
@@ -398,7 +402,7 @@ func (s *Subscription) badPayload(subject string, err error) {
 		return
 	}
 	prev := s.loggedN.Swap(n)
-	s.b.log.Warn("dropping malformed payloads", "subject", subject, "subscription", s.sub.Subject,
+	s.b.log.Warn("dropping malformed payloads", "subject", subject, "subscription", s.subject,
 		"dropped_since_last_log", n-prev, "err", err)
 }
 
@@ -409,7 +413,7 @@ func (b *Bus) subscribe(subject, queue string, cb func(s *Subscription, m *nats.
 	if closed {
 		return nil, ErrClosed
 	}
-	s := &Subscription{b: b, malformed: b.metrics.Malformed.WithLabelValues(subject)}
+	s := &Subscription{b: b, subject: subject, malformed: b.metrics.Malformed.WithLabelValues(subject)}
 	handler := func(m *nats.Msg) { cb(s, m) }
 	var (
 		sub *nats.Subscription
