@@ -56,7 +56,11 @@ func StartNode(ctx context.Context, cfg NodeConfig) (_ *Node, err error) {
 	n := &Node{Metrics: m, Placements: map[string]*Placement{}}
 	defer func() {
 		if err != nil {
-			_ = n.Close(context.WithoutCancel(ctx))
+			// Cleanup of a failed start: bounded even when ctx has no
+			// deadline left, or etcd is what failed.
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+			_ = n.Close(cctx)
+			cancel()
 		}
 	}()
 	n.Registrar, err = StartRegistrar(ctx, RegistrarConfig{Client: cfg.Client, Namespace: cfg.Namespace, Node: cfg.Info,

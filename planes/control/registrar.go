@@ -178,7 +178,12 @@ func (r *Registrar) grant(ctx context.Context) error {
 	for len(ops) > 0 {
 		n := min(len(ops), maxTxnOps)
 		if _, err := cli.Txn(ctx).Then(ops[:n]...).Commit(); err != nil {
-			_, _ = cli.Revoke(context.WithoutCancel(ctx), lr.ID)
+			// Best effort, bounded: the lease expires by itself anyway,
+			// and a Revoke waiting on an unreachable etcd would hold wmu
+			// (and Close) forever.
+			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.RetryMax)
+			_, _ = cli.Revoke(rctx, lr.ID)
+			cancel()
 			return fmt.Errorf("control: register on lease %x: %w", lr.ID, err)
 		}
 		r.cfg.Metrics.Registrations.Add(float64(n))

@@ -389,7 +389,9 @@ func (w *Worker) servePrefill(ctx context.Context, r *triplanev1.PrefillRequest)
 		return nil, fmt.Errorf("transfer %s: %w", r.SessionId, err)
 	}
 	// The session is over either way: free its actor (its journal stays).
-	if rerr := w.cfg.Host.Release(context.WithoutCancel(ctx), actors.Address{Kind: transfer.Kind, ID: r.SessionId}); rerr != nil {
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	if rerr := w.cfg.Host.Release(rctx, actors.Address{Kind: transfer.Kind, ID: r.SessionId}); rerr != nil {
 		w.log.Warn("releasing a finished transfer session", "session", r.SessionId, "err", rerr)
 	}
 	if err != nil {
