@@ -6,7 +6,32 @@ import (
 	"log/slog"
 	"net"
 	"sync"
+	"syscall"
+	"time"
 )
+
+// AcceptBackoff paces an accept loop through failures that pass (out of
+// file descriptors or memory, an aborted handshake), as net/http does,
+// instead of ending it: a worker that stopped accepting would stay
+// registered and serve nothing. The zero value is ready.
+type AcceptBackoff struct{ delay time.Duration }
+
+// Retry waits before the next Accept and reports true when err may pass;
+// false (at once) for a closed listener or any other error.
+func (b *AcceptBackoff) Retry(err error) bool {
+	var ne net.Error
+	passing := errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) || errors.Is(err, syscall.ENOBUFS) ||
+		errors.Is(err, syscall.ENOMEM) || errors.Is(err, syscall.ECONNABORTED) || (errors.As(err, &ne) && ne.Timeout())
+	if !passing || errors.Is(err, net.ErrClosed) {
+		return false
+	}
+	b.delay = min(max(2*b.delay, 5*time.Millisecond), time.Second)
+	time.Sleep(b.delay)
+	return true
+}
+
+// Reset is called after a successful Accept.
+func (b *AcceptBackoff) Reset() { b.delay = 0 }
 
 // connTracker runs a listener's accept loop and tracks its connections, so
 // Close can end every one and wait for their handlers. The TCP receiver and
@@ -29,14 +54,20 @@ func (t *connTracker[C]) start(accept func() (C, error), serve func(C), max int,
 	t.wg.Add(1)
 	go func() {
 		defer t.wg.Done()
+		var backoff AcceptBackoff
 		for {
 			c, err := accept()
 			if err != nil {
+				if backoff.Retry(err) {
+					log.Warn("data: accept failed, "+what+" retries", "err", err)
+					continue
+				}
 				if !errors.Is(err, net.ErrClosed) {
 					log.Error("data: accept failed, "+what+" stops", "err", err)
 				}
 				return
 			}
+			backoff.Reset()
 			t.mu.Lock()
 			if t.closed {
 				t.mu.Unlock()

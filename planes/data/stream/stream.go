@@ -29,6 +29,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planes/data"
 	"github.com/triplane-dev/triplane/planes/data/deadline"
 )
 
@@ -205,11 +206,20 @@ func (s *Server) Close() error {
 
 func (s *Server) accept() {
 	defer s.wg.Done()
+	var backoff data.AcceptBackoff
 	for {
 		c, err := s.ln.Accept()
 		if err != nil {
+			if backoff.Retry(err) {
+				s.cfg.Logger.Warn("stream: accept failed, retrying", "err", err)
+				continue
+			}
+			if !errors.Is(err, net.ErrClosed) {
+				s.cfg.Logger.Error("stream: accept failed, the stream server stops", "err", err)
+			}
 			return
 		}
+		backoff.Reset()
 		if s.conns.Load() >= int64(s.cfg.MaxConns) {
 			// Closed without a word: writing a refusal could wait on a
 			// TLS handshake, and the accept loop must not.
