@@ -543,7 +543,7 @@ func ErrorCode(err error) string {
 	switch {
 	case errors.Is(err, ErrBadRequest):
 		return CodeBadRequest
-	case errors.Is(err, ErrOverloaded):
+	case errors.Is(err, ErrOverloaded), errors.Is(err, stream.ErrTooManyStreams):
 		return CodeOverloaded
 	case errors.Is(err, ErrDraining):
 		return CodeDraining

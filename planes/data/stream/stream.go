@@ -139,7 +139,8 @@ type ServerConfig struct {
 	// frame's code, so clients need not parse error text.
 	ErrorCode func(error) string
 	// MaxConns bounds the connections served at once, open or opening
-	// (default 4096); more are closed at once and counted as refused.
+	// (default 4096); more get a final frame with ErrTooManyStreams (its
+	// ErrorCode) and are counted as refused.
 	MaxConns int
 	Logger   *slog.Logger
 	Metrics  *Metrics
@@ -153,7 +154,17 @@ type Server struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	conns  atomic.Int64 // being served
+	// refusing are goroutines writing a refusal at the connection limit.
+	refusing atomic.Int64
 }
+
+// maxRefusing bounds the goroutines writing refusals at once.
+const maxRefusing = 64
+
+// ErrTooManyStreams: the server was at its connection limit (MaxConns).
+// The final frame's code is ErrorCode's for it, so a producer can call it
+// overloaded (a healthy server, busy) rather than failed.
+var ErrTooManyStreams = errors.New("stream: the server is at its connection limit")
 
 // Listen starts a stream server on addr.
 func Listen(addr string, cfg ServerConfig) (*Server, error) {
@@ -221,11 +232,22 @@ func (s *Server) accept() {
 		}
 		backoff.Reset()
 		if s.conns.Load() >= int64(s.cfg.MaxConns) {
-			// Closed without a word: writing a refusal could wait on a
-			// TLS handshake, and the accept loop must not.
 			s.cfg.Metrics.refused.Inc()
 			s.cfg.Logger.Warn("stream: refusing a connection: at the connection limit", "peer", c.RemoteAddr(), "max_conns", s.cfg.MaxConns)
-			c.Close()
+			// The refusal is written off the accept loop (a TLS handshake
+			// may wait), by at most maxRefusing goroutines at once;
+			// beyond them the connection closes without a word.
+			if s.refusing.Add(1) > maxRefusing {
+				s.refusing.Add(-1)
+				c.Close()
+				continue
+			}
+			s.wg.Add(1)
+			go func() {
+				defer s.wg.Done()
+				defer s.refusing.Add(-1)
+				s.refuseBusy(c)
+			}()
 			continue
 		}
 		s.conns.Add(1)
@@ -236,6 +258,25 @@ func (s *Server) accept() {
 			s.serve(c)
 		}()
 	}
+}
+
+// refuseBusy answers a connection over the limit with a final frame, then
+// closes it once the client's bytes are read (closing on unread bytes
+// resets the connection, and the client could lose the frame).
+func (s *Server) refuseBusy(c net.Conn) {
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(time.Second))
+	f := &triplanev1.StreamFrame{Final: true, Error: ErrTooManyStreams.Error()}
+	if s.cfg.ErrorCode != nil {
+		f.Code = s.cfg.ErrorCode(ErrTooManyStreams)
+	}
+	if writeFrame(c, f) != nil {
+		return
+	}
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
+	io.Copy(io.Discard, io.LimitReader(c, MaxFrame))
 }
 
 func (s *Server) refuse(c net.Conn, err error) {

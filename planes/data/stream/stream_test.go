@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"runtime"
 	"strings"
 	"testing"
@@ -309,7 +308,13 @@ func TestFrameLengthAloneHoldsNoMemory(t *testing.T) {
 func TestConnectionLimit(t *testing.T) {
 	ctx := ctxT(t)
 	p := &producer{stopped: make(chan error, 4)}
-	s, err := Listen("127.0.0.1:0", ServerConfig{Handler: p.handle, MaxConns: 2, OpenTimeout: time.Hour})
+	s, err := Listen("127.0.0.1:0", ServerConfig{Handler: p.handle, MaxConns: 2, OpenTimeout: time.Hour,
+		ErrorCode: func(err error) string {
+			if errors.Is(err, ErrTooManyStreams) {
+				return "overloaded"
+			}
+			return ""
+		}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -329,14 +334,14 @@ func TestConnectionLimit(t *testing.T) {
 		}
 		runtime.Gosched()
 	}
-	c, err := net.Dial("tcp", s.Addr())
+	// A stream past the limit ends at once with a final frame that says
+	// so, coded for the producer's client (busy, not failed).
+	busy, err := Open(ctx, s.Addr(), &triplanev1.StreamOpen{RequestId: "busy", Payload: []byte("1")}, ClientOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
-	c.SetReadDeadline(time.Now().Add(10 * time.Second))
-	if n, err := c.Read(make([]byte, 1)); n != 0 || err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
-		t.Fatalf("a connection past the limit: read %d, %v; want it closed", n, err)
+	if f, err := busy.Recv(); err != nil || !f.Final || f.Code != "overloaded" || !strings.Contains(f.Error, "connection limit") {
+		t.Fatalf("a stream past the limit: %v %v", f, err)
 	}
 	if got := s.cfg.Metrics.Refused(); got != 1 {
 		t.Fatalf("refused %v, want 1", got)
