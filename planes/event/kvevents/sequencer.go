@@ -53,7 +53,8 @@ type workerView struct {
 	blocks    map[uint64]Block
 	pending   map[uint64]*triplanev1.KvEvent
 	repairing bool
-	failures  int // failed resend requests in a row
+	failures  int    // failed resend requests in a row
+	asked     uint64 // next when the last resend request was made
 }
 
 // Sequencer is the consumer's logic without its goroutines, lock, timers or
@@ -194,6 +195,7 @@ func (s *Sequencer) RepairRequest(worker string) (req *triplanev1.KvResendReques
 	if v == nil {
 		return nil, 0, false
 	}
+	v.asked = v.next
 	return &triplanev1.KvResendRequest{WorkerId: worker, FromEventId: v.next, ToEventId: v.head}, v.epoch, true
 }
 
@@ -255,7 +257,9 @@ func (s *Sequencer) RepairDone(worker string, epoch uint64, reply *triplanev1.Kv
 	if err == nil {
 		err = ValidateReply(reply)
 	}
-	before, reset := v.next, v.epoch != epoch
+	// Progress is counted from the request: events that came live meanwhile
+	// and filled part of the gap count too.
+	before, reset := min(v.asked, v.next), v.epoch != epoch
 	switch {
 	case err != nil:
 	case reply.Epoch != epoch || reset:

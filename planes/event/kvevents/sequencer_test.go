@@ -465,3 +465,18 @@ func TestSequencerFollowsOnlyListedWorkers(t *testing.T) {
 	listed["w2"] = true
 	ingest(t, s, batchOf("w2", 1, 1), true)
 }
+
+// Progress is counted from the request: an answer whose events came live
+// meanwhile (duplicates by the time it lands) is not a failure.
+func TestSequencerRepairCountsProgressSinceTheRequest(t *testing.T) {
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{})
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(1, nil, 10)), false)
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(4, nil, 40)), true)
+	_, epoch, _ := s.RepairRequest("w1")
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(2, nil, 20)), false)
+	res := s.RepairDone("w1", epoch, rangeReply("w1", 1, storedEv(2, nil, 20)), nil)
+	wantNext(t, res, kvevents.RepairAgain)
+	if res.Err != nil || res.Failures != 0 {
+		t.Fatalf("an answer overtaken by live events: %+v", res)
+	}
+}
