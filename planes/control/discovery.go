@@ -99,6 +99,23 @@ func (d *Discovery) Instances() []*triplanev1.InstanceInfo {
 	return out
 }
 
+// Has reports whether the instance with id is registered, whatever its
+// health: a key lookup when the discovery follows one endpoint, a scan
+// when it follows a whole component.
+func (d *Discovery) Has(id string) bool {
+	if d.cfg.Endpoint != "" {
+		_, ok := d.cache.Get(Keys{d.cfg.Namespace}.Instance(d.cfg.Component, d.cfg.Endpoint, id))
+		return ok
+	}
+	items, _ := d.cache.List()
+	for _, it := range items {
+		if it.Value.GetInstanceId() == id {
+			return true
+		}
+	}
+	return false
+}
+
 // Available returns the instances that are ready and not reported down,
 // sorted by key.
 func (d *Discovery) Available() []*triplanev1.InstanceInfo {

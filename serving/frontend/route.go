@@ -174,14 +174,7 @@ func NewRouter(cfg RouterConfig) (_ *Router, err error) {
 // into the view after follow forgot it. Discovery removes an instance
 // before it reports the removal, so no batch after Forget starts a view.
 // It runs only for batches of workers without a view.
-func (r *Router) follows(worker string) bool {
-	for _, in := range r.disc.Instances() {
-		if in.GetInstanceId() == worker {
-			return true
-		}
-	}
-	return false
-}
+func (r *Router) follows(worker string) bool { return r.disc.Has(worker) }
 
 // kvDropped is one reason of triplane_router_kv_dropped_total.
 func kvDropped(c *kvevents.Consumer, reason, what string, n func(kvevents.Stats) uint64) prometheus.Collector {
