@@ -58,8 +58,9 @@ type Config struct {
 	Params   router.Params
 	// StreamToken authenticates frontends to workers' response streams.
 	StreamToken string
-	// MaxInflight and MaxMigrations: see frontend.Config.
+	// MaxInflight, MaxMigrations and BodyTimeout: see frontend.Config.
 	MaxInflight, MaxMigrations int
+	BodyTimeout                time.Duration
 	// PrefillWorkers > 0 runs disaggregated: that many of the Workers are
 	// prefill workers, the rest decode; the frontend sends prompts with at
 	// least DisaggThreshold uncached tokens to a prefill worker whose queue
@@ -169,7 +170,7 @@ func Start(ctx context.Context, p Planes, cfg Config) (_ *Stack, err error) {
 	}
 	if s.Frontend, err = frontend.Start(frontend.Config{Addr: cfg.HTTPAddr, Model: cfg.Model, Disagg: disagg,
 		BlockSize: cfg.Engine.BlockSize, Vocab: cfg.Engine.Vocab, Router: s.Router, StreamToken: cfg.StreamToken,
-		MaxInflight: cfg.MaxInflight, MaxMigrations: cfg.MaxMigrations,
+		MaxInflight: cfg.MaxInflight, MaxMigrations: cfg.MaxMigrations, BodyTimeout: cfg.BodyTimeout,
 		Logger: p.Logger.With("component", "frontend"), Registerer: p.Registerer}); err != nil {
 		return nil, err
 	}

@@ -603,3 +603,30 @@ func TestInflightLimitBeforeBody(t *testing.T) {
 		t.Fatalf("status %d body %s, want 429", resp.StatusCode, b)
 	}
 }
+
+// A body that stops arriving gets 408 after BodyTimeout and frees its
+// slot: with MaxInflight 1, a good request is served afterwards.
+func TestSlowBodyTimesOut(t *testing.T) {
+	e := start(t, 1, func(c *serving.Config) {
+		c.MaxInflight = 1
+		c.BodyTimeout = 100 * time.Millisecond
+	})
+	c, err := net.Dial("tcp", strings.TrimPrefix(e.base, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\": \"")
+	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatalf("no answer to a body that stopped: %v", err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusRequestTimeout || !strings.Contains(string(b), "not received within") {
+		t.Fatalf("status %d body %s, want 408", resp.StatusCode, b)
+	}
+	if _, err := e.post(t, "/v1/completions", `{"model":"mock","prompt":"next","max_tokens":2}`); err != nil {
+		t.Fatalf("the slot was not freed: %v", err)
+	}
+}

@@ -19,6 +19,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -58,6 +59,9 @@ type Config struct {
 	MaxMigrations int
 	// MaxBody bounds a request body; default 4 MiB.
 	MaxBody int64
+	// BodyTimeout bounds reading a request body (default 10 s): a body
+	// that trickles in holds an in-flight slot only so long.
+	BodyTimeout time.Duration
 	// Disagg, when set, sends long uncached prompts to a prefill worker.
 	Disagg     *Disagg
 	Logger     *slog.Logger
@@ -122,6 +126,9 @@ func Start(cfg Config) (*Frontend, error) {
 	}
 	if cfg.MaxBody <= 0 {
 		cfg.MaxBody = 4 << 20
+	}
+	if cfg.BodyTimeout <= 0 {
+		cfg.BodyTimeout = 10 * time.Second
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -239,6 +246,8 @@ func (f *Frontend) decode(w http.ResponseWriter, r *http.Request, v any) bool {
 		f.badRequest(w, fmt.Sprintf("Content-Type %q: send application/json", ct))
 		return false
 	}
+	rc := http.NewResponseController(w)
+	_ = rc.SetReadDeadline(time.Now().Add(f.cfg.BodyTimeout))
 	body := http.MaxBytesReader(w, r.Body, f.cfg.MaxBody)
 	dec := json.NewDecoder(body)
 	if err := dec.Decode(v); err != nil {
@@ -249,6 +258,15 @@ func (f *Frontend) decode(w http.ResponseWriter, r *http.Request, v any) bool {
 				fmt.Sprintf("request body is larger than %d bytes", f.cfg.MaxBody))
 			return false
 		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			// The rest of the body is not waited for: the connection
+			// closes after the answer.
+			w.Header().Set("Connection", "close")
+			f.metrics.requests.WithLabelValues("bad_request").Inc()
+			writeError(w, http.StatusRequestTimeout, "invalid_request_error", "request_timeout",
+				fmt.Sprintf("request body not received within %s", f.cfg.BodyTimeout))
+			return false
+		}
 		f.badRequest(w, "request body is not valid JSON: "+err.Error())
 		return false
 	}
@@ -256,6 +274,8 @@ func (f *Frontend) decode(w http.ResponseWriter, r *http.Request, v any) bool {
 		f.badRequest(w, "request body holds more than one JSON value")
 		return false
 	}
+	// Read: generation may outlast the body's deadline.
+	_ = rc.SetReadDeadline(time.Time{})
 	return true
 }
 
