@@ -407,18 +407,30 @@ func (h *Host) Stop(ctx context.Context) error {
 		pids = append(pids, p)
 	}
 	h.mu.Unlock()
-	var err error
 	futures := make([]*actor.Future, len(pids))
 	for i, p := range pids {
 		futures[i] = h.root.PoisonFuture(p)
 	}
-	for _, f := range futures {
-		if _, ferr := f.Result(); ferr != nil && !errors.Is(ferr, actor.ErrDeadLetter) {
+	// A future's wait has its own fixed timeout (10 s each, entity then
+	// shepherd); ctx bounds the whole stop.
+	stopped := make(chan error, 1)
+	go func() {
+		var err error
+		for _, f := range futures {
+			if _, ferr := f.Result(); ferr != nil && !errors.Is(ferr, actor.ErrDeadLetter) {
+				err = errors.Join(err, fmt.Errorf("actors: stop: %w", ferr))
+			}
+		}
+		if _, ferr := h.root.PoisonFuture(h.shep).Result(); ferr != nil {
 			err = errors.Join(err, fmt.Errorf("actors: stop: %w", ferr))
 		}
-	}
-	if _, ferr := h.root.PoisonFuture(h.shep).Result(); ferr != nil {
-		err = errors.Join(err, fmt.Errorf("actors: stop: %w", ferr))
+		stopped <- err
+	}()
+	var err error
+	select {
+	case err = <-stopped:
+	case <-ctx.Done():
+		err = fmt.Errorf("actors: stop: waiting for actors to stop: %w", ctx.Err())
 	}
 	if err != nil {
 		// Something is still stopping and may yet send a snapshot: leave

@@ -7,6 +7,7 @@ import (
 	"hash/crc32"
 	"log/slog"
 	"strings"
+	"sync"
 
 	"github.com/cockroachdb/pebble/v2"
 	"google.golang.org/protobuf/proto"
@@ -26,6 +27,25 @@ type Snapshots struct {
 	db   *pebble.DB
 	log  *slog.Logger
 	Keep int
+	// mu is held shared by every operation and exclusively by Close: a
+	// late operation (an actor's final snapshot after a stop that timed
+	// out) gets ErrClosed instead of touching a closed database, which
+	// panics.
+	mu     sync.RWMutex
+	closed bool
+}
+
+// ErrClosed: the store was closed.
+var ErrClosed = errors.New("snapshots: store closed")
+
+// use makes an operation wait for no Close, or fail after one.
+func (s *Snapshots) use() (done func(), err error) {
+	s.mu.RLock()
+	if s.closed {
+		s.mu.RUnlock()
+		return nil, ErrClosed
+	}
+	return s.mu.RUnlock, nil
 }
 
 var crcTable = crc32.MakeTable(crc32.Castagnoli)
@@ -44,6 +64,12 @@ func OpenSnapshots(dir string, log *slog.Logger) (*Snapshots, error) {
 
 // Close flushes and closes the store.
 func (s *Snapshots) Close() error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil
+	}
+	s.closed = true
 	if err := s.db.Flush(); err != nil {
 		s.db.Close()
 		return fmt.Errorf("snapshots: flush: %w", err)
@@ -66,6 +92,11 @@ func upper(p []byte) []byte {
 
 // Save stores a snapshot durably and prunes older ones beyond Keep.
 func (s *Snapshots) Save(snap *triplanev1.Snapshot) error {
+	done, err := s.use()
+	if err != nil {
+		return err
+	}
+	defer done()
 	if err := CheckName(snap.Kind, snap.ActorId); err != nil {
 		return err
 	}
@@ -125,6 +156,11 @@ var ErrNoSnapshot = errors.New("snapshots: none usable")
 // checksum and has the wanted schema version. Unusable snapshots are logged
 // and skipped. It returns ErrNoSnapshot when none is usable.
 func (s *Snapshots) Load(kind, id string, schemaVersion uint32) (*triplanev1.Snapshot, error) {
+	done, err := s.use()
+	if err != nil {
+		return nil, err
+	}
+	defer done()
 	p := actorPrefix(kind, id)
 	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: p, UpperBound: upper(p)})
 	if err != nil {
@@ -187,6 +223,11 @@ func decodeSnapshot(val []byte) (*triplanev1.Snapshot, error) {
 // Newest calls fn with the newest raw snapshot record of every actor, valid
 // or not (err says why not), for `triplane replay --verify`.
 func (s *Snapshots) Newest(fn func(kind, id string, snap *triplanev1.Snapshot, err error) error) error {
+	done, err := s.use()
+	if err != nil {
+		return err
+	}
+	defer done()
 	p := []byte("snap/")
 	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: p, UpperBound: upper(p)})
 	if err != nil {
@@ -232,6 +273,11 @@ func (s *Snapshots) Newest(fn func(kind, id string, snap *triplanev1.Snapshot, e
 // Corrupt overwrites the newest snapshot of an actor with bytes that fail
 // their checksum. Tests and fault drills use it; nothing else should.
 func (s *Snapshots) Corrupt(kind, id string) error {
+	done, err := s.use()
+	if err != nil {
+		return err
+	}
+	defer done()
 	keys, err := s.keys(kind, id)
 	if err != nil || len(keys) == 0 {
 		return fmt.Errorf("snapshots: nothing to corrupt for %s/%s: %v", kind, id, err)
@@ -257,6 +303,11 @@ var ErrNoState = errors.New("snapshots: no state stored under that name")
 // of a shell that is not an event-sourced actor (a router's KV index view),
 // checksummed like a snapshot and replaced on each save.
 func (s *Snapshots) SaveState(name string, msg proto.Message) error {
+	done, err := s.use()
+	if err != nil {
+		return err
+	}
+	defer done()
 	if err := CheckName("state", name); err != nil {
 		return err
 	}
@@ -273,6 +324,11 @@ func (s *Snapshots) SaveState(name string, msg proto.Message) error {
 // LoadState reads the state stored under name into msg. A corrupt record
 // is an error naming it; nothing stored is ErrNoState.
 func (s *Snapshots) LoadState(name string, msg proto.Message) error {
+	done, err := s.use()
+	if err != nil {
+		return err
+	}
+	defer done()
 	val, closer, err := s.db.Get([]byte("state/" + name))
 	if errors.Is(err, pebble.ErrNotFound) {
 		return ErrNoState

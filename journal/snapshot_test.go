@@ -90,3 +90,35 @@ func TestSnapshotsNewestValidWins(t *testing.T) {
 		t.Fatalf("after reopen: %v %v", got, err)
 	}
 }
+
+// After Close every operation returns ErrClosed rather than reaching the
+// closed database (which panics): an actor's late final snapshot, after a
+// stop that timed out, must not end the process.
+func TestSnapshotsAfterClose(t *testing.T) {
+	s, err := journal.OpenSnapshots(t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	snap := &triplanev1.Snapshot{Kind: "k", ActorId: "a", Seq: 1}
+	if err := s.Save(snap); err != nil {
+		t.Fatalf("save before close: %v", err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatalf("second close: %v", err)
+	}
+	if err := s.Save(snap); !errors.Is(err, journal.ErrClosed) {
+		t.Fatalf("save after close: %v", err)
+	}
+	if _, err := s.Load("k", "a", 0); !errors.Is(err, journal.ErrClosed) {
+		t.Fatalf("load after close: %v", err)
+	}
+	if err := s.SaveState("x", snap); !errors.Is(err, journal.ErrClosed) {
+		t.Fatalf("save state after close: %v", err)
+	}
+	if err := s.Newest(func(string, string, *triplanev1.Snapshot, error) error { return nil }); !errors.Is(err, journal.ErrClosed) {
+		t.Fatalf("newest after close: %v", err)
+	}
+}
