@@ -186,7 +186,10 @@ func (e *entity) decide(ctx actor.Context, cmds []envelope) {
 	limit := cfg.Journal.Limit()
 	for i, env := range cmds {
 		cfg.Metrics.commands.Inc()
-		d := e.m.Decide(e.state, Command{ID: env.id, Msg: env.msg, Now: g.now, Rand: e.rng.Uint64()})
+		d := decideGuarded(e.m, e.state, Command{ID: env.id, Msg: env.msg, Now: g.now, Rand: e.rng.Uint64()})
+		if errors.Is(d.Err, ErrMachinePanic) {
+			e.log.Error("a command made the machine panic; the command is refused", "err", d.Err)
+		}
 		if d.Err != nil {
 			cfg.Metrics.rejected.Inc()
 			g.replies = append(g.replies, held{to: env.reply, err: d.Err})
@@ -209,11 +212,13 @@ func (e *entity) decide(ctx actor.Context, cmds []envelope) {
 		}
 		size += n
 		for _, ev := range d.Events {
-			if err := e.m.Apply(e.state, ev); err != nil {
+			if err := applyGuarded(e.m, e.state, ev); err != nil {
 				// The machine cannot apply its own event: a bug. Nothing of
-				// this group is persisted; this command and the rest are
-				// not applied; restart so it is visible.
-				e.stash = append(cmds[i:len(cmds):len(cmds)], e.stash...)
+				// this group is persisted; this command is answered with
+				// why (asking again would fail again), the rest are not
+				// applied; restart so it is visible.
+				e.stash = append(cmds[i+1:len(cmds):len(cmds)], e.stash...)
+				g.replies = append(g.replies, held{to: env.reply})
 				e.fail(ctx, g, fmt.Errorf("apply %T to %s: %w", ev, e.addr, err))
 			}
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -353,5 +354,49 @@ func TestHostReleaseUnderConcurrentCommands(t *testing.T) {
 	}
 	if r := ask(t, e.ctx, h, acct, &triplanev1.LedgerGet{}); r.Balance != 3 {
 		t.Fatalf("balance %d after releases, want 3", r.Balance)
+	}
+}
+
+// panicky is the ledger with bugs: Decide panics on a deposit of 13, Apply
+// on a deposit of 666.
+type panicky struct{ ledger.Machine }
+
+func (m panicky) Decide(state proto.Message, cmd actors.Command) actors.Decision {
+	if d, ok := cmd.Msg.(*triplanev1.LedgerDeposit); ok && d.Amount == 13 {
+		panic("unlucky")
+	}
+	return m.Machine.Decide(state, cmd)
+}
+
+func (m panicky) Apply(state, ev proto.Message) error {
+	if d, ok := ev.(*triplanev1.LedgerDeposited); ok && d.Amount == 666 {
+		var nilMap map[string]int
+		nilMap["boom"]++
+	}
+	return m.Machine.Apply(state, ev)
+}
+
+// A machine that panics does not take the process down or leave its
+// callers waiting: a panicking Decide refuses that command, a panicking
+// Apply fails the batch (the actor restarts); either way the caller gets
+// an error that names the panic, and the actor serves the next command.
+func TestHostMachinePanicsAreErrors(t *testing.T) {
+	e := newEnv(t)
+	h := e.host(t, func(c *actors.HostConfig) { c.Registry = actors.NewRegistry(panicky{}) })
+	ask(t, e.ctx, h, acct, &triplanev1.LedgerDeposit{Amount: 100})
+	for _, amount := range []int64{13, 666} {
+		ctx, cancel := context.WithTimeout(e.ctx, 10*time.Second)
+		_, err := h.Request(ctx, acct, &triplanev1.LedgerDeposit{Amount: amount})
+		cancel()
+		if err == nil || errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "machine panicked") {
+			t.Fatalf("deposit of %d: %v, want the panic as an error", amount, err)
+		}
+	}
+	if r := ask(t, e.ctx, h, acct, &triplanev1.LedgerGet{}); r.Balance != 100 {
+		t.Fatalf("after the panics: %v", r)
+	}
+	// Folding events (replay) reports the panic too.
+	if _, err := actors.Fold(panicky{}, "x", &triplanev1.LedgerDeposited{Amount: 666}); !errors.Is(err, actors.ErrMachinePanic) {
+		t.Fatalf("fold: %v", err)
 	}
 }

@@ -147,7 +147,7 @@ func (r *Registry) Kinds() []string {
 func Fold(m Machine, id string, events ...proto.Message) (proto.Message, error) {
 	s := m.Initial(id)
 	for i, e := range events {
-		if err := m.Apply(s, e); err != nil {
+		if err := applyGuarded(m, s, e); err != nil {
 			return nil, fmt.Errorf("apply event %d (%T): %w", i+1, e, err)
 		}
 	}

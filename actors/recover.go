@@ -104,7 +104,7 @@ func applyRange(ctx context.Context, j *journal.Journal, m Machine, id string, q
 		if err != nil {
 			return err
 		}
-		if err := m.Apply(r.State, ev); err != nil {
+		if err := applyGuarded(m, r.State, ev); err != nil {
 			return &journal.DecodeError{Subject: rec.Subject, StreamSeq: rec.StreamSeq, Seq: rec.Seq, Err: err}
 		}
 		r.Pos = journal.Position{Seq: rec.Seq, Stream: rec.StreamSeq}

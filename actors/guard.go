@@ -1,0 +1,54 @@
+package actors
+
+import (
+	"errors"
+	"fmt"
+	"runtime"
+	"strings"
+
+	"google.golang.org/protobuf/proto"
+)
+
+// ErrMachinePanic: a machine's Decide or Apply panicked, a bug in the
+// machine. The host answers the command with it (Decide), or restarts the
+// actor answering every caller (Apply); recovery reports it as a bad
+// record. The process goes on either way.
+var ErrMachinePanic = errors.New("actors: machine panicked")
+
+// decideGuarded is m.Decide with a panic turned into a rejection: Decide is pure,
+// so the state is as it was.
+func decideGuarded(m Machine, state proto.Message, c Command) (d Decision) {
+	defer func() {
+		if p := recover(); p != nil {
+			d = Decision{Err: fmt.Errorf("%w: %s Decide of %T: %v (at %s)", ErrMachinePanic, m.Kind(), c.Msg, p, panicSite())}
+		}
+	}()
+	return m.Decide(state, c)
+}
+
+// applyGuarded is m.Apply with a panic turned into an error. The state may be
+// half changed: the caller must not go on with it.
+func applyGuarded(m Machine, state, ev proto.Message) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("%w: %s Apply of %T: %v (at %s)", ErrMachinePanic, m.Kind(), ev, p, panicSite())
+		}
+	}()
+	return m.Apply(state, ev)
+}
+
+// panicSite is the file:line that panicked, called from the deferred
+// recover: the first frame after the runtime's panic machinery.
+func panicSite() string {
+	pcs := make([]uintptr, 32)
+	frames := runtime.CallersFrames(pcs[:runtime.Callers(3, pcs)])
+	for {
+		f, more := frames.Next()
+		if !strings.HasPrefix(f.Function, "runtime.") && !strings.HasSuffix(f.Function, "panicSite") {
+			return fmt.Sprintf("%s:%d", f.File, f.Line)
+		}
+		if !more {
+			return "unknown"
+		}
+	}
+}
