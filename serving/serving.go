@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -177,26 +178,30 @@ func Start(ctx context.Context, p Planes, cfg Config) (_ *Stack, err error) {
 	return s, nil
 }
 
-// Shutdown drains: the frontend stops taking requests and finishes the
-// running ones, the workers deregister and finish theirs, then everything
-// stops. Bounded by ctx.
+// Shutdown drains: every worker deregisters at once (so other nodes'
+// routers stop sending to it) and finishes its running requests, while
+// the frontend stops taking requests and finishes its own; then
+// everything stops. Bounded by ctx.
 func (s *Stack) Shutdown(ctx context.Context) error {
+	// The router stops following and saves its view first: the workers'
+	// deregistration would empty it. Its frozen index still routes the
+	// frontend's last migrations, among the workers discovery lists.
+	if s.Router != nil {
+		s.Router.Close()
+	}
+	drained := make([]error, len(s.Workers))
+	var wg sync.WaitGroup
+	for i, w := range s.Workers {
+		wg.Go(func() { drained[i] = w.Drain(ctx) })
+	}
 	var errs []error
 	if s.Frontend != nil {
 		if err := s.Frontend.Shutdown(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("frontend: %w", err))
 		}
 	}
-	// The router saves its view before the workers deregister (which
-	// would empty it).
-	if s.Router != nil {
-		s.Router.Close()
-	}
-	for _, w := range s.Workers {
-		if err := w.Drain(ctx); err != nil {
-			errs = append(errs, err)
-		}
-	}
+	wg.Wait()
+	errs = append(errs, drained...)
 	s.Close()
 	return errors.Join(errs...)
 }

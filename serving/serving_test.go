@@ -630,3 +630,42 @@ func TestSlowBodyTimesOut(t *testing.T) {
 		t.Fatalf("the slot was not freed: %v", err)
 	}
 }
+
+// Shutdown deregisters every worker at once, not after the running
+// requests: other nodes' routers stop sending here while a long request
+// still runs.
+func TestShutdownDeregistersBeforeDraining(t *testing.T) {
+	e := start(t, 2, func(c *serving.Config) {
+		c.Engine.SpeedUp = 1
+		c.Engine.NumBlocks = 2048
+	})
+	disc, err := control.NewDiscovery(e.planes.Etcd, control.DiscoveryConfig{Namespace: "test", Component: worker.Component, Endpoint: worker.Endpoint})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer disc.Close()
+	e.waitFor(t, "both workers listed", func() bool { return len(disc.Instances()) == 2 })
+	resp, sc := openStream(t, e, 3000)
+	lines := make(chan string)
+	go func() {
+		defer close(lines)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+	}()
+	ctx, cancel := context.WithTimeout(e.ctx, time.Minute)
+	defer cancel()
+	shut := make(chan error, 1)
+	go func() { shut <- e.stack.Shutdown(ctx) }()
+	e.waitFor(t, "every worker deregistered", func() bool { return len(disc.Instances()) == 0 })
+	// The long request is still being served (its worker drains).
+	if busyWorker(e) < 0 {
+		t.Fatal("the running request ended before the workers deregistered")
+	}
+	resp.Body.Close() // the client leaves: the drain can end
+	for range lines {
+	}
+	if err := <-shut; err != nil {
+		t.Logf("shutdown: %v", err)
+	}
+}

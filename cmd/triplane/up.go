@@ -367,7 +367,8 @@ func runUp(cmd *cobra.Command, g *globalFlags, f *upFlags) error {
 	}
 
 	<-ctx.Done()
-	stop() // a second Ctrl-C kills the process the default way
+	stop()                 // a second Ctrl-C kills the process the default way
+	servingUp.Store(false) // /readyz: not ready while draining
 	log.Info("stopping", "reason", context.Cause(ctx), "timeout", stopTimeout)
 	t0 := time.Now()
 	// Draining gets most of the budget; what is still running then is cut
