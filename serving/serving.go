@@ -220,4 +220,9 @@ func (s *Stack) Close() {
 	for _, w := range s.Workers {
 		w.Close()
 	}
+	// Last: the workers and the router used it. Its subscriptions end and
+	// handlers still running see their context cancelled.
+	if s.bus != nil {
+		s.bus.Close()
+	}
 }
