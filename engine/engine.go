@@ -10,6 +10,7 @@ package engine
 
 import (
 	"errors"
+	"fmt"
 	"time"
 )
 
@@ -93,6 +94,10 @@ type Load struct {
 var (
 	ErrQueueFull  = errors.New("engine: waiting queue full")
 	ErrBadRequest = errors.New("engine: bad request")
+	// ErrTooLarge is a bad request for this engine that another, larger
+	// one may take (the prompt does not fit its KV pool); it wraps
+	// ErrBadRequest.
+	ErrTooLarge = fmt.Errorf("%w: too large for this engine", ErrBadRequest)
 )
 
 // Engine runs requests.

@@ -669,3 +669,25 @@ func TestShutdownDeregistersBeforeDraining(t *testing.T) {
 		t.Logf("shutdown: %v", err)
 	}
 }
+
+// A prompt too large for a worker's pool is tried on the other workers
+// (another may be larger) without reporting any down; when none takes it,
+// the client gets 400 with the reason.
+func TestTooLargeForEveryWorker(t *testing.T) {
+	e := start(t, 2)
+	resp, err := http.Post(e.base+"/v1/completions", "application/json",
+		strings.NewReader(fmt.Sprintf(`{"model":"mock","prompt":%q}`, strings.Repeat("word ", 1100))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(b), "every worker tried refused it") || !strings.Contains(string(b), "the pool has 256") {
+		t.Fatalf("status %d body %s, want 400 after both workers", resp.StatusCode, b)
+	}
+	for i := range 4 {
+		if _, err := e.post(t, "/v1/completions", fmt.Sprintf(`{"model":"mock","prompt":"fits %d","max_tokens":2}`, i)); err != nil {
+			t.Fatalf("after the refusals: %v", err)
+		}
+	}
+}

@@ -197,7 +197,7 @@ func (e *Engine) Add(r engine.Request) error {
 	}
 	need := (len(r.Tokens) + r.MaxTokens + e.cfg.BlockSize - 1) / e.cfg.BlockSize
 	if need > e.cfg.NumBlocks {
-		return fmt.Errorf("%w: %s needs %d blocks, the pool has %d", engine.ErrBadRequest, r.ID, need, e.cfg.NumBlocks)
+		return fmt.Errorf("%w: %s needs %d blocks, the pool has %d", engine.ErrTooLarge, r.ID, need, e.cfg.NumBlocks)
 	}
 	for _, t := range r.Tokens {
 		if t >= e.cfg.Vocab {

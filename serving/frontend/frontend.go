@@ -375,8 +375,18 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 	var generated []uint32
 	var lastErr error
 	busyOnly := false // every worker tried refused as busy
+	// tooLargeOnly: every worker tried refused the prompt as too large for
+	// it; when none is left the request is a bad one (400).
+	tooLargeOnly := false
+	tooLarge := func() result {
+		return result{err: fmt.Errorf("every worker tried refused it: %w", lastErr), status: http.StatusBadRequest,
+			errType: "invalid_request_error", code: "invalid_request", outcome: "bad_request"}
+	}
 	for attempt := 0; ; attempt++ {
 		if attempt > 0 {
+			if attempt > f.cfg.MaxMigrations && tooLargeOnly && len(generated) == 0 {
+				return tooLarge()
+			}
 			if attempt > f.cfg.MaxMigrations && busyOnly && len(generated) == 0 {
 				return result{err: fmt.Errorf("every worker tried is busy: %w", lastErr), status: http.StatusTooManyRequests,
 					errType: "rate_limit_error", code: "overloaded", outcome: "overloaded"}
@@ -407,6 +417,9 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 			if errors.Is(err, ErrNoWorker) && lastErr != nil {
 				err = fmt.Errorf("%w (after: %w)", err, lastErr)
 			}
+			if tooLargeOnly && len(generated) == 0 {
+				return tooLarge()
+			}
 			if busyOnly && len(generated) == 0 {
 				return result{err: err, status: http.StatusTooManyRequests, errType: "rate_limit_error",
 					code: "overloaded", outcome: "overloaded"}
@@ -432,6 +445,12 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 		}
 		lastErr = fmt.Errorf("worker %s: %w", in.GetInstanceId(), err)
 		tried[in.GetInstanceId()] = true
+		if errors.As(err, &refused) && refused.code == worker.CodeTooLarge {
+			// Healthy, but too small for this prompt: another may take it.
+			tooLargeOnly, busyOnly = tooLargeOnly || attempt == 0, false
+			continue
+		}
+		tooLargeOnly = false
 		if errors.As(err, &refused) && (refused.code == worker.CodeOverloaded || refused.code == worker.CodeDraining) {
 			// A busy or draining worker is healthy: try another without
 			// reporting it down.

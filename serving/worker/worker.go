@@ -44,7 +44,10 @@ var (
 	ErrDraining   = errors.New("worker: draining, not taking requests")
 	ErrOverloaded = errors.New("worker: overloaded")
 	ErrBadRequest = errors.New("worker: bad request")
-	ErrStopped    = errors.New("worker: stopped")
+	// ErrTooLarge: the request does not fit this worker (its KV pool);
+	// another worker may take it.
+	ErrTooLarge = errors.New("worker: too large for this worker")
+	ErrStopped  = errors.New("worker: stopped")
 )
 
 // Config configures a worker.
@@ -406,6 +409,8 @@ func (w *Worker) handle(o op) {
 		switch {
 		case errors.Is(err, engine.ErrQueueFull):
 			err = fmt.Errorf("%w: %w", ErrOverloaded, err)
+		case errors.Is(err, engine.ErrTooLarge):
+			err = fmt.Errorf("%w: %w", ErrTooLarge, err)
 		case errors.Is(err, engine.ErrBadRequest):
 			// The request's fault, not the worker's: the frontend answers
 			// 400 instead of reporting this worker down and migrating.
@@ -533,6 +538,7 @@ func (w *Worker) serve(ctx context.Context, open *triplanev1.StreamOpen, send fu
 // Codes of a stream's final frame (ErrorCode).
 const (
 	CodeBadRequest = "bad_request"
+	CodeTooLarge   = "too_large"
 	CodeOverloaded = "overloaded"
 	CodeDraining   = "draining"
 )
@@ -541,6 +547,8 @@ const (
 // not worth another worker; an overloaded or draining worker is healthy.
 func ErrorCode(err error) string {
 	switch {
+	case errors.Is(err, ErrTooLarge):
+		return CodeTooLarge
 	case errors.Is(err, ErrBadRequest):
 		return CodeBadRequest
 	case errors.Is(err, ErrOverloaded), errors.Is(err, stream.ErrTooManyStreams):
