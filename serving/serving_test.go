@@ -587,21 +587,29 @@ func TestInflightLimitBeforeBody(t *testing.T) {
 		for fsc.Scan() {
 		}
 	}()
+	resp, b := partialBody(t, e, 1000000)
+	if resp.StatusCode != http.StatusTooManyRequests || !strings.Contains(string(b), "the limit is 1") {
+		t.Fatalf("status %d body %s, want 429", resp.StatusCode, b)
+	}
+}
+
+// partialBody posts a completion announcing length bytes of body, sends
+// the first few and stops, and returns the answer (within 30 s).
+func partialBody(t *testing.T, e *env, length int) (*http.Response, []byte) {
+	t.Helper()
 	c, err := net.Dial("tcp", strings.TrimPrefix(e.base, "http://"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	fmt.Fprintf(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{\"prompt\": \"")
+	fmt.Fprintf(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"prompt\": \"", length)
 	c.SetReadDeadline(time.Now().Add(30 * time.Second))
 	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
 	if err != nil {
 		t.Fatalf("no answer while the body is still coming: %v", err)
 	}
 	b, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusTooManyRequests || !strings.Contains(string(b), "the limit is 1") {
-		t.Fatalf("status %d body %s, want 429", resp.StatusCode, b)
-	}
+	return resp, b
 }
 
 // A body that stops arriving gets 408 after BodyTimeout and frees its
@@ -611,18 +619,7 @@ func TestSlowBodyTimesOut(t *testing.T) {
 		c.MaxInflight = 1
 		c.BodyTimeout = 100 * time.Millisecond
 	})
-	c, err := net.Dial("tcp", strings.TrimPrefix(e.base, "http://"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	fmt.Fprintf(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\": \"")
-	c.SetReadDeadline(time.Now().Add(30 * time.Second))
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-	if err != nil {
-		t.Fatalf("no answer to a body that stopped: %v", err)
-	}
-	b, _ := io.ReadAll(resp.Body)
+	resp, b := partialBody(t, e, 1000)
 	if resp.StatusCode != http.StatusRequestTimeout || !strings.Contains(string(b), "not received within") {
 		t.Fatalf("status %d body %s, want 408", resp.StatusCode, b)
 	}
