@@ -221,7 +221,9 @@ func decodeSnapshot(val []byte) (*triplanev1.Snapshot, error) {
 }
 
 // Newest calls fn with the newest raw snapshot record of every actor, valid
-// or not (err says why not), for `triplane replay --verify`.
+// or not (err says why not), for `triplane replay --verify`. fn must not
+// call the store: it runs under the store's shared lock, and a Close
+// waiting for it would block a second one.
 func (s *Snapshots) Newest(fn func(kind, id string, snap *triplanev1.Snapshot, err error) error) error {
 	done, err := s.use()
 	if err != nil {
