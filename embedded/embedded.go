@@ -186,6 +186,20 @@ func StartEtcd(ctx context.Context, cfg EtcdConfig) (*Etcd, error) {
 	if err := checkPort("etcd peer", cfg.Host, cfg.PeerPort); err != nil {
 		return nil, err
 	}
+	// Ports picked here are free when picked, not when etcd binds them:
+	// another process (or an outgoing connection's ephemeral port) may take
+	// one in between. Then new ones are picked, a few times.
+	pick := cfg.ClientPort == 0 || cfg.PeerPort == 0
+	for attempt := 1; ; attempt++ {
+		e, err := startEtcd(ctx, cfg)
+		var busy *PortInUseError
+		if err == nil || !pick || attempt == 5 || !errors.As(err, &busy) {
+			return e, err
+		}
+	}
+}
+
+func startEtcd(ctx context.Context, cfg EtcdConfig) (*Etcd, error) {
 	var err error
 	if cfg.ClientPort == 0 {
 		if cfg.ClientPort, err = FreePort(cfg.Host); err != nil {

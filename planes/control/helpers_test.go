@@ -2,6 +2,7 @@ package control_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -10,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -130,6 +132,22 @@ func (p *proxy) Unblock() {
 // raft timers. It returns the members and their client URLs.
 func cluster(t *testing.T, n int) ([]*embed.Etcd, []string) {
 	t.Helper()
+	// The ports are free when picked, not always when bound (another
+	// process, or an outgoing connection's ephemeral port, may take one in
+	// between): then the cluster starts again on new ones.
+	for attempt := 1; ; attempt++ {
+		members, urls, err := tryCluster(t, n)
+		if err == nil {
+			return members, urls
+		}
+		if attempt == 3 || !errors.Is(err, syscall.EADDRINUSE) {
+			t.Fatal(err)
+		}
+		t.Logf("cluster start: %v; again on other ports", err)
+	}
+}
+
+func tryCluster(t *testing.T, n int) ([]*embed.Etcd, []string, error) {
 	dir := t.TempDir()
 	type ports struct{ client, peer int }
 	ps := make([]ports, n)
@@ -137,10 +155,10 @@ func cluster(t *testing.T, n int) ([]*embed.Etcd, []string) {
 	for i := range ps {
 		var err error
 		if ps[i].client, err = embedded.FreePort("127.0.0.1"); err != nil {
-			t.Fatal(err)
+			return nil, nil, err
 		}
 		if ps[i].peer, err = embedded.FreePort("127.0.0.1"); err != nil {
-			t.Fatal(err)
+			return nil, nil, err
 		}
 		initial = append(initial, fmt.Sprintf("m%d=http://127.0.0.1:%d", i, ps[i].peer))
 	}
@@ -176,17 +194,21 @@ func cluster(t *testing.T, n int) ([]*embed.Etcd, []string) {
 			}
 		}(i)
 	}
+	var err error
 	for range n {
-		if err := <-errs; err != nil {
-			t.Fatal(err)
-		}
+		err = errors.Join(err, <-errs)
 	}
-	t.Cleanup(func() {
+	closeAll := func() {
 		for _, m := range members {
 			if m != nil {
 				m.Close()
 			}
 		}
-	})
-	return members, urls
+	}
+	if err != nil {
+		closeAll()
+		return nil, nil, err
+	}
+	t.Cleanup(closeAll)
+	return members, urls, nil
 }

@@ -21,11 +21,8 @@ import (
 // instead of waiting for its (long) timeout.
 func TestServerRestart(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "nats")
-	port, err := embedded.FreePort("127.0.0.1")
-	if err != nil {
-		t.Fatal(err)
-	}
 	ctx := context.Background()
+	var port int
 	start := func() *embedded.NATS {
 		s, err := embedded.StartNATS(ctx, embedded.NATSConfig{Port: port, StoreDir: dir})
 		if err != nil {
@@ -33,7 +30,25 @@ func TestServerRestart(t *testing.T) {
 		}
 		return s
 	}
-	srv := start()
+	// The first start picks a port that is free when picked; another
+	// process may take it before the server binds it: then pick again.
+	var srv *embedded.NATS
+	for attempt := 1; srv == nil; attempt++ {
+		var err error
+		if port, err = embedded.FreePort("127.0.0.1"); err != nil {
+			t.Fatal(err)
+		}
+		s, err := embedded.StartNATS(ctx, embedded.NATSConfig{Port: port, StoreDir: dir})
+		var busy *embedded.PortInUseError
+		switch {
+		case err == nil:
+			srv = s
+		case attempt < 3 && errors.As(err, &busy):
+			t.Logf("start: %v; again on another port", err)
+		default:
+			t.Fatal(err)
+		}
+	}
 	t.Cleanup(func() { srv.Close() })
 	connect := func() *nats.Conn {
 		nc, err := nats.Connect(srv.URL(), nats.MaxReconnects(-1), nats.ReconnectWait(20*time.Millisecond))
