@@ -218,8 +218,17 @@ func (e *entity) decide(ctx actor.Context, cmds []envelope) {
 				// why (asking again would fail again), the rest are not
 				// applied; restart so it is visible.
 				e.stash = append(cmds[i+1:len(cmds):len(cmds)], e.stash...)
-				g.replies = append(g.replies, held{to: env.reply})
-				e.fail(ctx, g, fmt.Errorf("apply %T to %s: %w", ev, e.addr, err))
+				// Nothing was written: every answer is definite (a
+				// caller that took "outcome unknown" would send it again).
+				for k := range g.replies {
+					if g.replies[k].err == nil {
+						g.replies[k].err = fmt.Errorf("%w: %s restarts: a command in its batch could not be applied", ErrNotApplied, e.addr)
+					}
+				}
+				err = fmt.Errorf("apply %T to %s: %w", ev, e.addr, err)
+				g.replies = append(g.replies, held{to: env.reply, err: err})
+				g.definite = true
+				e.fail(ctx, g, err)
 			}
 		}
 		events = append(events, d.Events...)
