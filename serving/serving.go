@@ -179,31 +179,39 @@ func Start(ctx context.Context, p Planes, cfg Config) (_ *Stack, err error) {
 }
 
 // Shutdown drains: every worker deregisters at once (so other nodes'
-// routers stop sending to it) and finishes its running requests, while
-// the frontend stops taking requests and finishes its own; then
-// everything stops. Bounded by ctx.
+// routers stop sending to it) but goes on serving while the frontend stops
+// taking requests and finishes its own; then every worker stops taking
+// requests and finishes its running ones, and everything stops. Bounded by
+// ctx.
 func (s *Stack) Shutdown(ctx context.Context) error {
 	// The router stops following and saves its view first: the workers'
-	// deregistration would empty it. Its frozen index still routes the
-	// frontend's last migrations, among the workers discovery lists.
+	// deregistration would empty it. It goes on routing the frontend's
+	// last requests among the workers available when it stopped, this
+	// node's own included.
 	if s.Router != nil {
 		s.Router.Close()
 	}
-	drained := make([]error, len(s.Workers))
-	var wg sync.WaitGroup
-	for i, w := range s.Workers {
-		wg.Go(func() { drained[i] = w.Drain(ctx) })
-	}
 	var errs []error
+	errs = append(errs, s.eachWorker(func(w *worker.Worker) error { return w.Deregister(ctx) })...)
 	if s.Frontend != nil {
 		if err := s.Frontend.Shutdown(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("frontend: %w", err))
 		}
 	}
-	wg.Wait()
-	errs = append(errs, drained...)
+	errs = append(errs, s.eachWorker(func(w *worker.Worker) error { return w.Drain(ctx) })...)
 	s.Close()
 	return errors.Join(errs...)
+}
+
+// eachWorker runs fn on every worker at once and returns their errors.
+func (s *Stack) eachWorker(fn func(*worker.Worker) error) []error {
+	errs := make([]error, len(s.Workers))
+	var wg sync.WaitGroup
+	for i, w := range s.Workers {
+		wg.Go(func() { errs[i] = fn(w) })
+	}
+	wg.Wait()
+	return errs
 }
 
 // Close stops everything at once.

@@ -688,3 +688,41 @@ func TestTooLargeForEveryWorker(t *testing.T) {
 		}
 	}
 }
+
+// A node's own frontend finishes its requests on the node's workers after
+// they left discovery: a request whose body was still arriving when the
+// shutdown began is served.
+func TestShutdownServesTheLastLocalRequests(t *testing.T) {
+	e := start(t, 1)
+	disc, err := control.NewDiscovery(e.planes.Etcd, control.DiscoveryConfig{Namespace: "test", Component: worker.Component, Endpoint: worker.Endpoint})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer disc.Close()
+	e.waitFor(t, "the worker listed", func() bool { return len(disc.Instances()) == 1 })
+	body := `{"model":"mock","prompt":"the last one","max_tokens":3}`
+	c, err := net.Dial("tcp", strings.TrimPrefix(e.base, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body[:10])
+	ctx, cancel := context.WithTimeout(e.ctx, time.Minute)
+	defer cancel()
+	shut := make(chan error, 1)
+	go func() { shut <- e.stack.Shutdown(ctx) }()
+	e.waitFor(t, "the worker deregistered", func() bool { return len(disc.Instances()) == 0 })
+	fmt.Fprint(c, body[10:])
+	c.SetReadDeadline(time.Now().Add(30 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("the last request: status %d body %s", resp.StatusCode, b)
+	}
+	if err := <-shut; err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"maps"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -40,9 +41,11 @@ type Router struct {
 	mu      sync.Mutex
 	ix      *router.Index
 	flights *router.Flights // per worker, requests routed and not finished
-	unsub   func()
-	stop    chan struct{}
-	done    chan struct{}
+	// frozen, once the router stopped, are the workers it routes among.
+	frozen atomic.Pointer[[]*triplanev1.InstanceInfo]
+	unsub  func()
+	stop   chan struct{}
+	done   chan struct{}
 	// saverDone is closed when the saver stopped (nil without a store).
 	saverDone chan struct{}
 	closeOnce sync.Once
@@ -315,7 +318,7 @@ func (r *Router) Route(ctx context.Context, requestID string, hashes []uint64, e
 }
 
 func (r *Router) available(id string) bool {
-	for _, in := range r.disc.Available() {
+	for _, in := range r.workers() {
 		if in.GetInstanceId() == id {
 			return true
 		}
@@ -324,7 +327,7 @@ func (r *Router) available(id string) bool {
 }
 
 func (r *Router) route(ctx context.Context, requestID string, hashes []uint64, exclude map[string]bool, pool Pool) (*triplanev1.InstanceInfo, int, func(), error) {
-	avail := r.disc.Available()
+	avail := r.workers()
 	byID := make(map[string]*triplanev1.InstanceInfo, len(avail))
 	loads := r.loads.Latest()
 	now := time.Now()
@@ -400,11 +403,24 @@ func (r *Router) IndexBlocks(worker string) map[uint64]bool {
 	return r.ix.Blocks(worker)
 }
 
-// Close stops following the workers and saves the view. Safe to call
-// more than once.
+// workers are the workers to route among: discovery's available ones, or
+// once the router stopped (a node shutting down, its workers deregistered
+// but still serving the frontend's last requests) the ones available then.
+func (r *Router) workers() []*triplanev1.InstanceInfo {
+	if frozen := r.frozen.Load(); frozen != nil {
+		return *frozen
+	}
+	return r.disc.Available()
+}
+
+// Close stops following the workers and saves the view; routing goes on
+// among the workers available at this moment. Safe to call more than
+// once.
 func (r *Router) Close() { r.closeOnce.Do(r.close) }
 
 func (r *Router) close() {
+	avail := r.disc.Available()
+	r.frozen.Store(&avail)
 	if r.unsub != nil {
 		close(r.stop)
 		<-r.done

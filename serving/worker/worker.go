@@ -631,6 +631,20 @@ func (w *Worker) forget(id string) {
 	w.mu.Unlock()
 }
 
+// Deregister removes the worker from discovery (routers stop sending to
+// it) while it keeps serving what still comes: a node's own frontend
+// finishing its requests. Drain follows.
+func (w *Worker) Deregister(ctx context.Context) error {
+	if w.cfg.Registrar == nil {
+		return nil
+	}
+	if err := w.cfg.Registrar.Deregister(ctx, Component, Endpoint, w.cfg.ID); err != nil {
+		return fmt.Errorf("worker %s: deregister: %w", w.cfg.ID, err)
+	}
+	w.log.Info("worker deregistered")
+	return nil
+}
+
 // Drain stops taking requests and deregisters the worker, then waits until
 // the running requests finished or ctx ends.
 func (w *Worker) Drain(ctx context.Context) error {
