@@ -374,22 +374,25 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 	tried := map[string]bool{}
 	var generated []uint32
 	var lastErr error
-	busyOnly := false // every worker tried refused as busy
-	// tooLargeOnly: every worker tried refused the prompt as too large for
-	// it; when none is left the request is a bad one (400).
-	tooLargeOnly := false
-	tooLarge := func() result {
+	// Every worker tried so far refused the request while healthy: busy
+	// (or draining), or too small for the prompt. When none is left, a
+	// busy one means 429, else the request is too large for all (400).
+	refused, failed, busy := 0, false, false
+	refusal := func() (result, bool) {
+		switch {
+		case refused == 0 || failed || len(generated) > 0:
+			return result{}, false
+		case busy:
+			return result{err: fmt.Errorf("every worker tried is busy: %w", lastErr), status: http.StatusTooManyRequests,
+				errType: "rate_limit_error", code: "overloaded", outcome: "overloaded"}, true
+		}
 		return result{err: fmt.Errorf("every worker tried refused it: %w", lastErr), status: http.StatusBadRequest,
-			errType: "invalid_request_error", code: "invalid_request", outcome: "bad_request"}
+			errType: "invalid_request_error", code: "invalid_request", outcome: "bad_request"}, true
 	}
 	for attempt := 0; ; attempt++ {
 		if attempt > 0 {
-			if attempt > f.cfg.MaxMigrations && tooLargeOnly && len(generated) == 0 {
-				return tooLarge()
-			}
-			if attempt > f.cfg.MaxMigrations && busyOnly && len(generated) == 0 {
-				return result{err: fmt.Errorf("every worker tried is busy: %w", lastErr), status: http.StatusTooManyRequests,
-					errType: "rate_limit_error", code: "overloaded", outcome: "overloaded"}
+			if res, ok := refusal(); ok && attempt > f.cfg.MaxMigrations {
+				return res
 			}
 			if attempt > f.cfg.MaxMigrations {
 				return result{generated: len(generated), err: fmt.Errorf("gave up after %d migrations: %w", attempt-1, lastErr),
@@ -417,12 +420,8 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 			if errors.Is(err, ErrNoWorker) && lastErr != nil {
 				err = fmt.Errorf("%w (after: %w)", err, lastErr)
 			}
-			if tooLargeOnly && len(generated) == 0 {
-				return tooLarge()
-			}
-			if busyOnly && len(generated) == 0 {
-				return result{err: err, status: http.StatusTooManyRequests, errType: "rate_limit_error",
-					code: "overloaded", outcome: "overloaded"}
+			if res, ok := refusal(); ok {
+				return res
 			}
 			return result{generated: len(generated), err: err, status: http.StatusServiceUnavailable,
 				errType: "server_error", code: "no_worker", outcome: "no_worker"}
@@ -438,27 +437,28 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 		if ctx.Err() != nil {
 			return result{err: ctx.Err()}
 		}
-		var refused workerError
-		if errors.As(err, &refused) && refused.code == worker.CodeBadRequest {
+		var wr workerError
+		isRefusal := errors.As(err, &wr)
+		if isRefusal && wr.code == worker.CodeBadRequest {
 			return result{generated: len(generated), err: err, status: http.StatusBadRequest,
 				errType: "invalid_request_error", code: "invalid_request", outcome: "bad_request"}
 		}
 		lastErr = fmt.Errorf("worker %s: %w", in.GetInstanceId(), err)
 		tried[in.GetInstanceId()] = true
-		if errors.As(err, &refused) && refused.code == worker.CodeTooLarge {
+		switch {
+		case isRefusal && wr.code == worker.CodeTooLarge:
 			// Healthy, but too small for this prompt: another may take it.
-			tooLargeOnly, busyOnly = tooLargeOnly || attempt == 0, false
-			continue
-		}
-		tooLargeOnly = false
-		if errors.As(err, &refused) && (refused.code == worker.CodeOverloaded || refused.code == worker.CodeDraining) {
+		case isRefusal && (wr.code == worker.CodeOverloaded || wr.code == worker.CodeDraining):
 			// A busy or draining worker is healthy: try another without
 			// reporting it down.
-			busyOnly = busyOnly || attempt == 0
+			busy = true
+		default:
+			// A failure: the answer is no longer the refusals'.
+			failed = true
+			f.cfg.Router.ReportDown(in)
 			continue
 		}
-		busyOnly = false
-		f.cfg.Router.ReportDown(in)
+		refused++
 	}
 }
 
