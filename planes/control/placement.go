@@ -60,8 +60,9 @@ type Placement struct {
 	assigns *Cache[*triplanev1.PlacementRecord]
 	epoch   atomic.Int64 // leader epoch while leading, else 0
 
-	hmu    sync.Mutex
-	hosted map[actors.Address]bool
+	hmu      sync.Mutex
+	hosted   map[actors.Address]bool
+	starting *startBackoff[actors.Address] // under hmu
 
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -87,7 +88,7 @@ func StartPlacement(cfg PlacementConfig) (*Placement, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	p := &Placement{cfg: cfg, reg: cfg.Registrar, keys: cfg.Registrar.Keys(), hosted: map[actors.Address]bool{},
+	p := &Placement{cfg: cfg, reg: cfg.Registrar, keys: cfg.Registrar.Keys(), hosted: map[actors.Address]bool{}, starting: newStartBackoff[actors.Address](),
 		log: cfg.Logger.With("group", cfg.Group, "node_id", cfg.Registrar.NodeID())}
 	cc := CacheConfig{Logger: cfg.Logger, Metrics: cfg.Metrics}
 	p.assigns = NewCache(p.reg.Client(), p.keys.Assigns(cfg.Group), func() *triplanev1.PlacementRecord { return &triplanev1.PlacementRecord{} }, cc)
@@ -171,6 +172,9 @@ func (p *Placement) Hosted() []actors.Address {
 	return out
 }
 
+// startTimeout bounds one actor's start (its recovery).
+const startTimeout = time.Minute
+
 // host starts and stops actors as the published placement changes.
 func (p *Placement) host(ctx context.Context) {
 	defer p.wg.Done()
@@ -212,14 +216,22 @@ func (p *Placement) syncHosted(ctx context.Context) {
 			p.log.Info("stopped hosting", "actor", a)
 		}
 	}
+	p.starting.keep(want)
+	now := p.cfg.Now()
 	for a := range want {
-		if p.hosted[a] {
+		if p.hosted[a] || !p.starting.due(a, now) {
 			continue
 		}
-		if err := p.cfg.Hoster.StartActor(ctx, a); err != nil {
-			p.log.Warn("start actor failed; retrying", "actor", a, "err", err)
+		// Bounded: a start replays the actor's journal, and hmu is held.
+		sctx, cancel := context.WithTimeout(ctx, startTimeout)
+		err := p.cfg.Hoster.StartActor(sctx, a)
+		cancel()
+		if err != nil {
+			wait := p.starting.failed(a, now)
+			p.log.Warn("start actor failed; retrying", "actor", a, "in", wait, "err", err)
 			continue
 		}
+		p.starting.forget(a)
 		p.hosted[a] = true
 		p.log.Info("hosting", "actor", a)
 	}
