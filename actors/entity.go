@@ -220,14 +220,9 @@ func (e *entity) decide(ctx actor.Context, cmds []envelope) {
 				e.stash = append(cmds[i+1:len(cmds):len(cmds)], e.stash...)
 				// Nothing was written: every answer is definite (a
 				// caller that took "outcome unknown" would send it again).
-				for k := range g.replies {
-					if g.replies[k].err == nil {
-						g.replies[k].err = fmt.Errorf("%w: %s restarts: a command in its batch could not be applied", ErrNotApplied, e.addr)
-					}
-				}
+				notApplied(g, fmt.Errorf("%s restarts: a command in its batch could not be applied", e.addr))
 				err = fmt.Errorf("apply %T to %s: %w", ev, e.addr, err)
 				g.replies = append(g.replies, held{to: env.reply, err: err})
-				g.definite = true
 				e.fail(ctx, g, err)
 			}
 		}
@@ -247,12 +242,7 @@ func (e *entity) decide(ctx actor.Context, cmds []envelope) {
 	if err != nil {
 		// Refused before sending: nothing was written, but the state holds
 		// the group's events, so the entity must still restart.
-		for i := range g.replies {
-			if g.replies[i].err == nil {
-				g.replies[i].err = fmt.Errorf("%w: %s: %w", ErrNotApplied, e.addr, err)
-			}
-		}
-		g.definite = true
+		notApplied(g, fmt.Errorf("%s: %w", e.addr, err))
 		e.fail(ctx, g, fmt.Errorf("persist %s: %w", e.addr, err))
 	}
 	g.events = len(events)
@@ -309,6 +299,16 @@ func (e *entity) release(ctx actor.Context, g *group) {
 // is safe), then panics so the supervisor restarts the entity. Handing the
 // stash back to the mailbox instead would put it behind commands that
 // arrived later, breaking each sender's order.
+// notApplied makes every answer of a group that wrote nothing a definite
+// ErrNotApplied, rejections included: they were decided against a state
+// that held the group's earlier events, which are lost with the restart.
+func notApplied(g *group, cause error) {
+	for i := range g.replies {
+		g.replies[i].err = fmt.Errorf("%w: %w", ErrNotApplied, cause)
+	}
+	g.definite = true
+}
+
 func (e *entity) fail(ctx actor.Context, g *group, err error) {
 	cfg := e.h.cfg
 	cfg.Metrics.persistFailures.Inc()

@@ -172,8 +172,9 @@ func (p *Placement) Hosted() []actors.Address {
 	return out
 }
 
-// startTimeout bounds one actor's start (its recovery).
-const startTimeout = time.Minute
+// startTimeout bounds one actor's start (its recovery: a long journal
+// replays in minutes, a blocked read never ends).
+const startTimeout = 10 * time.Minute
 
 // host starts and stops actors as the published placement changes.
 func (p *Placement) host(ctx context.Context) {
@@ -227,7 +228,8 @@ func (p *Placement) syncHosted(ctx context.Context) {
 		err := p.cfg.Hoster.StartActor(sctx, a)
 		cancel()
 		if err != nil {
-			wait := p.starting.failed(a, now)
+			// From when the try ended: a start that timed out took long.
+			wait := p.starting.failed(a, p.cfg.Now())
 			p.log.Warn("start actor failed; retrying", "actor", a, "in", wait, "err", err)
 			continue
 		}
