@@ -186,18 +186,30 @@ func Start(ctx context.Context, p Planes, cfg Config) (_ *Stack, err error) {
 func (s *Stack) Shutdown(ctx context.Context) error {
 	// The router stops following and saves its view first: the workers'
 	// deregistration would empty it. It goes on routing the frontend's
-	// last requests among the workers available when it stopped, this
-	// node's own included.
+	// last requests to this node's workers after they left discovery.
 	if s.Router != nil {
-		s.Router.Close()
+		own := map[string]bool{}
+		for _, w := range s.Workers {
+			own[w.ID()] = true
+		}
+		s.Router.CloseKeeping(own)
 	}
+	// Deregistration runs beside the frontend's drain, not before it: an
+	// unreachable etcd must not eat the drain's time.
+	var deregistered []error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		deregistered = s.eachWorker(func(w *worker.Worker) error { return w.Deregister(ctx) })
+	}()
 	var errs []error
-	errs = append(errs, s.eachWorker(func(w *worker.Worker) error { return w.Deregister(ctx) })...)
 	if s.Frontend != nil {
 		if err := s.Frontend.Shutdown(ctx); err != nil {
 			errs = append(errs, fmt.Errorf("frontend: %w", err))
 		}
 	}
+	<-done
+	errs = append(errs, deregistered...)
 	errs = append(errs, s.eachWorker(func(w *worker.Worker) error { return w.Drain(ctx) })...)
 	s.Close()
 	return errors.Join(errs...)

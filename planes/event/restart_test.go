@@ -3,7 +3,9 @@ package event_test
 import (
 	"context"
 	"errors"
+	"net/url"
 	"path/filepath"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -30,24 +32,16 @@ func TestServerRestart(t *testing.T) {
 		}
 		return s
 	}
-	// The first start picks a port that is free when picked; another
-	// process may take it before the server binds it: then pick again.
-	var srv *embedded.NATS
-	for attempt := 1; srv == nil; attempt++ {
-		var err error
-		if port, err = embedded.FreePort("127.0.0.1"); err != nil {
-			t.Fatal(err)
-		}
-		s, err := embedded.StartNATS(ctx, embedded.NATSConfig{Port: port, StoreDir: dir})
-		var busy *embedded.PortInUseError
-		switch {
-		case err == nil:
-			srv = s
-		case attempt < 3 && errors.As(err, &busy):
-			t.Logf("start: %v; again on another port", err)
-		default:
-			t.Fatal(err)
-		}
+	// The first start lets the server pick its port as it binds it (a
+	// port picked beforehand may be taken before it is bound); the
+	// restart reuses it.
+	srv := start()
+	u, err := url.Parse(srv.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if port, err = strconv.Atoi(u.Port()); err != nil {
+		t.Fatal(err)
 	}
 	t.Cleanup(func() { srv.Close() })
 	connect := func() *nats.Conn {

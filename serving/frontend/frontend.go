@@ -421,6 +421,9 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 				err = fmt.Errorf("%w (after: %w)", err, lastErr)
 			}
 			if res, ok := refusal(); ok {
+				if !errors.Is(err, ErrNoWorker) {
+					res.err = fmt.Errorf("%w; then: %w", res.err, err)
+				}
 				return res
 			}
 			return result{generated: len(generated), err: err, status: http.StatusServiceUnavailable,

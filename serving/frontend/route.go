@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -41,11 +42,12 @@ type Router struct {
 	mu      sync.Mutex
 	ix      *router.Index
 	flights *router.Flights // per worker, requests routed and not finished
-	// frozen, once the router stopped, are the workers it routes among.
-	frozen atomic.Pointer[[]*triplanev1.InstanceInfo]
-	unsub  func()
-	stop   chan struct{}
-	done   chan struct{}
+	// kept, once the router stopped, are workers it routes to even when
+	// discovery no longer lists them.
+	kept  atomic.Pointer[[]*triplanev1.InstanceInfo]
+	unsub func()
+	stop  chan struct{}
+	done  chan struct{}
 	// saverDone is closed when the saver stopped (nil without a store).
 	saverDone chan struct{}
 	closeOnce sync.Once
@@ -403,24 +405,45 @@ func (r *Router) IndexBlocks(worker string) map[uint64]bool {
 	return r.ix.Blocks(worker)
 }
 
-// workers are the workers to route among: discovery's available ones, or
-// once the router stopped (a node shutting down, its workers deregistered
-// but still serving the frontend's last requests) the ones available then.
+// workers are the workers to route among: discovery's available ones,
+// and once the router stopped keeping some (a node shutting down: its own
+// workers, deregistered but still serving the frontend's last requests),
+// those as they were then.
 func (r *Router) workers() []*triplanev1.InstanceInfo {
-	if frozen := r.frozen.Load(); frozen != nil {
-		return *frozen
+	avail := r.disc.Available()
+	kept := r.kept.Load()
+	if kept == nil {
+		return avail
 	}
-	return r.disc.Available()
+	for _, in := range *kept {
+		if !slices.ContainsFunc(avail, func(a *triplanev1.InstanceInfo) bool { return a.GetInstanceId() == in.GetInstanceId() }) {
+			avail = append(avail, in)
+		}
+	}
+	return avail
 }
 
-// Close stops following the workers and saves the view; routing goes on
-// among the workers available at this moment. Safe to call more than
-// once.
-func (r *Router) Close() { r.closeOnce.Do(r.close) }
+// Close stops following the workers and saves the view. Safe to call
+// more than once.
+func (r *Router) Close() { r.CloseKeeping(nil) }
+
+// CloseKeeping is Close that goes on routing to the workers named in keep
+// after discovery no longer lists them (a node's own, which deregister
+// first and serve the frontend's last requests).
+func (r *Router) CloseKeeping(keep map[string]bool) {
+	r.closeOnce.Do(func() {
+		var kept []*triplanev1.InstanceInfo
+		for _, in := range r.disc.Available() {
+			if keep[in.GetInstanceId()] {
+				kept = append(kept, in)
+			}
+		}
+		r.kept.Store(&kept)
+		r.close()
+	})
+}
 
 func (r *Router) close() {
-	avail := r.disc.Available()
-	r.frozen.Store(&avail)
 	if r.unsub != nil {
 		close(r.stop)
 		<-r.done
