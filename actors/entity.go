@@ -188,7 +188,7 @@ func (e *entity) decide(ctx actor.Context, cmds []envelope) {
 		cfg.Metrics.commands.Inc()
 		d := decideGuarded(e.m, e.state, Command{ID: env.id, Msg: env.msg, Now: g.now, Rand: e.rng.Uint64()})
 		if errors.Is(d.Err, ErrMachinePanic) {
-			e.log.Error("a command made the machine panic; the command is refused", "err", d.Err)
+			e.log.Error("a command made the machine panic; the command is refused", "err", d.Err, "stack", string(PanicStack(d.Err)))
 		}
 		if d.Err != nil {
 			cfg.Metrics.rejected.Inc()
@@ -213,6 +213,9 @@ func (e *entity) decide(ctx actor.Context, cmds []envelope) {
 		size += n
 		for _, ev := range d.Events {
 			if err := applyGuarded(e.m, e.state, ev); err != nil {
+				if errors.Is(err, ErrMachinePanic) {
+					e.log.Error("applying an event made the machine panic; the actor restarts", "err", err, "stack", string(PanicStack(err)))
+				}
 				// The machine cannot apply its own event: a bug. Nothing of
 				// this group is persisted; this command is answered with
 				// why (asking again would fail again), the rest are not

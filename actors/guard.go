@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"runtime/debug"
 	"strings"
 
 	"google.golang.org/protobuf/proto"
@@ -20,7 +21,7 @@ var ErrMachinePanic = errors.New("actors: machine panicked")
 func decideGuarded(m Machine, state proto.Message, c Command) (d Decision) {
 	defer func() {
 		if p := recover(); p != nil {
-			d = Decision{Err: fmt.Errorf("%w: %s Decide of %T: %v (at %s)", ErrMachinePanic, m.Kind(), c.Msg, p, panicSite())}
+			d = Decision{Err: &machinePanic{msg: fmt.Sprintf("%s Decide of %T: %v (at %s)", m.Kind(), c.Msg, p, panicSite()), stack: debug.Stack()}}
 		}
 	}()
 	return m.Decide(state, c)
@@ -31,10 +32,30 @@ func decideGuarded(m Machine, state proto.Message, c Command) (d Decision) {
 func applyGuarded(m Machine, state, ev proto.Message) (err error) {
 	defer func() {
 		if p := recover(); p != nil {
-			err = fmt.Errorf("%w: %s Apply of %T: %v (at %s)", ErrMachinePanic, m.Kind(), ev, p, panicSite())
+			err = &machinePanic{msg: fmt.Sprintf("%s Apply of %T: %v (at %s)", m.Kind(), ev, p, panicSite()), stack: debug.Stack()}
 		}
 	}()
 	return m.Apply(state, ev)
+}
+
+// machinePanic is ErrMachinePanic with what panicked and where; the stack
+// goes to the log (PanicStack), not into answers.
+type machinePanic struct {
+	msg   string
+	stack []byte
+}
+
+func (p *machinePanic) Error() string { return ErrMachinePanic.Error() + ": " + p.msg }
+func (p *machinePanic) Unwrap() error { return ErrMachinePanic }
+
+// PanicStack is the goroutine stack of a machine panic in err's chain, or
+// nil.
+func PanicStack(err error) []byte {
+	var p *machinePanic
+	if errors.As(err, &p) {
+		return p.stack
+	}
+	return nil
 }
 
 // panicSite is the file:line that panicked, called from the deferred

@@ -1,6 +1,7 @@
 package actors_test
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"path/filepath"
@@ -389,6 +390,9 @@ func TestHostMachinePanicsAreErrors(t *testing.T) {
 		cancel()
 		if !errors.Is(err, actors.ErrMachinePanic) || errors.Is(err, actors.ErrPersist) {
 			t.Fatalf("deposit of %d: %v, want the panic as a definite error (not 'outcome unknown')", amount, err)
+		}
+		if !bytes.Contains(actors.PanicStack(err), []byte("panicky")) {
+			t.Fatalf("deposit of %d: the panic's stack does not show the machine:\n%s", amount, actors.PanicStack(err))
 		}
 	}
 	if r := ask(t, e.ctx, h, acct, &triplanev1.LedgerGet{}); r.Balance != 100 {
