@@ -707,6 +707,9 @@ func TestShutdownServesTheLastLocalRequests(t *testing.T) {
 	}
 	defer c.Close()
 	fmt.Fprintf(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body[:10])
+	// The frontend has the request (a connection still in the listener's
+	// backlog would be reset by the shutdown, not served).
+	e.waitFor(t, "the request admitted", func() bool { return e.stack.Frontend.Inflight() == 1 })
 	ctx, cancel := context.WithTimeout(e.ctx, time.Minute)
 	defer cancel()
 	shut := make(chan error, 1)

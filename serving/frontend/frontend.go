@@ -178,6 +178,10 @@ func (f *Frontend) Shutdown(ctx context.Context) error { return f.srv.Shutdown(c
 // Close stops at once.
 func (f *Frontend) Close() error { return f.srv.Close() }
 
+// Inflight is the number of requests holding an in-flight slot (admitted,
+// body being read or generating).
+func (f *Frontend) Inflight() int { return int(f.inflight.Load()) }
+
 func (f *Frontend) models(w http.ResponseWriter, _ *http.Request) {
 	writeJSON(w, http.StatusOK, modelList{Object: "list", Data: []modelCard{{ID: f.cfg.Model, Object: "model", Created: f.created, OwnedBy: "triplane"}}})
 }
