@@ -151,6 +151,7 @@ func NewRouter(cfg RouterConfig) (_ *Router, err error) {
 			kvDropped(r.cons, "too_many_workers", "a batch of a worker past MaxWorkers", func(s kvevents.Stats) uint64 { return s.DroppedWorkers }),
 			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "triplane_router_load_reports_evicted_total",
 				Help: "Workers whose last load report the router forgot: silent past its TTL, or no room."}, func() float64 { return float64(r.loads.Evicted()) }),
+			kvDropped(r.cons, "too_many_blocks", "block hashes of a worker past MaxBlocksPerWorker", func(s kvevents.Stats) uint64 { return s.DroppedBlocks }),
 			kvDropped(r.cons, "unlisted", "a batch of a worker discovery does not list", func(s kvevents.Stats) uint64 { return s.Unfollowed }),
 		} {
 			if err := cfg.Registerer.Register(c); err != nil {

@@ -22,6 +22,9 @@ type ConsumerConfig struct {
 	// MaxWorkers bounds the workers tracked; batches of further workers are
 	// dropped and counted. Default 4096.
 	MaxWorkers int
+	// MaxBlocksPerWorker bounds the blocks kept per worker (default 1<<20,
+	// far above any KV pool); more are dropped and counted.
+	MaxBlocksPerWorker int
 	// RepairTimeout bounds one resend request; default 2 s.
 	RepairTimeout time.Duration
 	// RepairBackoff is the wait before retrying a failed resend; default
@@ -86,7 +89,7 @@ func NewConsumer(b *event.Bus, cfg ConsumerConfig) (*Consumer, error) {
 	}
 	c := &Consumer{b: b, cfg: cfg,
 		seq: NewSequencer(SequencerConfig{MaxPending: cfg.MaxPending, MaxWorkers: cfg.MaxWorkers,
-			RepairAttempts: cfg.RepairAttempts, OnEvent: cfg.OnEvent, OnReset: cfg.OnReset, Follows: cfg.Follows}),
+			RepairAttempts: cfg.RepairAttempts, MaxBlocksPerWorker: cfg.MaxBlocksPerWorker, OnEvent: cfg.OnEvent, OnReset: cfg.OnReset, Follows: cfg.Follows}),
 		// Each worker is queued at most once (the Sequencer reports a gap
 		// once per repair), so this never blocks.
 		repair: make(chan string, cfg.MaxWorkers)}

@@ -15,12 +15,14 @@ const (
 	defaultMaxPending     = 4096
 	defaultMaxWorkers     = 4096
 	defaultRepairAttempts = 10
+	// defaultMaxBlocks is far above any worker's KV pool.
+	defaultMaxBlocks = 1 << 20
 )
 
 // SequencerConfig configures a Sequencer; the fields mean what they mean in
 // ConsumerConfig, with the same defaults.
 type SequencerConfig struct {
-	MaxPending, MaxWorkers, RepairAttempts int
+	MaxPending, MaxWorkers, RepairAttempts, MaxBlocksPerWorker int
 	// OnEvent and OnReset are told every change to the view, in order,
 	// from within the call that makes it.
 	OnEvent func(worker string, e *triplanev1.KvEvent)
@@ -38,6 +40,8 @@ type SequencerConfig struct {
 // Stats counts what the consumer saw.
 type Stats struct {
 	Applied, Duplicates, Gaps, Resends, Dumps, RepairFailures, Malformed, DroppedPending, DroppedWorkers, StaleEpoch, Unfollowed uint64
+	// DroppedBlocks are block hashes not kept: past MaxBlocksPerWorker.
+	DroppedBlocks uint64
 }
 
 // String summarises the stats for logs and benchmarks.
@@ -80,6 +84,9 @@ func NewSequencer(cfg SequencerConfig) *Sequencer {
 	}
 	if cfg.RepairAttempts <= 0 {
 		cfg.RepairAttempts = defaultRepairAttempts
+	}
+	if cfg.MaxBlocksPerWorker <= 0 {
+		cfg.MaxBlocksPerWorker = defaultMaxBlocks
 	}
 	return &Sequencer{cfg: cfg, workers: map[string]*workerView{}}
 }
@@ -178,12 +185,29 @@ func (s *Sequencer) drain(worker string, v *workerView) {
 }
 
 func (s *Sequencer) apply(worker string, v *workerView, e *triplanev1.KvEvent) {
-	apply(v.blocks, e)
 	v.next = e.EventId + 1
 	v.head = max(v.head, e.EventId)
+	if st := e.GetStored(); st != nil && len(v.blocks)+len(st.BlockHashes) > s.cfg.MaxBlocksPerWorker {
+		// More than any worker's pool holds: the event is taken in order
+		// but its blocks are not kept (here or in the index).
+		s.stats.DroppedBlocks += uint64(len(st.BlockHashes))
+		return
+	}
+	apply(v.blocks, e)
 	s.stats.Applied++
 	if s.cfg.OnEvent != nil {
 		s.cfg.OnEvent(worker, e)
+	}
+}
+
+// dumpBlocks fills blocks from a dump's, at most MaxBlocksPerWorker.
+func (s *Sequencer) dumpBlocks(blocks map[uint64]Block, d []*triplanev1.KvDumpBlock) {
+	if n := len(d) - s.cfg.MaxBlocksPerWorker; n > 0 {
+		s.stats.DroppedBlocks += uint64(n)
+		d = d[:s.cfg.MaxBlocksPerWorker]
+	}
+	for _, b := range d {
+		blocks[b.Hash] = Block{Parent: b.GetParentHash(), HasParent: b.ParentHash != nil}
 	}
 }
 
@@ -324,9 +348,7 @@ func (s *Sequencer) applyDump(worker string, v *workerView, d *triplanev1.KvDump
 		return // older than what the view already has
 	}
 	clear(v.blocks)
-	for _, b := range d.Blocks {
-		v.blocks[b.Hash] = Block{Parent: b.GetParentHash(), HasParent: b.ParentHash != nil}
-	}
+	s.dumpBlocks(v.blocks, d.Blocks)
 	v.next = d.EventId + 1
 	v.head = max(v.head, d.EventId)
 	for id := range v.pending {
@@ -366,10 +388,8 @@ func (s *Sequencer) Restore(view *triplanev1.KvView) (malformed int) {
 			continue
 		}
 		v := &workerView{epoch: wv.Epoch, next: wv.Dump.EventId + 1, head: wv.Dump.EventId,
-			blocks: make(map[uint64]Block, len(wv.Dump.Blocks)), pending: map[uint64]*triplanev1.KvEvent{}}
-		for _, b := range wv.Dump.Blocks {
-			v.blocks[b.Hash] = Block{Parent: b.GetParentHash(), HasParent: b.ParentHash != nil}
-		}
+			blocks: make(map[uint64]Block, min(len(wv.Dump.Blocks), s.cfg.MaxBlocksPerWorker)), pending: map[uint64]*triplanev1.KvEvent{}}
+		s.dumpBlocks(v.blocks, wv.Dump.Blocks)
 		s.workers[w] = v
 		if s.cfg.OnReset != nil {
 			s.cfg.OnReset(w, maps.Clone(v.blocks), wv.Dump.EventId)

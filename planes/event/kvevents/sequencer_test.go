@@ -480,3 +480,26 @@ func TestSequencerRepairCountsProgressSinceTheRequest(t *testing.T) {
 		t.Fatalf("an answer overtaken by live events: %+v", res)
 	}
 }
+
+// A worker's view keeps at most MaxBlocksPerWorker blocks, from events and
+// dumps; what is beyond is counted, and the ids stay in order.
+func TestSequencerBoundsAWorkersBlocks(t *testing.T) {
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{MaxBlocksPerWorker: 3})
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(1, nil, 10, 11), storedEv(2, nil, 12, 13), removedEv(3, 10), storedEv(4, nil, 14)), false)
+	if blocks, last := s.Blocks("w1"); len(blocks) != 2 || last != 4 {
+		t.Fatalf("w1: blocks %v at %d, want 11 and 14 at 4", blocks, last)
+	}
+	if st := s.Stats(); st.DroppedBlocks != 2 || st.Applied != 3 {
+		t.Fatalf("stats %+v", st)
+	}
+	// A dump larger than the bound keeps the bound.
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(6, nil, 60)), true)
+	_, epoch, _ := s.RepairRequest("w1")
+	wantNext(t, s.RepairDone("w1", epoch, dumpReply("w1", 1, 5, 1, 2, 3, 4, 5), nil), kvevents.RepairStop)
+	if blocks, last := s.Blocks("w1"); len(blocks) != 3 || last != 6 {
+		t.Fatalf("after a dump of 5 and the event after it: %d blocks, last %d", len(blocks), last)
+	}
+	if st := s.Stats(); st.DroppedBlocks != 2+2+1 {
+		t.Fatalf("dropped %d, want 5", st.DroppedBlocks)
+	}
+}
