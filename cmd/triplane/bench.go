@@ -59,6 +59,11 @@ Each is repeated for every --sync policy.`,
 				cfg.SnapshotTail < 0 || cfg.SnapshotTail >= cfg.RecoveryEvents {
 				return usageError{fmt.Errorf("sizes must be positive, --recovery-events at least 2 and --snapshot-tail below it")}
 			}
+			for _, n := range cfg.InFlight {
+				if n < 1 || n > cfg.PerActor {
+					return usageError{&config.Error{Key: "in-flight", Err: fmt.Errorf("%d: each value must be from 1 to --per-actor (%d)", n, cfg.PerActor)}}
+				}
+			}
 			log, err := logging.New(cmd.ErrOrStderr(), g.logFormat, g.logLevel)
 			if err != nil {
 				return usageError{err}

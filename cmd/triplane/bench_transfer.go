@@ -47,8 +47,8 @@ and measures, in one run:
 				cfg.BlockSizes = append(cfg.BlockSizes, n)
 			}
 			cfg.Bytes = int64(gib * (1 << 30))
-			if cfg.Bytes <= 0 || cfg.Rounds <= 0 || cfg.Lanes < 2 || cfg.LatencySamples <= 0 || cfg.RegionBytes <= 0 {
-				return usageError{fmt.Errorf("--gib, --rounds, --latency-samples and --region-mib must be positive and --lanes at least 2")}
+			if cfg.Bytes <= 0 || cfg.Rounds <= 0 || cfg.Lanes < 2 || cfg.LatencySamples <= 0 || cfg.RegionBytes <= 0 || cfg.LatencyBlock <= 0 {
+				return usageError{fmt.Errorf("--gib, --rounds, --latency-samples, --latency-block and --region-mib must be positive and --lanes at least 2")}
 			}
 			cfg.RegionBytes <<= 20
 			cfg.Progress = cmd.ErrOrStderr()

@@ -110,7 +110,13 @@ func noArgs(cmd *cobra.Command, args []string) error {
 
 // resolve applies env variables and the config file to cmd's flags.
 func resolve(cmd *cobra.Command, skip ...string) (*config.Resolved, error) {
-	r, err := config.Resolve(cmd.Flags(), config.Options{FileFlag: "config", Skip: skip})
+	opts := config.Options{Skip: skip}
+	// Only a command with a --config flag reads a config file (or
+	// TRIPLANE_CONFIG): one meant for `up` must not change a benchmark.
+	if cmd.Flags().Lookup("config") != nil {
+		opts.FileFlag = "config"
+	}
+	r, err := config.Resolve(cmd.Flags(), opts)
 	if err != nil {
 		return nil, usageError{err}
 	}

@@ -1,0 +1,41 @@
+package main
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// Bad values are refused up front, naming the flag, beside a good run.
+func TestBenchFlagsCheckedFirst(t *testing.T) {
+	for name, tc := range map[string]struct {
+		args []string
+		want string
+	}{
+		"in-flight 0":       {[]string{"bench", "journal", "--in-flight", "0"}, "in-flight"},
+		"in-flight > per":   {[]string{"bench", "journal", "--in-flight", "100", "--per-actor", "10"}, "in-flight"},
+		"latency block 0":   {[]string{"bench", "transfer", "--latency-block", "0"}, "--latency-block"},
+		"latency block < 0": {[]string{"bench", "transfer", "--latency-block", "-5"}, "--latency-block"},
+	} {
+		var out, errb strings.Builder
+		if code := run(context.Background(), tc.args, &out, &errb); code != exitUsage || !strings.Contains(errb.String(), tc.want) {
+			t.Errorf("%s: exit %d, want %d naming %s\n%s", name, code, exitUsage, tc.want, errb.String())
+		}
+	}
+}
+
+// A config file is read only by commands that have --config: one meant
+// for `up` (TRIPLANE_CONFIG) neither breaks nor changes a simulation.
+func TestConfigFileOnlyForCommandsThatTakeIt(t *testing.T) {
+	f := filepath.Join(t.TempDir(), "up.yaml")
+	if err := os.WriteFile(f, []byte("workers: 4\nnats-port: 5000\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("TRIPLANE_CONFIG", f)
+	var out, errb strings.Builder
+	if code := run(context.Background(), []string{"sim", "--scenario", "ledger", "--seeds", "1..2", "--duration", "100ms"}, &out, &errb); code != 0 {
+		t.Fatalf("sim with TRIPLANE_CONFIG set for up: exit %d\n%s", code, errb.String())
+	}
+}
