@@ -51,11 +51,20 @@ func (s *Snapshots) use() (done func(), err error) {
 var crcTable = crc32.MakeTable(crc32.Castagnoli)
 
 // OpenSnapshots opens (creating if needed) the store in dir.
-func OpenSnapshots(dir string, log *slog.Logger) (*Snapshots, error) {
+func OpenSnapshots(dir string, log *slog.Logger) (_ *Snapshots, err error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	db, err := pebble.Open(dir, &pebble.Options{Logger: pebbleLogger{log.With("store", "snapshots")}})
+	defer recoverCorrupt(&err)
+	plog := log.With("store", "snapshots")
+	db, err := pebble.Open(dir, &pebble.Options{Logger: pebbleLogger{plog}, EventListener: &pebble.EventListener{
+		// Pebble's default calls Fatalf, from background work too, where
+		// nothing can recover it: the process would end. Logged instead;
+		// the reads that meet the damage return it as an error.
+		DataCorruption: func(info pebble.DataCorruptionInfo) {
+			plog.Error("snapshots: on-disk corruption", "info", info.String())
+		},
+	}})
 	if err != nil {
 		return nil, fmt.Errorf("snapshots: open %s: %w", dir, err)
 	}
@@ -155,7 +164,8 @@ var ErrNoSnapshot = errors.New("snapshots: none usable")
 // Load returns the newest snapshot of the actor that decodes, passes its
 // checksum and has the wanted schema version. Unusable snapshots are logged
 // and skipped. It returns ErrNoSnapshot when none is usable.
-func (s *Snapshots) Load(kind, id string, schemaVersion uint32) (*triplanev1.Snapshot, error) {
+func (s *Snapshots) Load(kind, id string, schemaVersion uint32) (_ *triplanev1.Snapshot, err error) {
+	defer recoverCorrupt(&err)
 	done, err := s.use()
 	if err != nil {
 		return nil, err
@@ -224,7 +234,8 @@ func decodeSnapshot(val []byte) (*triplanev1.Snapshot, error) {
 // or not (err says why not), for `triplane replay --verify`. fn must not
 // call the store: it runs under the store's shared lock, and a Close
 // waiting for it would block a second one.
-func (s *Snapshots) Newest(fn func(kind, id string, snap *triplanev1.Snapshot, err error) error) error {
+func (s *Snapshots) Newest(fn func(kind, id string, snap *triplanev1.Snapshot, err error) error) (err error) {
+	defer recoverCorrupt(&err)
 	done, err := s.use()
 	if err != nil {
 		return err
@@ -295,7 +306,25 @@ func (p pebbleLogger) Errorf(format string, args ...any) {
 }
 func (p pebbleLogger) Fatalf(format string, args ...any) {
 	p.l.Error("fatal: " + fmt.Sprintf(format, args...))
-	panic(fmt.Sprintf(format, args...))
+	panic(pebbleFatal(fmt.Sprintf(format, args...)))
+}
+
+// pebbleFatal is what Pebble reports it cannot go on from (on-disk
+// corruption): it must not return, so it panics, and the store's entry
+// points turn it into ErrCorrupt.
+type pebbleFatal string
+
+// ErrCorrupt: the snapshot store's files are damaged.
+var ErrCorrupt = errors.New("snapshots: the store is corrupt")
+
+func recoverCorrupt(err *error) {
+	if p := recover(); p != nil {
+		f, ok := p.(pebbleFatal)
+		if !ok {
+			panic(p)
+		}
+		*err = fmt.Errorf("%w: %s", ErrCorrupt, string(f))
+	}
 }
 
 // ErrNoState is returned by LoadState when nothing is stored under a name.
@@ -325,7 +354,8 @@ func (s *Snapshots) SaveState(name string, msg proto.Message) error {
 
 // LoadState reads the state stored under name into msg. A corrupt record
 // is an error naming it; nothing stored is ErrNoState.
-func (s *Snapshots) LoadState(name string, msg proto.Message) error {
+func (s *Snapshots) LoadState(name string, msg proto.Message) (err error) {
+	defer recoverCorrupt(&err)
 	done, err := s.use()
 	if err != nil {
 		return err
