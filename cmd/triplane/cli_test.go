@@ -9,7 +9,7 @@ import (
 )
 
 // Bad values are refused up front, naming the flag, beside a good run.
-func TestBenchFlagsCheckedFirst(t *testing.T) {
+func TestBadFlagsRefusedFirst(t *testing.T) {
 	for name, tc := range map[string]struct {
 		args []string
 		want string
@@ -18,6 +18,8 @@ func TestBenchFlagsCheckedFirst(t *testing.T) {
 		"in-flight > per":   {[]string{"bench", "journal", "--in-flight", "100", "--per-actor", "10"}, "in-flight"},
 		"latency block 0":   {[]string{"bench", "transfer", "--latency-block", "0"}, "--latency-block"},
 		"latency block < 0": {[]string{"bench", "transfer", "--latency-block", "-5"}, "--latency-block"},
+		"sim NaN":           {[]string{"sim", "--append-failure", "NaN"}, "append-failure"},
+		"replay from > to":  {[]string{"replay", "events", "ledger", "a", "--data-dir", "/nonexistent", "--from", "3", "--to", "1"}, "--from 3 is after --to 1"},
 	} {
 		var out, errb strings.Builder
 		if code := run(context.Background(), tc.args, &out, &errb); code != exitUsage || !strings.Contains(errb.String(), tc.want) {

@@ -94,6 +94,9 @@ func (f *nodeFlags) validate() error {
 	if f.leaseTTL < time.Second {
 		errs = append(errs, &config.Error{Key: "lease-ttl", Err: fmt.Errorf("%s is below etcd's 1s granularity", f.leaseTTL)})
 	}
+	if f.replicas < 1 || f.replicas > 5 {
+		errs = append(errs, &config.Error{Key: "journal-replicas", Err: fmt.Errorf("%d is outside 1-5", f.replicas)})
+	}
 	if err := control.CheckName("namespace", f.namespace); err != nil {
 		errs = append(errs, &config.Error{Key: "namespace", Err: err})
 	}

@@ -104,6 +104,7 @@ func TestNodeRejectsBadFlags(t *testing.T) {
 		"bad ttl":   {"node", "--nats", "nats://127.0.0.1:4222", "--etcd", "http://127.0.0.1:2379", "--lease-ttl", "10ms"},
 		"bad want":  {"node", "--nats", "nats://127.0.0.1:4222", "--etcd", "http://127.0.0.1:2379", "--want", "ledger"},
 		"bad group": {"node", "--nats", "nats://127.0.0.1:4222", "--etcd", "http://127.0.0.1:2379", "--placement-group", "a/b"},
+		"replicas":  {"node", "--nats", "nats://127.0.0.1:4222", "--etcd", "http://127.0.0.1:2379", "--journal-replicas", "7"},
 	} {
 		var out, errb strings.Builder
 		if code := run(context.Background(), args, &out, &errb); code != exitUsage {

@@ -208,6 +208,9 @@ func (ff *filterFlags) filter() (replay.Filter, error) {
 	if flt.Until, err = parseTime("until", ff.until); err != nil {
 		return flt, err
 	}
+	if ff.to != 0 && ff.from > ff.to {
+		return flt, usageError{fmt.Errorf("--from %d is after --to %d: nothing could match", ff.from, ff.to)}
+	}
 	if !flt.Since.IsZero() && !flt.Until.IsZero() && !flt.Since.Before(flt.Until) {
 		return flt, usageError{fmt.Errorf("--since %s is not before --until %s: nothing could match", ff.since, ff.until)}
 	}

@@ -72,7 +72,7 @@ Scenarios: ` + strings.Join(sim.ScenarioNames(), ", "),
 				key string
 				v   float64
 			}{{"append-failure", opts.Faults.AppendFailure}, {"written-on-failure", opts.Faults.WrittenOnFailure}, {"crash-rate", opts.Faults.CrashRate}} {
-				if p.v < 0 || p.v > 1 {
+				if !(p.v >= 0 && p.v <= 1) { // NaN too
 					return usageError{&config.Error{Key: p.key, Err: fmt.Errorf("probability %v is outside [0, 1]", p.v)}}
 				}
 			}
