@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"log/slog"
+	"path/filepath"
 	"strings"
 	"sync"
 
@@ -31,8 +32,9 @@ type Snapshots struct {
 	// late operation (an actor's final snapshot after a stop that timed
 	// out) gets ErrClosed instead of touching a closed database, which
 	// panics.
-	mu     sync.RWMutex
-	closed bool
+	mu       sync.RWMutex
+	closed   bool
+	readOnly bool // Close has nothing to flush
 }
 
 // ErrClosed: the store was closed.
@@ -51,13 +53,30 @@ func (s *Snapshots) use() (done func(), err error) {
 var crcTable = crc32.MakeTable(crc32.Castagnoli)
 
 // OpenSnapshots opens (creating if needed) the store in dir.
-func OpenSnapshots(dir string, log *slog.Logger) (_ *Snapshots, err error) {
+func OpenSnapshots(dir string, log *slog.Logger) (*Snapshots, error) {
+	return openSnapshots(dir, log, false)
+}
+
+// OpenSnapshotsReadOnly opens an existing store without writing anything
+// to it (no new manifest or log, no compaction): for reading a stopped
+// node's data, as `triplane replay` does. Writes fail.
+func OpenSnapshotsReadOnly(dir string, log *slog.Logger) (*Snapshots, error) {
+	return openSnapshots(dir, log, true)
+}
+
+func openSnapshots(dir string, log *slog.Logger, readOnly bool) (_ *Snapshots, err error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
 	defer recoverCorrupt(&err)
+	if readOnly {
+		// Pebble would take a LOCK file in a directory with no store.
+		if m, _ := filepath.Glob(filepath.Join(dir, "marker.manifest.*")); len(m) == 0 {
+			return nil, fmt.Errorf("snapshots: %s holds no snapshot store", dir)
+		}
+	}
 	plog := log.With("store", "snapshots")
-	db, err := pebble.Open(dir, &pebble.Options{Logger: pebbleLogger{plog}, EventListener: &pebble.EventListener{
+	db, err := pebble.Open(dir, &pebble.Options{ReadOnly: readOnly, Logger: pebbleLogger{plog}, EventListener: &pebble.EventListener{
 		// Pebble's default calls Fatalf, from background work too, where
 		// nothing can recover it: the process would end. Logged instead;
 		// the reads that meet the damage return it as an error.
@@ -68,7 +87,7 @@ func OpenSnapshots(dir string, log *slog.Logger) (_ *Snapshots, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("snapshots: open %s: %w", dir, err)
 	}
-	return &Snapshots{db: db, log: log, Keep: 2}, nil
+	return &Snapshots{db: db, log: log, Keep: 2, readOnly: readOnly}, nil
 }
 
 // Close flushes and closes the store.
@@ -79,6 +98,9 @@ func (s *Snapshots) Close() error {
 		return nil
 	}
 	s.closed = true
+	if s.readOnly {
+		return s.db.Close()
+	}
 	if err := s.db.Flush(); err != nil {
 		s.db.Close()
 		return fmt.Errorf("snapshots: flush: %w", err)

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"google.golang.org/protobuf/proto"
@@ -166,5 +167,63 @@ func TestSnapshotsCorruptFilesAreErrors(t *testing.T) {
 	_, lerr := s.Load("ledger", "a1", 1)
 	if err == nil && lerr == nil {
 		t.Fatal("a damaged table read without an error")
+	}
+}
+
+// A read-only open reads the store and changes none of its files.
+func TestSnapshotsReadOnlyChangesNothing(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "snapshots")
+	s, err := journal.OpenSnapshots(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Save(snap(t, "a", 3, 30, 1)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	listing := func() string {
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var b strings.Builder
+		for _, e := range entries {
+			if e.Name() == "LOCK" {
+				continue // taken and released: its time moves
+			}
+			info, _ := e.Info()
+			fmt.Fprintf(&b, "%s %d %d\n", e.Name(), info.Size(), info.ModTime().UnixNano())
+		}
+		return b.String()
+	}
+	before := listing()
+	ro, err := journal.OpenSnapshotsReadOnly(dir, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := ro.Load("ledger", "a", 1); err != nil || got.Seq != 3 {
+		t.Fatalf("read-only load: %v %v", got, err)
+	}
+	if err := ro.Save(snap(t, "b", 1, 1, 1)); err == nil {
+		t.Fatal("a read-only store took a write")
+	}
+	if err := ro.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if after := listing(); after != before {
+		t.Fatalf("a read-only open changed the store:\nbefore\n%s\nafter\n%s", before, after)
+	}
+	// Nothing there: an error, and no store is created.
+	empty := filepath.Join(t.TempDir(), "none")
+	if err := os.Mkdir(empty, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := journal.OpenSnapshotsReadOnly(empty, nil); err == nil {
+		t.Fatal("a read-only open of an empty directory succeeded")
+	}
+	if entries, _ := os.ReadDir(empty); len(entries) != 0 {
+		t.Fatalf("a read-only open wrote %d files into an empty directory", len(entries))
 	}
 }

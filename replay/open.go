@@ -125,10 +125,14 @@ func Open(ctx context.Context, o Options) (_ *Session, err error) {
 	}
 
 	if snapDir != "" {
-		if st, err := os.Stat(snapDir); err != nil || !st.IsDir() {
+		if st, err := os.Stat(snapDir); err != nil {
 			return nil, fmt.Errorf("%w: snapshot store %s does not exist", ErrNoData, snapDir)
+		} else if !st.IsDir() {
+			return nil, fmt.Errorf("%w: snapshot store %s is a file, not a directory", ErrNoData, snapDir)
 		}
-		snaps, err := journal.OpenSnapshots(snapDir, log)
+		// Read-only: replay is for looking, and must not change a stopped
+		// node's store (no new manifest, log or compaction).
+		snaps, err := journal.OpenSnapshotsReadOnly(snapDir, log)
 		if err != nil {
 			return nil, fmt.Errorf("open the snapshot store (is a node using it?): %w", err)
 		}
