@@ -19,6 +19,9 @@ func TestBadFlagsRefusedFirst(t *testing.T) {
 		"latency block 0":   {[]string{"bench", "transfer", "--latency-block", "0"}, "--latency-block"},
 		"latency block < 0": {[]string{"bench", "transfer", "--latency-block", "-5"}, "--latency-block"},
 		"sim NaN":           {[]string{"sim", "--append-failure", "NaN"}, "append-failure"},
+		"up ports":          {[]string{"up", "--nats-port", "4300", "--etcd-port", "4300"}, "port 4300 is also nats-port's"},
+		"up addrs":          {[]string{"up", "--admin-addr", "127.0.0.1:4301", "--http-addr", "127.0.0.1:4301"}, "port 4301 is also admin-addr's"},
+		"up admin port":     {[]string{"up", "--admin-addr", "127.0.0.1:99999"}, "admin-addr"},
 		"replay from > to":  {[]string{"replay", "events", "ledger", "a", "--data-dir", "/nonexistent", "--from", "3", "--to", "1"}, "--from 3 is after --to 1"},
 	} {
 		var out, errb strings.Builder

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -174,11 +175,37 @@ func (f *upFlags) validate() error {
 			errs = append(errs, &config.Error{Key: p.name, Err: fmt.Errorf("port %d is outside 0-65535", p.v)})
 		}
 	}
-	if f.etcdPort != 0 && f.etcdPort == f.etcdPeerPort {
-		errs = append(errs, &config.Error{Key: "etcd-peer-port", Err: fmt.Errorf("must differ from etcd-port (both %d)", f.etcdPort)})
+	// Two of this node's servers on one port fail only once the first is
+	// up, with a hint about another process: say so before starting.
+	claimed := map[int]string{}
+	claim := func(name string, port int) {
+		if port == 0 {
+			return
+		}
+		if other, ok := claimed[port]; ok {
+			errs = append(errs, &config.Error{Key: name, Err: fmt.Errorf("port %d is also %s's", port, other)})
+			return
+		}
+		claimed[port] = name
 	}
-	if _, _, err := net.SplitHostPort(f.adminAddr); err != nil {
-		errs = append(errs, &config.Error{Key: "admin-addr", Err: fmt.Errorf("want host:port: %w", err)})
+	claim("nats-port", f.natsPort)
+	claim("etcd-port", f.etcdPort)
+	claim("etcd-peer-port", f.etcdPeerPort)
+	for _, a := range []struct{ name, addr string }{{"admin-addr", f.adminAddr}, {"http-addr", f.httpAddr}} {
+		if a.addr == "" && a.name == "http-addr" {
+			continue // no frontend
+		}
+		_, port, err := net.SplitHostPort(a.addr)
+		if err != nil {
+			errs = append(errs, &config.Error{Key: a.name, Err: fmt.Errorf("want host:port: %w", err)})
+			continue
+		}
+		n, err := strconv.Atoi(port)
+		if err != nil || n < 0 || n > 65535 {
+			errs = append(errs, &config.Error{Key: a.name, Err: fmt.Errorf("port %q is not a number in 0-65535", port)})
+			continue
+		}
+		claim(a.name, n)
 	}
 	if f.leaseTTL < time.Second {
 		errs = append(errs, &config.Error{Key: "lease-ttl", Err: fmt.Errorf("%s is below etcd's 1s granularity", f.leaseTTL)})
@@ -199,11 +226,6 @@ func (f *upFlags) validate() error {
 	}
 	if f.workers < 0 || f.workers > 256 {
 		errs = append(errs, &config.Error{Key: "workers", Err: fmt.Errorf("%d is outside 0-256", f.workers)})
-	}
-	if f.httpAddr != "" {
-		if _, _, err := net.SplitHostPort(f.httpAddr); err != nil {
-			errs = append(errs, &config.Error{Key: "http-addr", Err: fmt.Errorf("want host:port: %w", err)})
-		}
 	}
 	if err := control.CheckName("model", f.model); err != nil {
 		errs = append(errs, &config.Error{Key: "model", Err: err})
