@@ -67,6 +67,14 @@ func (s *Server) Handler(extra ...prometheus.Gatherer) http.Handler {
 	mux.HandleFunc("GET /readyz", s.readyz)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(gs, promhttp.HandlerOpts{ErrorLog: slogErrorLog{s.log}}))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case "/healthz", "/readyz", "/metrics":
+			// The path exists; the method does not (the catch-all would
+			// otherwise answer 404 for a POST).
+			w.Header().Set("Allow", "GET, HEAD")
+			http.Error(w, fmt.Sprintf("%s %s: only GET (or HEAD)", r.Method, r.URL.Path), http.StatusMethodNotAllowed)
+			return
+		}
 		http.Error(w, "not found; try /healthz, /readyz or /metrics", http.StatusNotFound)
 	})
 	return mux
