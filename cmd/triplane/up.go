@@ -53,6 +53,7 @@ type upFlags struct {
 	replicas      int
 	namespace     string
 	leaseTTL      time.Duration
+	drainGrace    time.Duration
 	configFile    string
 	printConfig   bool
 
@@ -134,6 +135,7 @@ restart on the same data dir finds its streams and keys again.`,
 	fs.Uint64Var(&f.snapEvery, "snapshot-every", 1000, "events between an actor's snapshots (Pebble, under --data-dir)")
 	fs.StringVar(&f.namespace, "namespace", "default", "namespace of the deployment's control-plane keys in etcd")
 	fs.DurationVar(&f.leaseTTL, "lease-ttl", control.DefaultTTL, "TTL of the node's etcd lease (whole seconds, at least 1s); keepalive every TTL/3")
+	fs.DurationVar(&f.drainGrace, "drain-grace", 0, "on stop, how long /readyz reports not ready while everything still serves, before the drain (for load balancers to stop sending; added to the 10 s stop)")
 	fs.IntVar(&f.replicas, "journal-replicas", 1, "replicas of the journal stream (for a clustered external NATS)")
 	fs.StringVar(&f.configFile, "config", "", "YAML file of settings, keyed by flag name (env TRIPLANE_CONFIG)")
 	fs.BoolVar(&f.printConfig, "print-config", false, "print the effective configuration as YAML and exit")
@@ -209,6 +211,9 @@ func (f *upFlags) validate() error {
 	}
 	if f.leaseTTL < time.Second {
 		errs = append(errs, &config.Error{Key: "lease-ttl", Err: fmt.Errorf("%s is below etcd's 1s granularity", f.leaseTTL)})
+	}
+	if f.drainGrace < 0 || f.drainGrace > time.Minute {
+		errs = append(errs, &config.Error{Key: "drain-grace", Err: fmt.Errorf("%s is outside 0-1m", f.drainGrace)})
 	}
 	if err := control.CheckName("namespace", f.namespace); err != nil {
 		errs = append(errs, &config.Error{Key: "namespace", Err: err})
@@ -389,8 +394,24 @@ func runUp(cmd *cobra.Command, g *globalFlags, f *upFlags) error {
 	}
 
 	<-ctx.Done()
-	stop()                 // a second Ctrl-C kills the process the default way
+	// With a grace, a second signal ends the grace (caught before the
+	// first handler goes, so none slips through); after it, or without a
+	// grace, a second signal kills the process the default way.
+	grace, endGrace := context.Background(), func() {}
+	if f.drainGrace > 0 {
+		grace, endGrace = signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	}
+	stop()
 	servingUp.Store(false) // /readyz: not ready while draining
+	if f.drainGrace > 0 {
+		// Everything still serves while load balancers see not ready.
+		log.Info("not ready; draining after the grace", "grace", f.drainGrace)
+		select {
+		case <-time.After(f.drainGrace):
+		case <-grace.Done():
+		}
+	}
+	endGrace()
 	log.Info("stopping", "reason", context.Cause(ctx), "timeout", stopTimeout)
 	t0 := time.Now()
 	// Draining gets most of the budget; what is still running then is cut

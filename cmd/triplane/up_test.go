@@ -462,3 +462,20 @@ func TestVersionAndHelp(t *testing.T) {
 		}
 	}
 }
+
+// With --drain-grace, a stop first turns /readyz not ready while the node
+// still serves; a second signal ends the grace, and the stop goes on.
+func TestUpDrainGrace(t *testing.T) {
+	u := startUp(t, t.TempDir(), "--drain-grace", "30s")
+	if err := u.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, func() bool {
+		code, _ := get(t, "http://"+u.admin+"/readyz")
+		return code == http.StatusServiceUnavailable
+	}, func() string { return "/readyz stayed ready after the stop signal:\n" + u.stderr.String() })
+	if code, body := get(t, "http://"+u.admin+"/healthz"); code != 200 {
+		t.Fatalf("/healthz during the grace = %d %s", code, body)
+	}
+	u.stop(syscall.SIGTERM)
+}
