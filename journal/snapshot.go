@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"log/slog"
-	"path/filepath"
+	"os"
 	"strings"
 	"sync"
 
@@ -68,12 +68,10 @@ func openSnapshots(dir string, log *slog.Logger, readOnly bool) (_ *Snapshots, e
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	defer recoverCorrupt(&err)
-	if readOnly {
+	defer markCorrupt(&err)
+	if readOnly && !holdsStore(dir) {
 		// Pebble would take a LOCK file in a directory with no store.
-		if m, _ := filepath.Glob(filepath.Join(dir, "marker.manifest.*")); len(m) == 0 {
-			return nil, fmt.Errorf("snapshots: %s holds no snapshot store", dir)
-		}
+		return nil, fmt.Errorf("%w: %s", ErrNoStore, dir)
 	}
 	plog := log.With("store", "snapshots")
 	db, err := pebble.Open(dir, &pebble.Options{ReadOnly: readOnly, Logger: pebbleLogger{plog}, EventListener: &pebble.EventListener{
@@ -122,7 +120,8 @@ func upper(p []byte) []byte {
 }
 
 // Save stores a snapshot durably and prunes older ones beyond Keep.
-func (s *Snapshots) Save(snap *triplanev1.Snapshot) error {
+func (s *Snapshots) Save(snap *triplanev1.Snapshot) (err error) {
+	defer markCorrupt(&err)
 	done, err := s.use()
 	if err != nil {
 		return err
@@ -187,7 +186,7 @@ var ErrNoSnapshot = errors.New("snapshots: none usable")
 // checksum and has the wanted schema version. Unusable snapshots are logged
 // and skipped. It returns ErrNoSnapshot when none is usable.
 func (s *Snapshots) Load(kind, id string, schemaVersion uint32) (_ *triplanev1.Snapshot, err error) {
-	defer recoverCorrupt(&err)
+	defer markCorrupt(&err)
 	done, err := s.use()
 	if err != nil {
 		return nil, err
@@ -257,7 +256,7 @@ func decodeSnapshot(val []byte) (*triplanev1.Snapshot, error) {
 // call the store: it runs under the store's shared lock, and a Close
 // waiting for it would block a second one.
 func (s *Snapshots) Newest(fn func(kind, id string, snap *triplanev1.Snapshot, err error) error) (err error) {
-	defer recoverCorrupt(&err)
+	defer markCorrupt(&err)
 	done, err := s.use()
 	if err != nil {
 		return err
@@ -328,24 +327,35 @@ func (p pebbleLogger) Errorf(format string, args ...any) {
 }
 func (p pebbleLogger) Fatalf(format string, args ...any) {
 	p.l.Error("fatal: " + fmt.Sprintf(format, args...))
-	panic(pebbleFatal(fmt.Sprintf(format, args...)))
+	panic(fmt.Sprintf(format, args...))
 }
 
-// pebbleFatal is what Pebble reports it cannot go on from (on-disk
-// corruption): it must not return, so it panics, and the store's entry
-// points turn it into ErrCorrupt.
-type pebbleFatal string
+// ErrNoStore: a read-only open found no snapshot store in the directory.
+var ErrNoStore = errors.New("snapshots: no snapshot store in")
 
-// ErrCorrupt: the snapshot store's files are damaged.
+// holdsStore reports whether dir has a Pebble store's manifest marker.
+func holdsStore(dir string) bool {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return false
+	}
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), "marker.manifest.") {
+			return true
+		}
+	}
+	return false
+}
+
+// ErrCorrupt: the snapshot store's files are damaged (Pebble found a
+// corruption where the operation read).
 var ErrCorrupt = errors.New("snapshots: the store is corrupt")
 
-func recoverCorrupt(err *error) {
-	if p := recover(); p != nil {
-		f, ok := p.(pebbleFatal)
-		if !ok {
-			panic(p)
-		}
-		*err = fmt.Errorf("%w: %s", ErrCorrupt, string(f))
+// markCorrupt makes a Pebble corruption error an ErrCorrupt, so callers
+// can tell damage from other failures.
+func markCorrupt(err *error) {
+	if *err != nil && pebble.IsCorruptionError(*err) && !errors.Is(*err, ErrCorrupt) {
+		*err = fmt.Errorf("%w: %w", ErrCorrupt, *err)
 	}
 }
 
@@ -377,7 +387,7 @@ func (s *Snapshots) SaveState(name string, msg proto.Message) error {
 // LoadState reads the state stored under name into msg. A corrupt record
 // is an error naming it; nothing stored is ErrNoState.
 func (s *Snapshots) LoadState(name string, msg proto.Message) (err error) {
-	defer recoverCorrupt(&err)
+	defer markCorrupt(&err)
 	done, err := s.use()
 	if err != nil {
 		return err

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -133,8 +134,13 @@ func Open(ctx context.Context, o Options) (_ *Session, err error) {
 		// Read-only: replay is for looking, and must not change a stopped
 		// node's store (no new manifest, log or compaction).
 		snaps, err := journal.OpenSnapshotsReadOnly(snapDir, log)
-		if err != nil {
+		switch {
+		case errors.Is(err, journal.ErrNoStore):
+			return nil, fmt.Errorf("%w: %w", ErrNoData, err)
+		case err != nil && strings.Contains(err.Error(), "lock"):
 			return nil, fmt.Errorf("open the snapshot store (is a node using it?): %w", err)
+		case err != nil:
+			return nil, fmt.Errorf("open the snapshot store: %w", err)
 		}
 		s.closers = append(s.closers, func() {
 			if err := snaps.Close(); err != nil {
