@@ -61,7 +61,7 @@ Each is repeated for every --sync policy.`,
 			}
 			for _, n := range cfg.InFlight {
 				if n < 1 || n > cfg.PerActor {
-					return usageError{&config.Error{Key: "in-flight", Err: fmt.Errorf("%d: each value must be from 1 to --per-actor (%d)", n, cfg.PerActor)}}
+					return usageError{&config.Error{Key: "in-flight", Err: fmt.Errorf("%d: each value must be from 1 to --per-actor (%d); the default is 1,8", n, cfg.PerActor)}}
 				}
 			}
 			log, err := logging.New(cmd.ErrOrStderr(), g.logFormat, g.logLevel)

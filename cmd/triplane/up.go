@@ -11,7 +11,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -83,8 +82,10 @@ func defaultDataDir() string {
 	return ".triplane"
 }
 
-func newUpCmd(g *globalFlags) *cobra.Command {
-	f := &upFlags{}
+func newUpCmd(g *globalFlags) *cobra.Command { return newUpCmdFor(g, &upFlags{}) }
+
+// newUpCmdFor is newUpCmd binding its flags to f (a test reads them).
+func newUpCmdFor(g *globalFlags, f *upFlags) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "up",
 		Short: "Run the whole system on this machine (embedded NATS and etcd)",
@@ -179,35 +180,45 @@ func (f *upFlags) validate() error {
 	}
 	// Two of this node's servers on one port fail only once the first is
 	// up, with a hint about another process: say so before starting.
-	claimed := map[int]string{}
-	claim := func(name string, port int) {
+	// Ports of servers not embedded (external NATS or etcd) are not used.
+	type bound struct{ host, name string }
+	claimed := map[int][]bound{}
+	claim := func(name, host string, port int) {
 		if port == 0 {
 			return
 		}
-		if other, ok := claimed[port]; ok {
-			errs = append(errs, &config.Error{Key: name, Err: fmt.Errorf("port %d is also %s's", port, other)})
-			return
+		for _, b := range claimed[port] {
+			if b.host == host || wildcard(b.host) || wildcard(host) {
+				errs = append(errs, &config.Error{Key: name, Err: fmt.Errorf("port %d is also %s's", port, b.name)})
+				return
+			}
 		}
-		claimed[port] = name
+		claimed[port] = append(claimed[port], bound{host, name})
 	}
-	claim("nats-port", f.natsPort)
-	claim("etcd-port", f.etcdPort)
-	claim("etcd-peer-port", f.etcdPeerPort)
+	if f.natsURL == "" {
+		claim("nats-port", f.host, f.natsPort)
+	}
+	if len(f.etcd) == 0 {
+		claim("etcd-port", f.host, f.etcdPort)
+		claim("etcd-peer-port", f.host, f.etcdPeerPort)
+	}
 	for _, a := range []struct{ name, addr string }{{"admin-addr", f.adminAddr}, {"http-addr", f.httpAddr}} {
 		if a.addr == "" && a.name == "http-addr" {
 			continue // no frontend
 		}
-		_, port, err := net.SplitHostPort(a.addr)
+		host, port, err := net.SplitHostPort(a.addr)
 		if err != nil {
 			errs = append(errs, &config.Error{Key: a.name, Err: fmt.Errorf("want host:port: %w", err)})
 			continue
 		}
-		n, err := strconv.Atoi(port)
-		if err != nil || n < 0 || n > 65535 {
-			errs = append(errs, &config.Error{Key: a.name, Err: fmt.Errorf("port %q is not a number in 0-65535", port)})
-			continue
+		n := 0 // an empty port is any free one
+		if port != "" {
+			if n, err = net.LookupPort("tcp", port); err != nil {
+				errs = append(errs, &config.Error{Key: a.name, Err: fmt.Errorf("port %q: %w", port, err)})
+				continue
+			}
 		}
-		claim(a.name, n)
+		claim(a.name, host, n)
 	}
 	if f.leaseTTL < time.Second {
 		errs = append(errs, &config.Error{Key: "lease-ttl", Err: fmt.Errorf("%s is below etcd's 1s granularity", f.leaseTTL)})
@@ -430,3 +441,6 @@ func runUp(cmd *cobra.Command, g *globalFlags, f *upFlags) error {
 	log.Info("stopped", "took", time.Since(t0).Round(time.Millisecond))
 	return nil
 }
+
+// wildcard reports whether host binds every address.
+func wildcard(host string) bool { return host == "" || host == "0.0.0.0" || host == "::" }
