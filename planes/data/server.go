@@ -225,9 +225,13 @@ func readBlocks(br *bufio.Reader, h Header, dst []byte, blocks []blockSum) error
 // at least FrameTimeout. A clean end of the connection at a frame boundary
 // is io.EOF.
 func (g *handshake) await(br *bufio.Reader, hdr []byte, rdl *deadline.Lazy, cfg *ServerConfig) (Header, error) {
-	if br.Buffered() == 0 {
+	if br.Buffered() > 0 {
+		rdl.Extend(time.Now(), cfg.FrameTimeout)
+	} else {
 		start := time.Now()
 		for {
+			// Extended before each wait: the frame's payload then has at
+			// least FrameTimeout from its first byte's wait.
 			rdl.Extend(time.Now(), cfg.FrameTimeout)
 			_, err := br.Peek(1)
 			if err == nil {
@@ -250,7 +254,6 @@ func (g *handshake) await(br *bufio.Reader, hdr []byte, rdl *deadline.Lazy, cfg 
 			}
 		}
 	}
-	rdl.Extend(time.Now(), cfg.FrameTimeout)
 	return g.next(br, hdr)
 }
 

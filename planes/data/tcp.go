@@ -232,6 +232,7 @@ func (l *lane) send(ctx context.Context, c *call, fs []run) error {
 		// stop ends the Write early; frames already registered in this
 		// batch are still written so that their window slots come back.
 		var stop error
+		now := time.Now() // one clock read per batch: deadlines move lazily anyway
 	fill:
 		for n < len(fs) && (n == 0 || size+int(fs[n].dst.Length) <= l.t.o.BatchBytes) && len(hdrs)+HeaderSize <= cap(hdrs) {
 			if n > 0 {
@@ -275,7 +276,7 @@ func (l *lane) send(ctx context.Context, c *call, fs []run) error {
 			// In the same lock section as the append: the ack reader,
 			// woken by a deadline that passed while the lane was idle,
 			// must not find this frame pending under it.
-			l.rdl.Extend(time.Now(), l.t.o.IOTimeout)
+			l.rdl.Extend(now, l.t.o.IOTimeout)
 			l.mu.Unlock()
 			if len(r.parts) == 1 {
 				hdrs = hdrs[:len(hdrs)+HeaderSize] // h is this slot

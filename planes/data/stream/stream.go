@@ -49,18 +49,16 @@ func readFrame(r io.Reader, m proto.Message) error {
 	if size > MaxFrame {
 		return fmt.Errorf("%w: %d bytes, at most %d", ErrBadFrame, size, MaxFrame)
 	}
-	var b []byte
-	var err error
-	if size <= 64<<10 {
-		b = make([]byte, size)
-		_, err = io.ReadFull(r, b)
-	} else {
-		// A large frame's buffer grows with the bytes that arrive: a
-		// length prefix alone does not hold MaxFrame of memory.
-		b, err = io.ReadAll(io.LimitReader(r, int64(size)))
-		if err == nil && len(b) < int(size) {
-			err = io.ErrUnexpectedEOF
-		}
+	// The buffer grows with the bytes that arrive, 64 KiB first, then
+	// doubling up to size: a length prefix alone does not hold MaxFrame of
+	// memory, and a real frame is read in a few steps.
+	b := make([]byte, min(int(size), 64<<10))
+	got, err := io.ReadFull(r, b)
+	for err == nil && got < int(size) {
+		b = append(b, make([]byte, min(int(size), 2*len(b))-len(b))...)
+		var k int
+		k, err = io.ReadFull(r, b[got:])
+		got += k
 	}
 	if err != nil {
 		if errors.Is(err, io.EOF) {
@@ -108,7 +106,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		opened:            c("opened_total", "Response streams opened."),
 		frames:            c("frames_sent_total", "Response frames sent (final frames included)."),
 		cancelledByClient: c("cancelled_by_client_total", "Streams whose frontend went away before the end."),
-		refused:           c("refused_total", "Stream connections closed on bad input or failed authentication."),
+		refused:           c("refused_total", "Stream connections closed on bad input, failed authentication or at the connection limit."),
 	}
 }
 
