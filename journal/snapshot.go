@@ -40,14 +40,15 @@ type Snapshots struct {
 // ErrClosed: the store was closed.
 var ErrClosed = errors.New("snapshots: store closed")
 
-// use makes an operation wait for no Close, or fail after one.
-func (s *Snapshots) use() (done func(), err error) {
+// rlock makes an operation wait for no Close, or fail after one; the
+// caller unlocks s.mu (RUnlock) when done.
+func (s *Snapshots) rlock() error {
 	s.mu.RLock()
 	if s.closed {
 		s.mu.RUnlock()
-		return nil, ErrClosed
+		return ErrClosed
 	}
-	return s.mu.RUnlock, nil
+	return nil
 }
 
 var crcTable = crc32.MakeTable(crc32.Castagnoli)
@@ -122,11 +123,10 @@ func upper(p []byte) []byte {
 // Save stores a snapshot durably and prunes older ones beyond Keep.
 func (s *Snapshots) Save(snap *triplanev1.Snapshot) (err error) {
 	defer markCorrupt(&err)
-	done, err := s.use()
-	if err != nil {
+	if err := s.rlock(); err != nil {
 		return err
 	}
-	defer done()
+	defer s.mu.RUnlock()
 	if err := CheckName(snap.Kind, snap.ActorId); err != nil {
 		return err
 	}
@@ -187,11 +187,10 @@ var ErrNoSnapshot = errors.New("snapshots: none usable")
 // and skipped. It returns ErrNoSnapshot when none is usable.
 func (s *Snapshots) Load(kind, id string, schemaVersion uint32) (_ *triplanev1.Snapshot, err error) {
 	defer markCorrupt(&err)
-	done, err := s.use()
-	if err != nil {
+	if err := s.rlock(); err != nil {
 		return nil, err
 	}
-	defer done()
+	defer s.mu.RUnlock()
 	p := actorPrefix(kind, id)
 	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: p, UpperBound: upper(p)})
 	if err != nil {
@@ -257,11 +256,10 @@ func decodeSnapshot(val []byte) (*triplanev1.Snapshot, error) {
 // waiting for it would block a second one.
 func (s *Snapshots) Newest(fn func(kind, id string, snap *triplanev1.Snapshot, err error) error) (err error) {
 	defer markCorrupt(&err)
-	done, err := s.use()
-	if err != nil {
+	if err := s.rlock(); err != nil {
 		return err
 	}
-	defer done()
+	defer s.mu.RUnlock()
 	p := []byte("snap/")
 	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: p, UpperBound: upper(p)})
 	if err != nil {
@@ -307,11 +305,10 @@ func (s *Snapshots) Newest(fn func(kind, id string, snap *triplanev1.Snapshot, e
 // Corrupt overwrites the newest snapshot of an actor with bytes that fail
 // their checksum. Tests and fault drills use it; nothing else should.
 func (s *Snapshots) Corrupt(kind, id string) error {
-	done, err := s.use()
-	if err != nil {
+	if err := s.rlock(); err != nil {
 		return err
 	}
-	defer done()
+	defer s.mu.RUnlock()
 	keys, err := s.keys(kind, id)
 	if err != nil || len(keys) == 0 {
 		return fmt.Errorf("snapshots: nothing to corrupt for %s/%s: %v", kind, id, err)
@@ -354,7 +351,7 @@ var ErrCorrupt = errors.New("snapshots: the store is corrupt")
 // markCorrupt makes a Pebble corruption error an ErrCorrupt, so callers
 // can tell damage from other failures.
 func markCorrupt(err *error) {
-	if *err != nil && pebble.IsCorruptionError(*err) && !errors.Is(*err, ErrCorrupt) {
+	if *err != nil && pebble.IsCorruptionError(*err) {
 		*err = fmt.Errorf("%w: %w", ErrCorrupt, *err)
 	}
 }
@@ -365,12 +362,12 @@ var ErrNoState = errors.New("snapshots: no state stored under that name")
 // SaveState stores msg under name, outside the actor snapshots: the state
 // of a shell that is not an event-sourced actor (a router's KV index view),
 // checksummed like a snapshot and replaced on each save.
-func (s *Snapshots) SaveState(name string, msg proto.Message) error {
-	done, err := s.use()
-	if err != nil {
+func (s *Snapshots) SaveState(name string, msg proto.Message) (err error) {
+	defer markCorrupt(&err)
+	if err := s.rlock(); err != nil {
 		return err
 	}
-	defer done()
+	defer s.mu.RUnlock()
 	if err := CheckName("state", name); err != nil {
 		return err
 	}
@@ -388,11 +385,10 @@ func (s *Snapshots) SaveState(name string, msg proto.Message) error {
 // is an error naming it; nothing stored is ErrNoState.
 func (s *Snapshots) LoadState(name string, msg proto.Message) (err error) {
 	defer markCorrupt(&err)
-	done, err := s.use()
-	if err != nil {
+	if err := s.rlock(); err != nil {
 		return err
 	}
-	defer done()
+	defer s.mu.RUnlock()
 	val, closer, err := s.db.Get([]byte("state/" + name))
 	if errors.Is(err, pebble.ErrNotFound) {
 		return ErrNoState

@@ -160,7 +160,10 @@ func TestSnapshotsCorruptFilesAreErrors(t *testing.T) {
 	}
 	s, err = journal.OpenSnapshots(dir, nil)
 	if err != nil {
-		return // refused at open, with an error: fine
+		if !errors.Is(err, journal.ErrCorrupt) {
+			t.Fatalf("opening a damaged store: %v, want ErrCorrupt", err)
+		}
+		return // refused at open
 	}
 	defer s.Close()
 	err = s.Newest(func(string, string, *triplanev1.Snapshot, error) error { return nil })
