@@ -187,10 +187,10 @@ func (e *entity) decide(ctx actor.Context, cmds []envelope) {
 	for i, env := range cmds {
 		cfg.Metrics.commands.Inc()
 		d := decideGuarded(e.m, e.state, Command{ID: env.id, Msg: env.msg, Now: g.now, Rand: e.rng.Uint64()})
-		if errors.Is(d.Err, ErrMachinePanic) {
-			e.log.Error("a command made the machine panic; the command is refused", "err", d.Err, "stack", string(PanicStack(d.Err)))
-		}
 		if d.Err != nil {
+			if errors.Is(d.Err, ErrMachinePanic) {
+				e.log.Error("a command made the machine panic; the command is refused", "err", d.Err, "stack", string(PanicStack(d.Err)))
+			}
 			cfg.Metrics.rejected.Inc()
 			g.replies = append(g.replies, held{to: env.reply, err: d.Err})
 			continue

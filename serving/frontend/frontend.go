@@ -381,10 +381,10 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 	// Every worker tried so far refused the request while healthy: busy
 	// (or draining), or too small for the prompt. When none is left, a
 	// busy one means 429, else the request is too large for all (400).
-	refused, failed, busy := 0, false, false
+	refused, failed, busy := false, false, false
 	refusal := func() (result, bool) {
 		switch {
-		case refused == 0 || failed || len(generated) > 0:
+		case !refused || failed || len(generated) > 0:
 			return result{}, false
 		case busy:
 			return result{err: fmt.Errorf("every worker tried is busy: %w", lastErr), status: http.StatusTooManyRequests,
@@ -395,10 +395,10 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 	}
 	for attempt := 0; ; attempt++ {
 		if attempt > 0 {
-			if res, ok := refusal(); ok && attempt > f.cfg.MaxMigrations {
-				return res
-			}
 			if attempt > f.cfg.MaxMigrations {
+				if res, ok := refusal(); ok {
+					return res
+				}
 				return result{generated: len(generated), err: fmt.Errorf("gave up after %d migrations: %w", attempt-1, lastErr),
 					status: http.StatusServiceUnavailable, errType: "server_error", code: "worker_failed", outcome: "worker_failed"}
 			}
@@ -465,7 +465,7 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 			f.cfg.Router.ReportDown(in)
 			continue
 		}
-		refused++
+		refused = true
 	}
 }
 

@@ -321,12 +321,12 @@ func (r *Router) Route(ctx context.Context, requestID string, hashes []uint64, e
 }
 
 func (r *Router) available(id string) bool {
-	for _, in := range r.workers() {
-		if in.GetInstanceId() == id {
-			return true
-		}
+	has := func(in *triplanev1.InstanceInfo) bool { return in.GetInstanceId() == id }
+	if slices.ContainsFunc(r.disc.Available(), has) {
+		return true
 	}
-	return false
+	kept := r.kept.Load()
+	return kept != nil && slices.ContainsFunc(*kept, has)
 }
 
 func (r *Router) route(ctx context.Context, requestID string, hashes []uint64, exclude map[string]bool, pool Pool) (*triplanev1.InstanceInfo, int, func(), error) {

@@ -16,6 +16,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -143,9 +144,11 @@ type Worker struct {
 
 	mu       sync.Mutex
 	draining bool
-	reqs     map[string]*pending
-	lastLoad engine.Load
-	idle     chan struct{} // closed when draining and no request is left
+	// deregistered: Deregister succeeded (Drain's own is then skipped).
+	deregistered atomic.Bool
+	reqs         map[string]*pending
+	lastLoad     engine.Load
+	idle         chan struct{} // closed when draining and no request is left
 }
 
 type op struct {
@@ -635,12 +638,13 @@ func (w *Worker) forget(id string) {
 // it) while it keeps serving what still comes: a node's own frontend
 // finishing its requests. Drain follows.
 func (w *Worker) Deregister(ctx context.Context) error {
-	if w.cfg.Registrar == nil {
+	if w.cfg.Registrar == nil || w.deregistered.Load() {
 		return nil
 	}
 	if err := w.cfg.Registrar.Deregister(ctx, Component, Endpoint, w.cfg.ID); err != nil {
 		return fmt.Errorf("worker %s: deregister: %w", w.cfg.ID, err)
 	}
+	w.deregistered.Store(true) // Drain after it need not ask etcd again
 	w.log.Info("worker deregistered")
 	return nil
 }
@@ -659,12 +663,7 @@ func (w *Worker) Drain(ctx context.Context) error {
 	n := len(w.reqs)
 	w.mu.Unlock()
 	w.log.Info("worker draining", "running", n)
-	var err error
-	if w.cfg.Registrar != nil {
-		if derr := w.cfg.Registrar.Deregister(ctx, Component, Endpoint, w.cfg.ID); derr != nil {
-			err = fmt.Errorf("worker %s: deregister: %w", w.cfg.ID, derr)
-		}
-	}
+	err := w.Deregister(ctx)
 	if idle != nil {
 		select {
 		case <-idle:
