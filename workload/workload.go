@@ -29,6 +29,16 @@ type Record struct {
 // MaxLine bounds one trace line.
 const MaxLine = 1 << 20
 
+// Bounds of one record, far above any real request (the production trace
+// peaks at 126k prompt and 2k output tokens), so that a mistyped number
+// is an error rather than a prompt of gigabytes, a generation that never
+// ends, or an arrival time past what a time.Duration holds.
+const (
+	MaxInputLength  = 1 << 22
+	MaxOutputLength = 1 << 20
+	MaxTimestamp    = 1 << 40 // ms: about 35 years
+)
+
 // Read parses a trace. A malformed line is an error naming its number.
 // limit > 0 stops after that many records.
 func Read(r io.Reader, limit int) ([]Record, error) {
@@ -46,6 +56,9 @@ func Read(r io.Reader, limit int) ([]Record, error) {
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&rec); err != nil {
 			return nil, fmt.Errorf("workload: line %d: %w", line, err)
+		}
+		if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+			return nil, fmt.Errorf("workload: line %d: more after the record's closing brace (one JSON object a line)", line)
 		}
 		if err := rec.Validate(); err != nil {
 			return nil, fmt.Errorf("workload: line %d: %w", line, err)
@@ -67,8 +80,12 @@ func (r *Record) Validate() error {
 	switch {
 	case r.Timestamp < 0:
 		return fmt.Errorf("negative timestamp %d", r.Timestamp)
+	case r.Timestamp > MaxTimestamp:
+		return fmt.Errorf("timestamp %d ms is past the limit of %d", r.Timestamp, int64(MaxTimestamp))
 	case r.InputLength < 1 || r.OutputLength < 1:
 		return fmt.Errorf("input_length %d and output_length %d must be positive", r.InputLength, r.OutputLength)
+	case r.InputLength > MaxInputLength || r.OutputLength > MaxOutputLength:
+		return fmt.Errorf("input_length %d or output_length %d is past the limits (%d, %d)", r.InputLength, r.OutputLength, MaxInputLength, MaxOutputLength)
 	case len(r.HashIDs) == 0:
 		return errors.New("no hash_ids")
 	case (r.InputLength+TraceBlockSize-1)/TraceBlockSize != len(r.HashIDs):

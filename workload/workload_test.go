@@ -11,7 +11,7 @@ import (
 const tracePath = "../../shared/workloads/mooncake_conversation_trace.jsonl"
 
 func TestReadGoodAndBad(t *testing.T) {
-	good := `{"timestamp": 0, "input_length": 600, "output_length": 10, "hash_ids": [1, 2]}
+	good := `{"timestamp": 0, "input_length": 600, "output_length": 10, "hash_ids": [1, 2]}   
 {"timestamp": 5, "input_length": 100, "output_length": 3, "hash_ids": [1]}
 `
 	recs, err := workload.Read(strings.NewReader(good), 0)
@@ -33,6 +33,10 @@ func TestReadGoodAndBad(t *testing.T) {
 		{`{"timestamp": -1, "input_length": 1, "output_length": 1, "hash_ids": [1]}`, "negative"},
 		{`{"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": [1], "x": 1}`, "unknown field"},
 		{`{"timestamp": 0,`, "line 2"},
+		{`{"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": [1]} {"timestamp": 1}`, "more after"},
+		{`{"timestamp": 0, "input_length": 1, "output_length": 1, "hash_ids": [1]}]`, "more after"},
+		{`{"timestamp": 0, "input_length": 1, "output_length": 1000000000, "hash_ids": [1]}`, "past the limits"},
+		{`{"timestamp": 99999999999999999, "input_length": 1, "output_length": 1, "hash_ids": [1]}`, "past the limit"},
 	} {
 		_, err := workload.Read(strings.NewReader(good[:strings.Index(good, "\n")+1]+tc.line+"\n"), 0)
 		if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), "line 2") {
