@@ -12,6 +12,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/triplane-dev/triplane/planes/data/accept"
 	"github.com/triplane-dev/triplane/planes/data/crc32c"
 	"github.com/triplane-dev/triplane/planes/data/deadline"
 )
@@ -90,7 +91,7 @@ type Server struct {
 	cfg ServerConfig
 	ln  net.Listener
 
-	conns connTracker[net.Conn]
+	conns accept.Tracker[net.Conn]
 }
 
 // ListenTCP starts a block receiver on addr ("127.0.0.1:0" for any port).
@@ -107,7 +108,7 @@ func ListenTCP(addr string, cfg ServerConfig) (*Server, error) {
 		ln = tls.NewListener(ln, cfg.TLS)
 	}
 	s := &Server{cfg: cfg, ln: ln}
-	s.conns.start(ln.Accept, s.serve, cfg.MaxConns, func(c net.Conn) { s.cfg.tooMany("tcp", c.RemoteAddr()) }, cfg.Logger, "tcp receiver")
+	s.conns.Start(ln.Accept, s.serve, cfg.MaxConns, func(c net.Conn) { s.cfg.tooMany("tcp", c) }, cfg.Logger, "data tcp receiver")
 	return s, nil
 }
 
@@ -115,7 +116,7 @@ func ListenTCP(addr string, cfg ServerConfig) (*Server, error) {
 func (s *Server) Addr() string { return s.ln.Addr().String() }
 
 // Close stops accepting, closes every connection and waits for them.
-func (s *Server) Close() error { return s.conns.close(s.ln) }
+func (s *Server) Close() error { return s.conns.Close(s.ln) }
 
 func (s *Server) serve(c net.Conn) {
 	defer c.Close()
@@ -146,8 +147,10 @@ func (s *Server) serve(c net.Conn) {
 	s.cfg.Logger.Info("data: tcp receiver connection ended", "peer", c.RemoteAddr(), "err", err)
 }
 
-// tooMany counts and logs a connection closed at the MaxConns limit.
-func (cfg *ServerConfig) tooMany(transport string, peer net.Addr) {
+// tooMany closes, counts and logs a connection over the MaxConns limit.
+func (cfg *ServerConfig) tooMany(transport string, c net.Conn) {
+	peer := c.RemoteAddr()
+	c.Close()
 	cfg.Metrics.rejected.WithLabelValues(transport, "too_many_connections").Inc()
 	cfg.Logger.Warn("data: closing a connection: at the connection limit", "transport", transport, "peer", peer, "max_conns", cfg.MaxConns)
 }

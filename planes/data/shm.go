@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
+	"github.com/triplane-dev/triplane/planes/data/accept"
 	"github.com/triplane-dev/triplane/planes/data/crc32c"
 	"github.com/triplane-dev/triplane/planes/data/deadline"
 )
@@ -36,7 +37,7 @@ type ShmServer struct {
 	ln         *net.UnixListener
 	path       string
 
-	conns connTracker[*net.UnixConn]
+	conns accept.Tracker[*net.UnixConn]
 }
 
 // ListenShm serves shared regions on the unix socket path (removed first if
@@ -53,7 +54,7 @@ func ListenShm(path string, cfg ServerConfig, skipVerify bool) (*ShmServer, erro
 		return nil, fmt.Errorf("data: listen unix %s: %w", path, err)
 	}
 	s := &ShmServer{cfg: cfg, skipVerify: skipVerify, ln: ln, path: path}
-	s.conns.start(ln.AcceptUnix, s.serve, cfg.MaxConns, func(c *net.UnixConn) { s.cfg.tooMany("shm", c.RemoteAddr()) }, cfg.Logger, "shm server")
+	s.conns.Start(ln.AcceptUnix, s.serve, cfg.MaxConns, func(c *net.UnixConn) { s.cfg.tooMany("shm", c) }, cfg.Logger, "data shm server")
 	return s, nil
 }
 
@@ -62,7 +63,7 @@ func (s *ShmServer) Path() string { return s.path }
 
 // Close stops the server and closes every connection (mappings senders
 // already hold stay valid in their processes).
-func (s *ShmServer) Close() error { return s.conns.close(s.ln) }
+func (s *ShmServer) Close() error { return s.conns.Close(s.ln) }
 
 func (s *ShmServer) serve(c *net.UnixConn) {
 	defer c.Close()

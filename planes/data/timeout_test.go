@@ -1,13 +1,9 @@
 package data
 
 import (
-	"errors"
-	"fmt"
 	"io"
 	"net"
-	"os"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 )
@@ -179,26 +175,5 @@ func TestReceiverConnectionLimit(t *testing.T) {
 	// The lanes within the limit still work.
 	if err := tr.Write(ctx, ops); err != nil {
 		t.Fatalf("a write within the limit: %v", err)
-	}
-}
-
-// An accept loop goes on after failures that pass (out of descriptors,
-// an aborted connection, a timeout), paced; a closed listener or another
-// error ends it.
-func TestAcceptBackoff(t *testing.T) {
-	var b AcceptBackoff
-	for _, err := range []error{syscall.EMFILE, fmt.Errorf("accept: %w", syscall.ENFILE), syscall.ECONNABORTED, os.ErrDeadlineExceeded} {
-		if !b.Retry(err) {
-			t.Errorf("%v: the loop stops, want a retry", err)
-		}
-	}
-	if b.delay != 40*time.Millisecond {
-		t.Errorf("after four failures the wait is %s, want 40ms (doubling from 5ms)", b.delay)
-	}
-	b.Reset()
-	for _, err := range []error{net.ErrClosed, errors.New("something else"), syscall.EINVAL} {
-		if b.Retry(err) {
-			t.Errorf("%v: retried, want the loop to stop", err)
-		}
 	}
 }

@@ -29,7 +29,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
-	"github.com/triplane-dev/triplane/planes/data"
+	"github.com/triplane-dev/triplane/planes/data/accept"
 	"github.com/triplane-dev/triplane/planes/data/deadline"
 )
 
@@ -150,8 +150,7 @@ type Server struct {
 	ln     net.Listener
 	ctx    context.Context
 	cancel context.CancelFunc
-	wg     sync.WaitGroup
-	conns  atomic.Int64 // being served
+	conns  accept.Tracker[net.Conn]
 	// refusing are goroutines writing a refusal at the connection limit.
 	refusing atomic.Int64
 }
@@ -196,8 +195,7 @@ func Listen(addr string, cfg ServerConfig) (*Server, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Server{cfg: cfg, ln: ln, ctx: ctx, cancel: cancel}
-	s.wg.Add(1)
-	go s.accept()
+	s.conns.Start(ln.Accept, s.serve, cfg.MaxConns, s.full, cfg.Logger, "stream server")
 	return s, nil
 }
 
@@ -208,65 +206,36 @@ func (s *Server) Addr() string { return s.ln.Addr().String() }
 // frame), stops accepting and waits.
 func (s *Server) Close() error {
 	s.cancel()
-	err := s.ln.Close()
-	s.wg.Wait()
-	return err
+	return s.conns.Stop(s.ln)
 }
 
-func (s *Server) accept() {
-	defer s.wg.Done()
-	var backoff data.AcceptBackoff
-	for {
-		c, err := s.ln.Accept()
-		if err != nil {
-			if backoff.Retry(err) {
-				s.cfg.Logger.Warn("stream: accept failed, retrying", "err", err)
-				continue
-			}
-			if !errors.Is(err, net.ErrClosed) {
-				s.cfg.Logger.Error("stream: accept failed, the stream server stops", "err", err)
-			}
-			return
-		}
-		backoff.Reset()
-		if s.conns.Load() >= int64(s.cfg.MaxConns) {
-			s.cfg.Metrics.refused.Inc()
-			s.cfg.Logger.Warn("stream: refusing a connection: at the connection limit", "peer", c.RemoteAddr(), "max_conns", s.cfg.MaxConns)
-			// The refusal is written off the accept loop (a TLS handshake
-			// may wait), by at most maxRefusing goroutines at once;
-			// beyond them the connection closes without a word.
-			if s.refusing.Add(1) > maxRefusing {
-				s.refusing.Add(-1)
-				c.Close()
-				continue
-			}
-			s.wg.Add(1)
-			go func() {
-				defer s.wg.Done()
-				defer s.refusing.Add(-1)
-				s.refuseBusy(c)
-			}()
-			continue
-		}
-		s.conns.Add(1)
-		s.wg.Add(1)
-		go func() {
-			defer s.wg.Done()
-			defer s.conns.Add(-1)
-			s.serve(c)
-		}()
+// full answers a connection over the limit with a final frame saying so,
+// off the accept loop (a TLS handshake may wait), by at most maxRefusing
+// goroutines at once; beyond them the connection closes without a word.
+func (s *Server) full(c net.Conn) {
+	s.cfg.Metrics.refused.Inc()
+	s.cfg.Logger.Warn("stream: refusing a connection: at the connection limit", "peer", c.RemoteAddr(), "max_conns", s.cfg.MaxConns)
+	if s.refusing.Add(1) > maxRefusing {
+		s.refusing.Add(-1)
+		c.Close()
+		return
 	}
+	s.conns.Go(func() {
+		defer s.refusing.Add(-1)
+		s.refuse(c, ErrTooManyStreams)
+	})
 }
 
-// refuseBusy answers a connection over the limit with a final frame, then
-// closes it once the client's bytes are read (closing on unread bytes
-// resets the connection, and the client could lose the frame).
-func (s *Server) refuseBusy(c net.Conn) {
+// refuse answers a connection with a final frame carrying err (and its
+// code), then closes it once the client's bytes are read: closing on
+// unread bytes resets the connection, and the client could lose the
+// frame.
+func (s *Server) refuse(c net.Conn, err error) {
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(time.Second))
-	f := &triplanev1.StreamFrame{Final: true, Error: ErrTooManyStreams.Error()}
+	f := &triplanev1.StreamFrame{Final: true, Error: err.Error()}
 	if s.cfg.ErrorCode != nil {
-		f.Code = s.cfg.ErrorCode(ErrTooManyStreams)
+		f.Code = s.cfg.ErrorCode(err)
 	}
 	if writeFrame(c, f) != nil {
 		return
@@ -277,11 +246,11 @@ func (s *Server) refuseBusy(c net.Conn) {
 	io.Copy(io.Discard, io.LimitReader(c, MaxFrame))
 }
 
-func (s *Server) refuse(c net.Conn, err error) {
+// refuseBad counts, logs and refuses a connection that sent bad input.
+func (s *Server) refuseBad(c net.Conn, err error) {
 	s.cfg.Metrics.refused.Inc()
 	s.cfg.Logger.Warn("stream: closing connection on bad input", "peer", c.RemoteAddr(), "err", err)
-	c.SetWriteDeadline(time.Now().Add(time.Second))
-	writeFrame(c, &triplanev1.StreamFrame{Final: true, Error: err.Error()})
+	s.refuse(c, err)
 }
 
 func (s *Server) serve(c net.Conn) {
@@ -293,16 +262,16 @@ func (s *Server) serve(c net.Conn) {
 	br := bufio.NewReader(c)
 	var first triplanev1.StreamClientFrame
 	if err := readFrame(br, &first); err != nil {
-		s.refuse(c, fmt.Errorf("stream: open frame: %w", err))
+		s.refuseBad(c, fmt.Errorf("stream: open frame: %w", err))
 		return
 	}
 	open := first.GetOpen()
 	if open == nil {
-		s.refuse(c, fmt.Errorf("%w: first frame is not an open", ErrBadFrame))
+		s.refuseBad(c, fmt.Errorf("%w: first frame is not an open", ErrBadFrame))
 		return
 	}
 	if s.cfg.Token != "" && subtle.ConstantTimeCompare([]byte(open.Token), []byte(s.cfg.Token)) != 1 {
-		s.refuse(c, errors.New("stream: wrong token"))
+		s.refuseBad(c, errors.New("stream: wrong token"))
 		return
 	}
 	c.SetReadDeadline(time.Time{})

@@ -328,7 +328,7 @@ func TestConnectionLimit(t *testing.T) {
 		defer c.Close()
 		idle = append(idle, c)
 	}
-	for s.conns.Load() < 2 {
+	for s.conns.Len() < 2 {
 		if ctx.Err() != nil {
 			t.Fatal("the server never took the two connections")
 		}
