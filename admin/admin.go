@@ -11,7 +11,9 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -59,23 +61,33 @@ func (s *Server) AddCheck(name string, c Check) {
 func (s *Server) Handler(extra ...prometheus.Gatherer) http.Handler {
 	gs := prometheus.Gatherers{s.Registry}
 	gs = append(gs, extra...)
+	routes := []struct {
+		path string
+		h    http.Handler
+	}{
+		{"/healthz", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+			fmt.Fprintln(w, "ok")
+		})},
+		{"/readyz", http.HandlerFunc(s.readyz)},
+		{"/metrics", promhttp.HandlerFor(gs, promhttp.HandlerOpts{ErrorLog: slogErrorLog{s.log}})},
+	}
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		fmt.Fprintln(w, "ok")
-	})
-	mux.HandleFunc("GET /readyz", s.readyz)
-	mux.Handle("GET /metrics", promhttp.HandlerFor(gs, promhttp.HandlerOpts{ErrorLog: slogErrorLog{s.log}}))
+	paths := make([]string, len(routes))
+	for i, rt := range routes {
+		mux.Handle("GET "+rt.path, rt.h)
+		paths[i] = rt.path
+	}
+	notFound := "not found; try " + strings.Join(paths, ", ")
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		switch r.URL.Path {
-		case "/healthz", "/readyz", "/metrics":
+		if slices.Contains(paths, r.URL.Path) {
 			// The path exists; the method does not (the catch-all would
 			// otherwise answer 404 for a POST).
 			w.Header().Set("Allow", "GET, HEAD")
 			http.Error(w, fmt.Sprintf("%s %s: only GET (or HEAD)", r.Method, r.URL.Path), http.StatusMethodNotAllowed)
 			return
 		}
-		http.Error(w, "not found; try /healthz, /readyz or /metrics", http.StatusNotFound)
+		http.Error(w, notFound, http.StatusNotFound)
 	})
 	return mux
 }
