@@ -663,7 +663,7 @@ func TestShutdownDeregistersBeforeDraining(t *testing.T) {
 	for range lines {
 	}
 	if err := <-shut; err != nil {
-		t.Logf("shutdown: %v", err)
+		t.Fatalf("shutdown: %v", err)
 	}
 }
 
