@@ -67,6 +67,7 @@ type upFlags struct {
 	blocks        int
 	speedup       float64
 	maxInflight   int
+	bodyTimeout   time.Duration
 	maxMigrations int
 	disagg        bool
 	prefill       int
@@ -151,6 +152,7 @@ restart on the same data dir finds its streams and keys again.`,
 	fs.IntVar(&f.blocks, "blocks-per-worker", 4096, "KV blocks in each worker's pool")
 	fs.Float64Var(&f.speedup, "speedup", 1, "divides the mock engine's modelled prefill and decode times")
 	fs.IntVar(&f.maxInflight, "max-inflight", 1024, "requests the frontend serves at once; more get 429")
+	fs.DurationVar(&f.bodyTimeout, "body-timeout", 10*time.Second, "how long the frontend waits for a request's body; a slower one gets 408 (it holds one of --max-inflight meanwhile)")
 	fs.IntVar(&f.maxMigrations, "max-migrations", 3, "times one request may move to another worker after its worker failed (0: never)")
 	fs.BoolVar(&f.disagg, "disagg", false, "disaggregated serving: prefill and decode worker pools; KV blocks move prefill → decode with transfer sessions")
 	fs.IntVar(&f.prefill, "prefill-workers", 0, "with --disagg: how many of --workers prefill (default: half, at least 1)")
@@ -264,6 +266,9 @@ func (f *upFlags) validate() error {
 	if f.maxInflight < 1 {
 		errs = append(errs, &config.Error{Key: "max-inflight", Err: errors.New("must be at least 1")})
 	}
+	if f.bodyTimeout < 10*time.Millisecond || f.bodyTimeout > 10*time.Minute {
+		errs = append(errs, &config.Error{Key: "body-timeout", Err: fmt.Errorf("%s is outside 10ms-10m", f.bodyTimeout)})
+	}
 	if f.maxMigrations < 0 {
 		errs = append(errs, &config.Error{Key: "max-migrations", Err: errors.New("must not be negative")})
 	}
@@ -374,7 +379,7 @@ func runUp(cmd *cobra.Command, g *globalFlags, f *upFlags) error {
 		Registerer: sys.Admin.Registry, Logger: log}, serving.Config{
 		Workers: f.workers, Frontend: f.httpAddr != "", HTTPAddr: f.httpAddr, Model: f.model, Engine: f.engine(),
 		Policy: router.Policy(f.policy), Params: router.Params{OverlapWeight: f.overlapWeight, Temperature: f.temperature},
-		MaxInflight: f.maxInflight, MaxMigrations: migrations(f.maxMigrations),
+		MaxInflight: f.maxInflight, MaxMigrations: migrations(f.maxMigrations), BodyTimeout: f.bodyTimeout,
 		PrefillWorkers: f.prefillWorkers(), DisaggThreshold: f.disaggMin, MaxPrefillQueue: f.prefillQueue,
 		StreamToken: token, DataToken: token, ListenHost: f.host, AdvertiseHost: f.advertiseHost,
 	})

@@ -373,6 +373,7 @@ func TestUsageErrors(t *testing.T) {
 		{"bad nats url", nil, []string{"up", "--nats", "localhost"}, []string{`"nats"`, "nats://"}},
 		{"unknown command", nil, []string{"dwon"}, []string{"unknown command", "dwon"}},
 		{"extra argument", nil, []string{"up", "now"}, []string{"no arguments"}},
+		{"body timeout out of range", nil, []string{"up", "--body-timeout", "1ns"}, []string{"body-timeout", "10ms-10m"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p := start(t, tc.env, tc.args...)
