@@ -12,10 +12,13 @@ import (
 	"github.com/triplane-dev/triplane/planes/data"
 )
 
-// Pacing is how a Driver paces a session; a zero field takes the default
-// that Config documents for it.
+// Pacing is how a Driver paces a session; a zero field takes its default.
 type Pacing struct {
-	RangeBlocks            int
+	// RangeBlocks is the number of blocks written and acknowledged
+	// together (default 16): the granularity of resumption.
+	RangeBlocks int
+	// Backoff between attempts doubles from BackoffMin (default 50 ms) up
+	// to BackoffMax (default 5 s), with jitter.
 	BackoffMin, BackoffMax time.Duration
 }
 

@@ -108,7 +108,7 @@ func TestReceiverProcessKilledWithSIGKILLResumes(t *testing.T) {
 	cur := addr
 	// Up to 50 attempts with backoff capped at 200 ms: ~10 s for the new
 	// process to come up even on a loaded machine.
-	sup, err := NewSupervisor(Config{Host: h, RangeBlocks: 8, BackoffMin: 5 * time.Millisecond, BackoffMax: 200 * time.Millisecond,
+	sup, err := NewSupervisor(Config{Host: h, Pacing: Pacing{RangeBlocks: 8, BackoffMin: 5 * time.Millisecond, BackoffMax: 200 * time.Millisecond},
 		Dial: func(ctx context.Context) (data.Transport, error) {
 			mu.Lock()
 			a := cur

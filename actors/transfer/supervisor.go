@@ -63,20 +63,15 @@ type Config struct {
 	// Dial of its own; it is called again for every attempt, so it may
 	// look the peer up afresh (it may have moved).
 	Dial func(ctx context.Context) (data.Transport, error)
-	// RangeBlocks is the number of blocks written and acknowledged
-	// together (default 16): the granularity of resumption.
-	RangeBlocks int
-	// Backoff between attempts doubles from BackoffMin (default 50 ms) up
-	// to BackoffMax (default 5 s), with jitter.
-	BackoffMin, BackoffMax time.Duration
-	Logger                 *slog.Logger
-	Metrics                *Metrics
+	// Pacing of every session (Pacing documents the defaults).
+	Pacing
+	Logger  *slog.Logger
+	Metrics *Metrics
 }
 
 // Supervisor drives transfer sessions.
 type Supervisor struct {
-	cfg  Config
-	pace Pacing // cfg's pacing (NewDriver fills in the defaults)
+	cfg Config
 
 	mu      sync.Mutex
 	running map[string]context.CancelCauseFunc
@@ -93,8 +88,7 @@ func NewSupervisor(cfg Config) (*Supervisor, error) {
 	if cfg.Metrics == nil {
 		cfg.Metrics = NewMetrics(nil)
 	}
-	return &Supervisor{cfg: cfg, running: map[string]context.CancelCauseFunc{},
-		pace: Pacing{RangeBlocks: cfg.RangeBlocks, BackoffMin: cfg.BackoffMin, BackoffMax: cfg.BackoffMax}}, nil
+	return &Supervisor{cfg: cfg, running: map[string]context.CancelCauseFunc{}}, nil
 }
 
 // ErrAlreadyRunning: Run was asked for a session this supervisor is
@@ -133,7 +127,7 @@ func (s *Supervisor) Run(ctx context.Context, spec Spec) (*triplanev1.TransferSt
 	if dial == nil {
 		return nil, fmt.Errorf("transfer %s: no dial function in the spec or the supervisor", spec.ID)
 	}
-	d, err := NewDriver(spec, s.pace)
+	d, err := NewDriver(spec, s.cfg.Pacing)
 	if err != nil {
 		return nil, err
 	}

@@ -131,7 +131,7 @@ func (r *receiver) verify(t *testing.T) {
 }
 
 func supervisor(t *testing.T, h *actors.Host, addr func() string) *Supervisor {
-	s, err := NewSupervisor(Config{Host: h, RangeBlocks: 8, BackoffMin: 5 * time.Millisecond, BackoffMax: 50 * time.Millisecond,
+	s, err := NewSupervisor(Config{Host: h, Pacing: Pacing{RangeBlocks: 8, BackoffMin: 5 * time.Millisecond, BackoffMax: 50 * time.Millisecond},
 		Dial: func(ctx context.Context) (data.Transport, error) {
 			return data.NewDialer(data.DialOptions{Prefer: "tcp", Lanes: 2, IOTimeout: 5 * time.Second}).Dial(ctx, &triplanev1.DataPeer{TcpAddr: addr()})
 		}})
@@ -334,7 +334,7 @@ func TestSpecDialsItsOwnPeer(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	h := newHost(t, ctx)
-	sup, err := NewSupervisor(Config{Host: h, RangeBlocks: 8, BackoffMin: 5 * time.Millisecond, BackoffMax: 50 * time.Millisecond})
+	sup, err := NewSupervisor(Config{Host: h, Pacing: Pacing{RangeBlocks: 8, BackoffMin: 5 * time.Millisecond, BackoffMax: 50 * time.Millisecond}})
 	if err != nil {
 		t.Fatal(err)
 	}
