@@ -67,16 +67,19 @@ func shapes(sizes ...int) []shape {
 func BenchmarkChecksum(b *testing.B) {
 	for _, c := range shapes(4<<10, 64<<10, 1<<20) {
 		b.Run(c.name, func(b *testing.B) {
-			buf, other := filled(c.span, 9), filled(c.span, 10)
+			buf, other, third := filled(c.span, 9), filled(c.span, 10), filled(c.span, 11)
 			// From memory a sender checksums with ChecksumCold; from
-			// cache a receiver with Checksum.
-			sum := Checksum
+			// cache a receiver with Checksum. The other one runs as a
+			// baseline too: what the prefetch gains in one case and
+			// costs in the other.
+			sum, alt, altName := Checksum, ChecksumCold, "ChecksumCold"
 			if c.span > c.block {
-				sum = ChecksumCold
+				sum, alt, altName = ChecksumCold, Checksum, "Checksum"
 			}
 			compare(b, c.block, c.span,
 				func(off int) { sink = sum(buf[off : off+c.block]) },
-				baseline{"hash-crc32", func(off int) { sink = crc32.Checksum(other[off:off+c.block], table) }})
+				baseline{"hash-crc32", func(off int) { sink = crc32.Checksum(other[off:off+c.block], table) }},
+				baseline{altName, func(off int) { sink = alt(third[off : off+c.block]) }})
 		})
 	}
 }
