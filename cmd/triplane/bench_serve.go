@@ -170,8 +170,9 @@ func (f *benchServeFlags) validate(cmd *cobra.Command) error {
 	if !(f.speedup > 0) || !finite(f.speedup) {
 		bad("speedup", "must be a positive number, got %v", f.speedup)
 	}
-	if !(f.overlap >= 0) || !finite(f.overlap) {
-		bad("overlap-weight", "must not be negative, got %v", f.overlap)
+	if !(f.overlap > 0) || !finite(f.overlap) {
+		// 0 would silently mean the router's default.
+		bad("overlap-weight", "must be a positive number, got %v", f.overlap)
 	}
 	if !(f.temperature >= 0) || !finite(f.temperature) {
 		bad("temperature", "must not be negative, got %v", f.temperature)

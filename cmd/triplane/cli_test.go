@@ -24,6 +24,8 @@ func TestBadFlagsRefusedFirst(t *testing.T) {
 		"up admin port":     {[]string{"up", "--admin-addr", "127.0.0.1:99999"}, "admin-addr"},
 		"up wildcard":       {[]string{"up", "--admin-addr", "0.0.0.0:4302", "--http-addr", "127.0.0.1:4302"}, "port 4302 is also admin-addr's"},
 		"replay from > to":  {[]string{"replay", "events", "ledger", "a", "--data-dir", "/nonexistent", "--from", "3", "--to", "1"}, "--from 3 is after --to 1"},
+		"up speedup 0":      {[]string{"up", "--speedup", "0"}, "speedup"},
+		"serve overlap 0":   {[]string{"bench", "serve", "--overlap-weight", "0"}, "overlap-weight"},
 	} {
 		var out, errb strings.Builder
 		if code := run(context.Background(), tc.args, &out, &errb); code != exitUsage || !strings.Contains(errb.String(), tc.want) {

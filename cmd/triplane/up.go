@@ -301,6 +301,9 @@ func (f *upFlags) engine() mocker.Config {
 	if c.NumBlocks == 0 {
 		c.NumBlocks = -1
 	}
+	if c.SpeedUp == 0 {
+		c.SpeedUp = -1
+	}
 	c.Defaults()
 	return c
 }
