@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/url"
 	"os"
@@ -272,9 +273,11 @@ func (f *upFlags) validate() error {
 	if f.maxMigrations < 0 {
 		errs = append(errs, &config.Error{Key: "max-migrations", Err: errors.New("must not be negative")})
 	}
-	if ec := f.engine(); ec.Validate() != nil {
+	if !(f.speedup > 0) || math.IsInf(f.speedup, 0) {
+		errs = append(errs, &config.Error{Key: "speedup", Err: fmt.Errorf("%v must be a positive number", f.speedup)})
+	} else if ec := f.engine(); ec.Validate() != nil {
 		err := ec.Validate()
-		errs = append(errs, &config.Error{Key: "block-size", Err: fmt.Errorf("engine settings (block-size, blocks-per-worker, speedup): %w", err)})
+		errs = append(errs, &config.Error{Key: "block-size", Err: fmt.Errorf("engine settings (block-size, blocks-per-worker): %w", err)})
 	}
 	if strings.TrimSpace(f.dataDir) == "" {
 		errs = append(errs, &config.Error{Key: "data-dir", Err: errors.New("must not be empty")})
@@ -300,9 +303,6 @@ func (f *upFlags) engine() mocker.Config {
 	}
 	if c.NumBlocks == 0 {
 		c.NumBlocks = -1
-	}
-	if c.SpeedUp == 0 {
-		c.SpeedUp = -1
 	}
 	c.Defaults()
 	return c
