@@ -151,6 +151,9 @@ func NewHost(cfg HostConfig) (*Host, error) {
 	h.shep = pid
 	h.system.EventStream.Subscribe(func(ev any) {
 		if dl, ok := ev.(*actor.DeadLetterEvent); ok {
+			if req, ok := dl.Message.(spawnReq); ok {
+				req.res <- spawnRes{err: ErrStopped}
+			}
 			if env, ok := dl.Message.(envelope); ok {
 				if env.queued != nil {
 					env.queued.Add(-1)
@@ -211,9 +214,9 @@ func (h *Host) RequestID(ctx context.Context, addr Address, id string, msg proto
 	// An actor that stopped between lookup and send yields a dead letter;
 	// try once more with a fresh one.
 	for attempt := 0; ; attempt++ {
-		pid, err := h.pid(addr)
+		pid, err := h.pid(ctx, timer.C, addr)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("request %s: %w", id, err)
 		}
 		ch := make(chan reply, 1)
 		if err := h.send(addr, pid, envelope{id: id, msg: msg, reply: ch}); errors.Is(err, errReleased) && attempt < 3 {
@@ -239,7 +242,7 @@ func (h *Host) RequestID(ctx context.Context, addr Address, id string, msg proto
 // Send delivers a command without waiting for a reply.
 func (h *Host) Send(addr Address, msg proto.Message) error {
 	for attempt := 0; ; attempt++ {
-		pid, err := h.pid(addr)
+		pid, err := h.pid(context.Background(), nil, addr)
 		if err != nil {
 			return err
 		}
@@ -287,13 +290,23 @@ func (h *Host) send(addr Address, pid *actor.PID, env envelope) error {
 	return nil
 }
 
-type spawnReq struct{ addr Address }
+// spawnReq asks the shepherd for an actor's pid, spawning (and so
+// recovering) it when it is not running; the answer goes to res,
+// buffered(1), so a requester that gave up leaves nothing blocked.
+type spawnReq struct {
+	addr Address
+	res  chan spawnRes
+}
 type spawnRes struct {
 	pid *actor.PID
 	err error
 }
 
-func (h *Host) pid(addr Address) (*actor.PID, error) {
+// pid returns the running actor at addr, spawning it if needed. The
+// shepherd spawns one actor at a time, each recovery included, so the wait
+// may be long after a restart: it ends with ctx, or when expired fires
+// (nil: RequestTimeout).
+func (h *Host) pid(ctx context.Context, expired <-chan time.Time, addr Address) (*actor.PID, error) {
 	h.mu.Lock()
 	if h.stopped {
 		h.mu.Unlock()
@@ -310,12 +323,21 @@ func (h *Host) pid(addr Address) (*actor.PID, error) {
 	if err := journal.CheckName(addr.Kind, addr.ID); err != nil {
 		return nil, err
 	}
-	res, err := h.root.RequestFuture(h.shep, spawnReq{addr}, 10*time.Second).Result()
-	if err != nil {
-		return nil, fmt.Errorf("actors: spawn %s: %w", addr, err)
+	if expired == nil {
+		t := time.NewTimer(h.cfg.RequestTimeout)
+		defer t.Stop()
+		expired = t.C
 	}
-	sr := res.(spawnRes)
-	return sr.pid, sr.err
+	req := spawnReq{addr: addr, res: make(chan spawnRes, 1)}
+	h.root.Send(h.shep, req)
+	select {
+	case sr := <-req.res:
+		return sr.pid, sr.err
+	case <-ctx.Done():
+		return nil, fmt.Errorf("actors: spawn %s: %w", addr, ctx.Err())
+	case <-expired:
+		return nil, fmt.Errorf("actors: spawn %s: not running within the request's time (recoveries run one at a time): %w", addr, context.DeadlineExceeded)
+	}
 }
 
 func (h *Host) forget(addr Address, pid *actor.PID) {
@@ -464,12 +486,12 @@ func (s *shepherd) Receive(ctx actor.Context) {
 		pid, ok := s.h.pids[m.addr]
 		s.h.mu.Unlock()
 		if ok {
-			ctx.Respond(spawnRes{pid: pid})
+			m.res <- spawnRes{pid: pid}
 			return
 		}
 		mach, err := s.h.cfg.Registry.Machine(m.addr.Kind)
 		if err != nil {
-			ctx.Respond(spawnRes{err: err})
+			m.res <- spawnRes{err: err}
 			return
 		}
 		// The synchronized dispatcher runs the mailbox on the sender's
@@ -483,13 +505,13 @@ func (s *shepherd) Receive(ctx actor.Context) {
 		// still hold its name in the registry for a moment.
 		pid, err = ctx.SpawnNamed(props, fmt.Sprintf("%s/%s#%d", m.addr.Kind, m.addr.ID, s.h.incarnations.Add(1)))
 		if err != nil {
-			ctx.Respond(spawnRes{err: fmt.Errorf("actors: spawn %s: %w", m.addr, err)})
+			m.res <- spawnRes{err: fmt.Errorf("actors: spawn %s: %w", m.addr, err)}
 			return
 		}
 		s.h.mu.Lock()
 		s.h.pids[m.addr] = pid
 		s.h.mu.Unlock()
-		ctx.Respond(spawnRes{pid: pid})
+		m.res <- spawnRes{pid: pid}
 	case *actor.Terminated:
 		s.h.mu.Lock()
 		for a, p := range s.h.pids {

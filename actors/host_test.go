@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -402,4 +403,50 @@ func TestHostMachinePanicsAreErrors(t *testing.T) {
 	if _, err := actors.Fold(panicky{}, "x", &triplanev1.LedgerDeposited{Amount: 666}); !errors.Is(err, actors.ErrMachinePanic) {
 		t.Fatalf("fold: %v", err)
 	}
+}
+
+// slowStart is the ledger machine whose actor "slow" does not finish
+// recovering until release is closed.
+type slowStart struct {
+	ledger.Machine
+	started chan struct{}
+	release chan struct{}
+}
+
+func (m slowStart) Initial(id string) proto.Message {
+	if id == "slow" {
+		close(m.started)
+		<-m.release
+	}
+	return m.Machine.Initial(id)
+}
+
+// Actors are spawned one at a time, recovery included: a request that
+// waits behind a long recovery ends with its context, not after a fixed
+// spawn timeout of its own, and the actor still comes up afterwards.
+func TestRequestWaitingForASpawnEndsWithItsContext(t *testing.T) {
+	e := newEnv(t)
+	m := slowStart{started: make(chan struct{}), release: make(chan struct{})}
+	h := e.host(t, func(c *actors.HostConfig) {
+		c.Registry = actors.NewRegistry(m)
+		c.RequestTimeout = time.Hour
+	})
+	slow := actors.Address{Kind: ledger.Kind, ID: "slow"}
+	done := make(chan error, 1)
+	go func() {
+		_, err := h.Request(e.ctx, slow, &triplanev1.LedgerDeposit{Amount: 1})
+		done <- err
+	}()
+	<-m.started
+	ctx, cancel := context.WithTimeout(e.ctx, 50*time.Millisecond)
+	defer cancel()
+	_, err := h.Request(ctx, acct, &triplanev1.LedgerDeposit{Amount: 1})
+	if !errors.Is(err, context.DeadlineExceeded) || !strings.Contains(err.Error(), "spawn") {
+		t.Fatalf("a request behind a recovery: %v, want its context's deadline while spawning", err)
+	}
+	close(m.release)
+	if err := <-done; err != nil {
+		t.Fatalf("the slow actor: %v", err)
+	}
+	ask(t, e.ctx, h, acct, &triplanev1.LedgerDeposit{Amount: 1})
 }
