@@ -15,6 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/triplane-dev/triplane/actors"
 	"github.com/triplane-dev/triplane/actors/all"
 	routerm "github.com/triplane-dev/triplane/actors/router"
@@ -34,6 +36,7 @@ type env struct {
 	stack  *serving.Stack
 	base   string
 	planes serving.Planes
+	reg    *prometheus.Registry
 }
 
 func start(t *testing.T, workers int, mod ...func(*serving.Config)) *env {
@@ -68,13 +71,14 @@ func start(t *testing.T, workers int, mod ...func(*serving.Config)) *env {
 	for _, m := range mod {
 		m(&cfg)
 	}
-	planes := serving.Planes{NATS: nc, Etcd: cli, Host: h, Registrar: reg, NodeID: "n1", Namespace: "test"}
+	metrics := prometheus.NewRegistry()
+	planes := serving.Planes{NATS: nc, Etcd: cli, Host: h, Registrar: reg, NodeID: "n1", Namespace: "test", Registerer: metrics}
 	s, err := serving.Start(ctx, planes, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(s.Close)
-	e := &env{ctx: ctx, j: j, stack: s, base: "http://" + s.Frontend.Addr(), planes: planes}
+	e := &env{ctx: ctx, j: j, stack: s, base: "http://" + s.Frontend.Addr(), planes: planes, reg: metrics}
 	// Discovery sees the workers once their registrations are watched.
 	e.waitFor(t, "workers discovered", func() bool {
 		_, err := e.post(t, "/v1/completions", `{"model":"mock","prompt":"warm up","max_tokens":1}`)
@@ -435,6 +439,7 @@ func TestAggregatedWorkerInADisaggregatedNamespace(t *testing.T) {
 	})
 	planes := e.planes
 	planes.NodeID = "n2"
+	planes.Registerer = prometheus.NewRegistry() // another node's metrics
 	other, err := serving.Start(e.ctx, planes, serving.Config{Workers: 1, Model: "mock",
 		Engine: mocker.Config{BlockSize: 4, NumBlocks: 256, SpeedUp: 100}, StreamToken: "s3cret", DataToken: "d4ta"})
 	if err != nil {
@@ -667,11 +672,32 @@ func TestShutdownDeregistersBeforeDraining(t *testing.T) {
 	}
 }
 
+// counter is the value of the counter name in e's registry (0 when it
+// was never counted).
+func (e *env) counter(t *testing.T, name string) float64 {
+	t.Helper()
+	mfs, err := e.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			var sum float64
+			for _, m := range mf.GetMetric() {
+				sum += m.GetCounter().GetValue()
+			}
+			return sum
+		}
+	}
+	return 0
+}
+
 // A prompt too large for a worker's pool is tried on the other workers
-// (another may be larger) without reporting any down; when none takes it,
-// the client gets 400 with the reason.
+// (another may be larger) without reporting any down, and without taking
+// a migration: each worker is tried though MaxMigrations is lower. When
+// none takes it, the client gets 400 with the reason.
 func TestTooLargeForEveryWorker(t *testing.T) {
-	e := start(t, 2)
+	e := start(t, 3, func(c *serving.Config) { c.MaxMigrations = 1 })
 	resp, err := http.Post(e.base+"/v1/completions", "application/json",
 		strings.NewReader(fmt.Sprintf(`{"model":"mock","prompt":%q}`, strings.Repeat("word ", 1100))))
 	if err != nil {
@@ -680,7 +706,10 @@ func TestTooLargeForEveryWorker(t *testing.T) {
 	b, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusBadRequest || !strings.Contains(string(b), "every worker tried refused it") || !strings.Contains(string(b), "the pool has 256") {
-		t.Fatalf("status %d body %s, want 400 after both workers", resp.StatusCode, b)
+		t.Fatalf("status %d body %s, want 400 after every worker", resp.StatusCode, b)
+	}
+	if n := e.counter(t, "triplane_frontend_migrations_total"); n != 0 {
+		t.Errorf("%v migrations counted for refusals", n)
 	}
 	for i := range 4 {
 		if _, err := e.post(t, "/v1/completions", fmt.Sprintf(`{"model":"mock","prompt":"fits %d","max_tokens":2}`, i)); err != nil {

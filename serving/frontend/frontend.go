@@ -372,7 +372,10 @@ type result struct {
 }
 
 // generate runs the request on a worker, migrating it to another when its
-// worker fails, until it finishes or fails for good.
+// worker fails (at most MaxMigrations times), until it finishes or fails
+// for good. A worker that refuses it while healthy (busy, draining, too
+// small a pool) is not a migration: the request goes to one not tried
+// yet, which bounds those tries by the workers there are.
 func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 	hashes := mocker.BlockHashes(j.tokens, f.cfg.BlockSize)
 	tried := map[string]bool{}
@@ -382,6 +385,7 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 	// (or draining), or too small for the prompt. When none is left, a
 	// busy one means 429, else the request is too large for all (400).
 	refused, failed, busy := false, false, false
+	migrations, lastFailed := 0, false
 	refusal := func() (result, bool) {
 		switch {
 		case !refused || failed || len(generated) > 0:
@@ -394,14 +398,12 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 			errType: "invalid_request_error", code: "invalid_request", outcome: "bad_request"}, true
 	}
 	for attempt := 0; ; attempt++ {
-		if attempt > 0 {
-			if attempt > f.cfg.MaxMigrations {
-				if res, ok := refusal(); ok {
-					return res
-				}
-				return result{generated: len(generated), err: fmt.Errorf("gave up after %d migrations: %w", attempt-1, lastErr),
+		if lastFailed {
+			if migrations == f.cfg.MaxMigrations {
+				return result{generated: len(generated), err: fmt.Errorf("gave up after %d migrations: %w", migrations, lastErr),
 					status: http.StatusServiceUnavailable, errType: "server_error", code: "worker_failed", outcome: "worker_failed"}
 			}
+			migrations++
 			f.metrics.migrations.Inc()
 			f.log.Info("migrating request", "request", j.id, "attempt", attempt, "generated", len(generated), "err", lastErr)
 		}
@@ -452,6 +454,7 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 		}
 		lastErr = fmt.Errorf("worker %s: %w", in.GetInstanceId(), err)
 		tried[in.GetInstanceId()] = true
+		lastFailed = false
 		switch {
 		case isRefusal && wr.code == worker.CodeTooLarge:
 			// Healthy, but too small for this prompt: another may take it.
@@ -461,11 +464,12 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 			busy = true
 		default:
 			// A failure: the answer is no longer the refusals'.
-			failed = true
+			failed, lastFailed = true, true
 			f.cfg.Router.ReportDown(in)
 			continue
 		}
 		refused = true
+		f.log.Debug("worker refused the request, trying another", "request", j.id, "err", lastErr)
 	}
 }
 
