@@ -144,6 +144,9 @@ func (e *entity) recover() {
 	e.sinceSnap = r.Replayed
 	cfg.Metrics.recoveries.Inc()
 	cfg.Metrics.recoveredEvents.Add(float64(r.Replayed))
+	if r.SnapshotSkipped != "" {
+		cfg.Metrics.snapshotsSkipped.WithLabelValues(r.SnapshotSkipped).Inc()
+	}
 	e.log.Debug("recovered", "seq", r.Pos.Seq, "from_snapshot", r.FromSnapshot, "replayed", r.Replayed,
 		"took", time.Since(t0))
 }

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/triplane-dev/triplane/actors"
@@ -270,8 +271,16 @@ func TestRecoverIgnoresSnapshotPastTheJournal(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := r.State.(*triplanev1.LedgerState); got.Balance != 3 {
-		t.Fatalf("recovered %v from a foreign snapshot", got)
+	if got := r.State.(*triplanev1.LedgerState); got.Balance != 3 || r.SnapshotSkipped != "past_journal_end" {
+		t.Fatalf("recovered %v from a foreign snapshot (skipped: %q)", got, r.SnapshotSkipped)
+	}
+	// A host counts the skipped snapshot.
+	met := actors.NewMetrics(nil)
+	h2 := e.host(t, func(c *actors.HostConfig) { c.Metrics = met })
+	ask(t, e.ctx, h2, acct, &triplanev1.LedgerGet{})
+	var n dto.Metric
+	if err := met.SnapshotsSkipped("past_journal_end").Write(&n); err != nil || n.GetCounter().GetValue() != 1 {
+		t.Fatalf("snapshots skipped: %v %v, want 1", n.GetCounter().GetValue(), err)
 	}
 }
 

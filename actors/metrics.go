@@ -8,6 +8,7 @@ type Metrics struct {
 	restarts, recoveries, recoveredEvents         prometheus.Counter
 	recoveryFailures, overloaded, batches         prometheus.Counter
 	snapshots, snapshotsDropped, snapshotFailures prometheus.Counter
+	snapshotsSkipped                              *prometheus.CounterVec
 }
 
 // NewMetrics creates the host's metrics and registers them with reg (nil:
@@ -20,7 +21,14 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}
 		return x
 	}
+	skipped := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "triplane", Subsystem: "actor", Name: "snapshots_skipped_total",
+		Help: "Recoveries that replayed the journal instead of using a snapshot, by reason: unreadable (store failed or corrupt), undecodable, past_journal_end."},
+		[]string{"reason"})
+	if reg != nil {
+		reg.MustRegister(skipped)
+	}
 	return &Metrics{
+		snapshotsSkipped: skipped,
 		commands:         c("commands_total", "Commands handled by actors."),
 		rejected:         c("commands_rejected_total", "Commands rejected without persisting anything."),
 		events:           c("events_persisted_total", "Events persisted to the journal."),
@@ -35,4 +43,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		snapshotsDropped: c("snapshots_dropped_total", "Periodic snapshots dropped because the writer was behind."),
 		snapshotFailures: c("snapshot_failures_total", "Snapshot writes that failed."),
 	}
+}
+
+// SnapshotsSkipped is the count of recoveries that skipped a snapshot for
+// reason (see Recovered.SnapshotSkipped).
+func (m *Metrics) SnapshotsSkipped(reason string) prometheus.Counter {
+	return m.snapshotsSkipped.WithLabelValues(reason)
 }

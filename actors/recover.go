@@ -25,6 +25,11 @@ type Recovered struct {
 	Replayed uint64
 	// LastTime is the time of the last applied event's command.
 	LastTime time.Time
+	// SnapshotSkipped says why a snapshot was not used though there may
+	// be one: "unreadable" (the store failed or is corrupt), "undecodable"
+	// (its state does not decode), "past_journal_end" (it belongs to
+	// another journal); empty when none was skipped.
+	SnapshotSkipped string
 }
 
 // Recover rebuilds an actor: the newest usable snapshot (if snaps is not
@@ -52,15 +57,18 @@ func Recover(ctx context.Context, j *journal.Journal, snaps *journal.Snapshots, 
 			log.Warn("snapshot lies past the journal's end, ignoring it", "actor", m.Kind()+"/"+id,
 				"snapshot_seq", snap.Seq, "snapshot_position", snap.JournalPosition, "journal_seq", end.Seq, "journal_position", end.Stream)
 			err = journal.ErrNoSnapshot
+			r.SnapshotSkipped = "past_journal_end"
 		}
 		switch {
 		case errors.Is(err, journal.ErrNoSnapshot):
 		case err != nil:
 			log.Warn("snapshot store unreadable, replaying the journal", "actor", m.Kind()+"/"+id, "err", err)
+			r.SnapshotSkipped = "unreadable"
 		default:
 			st := m.Initial(id)
 			if uerr := snap.State.UnmarshalTo(st); uerr != nil {
 				log.Warn("snapshot state does not decode, replaying the journal", "actor", m.Kind()+"/"+id, "seq", snap.Seq, "err", uerr)
+				r.SnapshotSkipped = "undecodable"
 			} else {
 				r.State = st
 				r.Pos = journal.Position{Seq: snap.Seq, Stream: snap.JournalPosition}
