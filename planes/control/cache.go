@@ -221,11 +221,15 @@ func (c *Cache[T]) signal() {
 }
 
 // Decode reads a value written by the control plane: protobuf JSON of the
-// message newT returns. Unknown fields are an error rather than silently
-// dropped, so a key written by an incompatible version is reported.
+// message newT returns. Fields this version does not know are ignored, as
+// protobuf means them to be: during a rolling upgrade the newer nodes'
+// records (a field added to InstanceInfo, say) stay readable to the older
+// ones, which would otherwise see no new workers, or take new nodes for
+// gone and move their actors. A value that is not JSON of the message
+// (or has a known field of the wrong type) is an error.
 func Decode[T proto.Message](b []byte, newT func() T) (T, error) {
 	v := newT()
-	if err := protojson.Unmarshal(b, v); err != nil {
+	if err := (protojson.UnmarshalOptions{DiscardUnknown: true}).Unmarshal(b, v); err != nil {
 		return v, fmt.Errorf("control: value is not %s protobuf JSON: %w", v.ProtoReflect().Descriptor().FullName(), err)
 	}
 	return v, nil

@@ -39,6 +39,20 @@ func FuzzDecodeInstance(f *testing.F) {
 	})
 }
 
+// A record from a newer version, with a field this one does not know,
+// decodes (rolling upgrades); a known field of the wrong type does not.
+func TestDecodeIgnoresUnknownFields(t *testing.T) {
+	good, _ := protojson.Marshal(instance("w1"))
+	newer := append([]byte(`{"fieldFromANewerVersion":{"x":[1,2]},`), good[1:]...)
+	v, err := control.Decode(newer, newInstance)
+	if err != nil || !proto.Equal(v, instance("w1")) {
+		t.Fatalf("a newer record: %v %v", v, err)
+	}
+	if _, err := control.Decode([]byte(`{"instanceId":7}`), newInstance); err == nil {
+		t.Fatal("a known field of the wrong type decoded")
+	}
+}
+
 // A value that does not decode is ignored and counted; the good ones next
 // to it are served.
 func TestBadValueIsIgnoredAndCounted(t *testing.T) {
