@@ -33,10 +33,14 @@ func FuzzDecodeBatch(f *testing.F) {
 		Events: []*triplanev1.Event{{Seq: 1, Payload: p}}})
 	f.Add(good)
 	f.Add([]byte{0xff, 0xff})
+	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {
-		batch := &triplanev1.EventBatch{}
-		if proto.Unmarshal(b, batch) != nil {
+		batch, err := decodeBatch(b, "ledger", "a")
+		if err != nil {
 			return
+		}
+		if batch.HighestSeq == 0 || batch.Kind != "ledger" || batch.ActorId != "a" {
+			t.Fatalf("accepted %v", batch)
 		}
 		for _, e := range batch.Events {
 			r := &Record{Subject: "s", Seq: e.Seq, Payload: e.Payload}

@@ -368,11 +368,36 @@ func (j *Journal) last(ctx context.Context, kind, id string) (*triplanev1.EventB
 	if err != nil {
 		return nil, 0, fmt.Errorf("journal: last message of %s/%s: %w", kind, id, err)
 	}
-	b := &triplanev1.EventBatch{}
-	if err := proto.Unmarshal(m.Data, b); err != nil {
+	b, err := decodeBatch(m.Data, kind, id)
+	if err != nil {
 		return nil, 0, &DecodeError{Subject: m.Subject, StreamSeq: m.Sequence, Err: err}
 	}
 	return b, m.Sequence, nil
+}
+
+// decodeBatch decodes a journal message of the actor kind/id and checks
+// that it is one this journal wrote: the actor's own, its events numbered
+// consecutively up to its highest sequence, or a deletion marker. Anything
+// else on the subject (an empty or stray publish, another actor's batch)
+// would otherwise read as the actor's end: an empty message parses as
+// highest sequence 0, recovery would start the actor afresh, and its next
+// append would succeed over its history.
+func decodeBatch(data []byte, kind, id string) (*triplanev1.EventBatch, error) {
+	b := &triplanev1.EventBatch{}
+	if err := proto.Unmarshal(data, b); err != nil {
+		return nil, err
+	}
+	switch {
+	case b.Kind != kind || b.ActorId != id:
+		return nil, fmt.Errorf("not a batch of %s/%s (it names %q/%q)", kind, id, b.Kind, b.ActorId)
+	case len(b.Events) == 0 && (b.HighestSeq == 0 || b.DeletedTo > b.HighestSeq):
+		return nil, fmt.Errorf("no events and not a deletion marker (highest %d, deleted to %d)", b.HighestSeq, b.DeletedTo)
+	case len(b.Events) > 0 && (b.Events[0].Seq == 0 || b.Events[len(b.Events)-1].Seq != b.HighestSeq ||
+		b.Events[len(b.Events)-1].Seq-b.Events[0].Seq != uint64(len(b.Events)-1)):
+		return nil, fmt.Errorf("events %d..%d (%d of them) do not end at its highest sequence %d",
+			b.Events[0].Seq, b.Events[len(b.Events)-1].Seq, len(b.Events), b.HighestSeq)
+	}
+	return b, nil
 }
 
 // DecodeError says a journal message could not be decoded; it names where.
@@ -478,8 +503,8 @@ func (j *Journal) Read(ctx context.Context, kind, id string, q Query, fn func(*R
 		if err != nil {
 			return fmt.Errorf("journal: read %s: %w", subject, err)
 		}
-		b := &triplanev1.EventBatch{}
-		if err := proto.Unmarshal(m.Data(), b); err != nil {
+		b, err := decodeBatch(m.Data(), kind, id)
+		if err != nil {
 			return &DecodeError{Subject: subject, StreamSeq: md.Sequence.Stream, Err: err}
 		}
 		t := time.Unix(0, b.TimeUnixNanos)
@@ -555,6 +580,9 @@ type ActorInfo struct {
 	Highest   uint64
 	LastEvent time.Time
 	Messages  uint64
+	// Err says why the actor's last message could not be read (a
+	// *DecodeError); Highest and LastEvent are then zero.
+	Err error
 }
 
 // Actors lists every actor with events in the journal.
@@ -570,6 +598,13 @@ func (j *Journal) Actors(ctx context.Context) ([]ActorInfo, error) {
 			continue
 		}
 		b, _, err := j.last(ctx, kind, id)
+		var de *DecodeError
+		if errors.As(err, &de) {
+			// One damaged actor must not hide the others (verify is for
+			// exactly this moment).
+			out = append(out, ActorInfo{Kind: kind, ID: id, Messages: n, Err: err})
+			continue
+		}
 		if err != nil {
 			return nil, err
 		}

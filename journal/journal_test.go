@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
@@ -270,5 +271,57 @@ func TestActorsAndUnknownEventType(t *testing.T) {
 	var de *journal.DecodeError
 	if !errors.As(err, &de) || de.Subject != "triplane.journal.other.z" || de.Seq != 1 {
 		t.Fatalf("unknown event type: %v", err)
+	}
+}
+
+// A message on an actor's subject that the journal did not write for it
+// (an empty publish, another actor's batch) is an error where it is read,
+// never the actor's end: an empty message would parse as highest sequence
+// 0, and the actor would recover empty and append over its history.
+func TestForeignMessageOnAnActorsSubject(t *testing.T) {
+	n := planetest.StartNATS(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	nc := n.Connect(t)
+	j, err := journal.Open(ctx, nc, journal.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	appendN(t, ctx, j, "ledger", "a", 3)
+	pb := appendN(t, ctx, j, "ledger", "b", 1)
+	other, err := proto.Marshal(&triplanev1.EventBatch{Kind: "ledger", ActorId: "b", HighestSeq: 1,
+		Events: []*triplanev1.Event{{Seq: 1, Payload: batch(t, t0, 1).Events[0].Payload}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for id, data := range map[string][]byte{"empty": nil, "copy-of-b": other} {
+		appendN(t, ctx, j, "ledger", id, 2)
+		if _, err := js.Publish(ctx, j.Subject("ledger", id), data); err != nil {
+			t.Fatal(err)
+		}
+		var de *journal.DecodeError
+		if _, err := j.Highest(ctx, "ledger", id); !errors.As(err, &de) {
+			t.Errorf("%s: highest: %v, want a DecodeError", id, err)
+		}
+		err := j.Read(ctx, "ledger", id, journal.Query{}, func(*journal.Record) error { return nil })
+		if !errors.As(err, &de) {
+			t.Errorf("%s: read: %v, want a DecodeError", id, err)
+		}
+		if _, err := j.Append(ctx, "ledger", id, journal.Position{}, batch(t, t0, 9)); err == nil {
+			t.Errorf("%s: an append as if the actor were new succeeded", id)
+		}
+		if err := j.DeleteTo(ctx, "ledger", id, 1); !errors.As(err, &de) {
+			t.Errorf("%s: delete: %v, want a DecodeError", id, err)
+		}
+	}
+	if got, err := j.Highest(ctx, "ledger", "b"); err != nil || got != pb {
+		t.Errorf("the actor whose batch was copied: %v %v", got, err)
+	}
+	if got := seqs(t, ctx, j, "ledger", "a", journal.Query{}); len(got) != 3 {
+		t.Errorf("an actor nobody wrote to reads %v", got)
 	}
 }

@@ -25,13 +25,17 @@ func WriteActors(w io.Writer, list []Actor, asJSON bool) error {
 	fmt.Fprintln(tw, "KIND\tID\tHIGHEST SEQ\tLAST EVENT\tSNAPSHOT")
 	for _, a := range list {
 		snap := "-"
+		highest, last := strconv.FormatUint(a.Highest, 10), FormatTime(a.LastEvent)
+		if a.Err != nil {
+			highest, last = "unreadable", "-"
+		}
 		switch {
 		case a.SnapshotErr != nil:
 			snap = "unreadable"
 		case a.SnapshotSeq > 0:
 			snap = "seq " + strconv.FormatUint(a.SnapshotSeq, 10)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", a.Kind, a.ID, a.Highest, FormatTime(a.LastEvent), snap)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", a.Kind, a.ID, highest, last, snap)
 	}
 	if err := tw.Flush(); err != nil {
 		return fmt.Errorf("replay: write actors: %w", err)

@@ -250,7 +250,11 @@ func (a Actor) MarshalJSON() ([]byte, error) {
 		Messages    uint64 `json:"messages"`
 		SnapshotSeq uint64 `json:"snapshot_seq,omitempty"`
 		SnapshotErr string `json:"snapshot_error,omitempty"`
+		JournalErr  string `json:"journal_error,omitempty"`
 	}{Kind: a.Kind, ID: a.ID, Highest: a.Highest, LastEvent: FormatTime(a.LastEvent), Messages: a.Messages, SnapshotSeq: a.SnapshotSeq}
+	if a.Err != nil {
+		v.JournalErr = a.Err.Error()
+	}
 	if a.SnapshotErr != nil {
 		v.SnapshotErr = a.SnapshotErr.Error()
 	}

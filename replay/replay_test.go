@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 
@@ -787,5 +788,58 @@ func TestVerifyCompacted(t *testing.T) {
 		if _, err := f.r.State(ctx, "ledger", id, At{}); err == nil || !strings.Contains(err.Error(), "oldest events were deleted") {
 			t.Errorf("state of compacted ledger/%s: %v", id, err)
 		}
+	}
+}
+
+// One actor whose last message is not the journal's (garbage on its
+// subject) is reported as that actor's failure; list and verify still
+// cover the others.
+func TestDamagedActorDoesNotHideTheOthers(t *testing.T) {
+	ctx := ctxT(t)
+	n := planetest.StartNATS(t)
+	nc := n.Connect(t)
+	j, err := journal.Open(ctx, nc, journal.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := &fixture{j: j, r: &Replayer{Journal: j, Registry: all.Registry()}, pos: map[string][]journal.Position{}}
+	writeLedgers(t, j, f.pos)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.Publish(ctx, j.Subject("ledger", "c"), []byte{0xff, 0xff, 0xff}); err != nil {
+		t.Fatal(err)
+	}
+	list, err := f.r.List(ctx)
+	if err != nil || len(list) != 3 || list[2].Err == nil || list[0].Err != nil || list[0].Highest != 6 {
+		t.Fatalf("list: %+v %v", list, err)
+	}
+	var out bytes.Buffer
+	if err := WriteActors(&out, list, false); err != nil || !strings.Contains(out.String(), "unreadable") {
+		t.Errorf("list text: %v\n%s", err, out.String())
+	}
+	rep, err := f.r.Verify(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.OK() || rep.Faults != 1 || rep.Checks[2].Status != StatusFailed || rep.Checks[0].Status != StatusOK {
+		t.Fatalf("verify: %+v", rep.Checks)
+	}
+}
+
+// Verify on a running system checks each actor up to the highest sequence
+// it listed: events appended meanwhile are not "lost".
+func TestVerifyWhileTheJournalGrows(t *testing.T) {
+	f := newFixture(t)
+	ctx := ctxT(t)
+	infos, err := f.j.Actors(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info := infos[2] // ledger/c, one event
+	appendBatch(t, f.j, "ledger", "c", f.pos["c"][0], t0.Add(time.Hour), "late", &triplanev1.LedgerDeposited{Amount: 1})
+	if c := f.r.verifyActor(ctx, "ledger", "c", &info, false, nil, nil); c.Status != StatusOK || c.Replayed != 1 {
+		t.Fatalf("an actor that went on during verify: %s %v", c.Status, c.Notes)
 	}
 }

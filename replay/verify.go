@@ -207,7 +207,9 @@ func (r *Replayer) verifyActor(ctx context.Context, kind, id string, info *journ
 	replayedTo := uint64(0)  // events 1..replayedTo replay
 	compactedTo := uint64(0) // events 1..compactedTo were deleted
 	if info != nil {
-		full, err = actors.Rebuild(ctx, r.Journal, m, id, journal.Query{})
+		// Up to the highest listed: on a running system the actor may
+		// have gone on since, which is not a loss.
+		full, err = actors.Rebuild(ctx, r.Journal, m, id, journal.Query{ToSeq: info.Highest})
 		var de *journal.DecodeError
 		switch {
 		case errors.As(err, &de):
