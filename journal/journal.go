@@ -151,6 +151,29 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Journal, error) {
 	return &Journal{cfg: cfg, nc: nc, js: js, stream: s}, nil
 }
 
+// Attach opens an existing journal stream as it is: unlike Open it neither
+// creates nor updates the stream (whose subjects, limits and description
+// an operator may have changed), for readers such as replay. cfg names
+// the stream and prefix; its Replicas and Duplicates are taken from the
+// stream.
+func Attach(ctx context.Context, nc *nats.Conn, cfg Config) (*Journal, error) {
+	cfg.defaults()
+	if err := checkToken("prefix", cfg.Prefix, true); err != nil {
+		return nil, err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return nil, fmt.Errorf("journal: %w", err)
+	}
+	s, err := js.Stream(ctx, cfg.Stream)
+	if err != nil {
+		return nil, fmt.Errorf("journal: look up stream %s: %w", cfg.Stream, err)
+	}
+	sc := s.CachedInfo().Config
+	cfg.Replicas, cfg.Duplicates = sc.Replicas, sc.Duplicates
+	return &Journal{cfg: cfg, nc: nc, js: js, stream: s}, nil
+}
+
 // Check reports whether the journal stream answers, for readiness probes.
 func (j *Journal) Check(ctx context.Context) error {
 	if _, err := j.stream.Info(ctx); err != nil {

@@ -165,9 +165,8 @@ func Open(ctx context.Context, o Options) (_ *Session, err error) {
 }
 
 // OpenJournal opens an existing journal stream for reading. Unlike
-// journal.Open it refuses to create the stream, and it keeps the stream's
-// replicas and duplicate window, so opening changes nothing on a running
-// system.
+// journal.Open it neither creates nor updates the stream (journal.Attach),
+// so opening changes nothing on a running system or a stopped node's store.
 func OpenJournal(ctx context.Context, nc *nats.Conn, cfg journal.Config) (*journal.Journal, error) {
 	if cfg.Prefix == "" {
 		cfg.Prefix = DefaultJournalPrefix
@@ -193,9 +192,7 @@ func OpenJournal(ctx context.Context, nc *nats.Conn, cfg journal.Config) (*journ
 		return nil, fmt.Errorf("%w: stream %s holds subjects %v, not %s: check --journal-prefix",
 			ErrNoJournal, cfg.Stream, sc.Subjects, want)
 	}
-	cfg.Replicas = sc.Replicas
-	cfg.Duplicates = sc.Duplicates
-	j, err := journal.Open(ctx, nc, cfg)
+	j, err := journal.Attach(ctx, nc, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("replay: %w", err)
 	}

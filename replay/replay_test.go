@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"strings"
 	"testing"
@@ -740,6 +741,38 @@ func TestOpenNATSKeepsStreamConfig(t *testing.T) {
 	}
 	if s.Snapshots != nil {
 		t.Errorf("snapshots opened without being asked for")
+	}
+}
+
+// Opening a journal whose stream an operator changed (another subject,
+// limits, a description) changes nothing of it.
+func TestOpenLeavesTheStreamAsItIs(t *testing.T) {
+	ctx := ctxT(t)
+	n := planetest.StartNATS(t)
+	js, err := jetstream.New(n.Connect(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := jetstream.StreamConfig{Name: DefaultJournalStream, Subjects: []string{"triplane.journal.>", "ops.other"},
+		MaxBytes: 1 << 30, MaxAge: 720 * time.Hour, Discard: jetstream.DiscardNew, Storage: jetstream.FileStorage, Description: "ops"}
+	if _, err := js.CreateStream(ctx, want); err != nil {
+		t.Fatal(err)
+	}
+	before, err := js.Stream(ctx, DefaultJournalStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := Open(ctx, Options{NATSURL: n.URL()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	after, err := js.Stream(ctx, DefaultJournalStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, a := before.CachedInfo().Config, after.CachedInfo().Config; !reflect.DeepEqual(a, b) {
+		t.Fatalf("stream config changed by opening:\nbefore %+v\nafter  %+v", b, a)
 	}
 }
 
