@@ -208,6 +208,11 @@ func CheckName(kind, id string) error {
 	if err := checkToken("kind", kind, false); err != nil {
 		return err
 	}
+	if strings.ContainsRune(kind, '/') {
+		// The snapshot store's keys are kind/id/seq: a kind is read as the
+		// part up to the first '/'. (Ids may hold '/'.)
+		return fmt.Errorf("%w: kind %q contains '/'", ErrBadName, kind)
+	}
 	return checkToken("id", id, false)
 }
 

@@ -109,6 +109,23 @@ func (s *Snapshots) Close() error {
 
 func actorPrefix(kind, id string) []byte { return []byte("snap/" + kind + "/" + id + "/") }
 
+// ownKey reports whether key, found under actor prefix p, is one of that
+// actor's snapshots: p then exactly the 16 hex digits of a sequence. An
+// id may hold '/', so the keys of actor x/0 also lie under x's prefix.
+func ownKey(p, key []byte) bool { return len(key) == len(p)+16 && isSeq(key[len(p):]) }
+
+func isSeq(b []byte) bool {
+	if len(b) != 16 {
+		return false
+	}
+	for _, c := range b {
+		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
+}
+
 func snapKey(kind, id string, seq uint64) []byte {
 	return fmt.Appendf(actorPrefix(kind, id), "%016x", seq)
 }
@@ -174,7 +191,9 @@ func (s *Snapshots) keys(kind, id string) ([][]byte, error) {
 	defer it.Close()
 	var out [][]byte
 	for ok := it.First(); ok; ok = it.Next() {
-		out = append(out, append([]byte(nil), it.Key()...))
+		if ownKey(p, it.Key()) {
+			out = append(out, append([]byte(nil), it.Key()...))
+		}
 	}
 	return out, it.Error()
 }
@@ -198,6 +217,9 @@ func (s *Snapshots) Load(kind, id string, schemaVersion uint32) (_ *triplanev1.S
 	}
 	defer it.Close()
 	for ok := it.Last(); ok; ok = it.Prev() {
+		if !ownKey(p, it.Key()) {
+			continue
+		}
 		val, err := it.ValueAndErr()
 		if err != nil {
 			return nil, fmt.Errorf("snapshots: read %s: %w", it.Key(), err)
@@ -280,7 +302,7 @@ func (s *Snapshots) Newest(fn func(kind, id string, snap *triplanev1.Snapshot, e
 		k := string(it.Key())
 		rest := strings.TrimPrefix(k, "snap/")
 		i := strings.LastIndexByte(rest, '/')
-		if i < 0 {
+		if i < 0 || !isSeq([]byte(rest[i+1:])) || !strings.Contains(rest[:i], "/") {
 			continue
 		}
 		actor := rest[:i]

@@ -230,3 +230,44 @@ func TestSnapshotsReadOnlyChangesNothing(t *testing.T) {
 		t.Fatalf("a read-only open wrote %d files into an empty directory", len(entries))
 	}
 }
+
+// An id may hold '/': actor x/0's snapshots lie under actor x's key
+// prefix, and must neither be pruned by x's saves nor read as x's, nor
+// listed as another actor's. A kind may not hold '/'.
+func TestSnapshotsOfIdsWithSlashes(t *testing.T) {
+	s, err := journal.OpenSnapshots(filepath.Join(t.TempDir(), "snapshots"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if err := s.Save(snap(t, "x/0", 5, 50, 1)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Load("ledger", "x", 1); !errors.Is(err, journal.ErrNoSnapshot) {
+		t.Fatalf("x read x/0's snapshot: %v", err)
+	}
+	for seq := range uint64(4) {
+		if err := s.Save(snap(t, "x", seq+1, 1, 1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got, err := s.Load("ledger", "x/0", 1); err != nil || got.Seq != 5 {
+		t.Fatalf("x/0 after x's saves pruned: %v %v", got, err)
+	}
+	if got, err := s.Load("ledger", "x", 1); err != nil || got.Seq != 4 {
+		t.Fatalf("x: %v %v", got, err)
+	}
+	var listed []string
+	err = s.Newest(func(kind, id string, snap *triplanev1.Snapshot, err error) error {
+		listed = append(listed, fmt.Sprintf("%s|%s@%d", kind, id, snap.GetSeq()))
+		return err
+	})
+	if err != nil || strings.Join(listed, " ") != "ledger|x/0@5 ledger|x@4" {
+		t.Fatalf("newest: %v %v", listed, err)
+	}
+	bad := snap(t, "0", 1, 1, 1)
+	bad.Kind = "w/x"
+	if err := s.Save(bad); !errors.Is(err, journal.ErrBadName) {
+		t.Fatalf("a kind with '/': %v", err)
+	}
+}
