@@ -95,9 +95,12 @@ type Registrar struct {
 	keys Keys
 	log  *slog.Logger
 
-	// wmu orders writes: a registration made while a new lease is being
-	// granted waits for it, so it never lands on the dead lease.
-	wmu       sync.Mutex
+	// wlock orders writes (held: a value in it): a registration made
+	// while a new lease is being granted waits for it, so it never lands
+	// on the dead lease, and a deregistration cannot fall between a
+	// write's copy of the instances and its commit. Waiting for it honours
+	// the waiter's context; every write under it is bounded by the TTL.
+	wlock     chan struct{}
 	mu        sync.Mutex
 	lease     clientv3.LeaseID
 	gen       uint64
@@ -119,7 +122,7 @@ func StartRegistrar(ctx context.Context, cfg RegistrarConfig) (*Registrar, error
 	if err := cfg.defaults(); err != nil {
 		return nil, err
 	}
-	r := &Registrar{cfg: cfg, keys: Keys{cfg.Namespace}, changed: make(chan struct{}),
+	r := &Registrar{cfg: cfg, keys: Keys{cfg.Namespace}, changed: make(chan struct{}), wlock: make(chan struct{}, 1),
 		node:      proto.Clone(cfg.Node).(*triplanev1.NodeInfo),
 		instances: map[string]*triplanev1.InstanceInfo{}, done: make(chan struct{}),
 		log: cfg.Logger.With("node_id", cfg.Node.GetIdentity().GetNodeId())}
@@ -159,10 +162,24 @@ func (r *Registrar) Lease() (clientv3.LeaseID, uint64, <-chan struct{}) {
 	return r.lease, r.gen, r.changed
 }
 
+// lockWrites takes the write lock, or fails when ctx ends first.
+func (r *Registrar) lockWrites(ctx context.Context) error {
+	select {
+	case r.wlock <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("control: waiting for another etcd write of the registrar: %w", ctx.Err())
+	}
+}
+
+func (r *Registrar) unlockWrites() { <-r.wlock }
+
 // grant takes a new lease and writes every registration on it.
 func (r *Registrar) grant(ctx context.Context) error {
-	r.wmu.Lock()
-	defer r.wmu.Unlock()
+	if err := r.lockWrites(ctx); err != nil {
+		return err
+	}
+	defer r.unlockWrites()
 	cli := r.cfg.Client
 	lr, err := cli.Grant(ctx, r.cfg.ttlSeconds())
 	if err != nil {
@@ -179,7 +196,7 @@ func (r *Registrar) grant(ctx context.Context) error {
 		n := min(len(ops), maxTxnOps)
 		if _, err := cli.Txn(ctx).Then(ops[:n]...).Commit(); err != nil {
 			// Best effort, bounded: the lease expires by itself anyway,
-			// and a Revoke waiting on an unreachable etcd would hold wmu
+			// and a Revoke waiting on an unreachable etcd would hold wlock
 			// (and Close) forever.
 			rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.RetryMax)
 			_, _ = cli.Revoke(rctx, lr.ID)
@@ -275,18 +292,35 @@ func (r *Registrar) Register(ctx context.Context, in *triplanev1.InstanceInfo) e
 		in.Health = &triplanev1.Health{State: triplanev1.HealthState_HEALTH_STATE_READY, SinceUnixNanos: r.cfg.Now().UnixNano()}
 	}
 	key := r.keys.Instance(in.Component, in.Endpoint, in.InstanceId)
-	r.wmu.Lock()
-	defer r.wmu.Unlock()
+	if err := r.lockWrites(ctx); err != nil {
+		return err
+	}
+	defer r.unlockWrites()
 	r.mu.Lock()
 	if r.closed {
 		r.mu.Unlock()
 		return errors.New("control: registrar closed")
 	}
+	_, known := r.instances[key]
 	r.instances[key] = in
 	op := r.instanceOp(key, in, r.lease)
 	r.mu.Unlock()
-	if _, err := r.cfg.Client.Do(ctx, op); err != nil {
-		// Kept in memory: the next lease re-registers it.
+	// Bounded even when ctx is not: the lease's renewal waits for the
+	// write lock.
+	wctx, cancel := context.WithTimeout(ctx, r.TTL())
+	defer cancel()
+	if _, err := r.cfg.Client.Do(wctx, op); err != nil {
+		if !known {
+			// The caller takes the registration for failed: it must not
+			// appear later (the next lease writes every instance), and
+			// the put may have landed before its answer was lost.
+			r.mu.Lock()
+			delete(r.instances, key)
+			r.mu.Unlock()
+			dctx, dcancel := context.WithTimeout(context.WithoutCancel(ctx), r.cfg.RetryMax)
+			_, _ = r.cfg.Client.Delete(dctx, key)
+			dcancel()
+		}
 		return fmt.Errorf("control: register %s: %w", key, err)
 	}
 	r.cfg.Metrics.Registrations.Inc()
@@ -296,10 +330,16 @@ func (r *Registrar) Register(ctx context.Context, in *triplanev1.InstanceInfo) e
 // Deregister removes an instance.
 func (r *Registrar) Deregister(ctx context.Context, component, endpoint, instanceID string) error {
 	key := r.keys.Instance(component, endpoint, instanceID)
+	if err := r.lockWrites(ctx); err != nil {
+		return err
+	}
+	defer r.unlockWrites()
 	r.mu.Lock()
 	delete(r.instances, key)
 	r.mu.Unlock()
-	if _, err := r.cfg.Client.Delete(ctx, key); err != nil {
+	wctx, cancel := context.WithTimeout(ctx, r.TTL())
+	defer cancel()
+	if _, err := r.cfg.Client.Delete(wctx, key); err != nil {
 		return fmt.Errorf("control: deregister %s: %w", key, err)
 	}
 	return nil
@@ -308,8 +348,12 @@ func (r *Registrar) Deregister(ctx context.Context, component, endpoint, instanc
 // SetHealth sets the health of the node and of every instance it serves.
 func (r *Registrar) SetHealth(ctx context.Context, state triplanev1.HealthState, reason string) error {
 	h := &triplanev1.Health{State: state, Reason: reason, SinceUnixNanos: r.cfg.Now().UnixNano()}
-	r.wmu.Lock()
-	defer r.wmu.Unlock()
+	if err := r.lockWrites(ctx); err != nil {
+		return err
+	}
+	defer r.unlockWrites()
+	ctx, cancel := context.WithTimeout(ctx, r.TTL())
+	defer cancel()
 	r.mu.Lock()
 	r.node.Health = h
 	ops := []clientv3.Op{r.nodeOp(r.lease, r.gen)}
@@ -339,7 +383,11 @@ func (r *Registrar) Close(ctx context.Context) error {
 	r.closed = true
 	r.mu.Unlock()
 	r.cancel()
-	<-r.done
+	select {
+	case <-r.done:
+	case <-ctx.Done():
+		return fmt.Errorf("control: registrar close: %w", ctx.Err())
+	}
 	lease, _, _ := r.Lease()
 	// Bounded: if etcd is unreachable the lease expires by itself within
 	// the TTL, and a stop should not wait longer than that.

@@ -227,3 +227,47 @@ func TestUnreachableLongerThanTTLReRegisters(t *testing.T) {
 	p.Unblock()
 	eventually(t, 20*time.Second, "registered again", func() bool { return ids(w.Instances()) == "w1" })
 }
+
+// A registration that failed stays failed: the next lease does not write
+// it behind the caller's back (a worker that gave up would be routed to).
+func TestFailedRegistrationIsNotWrittenLater(t *testing.T) {
+	e := planetest.StartEtcd(t)
+	ctx := ctxT(t)
+	p := startProxy(t, strings.TrimPrefix(e.Endpoints()[0], "http://"))
+	r, err := control.StartRegistrar(ctx, control.RegistrarConfig{Client: client(t, p.URL()), Namespace: "test", Node: nodeInfo("n1"), TTL: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close(ctx)
+	if err := r.Register(ctx, instance("w1")); err != nil {
+		t.Fatal(err)
+	}
+	p.Block()
+	short, cancel := context.WithTimeout(ctx, 200*time.Millisecond)
+	err = r.Register(short, instance("w2"))
+	cancel()
+	p.Unblock()
+	if err == nil {
+		t.Fatal("a registration through a blocked connection succeeded")
+	}
+	old, _, changed := r.Lease()
+	if _, err := e.Client(t).Revoke(ctx, old); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-changed:
+	case <-ctx.Done():
+		t.Fatal("no new lease")
+	}
+	resp, err := e.Client(t).Get(ctx, "/triplane/test/instances/", clientv3.WithPrefix(), clientv3.WithKeysOnly())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var keys []string
+	for _, kv := range resp.Kvs {
+		keys = append(keys, string(kv.Key))
+	}
+	if strings.Join(keys, " ") != "/triplane/test/instances/worker/generate/w1" {
+		t.Fatalf("registered on the new lease: %v, want w1 only", keys)
+	}
+}
