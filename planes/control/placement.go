@@ -298,11 +298,37 @@ func (p *Placement) campaignOnce(ctx context.Context, lease clientv3.LeaseID, ch
 	defer p.epoch.Store(0)
 	p.log.Info("placement leader", "epoch", el.Rev(), "key", el.Key())
 	err = p.lead(cctx, el.Key(), el.Rev())
-	if errors.Is(err, ErrNotLeader) {
+	switch {
+	case errors.Is(err, ErrNotLeader):
 		p.log.Warn("deposed", "epoch", el.Rev(), "err", err)
+	case errors.Is(err, placement.ErrFenced):
+		// Still elected, yet the placement journal has seen a later
+		// epoch: etcd's revisions went back (restored from a backup, or
+		// wiped, while the NATS journal was kept). No node can lead until
+		// they pass the journal's epoch.
+		p.log.Error("placement leadership refused by the journal: etcd's revision is behind the journal's epoch (etcd restored or wiped while the journal was kept?); handing leadership on",
+			"epoch", el.Rev(), "err", err)
+	case err != nil && ctx.Err() == nil:
+		p.log.Warn("placement leader cannot reconcile, handing leadership on", "epoch", el.Rev(), "err", err)
+	}
+	if err != nil {
+		// Orphan leaves the election key on the node's lease, and the
+		// next Campaign on that lease would find it and win again at
+		// once: a leader that cannot lead would keep the group for
+		// good. Resigning deletes it, so another node may win.
+		rctx, rcancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		if rerr := el.Resign(rctx); rerr != nil {
+			p.log.Debug("resign", "err", rerr)
+		}
+		rcancel()
 	}
 	return err
 }
+
+// maxReconcileFailures is how many reconciles in a row a leader may fail
+// (its journal unreachable, say) before it hands leadership on: another
+// node may reach what this one cannot.
+const maxReconcileFailures = 8
 
 // lead reconciles until leadership ends.
 func (p *Placement) lead(ctx context.Context, key string, epoch int64) error {
@@ -329,14 +355,18 @@ func (p *Placement) lead(ctx context.Context, key string, epoch int64) error {
 	tick := time.NewTicker(p.cfg.Resync)
 	defer tick.Stop()
 	backoff := 50 * time.Millisecond
+	failures := 0
 	for {
 		err := p.reconcile(ctx, key, epoch, nodes, wants)
 		switch {
 		case err == nil:
-			backoff = 50 * time.Millisecond
+			backoff, failures = 50*time.Millisecond, 0
 		case errors.Is(err, ErrNotLeader), errors.Is(err, placement.ErrFenced), ctx.Err() != nil:
 			return err
 		default:
+			if failures++; failures == maxReconcileFailures {
+				return fmt.Errorf("%d reconciles failed in a row: %w", failures, err)
+			}
 			p.log.Warn("reconcile failed, retrying", "err", err, "backoff", backoff)
 			select {
 			case <-time.After(backoff):

@@ -10,6 +10,7 @@ import (
 
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/triplane-dev/triplane/actors"
 	"github.com/triplane-dev/triplane/actors/ledger"
@@ -250,4 +251,28 @@ func TestDrainingNodeHandsItsActorsOver(t *testing.T) {
 	if hostedBy(nodes, b) == first {
 		t.Fatal("new actor placed on the draining node")
 	}
+}
+
+// An elected node whose decisions the placement journal refuses (its epoch
+// is behind the journal's: etcd restored or wiped while the journal was
+// kept) hands leadership on instead of winning its own election again and
+// again; so does a leader that cannot reconcile.
+func TestFencedLeaderHandsLeadershipOn(t *testing.T) {
+	e := planetest.StartEtcd(t)
+	ctx := ctxT(t)
+	j := openJournal(t, ctx)
+	b, err := actors.NewBatch("restored", time.Now(), []proto.Message{&triplanev1.PlacementLeaderChanged{Epoch: 1 << 40, Leader: "old"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := j.Append(ctx, placement.Kind, control.DefaultGroup, journal.Position{}, b); err != nil {
+		t.Fatal(err)
+	}
+	nodes := []*testNode{
+		startNode(t, ctx, j, e.Endpoints(), "n1", 5*time.Second),
+		startNode(t, ctx, j, e.Endpoints(), "n2", 5*time.Second),
+	}
+	eventually(t, 20*time.Second, "both nodes elected in turn", func() bool {
+		return counter(nodes[0].node.Metrics.Elected) > 0 && counter(nodes[1].node.Metrics.Elected) > 0
+	})
 }
