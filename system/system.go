@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -57,7 +58,8 @@ type Config struct {
 	LeaseTTL time.Duration
 	// PlacementGroups the node joins; default "default".
 	PlacementGroups []string
-	// Want lists singleton actors ("kind/id") to ask placement for.
+	// Want lists singleton actors to ask placement for: "kind/id" in the
+	// node's first placement group, or "group:kind/id" (see ParseWant).
 	Want []string
 	// Checks are more readiness checks for /readyz (for example the
 	// serving path, started after the node).
@@ -352,17 +354,37 @@ func (s *System) startControl(ctx context.Context) error {
 	}
 	s.Control = n
 	for _, w := range s.cfg.Want {
-		kind, id, ok := strings.Cut(w, "/")
-		if !ok {
-			return fmt.Errorf("want %q: expected kind/id", w)
+		group, kind, id, err := ParseWant(w, s.cfg.PlacementGroups)
+		if err != nil {
+			return err
 		}
-		for _, p := range n.Placements {
-			if err := p.Want(cctx, kind, id); err != nil {
-				return err
-			}
+		if err := n.Placements[group].Want(cctx, kind, id); err != nil {
+			return err
 		}
 	}
 	return nil
+}
+
+// ParseWant reads a wanted singleton actor: "kind/id" in the first of the
+// node's placement groups (control.DefaultGroup when none are given), or
+// "group:kind/id" in one of them. One group only: wanted in two groups, each
+// group's leader would place it, and two nodes could host one singleton.
+func ParseWant(w string, groups []string) (group, kind, id string, err error) {
+	if len(groups) == 0 {
+		groups = []string{control.DefaultGroup}
+	}
+	group, actor := groups[0], w
+	if g, a, ok := strings.Cut(w, ":"); ok {
+		group, actor = g, a
+	}
+	kind, id, ok := strings.Cut(actor, "/")
+	switch {
+	case !ok || control.CheckName("kind", kind) != nil || control.CheckName("id", id) != nil:
+		return "", "", "", fmt.Errorf("want %q: expected kind/id or group:kind/id", w)
+	case !slices.Contains(groups, group):
+		return "", "", "", fmt.Errorf("want %q: this node is not in placement group %q (it is in %s)", w, group, strings.Join(groups, ", "))
+	}
+	return group, kind, id, nil
 }
 
 // Embedded reports which servers run inside this process.

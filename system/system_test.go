@@ -3,6 +3,7 @@ package system_test
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -56,5 +57,33 @@ func TestNodeHostsActorsAcrossRestarts(t *testing.T) {
 	}
 	if got := r.(*triplanev1.LedgerReply); got.Balance != 20 || got.Applied != 4 {
 		t.Fatalf("after restart: %v", got)
+	}
+}
+
+// A wanted singleton goes to one placement group: the first of the node's,
+// or the one it names.
+func TestParseWant(t *testing.T) {
+	for _, tc := range []struct {
+		w      string
+		groups []string
+		want   string // group kind id, or the error's words
+	}{
+		{"router/main", nil, "default router main"},
+		{"router/main", []string{"a", "b"}, "a router main"},
+		{"b:router/main", []string{"a", "b"}, "b router main"},
+		{"router/x/y", []string{"a"}, "expected kind/id"},
+		{"c:router/main", []string{"a", "b"}, `not in placement group "c"`},
+		{"router", nil, "expected kind/id"},
+		{"router/", nil, "expected kind/id"},
+		{"a:router main/x", []string{"a"}, "expected kind/id"},
+	} {
+		g, k, id, err := system.ParseWant(tc.w, tc.groups)
+		got := g + " " + k + " " + id
+		if err != nil {
+			got = err.Error()
+		}
+		if !strings.Contains(got, tc.want) {
+			t.Errorf("%q in %v: %s, want %s", tc.w, tc.groups, got, tc.want)
+		}
 	}
 }

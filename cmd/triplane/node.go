@@ -69,7 +69,7 @@ registrations disappear at once and its actors are placed elsewhere.`,
 	fs.StringVar(&f.namespace, "namespace", "default", "namespace of the deployment's control-plane keys")
 	fs.DurationVar(&f.leaseTTL, "lease-ttl", control.DefaultTTL, "TTL of the node's etcd lease (whole seconds, at least 1s)")
 	fs.StringSliceVar(&f.groups, "placement-group", []string{control.DefaultGroup}, "placement groups the node joins")
-	fs.StringSliceVar(&f.want, "want", nil, "singleton actors (kind/id) to ask placement to host")
+	fs.StringSliceVar(&f.want, "want", nil, "singleton actors to ask placement to host: kind/id (in the first --placement-group) or group:kind/id")
 	fs.Uint64Var(&f.snapEvery, "snapshot-every", 1000, "events between an actor's snapshots")
 	fs.IntVar(&f.replicas, "journal-replicas", 1, "replicas of the journal stream")
 	fs.StringVar(&f.configFile, "config", "", "YAML file of settings, keyed by flag name (env TRIPLANE_CONFIG)")
@@ -106,9 +106,8 @@ func (f *nodeFlags) validate() error {
 		}
 	}
 	for _, w := range f.want {
-		kind, id, ok := strings.Cut(w, "/")
-		if !ok || control.CheckName("kind", kind) != nil || control.CheckName("id", id) != nil {
-			errs = append(errs, &config.Error{Key: "want", Err: fmt.Errorf("%q: want kind/id", w)})
+		if _, _, _, err := system.ParseWant(w, f.groups); err != nil {
+			errs = append(errs, &config.Error{Key: "want", Err: err})
 		}
 	}
 	if f.snapEvery == 0 {
