@@ -200,7 +200,10 @@ func (e *entity) decide(ctx actor.Context, cmds []envelope) {
 		}
 		var n int64
 		for _, ev := range d.Events {
-			n += int64(proto.Size(ev)) + 64 // Any wrapper, type URL, sequence
+			// The event, its Any's type URL, and at most 32 bytes of
+			// tags and lengths (Event, Any, the repeated field) and the
+			// sequence; a flat 64 fell short for long type names.
+			n += int64(proto.Size(ev)) + int64(len("type.googleapis.com/")+len(proto.MessageName(ev))) + 32
 		}
 		if n+size > limit && len(events) == 0 {
 			cfg.Metrics.rejected.Inc()

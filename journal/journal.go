@@ -484,7 +484,7 @@ type Query struct {
 	FromSeq uint64    // first event sequence (inclusive)
 	ToSeq   uint64    // last event sequence (inclusive); 0: up to the highest at the start of the read
 	Since   time.Time // only events of commands handled at or after this time
-	Until   time.Time // only events of commands handled before this time
+	Until   time.Time // only events before the first command handled at or after this time
 	// AfterStream starts reading after this stream sequence (a snapshot's
 	// journal position), skipping what lies before without reading it.
 	AfterStream uint64
@@ -517,7 +517,9 @@ func (j *Journal) Read(ctx context.Context, kind, id string, q Query, fn func(*R
 	if err != nil {
 		return fmt.Errorf("journal: read %s: %w", subject, err)
 	}
-	it, err := cons.Messages(jetstream.PullMaxMessages(512))
+	// Bounded by bytes, not messages: 512 batches near the max payload
+	// would buffer half a gigabyte. Room for several of the largest.
+	it, err := cons.Messages(jetstream.PullMaxBytes(max(32<<20, 4*j.MaxPayload())))
 	if err != nil {
 		return fmt.Errorf("journal: read %s: %w", subject, err)
 	}
@@ -536,7 +538,14 @@ func (j *Journal) Read(ctx context.Context, kind, id string, q Query, fn func(*R
 			return &DecodeError{Subject: subject, StreamSeq: md.Sequence.Stream, Err: err}
 		}
 		t := time.Unix(0, b.TimeUnixNanos)
-		inTime := (q.Since.IsZero() || !t.Before(q.Since)) && (q.Until.IsZero() || t.Before(q.Until))
+		if !q.Until.IsZero() && !t.Before(q.Until) {
+			// The first command at or after Until ends the read: the
+			// events before it are the actor's history up to then, even
+			// when a later command's time is earlier (another node's
+			// clock behind); filtering batch by batch would leave a gap.
+			return nil
+		}
+		inTime := q.Since.IsZero() || !t.Before(q.Since)
 		for i, e := range b.Events {
 			if e.Seq < q.FromSeq || !inTime {
 				continue

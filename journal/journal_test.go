@@ -325,3 +325,23 @@ func TestForeignMessageOnAnActorsSubject(t *testing.T) {
 		t.Errorf("an actor nobody wrote to reads %v", got)
 	}
 }
+
+// A time-bounded read is a prefix of the journal: a command whose time is
+// earlier than the one before it (its node's clock behind) after the bound
+// is not read, and leaves no gap.
+func TestUntilIsAPrefixWhenClocksGoBack(t *testing.T) {
+	j, ctx := open(t)
+	pos := journal.Position{}
+	var err error
+	for i, at := range []time.Duration{1500 * time.Millisecond, 10 * time.Second, 5 * time.Second} {
+		if pos, err = j.Append(ctx, "ledger", "a", pos, batch(t, t0.Add(at), int64(i+1))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := fmt.Sprint(seqs(t, ctx, j, "ledger", "a", journal.Query{Until: t0.Add(6 * time.Second)})); got != "[1]" {
+		t.Fatalf("until 6s: %s, want [1] (seq 3 at 5s follows seq 2 at 10s)", got)
+	}
+	if got := fmt.Sprint(seqs(t, ctx, j, "ledger", "a", journal.Query{Until: t0.Add(11 * time.Second)})); got != "[1 2 3]" {
+		t.Fatalf("until 11s: %s", got)
+	}
+}

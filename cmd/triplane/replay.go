@@ -195,7 +195,7 @@ func (ff *filterFlags) bind(fs *pflag.FlagSet) {
 	fs.Uint64Var(&ff.from, "from", 0, "first event sequence (inclusive)")
 	fs.Uint64Var(&ff.to, "to", 0, "last event sequence (inclusive; 0: the last)")
 	fs.StringVar(&ff.since, "since", "", "only events of commands handled at or after this RFC 3339 time")
-	fs.StringVar(&ff.until, "until", "", "only events of commands handled before this RFC 3339 time")
+	fs.StringVar(&ff.until, "until", "", "only events before the first command handled at or after this RFC 3339 time")
 	fs.StringVar(&ff.typ, "type", "", "only events of this protobuf type: full (triplane.v1.LedgerDeposited) or short (LedgerDeposited) name")
 }
 
@@ -322,8 +322,10 @@ func newReplayStateCmd(g *globalFlags, f *replayFlags) *cobra.Command {
 		Long: `Rebuild an actor's state from its journal with its state machine, as the host
 would, and print it as protojson with the sequence and command time it
 reflects. Without --at-seq or --at-time it is the latest state. --at-seq N is
-the state after event N; --at-time T the state after every command handled at
-or before T. Snapshots are not used: every event from the first is applied.
+the state after event N; --at-time T the state after the commands up to the
+first one handled after T (command times come from the nodes' clocks, and a
+command on a node whose clock is behind may carry an earlier time than the one
+before it: the state is a prefix of the journal, never one with a gap). Snapshots are not used: every event from the first is applied.
 ` + replaySourceHelp,
 		Example: `  triplane replay state ledger acct-1
   triplane replay state ledger acct-1 --at-seq 42
