@@ -126,7 +126,15 @@ func (f *replayFlags) open(cmd *cobra.Command, g *globalFlags) (*replaySession, 
 			return nil, usageError{&config.Error{Key: "nats", Err: err}}
 		}
 		if r.Source("data-dir") == config.FromFlag {
-			return nil, usageError{errors.New("give --nats (a running system) or --data-dir (a stopped one), not both; with --nats, --snapshots names a snapshot store")}
+			nats := "--nats"
+			if src := r.Source("nats"); src != config.FromFlag {
+				// Named where it came from: the user typed only --data-dir.
+				nats = fmt.Sprintf("nats (set by the config file %s)", r.File)
+				if src == config.FromEnv {
+					nats = "nats (set by $" + config.EnvName("nats") + ")"
+				}
+			}
+			return nil, usageError{fmt.Errorf("give --nats (a running system) or --data-dir (a stopped one), not both: %s and --data-dir are both set; with --nats, --snapshots names a snapshot store", nats)}
 		}
 	} else if strings.TrimSpace(f.dataDir) == "" {
 		return nil, usageError{&config.Error{Key: "data-dir", Err: errors.New("must not be empty")}}

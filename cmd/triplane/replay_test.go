@@ -201,8 +201,14 @@ func TestReplayUsageErrors(t *testing.T) {
 		})
 	}
 
+	// --nats from the environment is named as such, next to --data-dir.
+	p := start(t, []string{"TRIPLANE_NATS=nats://127.0.0.1:1"}, "replay", "list", "--data-dir", missing)
+	if code, _ := p.wait(30 * time.Second); code != 2 || !strings.Contains(p.stderr.String(), "$TRIPLANE_NATS") {
+		t.Errorf("nats from the environment and --data-dir: exit %d\n%s", code, p.stderr.String())
+	}
+
 	// Runtime problems exit 1 and name the problem.
-	p := start(t, nil, "replay", "list", "--data-dir", missing)
+	p = start(t, nil, "replay", "list", "--data-dir", missing)
 	if code, _ := p.wait(30 * time.Second); code != 1 || !strings.Contains(p.stderr.String(), missing+" does not exist") {
 		t.Errorf("missing data dir: exit %d\n%s", code, p.stderr.String())
 	}
