@@ -185,10 +185,12 @@ func (p *Placement) host(ctx context.Context) {
 	defer stop()
 	for {
 		p.syncHosted(ctx)
+		_, lease := p.reg.Held()
 		select {
 		case <-ctx.Done():
 			return
 		case <-changed:
+		case <-lease: // lost, or back
 		case <-retry.C: // retries failed starts
 		}
 	}
@@ -201,6 +203,13 @@ func (p *Placement) syncHosted(ctx context.Context) {
 	me := p.reg.NodeID()
 	want := map[actors.Address]bool{}
 	items, _ := p.assigns.List()
+	// Without its lease the node is gone for etcd: the leader moves its
+	// actors to other nodes, and the assignments seen here (a watch cut
+	// off with the lease) are stale. It stops hosting until it holds a
+	// lease again, rather than run actors other nodes now run too.
+	if held, _ := p.reg.Held(); !held {
+		items = nil
+	}
 	for _, it := range items {
 		if it.Value.NodeId == me {
 			want[actors.Address{Kind: it.Value.GetActor().GetKind(), ID: it.Value.GetActor().GetId()}] = true

@@ -3,6 +3,7 @@ package control_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -275,4 +276,30 @@ func TestFencedLeaderHandsLeadershipOn(t *testing.T) {
 	eventually(t, 20*time.Second, "both nodes elected in turn", func() bool {
 		return counter(nodes[0].node.Metrics.Elected) > 0 && counter(nodes[1].node.Metrics.Elected) > 0
 	})
+}
+
+// A node cut off from etcd past its lease stops hosting: for etcd it is
+// gone and the leader gives its actors to other nodes, which must not find
+// them still running where they were. Once back, it hosts again what it is
+// given.
+func TestNodeWithoutLeaseStopsHosting(t *testing.T) {
+	e := planetest.StartEtcd(t)
+	ctx := ctxT(t)
+	j := openJournal(t, ctx)
+	p := startProxy(t, strings.TrimPrefix(e.Endpoints()[0], "http://"))
+	cut := startNode(t, ctx, j, []string{p.URL()}, "n1", time.Second)
+	other := startNode(t, ctx, j, e.Endpoints(), "n2", time.Second)
+	for i := range 4 {
+		if err := other.placement().Want(ctx, ledger.Kind, fmt.Sprint("acct-", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, 15*time.Second, "actors on both nodes", func() bool {
+		return len(cut.placement().Hosted()) > 0 && len(cut.placement().Hosted())+len(other.placement().Hosted()) == 4
+	})
+	p.Block()
+	eventually(t, 15*time.Second, "the cut-off node hosts nothing", func() bool { return len(cut.placement().Hosted()) == 0 })
+	eventually(t, 15*time.Second, "the other node hosts every actor", func() bool { return len(other.placement().Hosted()) == 4 })
+	p.Unblock()
+	eventually(t, 20*time.Second, "the node back registered", func() bool { held, _ := cut.node.Registrar.Held(); return held })
 }

@@ -100,11 +100,14 @@ type Registrar struct {
 	// on the dead lease, and a deregistration cannot fall between a
 	// write's copy of the instances and its commit. Waiting for it honours
 	// the waiter's context; every write under it is bounded by the TTL.
-	wlock     chan struct{}
-	mu        sync.Mutex
-	lease     clientv3.LeaseID
-	gen       uint64
-	changed   chan struct{} // closed when the lease changes
+	wlock   chan struct{}
+	mu      sync.Mutex
+	lease   clientv3.LeaseID
+	gen     uint64
+	changed chan struct{} // closed when the lease changes
+	// lost is closed when the current lease is found lost (its
+	// keepalives ended), before a new one is granted; replaced then.
+	lost      chan struct{}
 	node      *triplanev1.NodeInfo
 	instances map[string]*triplanev1.InstanceInfo // by key
 	closed    bool
@@ -122,7 +125,7 @@ func StartRegistrar(ctx context.Context, cfg RegistrarConfig) (*Registrar, error
 	if err := cfg.defaults(); err != nil {
 		return nil, err
 	}
-	r := &Registrar{cfg: cfg, keys: Keys{cfg.Namespace}, changed: make(chan struct{}), wlock: make(chan struct{}, 1),
+	r := &Registrar{cfg: cfg, keys: Keys{cfg.Namespace}, changed: make(chan struct{}), lost: make(chan struct{}), wlock: make(chan struct{}, 1),
 		node:      proto.Clone(cfg.Node).(*triplanev1.NodeInfo),
 		instances: map[string]*triplanev1.InstanceInfo{}, done: make(chan struct{}),
 		log: cfg.Logger.With("node_id", cfg.Node.GetIdentity().GetNodeId())}
@@ -160,6 +163,21 @@ func (r *Registrar) Lease() (clientv3.LeaseID, uint64, <-chan struct{}) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.lease, r.gen, r.changed
+}
+
+// Held reports whether the current lease is believed alive, and returns a
+// channel closed when it is found lost. Between the loss and the next
+// grant the node is, for etcd, gone: its registrations expired and a
+// placement leader elsewhere may give its actors to other nodes.
+func (r *Registrar) Held() (bool, <-chan struct{}) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	select {
+	case <-r.lost:
+		return false, r.changed
+	default:
+		return true, r.lost
+	}
 }
 
 // lockWrites takes the write lock, or fails when ctx ends first.
@@ -210,6 +228,11 @@ func (r *Registrar) grant(ctx context.Context) error {
 	r.lease, r.gen = lr.ID, gen
 	close(r.changed)
 	r.changed = make(chan struct{})
+	select {
+	case <-r.lost:
+		r.lost = make(chan struct{})
+	default:
+	}
 	r.mu.Unlock()
 	r.cfg.Metrics.LeaseGranted.Inc()
 	r.log.Info("registered", "lease", fmt.Sprintf("%x", lr.ID), "ttl_s", lr.TTL, "generation", gen)
@@ -248,6 +271,9 @@ func (r *Registrar) run(ctx context.Context) {
 			return
 		}
 		r.cfg.Metrics.LeaseLost.Inc()
+		r.mu.Lock()
+		close(r.lost)
+		r.mu.Unlock()
 		r.log.Warn("lease lost; the node keeps running and registers again on a new lease", "lease", fmt.Sprintf("%x", lease), "err", err)
 		// The old lease may still live if etcd was only unreachable:
 		// revoke it so stale keys and election entries go at once.
