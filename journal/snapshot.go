@@ -324,6 +324,37 @@ func (s *Snapshots) Newest(fn func(kind, id string, snap *triplanev1.Snapshot, e
 	return flush()
 }
 
+// NewestRecord returns the newest snapshot record of the actor, valid or
+// not (the error says why not), as Newest gives it; ErrNoSnapshot when
+// the actor has none.
+func (s *Snapshots) NewestRecord(kind, id string) (_ *triplanev1.Snapshot, err error) {
+	defer markCorrupt(&err)
+	if err := s.rlock(); err != nil {
+		return nil, err
+	}
+	defer s.mu.RUnlock()
+	p := actorPrefix(kind, id)
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: p, UpperBound: upper(p)})
+	if err != nil {
+		return nil, fmt.Errorf("snapshots: %w", err)
+	}
+	defer it.Close()
+	for ok := it.Last(); ok; ok = it.Prev() {
+		if !ownKey(p, it.Key()) {
+			continue
+		}
+		val, err := it.ValueAndErr()
+		if err != nil {
+			return nil, fmt.Errorf("snapshots: read %s: %w", it.Key(), err)
+		}
+		return decodeSnapshot(val)
+	}
+	if err := it.Error(); err != nil {
+		return nil, fmt.Errorf("snapshots: %w", err)
+	}
+	return nil, ErrNoSnapshot
+}
+
 // Corrupt overwrites the newest snapshot of an actor with bytes that fail
 // their checksum. Tests and fault drills use it; nothing else should.
 func (s *Snapshots) Corrupt(kind, id string) error {

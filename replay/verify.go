@@ -126,14 +126,13 @@ func (r *Replayer) Verify(ctx context.Context) (*VerifyReport, error) {
 	if err != nil {
 		return nil, fmt.Errorf("replay: verify: %w", err)
 	}
-	type snapRec struct {
-		snap *triplanev1.Snapshot
-		err  error
-	}
-	snaps := map[actors.Address]snapRec{}
+	// Which actors have snapshots; each one's record is read when its
+	// actor is checked, so that memory holds one state at a time, not the
+	// whole store's.
+	snaps := map[actors.Address]bool{}
 	if r.Snapshots != nil {
-		err := r.Snapshots.Newest(func(kind, id string, snap *triplanev1.Snapshot, err error) error {
-			snaps[actors.Address{Kind: kind, ID: id}] = snapRec{snap, err}
+		err := r.Snapshots.Newest(func(kind, id string, _ *triplanev1.Snapshot, _ error) error {
+			snaps[actors.Address{Kind: kind, ID: id}] = true
 			return nil
 		})
 		if err != nil {
@@ -170,8 +169,13 @@ func (r *Replayer) Verify(ctx context.Context) (*VerifyReport, error) {
 		if err := ctx.Err(); err != nil {
 			return nil, fmt.Errorf("replay: verify: %w", err)
 		}
-		s, hasSnap := snaps[a]
-		c := r.verifyActor(ctx, a.Kind, a.ID, byActor[a], hasSnap, s.snap, s.err)
+		var snap *triplanev1.Snapshot
+		var snapErr error
+		hasSnap := snaps[a]
+		if hasSnap {
+			snap, snapErr = r.Snapshots.NewestRecord(a.Kind, a.ID)
+		}
+		c := r.verifyActor(ctx, a.Kind, a.ID, byActor[a], hasSnap, snap, snapErr)
 		if c.Status == "" {
 			c.Status = StatusOK
 		}
