@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -60,9 +61,12 @@ type Placement struct {
 	assigns *Cache[*triplanev1.PlacementRecord]
 	epoch   atomic.Int64 // leader epoch while leading, else 0
 
+	// hosted is changed only by the host goroutine (and Close, after it
+	// ended), which starts and stops actors without holding hmu: a start
+	// may replay a long journal, and Hosted must not wait for it.
 	hmu      sync.Mutex
 	hosted   map[actors.Address]bool
-	starting *startBackoff[actors.Address] // under hmu
+	starting *startBackoff[actors.Address] // the host goroutine's
 
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -216,23 +220,27 @@ func (p *Placement) syncHosted(ctx context.Context) {
 		}
 	}
 	p.hmu.Lock()
-	defer p.hmu.Unlock()
-	for a := range p.hosted {
+	hosted := maps.Clone(p.hosted)
+	p.hmu.Unlock()
+	for a := range hosted {
 		if !want[a] {
 			if err := p.cfg.Hoster.StopActor(ctx, a); err != nil {
 				p.log.Warn("stop actor", "actor", a, "err", err)
 			}
+			p.hmu.Lock()
 			delete(p.hosted, a)
+			p.hmu.Unlock()
 			p.log.Info("stopped hosting", "actor", a)
 		}
 	}
 	p.starting.keep(want)
 	now := p.cfg.Now()
 	for a := range want {
-		if p.hosted[a] || !p.starting.due(a, now) {
+		if hosted[a] || !p.starting.due(a, now) {
 			continue
 		}
-		// Bounded: a start replays the actor's journal, and hmu is held.
+		// Bounded: a start replays the actor's journal, and the next
+		// changes of placement wait for it.
 		sctx, cancel := context.WithTimeout(ctx, startTimeout)
 		err := p.cfg.Hoster.StartActor(sctx, a)
 		cancel()
@@ -243,7 +251,9 @@ func (p *Placement) syncHosted(ctx context.Context) {
 			continue
 		}
 		p.starting.forget(a)
+		p.hmu.Lock()
 		p.hosted[a] = true
+		p.hmu.Unlock()
 		p.log.Info("hosting", "actor", a)
 	}
 }
