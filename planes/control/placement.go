@@ -483,12 +483,21 @@ func FencedTxn(ctx context.Context, cli *clientv3.Client, leaderKey string, epoc
 }
 
 // State asks the placement actor for the group's journaled state (on any
-// node with a host: it recovers the actor from the journal).
+// node with a host: it recovers the actor from the journal). Off the
+// leader the actor is released after the answer: the leader appends to
+// the journal elsewhere, and a copy kept here would answer the next call
+// with what it recovered the first time.
 func (p *Placement) State(ctx context.Context) (*triplanev1.PlacementState, error) {
 	if p.cfg.Host == nil {
 		return nil, errors.New("control: no actor host")
 	}
-	r, err := p.cfg.Host.Request(ctx, actors.Address{Kind: placement.Kind, ID: p.cfg.Group}, &triplanev1.PlacementGet{})
+	addr := actors.Address{Kind: placement.Kind, ID: p.cfg.Group}
+	r, err := p.cfg.Host.Request(ctx, addr, &triplanev1.PlacementGet{})
+	if _, leading := p.Leader(); !leading {
+		if rerr := p.cfg.Host.Release(ctx, addr); rerr != nil {
+			p.log.Debug("release the placement actor after a read", "err", rerr)
+		}
+	}
 	if err != nil {
 		return nil, err
 	}

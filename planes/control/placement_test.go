@@ -303,3 +303,34 @@ func TestNodeWithoutLeaseStopsHosting(t *testing.T) {
 	p.Unblock()
 	eventually(t, 20*time.Second, "the node back registered", func() bool { held, _ := cut.node.Registrar.Held(); return held })
 }
+
+// State read on a node that does not lead is the journal's, every time,
+// not the copy that node recovered on its first read.
+func TestStateOffTheLeaderIsCurrent(t *testing.T) {
+	e := planetest.StartEtcd(t)
+	ctx := ctxT(t)
+	j := openJournal(t, ctx)
+	nodes := []*testNode{
+		startNode(t, ctx, j, e.Endpoints(), "n1", 2*time.Second),
+		startNode(t, ctx, j, e.Endpoints(), "n2", 2*time.Second),
+	}
+	var follower *testNode
+	eventually(t, 10*time.Second, "a leader", func() bool {
+		for i, n := range nodes {
+			if _, ok := n.placement().Leader(); ok {
+				follower = nodes[1-i]
+				return true
+			}
+		}
+		return false
+	})
+	for i := range 2 {
+		if err := follower.placement().Want(ctx, ledger.Kind, fmt.Sprint("acct-", i)); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, 10*time.Second, "the follower reads the new assignment", func() bool {
+			st, err := follower.placement().State(ctx)
+			return err == nil && len(st.Assignments) == i+1
+		})
+	}
+}
