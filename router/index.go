@@ -185,6 +185,21 @@ func (ix *Index) Blocks(worker string) map[uint64]bool {
 	return out
 }
 
+// BlocksOf calls fn with each hash the index holds for a worker, in no
+// particular order, until fn returns false; it allocates nothing (checks
+// compare an index with a worker's cache this way).
+func (ix *Index) BlocksOf(worker string, fn func(hash uint64) bool) {
+	w, ok := ix.ids[worker]
+	if !ok {
+		return
+	}
+	for e := ix.workers[w].first; e != nilEntry; e = ix.ents[e].wnext {
+		if !fn(ix.ents[e].hash) {
+			return
+		}
+	}
+}
+
 // worker returns a worker's slot, interning it on first sight in the
 // lowest free slot.
 func (ix *Index) worker(name string) int32 {

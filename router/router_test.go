@@ -50,6 +50,17 @@ func TestGapsDuplicatesAndReset(t *testing.T) {
 	if b := ix.Blocks("w"); len(b) != 2 || !b[7] || ix.LastEvent("w") != 9 {
 		t.Fatalf("after reset: %v", b)
 	}
+	var walked []uint64
+	ix.BlocksOf("w", func(h uint64) bool { walked = append(walked, h); return true })
+	if slices.Sort(walked); !slices.Equal(walked, []uint64{7, 8}) {
+		t.Fatalf("BlocksOf walked %v, want 7 and 8", walked)
+	}
+	walked = walked[:0]
+	ix.BlocksOf("w", func(h uint64) bool { walked = append(walked, h); return false })
+	ix.BlocksOf("nobody", func(uint64) bool { t.Fatal("a block of an unknown worker"); return false })
+	if len(walked) != 1 {
+		t.Fatalf("BlocksOf went on after false: %v", walked)
+	}
 	ix.RemoveWorker("w")
 	if ix.Len() != 0 || len(ix.Overlap([]uint64{7})) != 0 {
 		t.Fatal("removed worker still indexed")

@@ -572,18 +572,19 @@ func (s *servingRun) checkIndex() {
 	}
 	for _, id := range s.order {
 		wk := s.workers[id]
-		got, want := s.ix.Blocks(id), wk.eng.Cached()
-		same := len(got) == len(want)
-		for h := range got {
-			if _, ok := want[h]; !ok {
-				same = false
-				break
-			}
-		}
-		if !same {
+		// The same sets: as many blocks (the index holds a worker's block
+		// once), each of them cached. Walked in place: copying both sets
+		// into maps was 2% of a run.
+		got, same := 0, true
+		s.ix.BlocksOf(id, func(h uint64) bool {
+			got++
+			same = wk.eng.IsCached(h)
+			return same
+		})
+		if !same || got != wk.eng.CachedLen() {
 			st := s.seq.Stats()
 			s.fail(fmt.Errorf("invariant index: once quiet the router holds %d blocks of %s, the worker %d (messages lost %d, repairs %d, dumps %d)",
-				len(got), id, len(want), s.bus.Lost, st.Resends, st.Dumps))
+				len(s.ix.Blocks(id)), id, wk.eng.CachedLen(), s.bus.Lost, st.Resends, st.Dumps))
 			return
 		}
 	}

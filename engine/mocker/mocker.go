@@ -355,6 +355,16 @@ func (e *Engine) Load() engine.Load {
 // cache: the truth a router's index should converge to.
 func (e *Engine) Cached() map[uint64]uint64 { return e.pool.Cached() }
 
+// IsCached reports whether the block with the given hash is in the prefix
+// cache, and CachedLen how many blocks are: Cached without the copy.
+func (e *Engine) IsCached(hash uint64) bool {
+	_, ok := e.pool.cached[hash]
+	return ok
+}
+
+// CachedLen is the number of blocks in the prefix cache.
+func (e *Engine) CachedLen() int { return len(e.pool.cached) }
+
 // BlockBytes returns the contents of the cached block with the given hash.
 func (e *Engine) BlockBytes(hash uint64) ([]byte, bool) {
 	b, ok := e.pool.cached[hash]

@@ -131,6 +131,12 @@ func TestEvictionIsLRUAndEventsMatchTheCache(t *testing.T) {
 		if !view[h] {
 			t.Fatalf("block %x cached but never announced", h)
 		}
+		if !e.IsCached(h) {
+			t.Fatalf("block %x in Cached but not IsCached", h)
+		}
+	}
+	if e.CachedLen() != len(truth) || e.IsCached(12345) {
+		t.Fatalf("CachedLen %d, Cached %d; IsCached of an unknown hash %v", e.CachedLen(), len(truth), e.IsCached(12345))
 	}
 	// The newest request's blocks survive; the oldest were evicted.
 	_ = e.Add(engine.Request{ID: "again-f", Tokens: prompt(64, 500), MaxTokens: 1})
