@@ -85,6 +85,13 @@ type LoadAggregator struct {
 	mu      sync.Mutex
 	latest  map[string]loadEntry
 	evicted uint64
+	// view is what Latest returns, shared (read-only) until a report is
+	// kept or dropped: routers ask once per request, reports change a few
+	// times a second.
+	view map[string]*triplanev1.LoadReport
+	// oldest is no later than any kept report's seen (zero: unknown), so a
+	// sweep before oldest+TTL has nothing to drop.
+	oldest time.Time
 }
 
 var _ LoadSource = (*LoadAggregator)(nil)
@@ -147,38 +154,54 @@ func (a *LoadAggregator) Observe(r *triplanev1.LoadReport) {
 		}
 	}
 	a.latest[r.InstanceId] = loadEntry{r: r, seen: now}
+	a.view = nil
+	if a.oldest.IsZero() || now.Before(a.oldest) {
+		a.oldest = now
+	}
 }
 
 func (a *LoadAggregator) sweepLocked(now time.Time) {
+	if !a.oldest.IsZero() && now.Sub(a.oldest) <= a.cfg.TTL {
+		return // nothing kept is older than oldest
+	}
+	var oldest time.Time
 	for id, e := range a.latest {
 		if now.Sub(e.seen) > a.cfg.TTL {
 			delete(a.latest, id)
 			a.evicted++
+			a.view = nil
+		} else if oldest.IsZero() || e.seen.Before(oldest) {
+			oldest = e.seen
 		}
 	}
+	a.oldest = oldest
 }
 
 // Loads returns the latest report of every instance heard within the TTL.
 func (a *LoadAggregator) Loads() map[string]*triplanev1.LoadReport {
-	out := a.Latest()
-	for id, r := range out {
+	latest := a.Latest()
+	out := make(map[string]*triplanev1.LoadReport, len(latest))
+	for id, r := range latest {
 		out[id] = proto.Clone(r).(*triplanev1.LoadReport)
 	}
 	return out
 }
 
-// Latest is Loads without copying the reports, which must then be read
-// only: a kept report is never changed (a newer one replaces it). Routers
-// call it once per request.
+// Latest is Loads without copying: the map and the reports must be read
+// only. A kept report is never changed (a newer one replaces it), and the
+// map is shared by the calls until the reports kept change (a new map
+// then): routers call it once per request.
 func (a *LoadAggregator) Latest() map[string]*triplanev1.LoadReport {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.sweepLocked(a.cfg.Now())
-	out := make(map[string]*triplanev1.LoadReport, len(a.latest))
-	for id, e := range a.latest {
-		out[id] = e.r
+	if a.view == nil {
+		a.view = make(map[string]*triplanev1.LoadReport, len(a.latest))
+		for id, e := range a.latest {
+			a.view[id] = e.r
+		}
 	}
-	return out
+	return a.view
 }
 
 // Evicted counts instances dropped for silence or for room.

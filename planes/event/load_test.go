@@ -105,3 +105,48 @@ func TestLoadReportsAggregatedAndAgedOut(t *testing.T) {
 		t.Fatalf("evicted %d", agg.Evicted())
 	}
 }
+
+// Latest shares one map between calls until the kept reports change, and
+// still ages out the silent.
+func TestLatestSharedUntilChanged(t *testing.T) {
+	clock := &fakeClock{now: time.Unix(1000, 0)}
+	v := event.NewLoadView(event.AggregatorConfig{TTL: 3 * time.Second, Now: clock.Now})
+	v.Observe(&triplanev1.LoadReport{InstanceId: "w1", Seq: 1})
+	clock.Add(time.Second)
+	v.Observe(&triplanev1.LoadReport{InstanceId: "w2", Seq: 1})
+	a, b := v.Latest(), v.Latest()
+	if len(a) != 2 || a["w1"].Seq != 1 || a["w2"].Seq != 1 {
+		t.Fatalf("Latest %v", a)
+	}
+	b["w3"] = nil // a caller breaking the contract, to tell the maps apart
+	if len(a) != 3 {
+		t.Fatal("two calls without a change gave different maps")
+	}
+	delete(b, "w3")
+	v.Observe(&triplanev1.LoadReport{InstanceId: "w1", Seq: 2})
+	if c := v.Latest(); c["w1"].Seq != 2 || len(c) != 2 {
+		t.Fatalf("after a newer report: %v", c)
+	}
+	if a["w1"].Seq != 1 {
+		t.Fatal("an earlier Latest changed under its caller")
+	}
+	// Both last reported at 1001 s; w1 reports again at 1003 s, and at
+	// 1004.5 s only w2 has been silent past the TTL.
+	clock.Add(2 * time.Second)
+	if c := v.Latest(); len(c) != 2 {
+		t.Fatalf("within the TTL: %v", c)
+	}
+	v.Observe(&triplanev1.LoadReport{InstanceId: "w1", Seq: 3})
+	clock.Add(1500 * time.Millisecond)
+	c := v.Latest()
+	if len(c) != 1 || c["w1"].Seq != 3 || v.Evicted() != 1 {
+		t.Fatalf("after w2's silence: %v, evicted %d", c, v.Evicted())
+	}
+	if l := v.Loads(); len(l) != 1 || l["w1"] == c["w1"] {
+		t.Fatal("Loads must copy the map and its reports")
+	}
+	clock.Add(4 * time.Second)
+	if c := v.Latest(); len(c) != 0 || v.Evicted() != 2 {
+		t.Fatalf("after everyone's silence: %v", c)
+	}
+}
