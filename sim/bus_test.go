@@ -157,4 +157,14 @@ func TestBusEdges(t *testing.T) {
 	if _, err := c.Subscribe("x", "", nil); err == nil {
 		t.Fatal("a nil handler was accepted")
 	}
+	// Malformed subjects are refused, also once other subjects' routes are
+	// cached.
+	for _, bad := range []string{"", "kv..a", "kv.*", "kv.>", "kv.a."} {
+		if err := c.Publish(bad, &triplanev1.KvEventBatch{}); err == nil {
+			t.Fatalf("published on %q", bad)
+		}
+		if err := c.Request(bad, &triplanev1.KvEventBatch{}, time.Second, func(proto.Message, error) {}); err == nil {
+			t.Fatalf("requested on %q", bad)
+		}
+	}
 }
