@@ -408,10 +408,17 @@ func TestIndexMatchesReference(t *testing.T) {
 						}
 					}
 					want := ref.overlap(q)
-					for _, c := range ix.WithOverlap(q, cands) {
+					with := ix.WithOverlap(q, cands)
+					for _, c := range with {
 						if c.Overlap != want[c.ID] {
 							t.Fatalf("op %d: WithOverlap %s = %d, want %d", op, c.ID, c.Overlap, want[c.ID])
 						}
+					}
+					if cands[1].Overlap != 7 {
+						t.Fatalf("op %d: WithOverlap changed its argument", op)
+					}
+					if ix.SetOverlap(q, cands); !slices.Equal(cands, with) {
+						t.Fatalf("op %d: SetOverlap %v, WithOverlap %v", op, cands, with)
 					}
 				}
 				check(op)
@@ -437,7 +444,7 @@ func TestIndexMatchesReference(t *testing.T) {
 }
 
 // Steady-state ingestion and decisions allocate nothing (bar WithOverlap's
-// copy of the candidates).
+// copy of the candidates; SetOverlap fills them in place).
 func TestIndexSteadyStateAllocations(t *testing.T) {
 	ix := router.NewIndex(1000)
 	id := uint64(0)
@@ -457,6 +464,9 @@ func TestIndexSteadyStateAllocations(t *testing.T) {
 	cands := []router.Candidate{{ID: "a"}, {ID: "b"}}
 	if n := testing.AllocsPerRun(100, func() { ix.WithOverlap(q, cands) }); n > 1 {
 		t.Fatalf("WithOverlap: %v allocations", n)
+	}
+	if n := testing.AllocsPerRun(100, func() { ix.SetOverlap(q, cands) }); n != 0 {
+		t.Fatalf("SetOverlap: %v allocations", n)
 	}
 }
 

@@ -69,16 +69,23 @@ func RequestOf(hashes []uint64) Request {
 // WithOverlap returns cands with each worker's overlap with hashes filled
 // in from the index.
 func (ix *Index) WithOverlap(hashes []uint64, cands []Candidate) []Candidate {
+	out := slices.Clone(cands)
+	ix.SetOverlap(hashes, out)
+	return out
+}
+
+// SetOverlap is WithOverlap in place: it fills in each candidate's overlap
+// with hashes (a router building its candidates per request owns them, and
+// copying them again was an allocation per request).
+func (ix *Index) SetOverlap(hashes []uint64, cands []Candidate) {
 	var buf [64]int32
 	depth := ix.depths(hashes, buf[:0])
-	out := slices.Clone(cands)
-	for i := range out {
-		out[i].Overlap = 0
-		if w, ok := ix.ids[out[i].ID]; ok {
-			out[i].Overlap = int(depth[w])
+	for i := range cands {
+		cands[i].Overlap = 0
+		if w, ok := ix.ids[cands[i].ID]; ok {
+			cands[i].Overlap = int(depth[w])
 		}
 	}
-	return out
 }
 
 // Params tune the kv policy. A candidate's cost is

@@ -341,8 +341,8 @@ func (s *servingRun) route(req *simRequest) {
 	// The routing shell's view, as the frontend's: discovery's workers,
 	// each one's last load report corrected by the shell's own flights,
 	// and the index's overlap.
-	// The candidates go into a buffer reused by every route: WithOverlap
-	// returns a new slice and Command copies what it needs.
+	// The candidates go into a buffer reused by every route: Command
+	// copies what it needs.
 	cands := s.cands[:0]
 	loads := s.loads.Latest()
 	for _, id := range s.order {
@@ -352,7 +352,7 @@ func (s *servingRun) route(req *simRequest) {
 		cands = append(cands, s.flights.Candidate(id, router.ReportOf(loads[id])))
 	}
 	s.cands = cands
-	cands = s.ix.WithOverlap(req.hashes, cands)
+	s.ix.SetOverlap(req.hashes, cands)
 	cmd := routerm.Command(req.id+"."+strconv.Itoa(req.attempts), router.PolicyKV, router.Params{}, req.hashes, cands)
 	s.r.Host.Deliver(s.router, cmd.RequestId, cmd, func(m proto.Message, err error) {
 		switch {

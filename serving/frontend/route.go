@@ -350,7 +350,7 @@ func (r *Router) route(ctx context.Context, requestID string, hashes []uint64, e
 		byID[id] = in
 		cands = append(cands, r.flights.Candidate(id, router.ReportOf(loads[id])))
 	}
-	cands = r.ix.WithOverlap(hashes, cands)
+	r.ix.SetOverlap(hashes, cands)
 	r.mu.Unlock()
 	if len(cands) == 0 {
 		return nil, 0, nil, ErrNoWorker
