@@ -72,20 +72,20 @@ func workerSubject(b *event.Bus, namespace, kind, worker string) (string, error)
 }
 
 // apply changes blocks by one event.
-func apply(blocks map[uint64]Block, e *triplanev1.KvEvent) {
+func apply(blocks *blockSet, e *triplanev1.KvEvent) {
 	switch k := e.Kind.(type) {
 	case *triplanev1.KvEvent_Stored:
 		parent, has := k.Stored.GetParentHash(), k.Stored.ParentHash != nil
 		for _, h := range k.Stored.BlockHashes {
-			blocks[h] = Block{Parent: parent, HasParent: has}
+			blocks.set(h, Block{Parent: parent, HasParent: has})
 			parent, has = h, true
 		}
 	case *triplanev1.KvEvent_Removed:
 		for _, h := range k.Removed.BlockHashes {
-			delete(blocks, h)
+			blocks.del(h)
 		}
 	case *triplanev1.KvEvent_Cleared:
-		clear(blocks)
+		blocks.clear()
 	}
 }
 

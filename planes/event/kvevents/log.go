@@ -2,7 +2,6 @@ package kvevents
 
 import (
 	"google.golang.org/protobuf/proto"
-	"maps"
 
 	"github.com/triplane-dev/triplane/fault"
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
@@ -26,7 +25,7 @@ type Log struct {
 	faults    fault.Points
 	last      uint64                // latest event id
 	ring      []*triplanev1.KvEvent // ring[id % len]
-	blocks    map[uint64]Block
+	blocks    blockSet
 }
 
 // NewLog returns the log of worker's run epoch, which must be above 0 and
@@ -42,7 +41,7 @@ func NewLog(worker string, epoch uint64, ringSize, maxResend int, faults fault.P
 		maxResend = defaultMaxResend
 	}
 	return &Log{worker: worker, epoch: epoch, maxResend: maxResend, faults: faults,
-		ring: make([]*triplanev1.KvEvent, ringSize), blocks: map[uint64]Block{}}
+		ring: make([]*triplanev1.KvEvent, ringSize)}
 }
 
 // Size is the encoded size of the batch Append(e) would return now, so an
@@ -62,7 +61,7 @@ func (l *Log) Size(e *triplanev1.KvEvent) int {
 func (l *Log) Append(e *triplanev1.KvEvent) *triplanev1.KvEventBatch {
 	e.EventId = l.last + 1
 	l.last = e.EventId
-	apply(l.blocks, e)
+	apply(&l.blocks, e)
 	l.ring[e.EventId%uint64(len(l.ring))] = e
 	return l.batch(e)
 }
@@ -123,7 +122,7 @@ func (l *Log) Resend(req *triplanev1.KvResendRequest, budget int64) *triplanev1.
 		reply.Reply = &triplanev1.KvResendReply_Range{Range: r}
 		return reply
 	}
-	reply.Reply = &triplanev1.KvResendReply_Dump{Dump: dump(l.blocks, l.last)}
+	reply.Reply = &triplanev1.KvResendReply_Dump{Dump: dump(&l.blocks, l.last)}
 	return reply
 }
 
@@ -131,4 +130,4 @@ func (l *Log) Resend(req *triplanev1.KvResendRequest, budget int64) *triplanev1.
 func (l *Log) Last() uint64 { return l.last }
 
 // Blocks is a copy of the worker's blocks as its events describe them.
-func (l *Log) Blocks() map[uint64]Block { return maps.Clone(l.blocks) }
+func (l *Log) Blocks() map[uint64]Block { return l.blocks.toMap() }

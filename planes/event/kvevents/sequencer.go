@@ -1,6 +1,7 @@
 package kvevents
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"maps"
@@ -54,7 +55,7 @@ type workerView struct {
 	epoch     uint64
 	next      uint64 // next event id to apply
 	head      uint64 // highest id known to exist
-	blocks    map[uint64]Block
+	blocks    blockSet
 	pending   map[uint64]*triplanev1.KvEvent
 	repairing bool
 	failures  int    // failed resend requests in a row
@@ -129,7 +130,7 @@ func (s *Sequencer) view(worker string, epoch uint64) *workerView {
 			s.stats.DroppedWorkers++
 			return nil
 		}
-		v = &workerView{epoch: epoch, next: 1, blocks: map[uint64]Block{}, pending: map[uint64]*triplanev1.KvEvent{}}
+		v = &workerView{epoch: epoch, next: 1, pending: map[uint64]*triplanev1.KvEvent{}}
 		s.workers[worker] = v
 		return v
 	}
@@ -142,7 +143,7 @@ func (s *Sequencer) view(worker string, epoch uint64) *workerView {
 		// A repair under way goes on; its answer, of the old epoch, is
 		// ignored and the next request asks the new one.
 		v.epoch, v.next, v.head = epoch, 1, 0
-		clear(v.blocks)
+		v.blocks.clear()
 		clear(v.pending)
 		if s.cfg.OnReset != nil {
 			s.cfg.OnReset(worker, map[uint64]Block{}, 0)
@@ -187,13 +188,13 @@ func (s *Sequencer) drain(worker string, v *workerView) {
 func (s *Sequencer) apply(worker string, v *workerView, e *triplanev1.KvEvent) {
 	v.next = e.EventId + 1
 	v.head = max(v.head, e.EventId)
-	if st := e.GetStored(); st != nil && len(v.blocks)+len(st.BlockHashes) > s.cfg.MaxBlocksPerWorker {
+	if st := e.GetStored(); st != nil && v.blocks.len()+len(st.BlockHashes) > s.cfg.MaxBlocksPerWorker {
 		// More than any worker's pool holds: the event is taken in order
 		// but its blocks are not kept (here or in the index).
 		s.stats.DroppedBlocks += uint64(len(st.BlockHashes))
 		return
 	}
-	apply(v.blocks, e)
+	apply(&v.blocks, e)
 	s.stats.Applied++
 	if s.cfg.OnEvent != nil {
 		s.cfg.OnEvent(worker, e)
@@ -201,13 +202,13 @@ func (s *Sequencer) apply(worker string, v *workerView, e *triplanev1.KvEvent) {
 }
 
 // dumpBlocks fills blocks from a dump's, at most MaxBlocksPerWorker.
-func (s *Sequencer) dumpBlocks(blocks map[uint64]Block, d []*triplanev1.KvDumpBlock) {
+func (s *Sequencer) dumpBlocks(blocks *blockSet, d []*triplanev1.KvDumpBlock) {
 	if n := len(d) - s.cfg.MaxBlocksPerWorker; n > 0 {
 		s.stats.DroppedBlocks += uint64(n)
 		d = d[:s.cfg.MaxBlocksPerWorker]
 	}
 	for _, b := range d {
-		blocks[b.Hash] = Block{Parent: b.GetParentHash(), HasParent: b.ParentHash != nil}
+		blocks.set(b.Hash, Block{Parent: b.GetParentHash(), HasParent: b.ParentHash != nil})
 	}
 }
 
@@ -347,8 +348,8 @@ func (s *Sequencer) applyDump(worker string, v *workerView, d *triplanev1.KvDump
 	if d.EventId+1 < v.next {
 		return // older than what the view already has
 	}
-	clear(v.blocks)
-	s.dumpBlocks(v.blocks, d.Blocks)
+	v.blocks.clear()
+	s.dumpBlocks(&v.blocks, d.Blocks)
 	v.next = d.EventId + 1
 	v.head = max(v.head, d.EventId)
 	for id := range v.pending {
@@ -357,7 +358,7 @@ func (s *Sequencer) applyDump(worker string, v *workerView, d *triplanev1.KvDump
 		}
 	}
 	if s.cfg.OnReset != nil {
-		s.cfg.OnReset(worker, maps.Clone(v.blocks), d.EventId)
+		s.cfg.OnReset(worker, v.blocks.toMap(), d.EventId)
 	}
 	s.drain(worker, v)
 }
@@ -368,7 +369,7 @@ func (s *Sequencer) View() *triplanev1.KvView {
 	out := &triplanev1.KvView{}
 	for _, w := range slices.Sorted(maps.Keys(s.workers)) {
 		v := s.workers[w]
-		out.Workers = append(out.Workers, &triplanev1.KvWorkerView{WorkerId: w, Epoch: v.epoch, Dump: dump(v.blocks, v.next-1)})
+		out.Workers = append(out.Workers, &triplanev1.KvWorkerView{WorkerId: w, Epoch: v.epoch, Dump: dump(&v.blocks, v.next-1)})
 	}
 	return out
 }
@@ -388,11 +389,11 @@ func (s *Sequencer) Restore(view *triplanev1.KvView) (malformed int) {
 			continue
 		}
 		v := &workerView{epoch: wv.Epoch, next: wv.Dump.EventId + 1, head: wv.Dump.EventId,
-			blocks: make(map[uint64]Block, min(len(wv.Dump.Blocks), s.cfg.MaxBlocksPerWorker)), pending: map[uint64]*triplanev1.KvEvent{}}
-		s.dumpBlocks(v.blocks, wv.Dump.Blocks)
+			pending: map[uint64]*triplanev1.KvEvent{}}
+		s.dumpBlocks(&v.blocks, wv.Dump.Blocks)
 		s.workers[w] = v
 		if s.cfg.OnReset != nil {
-			s.cfg.OnReset(w, maps.Clone(v.blocks), wv.Dump.EventId)
+			s.cfg.OnReset(w, v.blocks.toMap(), wv.Dump.EventId)
 		}
 	}
 	return malformed
@@ -405,7 +406,7 @@ func (s *Sequencer) Blocks(worker string) (map[uint64]Block, uint64) {
 	if v == nil {
 		return map[uint64]Block{}, 0
 	}
-	return maps.Clone(v.blocks), v.next - 1
+	return v.blocks.toMap(), v.next - 1
 }
 
 // LastEventID is the id of the last event of worker the view reflects.
@@ -433,15 +434,16 @@ func (s *Sequencer) Stats() Stats { return s.stats }
 
 // dump lists blocks sorted by hash, so that the same blocks always give the
 // same message (the simulator compares runs).
-func dump(blocks map[uint64]Block, last uint64) *triplanev1.KvDump {
-	d := &triplanev1.KvDump{EventId: last, Blocks: make([]*triplanev1.KvDumpBlock, 0, len(blocks))}
-	for _, h := range slices.Sorted(maps.Keys(blocks)) {
-		b := &triplanev1.KvDumpBlock{Hash: h}
-		if blocks[h].HasParent {
-			p := blocks[h].Parent
-			b.ParentHash = &p
+func dump(blocks *blockSet, last uint64) *triplanev1.KvDump {
+	d := &triplanev1.KvDump{EventId: last, Blocks: make([]*triplanev1.KvDumpBlock, 0, blocks.len())}
+	blocks.each(func(h uint64, b Block) {
+		db := &triplanev1.KvDumpBlock{Hash: h}
+		if b.HasParent {
+			p := b.Parent
+			db.ParentHash = &p
 		}
-		d.Blocks = append(d.Blocks, b)
-	}
+		d.Blocks = append(d.Blocks, db)
+	})
+	slices.SortFunc(d.Blocks, func(a, b *triplanev1.KvDumpBlock) int { return cmp.Compare(a.Hash, b.Hash) })
 	return d
 }
