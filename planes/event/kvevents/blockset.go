@@ -5,9 +5,12 @@ package kvevents
 // without the map's costs on this path: blocks are stored and evicted at
 // event rate, and the runtime's map paid for the churn in tombstones,
 // growth and rehashing (5% of a serving simulation). An open-addressing
-// table with linear probing, kept at most half full, deleting by shifting
-// back the slots that probed past the deleted one (no tombstones), and
-// holding no pointers for the collector. Not safe for concurrent use.
+// table with linear probing, kept at most three quarters full (half full
+// doubled a pool's table and its cache misses for little shorter probes),
+// deleting by shifting back the slots that probed past the deleted one (no
+// tombstones), and holding no pointers for the collector. Under a pool's
+// churn (16 sets of 512 blocks, interleaved) it is about 1.7x faster than
+// the map, with fewer bytes. Not safe for concurrent use.
 type blockSet struct {
 	slots []blockSlot // len 0 or a power of two
 	n     int         // blocks held
@@ -69,7 +72,7 @@ func (s *blockSet) get(hash uint64) (Block, bool) {
 
 // set stores (or replaces) the block with the given hash.
 func (s *blockSet) set(hash uint64, b Block) {
-	if 2*(s.n+1) > len(s.slots) {
+	if 4*(s.n+1) > 3*len(s.slots) {
 		s.grow()
 	}
 	i, ok := s.find(hash)
