@@ -16,9 +16,9 @@ type pool struct {
 	blockBytes int
 	data       []byte
 	meta       []blockMeta
-	free       []int32          // never used, or released unregistered
-	cached     map[uint64]int32 // hash -> block
-	lruHead    int32            // least recently released
+	free       []int32    // never used, or released unregistered
+	cached     blockTable // hash -> block
+	lruHead    int32      // least recently released
 	lruTail    int32
 	lruCount   int
 	used       int // blocks with ref > 0
@@ -37,7 +37,7 @@ type blockMeta struct {
 
 func newPool(blocks, blockBytes int) *pool {
 	p := &pool{blockBytes: blockBytes, data: make([]byte, blocks*blockBytes), meta: make([]blockMeta, blocks),
-		cached: make(map[uint64]int32, blocks), lruHead: -1, lruTail: -1, nextEvent: 1}
+		lruHead: -1, lruTail: -1, nextEvent: 1}
 	p.free = make([]int32, blocks)
 	for i := range blocks {
 		p.free[i] = int32(blocks - 1 - i) // pop from the end: block 0 first
@@ -77,7 +77,7 @@ func (p *pool) Block(b int32) []byte {
 
 // lookup returns the cached block for hash and takes a reference on it.
 func (p *pool) lookup(hash uint64) (int32, bool) {
-	b, ok := p.cached[hash]
+	b, ok := p.cached.get(hash)
 	if !ok {
 		return 0, false
 	}
@@ -106,7 +106,7 @@ func (p *pool) alloc() (int32, bool) {
 		b = p.lruHead
 		p.lruRemove(b)
 		m := &p.meta[b]
-		delete(p.cached, m.hash)
+		p.cached.del(m.hash)
 		p.emit(engine.KVRemoved, m.hash, 0)
 		m.registered, m.hash, m.parent = false, 0, 0
 	default:
@@ -137,12 +137,11 @@ func (p *pool) release(b int32) {
 // another block already holds the hash (two sequences computed the same
 // block at once), the caller keeps its private copy unregistered.
 func (p *pool) register(b int32, hash, parent uint64) bool {
-	if _, dup := p.cached[hash]; dup {
+	if !p.cached.insert(hash, b) {
 		return false
 	}
 	m := &p.meta[b]
 	m.registered, m.hash, m.parent = true, hash, parent
-	p.cached[hash] = b
 	Fill(p.Block(b), hash)
 	p.emit(engine.KVStored, hash, parent)
 	return true
@@ -155,12 +154,11 @@ func (p *pool) adopt(b int32, hash, parent uint64) bool {
 	if !Verify(p.Block(b), hash) {
 		return false
 	}
-	if _, dup := p.cached[hash]; dup {
+	if !p.cached.insert(hash, b) {
 		return true
 	}
 	m := &p.meta[b]
 	m.registered, m.hash, m.parent = true, hash, parent
-	p.cached[hash] = b
 	p.emit(engine.KVStored, hash, parent)
 	return true
 }
@@ -223,10 +221,8 @@ func (p *pool) lruRemove(b int32) {
 
 // Cached returns the hashes of every registered block, for checks.
 func (p *pool) Cached() map[uint64]uint64 {
-	out := make(map[uint64]uint64, len(p.cached))
-	for h, b := range p.cached {
-		out[h] = p.meta[b].parent
-	}
+	out := make(map[uint64]uint64, p.cached.len())
+	p.cached.each(func(h uint64, b int32) { out[h] = p.meta[b].parent })
 	return out
 }
 
