@@ -402,7 +402,10 @@ func (e *Engine) Step() engine.Step {
 		st.DecodeSeqs++
 		e.generate(s)
 	}
-	e.scratch = append(e.scratch[:0], e.running...)
+	// Then prefill, over the same list: the decode loop only removed
+	// sequences from the running set (finished or preempted, no longer
+	// isRunning), and the rest keep their order there, so this visits what
+	// a fresh copy of the running set would.
 	for _, s := range e.scratch {
 		if !s.isRunning || s.computed >= s.prompt || budget == 0 {
 			continue
