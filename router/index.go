@@ -109,17 +109,25 @@ func (g Gap) String() string { return fmt.Sprintf("%s events %d..%d", g.Worker, 
 // or below the last applied id is a duplicate and ignored.
 func (ix *Index) Apply(worker string, ev engine.KVEvent) (gap *Gap) {
 	w := ix.worker(worker)
+	if last := ix.workers[w].lastEvent; ev.ID > last+1 {
+		gap = &Gap{Worker: worker, From: last + 1, To: ev.ID - 1}
+	}
+	if !ix.apply(w, ev) {
+		return nil
+	}
+	return gap
+}
+
+// apply is Apply to worker slot w, without the gap; false for a duplicate.
+func (ix *Index) apply(w int32, ev engine.KVEvent) bool {
 	ws := &ix.workers[w]
 	if ev.ID <= ws.lastEvent {
 		ix.Duplicates++
-		return nil
-	}
-	if ev.ID > ws.lastEvent+1 {
-		gap = &Gap{Worker: worker, From: ws.lastEvent + 1, To: ev.ID - 1}
+		return false
 	}
 	ws.lastEvent = ev.ID
 	ix.applyKind(w, ev)
-	return gap
+	return true
 }
 
 // ApplyRepair applies a resent event inside a gap: it is applied without
