@@ -17,7 +17,15 @@ const MaxHashesPerEvent = 4096
 // parent of 0 means the run starts a prompt. Real workers and the simulator
 // both publish through it.
 func FromEngine(evs []engine.KVEvent) []*triplanev1.KvEvent {
-	var out []*triplanev1.KvEvent
+	// Count the events first (the runs as grouped below), so that the
+	// list and the stored events each take one allocation: this runs for
+	// every engine iteration.
+	events, storedRuns := countRuns(evs)
+	if events == 0 {
+		return nil
+	}
+	out := make([]*triplanev1.KvEvent, 0, events)
+	slab := make([]storedEvent, storedRuns)
 	// Runs take turns (a stored run ends before a removed one starts and
 	// the other way round), so every run's hashes are consecutive in one
 	// backing array, each run capped at its length: one allocation for the
@@ -31,7 +39,12 @@ func FromEngine(evs []engine.KVEvent) []*triplanev1.KvEvent {
 		if !stored {
 			return
 		}
-		st := &storedEvent{}
+		var st *storedEvent
+		if len(slab) > 0 {
+			st, slab = &slab[0], slab[1:]
+		} else {
+			st = &storedEvent{} // not counted: cannot happen
+		}
 		st.stored.BlockHashes = run()
 		if runParent != 0 {
 			st.parent = runParent
@@ -82,6 +95,36 @@ func FromEngine(evs []engine.KVEvent) []*triplanev1.KvEvent {
 	flushStored()
 	flushRemoved()
 	return out
+}
+
+// countRuns counts the events FromEngine makes of evs, and the stored ones
+// among them, grouping them the same way.
+func countRuns(evs []engine.KVEvent) (events, stored int) {
+	var last uint64
+	run, kind := 0, engine.KVEventKind(0) // the open run's length and kind
+	for _, e := range evs {
+		switch e.Kind {
+		case engine.KVStored:
+			if kind == engine.KVStored && run < MaxHashesPerEvent && e.Parent == last {
+				run++
+			} else {
+				events, stored, run = events+1, stored+1, 1
+			}
+			last = e.Hash
+		case engine.KVRemoved:
+			if kind == engine.KVRemoved && run < MaxHashesPerEvent {
+				run++
+			} else {
+				events, run = events+1, 1
+			}
+		case engine.KVCleared:
+			events, run = events+1, 0
+		default:
+			continue
+		}
+		kind = e.Kind
+	}
+	return events, stored
 }
 
 // storedEvent is a stored event with its parts, allocated together.
