@@ -126,8 +126,23 @@ func validate(c *triplanev1.RouteRequest) error {
 	if math.IsNaN(c.WaitingPrefill) || math.IsInf(c.WaitingPrefill, 0) {
 		return fmt.Errorf("%w: waiting prefill %v must be finite", ErrInvalid, c.WaitingPrefill)
 	}
-	// A handful of candidates (the usual case) are checked pairwise rather
-	// than with a map allocated per command.
+	// Candidates in strictly increasing order of worker (as shells list
+	// them, and as Choose wants them) hold no worker twice: one pass.
+	sorted := true
+	for i, k := range c.Candidates {
+		if k.Worker == "" {
+			return fmt.Errorf("%w: candidate without a worker id", ErrInvalid)
+		}
+		if i > 0 && c.Candidates[i-1].Worker >= k.Worker {
+			sorted = false
+			break
+		}
+	}
+	if sorted {
+		return nil
+	}
+	// Else a handful of candidates (the usual case) are checked pairwise
+	// rather than with a map allocated per command.
 	var seen map[string]bool
 	if len(c.Candidates) > 16 {
 		seen = make(map[string]bool, len(c.Candidates))

@@ -2,6 +2,7 @@ package router_test
 
 import (
 	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -62,6 +63,10 @@ func TestDecideRejectsBadRequests(t *testing.T) {
 		{"no workers", req("x", "kv"), "no workers"},
 		{"bad policy", req("x", "fastest", w("a")), "unknown policy"},
 		{"dup worker", req("x", "kv", w("a"), w("a")), "offered twice"},
+		{"dup worker unsorted", req("x", "kv", w("b"), w("a"), w("c"), w("a")), "worker \"a\" offered twice"},
+		{"dup before empty", req("x", "kv", w("b"), w("b"), w("")), "worker \"b\" offered twice"},
+		{"empty after sorted", req("x", "kv", w("a"), w("b"), w("")), "without a worker id"},
+		{"dup worker of many", req("x", "kv", append(manyWorkers(20), w("w03"))...), "worker \"w03\" offered twice"},
 		{"empty worker", req("x", "kv", w("")), "without a worker id"},
 		{"negative weight", &triplanev1.RouteRequest{RequestId: "x", Policy: "kv", OverlapWeight: -1, Candidates: []*triplanev1.RouterCandidate{w("a")}}, "not negative"},
 		{"unknown command", &triplanev1.LedgerGet{}, "unknown command"},
@@ -76,6 +81,27 @@ func TestDecideRejectsBadRequests(t *testing.T) {
 	}
 	if err := m.Apply(s, &triplanev1.LedgerDeposited{}); err == nil {
 		t.Error("foreign event applied")
+	}
+}
+
+func manyWorkers(n int) []*triplanev1.RouterCandidate {
+	var out []*triplanev1.RouterCandidate
+	for i := range n {
+		out = append(out, &triplanev1.RouterCandidate{Worker: fmt.Sprintf("w%02d", i)})
+	}
+	return out
+}
+
+// Candidates in order, or not, many or few, without duplicates are taken.
+func TestDecideTakesDistinctWorkers(t *testing.T) {
+	m := routerm.Machine{}
+	s := m.Initial("r1")
+	w := func(id string) *triplanev1.RouterCandidate { return &triplanev1.RouterCandidate{Worker: id} }
+	many := manyWorkers(20)
+	for _, cands := range [][]*triplanev1.RouterCandidate{{w("a"), w("b")}, {w("b"), w("a"), w("c")}, many, append([]*triplanev1.RouterCandidate{many[19]}, many[:19]...)} {
+		if d := m.Decide(s, actors.Command{Msg: req("x", "kv", cands...)}); d.Err != nil {
+			t.Fatalf("%d candidates: %v", len(cands), d.Err)
+		}
 	}
 }
 
