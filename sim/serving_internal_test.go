@@ -2,6 +2,7 @@ package sim
 
 import (
 	"slices"
+	"strconv"
 	"testing"
 
 	"github.com/triplane-dev/triplane/engine/mocker"
@@ -28,5 +29,23 @@ func TestPromptPrefixHashes(t *testing.T) {
 	prompt := make([]uint32, 40)
 	if got, want := odd.blockHashes(prompt), mocker.BlockHashes(prompt, servingBlockSize); !slices.Equal(got, want) {
 		t.Fatalf("odd prefix: %x, want %x", got, want)
+	}
+}
+
+// request finds a request by its id and nothing by any other spelling.
+func TestServingRequestByID(t *testing.T) {
+	s := &servingRun{}
+	for i := range 120 {
+		s.reqs = append(s.reqs, &simRequest{id: "q" + strconv.Itoa(i)})
+	}
+	for i, r := range s.reqs {
+		if s.request(r.id) != r {
+			t.Fatalf("request %d not found by %q", i, r.id)
+		}
+	}
+	for _, id := range []string{"", "q", "x1", "q-1", "q+1", "q01", "q00", "q120", "q1a", "q99999999999999999999999", "1"} {
+		if r := s.request(id); r != nil {
+			t.Fatalf("%q found %s", id, r.id)
+		}
 	}
 }

@@ -369,15 +369,22 @@ func (s *servingRun) newWorker(id string, epoch int) *simWorker {
 
 func (s *servingRun) fail(err error) { s.problems = append(s.problems, err) }
 
-// request returns the request with the given id ("q" and its number), or
-// nil.
+// request returns the request with the given id ("q" and its number in
+// decimal, as the requests are named), or nil. The number is read by hand
+// and only in its one spelling (no sign, no leading zero), so the id is
+// that request's without comparing them.
 func (s *servingRun) request(id string) *simRequest {
-	if len(id) < 2 || id[0] != 'q' {
+	if len(id) < 2 || id[0] != 'q' || (id[1] == '0' && len(id) > 2) {
 		return nil
 	}
-	n, err := strconv.Atoi(id[1:])
-	if err != nil || n < 0 || n >= len(s.reqs) || s.reqs[n].id != id {
-		return nil
+	n := 0
+	for _, c := range []byte(id[1:]) {
+		if c < '0' || c > '9' {
+			return nil
+		}
+		if n = 10*n + int(c-'0'); n >= len(s.reqs) {
+			return nil
+		}
 	}
 	return s.reqs[n]
 }
