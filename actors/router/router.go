@@ -83,14 +83,17 @@ func decide(s *triplanev1.RouterState, c *triplanev1.RouteRequest, rnd uint64) a
 	if err != nil {
 		return actors.Decision{Err: err}
 	}
-	// The event, the decision's list of it and the reply in one allocation:
-	// this runs once per request.
+	// The event, the decision's list of it, the reply and the scores of a
+	// few candidates in one allocation: this runs once per request.
 	out := &decided{}
 	ev := &out.event
 	ev.RequestId, ev.Policy, ev.Worker, ev.Overlap = c.RequestId, string(policy), d.Worker, uint32(d.Overlap)
 	ev.Blocks, ev.Candidates, ev.Turn = c.Blocks, c.Candidates, s.Decisions
-	ev.Scores = make([]*triplanev1.RouteScore, len(d.Candidates))
-	scores := make([]triplanev1.RouteScore, len(d.Candidates)) // one allocation per decision
+	scores, ptrs := out.scores[:0], out.ptrs[:0]
+	if n := len(d.Candidates); n > len(out.scores) {
+		scores, ptrs = make([]triplanev1.RouteScore, 0, n), make([]*triplanev1.RouteScore, 0, n)
+	}
+	scores, ev.Scores = scores[:len(d.Candidates)], ptrs[:len(d.Candidates)]
 	for i, sc := range d.Candidates {
 		s := &scores[i]
 		s.Worker, s.Overlap, s.Cost = sc.ID, uint32(sc.Overlap), sc.Cost
@@ -101,11 +104,14 @@ func decide(s *triplanev1.RouterState, c *triplanev1.RouteRequest, rnd uint64) a
 	return actors.Decision{Events: out.events[:], Reply: &out.reply}
 }
 
-// decided holds what a decision returns.
+// decided holds what a decision returns, with room for the scores of a
+// few candidates.
 type decided struct {
 	event  triplanev1.RouteDecided
 	events [1]proto.Message
 	reply  triplanev1.RouteReply
+	scores [8]triplanev1.RouteScore
+	ptrs   [8]*triplanev1.RouteScore
 }
 
 func validate(c *triplanev1.RouteRequest) error {

@@ -99,8 +99,20 @@ func TestDecideTakesDistinctWorkers(t *testing.T) {
 	w := func(id string) *triplanev1.RouterCandidate { return &triplanev1.RouterCandidate{Worker: id} }
 	many := manyWorkers(20)
 	for _, cands := range [][]*triplanev1.RouterCandidate{{w("a"), w("b")}, {w("b"), w("a"), w("c")}, many, append([]*triplanev1.RouterCandidate{many[19]}, many[:19]...)} {
-		if d := m.Decide(s, actors.Command{Msg: req("x", "kv", cands...)}); d.Err != nil {
+		d := m.Decide(s, actors.Command{Msg: req("x", "kv", cands...)})
+		if d.Err != nil {
 			t.Fatalf("%d candidates: %v", len(cands), d.Err)
+		}
+		// Every candidate scored, whether the scores fit the decision's
+		// own room (8) or not.
+		scores := d.Events[0].(*triplanev1.RouteDecided).Scores
+		if len(scores) != len(cands) {
+			t.Fatalf("%d candidates, %d scores", len(cands), len(scores))
+		}
+		for i, sc := range scores {
+			if sc == nil || (i > 0 && scores[i-1].Worker >= sc.Worker) {
+				t.Fatalf("%d candidates: scores %v", len(cands), scores)
+			}
 		}
 	}
 }
