@@ -25,6 +25,20 @@ func TestCommandCarriesTheShellsView(t *testing.T) {
 	if c.Candidates[1].Worker != "b" {
 		t.Fatalf("second candidate %v", c.Candidates[1])
 	}
+	// More candidates than the command has room for beside it.
+	var many []router.Candidate
+	for i := range 20 {
+		many = append(many, router.Candidate{ID: string(rune('a' + i)), Active: i})
+	}
+	m := routerm.Command("req-3", router.PolicyKV, p, []uint64{1}, many)
+	if len(m.Candidates) != 20 {
+		t.Fatalf("%d candidates, want 20", len(m.Candidates))
+	}
+	for i, c := range m.Candidates {
+		if c.Worker != many[i].ID || int(c.Active) != i {
+			t.Fatalf("candidate %d: %v", i, c)
+		}
+	}
 	// No prompt blocks: no first hash, and the actor refuses no candidates.
 	if e := routerm.Command("req-2", router.PolicyKV, p, nil, nil); e.FirstHash != 0 || e.Blocks != 0 || len(e.Candidates) != 0 {
 		t.Fatalf("empty command %v", e)
