@@ -98,7 +98,7 @@ func (h *Host) recover(s *simActor) {
 		st := s.m.Initial(s.addr.ID)
 		if pos, ok := h.Disk.Newest(s.addr, h.j.Highest(s.addr).Seq, st); ok {
 			s.state, from = st, pos.Seq
-			h.w.Tracef("%s recovering from its snapshot at seq %d", s.addr, pos.Seq)
+			h.traceSeq(s.addr, " recovering from its snapshot at seq ", pos.Seq)
 		}
 	}
 	s.snap = from
@@ -112,7 +112,7 @@ func (h *Host) recover(s *simActor) {
 	s.up = true
 	s.timers = map[string]uint64{}
 	h.Recoveries++
-	h.w.Tracef("%s recovered at seq %d", s.addr, p.Seq)
+	h.traceSeq(s.addr, " recovered at seq ", p.Seq)
 	q := s.queue
 	s.queue = nil
 	for i, c := range q {
@@ -202,6 +202,13 @@ func (h *Host) handle(s *simActor, c pending) {
 	}
 }
 
+// traceSeq traces the line Tracef("%s"+text+"%d", a, seq) prints, built by
+// hand: recoveries and crashes come often enough (every run crashes actors
+// on purpose) that fmt's reflection showed.
+func (h *Host) traceSeq(a actors.Address, text string, seq uint64) {
+	h.w.traceLine(strconv.AppendUint(append(a.AppendTo(h.w.traceStamp()), text...), seq, 10))
+}
+
 func (h *Host) apply(s *simActor, events []proto.Message) {
 	for _, e := range events {
 		if err := s.m.Apply(s.state, e); err != nil {
@@ -244,7 +251,7 @@ func (h *Host) Crash(a actors.Address) {
 	}
 	s.inc++
 	s.state = nil
-	h.w.Tracef("%s crashed", a)
+	h.w.traceLine(append(a.AppendTo(h.w.traceStamp()), " crashed"...)) // Tracef("%s crashed"), without fmt
 	h.w.After(h.Restart, func() { h.recover(s) })
 }
 
