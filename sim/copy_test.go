@@ -6,6 +6,7 @@ import (
 
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/types/known/timestamppb"
 
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 )
@@ -191,5 +192,50 @@ func TestUnknownAt(t *testing.T) {
 	var none unknownAt[triplanev1.KvEventBatch]
 	if none.in(&triplanev1.KvEventBatch{}) || !none.in(batch) {
 		t.Fatal("the fallback disagrees")
+	}
+}
+
+// A load report's hand copy knows its fields, equals proto.Clone's and
+// shares nothing; unknown fields go through proto.Clone.
+func TestCopyLoadReports(t *testing.T) {
+	fields := map[proto.Message][]string{
+		&triplanev1.LoadReport{}: {"instance_id", "namespace", "component", "active_requests", "waiting_requests",
+			"kv_blocks_used", "kv_blocks_total", "cache_hit_rate", "seq", "sent_at"},
+		&timestamppb.Timestamp{}: {"seconds", "nanos"},
+	}
+	for m, want := range fields {
+		var got []string
+		fs := m.ProtoReflect().Descriptor().Fields()
+		for i := range fs.Len() {
+			got = append(got, string(fs.Get(i).Name()))
+		}
+		if !slices.Equal(got, want) {
+			t.Fatalf("%T has fields %v, the hand copy knows %v: update sim/copy.go", m, got, want)
+		}
+	}
+	full := func() *triplanev1.LoadReport {
+		return &triplanev1.LoadReport{InstanceId: "w1", Namespace: "ns", Component: "c", ActiveRequests: 1, WaitingRequests: 2,
+			KvBlocksUsed: 3, KvBlocksTotal: 4, CacheHitRate: 0.5, Seq: 6, SentAt: &timestamppb.Timestamp{Seconds: 7, Nanos: 8}}
+	}
+	raw := protoreflect.RawFields{0x98, 0x06, 0x01}
+	unknown, unknownTime := full(), full()
+	unknown.ProtoReflect().SetUnknown(raw)
+	unknownTime.SentAt.ProtoReflect().SetUnknown(raw)
+	for i, r := range []*triplanev1.LoadReport{{}, {InstanceId: "w"}, full(), unknown, unknownTime} {
+		if byHand := copyLoadReport(r) != nil; byHand != (i < 3) {
+			t.Fatalf("report %d: copied by hand %v", i, byHand)
+		}
+		c := copyMessage(r).(*triplanev1.LoadReport)
+		if !proto.Equal(c, r) {
+			t.Fatalf("report %d: copy %v of %v", i, c, r)
+		}
+		want := proto.Clone(c)
+		r.InstanceId, r.Seq = "changed", 99
+		if r.SentAt != nil {
+			r.SentAt.Seconds = 99
+		}
+		if !proto.Equal(c, want) {
+			t.Fatalf("report %d: the copy changed with the original: %v, want %v", i, c, want)
+		}
 	}
 }
