@@ -1,11 +1,7 @@
 package sim
 
 import (
-	"reflect"
-	"unsafe"
-
 	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/runtime/protoimpl"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
@@ -29,7 +25,7 @@ func copyMessage(m proto.Message) proto.Message {
 			}
 		}
 	case *triplanev1.KvResendRequest:
-		if x != nil && !unknownResendRequest.in(x) {
+		if x != nil && !hasUnknown(x) {
 			return &triplanev1.KvResendRequest{WorkerId: x.WorkerId, FromEventId: x.FromEventId, ToEventId: x.ToEventId}
 		}
 	case *triplanev1.KvResendReply:
@@ -57,7 +53,7 @@ type loadCopy struct {
 // copyLoadReport copies a load report (proto.Clone's reflection was 1.4%
 // of a serving run), or returns nil when it does not (unknown fields).
 func copyLoadReport(r *triplanev1.LoadReport) *triplanev1.LoadReport {
-	if unknownLoadReport.in(r) || (r.SentAt != nil && unknownTimestamp.in(r.SentAt)) {
+	if hasUnknown(r) || (r.SentAt != nil && hasUnknown(r.SentAt)) {
 		return nil
 	}
 	x := &loadCopy{}
@@ -75,13 +71,13 @@ func copyLoadReport(r *triplanev1.LoadReport) *triplanev1.LoadReport {
 // copyResendReply copies a resend reply (a range of events or a dump), or
 // returns nil when it does not (unknown fields, an event it does not copy).
 func copyResendReply(r *triplanev1.KvResendReply) *triplanev1.KvResendReply {
-	if unknownResendReply.in(r) {
+	if hasUnknown(r) {
 		return nil
 	}
 	c := &triplanev1.KvResendReply{WorkerId: r.WorkerId, Epoch: r.Epoch}
 	switch k := r.Reply.(type) {
 	case *triplanev1.KvResendReply_Range:
-		if k.Range == nil || unknownRange.in(k.Range) {
+		if k.Range == nil || hasUnknown(k.Range) {
 			return nil
 		}
 		rg := &triplanev1.KvEventRange{}
@@ -98,7 +94,7 @@ func copyResendReply(r *triplanev1.KvResendReply) *triplanev1.KvResendReply {
 		c.Reply = &triplanev1.KvResendReply_Range{Range: rg}
 	case *triplanev1.KvResendReply_Dump:
 		d := k.Dump
-		if d == nil || unknownDump.in(d) {
+		if d == nil || hasUnknown(d) {
 			return nil
 		}
 		cd := &triplanev1.KvDump{EventId: d.EventId}
@@ -108,7 +104,7 @@ func copyResendReply(r *triplanev1.KvResendReply) *triplanev1.KvResendReply {
 			parents := make([]uint64, len(d.Blocks))
 			cd.Blocks = make([]*triplanev1.KvDumpBlock, len(d.Blocks))
 			for i, b := range d.Blocks {
-				if b == nil || unknownDumpBlock.in(b) {
+				if b == nil || hasUnknown(b) {
 					return nil
 				}
 				cb := &blocks[i]
@@ -150,7 +146,7 @@ type eventCopy struct {
 // copyBatch copies a heartbeat or a batch of one stored or removed event,
 // or returns nil when it does not (anything else, unknown fields).
 func copyBatch(b *triplanev1.KvEventBatch) *triplanev1.KvEventBatch {
-	if unknownBatch.in(b) {
+	if hasUnknown(b) {
 		return nil
 	}
 	var c *triplanev1.KvEventBatch
@@ -175,12 +171,12 @@ func copyBatch(b *triplanev1.KvEventBatch) *triplanev1.KvEventBatch {
 // copy makes c a copy of e, a stored or removed event; false when it
 // cannot.
 func (c *eventCopy) copy(e *triplanev1.KvEvent) bool {
-	if e == nil || unknownEvent.in(e) {
+	if e == nil || hasUnknown(e) {
 		return false
 	}
 	switch x := e.Kind.(type) {
 	case *triplanev1.KvEvent_Stored:
-		if x.Stored == nil || unknownStored.in(x.Stored) {
+		if x.Stored == nil || hasUnknown(x.Stored) {
 			return false
 		}
 		if h := x.Stored.BlockHashes; len(h) > 0 && len(h) <= len(c.hashes) {
@@ -195,7 +191,7 @@ func (c *eventCopy) copy(e *triplanev1.KvEvent) bool {
 		c.stored.Stored = &c.st
 		c.event.Kind = &c.stored
 	case *triplanev1.KvEvent_Removed:
-		if x.Removed == nil || unknownRemoved.in(x.Removed) {
+		if x.Removed == nil || hasUnknown(x.Removed) {
 			return false
 		}
 		c.event.Kind = &triplanev1.KvEvent_Removed{Removed: &triplanev1.KvBlocksRemoved{BlockHashes: cloneHashes(x.Removed.BlockHashes)}}
@@ -217,45 +213,3 @@ func cloneHashes(h []uint64) []uint64 {
 // hasUnknown reports whether m carries unknown fields (then proto.Clone
 // copies it: the hand copies know only the declared fields).
 func hasUnknown(m proto.Message) bool { return len(m.ProtoReflect().GetUnknown()) > 0 }
-
-// unknownAt is where a generated message type T keeps its unknown fields
-// (protoimpl.UnknownFields, a []byte), found once by reflection; ok is
-// false when the type has no such field (another generator), and in then
-// asks through protoreflect. Reading the field directly spares the hand
-// copies ProtoReflect, whose first call on a message stores its type
-// information atomically (3% of a serving run, every bus message being
-// new).
-type unknownAt[T any] struct {
-	off uintptr
-	ok  bool
-}
-
-func unknownOffsetOf[T any]() unknownAt[T] {
-	f, ok := reflect.TypeFor[T]().FieldByName("unknownFields")
-	if !ok || f.Type != reflect.TypeFor[protoimpl.UnknownFields]() {
-		return unknownAt[T]{}
-	}
-	return unknownAt[T]{off: f.Offset, ok: true}
-}
-
-// in is hasUnknown(m).
-func (o unknownAt[T]) in(m *T) bool {
-	if !o.ok {
-		return hasUnknown(any(m).(proto.Message))
-	}
-	return len(*(*protoimpl.UnknownFields)(unsafe.Add(unsafe.Pointer(m), o.off))) > 0
-}
-
-var (
-	unknownBatch         = unknownOffsetOf[triplanev1.KvEventBatch]()
-	unknownEvent         = unknownOffsetOf[triplanev1.KvEvent]()
-	unknownStored        = unknownOffsetOf[triplanev1.KvBlocksStored]()
-	unknownRemoved       = unknownOffsetOf[triplanev1.KvBlocksRemoved]()
-	unknownResendRequest = unknownOffsetOf[triplanev1.KvResendRequest]()
-	unknownResendReply   = unknownOffsetOf[triplanev1.KvResendReply]()
-	unknownRange         = unknownOffsetOf[triplanev1.KvEventRange]()
-	unknownDump          = unknownOffsetOf[triplanev1.KvDump]()
-	unknownDumpBlock     = unknownOffsetOf[triplanev1.KvDumpBlock]()
-	unknownLoadReport    = unknownOffsetOf[triplanev1.LoadReport]()
-	unknownTimestamp     = unknownOffsetOf[timestamppb.Timestamp]()
-)

@@ -159,42 +159,6 @@ func TestCopyResends(t *testing.T) {
 	}
 }
 
-// The hand copies read unknown fields straight from the generated structs:
-// every offset is found, and says what protoreflect says.
-func TestUnknownAt(t *testing.T) {
-	raw := protoreflect.RawFields{0x98, 0x06, 0x01} // field 99, varint 1
-	check := func(name string, ok bool, in func() bool, m proto.Message) {
-		t.Helper()
-		if !ok {
-			t.Fatalf("%s: no unknownFields field found", name)
-		}
-		if in() || hasUnknown(m) {
-			t.Fatalf("%s: unknown fields in a new message", name)
-		}
-		m.ProtoReflect().SetUnknown(raw)
-		if !in() || !hasUnknown(m) {
-			t.Fatalf("%s: unknown fields not seen", name)
-		}
-	}
-	batch, event, stored, removed := &triplanev1.KvEventBatch{WorkerId: "w"}, &triplanev1.KvEvent{EventId: 1}, &triplanev1.KvBlocksStored{}, &triplanev1.KvBlocksRemoved{}
-	check("batch", unknownBatch.ok, func() bool { return unknownBatch.in(batch) }, batch)
-	check("event", unknownEvent.ok, func() bool { return unknownEvent.in(event) }, event)
-	check("stored", unknownStored.ok, func() bool { return unknownStored.in(stored) }, stored)
-	check("removed", unknownRemoved.ok, func() bool { return unknownRemoved.in(removed) }, removed)
-	req, reply, rg := &triplanev1.KvResendRequest{}, &triplanev1.KvResendReply{}, &triplanev1.KvEventRange{}
-	check("resend request", unknownResendRequest.ok, func() bool { return unknownResendRequest.in(req) }, req)
-	check("resend reply", unknownResendReply.ok, func() bool { return unknownResendReply.in(reply) }, reply)
-	check("range", unknownRange.ok, func() bool { return unknownRange.in(rg) }, rg)
-	dump, block := &triplanev1.KvDump{}, &triplanev1.KvDumpBlock{}
-	check("dump", unknownDump.ok, func() bool { return unknownDump.in(dump) }, dump)
-	check("dump block", unknownDumpBlock.ok, func() bool { return unknownDumpBlock.in(block) }, block)
-	// A type without the field falls back to protoreflect.
-	var none unknownAt[triplanev1.KvEventBatch]
-	if none.in(&triplanev1.KvEventBatch{}) || !none.in(batch) {
-		t.Fatal("the fallback disagrees")
-	}
-}
-
 // A load report's hand copy knows its fields, equals proto.Clone's and
 // shares nothing; unknown fields go through proto.Clone.
 func TestCopyLoadReports(t *testing.T) {
