@@ -358,16 +358,16 @@ func (e *Engine) Cached() map[uint64]uint64 { return e.pool.Cached() }
 // IsCached reports whether the block with the given hash is in the prefix
 // cache, and CachedLen how many blocks are: Cached without the copy.
 func (e *Engine) IsCached(hash uint64) bool {
-	_, ok := e.pool.cached.get(hash)
+	_, ok := e.pool.cached.Get(hash)
 	return ok
 }
 
 // CachedLen is the number of blocks in the prefix cache.
-func (e *Engine) CachedLen() int { return e.pool.cached.len() }
+func (e *Engine) CachedLen() int { return e.pool.cached.Len() }
 
 // BlockBytes returns the contents of the cached block with the given hash.
 func (e *Engine) BlockBytes(hash uint64) ([]byte, bool) {
-	b, ok := e.pool.cached.get(hash)
+	b, ok := e.pool.cached.Get(hash)
 	if !ok {
 		return nil, false
 	}
@@ -623,12 +623,12 @@ func (e *Engine) evictUnused() {
 		b := e.pool.lruHead
 		e.pool.lruRemove(b)
 		m := &e.pool.meta[b]
-		e.pool.cached.del(m.hash)
+		e.pool.cached.Delete(m.hash)
 		dropped = append(dropped, m.hash)
 		m.registered, m.hash, m.parent = false, 0, 0
 		e.pool.free = append(e.pool.free, b)
 	}
-	if e.pool.cached.len() == 0 {
+	if e.pool.cached.Len() == 0 {
 		e.pool.emit(engine.KVCleared, 0, 0)
 		return
 	}

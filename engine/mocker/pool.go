@@ -5,6 +5,7 @@ import (
 
 	"github.com/cespare/xxhash/v2"
 
+	"github.com/triplane-dev/triplane/blockmap"
 	"github.com/triplane-dev/triplane/engine"
 )
 
@@ -16,9 +17,9 @@ type pool struct {
 	blockBytes int
 	data       []byte
 	meta       []blockMeta
-	free       []int32    // never used, or released unregistered
-	cached     blockTable // hash -> block
-	lruHead    int32      // least recently released
+	free       []int32             // never used, or released unregistered
+	cached     blockmap.Map[int32] // hash -> block
+	lruHead    int32               // least recently released
 	lruTail    int32
 	lruCount   int
 	used       int // blocks with ref > 0
@@ -77,7 +78,7 @@ func (p *pool) Block(b int32) []byte {
 
 // lookup returns the cached block for hash and takes a reference on it.
 func (p *pool) lookup(hash uint64) (int32, bool) {
-	b, ok := p.cached.get(hash)
+	b, ok := p.cached.Get(hash)
 	if !ok {
 		return 0, false
 	}
@@ -106,7 +107,7 @@ func (p *pool) alloc() (int32, bool) {
 		b = p.lruHead
 		p.lruRemove(b)
 		m := &p.meta[b]
-		p.cached.del(m.hash)
+		p.cached.Delete(m.hash)
 		p.emit(engine.KVRemoved, m.hash, 0)
 		m.registered, m.hash, m.parent = false, 0, 0
 	default:
@@ -137,7 +138,7 @@ func (p *pool) release(b int32) {
 // another block already holds the hash (two sequences computed the same
 // block at once), the caller keeps its private copy unregistered.
 func (p *pool) register(b int32, hash, parent uint64) bool {
-	if !p.cached.insert(hash, b) {
+	if !p.cached.Insert(hash, b) {
 		return false
 	}
 	m := &p.meta[b]
@@ -154,7 +155,7 @@ func (p *pool) adopt(b int32, hash, parent uint64) bool {
 	if !Verify(p.Block(b), hash) {
 		return false
 	}
-	if !p.cached.insert(hash, b) {
+	if !p.cached.Insert(hash, b) {
 		return true
 	}
 	m := &p.meta[b]
@@ -221,8 +222,8 @@ func (p *pool) lruRemove(b int32) {
 
 // Cached returns the hashes of every registered block, for checks.
 func (p *pool) Cached() map[uint64]uint64 {
-	out := make(map[uint64]uint64, p.cached.len())
-	p.cached.each(func(h uint64, b int32) { out[h] = p.meta[b].parent })
+	out := make(map[uint64]uint64, p.cached.Len())
+	p.cached.Each(func(h uint64, b int32) { out[h] = p.meta[b].parent })
 	return out
 }
 

@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/triplane-dev/triplane/blockmap"
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/planes/event"
 )
@@ -72,20 +73,20 @@ func workerSubject(b *event.Bus, namespace, kind, worker string) (string, error)
 }
 
 // apply changes blocks by one event.
-func apply(blocks *blockSet, e *triplanev1.KvEvent) {
+func apply(blocks *blockmap.Map[Block], e *triplanev1.KvEvent) {
 	switch k := e.Kind.(type) {
 	case *triplanev1.KvEvent_Stored:
 		parent, has := k.Stored.GetParentHash(), k.Stored.ParentHash != nil
 		for _, h := range k.Stored.BlockHashes {
-			blocks.set(h, Block{Parent: parent, HasParent: has})
+			blocks.Set(h, Block{Parent: parent, HasParent: has})
 			parent, has = h, true
 		}
 	case *triplanev1.KvEvent_Removed:
 		for _, h := range k.Removed.BlockHashes {
-			blocks.del(h)
+			blocks.Delete(h)
 		}
 	case *triplanev1.KvEvent_Cleared:
-		blocks.clear()
+		blocks.Clear()
 	}
 }
 
@@ -137,4 +138,11 @@ func ValidateReply(r *triplanev1.KvResendReply) error {
 		return fmt.Errorf("%w: resend reply of worker %s holds neither events nor a dump", ErrInvalid, r.GetWorkerId())
 	}
 	return nil
+}
+
+// toMap is a copy of a worker's blocks as a map.
+func toMap(blocks *blockmap.Map[Block]) map[uint64]Block {
+	out := make(map[uint64]Block, blocks.Len())
+	blocks.Each(func(h uint64, b Block) { out[h] = b })
+	return out
 }

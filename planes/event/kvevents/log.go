@@ -3,6 +3,7 @@ package kvevents
 import (
 	"google.golang.org/protobuf/proto"
 
+	"github.com/triplane-dev/triplane/blockmap"
 	"github.com/triplane-dev/triplane/fault"
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 )
@@ -25,7 +26,7 @@ type Log struct {
 	faults    fault.Points
 	last      uint64                // latest event id
 	ring      []*triplanev1.KvEvent // ring[id % len]
-	blocks    blockSet
+	blocks    blockmap.Map[Block]
 }
 
 // NewLog returns the log of worker's run epoch, which must be above 0 and
@@ -130,4 +131,4 @@ func (l *Log) Resend(req *triplanev1.KvResendRequest, budget int64) *triplanev1.
 func (l *Log) Last() uint64 { return l.last }
 
 // Blocks is a copy of the worker's blocks as its events describe them.
-func (l *Log) Blocks() map[uint64]Block { return l.blocks.toMap() }
+func (l *Log) Blocks() map[uint64]Block { return toMap(&l.blocks) }

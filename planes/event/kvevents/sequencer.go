@@ -7,6 +7,7 @@ import (
 	"maps"
 	"slices"
 
+	"github.com/triplane-dev/triplane/blockmap"
 	"github.com/triplane-dev/triplane/fault"
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/planes/event"
@@ -55,7 +56,7 @@ type workerView struct {
 	epoch     uint64
 	next      uint64 // next event id to apply
 	head      uint64 // highest id known to exist
-	blocks    blockSet
+	blocks    blockmap.Map[Block]
 	pending   map[uint64]*triplanev1.KvEvent
 	repairing bool
 	failures  int    // failed resend requests in a row
@@ -143,7 +144,7 @@ func (s *Sequencer) view(worker string, epoch uint64) *workerView {
 		// A repair under way goes on; its answer, of the old epoch, is
 		// ignored and the next request asks the new one.
 		v.epoch, v.next, v.head = epoch, 1, 0
-		v.blocks.clear()
+		v.blocks.Clear()
 		clear(v.pending)
 		if s.cfg.OnReset != nil {
 			s.cfg.OnReset(worker, map[uint64]Block{}, 0)
@@ -188,7 +189,7 @@ func (s *Sequencer) drain(worker string, v *workerView) {
 func (s *Sequencer) apply(worker string, v *workerView, e *triplanev1.KvEvent) {
 	v.next = e.EventId + 1
 	v.head = max(v.head, e.EventId)
-	if st := e.GetStored(); st != nil && v.blocks.len()+len(st.BlockHashes) > s.cfg.MaxBlocksPerWorker {
+	if st := e.GetStored(); st != nil && v.blocks.Len()+len(st.BlockHashes) > s.cfg.MaxBlocksPerWorker {
 		// More than any worker's pool holds: the event is taken in order
 		// but its blocks are not kept (here or in the index).
 		s.stats.DroppedBlocks += uint64(len(st.BlockHashes))
@@ -202,13 +203,13 @@ func (s *Sequencer) apply(worker string, v *workerView, e *triplanev1.KvEvent) {
 }
 
 // dumpBlocks fills blocks from a dump's, at most MaxBlocksPerWorker.
-func (s *Sequencer) dumpBlocks(blocks *blockSet, d []*triplanev1.KvDumpBlock) {
+func (s *Sequencer) dumpBlocks(blocks *blockmap.Map[Block], d []*triplanev1.KvDumpBlock) {
 	if n := len(d) - s.cfg.MaxBlocksPerWorker; n > 0 {
 		s.stats.DroppedBlocks += uint64(n)
 		d = d[:s.cfg.MaxBlocksPerWorker]
 	}
 	for _, b := range d {
-		blocks.set(b.Hash, Block{Parent: b.GetParentHash(), HasParent: b.ParentHash != nil})
+		blocks.Set(b.Hash, Block{Parent: b.GetParentHash(), HasParent: b.ParentHash != nil})
 	}
 }
 
@@ -348,7 +349,7 @@ func (s *Sequencer) applyDump(worker string, v *workerView, d *triplanev1.KvDump
 	if d.EventId+1 < v.next {
 		return // older than what the view already has
 	}
-	v.blocks.clear()
+	v.blocks.Clear()
 	s.dumpBlocks(&v.blocks, d.Blocks)
 	v.next = d.EventId + 1
 	v.head = max(v.head, d.EventId)
@@ -358,7 +359,7 @@ func (s *Sequencer) applyDump(worker string, v *workerView, d *triplanev1.KvDump
 		}
 	}
 	if s.cfg.OnReset != nil {
-		s.cfg.OnReset(worker, v.blocks.toMap(), d.EventId)
+		s.cfg.OnReset(worker, toMap(&v.blocks), d.EventId)
 	}
 	s.drain(worker, v)
 }
@@ -393,7 +394,7 @@ func (s *Sequencer) Restore(view *triplanev1.KvView) (malformed int) {
 		s.dumpBlocks(&v.blocks, wv.Dump.Blocks)
 		s.workers[w] = v
 		if s.cfg.OnReset != nil {
-			s.cfg.OnReset(w, v.blocks.toMap(), wv.Dump.EventId)
+			s.cfg.OnReset(w, toMap(&v.blocks), wv.Dump.EventId)
 		}
 	}
 	return malformed
@@ -406,7 +407,7 @@ func (s *Sequencer) Blocks(worker string) (map[uint64]Block, uint64) {
 	if v == nil {
 		return map[uint64]Block{}, 0
 	}
-	return v.blocks.toMap(), v.next - 1
+	return toMap(&v.blocks), v.next - 1
 }
 
 // LastEventID is the id of the last event of worker the view reflects.
@@ -434,9 +435,9 @@ func (s *Sequencer) Stats() Stats { return s.stats }
 
 // dump lists blocks sorted by hash, so that the same blocks always give the
 // same message (the simulator compares runs).
-func dump(blocks *blockSet, last uint64) *triplanev1.KvDump {
-	d := &triplanev1.KvDump{EventId: last, Blocks: make([]*triplanev1.KvDumpBlock, 0, blocks.len())}
-	blocks.each(func(h uint64, b Block) {
+func dump(blocks *blockmap.Map[Block], last uint64) *triplanev1.KvDump {
+	d := &triplanev1.KvDump{EventId: last, Blocks: make([]*triplanev1.KvDumpBlock, 0, blocks.Len())}
+	blocks.Each(func(h uint64, b Block) {
 		db := &triplanev1.KvDumpBlock{Hash: h}
 		if b.HasParent {
 			p := b.Parent
