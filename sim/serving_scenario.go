@@ -476,6 +476,11 @@ func (s *servingRun) start(req *simRequest, wk *simWorker) {
 		req.done++
 		return
 	}
+	if req.on != nil && req.on != wk {
+		// Outputs are credited to the worker a request is on: one running
+		// on two would have the first's dropped without a word.
+		s.fail(fmt.Errorf("request %s started on %s while running on %s", req.id, wk.id, req.on.id))
+	}
 	req.worker, req.started, req.on = wk.id, false, wk
 	wk.running[req.id] = req
 	s.kick(wk)
