@@ -67,6 +67,9 @@ type Placement struct {
 	hmu      sync.Mutex
 	hosted   map[actors.Address]bool
 	starting *startBackoff[actors.Address] // the host goroutine's
+	// syncedGen is the lease generation whose assignments the cache was
+	// last found to agree with etcd on (the host goroutine's).
+	syncedGen uint64
 
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -107,8 +110,9 @@ func StartPlacement(cfg PlacementConfig) (*Placement, error) {
 	return p, nil
 }
 
-// Close leaves the group: stops campaigning and hosting. It does not
-// resign: revoking the node's lease (Registrar.Close) does that at once.
+// Close leaves the group: stops campaigning and hosting. A leader does
+// not resign here: revoking the node's lease (Registrar.Close) removes its
+// election key at once.
 func (p *Placement) Close(ctx context.Context) {
 	p.cancel()
 	p.wg.Wait()
@@ -176,6 +180,37 @@ func (p *Placement) Hosted() []actors.Address {
 	return out
 }
 
+// mine is the actors items assign to node me.
+func mine(items []Item[*triplanev1.PlacementRecord], me string) map[actors.Address]bool {
+	out := map[actors.Address]bool{}
+	for _, it := range items {
+		if it.Value.NodeId == me {
+			out[actors.Address{Kind: it.Value.GetActor().GetKind(), ID: it.Value.GetActor().GetId()}] = true
+		}
+	}
+	return out
+}
+
+// readAssigns reads the actors assigned to me from etcd (linearizable),
+// not from the cache.
+func (p *Placement) readAssigns(ctx context.Context, me string) (map[actors.Address]bool, error) {
+	rctx, cancel := context.WithTimeout(ctx, p.reg.TTL())
+	defer cancel()
+	resp, err := p.reg.Client().Get(rctx, p.keys.Assigns(p.cfg.Group), clientv3.WithPrefix())
+	if err != nil {
+		return nil, err
+	}
+	items := make([]Item[*triplanev1.PlacementRecord], 0, len(resp.Kvs))
+	for _, kv := range resp.Kvs {
+		v, err := Decode(kv.Value, func() *triplanev1.PlacementRecord { return &triplanev1.PlacementRecord{} })
+		if err != nil {
+			continue // the cache skips (and counts) it too
+		}
+		items = append(items, Item[*triplanev1.PlacementRecord]{Key: string(kv.Key), Value: v, ModRev: kv.ModRevision})
+	}
+	return mine(items, me), nil
+}
+
 // startTimeout bounds one actor's start (its recovery: a long journal
 // replays in minutes, a blocked read never ends).
 const startTimeout = 10 * time.Minute
@@ -188,8 +223,10 @@ func (p *Placement) host(ctx context.Context) {
 	changed, stop := p.assigns.Notify()
 	defer stop()
 	for {
-		p.syncHosted(ctx)
+		// Taken before the sync: a loss or a regain during it wakes the
+		// next one at once.
 		_, lease := p.reg.Held()
+		p.syncHosted(ctx)
 		select {
 		case <-ctx.Done():
 			return
@@ -205,18 +242,30 @@ func (p *Placement) syncHosted(ctx context.Context) {
 		return
 	}
 	me := p.reg.NodeID()
-	want := map[actors.Address]bool{}
 	items, _ := p.assigns.List()
+	want := mine(items, me)
 	// Without its lease the node is gone for etcd: the leader moves its
 	// actors to other nodes, and the assignments seen here (a watch cut
 	// off with the lease) are stale. It stops hosting until it holds a
-	// lease again, rather than run actors other nodes now run too.
-	if held, _ := p.reg.Held(); !held {
-		items = nil
-	}
-	for _, it := range items {
-		if it.Value.NodeId == me {
-			want[actors.Address{Kind: it.Value.GetActor().GetKind(), ID: it.Value.GetActor().GetId()}] = true
+	// lease again, rather than run actors other nodes now run too. On a
+	// new lease the cache may still be the view from before the cut (its
+	// watch reconnects on its own time): until it agrees with a read of
+	// etcd, that read says what to host.
+	held, _ := p.reg.Held()
+	_, gen, _ := p.reg.Lease()
+	switch {
+	case !held:
+		want = nil
+	case gen != p.syncedGen:
+		fresh, err := p.readAssigns(ctx, me)
+		switch {
+		case err != nil:
+			p.log.Warn("reading the assignments after a new lease; hosting nothing until it works", "err", err)
+			want = nil
+		case maps.Equal(fresh, want):
+			p.syncedGen = gen
+		default:
+			want = fresh
 		}
 	}
 	p.hmu.Lock()
@@ -240,8 +289,17 @@ func (p *Placement) syncHosted(ctx context.Context) {
 			continue
 		}
 		// Bounded: a start replays the actor's journal, and the next
-		// changes of placement wait for it.
+		// changes of placement wait for it. A lease lost meanwhile ends
+		// it: the actor may be starting on another node already.
 		sctx, cancel := context.WithTimeout(ctx, startTimeout)
+		_, lost := p.reg.Held()
+		go func() {
+			select {
+			case <-lost:
+				cancel()
+			case <-sctx.Done():
+			}
+		}()
 		err := p.cfg.Hoster.StartActor(sctx, a)
 		cancel()
 		if err != nil {
@@ -314,9 +372,14 @@ func (p *Placement) campaignOnce(ctx context.Context, lease clientv3.LeaseID, ch
 	}
 	p.cfg.Metrics.Elected.Inc()
 	p.epoch.Store(el.Rev())
-	defer p.epoch.Store(0)
 	p.log.Info("placement leader", "epoch", el.Rev(), "key", el.Key())
 	err = p.lead(cctx, el.Key(), el.Rev())
+	p.epoch.Store(0)
+	if cctx.Err() != nil {
+		// Shutdown, a new lease or the session's end: the key goes (or
+		// went) with the lease; nothing to hand on.
+		return err
+	}
 	switch {
 	case errors.Is(err, ErrNotLeader):
 		p.log.Warn("deposed", "epoch", el.Rev(), "err", err)
@@ -327,10 +390,10 @@ func (p *Placement) campaignOnce(ctx context.Context, lease clientv3.LeaseID, ch
 		// they pass the journal's epoch.
 		p.log.Error("placement leadership refused by the journal: etcd's revision is behind the journal's epoch (etcd restored or wiped while the journal was kept?); handing leadership on",
 			"epoch", el.Rev(), "err", err)
-	case err != nil && ctx.Err() == nil:
+	default:
 		p.log.Warn("placement leader cannot reconcile, handing leadership on", "epoch", el.Rev(), "err", err)
 	}
-	if err != nil {
+	{
 		// Orphan leaves the election key on the node's lease, and the
 		// next Campaign on that lease would find it and win again at
 		// once: a leader that cannot lead would keep the group for
@@ -494,7 +557,10 @@ func (p *Placement) State(ctx context.Context) (*triplanev1.PlacementState, erro
 	addr := actors.Address{Kind: placement.Kind, ID: p.cfg.Group}
 	r, err := p.cfg.Host.Request(ctx, addr, &triplanev1.PlacementGet{})
 	if _, leading := p.Leader(); !leading {
-		if rerr := p.cfg.Host.Release(ctx, addr); rerr != nil {
+		// Even when ctx ended: the copy must not outlive this read.
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		if rerr := p.cfg.Host.Release(rctx, addr); rerr != nil {
 			p.log.Debug("release the placement actor after a read", "err", rerr)
 		}
 	}

@@ -302,6 +302,20 @@ func TestNodeWithoutLeaseStopsHosting(t *testing.T) {
 	eventually(t, 15*time.Second, "the other node hosts every actor", func() bool { return len(other.placement().Hosted()) == 4 })
 	p.Unblock()
 	eventually(t, 20*time.Second, "the node back registered", func() bool { held, _ := cut.node.Registrar.Held(); return held })
+	// Back with a new lease, it hosts only what etcd assigns it now, not
+	// what its cache said before the cut: no actor is ever seen on both.
+	deadline := time.Now().Add(2 * time.Second)
+	for time.Now().Before(deadline) {
+		both := map[actors.Address]int{}
+		for _, n := range []*testNode{cut, other} {
+			for _, a := range n.placement().Hosted() {
+				if both[a]++; both[a] == 2 {
+					t.Fatalf("%s hosted by both nodes after the lease came back", a)
+				}
+			}
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 // State read on a node that does not lead is the journal's, every time,

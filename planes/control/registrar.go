@@ -110,7 +110,8 @@ type Registrar struct {
 	lost      chan struct{}
 	node      *triplanev1.NodeInfo
 	instances map[string]*triplanev1.InstanceInfo // by key
-	closed    bool
+	closed    bool                                // no more registrations
+	revoked   bool                                // Close revoked the lease
 
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -356,13 +357,15 @@ func (r *Registrar) Register(ctx context.Context, in *triplanev1.InstanceInfo) e
 // Deregister removes an instance.
 func (r *Registrar) Deregister(ctx context.Context, component, endpoint, instanceID string) error {
 	key := r.keys.Instance(component, endpoint, instanceID)
+	// Forgotten first: should the lock or etcd not answer, the next lease
+	// must not register it again.
+	r.mu.Lock()
+	delete(r.instances, key)
+	r.mu.Unlock()
 	if err := r.lockWrites(ctx); err != nil {
 		return err
 	}
 	defer r.unlockWrites()
-	r.mu.Lock()
-	delete(r.instances, key)
-	r.mu.Unlock()
 	wctx, cancel := context.WithTimeout(ctx, r.TTL())
 	defer cancel()
 	if _, err := r.cfg.Client.Delete(wctx, key); err != nil {
@@ -402,7 +405,7 @@ func (r *Registrar) SetHealth(ctx context.Context, state triplanev1.HealthState,
 // (and any election the node takes part in) disappears at once.
 func (r *Registrar) Close(ctx context.Context) error {
 	r.mu.Lock()
-	if r.closed {
+	if r.revoked {
 		r.mu.Unlock()
 		return nil
 	}
@@ -412,6 +415,7 @@ func (r *Registrar) Close(ctx context.Context) error {
 	select {
 	case <-r.done:
 	case <-ctx.Done():
+		// A later Close tries again.
 		return fmt.Errorf("control: registrar close: %w", ctx.Err())
 	}
 	lease, _, _ := r.Lease()
@@ -422,5 +426,8 @@ func (r *Registrar) Close(ctx context.Context) error {
 	if _, err := r.cfg.Client.Revoke(ctx, lease); err != nil {
 		return fmt.Errorf("control: revoke lease %x: %w", lease, err)
 	}
+	r.mu.Lock()
+	r.revoked = true
+	r.mu.Unlock()
 	return nil
 }
