@@ -22,7 +22,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		return x
 	}
 	skipped := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "triplane", Subsystem: "actor", Name: "snapshots_skipped_total",
-		Help: "Recoveries that replayed the journal instead of using a snapshot, by reason: unreadable (store failed or corrupt), undecodable, past_journal_end."},
+		Help: "Recoveries that replayed the journal though the store held a snapshot, by reason: unreadable (the store failed), undecodable (its state), past_journal_end (another journal's). Snapshots failing their checksum or of another schema are skipped by the store and logged."},
 		[]string{"reason"})
 	if reg != nil {
 		reg.MustRegister(skipped)

@@ -26,7 +26,7 @@ type Recovered struct {
 	// LastTime is the time of the last applied event's command.
 	LastTime time.Time
 	// SnapshotSkipped says why a snapshot was not used though there may
-	// be one: "unreadable" (the store failed or is corrupt), "undecodable"
+	// be one: "unreadable" (the store failed), "undecodable"
 	// (its state does not decode), "past_journal_end" (it belongs to
 	// another journal); empty when none was skipped.
 	SnapshotSkipped string

@@ -398,9 +398,15 @@ func (j *Journal) last(ctx context.Context, kind, id string) (*triplanev1.EventB
 	}
 	b, err := decodeBatch(m.Data, kind, id)
 	if err != nil {
-		return nil, 0, &DecodeError{Subject: m.Subject, StreamSeq: m.Sequence, Err: err}
+		return nil, 0, &DecodeError{Subject: m.Subject, StreamSeq: m.Sequence, Err: j.stray(err, m.Sequence)}
 	}
 	return b, m.Sequence, nil
+}
+
+// stray adds to a message's decode error what an operator can do: the
+// actor stays stopped (rather than recover past it) until it is gone.
+func (j *Journal) stray(err error, streamSeq uint64) error {
+	return fmt.Errorf("%w (not a batch this journal wrote for the actor; once checked, `nats stream rmm %s %d` removes it)", err, j.cfg.Stream, streamSeq)
 }
 
 // decodeBatch decodes a journal message of the actor kind/id and checks
@@ -517,9 +523,9 @@ func (j *Journal) Read(ctx context.Context, kind, id string, q Query, fn func(*R
 	if err != nil {
 		return fmt.Errorf("journal: read %s: %w", subject, err)
 	}
-	// Bounded by bytes, not messages: 512 batches near the max payload
-	// would buffer half a gigabyte. Room for several of the largest.
-	it, err := cons.Messages(jetstream.PullMaxBytes(max(32<<20, 4*j.MaxPayload())))
+	// Bounded by bytes too: 512 batches near the max payload would buffer
+	// half a gigabyte. Room for several of the largest.
+	it, err := cons.Messages(jetstream.PullMaxMessagesWithBytesLimit(512, int(max(32<<20, 4*j.MaxPayload()))))
 	if err != nil {
 		return fmt.Errorf("journal: read %s: %w", subject, err)
 	}
@@ -535,7 +541,7 @@ func (j *Journal) Read(ctx context.Context, kind, id string, q Query, fn func(*R
 		}
 		b, err := decodeBatch(m.Data(), kind, id)
 		if err != nil {
-			return &DecodeError{Subject: subject, StreamSeq: md.Sequence.Stream, Err: err}
+			return &DecodeError{Subject: subject, StreamSeq: md.Sequence.Stream, Err: j.stray(err, md.Sequence.Stream)}
 		}
 		t := time.Unix(0, b.TimeUnixNanos)
 		if !q.Until.IsZero() && !t.Before(q.Until) {
@@ -576,15 +582,19 @@ func (j *Journal) DeleteTo(ctx context.Context, kind, id string, toSeq uint64) e
 	if toSeq > last.HighestSeq {
 		toSeq = last.HighestSeq
 	}
+	if len(last.Events) == 0 && toSeq <= last.DeletedTo {
+		return nil // deleted already
+	}
 	// Find the first message holding an event after toSeq: it and everything
-	// after it stay.
+	// after it stay. It need not hold toSeq+1, which an earlier deletion
+	// to a higher sequence may have taken: then nothing new goes.
 	keepFrom := uint64(0)
 	if toSeq < last.HighestSeq {
-		err := j.Read(ctx, kind, id, Query{FromSeq: toSeq + 1, ToSeq: toSeq + 1}, func(r *Record) error {
+		err := j.Read(ctx, kind, id, Query{FromSeq: toSeq + 1}, func(r *Record) error {
 			keepFrom = r.StreamSeq
-			return nil
+			return errFound
 		})
-		if err != nil {
+		if err != nil && !errors.Is(err, errFound) {
 			return err
 		}
 	}
@@ -611,6 +621,9 @@ func (j *Journal) DeleteTo(ctx context.Context, kind, id string, toSeq uint64) e
 	return nil
 }
 
+// errFound ends a read at the record looked for.
+var errFound = errors.New("found")
+
 // ActorInfo summarises one actor in the journal.
 type ActorInfo struct {
 	Kind, ID  string
@@ -618,7 +631,8 @@ type ActorInfo struct {
 	LastEvent time.Time
 	Messages  uint64
 	// Err says why the actor's last message could not be read (a
-	// *DecodeError); Highest and LastEvent are then zero.
+	// *DecodeError, or a subject whose kind or id this journal would not
+	// write); Highest and LastEvent are then zero.
 	Err error
 }
 
@@ -636,7 +650,7 @@ func (j *Journal) Actors(ctx context.Context) ([]ActorInfo, error) {
 		}
 		b, _, err := j.last(ctx, kind, id)
 		var de *DecodeError
-		if errors.As(err, &de) {
+		if errors.As(err, &de) || errors.Is(err, ErrBadName) {
 			// One damaged actor must not hide the others (verify is for
 			// exactly this moment).
 			out = append(out, ActorInfo{Kind: kind, ID: id, Messages: n, Err: err})

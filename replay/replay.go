@@ -175,7 +175,7 @@ func IndentJSON(m proto.Message) (string, error) {
 // Filter selects events. Zero values select everything.
 type Filter struct {
 	From, To     uint64    // event sequences, inclusive; To 0: to the end
-	Since, Until time.Time // command time: Since inclusive, Until exclusive
+	Since, Until time.Time // command time: Since inclusive; Until ends the read at the first command at or after it
 	// Type is a protobuf full name; use ResolveType to accept short names.
 	Type string
 }

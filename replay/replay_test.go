@@ -844,8 +844,12 @@ func TestDamagedActorDoesNotHideTheOthers(t *testing.T) {
 	if _, err := js.Publish(ctx, j.Subject("ledger", "c"), []byte{0xff, 0xff, 0xff}); err != nil {
 		t.Fatal(err)
 	}
+	// And a subject no actor of this journal can have.
+	if _, err := js.Publish(ctx, "triplane.journal.x/y.z", nil); err != nil {
+		t.Fatal(err)
+	}
 	list, err := f.r.List(ctx)
-	if err != nil || len(list) != 3 || list[2].Err == nil || list[0].Err != nil || list[0].Highest != 6 {
+	if err != nil || len(list) != 4 || list[2].Err == nil || list[3].Err == nil || list[0].Err != nil || list[0].Highest != 6 {
 		t.Fatalf("list: %+v %v", list, err)
 	}
 	var out bytes.Buffer
@@ -856,7 +860,7 @@ func TestDamagedActorDoesNotHideTheOthers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rep.OK() || rep.Faults != 1 || rep.Checks[2].Status != StatusFailed || rep.Checks[0].Status != StatusOK {
+	if rep.OK() || rep.Faults != 2 || rep.Checks[2].Status != StatusFailed || rep.Checks[0].Status != StatusOK {
 		t.Fatalf("verify: %+v", rep.Checks)
 	}
 }
