@@ -385,6 +385,13 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 	// (or draining), or too small for the prompt. When none is left, a
 	// busy one means 429, else the request is too large for all (400).
 	refused, failed, busy := false, false, false
+	// Busy refusals are capped as migrations were: under overload each
+	// try is a journaled decision and a stream open, and trying every
+	// worker would add load where there is too much. Too-large refusals
+	// go on to the workers not tried (bounded by them): another pool may
+	// hold the prompt.
+	busyTries := 0
+	maxBusy := max(f.cfg.MaxMigrations+1, 4)
 	migrations, lastFailed := 0, false
 	refusal := func() (result, bool) {
 		switch {
@@ -462,6 +469,14 @@ func (f *Frontend) generate(ctx context.Context, j *job, out *sink) result {
 			// A busy or draining worker is healthy: try another without
 			// reporting it down.
 			busy = true
+			if busyTries++; busyTries == maxBusy {
+				refused = true
+				if res, ok := refusal(); ok {
+					return res
+				}
+				return result{generated: len(generated), err: fmt.Errorf("gave up after %d busy workers: %w", busyTries, lastErr),
+					status: http.StatusServiceUnavailable, errType: "server_error", code: "worker_failed", outcome: "worker_failed"}
+			}
 		default:
 			// A failure: the answer is no longer the refusals'.
 			failed, lastFailed = true, true

@@ -233,6 +233,8 @@ func (s *Server) full(c net.Conn) {
 func (s *Server) refuse(c net.Conn, err error) {
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(time.Second))
+	// Close does not wait out the second: it ends the refusal at once.
+	defer context.AfterFunc(s.ctx, func() { c.SetDeadline(time.Unix(1, 0)) })()
 	f := &triplanev1.StreamFrame{Final: true, Error: err.Error()}
 	if s.cfg.ErrorCode != nil {
 		f.Code = s.cfg.ErrorCode(err)
