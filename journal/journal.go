@@ -124,13 +124,9 @@ type Position struct {
 
 // Open creates or updates the journal stream and returns the journal.
 func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Journal, error) {
-	cfg.defaults()
-	if err := checkToken("prefix", cfg.Prefix, true); err != nil {
-		return nil, err
-	}
-	js, err := jetstream.New(nc)
+	cfg, js, err := setUp(nc, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("journal: %w", err)
+		return nil, err
 	}
 	sc := jetstream.StreamConfig{
 		Name:        cfg.Stream,
@@ -151,19 +147,28 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Journal, error) {
 	return &Journal{cfg: cfg, nc: nc, js: js, stream: s}, nil
 }
 
+// setUp checks cfg (with its defaults) and makes the JetStream context.
+func setUp(nc *nats.Conn, cfg Config) (Config, jetstream.JetStream, error) {
+	cfg.defaults()
+	if err := checkToken("prefix", cfg.Prefix, true); err != nil {
+		return cfg, nil, err
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return cfg, nil, fmt.Errorf("journal: %w", err)
+	}
+	return cfg, js, nil
+}
+
 // Attach opens an existing journal stream as it is: unlike Open it neither
 // creates nor updates the stream (whose subjects, limits and description
 // an operator may have changed), for readers such as replay. cfg names
 // the stream and prefix; its Replicas and Duplicates are taken from the
 // stream.
 func Attach(ctx context.Context, nc *nats.Conn, cfg Config) (*Journal, error) {
-	cfg.defaults()
-	if err := checkToken("prefix", cfg.Prefix, true); err != nil {
-		return nil, err
-	}
-	js, err := jetstream.New(nc)
+	cfg, js, err := setUp(nc, cfg)
 	if err != nil {
-		return nil, fmt.Errorf("journal: %w", err)
+		return nil, err
 	}
 	s, err := js.Stream(ctx, cfg.Stream)
 	if err != nil {

@@ -204,7 +204,42 @@ var ErrNoSnapshot = errors.New("snapshots: none usable")
 // Load returns the newest snapshot of the actor that decodes, passes its
 // checksum and has the wanted schema version. Unusable snapshots are logged
 // and skipped. It returns ErrNoSnapshot when none is usable.
-func (s *Snapshots) Load(kind, id string, schemaVersion uint32) (_ *triplanev1.Snapshot, err error) {
+func (s *Snapshots) Load(kind, id string, schemaVersion uint32) (*triplanev1.Snapshot, error) {
+	return s.newestWhere(kind, id, func(key []byte, snap *triplanev1.Snapshot, err error) bool {
+		switch {
+		case err != nil:
+			s.log.Warn("snapshot unusable, trying an older one or the journal", "key", string(key), "err", err)
+		case snap.SchemaVersion != schemaVersion:
+			s.log.Warn("snapshot has another schema version, trying an older one or the journal",
+				"key", string(key), "have", snap.SchemaVersion, "want", schemaVersion)
+		case snap.Kind != kind || snap.ActorId != id:
+			s.log.Warn("snapshot belongs to another actor", "key", string(key), "actor", snap.Kind+"/"+snap.ActorId)
+		default:
+			return true
+		}
+		return false
+	})
+}
+
+// NewestRecord returns the newest snapshot record of the actor, valid or
+// not (the error says why not), as Newest gives it; ErrNoSnapshot when
+// the actor has none.
+func (s *Snapshots) NewestRecord(kind, id string) (*triplanev1.Snapshot, error) {
+	var bad error
+	snap, err := s.newestWhere(kind, id, func(_ []byte, _ *triplanev1.Snapshot, err error) bool {
+		bad = err
+		return true
+	})
+	if bad != nil {
+		return nil, bad
+	}
+	return snap, err
+}
+
+// newestWhere walks the actor's snapshot records from the newest and
+// returns the first that take accepts (given it decoded or why not), or
+// ErrNoSnapshot.
+func (s *Snapshots) newestWhere(kind, id string, take func(key []byte, snap *triplanev1.Snapshot, err error) bool) (_ *triplanev1.Snapshot, err error) {
 	defer markCorrupt(&err)
 	if err := s.rlock(); err != nil {
 		return nil, err
@@ -225,15 +260,7 @@ func (s *Snapshots) Load(kind, id string, schemaVersion uint32) (_ *triplanev1.S
 			return nil, fmt.Errorf("snapshots: read %s: %w", it.Key(), err)
 		}
 		snap, err := decodeSnapshot(val)
-		switch {
-		case err != nil:
-			s.log.Warn("snapshot unusable, trying an older one or the journal", "key", string(it.Key()), "err", err)
-		case snap.SchemaVersion != schemaVersion:
-			s.log.Warn("snapshot has another schema version, trying an older one or the journal",
-				"key", string(it.Key()), "have", snap.SchemaVersion, "want", schemaVersion)
-		case snap.Kind != kind || snap.ActorId != id:
-			s.log.Warn("snapshot belongs to another actor", "key", string(it.Key()), "actor", snap.Kind+"/"+snap.ActorId)
-		default:
+		if take(it.Key(), snap, err) {
 			return snap, nil
 		}
 	}
@@ -322,37 +349,6 @@ func (s *Snapshots) Newest(fn func(kind, id string, snap *triplanev1.Snapshot, e
 		return err
 	}
 	return flush()
-}
-
-// NewestRecord returns the newest snapshot record of the actor, valid or
-// not (the error says why not), as Newest gives it; ErrNoSnapshot when
-// the actor has none.
-func (s *Snapshots) NewestRecord(kind, id string) (_ *triplanev1.Snapshot, err error) {
-	defer markCorrupt(&err)
-	if err := s.rlock(); err != nil {
-		return nil, err
-	}
-	defer s.mu.RUnlock()
-	p := actorPrefix(kind, id)
-	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: p, UpperBound: upper(p)})
-	if err != nil {
-		return nil, fmt.Errorf("snapshots: %w", err)
-	}
-	defer it.Close()
-	for ok := it.Last(); ok; ok = it.Prev() {
-		if !ownKey(p, it.Key()) {
-			continue
-		}
-		val, err := it.ValueAndErr()
-		if err != nil {
-			return nil, fmt.Errorf("snapshots: read %s: %w", it.Key(), err)
-		}
-		return decodeSnapshot(val)
-	}
-	if err := it.Error(); err != nil {
-		return nil, fmt.Errorf("snapshots: %w", err)
-	}
-	return nil, ErrNoSnapshot
 }
 
 // Corrupt overwrites the newest snapshot of an actor with bytes that fail
