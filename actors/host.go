@@ -119,6 +119,9 @@ type Host struct {
 	// began (see send).
 	sending atomic.Int64
 	closing atomic.Bool
+	// stopping is closed when Stop begins: a spawn request the stopping
+	// shepherd drops (no dead letter for it) is not waited for.
+	stopping chan struct{}
 	// releasing holds, per actor being released, a channel closed when
 	// the release is over.
 	releasing map[Address]chan struct{}
@@ -136,7 +139,7 @@ func NewHost(cfg HostConfig) (*Host, error) {
 	if cfg.Journal == nil || cfg.Registry == nil {
 		return nil, errors.New("actors: host needs a journal and a registry")
 	}
-	h := &Host{cfg: cfg, log: cfg.Logger, pids: map[Address]*actor.PID{}, queued: map[Address]*atomic.Int64{},
+	h := &Host{cfg: cfg, log: cfg.Logger, pids: map[Address]*actor.PID{}, queued: map[Address]*atomic.Int64{}, stopping: make(chan struct{}),
 		releasing: map[Address]chan struct{}{},
 		snaps:     make(chan snapJob, cfg.SnapshotQueue)}
 	plog := slog.New(minLevel{h.log.Handler(), slog.LevelWarn}).With("component", "protoactor")
@@ -333,6 +336,8 @@ func (h *Host) pid(ctx context.Context, expired <-chan time.Time, addr Address) 
 	select {
 	case sr := <-req.res:
 		return sr.pid, sr.err
+	case <-h.stopping:
+		return nil, ErrStopped
 	case <-ctx.Done():
 		return nil, fmt.Errorf("actors: spawn %s: %w", addr, ctx.Err())
 	case <-expired:
@@ -409,6 +414,7 @@ func (h *Host) Stop(ctx context.Context) error {
 		return nil
 	}
 	h.stopped = true
+	close(h.stopping)
 	h.mu.Unlock()
 	h.closing.Store(true)
 	for h.sending.Load() > 0 {

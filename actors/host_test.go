@@ -459,3 +459,31 @@ func TestRequestWaitingForASpawnEndsWithItsContext(t *testing.T) {
 	}
 	ask(t, e.ctx, h, acct, &triplanev1.LedgerDeposit{Amount: 1})
 }
+
+// A request waiting for its actor's spawn when the host stops gets
+// ErrStopped at once (a stopping shepherd drops queued spawn requests
+// without a dead letter).
+func TestRequestWaitingForASpawnWhenTheHostStops(t *testing.T) {
+	e := newEnv(t)
+	m := slowStart{started: make(chan struct{}), release: make(chan struct{})}
+	h := e.host(t, func(c *actors.HostConfig) {
+		c.Registry = actors.NewRegistry(m)
+		c.RequestTimeout = time.Hour
+	})
+	go h.Request(e.ctx, actors.Address{Kind: ledger.Kind, ID: "slow"}, &triplanev1.LedgerDeposit{Amount: 1})
+	<-m.started
+	waiting := make(chan error, 1)
+	go func() {
+		_, err := h.Request(e.ctx, acct, &triplanev1.LedgerDeposit{Amount: 1})
+		waiting <- err
+	}()
+	stopped := make(chan error, 1)
+	go func() { stopped <- h.Stop(e.ctx) }()
+	if err := <-waiting; !errors.Is(err, actors.ErrStopped) {
+		t.Fatalf("a request waiting for a spawn while the host stops: %v, want ErrStopped", err)
+	}
+	close(m.release)
+	if err := <-stopped; err != nil {
+		t.Fatal(err)
+	}
+}
