@@ -411,7 +411,41 @@ func (j *Journal) last(ctx context.Context, kind, id string) (*triplanev1.EventB
 // stray adds to a message's decode error what an operator can do: the
 // actor stays stopped (rather than recover past it) until it is gone.
 func (j *Journal) stray(err error, streamSeq uint64) error {
-	return fmt.Errorf("%w (not a batch this journal wrote for the actor; once checked, `nats stream rmm %s %d` removes it)", err, j.cfg.Stream, streamSeq)
+	return fmt.Errorf("%w (not a batch this journal wrote for the actor; once checked, `triplane journal remove-stray %d --journal-stream %s` removes it)",
+		err, streamSeq, j.cfg.Stream)
+}
+
+// ErrNotStray: RemoveStray was asked to delete a batch this journal wrote.
+var ErrNotStray = errors.New("journal: the message is a batch this journal wrote")
+
+// RemoveStray deletes the stream's message at streamSeq when it is not a
+// batch this journal wrote for the actor its subject names: the message
+// that makes the actor's reads fail with a DecodeError (an empty or
+// foreign publish). It refuses to delete a batch of events or a deletion
+// marker (ErrNotStray). It says what the message was.
+func (j *Journal) RemoveStray(ctx context.Context, streamSeq uint64) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, j.cfg.Timeout)
+	defer cancel()
+	m, err := j.stream.GetMsg(ctx, streamSeq)
+	if err != nil {
+		return "", fmt.Errorf("journal: message %d of stream %s: %w", streamSeq, j.cfg.Stream, err)
+	}
+	why := "its subject names no actor of this journal"
+	if kind, id, ok := j.SplitSubject(m.Subject); ok && CheckName(kind, id) == nil {
+		b, err := decodeBatch(m.Data, kind, id)
+		if err == nil {
+			what := fmt.Sprintf("events %d..%d", b.HighestSeq-uint64(len(b.Events))+1, b.HighestSeq)
+			if len(b.Events) == 0 {
+				what = fmt.Sprintf("the deletion marker up to %d", b.DeletedTo)
+			}
+			return "", fmt.Errorf("%w: message %d on %s holds %s/%s's %s; not removed", ErrNotStray, streamSeq, m.Subject, kind, id, what)
+		}
+		why = err.Error()
+	}
+	if err := j.stream.DeleteMsg(ctx, streamSeq); err != nil {
+		return "", fmt.Errorf("journal: remove message %d of stream %s: %w", streamSeq, j.cfg.Stream, err)
+	}
+	return fmt.Sprintf("message %d on %s (%d bytes): %s", streamSeq, m.Subject, len(m.Data), why), nil
 }
 
 // decodeBatch decodes a journal message of the actor kind/id and checks

@@ -337,11 +337,22 @@ func TestForeignMessageOnAnActorsSubject(t *testing.T) {
 		if !errors.As(err, &de) {
 			t.Errorf("%s: read: %v, want a DecodeError", id, err)
 		}
-		if !strings.Contains(err.Error(), "nats stream rmm TRIPLANE_JOURNAL") {
+		if !strings.Contains(err.Error(), fmt.Sprintf("triplane journal remove-stray %d", de.StreamSeq)) {
 			t.Errorf("%s: the error does not say how to remove the message: %v", id, err)
 		}
 		if err := j.DeleteTo(ctx, "ledger", id, 1); !errors.As(err, &de) {
 			t.Errorf("%s: delete: %v, want a DecodeError", id, err)
+		}
+		// A batch of events is not removed; the stray message is, and the
+		// actor reads again.
+		if _, err := j.RemoveStray(ctx, de.StreamSeq-1); !errors.Is(err, journal.ErrNotStray) {
+			t.Errorf("%s: removing a batch of events: %v, want ErrNotStray", id, err)
+		}
+		if what, err := j.RemoveStray(ctx, de.StreamSeq); err != nil || !strings.Contains(what, j.Subject("ledger", id)) {
+			t.Fatalf("%s: remove the stray message: %q %v", id, what, err)
+		}
+		if got := seqs(t, ctx, j, "ledger", id, journal.Query{}); len(got) != 2 {
+			t.Errorf("%s: after the stray message went, reads %v", id, got)
 		}
 	}
 	if got, err := j.Highest(ctx, "ledger", "b"); err != nil || got != pb {

@@ -84,7 +84,7 @@ Start the whole system on this machine with:  triplane up`,
 	pf := root.PersistentFlags()
 	config.EnumVar(pf, &g.logFormat, "log-format", "text", logging.Formats, "log format")
 	config.EnumVar(pf, &g.logLevel, "log-level", "info", logging.Levels, "lowest level logged")
-	root.AddCommand(newVersionCmd(), newUpCmd(g), newReplayCmd(g))
+	root.AddCommand(newVersionCmd(), newUpCmd(g), newReplayCmd(g), newJournalCmd(g))
 	root.AddCommand(newBenchCmd(g), newNodeCmd(g), newSimCmd(g))
 	return root
 }

@@ -79,16 +79,20 @@ back, with the same state machines the host runs, to explain what actors did:
 			return cmd.Help()
 		},
 	}
-	pf := cmd.PersistentFlags()
-	pf.StringVar(&f.dataDir, "data-dir", defaultDataDir(), "data dir of a stopped `triplane up` to read (its lock is taken)")
-	pf.StringVar(&f.natsURL, "nats", "", "URL of a running system's NATS server to read the journal from, instead of --data-dir")
-	pf.StringVar(&f.snapshots, "snapshots", "", "snapshot store directory (default with --data-dir: <data-dir>/snapshots if it exists)")
-	pf.StringVar(&f.prefix, "journal-prefix", replay.DefaultJournalPrefix, "subject prefix of the journal: subjects are <prefix>.journal.<kind>.<id>")
-	pf.StringVar(&f.stream, "journal-stream", replay.DefaultJournalStream, "JetStream stream of the journal")
+	f.bind(cmd.PersistentFlags())
 	cmd.Flags().BoolVar(&f.verify, "verify", false, "run `triplane replay verify`")
 	cmd.AddCommand(newReplayListCmd(g, f), newReplayEventsCmd(g, f), newReplayStateCmd(g, f),
 		newReplayVerifyCmd(g, f), newReplayTimelineCmd(g, f))
 	return cmd
+}
+
+// bind adds the source flags (shared by replay and journal).
+func (f *replayFlags) bind(pf *pflag.FlagSet) {
+	pf.StringVar(&f.dataDir, "data-dir", defaultDataDir(), "data dir of a stopped `triplane up` (its lock is taken)")
+	pf.StringVar(&f.natsURL, "nats", "", "URL of a running system's NATS server, instead of --data-dir")
+	pf.StringVar(&f.snapshots, "snapshots", "", "snapshot store directory (default with --data-dir: <data-dir>/snapshots if it exists)")
+	pf.StringVar(&f.prefix, "journal-prefix", replay.DefaultJournalPrefix, "subject prefix of the journal: subjects are <prefix>.journal.<kind>.<id>")
+	pf.StringVar(&f.stream, "journal-stream", replay.DefaultJournalStream, "JetStream stream of the journal")
 }
 
 // replaySession is an open replay source for one command.
