@@ -189,23 +189,24 @@ func kvDropped(c *kvevents.Consumer, reason, what string, n func(kvevents.Stats)
 		ConstLabels: prometheus.Labels{"reason": reason}}, func() float64 { return float64(n(c.Stats())) })
 }
 
-// forgetUnlisted drops restored workers that discovery does not list: they
-// left while the router was down.
+// forgetUnlisted drops the workers discovery does not list: restored ones
+// that left while the router was down, and (swept now and then) ones whose
+// removal event a full subscription buffer dropped.
 func (r *Router) forgetUnlisted() {
-	listed := map[string]bool{}
-	for _, in := range r.disc.Instances() {
-		listed[in.GetInstanceId()] = true
-	}
 	for _, w := range r.cons.Workers() {
-		if !listed[w] {
+		if !r.disc.Has(w) {
 			r.cons.Forget(w)
 			r.mu.Lock()
 			r.ix.RemoveWorker(w)
 			r.mu.Unlock()
-			r.log.Info("restored worker is gone; its blocks dropped", "worker", w)
+			r.log.Info("worker not listed by discovery; its blocks dropped", "worker", w)
 		}
 	}
 }
+
+// unlistedSweep is how often follow looks for workers discovery no
+// longer lists though no removal event said so.
+const unlistedSweep = 30 * time.Second
 
 func (r *Router) viewName() string { return "kvview-" + r.cfg.RouterID }
 
@@ -237,12 +238,20 @@ func (r *Router) save() {
 // is steered to a dead worker by its stale prefix.
 func (r *Router) follow(events <-chan control.Event[*triplanev1.InstanceInfo]) {
 	defer close(r.done)
+	sweep := time.NewTicker(unlistedSweep)
+	defer sweep.Stop()
 	for {
 		var ev control.Event[*triplanev1.InstanceInfo]
 		var ok bool
 		select {
 		case <-r.stop:
 			return
+		case <-sweep.C:
+			// A subscriber that fell behind lost events (counted in
+			// triplane_control_events_dropped_total): a removal among
+			// them would leave the worker's blocks in the index.
+			r.forgetUnlisted()
+			continue
 		case ev, ok = <-events:
 			if !ok {
 				return
