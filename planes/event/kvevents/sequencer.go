@@ -48,8 +48,8 @@ type Stats struct {
 
 // String summarises the stats for logs and benchmarks.
 func (s Stats) String() string {
-	return fmt.Sprintf("applied %d, duplicates %d, gaps %d, resends %d, dumps %d, repair failures %d, malformed %d, dropped pending %d",
-		s.Applied, s.Duplicates, s.Gaps, s.Resends, s.Dumps, s.RepairFailures, s.Malformed, s.DroppedPending)
+	return fmt.Sprintf("applied %d, duplicates %d, gaps %d, resends %d, dumps %d, repair failures %d, malformed %d, dropped: %d pending, %d of workers past the limit, %d stale epoch, %d unlisted, %d blocks past the limit",
+		s.Applied, s.Duplicates, s.Gaps, s.Resends, s.Dumps, s.RepairFailures, s.Malformed, s.DroppedPending, s.DroppedWorkers, s.StaleEpoch, s.Unfollowed, s.DroppedBlocks)
 }
 
 type workerView struct {
