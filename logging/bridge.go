@@ -74,7 +74,7 @@ func (c *zapCore) Write(e zapcore.Entry, fields []zapcore.Field) error {
 	attrs := make([]any, 0, 2*len(keys))
 	for _, k := range keys {
 		v := enc.Fields[k]
-		if s, ok := v.(string); ok && lvl > slog.LevelDebug && isShutdownNoise(s) {
+		if s, ok := v.(string); ok && lvl > slog.LevelDebug && (isShutdownNoise(s) || isBootstrapNoise(e.Message, s)) {
 			// etcd reports its own listeners closing on a clean stop as
 			// errors; they are expected then and only alarm operators.
 			lvl = slog.LevelDebug
@@ -92,6 +92,14 @@ func (c *zapCore) Sync() error { return nil }
 func isSingleNodeNoise(msg string) bool {
 	return strings.HasPrefix(msg, "Running http and grpc server on single port") ||
 		strings.HasPrefix(msg, "simple token is not cryptographically signed")
+}
+
+// isBootstrapNoise matches what a new etcd member logs as an error before
+// its first raft term: it cannot tell its storage schema yet, and sets it
+// once the term is there. Every first start of `triplane up` printed it.
+func isBootstrapNoise(msg, field string) bool {
+	return (msg == "failed to update storage version" || msg == "Failed to detect schema version") &&
+		strings.Contains(field, "missing term information")
 }
 
 func isShutdownNoise(s string) bool {
