@@ -119,6 +119,20 @@ func OpenWorkQueue[T proto.Message](ctx context.Context, b *Bus, cfg QueueConfig
 		return nil, fmt.Errorf("event: jetstream: %w", err)
 	}
 	q := &WorkQueue[T]{b: b, js: js, cfg: cfg, subject: subject, dlq: dlq, stream: name, dstream: name + "_DLQ"}
+	// Stream names are upper-cased and joined with '_': another queue
+	// (ns a_b/component c and ns a/component b_c, Jobs and jobs, jobs_dlq
+	// and the dead letters of jobs) may map to the same name, and
+	// updating that stream would take its subjects from it.
+	for sname, want := range map[string]string{name: subject, q.dstream: dlq} {
+		if st, err := js.Stream(ctx, sname); err == nil {
+			if subs := st.CachedInfo().Config.Subjects; len(subs) != 1 || subs[0] != want {
+				return nil, fmt.Errorf("event: work queue %s/%s/%s: stream %s already holds subjects %v, not %s (another queue's name maps to the same stream)",
+					cfg.Namespace, cfg.Component, cfg.Name, sname, subs, want)
+			}
+		} else if !errors.Is(err, jetstream.ErrStreamNotFound) {
+			return nil, fmt.Errorf("event: work queue stream %s: %w", sname, err)
+		}
+	}
 	st, err := js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
 		Name: name, Subjects: []string{subject}, Retention: jetstream.WorkQueuePolicy,
 		MaxMsgs: cfg.MaxJobs, Discard: jetstream.DiscardNew, Replicas: cfg.Replicas,
@@ -210,19 +224,35 @@ func (j *Job[T]) InProgress() error { return j.msg.InProgress() }
 // its delay; an ErrReject error, an undecodable job, or any failure of its
 // last allowed delivery moves it to the dead-letter subject; any other error
 // naks it with RetryDelay. h runs one job at a time; call Consume from
-// several goroutines (or processes) for more workers.
+// several goroutines (or processes) for more workers. A job whose handler
+// returns after ctx ended (the worker stopping) goes back to the queue at
+// once, not to the dead letters: stopping is not the job's failure (the
+// delivery still counts, as a crashed worker's would).
 func (q *WorkQueue[T]) Consume(ctx context.Context, h func(context.Context, *Job[T]) error) error {
-	cc, err := q.cons.Consume(func(m jetstream.Msg) { q.handle(ctx, m, h) },
-		jetstream.PullMaxMessages(min(q.cfg.MaxAckPending, 256)),
-		jetstream.ConsumeErrHandler(func(_ jetstream.ConsumeContext, err error) {
-			q.b.log.Debug("work queue consume", "subject", q.subject, "err", err)
-		}))
-	if err != nil {
-		return fmt.Errorf("event: consume %s: %w", q.subject, err)
+	// One job fetched at a time, as h handles one at a time: a job's ack
+	// wait starts when it is delivered, and jobs waiting in a client
+	// buffer behind slow ones expired there, were delivered again (run
+	// twice) and used up their deliveries without a handler seeing them.
+	backoff := 50 * time.Millisecond
+	for ctx.Err() == nil {
+		batch, err := q.cons.Fetch(1, jetstream.FetchContext(ctx))
+		if err == nil {
+			for m := range batch.Messages() {
+				q.handle(ctx, m, h)
+			}
+			err = batch.Error()
+		}
+		if err == nil || errors.Is(err, nats.ErrTimeout) || ctx.Err() != nil {
+			backoff = 50 * time.Millisecond
+			continue
+		}
+		q.b.log.Debug("work queue fetch", "subject", q.subject, "err", err)
+		select {
+		case <-ctx.Done():
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 5*time.Second)
 	}
-	<-ctx.Done()
-	cc.Stop()
-	<-cc.Closed()
 	return nil
 }
 
@@ -245,9 +275,15 @@ func (q *WorkQueue[T]) handle(ctx context.Context, m jetstream.Msg, h func(conte
 		q.deadLetter(ctx, m, md, err.Error())
 		return
 	}
+	if ctx.Err() != nil {
+		_ = m.Nak() // stopping: another worker takes it
+		return
+	}
 	err = h(ctx, &Job[T]{Value: v, Deliveries: md.NumDelivered, Seq: md.Sequence.Stream, msg: m})
 	var retry *RetryError
 	switch {
+	case err != nil && ctx.Err() != nil && !errors.Is(err, ErrReject):
+		_ = m.Nak() // stopping: another worker takes it
 	case err == nil:
 		if err := m.Ack(); err != nil {
 			q.b.log.Warn("work queue ack", "subject", q.subject, "seq", md.Sequence.Stream, "err", err)

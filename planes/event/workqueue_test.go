@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go/jetstream"
+
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/planes/event"
 	"github.com/triplane-dev/triplane/planetest"
@@ -154,5 +156,95 @@ func TestWorkQueueEachJobToOneWorker(t *testing.T) {
 		if c != 1 {
 			t.Fatalf("job %d handled %d times", s, c)
 		}
+	}
+}
+
+// A consumer holds one job at a time: the others wait in the stream, where
+// no ack wait runs on them (jobs buffered behind a slow one expired, ran
+// twice and used up their deliveries). A job in hand when the worker stops
+// goes back to the queue, not to the dead letters (before, a handler that
+// returned ctx.Err() on the job's last delivery dead-lettered it).
+func TestWorkQueueOneJobInHandAndStopReturnsIt(t *testing.T) {
+	n := planetest.StartNATS(t)
+	nc := n.Connect(t)
+	b := newBus(t, nc, event.Config{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	q, err := event.OpenWorkQueue[*triplanev1.EventProbe](ctx, b, event.QueueConfig{Namespace: "ns", Component: "c", Name: "one", MaxDeliver: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		if _, err := q.Enqueue(ctx, &triplanev1.EventProbe{Seq: uint64(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	workers, err := js.Consumer(ctx, "TRIPLANE_Q_NS_C_ONE", "workers")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wctx, stop := context.WithCancel(ctx)
+	inHand := make(chan uint64, 1)
+	stopped := make(chan error, 1)
+	go func() {
+		stopped <- q.Consume(wctx, func(ctx context.Context, j *event.Job[*triplanev1.EventProbe]) error {
+			inHand <- j.Value.Seq
+			<-ctx.Done()
+			return ctx.Err()
+		})
+	}()
+	first := <-inHand
+	info, err := workers.Info(ctx)
+	if err != nil || info.NumAckPending != 1 || info.NumPending != 4 {
+		t.Fatalf("with one job in hand: %d delivered and unanswered, %d waiting (%v); want 1 and 4", info.NumAckPending, info.NumPending, err)
+	}
+	stop()
+	if err := <-stopped; err != nil {
+		t.Fatal(err)
+	}
+	if dl, err := q.DeadLetters(ctx, 10); err != nil || len(dl) != 0 {
+		t.Fatalf("dead letters after a stop: %v %v", dl, err)
+	}
+	// Another worker gets every job, the one stopped in hand included.
+	got := make(chan uint64, 5)
+	wctx2, stop2 := context.WithCancel(ctx)
+	defer stop2()
+	go q.Consume(wctx2, func(_ context.Context, j *event.Job[*triplanev1.EventProbe]) error {
+		got <- j.Value.Seq
+		return nil
+	})
+	seen := map[uint64]bool{}
+	for len(seen) < 5 {
+		select {
+		case s := <-got:
+			seen[s] = true
+		case <-ctx.Done():
+			t.Fatalf("jobs handled after the stop: %v (the first was %d)", seen, first)
+		}
+	}
+}
+
+// Two queues whose names map to one stream name are refused, not merged
+// (which took the first queue's subjects from its stream).
+func TestWorkQueueNameCollisionRefused(t *testing.T) {
+	n := planetest.StartNATS(t)
+	b := newBus(t, n.Connect(t), event.Config{})
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	a, err := event.OpenWorkQueue[*triplanev1.EventProbe](ctx, b, event.QueueConfig{Namespace: "a_b", Component: "c", Name: "jobs"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, cfg := range []event.QueueConfig{{Namespace: "a", Component: "b_c", Name: "jobs"}, {Namespace: "a_b", Component: "c", Name: "JOBS"}} {
+		if _, err := event.OpenWorkQueue[*triplanev1.EventProbe](ctx, b, cfg); err == nil || !strings.Contains(err.Error(), "maps to the same stream") {
+			t.Errorf("%+v: %v, want a refusal", cfg, err)
+		}
+	}
+	if _, err := a.Enqueue(ctx, &triplanev1.EventProbe{}); err != nil {
+		t.Fatalf("the first queue after the refusals: %v", err)
 	}
 }
