@@ -15,6 +15,7 @@ package kvevents
 import (
 	"errors"
 	"fmt"
+	"math"
 
 	"github.com/triplane-dev/triplane/blockmap"
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
@@ -116,6 +117,10 @@ func validateEvents(es []*triplanev1.KvEvent) error {
 		if e.GetEventId() == 0 {
 			return fmt.Errorf("event %d has id 0", i)
 		}
+		if e.EventId == math.MaxUint64 {
+			// The next id would wrap to 0: the view would wait forever.
+			return fmt.Errorf("event %d has the largest id, %d", i, e.EventId)
+		}
 		if i > 0 && e.EventId != es[i-1].EventId+1 {
 			return fmt.Errorf("event ids %d then %d are not consecutive", es[i-1].EventId, e.EventId)
 		}
@@ -134,6 +139,9 @@ func ValidateReply(r *triplanev1.KvResendReply) error {
 			return fmt.Errorf("%w: resend reply of worker %s: %w", ErrInvalid, r.WorkerId, err)
 		}
 	case *triplanev1.KvResendReply_Dump:
+		if k.Dump.GetEventId() == math.MaxUint64 {
+			return fmt.Errorf("%w: resend reply of worker %s: a dump at the largest event id", ErrInvalid, r.WorkerId)
+		}
 	default:
 		return fmt.Errorf("%w: resend reply of worker %s holds neither events nor a dump", ErrInvalid, r.GetWorkerId())
 	}

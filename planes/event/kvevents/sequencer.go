@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math"
 	"slices"
 
 	"github.com/triplane-dev/triplane/blockmap"
@@ -381,7 +382,7 @@ func (s *Sequencer) View() *triplanev1.KvView {
 func (s *Sequencer) Restore(view *triplanev1.KvView) (malformed int) {
 	for _, wv := range view.GetWorkers() {
 		w := wv.GetWorkerId()
-		if event.CheckToken(w) != nil || wv.GetEpoch() == 0 || wv.GetDump() == nil {
+		if event.CheckToken(w) != nil || wv.GetEpoch() == 0 || wv.GetDump() == nil || wv.Dump.EventId == math.MaxUint64 {
 			s.stats.Malformed++
 			malformed++
 			continue

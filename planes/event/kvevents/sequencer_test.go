@@ -3,6 +3,7 @@ package kvevents_test
 import (
 	"errors"
 	"maps"
+	"math"
 	"slices"
 	"testing"
 
@@ -106,6 +107,8 @@ func TestSequencerDropsMalformedBatches(t *testing.T) {
 		batchOf("w1", 1, 0, storedEv(0, nil, 10)),
 		batchOf("w1", 1, 0, &triplanev1.KvEvent{EventId: 1}),
 		{WorkerId: "w1", Epoch: 1, HeadEventId: 0, Events: []*triplanev1.KvEvent{storedEv(1, nil, 10)}},
+		// The next id would wrap to 0 and the view wait forever.
+		batchOf("w1", 1, math.MaxUint64, storedEv(math.MaxUint64, nil, 10)),
 	} {
 		repair, err := s.Ingest(bad)
 		if !errors.Is(err, kvevents.ErrInvalid) || repair {
@@ -420,9 +423,10 @@ func TestSequencerViewRestores(t *testing.T) {
 	bad.Workers = append(bad.Workers,
 		&triplanev1.KvWorkerView{WorkerId: "bad worker", Epoch: 1, Dump: &triplanev1.KvDump{}},
 		&triplanev1.KvWorkerView{WorkerId: "w3", Epoch: 0, Dump: &triplanev1.KvDump{}},
-		&triplanev1.KvWorkerView{WorkerId: "w4", Epoch: 1})
-	if n := s2.Restore(bad); n != 3 || s2.Stats().Malformed != 3 {
-		t.Fatalf("Restore: %d malformed, stats %+v; want 3", n, s2.Stats())
+		&triplanev1.KvWorkerView{WorkerId: "w4", Epoch: 1},
+		&triplanev1.KvWorkerView{WorkerId: "w5", Epoch: 1, Dump: &triplanev1.KvDump{EventId: math.MaxUint64}})
+	if n := s2.Restore(bad); n != 4 || s2.Stats().Malformed != 4 {
+		t.Fatalf("Restore: %d malformed, stats %+v; want 4", n, s2.Stats())
 	}
 	if len(*resets) != 1 || (*resets)[0].worker != "w1" || (*resets)[0].last != 2 {
 		t.Fatalf("resets %v, want w1's only", *resets)
