@@ -445,6 +445,13 @@ func (b *Bus) subscribe(subject, queue string, cb func(s *Subscription, m *nats.
 	}
 	s.sub = sub
 	b.mu.Lock()
+	if b.closed {
+		// Close ran meanwhile and unsubscribed what it found: this one
+		// was not there yet.
+		b.mu.Unlock()
+		_ = sub.Unsubscribe()
+		return nil, ErrClosed
+	}
 	b.subs[sub] = s
 	b.mu.Unlock()
 	return s, nil
