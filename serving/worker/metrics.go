@@ -38,7 +38,7 @@ func newMetrics(reg prometheus.Registerer, id string) *metrics {
 		waiting: prometheus.NewGauge(prometheus.GaugeOpts{Name: "triplane_worker_waiting_requests",
 			Help: "Requests queued.", ConstLabels: l}),
 		blocksUsed: prometheus.NewGauge(prometheus.GaugeOpts{Name: "triplane_worker_kv_blocks_used",
-			Help: "KV blocks held by requests or cached.", ConstLabels: l}),
+			Help: "KV blocks held by running requests and incoming imports (cached blocks no request holds are free to evict and not counted).", ConstLabels: l}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.requests, m.tokens, m.steps, m.publishErrors, m.active, m.waiting, m.blocksUsed,

@@ -375,6 +375,20 @@ func (w *Worker) run(ctx context.Context) {
 		}
 		w.metrics.steps.Inc()
 		w.setLoad()
+		if st.PrefillTokens == 0 && st.DecodeSeqs == 0 && len(st.Outputs) == 0 && len(st.Events) == 0 {
+			// Not idle, yet nothing could run (the waiting request does
+			// not fit while an import holds blocks): stepping again at
+			// once would spin a core. Whatever frees room (an import
+			// settling, a cancel, a new request) comes through the inbox.
+			select {
+			case <-ctx.Done():
+				w.failAll(ErrStopped)
+				return
+			case o := <-w.inbox:
+				w.handle(o)
+			}
+			continue
+		}
 		if st.Duration <= 0 {
 			continue
 		}
