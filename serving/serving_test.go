@@ -758,3 +758,25 @@ func TestShutdownServesTheLastLocalRequests(t *testing.T) {
 		t.Fatalf("shutdown: %v", err)
 	}
 }
+
+// KV blocks over the transports' 1 MiB frames land in several frames each;
+// the decode worker still takes them (it waited for whole-block landings
+// and fell back to prefilling locally every time).
+func TestDisaggregatedBlocksOverOneFrame(t *testing.T) {
+	e := start(t, 2, func(c *serving.Config) {
+		c.PrefillWorkers = 1
+		c.DisaggThreshold = 16
+		c.Engine.BlockSize = 16
+		c.Engine.NumBlocks = 64
+		c.Engine.BlockBytes = 1<<20 + 8
+	})
+	dec := e.stack.Workers[1]
+	base := dec.Stats()
+	long := strings.Repeat("a long shared document with many words ", 8)
+	if _, err := e.post(t, "/v1/completions", fmt.Sprintf(`{"model":"mock","prompt":%q,"max_tokens":4}`, long)); err != nil {
+		t.Fatal(err)
+	}
+	if got := dec.Stats(); got.RemotePrefills != base.RemotePrefills+1 || got.Fallbacks != base.Fallbacks {
+		t.Fatalf("decode worker with blocks of 1 MiB + 8 bytes: %+v (before %+v)", got, base)
+	}
+}

@@ -132,14 +132,24 @@ func (w *Worker) Endpoints() []*triplanev1.Endpoint {
 	return out
 }
 
-// onLanded records blocks that landed in reserved places and verified;
-// anything else is counted (the data server only writes inside the
-// region, but a block nobody reserved is a peer's mistake).
+// onLanded records bytes that landed in reserved blocks and verified: a
+// frame may hold part of a block (transports split blocks over 1 MiB) or
+// several. Bytes outside reserved blocks are counted (the data server only
+// writes inside the region, but a block nobody reserved is a peer's
+// mistake).
 func (w *Worker) onLanded(l data.Landed) {
+	bs := uint64(w.region.BlockSize())
+	ok := l.Desc.Region == w.region.ID() && l.Desc.Length > 0
 	w.mu.Lock()
-	ok := w.expect[l.Desc]
-	if ok {
-		w.landed[l.Desc] = true
+	for off, end := l.Desc.Offset, l.Desc.Offset+l.Desc.Length; ok && off < end; {
+		b := w.region.BlockDesc(int(off / bs))
+		n := min(end, b.Offset+b.Length) - off
+		if !w.expect[b] {
+			ok = false
+			break
+		}
+		w.landed[b] += n
+		off += n
 	}
 	w.mu.Unlock()
 	if !ok {
@@ -248,7 +258,10 @@ func (w *Worker) importPrefix(ctx context.Context, req *triplanev1.GenerateReque
 		w.mu.Lock()
 		all := true
 		for _, d := range descs {
-			all = all && w.landed[d]
+			// A block landed twice (a resent range) counts more: all is
+			// about every block having arrived, and the commit checks
+			// each block's bytes against its hash.
+			all = all && w.landed[d] >= d.Length
 			delete(w.expect, d)
 			delete(w.landed, d)
 		}

@@ -139,8 +139,12 @@ type Worker struct {
 	// Descriptors reserved for incoming blocks and those that landed
 	// (verified by the data server), and the free staging slots (FIFO, so
 	// a slot given up is reused as late as possible); guarded by mu.
-	expect, landed map[data.Descriptor]bool
-	slots          []int
+	// expect are the staging blocks reserved for imports; landed counts
+	// the verified bytes of each (a transport may land a block in
+	// several frames, or several blocks in one).
+	expect map[data.Descriptor]bool
+	landed map[data.Descriptor]uint64
+	slots  []int
 
 	mu       sync.Mutex
 	draining bool
@@ -265,7 +269,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	rctx, cancel := context.WithCancel(context.Background())
 	w := &Worker{cfg: cfg, log: cfg.Logger.With("worker", cfg.ID), eng: eng, inbox: make(chan op, cfg.Mailbox),
 		stop: cancel, done: make(chan struct{}), reqs: map[string]*pending{}, metrics: newMetrics(cfg.Registerer, cfg.ID),
-		region: region, landed: map[data.Descriptor]bool{}, expect: map[data.Descriptor]bool{}}
+		region: region, landed: map[data.Descriptor]uint64{}, expect: map[data.Descriptor]bool{}}
 	if region != nil {
 		for i := range cfg.StagingBlocks {
 			w.slots = append(w.slots, i)
