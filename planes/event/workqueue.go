@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -229,19 +231,14 @@ func (j *Job[T]) InProgress() error { return j.msg.InProgress() }
 // once, not to the dead letters: stopping is not the job's failure (the
 // delivery still counts, as a crashed worker's would).
 func (q *WorkQueue[T]) Consume(ctx context.Context, h func(context.Context, *Job[T]) error) error {
-	// One job fetched at a time, as h handles one at a time: a job's ack
-	// wait starts when it is delivered, and jobs waiting in a client
-	// buffer behind slow ones expired there, were delivered again (run
-	// twice) and used up their deliveries without a handler seeing them.
 	backoff := 50 * time.Millisecond
 	for ctx.Err() == nil {
-		batch, err := q.cons.Fetch(1, jetstream.FetchContext(ctx))
-		if err == nil {
-			for m := range batch.Messages() {
-				q.handle(ctx, m, h)
-			}
-			err = batch.Error()
+		// What is there, up to a batch, at once; else wait for one.
+		msgs, err := fetched(q.cons.FetchNoWait(consumeBatch))
+		if err == nil && len(msgs) == 0 {
+			msgs, err = fetched(q.cons.Fetch(1, jetstream.FetchContext(ctx)))
 		}
+		q.handleBatch(ctx, msgs, h)
 		if err == nil || errors.Is(err, nats.ErrTimeout) || ctx.Err() != nil {
 			backoff = 50 * time.Millisecond
 			continue
@@ -254,6 +251,59 @@ func (q *WorkQueue[T]) Consume(ctx context.Context, h func(context.Context, *Job
 		backoff = min(2*backoff, 5*time.Second)
 	}
 	return nil
+}
+
+// consumeBatch bounds the jobs one Consume holds at once: each fetch costs
+// a round trip, and each job held is a delivery spent if the worker stops.
+const consumeBatch = 64
+
+func fetched(b jetstream.MessageBatch, err error) ([]jetstream.Msg, error) {
+	if err != nil {
+		return nil, err
+	}
+	var msgs []jetstream.Msg
+	for m := range b.Messages() {
+		msgs = append(msgs, m)
+	}
+	return msgs, b.Error()
+}
+
+// handleBatch hands msgs to h one at a time. A job's ack wait runs from its
+// delivery, also while it waits behind slower ones: those are told the
+// jobs are in progress every third of the ack wait (jobs left waiting in a
+// client buffer expired there, were delivered again, handled twice, and
+// used up their deliveries without a handler seeing them).
+func (q *WorkQueue[T]) handleBatch(ctx context.Context, msgs []jetstream.Msg, h func(context.Context, *Job[T]) error) {
+	if len(msgs) == 0 {
+		return
+	}
+	var next atomic.Int64 // the job in hand; the ones after it wait
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	if len(msgs) > 1 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			t := time.NewTicker(q.cfg.AckWait / 3)
+			defer t.Stop()
+			for {
+				select {
+				case <-stop:
+					return
+				case <-t.C:
+					for i := int(next.Load()) + 1; i < len(msgs); i++ {
+						_ = msgs[i].InProgress()
+					}
+				}
+			}
+		}()
+	}
+	for i, m := range msgs {
+		next.Store(int64(i))
+		q.handle(ctx, m, h)
+	}
+	close(stop)
+	wg.Wait()
 }
 
 func (q *WorkQueue[T]) handle(ctx context.Context, m jetstream.Msg, h func(context.Context, *Job[T]) error) {

@@ -8,8 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go/jetstream"
-
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/planes/event"
 	"github.com/triplane-dev/triplane/planetest"
@@ -159,58 +157,103 @@ func TestWorkQueueEachJobToOneWorker(t *testing.T) {
 	}
 }
 
-// A consumer holds one job at a time: the others wait in the stream, where
-// no ack wait runs on them (jobs buffered behind a slow one expired, ran
-// twice and used up their deliveries). A job in hand when the worker stops
-// goes back to the queue, not to the dead letters (before, a handler that
-// returned ctx.Err() on the job's last delivery dead-lettered it).
-func TestWorkQueueOneJobInHandAndStopReturnsIt(t *testing.T) {
+// Jobs a consumer holds behind a slow one do not expire while they wait
+// (they did: delivered again, handled twice, their deliveries used up). A
+// job in hand when the worker stops goes back to the queue, not to the
+// dead letters (before, a handler that returned ctx.Err() on the job's
+// last delivery dead-lettered it).
+func TestWorkQueueHeldJobsKeptAndStopReturnsThem(t *testing.T) {
 	n := planetest.StartNATS(t)
 	nc := n.Connect(t)
 	b := newBus(t, nc, event.Config{})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	q, err := event.OpenWorkQueue[*triplanev1.EventProbe](ctx, b, event.QueueConfig{Namespace: "ns", Component: "c", Name: "one", MaxDeliver: 2})
+	q, err := event.OpenWorkQueue[*triplanev1.EventProbe](ctx, b, event.QueueConfig{Namespace: "ns", Component: "c", Name: "one",
+		MaxDeliver: 2, AckWait: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i := range 5 {
-		if _, err := q.Enqueue(ctx, &triplanev1.EventProbe{Seq: uint64(i)}); err != nil {
-			t.Fatal(err)
+	enqueue := func(from, to int) {
+		for i := from; i < to; i++ {
+			if _, err := q.Enqueue(ctx, &triplanev1.EventProbe{Seq: uint64(i)}); err != nil {
+				t.Fatal(err)
+			}
 		}
 	}
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	workers, err := js.Consumer(ctx, "TRIPLANE_Q_NS_C_ONE", "workers")
-	if err != nil {
-		t.Fatal(err)
-	}
+	enqueue(0, 5)
+	var mu sync.Mutex
+	handled := map[uint64]int{}
+	slow := make(chan struct{})
 	wctx, stop := context.WithCancel(ctx)
-	inHand := make(chan uint64, 1)
 	stopped := make(chan error, 1)
 	go func() {
 		stopped <- q.Consume(wctx, func(ctx context.Context, j *event.Job[*triplanev1.EventProbe]) error {
-			inHand <- j.Value.Seq
-			<-ctx.Done()
-			return ctx.Err()
+			mu.Lock()
+			handled[j.Value.Seq]++
+			mu.Unlock()
+			if j.Value.Seq == 0 {
+				// Slower than the ack wait, telling the server so; the
+				// jobs held behind it must not expire meanwhile.
+				for {
+					select {
+					case <-slow:
+						return nil
+					case <-time.After(200 * time.Millisecond):
+						_ = j.InProgress()
+					}
+				}
+			}
+			if j.Value.Seq == 9 {
+				<-ctx.Done()
+				return ctx.Err()
+			}
+			return nil
 		})
 	}()
-	first := <-inHand
-	info, err := workers.Info(ctx)
-	if err != nil || info.NumAckPending != 1 || info.NumPending != 4 {
-		t.Fatalf("with one job in hand: %d delivered and unanswered, %d waiting (%v); want 1 and 4", info.NumAckPending, info.NumPending, err)
+	time.Sleep(2500 * time.Millisecond) // past two ack waits: watching for redeliveries
+	close(slow)
+	for {
+		mu.Lock()
+		n := len(handled)
+		mu.Unlock()
+		if n == 5 {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatal("jobs not handled")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// Job 9 stays in hand until the stop; 10..14 wait behind it.
+	enqueue(9, 15)
+	for {
+		mu.Lock()
+		n := handled[9]
+		mu.Unlock()
+		if n == 1 {
+			break
+		}
+		if ctx.Err() != nil {
+			t.Fatal("job 9 never in hand")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	stop()
 	if err := <-stopped; err != nil {
 		t.Fatal(err)
 	}
-	if dl, err := q.DeadLetters(ctx, 10); err != nil || len(dl) != 0 {
-		t.Fatalf("dead letters after a stop: %v %v", dl, err)
+	mu.Lock()
+	for seq, n := range handled {
+		if n != 1 {
+			t.Errorf("job %d handled %d times", seq, n)
+		}
 	}
-	// Another worker gets every job, the one stopped in hand included.
-	got := make(chan uint64, 5)
+	mu.Unlock()
+	if dl, err := q.DeadLetters(ctx, 10); err != nil || len(dl) != 0 {
+		t.Fatalf("dead letters: %v %v", dl, err)
+	}
+	// Another worker gets every job left, the one stopped in hand included.
+	got := make(chan uint64, 10)
 	wctx2, stop2 := context.WithCancel(ctx)
 	defer stop2()
 	go q.Consume(wctx2, func(_ context.Context, j *event.Job[*triplanev1.EventProbe]) error {
@@ -218,12 +261,12 @@ func TestWorkQueueOneJobInHandAndStopReturnsIt(t *testing.T) {
 		return nil
 	})
 	seen := map[uint64]bool{}
-	for len(seen) < 5 {
+	for len(seen) < 6 {
 		select {
 		case s := <-got:
 			seen[s] = true
 		case <-ctx.Done():
-			t.Fatalf("jobs handled after the stop: %v (the first was %d)", seen, first)
+			t.Fatalf("jobs handled after the stop: %v", seen)
 		}
 	}
 }
