@@ -353,12 +353,8 @@ func (w *Worker) run(ctx context.Context) {
 	for {
 		if w.eng.Idle() {
 			w.setLoad()
-			select {
-			case <-ctx.Done():
-				w.failAll(ErrStopped)
+			if !w.awaitInbox(ctx) {
 				return
-			case o := <-w.inbox:
-				w.handle(o)
 			}
 			continue
 		}
@@ -384,12 +380,8 @@ func (w *Worker) run(ctx context.Context) {
 			// not fit while an import holds blocks): stepping again at
 			// once would spin a core. Whatever frees room (an import
 			// settling, a cancel, a new request) comes through the inbox.
-			select {
-			case <-ctx.Done():
-				w.failAll(ErrStopped)
+			if !w.awaitInbox(ctx) {
 				return
-			case o := <-w.inbox:
-				w.handle(o)
 			}
 			continue
 		}
@@ -410,6 +402,19 @@ func (w *Worker) run(ctx context.Context) {
 				break wait
 			}
 		}
+	}
+}
+
+// awaitInbox handles the next message, or fails every request and
+// reports false when ctx ends first.
+func (w *Worker) awaitInbox(ctx context.Context) bool {
+	select {
+	case <-ctx.Done():
+		w.failAll(ErrStopped)
+		return false
+	case o := <-w.inbox:
+		w.handle(o)
+		return true
 	}
 }
 
