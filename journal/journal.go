@@ -40,6 +40,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -147,6 +148,10 @@ func Open(ctx context.Context, nc *nats.Conn, cfg Config) (*Journal, error) {
 	return &Journal{cfg: cfg, nc: nc, js: js, stream: s}, nil
 }
 
+// ErrNotJournal: Attach found a stream that does not hold the journal's
+// subjects (another stream, or another prefix).
+var ErrNotJournal = errors.New("journal: the stream is not this journal's")
+
 // setUp checks cfg (with its defaults) and makes the JetStream context.
 func setUp(nc *nats.Conn, cfg Config) (Config, jetstream.JetStream, error) {
 	cfg.defaults()
@@ -175,6 +180,9 @@ func Attach(ctx context.Context, nc *nats.Conn, cfg Config) (*Journal, error) {
 		return nil, fmt.Errorf("journal: look up stream %s: %w", cfg.Stream, err)
 	}
 	sc := s.CachedInfo().Config
+	if want := cfg.Prefix + ".journal.>"; !slices.Contains(sc.Subjects, want) {
+		return nil, fmt.Errorf("%w: stream %s holds subjects %v, not %s", ErrNotJournal, cfg.Stream, sc.Subjects, want)
+	}
 	cfg.Replicas, cfg.Duplicates = sc.Replicas, sc.Duplicates
 	return &Journal{cfg: cfg, nc: nc, js: js, stream: s}, nil
 }

@@ -7,7 +7,6 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 
 	"github.com/nats-io/nats.go"
@@ -174,26 +173,14 @@ func OpenJournal(ctx context.Context, nc *nats.Conn, cfg journal.Config) (*journ
 	if cfg.Stream == "" {
 		cfg.Stream = DefaultJournalStream
 	}
-	js, err := jetstream.New(nc)
-	if err != nil {
-		return nil, fmt.Errorf("replay: %w", err)
-	}
-	st, err := js.Stream(ctx, cfg.Stream)
-	if errors.Is(err, jetstream.ErrStreamNotFound) {
+	j, err := journal.Attach(ctx, nc, cfg)
+	switch {
+	case errors.Is(err, jetstream.ErrStreamNotFound):
 		return nil, fmt.Errorf("%w: the server has no stream %s: nothing was journaled yet, or the journal has another name (--journal-stream)",
 			ErrNoJournal, cfg.Stream)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("replay: look up journal stream %s: %w", cfg.Stream, err)
-	}
-	sc := st.CachedInfo().Config
-	want := cfg.Prefix + ".journal.>"
-	if !slices.Contains(sc.Subjects, want) {
-		return nil, fmt.Errorf("%w: stream %s holds subjects %v, not %s: check --journal-prefix",
-			ErrNoJournal, cfg.Stream, sc.Subjects, want)
-	}
-	j, err := journal.Attach(ctx, nc, cfg)
-	if err != nil {
+	case errors.Is(err, journal.ErrNotJournal):
+		return nil, fmt.Errorf("%w: %w: check --journal-prefix", ErrNoJournal, err)
+	case err != nil:
 		return nil, fmt.Errorf("replay: %w", err)
 	}
 	return j, nil
