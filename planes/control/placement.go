@@ -202,11 +202,10 @@ func (p *Placement) readAssigns(ctx context.Context, me string) (map[actors.Addr
 	}
 	items := make([]Item[*triplanev1.PlacementRecord], 0, len(resp.Kvs))
 	for _, kv := range resp.Kvs {
-		v, err := Decode(kv.Value, func() *triplanev1.PlacementRecord { return &triplanev1.PlacementRecord{} })
-		if err != nil {
-			continue // the cache skips (and counts) it too
+		// Decoded and checked as the cache does, so both skip the same.
+		if v, ok := p.assigns.decode(kv); ok {
+			items = append(items, Item[*triplanev1.PlacementRecord]{Key: string(kv.Key), Value: v, ModRev: kv.ModRevision})
 		}
-		items = append(items, Item[*triplanev1.PlacementRecord]{Key: string(kv.Key), Value: v, ModRev: kv.ModRevision})
 	}
 	return mine(items, me), nil
 }
