@@ -430,16 +430,22 @@ func (m slowStart) Initial(id string) proto.Message {
 	return m.Machine.Initial(id)
 }
 
+// slowHost is a host of the slowStart machine, with requests that wait
+// as long as their contexts let them.
+func (e *env) slowHost(t *testing.T) (slowStart, *actors.Host) {
+	m := slowStart{started: make(chan struct{}), release: make(chan struct{})}
+	return m, e.host(t, func(c *actors.HostConfig) {
+		c.Registry = actors.NewRegistry(m)
+		c.RequestTimeout = time.Hour
+	})
+}
+
 // Actors are spawned one at a time, recovery included: a request that
 // waits behind a long recovery ends with its context, not after a fixed
 // spawn timeout of its own, and the actor still comes up afterwards.
 func TestRequestWaitingForASpawnEndsWithItsContext(t *testing.T) {
 	e := newEnv(t)
-	m := slowStart{started: make(chan struct{}), release: make(chan struct{})}
-	h := e.host(t, func(c *actors.HostConfig) {
-		c.Registry = actors.NewRegistry(m)
-		c.RequestTimeout = time.Hour
-	})
+	m, h := e.slowHost(t)
 	slow := actors.Address{Kind: ledger.Kind, ID: "slow"}
 	done := make(chan error, 1)
 	go func() {
@@ -465,11 +471,7 @@ func TestRequestWaitingForASpawnEndsWithItsContext(t *testing.T) {
 // without a dead letter).
 func TestRequestWaitingForASpawnWhenTheHostStops(t *testing.T) {
 	e := newEnv(t)
-	m := slowStart{started: make(chan struct{}), release: make(chan struct{})}
-	h := e.host(t, func(c *actors.HostConfig) {
-		c.Registry = actors.NewRegistry(m)
-		c.RequestTimeout = time.Hour
-	})
+	m, h := e.slowHost(t)
 	go h.Request(e.ctx, actors.Address{Kind: ledger.Kind, ID: "slow"}, &triplanev1.LedgerDeposit{Amount: 1})
 	<-m.started
 	waiting := make(chan error, 1)
