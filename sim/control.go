@@ -61,6 +61,7 @@ type etcdLease struct {
 	expires time.Time
 	revoked bool
 	check   func() // revokes the lease if it expired
+	timer   bool   // check is scheduled
 }
 
 type etcdWatch struct {
@@ -98,12 +99,26 @@ func (e *Etcd) KeepAlive(id int64) (bool, error) {
 	l.expires = e.w.Now().Add(l.ttl)
 	if l.check == nil { // made once per lease: workers keep leases alive every round
 		l.check = func() {
-			if !l.revoked && !e.w.Now().Before(l.expires) && e.available() {
+			l.timer = false
+			switch {
+			case l.revoked:
+			case e.w.Now().Before(l.expires):
+				// Kept alive since the timer was set: wait for the new
+				// expiry. One timer per lease, not one per keep-alive (a
+				// lease kept alive every round had several pending).
+				l.timer = true
+				e.w.After(l.expires.Sub(e.w.Now()), l.check)
+			case e.available():
 				e.revoke(id)
 			}
+			// Expired while etcd is unavailable: the keep-alive etcd's new
+			// leader gives every lease sets the timer again.
 		}
 	}
-	e.w.After(l.ttl, l.check)
+	if !l.timer {
+		l.timer = true
+		e.w.After(l.ttl, l.check)
+	}
 	return true, nil
 }
 
