@@ -88,8 +88,14 @@ type simWorker struct {
 	diedAt  time.Time
 	etcd    *EtcdClient
 	lease   int64 // 0: not registered (etcd unavailable): the next round tries
-	step    bool  // a step is scheduled
-	running map[string]*simRequest
+	step    bool  // a step is scheduled, at stepAt (events for other times are stale)
+	stepAt  time.Duration
+	// A row of quiet engine iterations (mocker.Engine.Quiet) runs at once
+	// when it ends or when something touches the engine mid-row: quiet of
+	// them are pending, the first at quietFrom, each taking quietEach.
+	quiet                int
+	quietFrom, quietEach time.Duration
+	running              map[string]*simRequest
 	// The worker's subjects and its step, made once (a worker object is
 	// one epoch: a restart makes a new one).
 	eventsSubject, loadSubject string
@@ -469,6 +475,7 @@ func (s *servingRun) start(req *simRequest, wk *simWorker) {
 			prompt = append(prompt, mocker.TokenAt(req.id, k, 32000))
 		}
 	}
+	s.catchUp(wk)
 	err := wk.eng.Add(engine.Request{ID: req.id, Tokens: prompt, MaxTokens: req.maxTokens - req.generated})
 	if err != nil {
 		s.flights.Done(wk.id, req.id)
@@ -486,22 +493,69 @@ func (s *servingRun) start(req *simRequest, wk *simWorker) {
 	s.kick(wk)
 }
 
-// kick schedules the worker's next engine step if none is.
+// kick schedules the worker's next engine step if none is, and ends a row
+// of quiet iterations at the next one (the engine changed: its next
+// iteration admits).
 func (s *servingRun) kick(wk *simWorker) {
-	if wk.step || !wk.alive {
-		return
-	}
-	wk.step = true
-	s.r.World.After(0, wk.stepFn)
-}
-
-// stepWorker runs one engine iteration of wk (a worker object is one
-// epoch: a crash stops it for good, a restart makes a new one).
-func (s *servingRun) stepWorker(wk *simWorker) {
 	if !wk.alive {
 		return
 	}
+	if wk.step {
+		if wk.quiet > 0 {
+			wk.quiet = 0
+			s.schedule(wk, wk.quietFrom)
+		}
+		return
+	}
+	s.schedule(wk, s.r.World.Elapsed())
+}
+
+// schedule sets wk's next step at virtual time at (an earlier scheduled
+// one goes stale).
+func (s *servingRun) schedule(wk *simWorker, at time.Duration) {
+	w := s.r.World
+	wk.step, wk.stepAt = true, at
+	w.After(at-w.Elapsed(), wk.stepFn)
+}
+
+// catchUp runs the worker's pending quiet iterations that started before
+// now, before anything touches its engine or its requests.
+func (s *servingRun) catchUp(wk *simWorker) {
+	now := s.r.World.Elapsed()
+	if wk.quiet == 0 || now <= wk.quietFrom {
+		return
+	}
+	n := min(wk.quiet, int((now-wk.quietFrom-1)/wk.quietEach)+1)
+	s.absorb(wk, wk.eng.StepQuiet(n))
+	wk.quiet -= n
+	wk.quietFrom += time.Duration(n) * wk.quietEach
+}
+
+// stepWorker runs one engine iteration of wk, after the row of quiet ones
+// before it (a worker object is one epoch: a crash stops it for good, a
+// restart makes a new one).
+func (s *servingRun) stepWorker(wk *simWorker) {
+	w := s.r.World
+	if !wk.alive || !wk.step || w.Elapsed() != wk.stepAt {
+		return // stale: the step moved
+	}
+	s.catchUp(wk)
 	st := wk.eng.Step()
+	s.absorb(wk, st)
+	wk.step = false
+	if !wk.eng.Idle() {
+		next := w.Elapsed() + max(st.Duration, time.Microsecond)
+		// The iterations after this one that only decode run as one, at
+		// the end of their row.
+		q, each := wk.eng.Quiet()
+		wk.quiet, wk.quietFrom, wk.quietEach = q, next, max(each, time.Microsecond)
+		s.schedule(wk, next+time.Duration(q)*wk.quietEach)
+	}
+}
+
+// absorb publishes a step's KV events and credits its outputs to the
+// requests.
+func (s *servingRun) absorb(wk *simWorker, st engine.Step) {
 	for _, e := range kvevents.FromEngine(st.Events) {
 		s.send(wk, wk.log.Append(e))
 	}
@@ -528,11 +582,6 @@ func (s *servingRun) stepWorker(wk *simWorker) {
 			}
 			req.done++
 		}
-	}
-	wk.step = false
-	if !wk.eng.Idle() {
-		wk.step = true
-		s.r.World.After(max(st.Duration, time.Microsecond), wk.stepFn)
 	}
 }
 
@@ -667,6 +716,8 @@ func (s *servingRun) crashWorker(id string) {
 	if !wk.alive {
 		return
 	}
+	// The tokens generated before the crash go with the requests.
+	s.catchUp(wk)
 	wk.alive, wk.diedAt = false, w.Now()
 	wk.unserve()
 	w.Tracef("worker %s crashed with %d requests", id, len(wk.running))

@@ -432,6 +432,67 @@ func (e *Engine) Step() engine.Step {
 	return st
 }
 
+// Quiet says how many of the engine's next iterations are quiet, and how
+// long each takes. An iteration is quiet when nothing waits for admission
+// and every running sequence only decodes its next token: none is in
+// prefill, needs a new block, fills one (no KV event) or finishes; and the
+// engine has no fault points. Such an iteration changes nothing but the
+// sequences' tokens, and the next ones stay the same length (the pool does
+// not change), so a driver that does not need each token at its own time
+// runs a row of them at once with StepQuiet: the simulator spends one
+// event, not one per iteration, on a batch that only decodes.
+func (e *Engine) Quiet() (n int, each time.Duration) {
+	if e.cfg.Faults != nil || len(e.waiting) > 0 || len(e.running) == 0 || len(e.running) > e.cfg.MaxBatchTokens {
+		return 0, 0
+	}
+	bs := e.cfg.BlockSize
+	n = math.MaxInt
+	for _, s := range e.running {
+		if s.computed < s.prompt || !s.reported {
+			return 0, 0
+		}
+		l := len(s.tokens)
+		// The j-th iteration from now appends token l+j: its block must be
+		// allocated, the block it completes must be the one after the
+		// registered ones at most (computed is l+j-1), and it must not be
+		// the last token.
+		n = min(n, len(s.blocks)*bs-l, (len(s.hashes)+1)*bs-l, s.maxTokens-s.generated-1)
+	}
+	if n <= 0 {
+		return 0, 0
+	}
+	return n, e.duration(0, len(e.running))
+}
+
+// StepQuiet runs n quiet iterations (at most what Quiet said, with nothing
+// done to the engine since) as one step: each running sequence's output
+// carries its n tokens, and Duration is the n iterations' total. The
+// outputs are those of n Steps, merged; no KV events happen in them.
+func (e *Engine) StepQuiet(n int) engine.Step {
+	if q, _ := e.Quiet(); n <= 0 || n > q {
+		// A driver's mistake: stepping on would break the engine's own
+		// accounting, so nothing happens.
+		return engine.Step{}
+	}
+	e.stepNo += uint64(n)
+	e.outs, e.toks = e.outs[:0], e.toks[:0]
+	for _, s := range e.running {
+		for range n {
+			tok := tokenAt(s.idHash, len(s.tokens), e.cfg.Vocab)
+			s.tokens = append(s.tokens, tok)
+			e.toks = append(e.toks, tok)
+		}
+		s.generated += n
+		s.computed = len(s.tokens) - 1
+		e.outs = append(e.outs, engine.Output{ID: s.id})
+	}
+	// The tokens are placed once toks stopped growing (it may have moved).
+	for i := range e.outs {
+		e.outs[i].Tokens = e.toks[i*n : (i+1)*n : (i+1)*n]
+	}
+	return engine.Step{Duration: time.Duration(n) * e.duration(0, len(e.running)), Outputs: e.outs, DecodeSeqs: len(e.running)}
+}
+
 // out is s's output of this step. The pointer is valid until the next
 // call that adds an output: use it at once.
 func (e *Engine) out(s *seq) *engine.Output {

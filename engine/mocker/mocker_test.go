@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math/rand/v2"
 	"os"
 	"slices"
 	"testing"
@@ -497,5 +498,166 @@ func BenchmarkBlockHash(b *testing.B) {
 			}
 			b.ReportMetric(float64(b.Elapsed())/float64(base), "x-of-xxhash")
 		})
+	}
+}
+
+// quietDriver drives an engine through timed arrivals as a simulator
+// does: each Step at its time, the next one after its duration (at least a
+// microsecond). With skip, rows of quiet iterations run as one StepQuiet
+// at the end of the row, or when an arrival cuts the row short (the
+// iterations that started before it run first). It records what an
+// observer sees: each request's tokens, when it finished, and the KV
+// events with their times.
+type quietDriver struct {
+	e        *mocker.Engine
+	skip     bool
+	tokens   map[string][]uint32
+	finished map[string]time.Duration
+	events   []string
+	quiet    int           // quiet iterations pending, the first at from
+	from     time.Duration //
+	each     time.Duration
+	skipped  int
+}
+
+type arrival struct {
+	at  time.Duration
+	req engine.Request
+}
+
+func (d *quietDriver) absorb(at time.Duration, st engine.Step) {
+	for _, o := range st.Outputs {
+		d.tokens[o.ID] = append(d.tokens[o.ID], o.Tokens...)
+		if o.Finished {
+			d.finished[o.ID] = at
+		}
+	}
+	for _, ev := range st.Events {
+		d.events = append(d.events, fmt.Sprintf("%v %v %x %x", at, ev.Kind, ev.Hash, ev.Parent))
+	}
+}
+
+// catchUp runs the pending quiet iterations that started before now.
+func (d *quietDriver) catchUp(now time.Duration) {
+	if d.quiet == 0 || now <= d.from {
+		return
+	}
+	m := min(d.quiet, int((now-d.from-1)/d.each)+1)
+	d.absorb(d.from, d.e.StepQuiet(m))
+	d.quiet, d.from, d.skipped = d.quiet-m, d.from+time.Duration(m)*d.each, d.skipped+m
+}
+
+func (d *quietDriver) run(t *testing.T, arrivals []arrival) {
+	t.Helper()
+	stepAt, scheduled := time.Duration(0), false
+	for steps := 0; len(arrivals) > 0 || scheduled; steps++ {
+		if steps > 1_000_000 {
+			t.Fatal("never went idle")
+		}
+		// An arrival at the time of an iteration comes first.
+		if len(arrivals) > 0 && (!scheduled || arrivals[0].at <= stepAt) {
+			a := arrivals[0]
+			arrivals = arrivals[1:]
+			d.catchUp(a.at)
+			if err := d.e.Add(a.req); err != nil {
+				t.Fatal(err)
+			}
+			switch {
+			case !scheduled:
+				stepAt, scheduled = a.at, true
+			case d.quiet > 0:
+				stepAt, d.quiet = d.from, 0 // the row ends: the next iteration admits
+			}
+			continue
+		}
+		d.catchUp(stepAt)
+		st := d.e.Step()
+		d.absorb(stepAt, st)
+		if scheduled = !d.e.Idle(); scheduled {
+			stepAt += max(st.Duration, time.Microsecond)
+			if d.skip {
+				q, each := d.e.Quiet()
+				d.quiet, d.from, d.each = q, stepAt, max(each, time.Microsecond)
+				stepAt += time.Duration(q) * d.each
+			}
+		}
+	}
+}
+
+// Running rows of quiet iterations at once changes nothing an observer
+// sees: every request gets the same tokens and finishes at the same time,
+// and the KV events are the same at the same times, through admissions,
+// preemptions and evictions (a small pool) and arrivals in the middle of
+// a row.
+func TestStepQuietMatchesSteps(t *testing.T) {
+	for seed := range uint64(20) {
+		rng := rand.New(rand.NewPCG(seed, 7))
+		var arrivals []arrival
+		at := time.Duration(0)
+		for i := range 60 {
+			at += time.Duration(rng.ExpFloat64() * float64(8*time.Millisecond))
+			p := prompt(4+rng.IntN(60), uint32(1+rng.IntN(3)*1000))
+			arrivals = append(arrivals, arrival{at, engine.Request{ID: fmt.Sprintf("r%d", i), Tokens: p, MaxTokens: 1 + rng.IntN(80)}})
+		}
+		cfg := mocker.Config{BlockSize: 8, NumBlocks: 48, MaxBatchTokens: 64, MaxSeqs: 8}
+		plain := &quietDriver{e: newEngine(t, cfg), tokens: map[string][]uint32{}, finished: map[string]time.Duration{}}
+		skip := &quietDriver{e: newEngine(t, cfg), skip: true, tokens: map[string][]uint32{}, finished: map[string]time.Duration{}}
+		plain.run(t, arrivals)
+		skip.run(t, arrivals)
+		switch {
+		case skip.skipped == 0:
+			t.Fatalf("seed %d: no quiet iteration", seed)
+		case !maps.EqualFunc(plain.tokens, skip.tokens, slices.Equal):
+			t.Fatalf("seed %d: tokens differ", seed)
+		case !maps.Equal(plain.finished, skip.finished):
+			t.Fatalf("seed %d: finish times differ:\n%v\n%v", seed, plain.finished, skip.finished)
+		case !slices.Equal(plain.events, skip.events):
+			t.Fatalf("seed %d: KV events differ", seed)
+		case len(plain.finished) != 60:
+			t.Fatalf("seed %d: %d of 60 finished", seed, len(plain.finished))
+		}
+		if seed == 0 {
+			t.Logf("seed 0: %d of the iterations quiet, %d events", skip.skipped, len(skip.events))
+		}
+	}
+}
+
+// Quiet is 0 whenever an iteration would do more than decode, and
+// StepQuiet refuses more than Quiet allows.
+func TestQuietBounds(t *testing.T) {
+	e := newEngine(t, mocker.Config{BlockSize: 4, NumBlocks: 64})
+	if n, _ := e.Quiet(); n != 0 {
+		t.Fatalf("idle engine: %d quiet iterations", n)
+	}
+	_ = e.Add(engine.Request{ID: "a", Tokens: prompt(6, 1), MaxTokens: 20})
+	if n, _ := e.Quiet(); n != 0 {
+		t.Fatalf("a request waiting: %d quiet iterations", n)
+	}
+	e.Step() // prefill: 6 tokens and the first generated: 7 tokens, 2 blocks, 1 registered
+	// Token 8 fits block 2, and block 2 is registered only once token 8's
+	// KV is computed, an iteration later: one quiet iteration.
+	if n, _ := e.Quiet(); n != 1 {
+		t.Fatalf("after the prefill: %d quiet, want 1", n)
+	}
+	e.Step()
+	// Token 9 needs block 3: not quiet.
+	if n, _ := e.Quiet(); n != 0 {
+		t.Fatalf("next iteration allocates a block: %d quiet", n)
+	}
+	e.Step() // 9 tokens, 3 blocks, block 2 registered
+	// Tokens 10-12 fit block 3, which fills only with token 12's KV.
+	n, each := e.Quiet()
+	if n != 3 || each <= 0 {
+		t.Fatalf("quiet %d, %v; want 3 and a duration", n, each)
+	}
+	if st := e.StepQuiet(4); len(st.Outputs) != 0 {
+		t.Fatal("StepQuiet ran past Quiet")
+	}
+	st := e.StepQuiet(3)
+	if len(st.Outputs) != 1 || len(st.Outputs[0].Tokens) != 3 || st.Duration != 3*each || len(st.Events) != 0 {
+		t.Fatalf("StepQuiet(3) = %+v", st)
+	}
+	if n, _ := e.Quiet(); n != 0 {
+		t.Fatalf("after the row: %d quiet", n)
 	}
 }
