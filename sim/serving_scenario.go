@@ -37,7 +37,7 @@ const (
 	// servingGrace bounds how long discovery may list a dead worker: its
 	// lease's TTL, an etcd leader change (up to 250 ms, after which the new
 	// leader renews every lease), the keep-alive round and the watch.
-	servingGrace   = 2*servingLeaseTTL + 250*time.Millisecond + 50*time.Millisecond
+	servingGrace   = 2*servingLeaseTTL + 250*time.Millisecond + servingTick
 	servingRetries = 5 // routing attempts and migrations per request
 	// servingRepairTimeout bounds one resend request (lost, or its worker
 	// cut off or dead).
@@ -46,6 +46,12 @@ const (
 	// worker's default): between reports the routing shell knows only its
 	// own flights.
 	servingLoadInterval = 500 * time.Millisecond
+	// servingHeartbeat between a worker's KV heartbeats, which reveal a
+	// lost tail: a fifth of the real publisher's default (1 s), so repairs
+	// start soon after a loss, but not every 50 ms round (a heartbeat per
+	// worker per round was a third of the bus's messages).
+	servingHeartbeat = 200 * time.Millisecond
+	servingTick      = 50 * time.Millisecond // keep-alives, checks
 )
 
 // Bugs the serving scenario can plant.
@@ -276,7 +282,7 @@ func driveServing(r *Run) Invariant {
 		ticks++
 		for _, id := range s.order {
 			wk := s.workers[id]
-			if wk.alive {
+			if wk.alive && ticks%int(servingHeartbeat/servingTick) == 0 {
 				// Even before its first event, as the real publisher: a
 				// restarted worker's heartbeat carries its new epoch, which
 				// resets a view that discovery never dropped (it came back
@@ -294,7 +300,7 @@ func driveServing(r *Run) Invariant {
 				behind := s.listed[id] && s.seq.LastEventID(id) != wk.log.Last()
 				busy = busy || (behind && w.Elapsed() < r.Opts.Duration+10*time.Second)
 			}
-			if wk.alive && ticks%int(servingLoadInterval/(50*time.Millisecond)) == 0 {
+			if wk.alive && ticks%int(servingLoadInterval/servingTick) == 0 {
 				s.reportLoad(wk)
 			}
 			busy = busy || (wk.alive && !wk.eng.Idle())
@@ -303,7 +309,7 @@ func driveServing(r *Run) Invariant {
 			quiet = 0
 		}
 		if quiet < 3 {
-			w.After(50*time.Millisecond, tick)
+			w.After(servingTick, tick)
 			return
 		}
 		// Quiet: check the index now, while every worker is still
@@ -312,7 +318,7 @@ func driveServing(r *Run) Invariant {
 		s.checkIndex()
 		s.caughtUp = true
 	}
-	w.After(50*time.Millisecond, tick)
+	w.After(servingTick, tick)
 	return s.check
 }
 
