@@ -562,8 +562,9 @@ func (s *servingRun) stepWorker(wk *simWorker) {
 // absorb publishes a step's KV events and credits its outputs to the
 // requests.
 func (s *servingRun) absorb(wk *simWorker, st engine.Step) {
-	for _, e := range kvevents.FromEngine(st.Events) {
-		s.send(wk, wk.log.Append(e))
+	// One batch per step, as the real worker's PublishAll (a bound, though the bus has none).
+	for _, b := range wk.log.AppendAll(kvevents.FromEngine(st.Events), 1<<20) {
+		s.send(wk, b)
 	}
 	for _, o := range st.Outputs {
 		// wk.running[o.ID], without hashing the id per output (2.5% of a

@@ -20,7 +20,7 @@ func newMetrics(reg prometheus.Registerer, id string) *metrics {
 		steps: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_worker_engine_steps_total",
 			Help: "Engine iterations run.", ConstLabels: l}),
 		publishErrors: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_worker_kv_publish_errors_total",
-			Help: "KV events that could not be published (routers repair the gap from the ring).", ConstLabels: l}),
+			Help: "Engine iterations whose KV events could not all be published (routers repair the gap from the ring).", ConstLabels: l}),
 		imported: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_worker_kv_blocks_imported_total",
 			Help: "KV blocks received from prefill workers, verified and cached.", ConstLabels: l}),
 		exported: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_worker_kv_blocks_exported_total",

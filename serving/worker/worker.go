@@ -472,13 +472,13 @@ func (w *Worker) failAll(err error) {
 	}
 }
 
-// publish announces the engine's KV events. Consecutive stored blocks of
-// one chain go out as one message.
+// publish announces one engine iteration's KV events: consecutive stored
+// blocks of one chain make one event, and the iteration's events go out as
+// one batch (more only past half the max payload), so each router takes
+// one message per iteration, not one per event.
 func (w *Worker) publish(evs []engine.KVEvent) {
-	for _, e := range kvevents.FromEngine(evs) {
-		if err := w.pub.Publish(e); err != nil {
-			w.metrics.publishErrors.Inc()
-		}
+	if err := w.pub.PublishAll(kvevents.FromEngine(evs)); err != nil {
+		w.metrics.publishErrors.Inc()
 	}
 }
 

@@ -3,7 +3,10 @@ package worker_test
 import (
 	"context"
 	"errors"
+	"fmt"
+	"maps"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -14,6 +17,7 @@ import (
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/planes/data/stream"
 	"github.com/triplane-dev/triplane/planes/event"
+	"github.com/triplane-dev/triplane/planes/event/kvevents"
 	"github.com/triplane-dev/triplane/planetest"
 	"github.com/triplane-dev/triplane/serving/worker"
 )
@@ -262,4 +266,74 @@ func TestEngineWaitsWhenNothingCanRun(t *testing.T) {
 	if n := steps() - before; n > 1000 {
 		t.Fatalf("%.0f engine steps in 300 ms with nothing able to run", n)
 	}
+}
+
+// A router's view of the worker, fed its batches (an engine iteration's
+// events in one), ends equal to the worker's blocks.
+func TestRouterViewFollowsTheWorkersBatches(t *testing.T) {
+	n := planetest.StartNATS(t)
+	newBus := func() *event.Bus {
+		b, err := event.New(n.Connect(t), event.Config{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(b.Close)
+		return b
+	}
+	rb := newBus()
+	c, err := kvevents.NewConsumer(rb, kvevents.ConsumerConfig{Namespace: "default"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// Batches of several events are what this test is about: count them.
+	subj, err := kvevents.EventsSubject(rb, "default", "w1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var several atomic.Int64
+	if _, err := event.Subscribe(rb, subj, func(b *triplanev1.KvEventBatch) {
+		if len(b.Events) > 1 {
+			several.Add(1)
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := rb.Conn().Flush(); err != nil {
+		t.Fatal(err)
+	}
+	// A small pool: later prompts evict earlier blocks in the iteration
+	// that stores theirs.
+	w, err := worker.Start(context.Background(), worker.Config{ID: "w1", Model: "m", Bus: newBus(),
+		Engine: mocker.Config{BlockSize: 4, NumBlocks: 24, SpeedUp: 100}, MaxTokens: 50})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Close()
+	for i := range 12 {
+		toks := make([]uint32, 20+4*(i%3))
+		for j := range toks {
+			toks[j] = uint32(i*1000 + j)
+		}
+		b, _ := proto.Marshal(&triplanev1.GenerateRequest{RequestId: fmt.Sprint("r", i), Tokens: toks, MaxTokens: 8, Model: "m"})
+		if n, _, msg := generate(t, w, b); n != 8 {
+			t.Fatalf("request %d: %d tokens, %q", i, n, msg)
+		}
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		got, _ := c.Blocks("w1")
+		want := w.Blocks()
+		if len(want) > 0 && maps.Equal(got, want) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("router's view of %d blocks, worker's %d; stats %v", len(got), len(want), c.Stats())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if several.Load() == 0 {
+		t.Fatal("no batch carried more than one event: the test did not test batching")
+	}
+	t.Logf("%d batches of several events; consumer %v", several.Load(), c.Stats())
 }

@@ -135,5 +135,6 @@ type storedEvent struct {
 	parent uint64
 }
 
-// Publish numbers and sends one event (as from FromEngine).
+// Publish numbers and sends one event (as from FromEngine); PublishAll
+// sends an engine iteration's events together.
 func (p *Publisher) Publish(e *triplanev1.KvEvent) error { return p.publish(e) }

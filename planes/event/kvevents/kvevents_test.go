@@ -96,11 +96,26 @@ func startRelay(t *testing.T, b *event.Bus, from, to string, seed uint64) *relay
 	return r
 }
 
-// workload applies n random cache operations through p.
-func workload(t *testing.T, p *kvevents.Publisher, rng *rand.Rand, n int) {
+// workload applies n random cache operations through p, one call each,
+// or when batched as engine iterations of 1 to 6 through PublishAll.
+func workload(t *testing.T, p *kvevents.Publisher, rng *rand.Rand, n int, batched bool) {
 	t.Helper()
 	var live []uint64
 	next := uint64(1)
+	if batched {
+		for n > 0 {
+			k := min(n, 1+rng.IntN(6))
+			events := make([]*triplanev1.KvEvent, k)
+			for i := range events {
+				events[i] = randomEvent(rng, &live, &next)
+			}
+			if err := p.PublishAll(events); err != nil {
+				t.Fatal(err)
+			}
+			n -= k
+		}
+		return
+	}
 	for range n {
 		var err error
 		switch x := rng.IntN(100); {
@@ -149,12 +164,17 @@ func converge(t *testing.T, c *kvevents.Consumer, p *kvevents.Publisher, worker 
 
 func TestConsumerConvergesThroughLossAndReordering(t *testing.T) {
 	for _, tc := range []struct {
-		name string
-		ring int
-		seed uint64
+		name    string
+		ring    int
+		seed    uint64
+		batched bool
 	}{
-		{"ring holds the gaps (resends)", 4096, 1},
-		{"small ring (dumps)", 8, 2},
+		{"ring holds the gaps (resends)", 4096, 1, false},
+		{"small ring (dumps)", 8, 2, false},
+		// An engine iteration's events in one batch: a lost batch is a
+		// gap of several events.
+		{"batches of several events (resends)", 4096, 3, true},
+		{"batches of several events (dumps)", 8, 4, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			n := planetest.StartNATS(t)
@@ -179,12 +199,12 @@ func TestConsumerConvergesThroughLossAndReordering(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer p.Close()
-			workload(t, p, rand.New(rand.NewPCG(tc.seed, 2)), 2000)
+			workload(t, p, rand.New(rand.NewPCG(tc.seed, 2)), 2000, tc.batched)
 			// Heartbeats still pass through the lossy relay: the tail is
 			// repaired without its help.
 			converge(t, c, p, "w1")
 			r.heal()
-			workload(t, p, rand.New(rand.NewPCG(tc.seed, 3)), 100)
+			workload(t, p, rand.New(rand.NewPCG(tc.seed, 3)), 100, tc.batched)
 			converge(t, c, p, "w1")
 			s := c.Stats()
 			t.Logf("relay dropped %d, reordered %d; consumer %v", r.dropped, r.reordered, s)
@@ -210,7 +230,7 @@ func TestLateConsumerAndWorkerRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	workload(t, p, rand.New(rand.NewPCG(7, 7)), 300)
+	workload(t, p, rand.New(rand.NewPCG(7, 7)), 300, false)
 	// Publishes are buffered in the client: without a round trip the
 	// server may get them after the consumer below subscribed, which then
 	// sees every event and needs no dump (1 run in 50 did).
@@ -239,7 +259,7 @@ func TestLateConsumerAndWorkerRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer p2.Close()
-	workload(t, p2, rand.New(rand.NewPCG(8, 8)), 50)
+	workload(t, p2, rand.New(rand.NewPCG(8, 8)), 50, false)
 	converge(t, c, p2, "w2")
 	// Batches of the old epoch are ignored.
 	c.Ingest(&triplanev1.KvEventBatch{WorkerId: "w2", Epoch: 10, HeadEventId: 1000,
@@ -325,6 +345,25 @@ func TestOversizedEventRefusedBeforeNumbering(t *testing.T) {
 	if err := p.Stored([]uint64{1}, nil); err != nil || p.LastEventID() != 1 {
 		t.Fatalf("next event: %v, id %d (the refused one must not take an id)", err, p.LastEventID())
 	}
+	// In a slice, the huge event refuses the whole slice before any of it
+	// is numbered: the small events before it take no id either.
+	small := func(h uint64) *triplanev1.KvEvent {
+		return &triplanev1.KvEvent{Kind: &triplanev1.KvEvent_Stored{Stored: &triplanev1.KvBlocksStored{BlockHashes: []uint64{h}}}}
+	}
+	hugeEv := &triplanev1.KvEvent{Kind: &triplanev1.KvEvent_Stored{Stored: &triplanev1.KvBlocksStored{BlockHashes: huge}}}
+	before := p.Blocks()
+	if err := p.PublishAll([]*triplanev1.KvEvent{small(2), hugeEv, small(3)}); !errors.Is(err, event.ErrTooLarge) {
+		t.Fatalf("a slice with a huge event: %v, want ErrTooLarge", err)
+	}
+	if p.LastEventID() != 1 || !maps.Equal(p.Blocks(), before) {
+		t.Fatalf("after the refused slice: last %d, %d blocks (nothing of it must be kept)", p.LastEventID(), len(p.Blocks()))
+	}
+	if err := p.PublishAll([]*triplanev1.KvEvent{small(2), small(3)}); err != nil || p.LastEventID() != 3 {
+		t.Fatalf("next slice: %v, last %d", err, p.LastEventID())
+	}
+	if err := p.PublishAll(nil); err != nil || p.LastEventID() != 3 {
+		t.Fatalf("no events: %v, last %d", err, p.LastEventID())
+	}
 }
 
 func TestRepairOfAGoneWorkerStopsUntilItsNextBatch(t *testing.T) {
@@ -374,14 +413,14 @@ func TestRestoreFromSavedView(t *testing.T) {
 		t.Fatal(err)
 	}
 	rng := rand.New(rand.NewPCG(3, 3))
-	workload(t, p, rng, 100)
+	workload(t, p, rng, 100, false)
 	converge(t, c1, p, "w3")
 	saved, err := proto.Marshal(c1.View())
 	if err != nil {
 		t.Fatal(err)
 	}
 	c1.Close()
-	workload(t, p, rng, 40) // while the router is down
+	workload(t, p, rng, 40, false) // while the router is down
 
 	view := &triplanev1.KvView{}
 	if err := proto.Unmarshal(saved, view); err != nil {

@@ -1,6 +1,7 @@
 package kvevents
 
 import (
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/triplane-dev/triplane/blockmap"
@@ -48,36 +49,129 @@ func NewLog(worker string, epoch uint64, ringSize, maxResend int, faults fault.P
 // Size is the encoded size of the batch Append(e) would return now, so an
 // event too large to send can be refused before it takes an id. e keeps its
 // id.
-func (l *Log) Size(e *triplanev1.KvEvent) int {
-	id := e.EventId
-	e.EventId = l.last + 1
-	n := proto.Size(l.batch(e))
+func (l *Log) Size(e *triplanev1.KvEvent) int { return l.sizeAlone(e, l.last+1) }
+
+// sizeAlone is the encoded size of a batch of e alone numbered id. e keeps
+// its id.
+func (l *Log) sizeAlone(e *triplanev1.KvEvent, id uint64) int {
+	old := e.EventId
 	e.EventId = id
-	return n
+	n := proto.Size(e)
+	e.EventId = old
+	return l.headerSize(id) + eventFieldSize(n)
 }
 
 // Append numbers e as the next event (it sets e.EventId), applies it to the
 // mirror, keeps it in the ring and returns the batch to publish. The log
 // keeps e: the caller must not change it afterwards.
 func (l *Log) Append(e *triplanev1.KvEvent) *triplanev1.KvEventBatch {
+	l.record(e)
+	// The batch and its one-event list in one allocation: the tests and
+	// benchmarks that publish event by event stay cheap.
+	b := &oneEvent{events: [1]*triplanev1.KvEvent{e}}
+	l.fill(&b.batch, b.events[:])
+	return &b.batch
+}
+
+// AppendAll numbers events as the next ones, oldest first (it sets their
+// EventIds), applies each to the mirror and keeps each in the ring, exactly
+// as Append does one by one, and returns the batches to publish, in order:
+// as few as possible, each encoded in at most budget bytes, except that a
+// batch always holds at least one event (an event larger than budget goes
+// out alone, so every batch makes progress; a caller that must bound every
+// message refuses such events first, as the Publisher does). An engine
+// iteration's events then cost one message instead of one each. No events
+// return no batch and take no id. The log keeps the events and the batches
+// share events' backing array: the caller must change neither afterwards.
+func (l *Log) AppendAll(events []*triplanev1.KvEvent, budget int) []*triplanev1.KvEventBatch {
+	if len(events) == 0 {
+		return nil
+	}
+	for _, e := range events {
+		l.record(e)
+	}
+	end := l.batchEnd(events, 0, budget)
+	if end == len(events) {
+		// The common case, everything in one batch: one allocation.
+		b := &oneBatch{}
+		l.fill(&b.batch, events)
+		b.out[0] = &b.batch
+		return b.out[:]
+	}
+	var out []*triplanev1.KvEventBatch
+	for start := 0; start < len(events); start, end = end, l.batchEnd(events, end, budget) {
+		b := &triplanev1.KvEventBatch{}
+		// Capped, so that appending to one batch's events cannot
+		// overwrite the next batch's.
+		l.fill(b, events[start:end:end])
+		out = append(out, b)
+	}
+	return out
+}
+
+// record numbers e as the next event, applies it to the mirror and keeps
+// it in the ring.
+func (l *Log) record(e *triplanev1.KvEvent) {
 	e.EventId = l.last + 1
 	l.last = e.EventId
 	apply(&l.blocks, e)
 	l.ring[e.EventId%uint64(len(l.ring))] = e
-	return l.batch(e)
 }
 
+// fill makes b the batch of events (numbered, consecutive). Its head is
+// its last event's id, not the log's latest: a consumer takes the head as
+// an event that exists, and one ahead of the batch's events would start a
+// repair for the next batch, already on its way.
+func (l *Log) fill(b *triplanev1.KvEventBatch, events []*triplanev1.KvEvent) {
+	b.WorkerId, b.Epoch, b.Events, b.HeadEventId = l.worker, l.epoch, events, events[len(events)-1].EventId
+}
+
+// batchEnd is the end of the batch that starts at events[start]: as many
+// events as fit in budget bytes, at least one. The sizes are worked out
+// field by field (what proto.Size of the batch would say, without building
+// it or sizing the events again for each candidate end).
+func (l *Log) batchEnd(events []*triplanev1.KvEvent, start, budget int) int {
+	size := 0 // of the events' fields so far
+	for i := start; i < len(events); i++ {
+		size += eventFieldSize(proto.Size(events[i]))
+		if i > start && l.headerSize(events[i].EventId)+size > budget {
+			return i
+		}
+	}
+	return len(events)
+}
+
+// headerSize is the encoded size of a batch's fields other than its events,
+// with head as its head.
+func (l *Log) headerSize(head uint64) int {
+	n := 0
+	if l.worker != "" {
+		n += protowire.SizeTag(1) + protowire.SizeBytes(len(l.worker))
+	}
+	if l.epoch != 0 {
+		n += protowire.SizeTag(2) + protowire.SizeVarint(l.epoch)
+	}
+	if head != 0 {
+		n += protowire.SizeTag(4) + protowire.SizeVarint(head)
+	}
+	return n
+}
+
+// eventFieldSize is the encoded size of an event of n bytes in a batch's
+// events field.
+func eventFieldSize(n int) int { return protowire.SizeTag(3) + protowire.SizeBytes(n) }
+
 // oneEvent is a batch of one event with its events slice, allocated
-// together: a batch goes out per event.
+// together.
 type oneEvent struct {
 	batch  triplanev1.KvEventBatch
 	events [1]*triplanev1.KvEvent
 }
 
-func (l *Log) batch(e *triplanev1.KvEvent) *triplanev1.KvEventBatch {
-	b := &oneEvent{events: [1]*triplanev1.KvEvent{e}}
-	b.batch.WorkerId, b.batch.Epoch, b.batch.Events, b.batch.HeadEventId = l.worker, l.epoch, b.events[:], e.EventId
-	return &b.batch
+// oneBatch is AppendAll's answer when it is one batch, allocated together.
+type oneBatch struct {
+	batch triplanev1.KvEventBatch
+	out   [1]*triplanev1.KvEventBatch
 }
 
 // Heartbeat is a batch without events carrying the latest id, so that a

@@ -148,6 +148,139 @@ func TestLogNumbersEvents(t *testing.T) {
 	}
 }
 
+// randomEvents is n random events (randomEvent's) and a fresh copy of
+// each, for a second log to number.
+func randomEvents(rng *rand.Rand, live *[]uint64, next *uint64, n int) (events, copies []*triplanev1.KvEvent) {
+	for range n {
+		e := randomEvent(rng, live, next)
+		events = append(events, e)
+		copies = append(copies, proto.Clone(e).(*triplanev1.KvEvent))
+	}
+	return events, copies
+}
+
+// wantBatches checks batches against the events they carry: every event in
+// order, once, ids consecutive from first, each batch valid, headed by its
+// last event, and within budget unless it is one event.
+func wantBatches(t *testing.T, batches []*triplanev1.KvEventBatch, events []*triplanev1.KvEvent, first uint64, budget int) {
+	t.Helper()
+	var got []*triplanev1.KvEvent
+	for i, b := range batches {
+		if err := kvevents.ValidateBatch(b); err != nil {
+			t.Fatalf("batch %d: %v", i, err)
+		}
+		if len(b.Events) == 0 || b.HeadEventId != b.Events[len(b.Events)-1].EventId {
+			t.Fatalf("batch %d: head %d, events %v", i, b.HeadEventId, b.Events)
+		}
+		if n := proto.Size(b); n > budget && len(b.Events) > 1 {
+			t.Fatalf("batch %d: %d bytes for %d events, budget %d", i, n, len(b.Events), budget)
+		}
+		got = append(got, b.Events...)
+	}
+	if !slices.Equal(got, events) {
+		t.Fatalf("the batches carry %d events, not the %d given", len(got), len(events))
+	}
+	for i, e := range got {
+		if e.EventId != first+uint64(i) {
+			t.Fatalf("event %d has id %d, want %d", i, e.EventId, first+uint64(i))
+		}
+	}
+}
+
+func TestLogAppendAllSendsAnIterationAsOneBatch(t *testing.T) {
+	l := kvevents.NewLog("w1", 9, 0, 0, nil)
+	one := kvevents.NewLog("w1", 9, 0, 0, nil) // the same events, one by one
+	rng, live, next := rand.New(rand.NewPCG(5, 5)), []uint64{}, uint64(1)
+	// No events: no batch, no id.
+	if bs := l.AppendAll(nil, 1<<20); len(bs) != 0 || l.Last() != 0 {
+		t.Fatalf("no events: %v, last %d", bs, l.Last())
+	}
+	for it := range 50 {
+		events, copies := randomEvents(rng, &live, &next, 1+rng.IntN(6))
+		first := l.Last() + 1
+		bs := l.AppendAll(events, 1<<20)
+		if len(bs) != 1 || bs[0].WorkerId != "w1" || bs[0].Epoch != 9 {
+			t.Fatalf("iteration %d: %d batches %v, want one", it, len(bs), bs)
+		}
+		wantBatches(t, bs, events, first, 1<<20)
+		for _, e := range copies {
+			one.Append(e)
+		}
+		if l.Last() != one.Last() || !maps.Equal(l.Blocks(), one.Blocks()) {
+			t.Fatalf("iteration %d: log at %d with %d blocks, one by one at %d with %d", it, l.Last(), len(l.Blocks()), one.Last(), len(one.Blocks()))
+		}
+		if hb := l.Heartbeat(); hb.HeadEventId != l.Last() {
+			t.Fatalf("heartbeat %v, last %d", hb, l.Last())
+		}
+	}
+	// The ring answers each event as Append's would.
+	req := &triplanev1.KvResendRequest{WorkerId: "w1", FromEventId: 1, ToEventId: l.Last()}
+	if got := eventIDs(t, l.Resend(req, math.MaxInt64)); !slices.Equal(got, idRange(1, l.Last())) {
+		t.Fatalf("resend of everything: %v", got)
+	}
+	got, want := l.Resend(req, math.MaxInt64), one.Resend(req, math.MaxInt64)
+	if !proto.Equal(got, want) {
+		t.Fatal("the resends of the batched log and of the one-by-one log differ")
+	}
+	// A sequencer fed the batches sees what the log has.
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{})
+	ingest(t, s, l.Heartbeat(), true)
+	repairAll(t, s, l, "w1", math.MaxInt64)
+	wantConverged(t, s, l, "w1")
+}
+
+func TestLogAppendAllSplitsByBudget(t *testing.T) {
+	l := kvevents.NewLog("w1", 1, 0, 0, nil)
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{})
+	rng, live, next := rand.New(rand.NewPCG(6, 6)), []uint64{}, uint64(1)
+	const budget = 120
+	split := false
+	for it := range 40 {
+		events, _ := randomEvents(rng, &live, &next, 1+rng.IntN(12))
+		if it == 7 {
+			// An event larger than the budget still goes out, alone.
+			big := make([]uint64, 40)
+			for i := range big {
+				big[i] = 1<<40 + uint64(it*100+i)
+			}
+			events = slices.Insert(events, len(events)/2, storedEv(0, nil, big...))
+		}
+		first := l.Last() + 1
+		bs := l.AppendAll(events, budget)
+		wantBatches(t, bs, events, first, budget)
+		split = split || len(bs) > 1
+		// As few batches as possible: the next batch's first event would
+		// not have fitted in the one before.
+		for i := 0; i+1 < len(bs); i++ {
+			joined := &triplanev1.KvEventBatch{WorkerId: "w1", Epoch: 1, HeadEventId: bs[i+1].Events[0].EventId,
+				Events: append(slices.Clone(bs[i].Events), bs[i+1].Events[0])}
+			if proto.Size(joined) <= budget {
+				t.Fatalf("iteration %d: batch %d of %d events cut though the next event fitted (%d bytes)", it, i, len(bs[i].Events), proto.Size(joined))
+			}
+		}
+		if it == 7 && !slices.ContainsFunc(bs, func(b *triplanev1.KvEventBatch) bool { return len(b.Events) == 1 && proto.Size(b) > budget }) {
+			t.Fatal("the event over the budget is not in a batch of its own")
+		}
+		// Each batch alone moves the consumer on, with no repair: its head
+		// is its own last event, not the iteration's.
+		for _, b := range bs {
+			ingest(t, s, b, false)
+		}
+	}
+	if !split {
+		t.Fatal("no iteration was split: the budget is too large for the test")
+	}
+	wantConverged(t, s, l, "w1")
+}
+
+func TestLogAppendAllAllocatesOnceForOneBatch(t *testing.T) {
+	l := kvevents.NewLog("w1", 1, 0, 0, nil)
+	events := []*triplanev1.KvEvent{clearedEv(0), removedEv(0, 1, 2), clearedEv(0)}
+	if n := testing.AllocsPerRun(100, func() { l.AppendAll(events, 1<<20) }); n != 1 {
+		t.Fatalf("%v allocations for a batch of %d events, want 1", n, len(events))
+	}
+}
+
 func eventIDs(t *testing.T, r *triplanev1.KvResendReply) []uint64 {
 	t.Helper()
 	rg, ok := r.Reply.(*triplanev1.KvResendReply_Range)
@@ -336,6 +469,9 @@ type pipe struct {
 	repairs []string
 	budget  int64
 	lossy   bool
+	// batch, when above 0, makes each step an engine iteration: 1 to 4
+	// events appended together, sent as batches of at most batch bytes.
+	batch int
 }
 
 func (p *pipe) deliver(b *triplanev1.KvEventBatch) {
@@ -405,7 +541,14 @@ func (p *pipe) run(n int) {
 	next := uint64(1)
 	p.lossy = true
 	for range n {
-		p.send(p.log.Append(randomEvent(p.rng, &live, &next)))
+		if p.batch > 0 {
+			events, _ := randomEvents(p.rng, &live, &next, 1+p.rng.IntN(4))
+			for _, b := range p.log.AppendAll(events, p.batch) {
+				p.send(b)
+			}
+		} else {
+			p.send(p.log.Append(randomEvent(p.rng, &live, &next)))
+		}
 		if p.rng.IntN(3) == 0 {
 			p.send(p.log.Heartbeat())
 		}
@@ -431,12 +574,16 @@ func (p *pipe) run(n int) {
 
 func TestSequencerFollowsLogThroughLossAndFaults(t *testing.T) {
 	for _, tc := range []struct {
-		name string
-		ring int
-		seed uint64
+		name  string
+		ring  int
+		seed  uint64
+		batch int
 	}{
-		{"ring holds the gaps", 4096, 1},
-		{"small ring", 8, 2},
+		{"ring holds the gaps", 4096, 1, 0},
+		{"small ring", 8, 2, 0},
+		// Several events a batch, some iterations split in two or more.
+		{"iterations in batches", 4096, 3, 60},
+		{"iterations in batches, small ring", 8, 4, 60},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var views [2][]byte
@@ -446,7 +593,7 @@ func TestSequencerFollowsLogThroughLossAndFaults(t *testing.T) {
 				l := kvevents.NewLog("w1", 1, tc.ring, 20, faults)
 				s := kvevents.NewSequencer(kvevents.SequencerConfig{MaxPending: 16, RepairAttempts: 3, Faults: faults})
 				one := int64(proto.Size(storedEv(1000, proto.Uint64(99999), 99999, 99999, 99999, 99999))) + 8
-				p := &pipe{t: t, rng: rand.New(rand.NewPCG(tc.seed, 1)), log: l, seq: s, budget: 5 * one}
+				p := &pipe{t: t, rng: rand.New(rand.NewPCG(tc.seed, 1)), log: l, seq: s, budget: 5 * one, batch: tc.batch}
 				p.run(2000)
 				wantConverged(t, s, l, "w1")
 				for _, f := range kvevents.FaultPoints {

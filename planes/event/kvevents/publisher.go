@@ -119,25 +119,46 @@ func (p *Publisher) Cleared() error {
 	return p.publish(&triplanev1.KvEvent{Kind: &triplanev1.KvEvent_Cleared{Cleared: &triplanev1.KvAllCleared{}}})
 }
 
-// publish numbers e, applies it to the mirror, keeps it in the ring and
-// sends it. A send that fails (a disconnect, say) leaves the event in the
-// ring: consumers repair the gap from there, so the error is for logging.
+// publish numbers, keeps and sends one event, as PublishAll does.
 func (p *Publisher) publish(e *triplanev1.KvEvent) error {
+	return p.PublishAll([]*triplanev1.KvEvent{e})
+}
+
+// PublishAll numbers events (as from FromEngine: an engine iteration's),
+// applies them to the mirror, keeps them in the ring and sends them as few
+// batches as fit in half the server's max payload: usually one message for
+// the iteration rather than one per event, each costing every router a
+// delivery. If any event alone is over half the max payload, none is
+// numbered and the error wraps event.ErrTooLarge: an event too large to
+// send would also be too large to resend (the caller splits it). A send
+// that fails (a disconnect, say) leaves its events in the ring: consumers
+// repair the gap from there, so that error is for logging; the batches
+// after it are still sent.
+func (p *Publisher) PublishAll(events []*triplanev1.KvEvent) error {
+	if len(events) == 0 {
+		return nil // an iteration that changed no block
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	// An event too large to send would also be too large to resend: refuse
-	// it before it takes an id (the caller splits it).
-	if n, max := p.log.Size(e), p.b.MaxPayload(); int64(n) > max/2 {
-		return fmt.Errorf("kvevents: worker %s: %w: an event of %d bytes, more than half the server's max payload of %d bytes; split it",
-			p.cfg.WorkerID, event.ErrTooLarge, n, max)
+	maxPayload := p.b.MaxPayload()
+	// Every event is checked before any takes an id, so a refused slice
+	// leaves no hole in the numbering.
+	for i, e := range events {
+		if n := p.log.sizeAlone(e, p.log.Last()+1+uint64(i)); int64(n) > maxPayload/2 {
+			return fmt.Errorf("kvevents: worker %s: %w: an event of %d bytes, more than half the server's max payload of %d bytes; split it",
+				p.cfg.WorkerID, event.ErrTooLarge, n, maxPayload)
+		}
 	}
-	batch := p.log.Append(e)
-	// Published under the lock so ids go out in order on the connection.
-	err := event.Publish(p.b, p.subject, batch)
-	if err != nil {
-		return fmt.Errorf("kvevents: worker %s event %d: %w", p.cfg.WorkerID, e.EventId, err)
+	var errs []error
+	for _, b := range p.log.AppendAll(events, int(maxPayload/2)) {
+		// Published under the lock so ids go out in order on the
+		// connection.
+		if err := event.Publish(p.b, p.subject, b); err != nil {
+			errs = append(errs, fmt.Errorf("kvevents: worker %s events %d..%d: %w",
+				p.cfg.WorkerID, b.Events[0].EventId, b.HeadEventId, err))
+		}
 	}
-	return nil
+	return errors.Join(errs...)
 }
 
 // LastEventID is the latest event id.
