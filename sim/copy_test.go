@@ -56,6 +56,8 @@ func TestCopyMessage(t *testing.T) {
 		{WorkerId: "w1", Epoch: 2, HeadEventId: 3, Events: []*triplanev1.KvEvent{{EventId: 3, Kind: &triplanev1.KvEvent_Stored{Stored: &triplanev1.KvBlocksStored{BlockHashes: []uint64{1, 2, 3, 4, 5, 6}}}}}},
 		{WorkerId: "w1", Epoch: 2, HeadEventId: 3, Events: []*triplanev1.KvEvent{{EventId: 3, Kind: &triplanev1.KvEvent_Stored{Stored: &triplanev1.KvBlocksStored{}}}}},
 		{WorkerId: "w1", Epoch: 2, HeadEventId: 4, Events: []*triplanev1.KvEvent{{EventId: 4, Kind: &triplanev1.KvEvent_Removed{Removed: &triplanev1.KvBlocksRemoved{BlockHashes: []uint64{5, 6}}}}}},
+		{WorkerId: "w1", Epoch: 2, HeadEventId: 5, Events: []*triplanev1.KvEvent{stored(), {EventId: 4, Kind: &triplanev1.KvEvent_Removed{Removed: &triplanev1.KvBlocksRemoved{BlockHashes: []uint64{5, 6}}}},
+			{EventId: 5, Kind: &triplanev1.KvEvent_Stored{Stored: &triplanev1.KvBlocksStored{BlockHashes: []uint64{1, 2, 3, 4, 5, 6}}}}}},
 		{WorkerId: "w1", Epoch: 2, HeadEventId: 5, Events: []*triplanev1.KvEvent{{EventId: 5, Kind: &triplanev1.KvEvent_Cleared{Cleared: &triplanev1.KvAllCleared{}}}}},
 		{WorkerId: "w1", Epoch: 2, HeadEventId: 6, Events: []*triplanev1.KvEvent{{EventId: 6}}},
 		{WorkerId: "w1", Epoch: 2, HeadEventId: 4, Events: []*triplanev1.KvEvent{stored(), {EventId: 4, Kind: &triplanev1.KvEvent_Cleared{Cleared: &triplanev1.KvAllCleared{}}}}},
@@ -64,10 +66,11 @@ func TestCopyMessage(t *testing.T) {
 		{WorkerId: "w1", Epoch: 2, HeadEventId: 3, Events: []*triplanev1.KvEvent{unknownStored}},
 	}
 	for i, b := range batches {
-		// Heartbeats and one stored or removed event (the first seven)
-		// take the hand copy; a cleared event, an event without a kind,
-		// two events and unknown fields go through proto.Clone.
-		if byHand := copyBatch(b) != nil; byHand != (i < 7) {
+		// Heartbeats and stored or removed events (the first eight, the
+		// last of them an engine iteration of three) take the hand copy;
+		// a cleared event (alone or among others), an event without a
+		// kind and unknown fields go through proto.Clone.
+		if byHand := copyBatch(b) != nil; byHand != (i < 8) {
 			t.Fatalf("batch %d: copied by hand %v", i, byHand)
 		}
 		c := copyMessage(b).(*triplanev1.KvEventBatch)
