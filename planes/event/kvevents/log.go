@@ -131,6 +131,9 @@ func (l *Log) fill(b *triplanev1.KvEventBatch, events []*triplanev1.KvEvent) {
 // field by field (what proto.Size of the batch would say, without building
 // it or sizing the events again for each candidate end).
 func (l *Log) batchEnd(events []*triplanev1.KvEvent, start, budget int) int {
+	if fitsSurely(events[start:], budget-l.headerSize(events[len(events)-1].EventId)) {
+		return len(events)
+	}
 	size := 0 // of the events' fields so far
 	for i := start; i < len(events); i++ {
 		size += eventFieldSize(proto.Size(events[i]))
@@ -139,6 +142,49 @@ func (l *Log) batchEnd(events []*triplanev1.KvEvent, start, budget int) int {
 		}
 	}
 	return len(events)
+}
+
+// fitsSurely reports whether events certainly encode, as a batch's
+// events, in budget bytes, by an upper bound of each one's size that needs
+// no marshalling code: the usual iteration is far below any budget, and
+// sizing each event exactly cost as much as numbering it. False is no
+// answer: the caller sizes them exactly.
+func fitsSurely(events []*triplanev1.KvEvent, budget int) bool {
+	// Per event: the batch's field tag and length (6), the id (11), the
+	// kind's tag and length (6), a parent hash (11) and the hashes' tag
+	// and length (6), then at most 10 bytes per hash. Unknown fields have
+	// no bound: those events are sized exactly.
+	const perEvent, perHash = 40, 10
+	total := 0
+	for _, e := range events {
+		if len(e.ProtoReflect().GetUnknown()) > 0 {
+			return false
+		}
+		var hashes []uint64
+		switch k := e.Kind.(type) {
+		case *triplanev1.KvEvent_Stored:
+			if k.Stored == nil || len(k.Stored.ProtoReflect().GetUnknown()) > 0 {
+				return false
+			}
+			hashes = k.Stored.BlockHashes
+		case *triplanev1.KvEvent_Removed:
+			if k.Removed == nil || len(k.Removed.ProtoReflect().GetUnknown()) > 0 {
+				return false
+			}
+			hashes = k.Removed.BlockHashes
+		case *triplanev1.KvEvent_Cleared:
+			if k.Cleared == nil || len(k.Cleared.ProtoReflect().GetUnknown()) > 0 {
+				return false
+			}
+		case nil:
+		default:
+			return false
+		}
+		if total += perEvent + perHash*len(hashes); total > budget {
+			return false
+		}
+	}
+	return true
 }
 
 // headerSize is the encoded size of a batch's fields other than its events,

@@ -144,7 +144,11 @@ func (p *Publisher) PublishAll(events []*triplanev1.KvEvent) error {
 	// Every event is checked before any takes an id, so a refused slice
 	// leaves no hole in the numbering.
 	for i, e := range events {
-		if n := p.log.sizeAlone(e, p.log.Last()+1+uint64(i)); int64(n) > maxPayload/2 {
+		id := p.log.Last() + 1 + uint64(i)
+		if fitsSurely(events[i:i+1], int(maxPayload/2)-p.log.headerSize(id)) {
+			continue // sized exactly only near the limit
+		}
+		if n := p.log.sizeAlone(e, id); int64(n) > maxPayload/2 {
 			return fmt.Errorf("kvevents: worker %s: %w: an event of %d bytes, more than half the server's max payload of %d bytes; split it",
 				p.cfg.WorkerID, event.ErrTooLarge, n, maxPayload)
 		}
