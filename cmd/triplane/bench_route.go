@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"math"
 	"os"
-	"runtime/debug"
 	"runtime/pprof"
 	"strings"
 	"time"
@@ -98,12 +97,7 @@ The kv policy's cost of a worker is
 				return fmt.Errorf("trace %s: no requests", tracePath)
 			}
 			cfg.Records = recs
-			if os.Getenv("GOGC") == "" {
-				// The replay allocates fast over a small live heap (the
-				// engines' step outputs); the default GC target spends a
-				// third of the CPU collecting it.
-				debug.SetGCPercent(400)
-			}
+			batchGC()
 			if cpuprofile != "" {
 				pf, err := os.Create(cpuprofile)
 				if err != nil {

@@ -5,7 +5,6 @@ import (
 	"maps"
 	"os"
 	"runtime"
-	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -76,13 +75,7 @@ Scenarios: ` + strings.Join(sim.ScenarioNames(), ", "),
 					return usageError{&config.Error{Key: p.key, Err: fmt.Errorf("probability %v is outside [0, 1]", p.v)}}
 				}
 			}
-			if os.Getenv("GOGC") == "" {
-				// A run allocates fast over a live heap of a few MB; the
-				// default GC target spent a quarter of a serving run
-				// collecting (1.24-1.44x faster at 400, measured in
-				// docs/benchmarks.md). GOGC set by the user wins.
-				debug.SetGCPercent(400)
-			}
+			batchGC()
 			out := cmd.OutOrStdout()
 			var failed []uint64
 			var simTime, wall time.Duration

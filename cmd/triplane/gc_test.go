@@ -1,0 +1,45 @@
+package main
+
+import (
+	"math"
+	"os"
+	"runtime"
+	"runtime/debug"
+	"runtime/metrics"
+	"testing"
+	"time"
+)
+
+// batchGC turns the collector off under its soft limit, and brings GOGC
+// 400 back once the live heap passes half the limit, so a large live heap
+// never makes the collector run back to back.
+func TestBatchGCFallsBackOnALargeLiveHeap(t *testing.T) {
+	if os.Getenv("GOGC") != "" || os.Getenv("GOMEMLIMIT") != "" {
+		t.Skip("GOGC or GOMEMLIMIT set: batchGC leaves the collector alone")
+	}
+	defer debug.SetGCPercent(debug.SetGCPercent(100))
+	defer debug.SetMemoryLimit(debug.SetMemoryLimit(math.MaxInt64))
+	batchGC()
+	read := func(name string) int64 {
+		s := []metrics.Sample{{Name: name}}
+		metrics.Read(s)
+		return int64(s[0].Value.Uint64()) // GOGC off reads as -1
+	}
+	// Read, not set and restored: the fallback may set it meanwhile.
+	percent := func() int64 { return read("/gc/gogc:percent") }
+	if p, l := percent(), read("/gc/gomemlimit:bytes"); p != -1 || l != batchHeap {
+		t.Fatalf("after batchGC: GOGC %d, limit %d; want off under %d", p, l, batchHeap)
+	}
+	live := make([][]byte, 0, 48)
+	for range cap(live) {
+		live = append(live, make([]byte, 1<<20)) // 48 MiB live, past half the limit
+	}
+	for deadline := time.Now().Add(10 * time.Second); percent() != 400; {
+		if time.Now().After(deadline) {
+			t.Fatalf("GOGC still %d with %d MiB live", percent(), len(live))
+		}
+		runtime.GC() // the cleanup that checks runs after a collection
+		time.Sleep(time.Millisecond)
+	}
+	runtime.KeepAlive(live)
+}
