@@ -73,8 +73,9 @@ type KVEvent struct {
 type Step struct {
 	// Duration is how long the iteration takes on the modelled hardware.
 	Duration time.Duration
-	// Outputs (with their Tokens) are valid until the engine's next Step:
-	// the engine reuses their memory, so keep a copy of what must last.
+	// Outputs (with their Tokens) are valid until the engine's next step
+	// (Step, or a mock engine's StepQuiet): the engine reuses their
+	// memory, so keep a copy of what must last.
 	Outputs []Output
 	Events  []KVEvent
 	// PrefillTokens and DecodeSeqs describe the batch, for metrics.

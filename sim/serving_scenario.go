@@ -520,6 +520,8 @@ func (s *servingRun) kick(wk *simWorker) {
 // one goes stale).
 func (s *servingRun) schedule(wk *simWorker, at time.Duration) {
 	w := s.r.World
+	// Never in the past: the event would run now and find itself stale.
+	at = max(at, w.Elapsed())
 	wk.step, wk.stepAt = true, at
 	w.After(at-w.Elapsed(), wk.stepFn)
 }

@@ -442,7 +442,10 @@ func (e *Engine) Step() engine.Step {
 // runs a row of them at once with StepQuiet: the simulator spends one
 // event, not one per iteration, on a batch that only decodes.
 func (e *Engine) Quiet() (n int, each time.Duration) {
-	if e.cfg.Faults != nil || len(e.waiting) > 0 || len(e.running) == 0 || len(e.running) > e.cfg.MaxBatchTokens {
+	// KV events raised between steps (an import's evictions) go out with
+	// the next Step, which StepQuiet is not.
+	if e.cfg.Faults != nil || len(e.waiting) > 0 || len(e.running) == 0 || len(e.running) > e.cfg.MaxBatchTokens ||
+		len(e.pool.events) > 0 {
 		return 0, 0
 	}
 	bs := e.cfg.BlockSize
@@ -464,10 +467,12 @@ func (e *Engine) Quiet() (n int, each time.Duration) {
 	return n, e.duration(0, len(e.running))
 }
 
-// StepQuiet runs n quiet iterations (at most what Quiet said, with nothing
-// done to the engine since) as one step: each running sequence's output
-// carries its n tokens, and Duration is the n iterations' total. The
-// outputs are those of n Steps, merged; no KV events happen in them.
+// StepQuiet runs n quiet iterations (at most what Quiet says now) as one
+// step: each running sequence's output carries its n tokens, Duration is
+// the n iterations' total and DecodeSeqs the sequences each decoded. The
+// outputs are those of n Steps, merged; no KV events happen in them. A
+// driver runs a row before anything else touches the engine (Add, Cancel,
+// an import): those change what the row's iterations would have been.
 func (e *Engine) StepQuiet(n int) engine.Step {
 	if q, _ := e.Quiet(); n <= 0 || n > q {
 		// A driver's mistake: stepping on would break the engine's own

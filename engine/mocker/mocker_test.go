@@ -660,4 +660,101 @@ func TestQuietBounds(t *testing.T) {
 	if n, _ := e.Quiet(); n != 0 {
 		t.Fatalf("after the row: %d quiet", n)
 	}
+
+	// The last token finishes a request: the row stops before it.
+	e = newEngine(t, mocker.Config{BlockSize: 64, NumBlocks: 64})
+	_ = e.Add(engine.Request{ID: "b", Tokens: prompt(6, 1), MaxTokens: 5})
+	e.Step() // token 1 of 5
+	if n, _ := e.Quiet(); n != 3 {
+		t.Fatalf("tokens 2-4 of 5 are quiet, the 5th finishes: Quiet %d", n)
+	}
+	// Events raised between steps go out with the next Step.
+	_, _ = e.ReserveImport("im", []uint64{1, 2, 3})
+	e.AbortImport("im")
+	_ = e.Clear() // drops nothing (b holds its blocks) but announces nothing either
+	if n, _ := e.Quiet(); n != 3 {
+		t.Fatalf("nothing pending: Quiet %d", n)
+	}
+
+	// More running sequences than the batch's tokens: some wait a turn.
+	e = newEngine(t, mocker.Config{BlockSize: 64, NumBlocks: 64, MaxBatchTokens: 20})
+	for i := range 3 {
+		_ = e.Add(engine.Request{ID: fmt.Sprint(i), Tokens: prompt(6, 1), MaxTokens: 30})
+	}
+	e.Step()
+	if n, _ := e.Quiet(); n == 0 {
+		t.Fatal("3 decoding sequences within a 20-token batch: not quiet")
+	}
+	e = newEngine(t, mocker.Config{BlockSize: 64, NumBlocks: 64, MaxBatchTokens: 2})
+	for i := range 3 {
+		_ = e.Add(engine.Request{ID: fmt.Sprint(i), Tokens: prompt(1, 1), MaxTokens: 30})
+	}
+	for range 3 {
+		e.Step()
+	}
+	if n, _ := e.Quiet(); n != 0 {
+		t.Fatalf("3 sequences, 2 tokens a batch: Quiet %d", n)
+	}
+
+	// Fault points could fire in any iteration: never quiet.
+	e = newEngine(t, mocker.Config{BlockSize: 64, NumBlocks: 64, Faults: never{}})
+	_ = e.Add(engine.Request{ID: "c", Tokens: prompt(6, 1), MaxTokens: 30})
+	e.Step()
+	if n, _ := e.Quiet(); n != 0 {
+		t.Fatalf("with fault points: Quiet %d", n)
+	}
+}
+
+// never is fault points that never fire (but are there).
+type never struct{}
+
+func (never) Fire(string) bool { return false }
+
+// Pending KV events (an import's evictions, raised between steps) end a
+// row: StepQuiet would not hand them out, Step does.
+func TestQuietWaitsForPendingEvents(t *testing.T) {
+	e := newEngine(t, mocker.Config{BlockSize: 4, NumBlocks: 6})
+	if err := e.Add(engine.Request{ID: "old", Tokens: prompt(8, 500), MaxTokens: 1}); err != nil {
+		t.Fatal(err)
+	}
+	e.Step() // old runs and finishes: its two full blocks stay cached, unused
+	if err := e.Add(engine.Request{ID: "a", Tokens: prompt(6, 1), MaxTokens: 10}); err != nil {
+		t.Fatal(err)
+	}
+	e.Step()
+	e.Step()
+	e.Step() // a: 9 tokens in 3 blocks, 3 tokens quiet
+	if n, _ := e.Quiet(); n == 0 {
+		t.Fatal("precondition: a row ahead")
+	}
+	// The import takes the last free block and evicts old's cached ones.
+	if _, err := e.ReserveImport("im", []uint64{11, 12, 13}); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := e.Quiet(); n != 0 {
+		t.Fatalf("evictions pending: Quiet %d", n)
+	}
+	if st := e.Step(); len(st.Events) == 0 {
+		t.Fatal("the next Step did not hand out the evictions")
+	}
+}
+
+// A merged step's outputs do not share memory: appending to one copies
+// rather than overwriting the next one's tokens.
+func TestStepQuietTokensDoNotAlias(t *testing.T) {
+	e := newEngine(t, mocker.Config{BlockSize: 64, NumBlocks: 64})
+	for i := range 3 {
+		_ = e.Add(engine.Request{ID: fmt.Sprint(i), Tokens: prompt(6, uint32(100*i+1)), MaxTokens: 30})
+	}
+	e.Step()
+	n, _ := e.Quiet()
+	st := e.StepQuiet(n)
+	if len(st.Outputs) != 3 || n < 2 {
+		t.Fatalf("%d outputs, %d tokens each", len(st.Outputs), n)
+	}
+	next := slices.Clone(st.Outputs[1].Tokens)
+	_ = append(st.Outputs[0].Tokens, 99999)
+	if !slices.Equal(st.Outputs[1].Tokens, next) {
+		t.Fatal("appending to one output's tokens overwrote the next one's")
+	}
 }
