@@ -45,6 +45,6 @@ func batchGC() {
 }
 
 // batchHeap is batchGC's soft limit: measured on a serving simulation
-// (docs/benchmarks.md), 64 MiB beat 128 and 256 (fresh memory each cycle
-// costs page faults) and GOGC 400 and 1600.
+// (docs/benchmarks.md, "eighth session"), 64 MiB beat 128 and 256 (fresh
+// memory each cycle costs page faults) and GOGC 400 and 1600.
 const batchHeap = 64 << 20

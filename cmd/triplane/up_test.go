@@ -33,6 +33,13 @@ func TestMain(m *testing.M) {
 	if os.Getenv(runMainEnv) == "1" {
 		os.Exit(run(context.Background(), os.Args[1:], os.Stdout, os.Stderr))
 	}
+	// Commands run in-process (sim, bench route) would otherwise tune
+	// the collector for the whole test binary (batchGC leaves it alone
+	// when GOGC is set); TestBatchGCFallsBackOnALargeLiveHeap clears it
+	// for itself.
+	if os.Getenv("GOGC") == "" {
+		_ = os.Setenv("GOGC", "100")
+	}
 	os.Exit(m.Run())
 }
 
