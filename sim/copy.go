@@ -26,7 +26,13 @@ func copyMessage(m proto.Message) proto.Message {
 		}
 	case *triplanev1.KvResendRequest:
 		if x != nil && !hasUnknown(x) {
-			return &triplanev1.KvResendRequest{WorkerId: x.WorkerId, FromEventId: x.FromEventId, ToEventId: x.ToEventId}
+			c := &triplanev1.KvResendRequest{WorkerId: x.WorkerId, FromEventId: x.FromEventId, ToEventId: x.ToEventId,
+				DumpPages: x.DumpPages, DumpEventId: x.DumpEventId}
+			if x.DumpAfter != nil {
+				after := *x.DumpAfter
+				c.DumpAfter = &after
+			}
+			return c
 		}
 	case *triplanev1.KvResendReply:
 		if x != nil {
@@ -97,7 +103,11 @@ func copyResendReply(r *triplanev1.KvResendReply) *triplanev1.KvResendReply {
 		if d == nil || hasUnknown(d) {
 			return nil
 		}
-		cd := &triplanev1.KvDump{EventId: d.EventId}
+		cd := &triplanev1.KvDump{EventId: d.EventId, More: d.More, TotalBlocks: d.TotalBlocks}
+		if d.After != nil {
+			after := *d.After
+			cd.After = &after
+		}
 		if len(d.Blocks) > 0 {
 			// The blocks and their parents in one allocation each.
 			blocks := make([]triplanev1.KvDumpBlock, len(d.Blocks))

@@ -21,10 +21,10 @@ func TestCopyMessage(t *testing.T) {
 		&triplanev1.KvBlocksStored{}:  {"block_hashes", "parent_hash"},
 		&triplanev1.KvBlocksRemoved{}: {"block_hashes"},
 		&triplanev1.KvAllCleared{}:    nil,
-		&triplanev1.KvResendRequest{}: {"worker_id", "from_event_id", "to_event_id"},
+		&triplanev1.KvResendRequest{}: {"worker_id", "from_event_id", "to_event_id", "dump_pages", "dump_event_id", "dump_after"},
 		&triplanev1.KvResendReply{}:   {"worker_id", "epoch", "range", "dump"},
 		&triplanev1.KvEventRange{}:    {"events"},
-		&triplanev1.KvDump{}:          {"event_id", "blocks"},
+		&triplanev1.KvDump{}:          {"event_id", "blocks", "more", "after", "total_blocks"},
 		&triplanev1.KvDumpBlock{}:     {"hash", "parent_hash"},
 	}
 	for m, want := range fields {
@@ -107,6 +107,8 @@ func TestCopyResends(t *testing.T) {
 	p := uint64(5)
 	msgs := []proto.Message{
 		&triplanev1.KvResendRequest{WorkerId: "w1", FromEventId: 3, ToEventId: 9},
+		&triplanev1.KvResendRequest{WorkerId: "w1", FromEventId: 3, ToEventId: 9, DumpPages: true},
+		&triplanev1.KvResendRequest{WorkerId: "w1", FromEventId: 3, ToEventId: 9, DumpPages: true, DumpEventId: 7, DumpAfter: proto.Uint64(4)},
 		&triplanev1.KvResendReply{WorkerId: "w1", Epoch: 2},
 		&triplanev1.KvResendReply{WorkerId: "w1", Epoch: 2, Reply: &triplanev1.KvResendReply_Range{Range: &triplanev1.KvEventRange{}}},
 		&triplanev1.KvResendReply{WorkerId: "w1", Epoch: 2, Reply: &triplanev1.KvResendReply_Range{Range: &triplanev1.KvEventRange{Events: []*triplanev1.KvEvent{
@@ -119,6 +121,10 @@ func TestCopyResends(t *testing.T) {
 		&triplanev1.KvResendReply{WorkerId: "w1", Epoch: 2, Reply: &triplanev1.KvResendReply_Dump{Dump: &triplanev1.KvDump{EventId: 7, Blocks: []*triplanev1.KvDumpBlock{
 			{Hash: 1}, {Hash: 2, ParentHash: &p},
 		}}}},
+		&triplanev1.KvResendReply{WorkerId: "w1", Epoch: 2, Reply: &triplanev1.KvResendReply_Dump{Dump: &triplanev1.KvDump{EventId: 7, More: true, TotalBlocks: 9,
+			Blocks: []*triplanev1.KvDumpBlock{{Hash: 1}, {Hash: 2, ParentHash: &p}}}}},
+		&triplanev1.KvResendReply{WorkerId: "w1", Epoch: 2, Reply: &triplanev1.KvResendReply_Dump{Dump: &triplanev1.KvDump{EventId: 7, After: proto.Uint64(2), TotalBlocks: 3,
+			Blocks: []*triplanev1.KvDumpBlock{{Hash: 3}}}}},
 	}
 	for i, m := range msgs {
 		c := copyMessage(m)
@@ -129,7 +135,10 @@ func TestCopyResends(t *testing.T) {
 		// Change everything the original holds.
 		switch x := m.(type) {
 		case *triplanev1.KvResendRequest:
-			x.WorkerId, x.FromEventId, x.ToEventId = "changed", 0, 0
+			x.WorkerId, x.FromEventId, x.ToEventId, x.DumpPages, x.DumpEventId = "changed", 0, 0, false, 0
+			if x.DumpAfter != nil {
+				*x.DumpAfter = 99
+			}
 		case *triplanev1.KvResendReply:
 			x.WorkerId, x.Epoch = "changed", 0
 			switch r := x.Reply.(type) {
@@ -152,7 +161,10 @@ func TestCopyResends(t *testing.T) {
 						*b.ParentHash = 98
 					}
 				}
-				r.Dump.EventId = 99
+				r.Dump.EventId, r.Dump.More, r.Dump.TotalBlocks = 99, !r.Dump.More, 99
+				if r.Dump.After != nil {
+					*r.Dump.After = 99
+				}
 			}
 			x.Reply = nil
 		}

@@ -475,10 +475,20 @@ func (*KvAllCleared) Descriptor() ([]byte, []int) {
 // KvResendRequest asks a worker, on <prefix>.<namespace>.kv.resend.<worker>,
 // for its events from_event_id..to_event_id (inclusive).
 type KvResendRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	WorkerId      string                 `protobuf:"bytes,1,opt,name=worker_id,json=workerId,proto3" json:"worker_id,omitempty"`
-	FromEventId   uint64                 `protobuf:"varint,2,opt,name=from_event_id,json=fromEventId,proto3" json:"from_event_id,omitempty"`
-	ToEventId     uint64                 `protobuf:"varint,3,opt,name=to_event_id,json=toEventId,proto3" json:"to_event_id,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	WorkerId    string                 `protobuf:"bytes,1,opt,name=worker_id,json=workerId,proto3" json:"worker_id,omitempty"`
+	FromEventId uint64                 `protobuf:"varint,2,opt,name=from_event_id,json=fromEventId,proto3" json:"from_event_id,omitempty"`
+	ToEventId   uint64                 `protobuf:"varint,3,opt,name=to_event_id,json=toEventId,proto3" json:"to_event_id,omitempty"`
+	// The requester takes a dump in pages (KvDump.more): a worker whose dump
+	// does not fit one reply sends it page by page. Unset (an older router),
+	// a dump is one reply, whatever its size.
+	DumpPages bool `protobuf:"varint,4,opt,name=dump_pages,json=dumpPages,proto3" json:"dump_pages,omitempty"`
+	// Set to continue a paged dump: the next page of the dump taken at
+	// dump_event_id (of the reply's epoch), its blocks after the hash
+	// dump_after. A worker that no longer holds that dump answers as to a
+	// request without them (a range, or the first page of a new dump).
+	DumpEventId   uint64  `protobuf:"varint,5,opt,name=dump_event_id,json=dumpEventId,proto3" json:"dump_event_id,omitempty"`
+	DumpAfter     *uint64 `protobuf:"varint,6,opt,name=dump_after,json=dumpAfter,proto3,oneof" json:"dump_after,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -530,6 +540,27 @@ func (x *KvResendRequest) GetFromEventId() uint64 {
 func (x *KvResendRequest) GetToEventId() uint64 {
 	if x != nil {
 		return x.ToEventId
+	}
+	return 0
+}
+
+func (x *KvResendRequest) GetDumpPages() bool {
+	if x != nil {
+		return x.DumpPages
+	}
+	return false
+}
+
+func (x *KvResendRequest) GetDumpEventId() uint64 {
+	if x != nil {
+		return x.DumpEventId
+	}
+	return 0
+}
+
+func (x *KvResendRequest) GetDumpAfter() uint64 {
+	if x != nil && x.DumpAfter != nil {
+		return *x.DumpAfter
 	}
 	return 0
 }
@@ -679,12 +710,24 @@ func (x *KvEventRange) GetEvents() []*KvEvent {
 	return nil
 }
 
-// KvDump is every block a worker holds, as of event_id.
+// KvDump is every block a worker holds, as of event_id, or one page of them:
+// a paged dump's pages hold the blocks of one state (event_id) in
+// increasing hash order, each page those after the last hash of the page
+// before it.
 type KvDump struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The dump reflects every event up to and including this id.
-	EventId       uint64         `protobuf:"varint,1,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
-	Blocks        []*KvDumpBlock `protobuf:"bytes,2,rep,name=blocks,proto3" json:"blocks,omitempty"`
+	EventId uint64         `protobuf:"varint,1,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	Blocks  []*KvDumpBlock `protobuf:"bytes,2,rep,name=blocks,proto3" json:"blocks,omitempty"`
+	// More pages follow: ask for them with dump_event_id and dump_after (this
+	// page's last hash).
+	More bool `protobuf:"varint,3,opt,name=more,proto3" json:"more,omitempty"`
+	// Set on every page but the first: the hash this page's blocks follow
+	// (the dump_after asked for).
+	After *uint64 `protobuf:"varint,4,opt,name=after,proto3,oneof" json:"after,omitempty"`
+	// The blocks of the whole dump, on every page of a paged dump (0 on a
+	// dump of one reply from an older worker: its blocks are all there is).
+	TotalBlocks   uint64 `protobuf:"varint,5,opt,name=total_blocks,json=totalBlocks,proto3" json:"total_blocks,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -731,6 +774,27 @@ func (x *KvDump) GetBlocks() []*KvDumpBlock {
 		return x.Blocks
 	}
 	return nil
+}
+
+func (x *KvDump) GetMore() bool {
+	if x != nil {
+		return x.More
+	}
+	return false
+}
+
+func (x *KvDump) GetAfter() uint64 {
+	if x != nil && x.After != nil {
+		return *x.After
+	}
+	return 0
+}
+
+func (x *KvDump) GetTotalBlocks() uint64 {
+	if x != nil {
+		return x.TotalBlocks
+	}
+	return 0
 }
 
 // KvDumpBlock is one block of a KvDump.
@@ -1009,11 +1073,17 @@ const file_triplane_v1_event_proto_rawDesc = "" +
 	"\f_parent_hash\"4\n" +
 	"\x0fKvBlocksRemoved\x12!\n" +
 	"\fblock_hashes\x18\x01 \x03(\x04R\vblockHashes\"\x0e\n" +
-	"\fKvAllCleared\"r\n" +
+	"\fKvAllCleared\"\xe8\x01\n" +
 	"\x0fKvResendRequest\x12\x1b\n" +
 	"\tworker_id\x18\x01 \x01(\tR\bworkerId\x12\"\n" +
 	"\rfrom_event_id\x18\x02 \x01(\x04R\vfromEventId\x12\x1e\n" +
-	"\vto_event_id\x18\x03 \x01(\x04R\ttoEventId\"\xa9\x01\n" +
+	"\vto_event_id\x18\x03 \x01(\x04R\ttoEventId\x12\x1d\n" +
+	"\n" +
+	"dump_pages\x18\x04 \x01(\bR\tdumpPages\x12\"\n" +
+	"\rdump_event_id\x18\x05 \x01(\x04R\vdumpEventId\x12\"\n" +
+	"\n" +
+	"dump_after\x18\x06 \x01(\x04H\x00R\tdumpAfter\x88\x01\x01B\r\n" +
+	"\v_dump_after\"\xa9\x01\n" +
 	"\rKvResendReply\x12\x1b\n" +
 	"\tworker_id\x18\x01 \x01(\tR\bworkerId\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x121\n" +
@@ -1021,10 +1091,14 @@ const file_triplane_v1_event_proto_rawDesc = "" +
 	"\x04dump\x18\x04 \x01(\v2\x13.triplane.v1.KvDumpH\x00R\x04dumpB\a\n" +
 	"\x05reply\"<\n" +
 	"\fKvEventRange\x12,\n" +
-	"\x06events\x18\x01 \x03(\v2\x14.triplane.v1.KvEventR\x06events\"U\n" +
+	"\x06events\x18\x01 \x03(\v2\x14.triplane.v1.KvEventR\x06events\"\xb1\x01\n" +
 	"\x06KvDump\x12\x19\n" +
 	"\bevent_id\x18\x01 \x01(\x04R\aeventId\x120\n" +
-	"\x06blocks\x18\x02 \x03(\v2\x18.triplane.v1.KvDumpBlockR\x06blocks\"W\n" +
+	"\x06blocks\x18\x02 \x03(\v2\x18.triplane.v1.KvDumpBlockR\x06blocks\x12\x12\n" +
+	"\x04more\x18\x03 \x01(\bR\x04more\x12\x19\n" +
+	"\x05after\x18\x04 \x01(\x04H\x00R\x05after\x88\x01\x01\x12!\n" +
+	"\ftotal_blocks\x18\x05 \x01(\x04R\vtotalBlocksB\b\n" +
+	"\x06_after\"W\n" +
 	"\vKvDumpBlock\x12\x12\n" +
 	"\x04hash\x18\x01 \x01(\x04R\x04hash\x12$\n" +
 	"\vparent_hash\x18\x02 \x01(\x04H\x00R\n" +
@@ -1104,10 +1178,12 @@ func file_triplane_v1_event_proto_init() {
 		(*KvEvent_Cleared)(nil),
 	}
 	file_triplane_v1_event_proto_msgTypes[3].OneofWrappers = []any{}
+	file_triplane_v1_event_proto_msgTypes[6].OneofWrappers = []any{}
 	file_triplane_v1_event_proto_msgTypes[7].OneofWrappers = []any{
 		(*KvResendReply_Range)(nil),
 		(*KvResendReply_Dump)(nil),
 	}
+	file_triplane_v1_event_proto_msgTypes[9].OneofWrappers = []any{}
 	file_triplane_v1_event_proto_msgTypes[10].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
