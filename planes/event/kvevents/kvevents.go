@@ -36,14 +36,18 @@ var ErrInvalid = errors.New("kvevents: invalid")
 //     range asked for.
 //   - FaultShortResend: Log.Resend answers with only the first event of the
 //     range; the consumer asks again for the rest.
+//   - FaultDumpLost: Log.Resend drops its frozen dump before answering a
+//     request for its next page (as when it expires or a newer dump
+//     replaces it); the consumer drops the pages it took and starts over.
 const (
 	FaultPendingFull = "kvevents.sequencer.pending-full"
 	FaultDump        = "kvevents.log.dump"
 	FaultShortResend = "kvevents.log.short-resend"
+	FaultDumpLost    = "kvevents.log.dump-lost"
 )
 
 // FaultPoints lists every fault point of the package, for a simulator to arm.
-var FaultPoints = []string{FaultPendingFull, FaultDump, FaultShortResend}
+var FaultPoints = []string{FaultPendingFull, FaultDump, FaultShortResend, FaultDumpLost}
 
 // Block is one cached block: its parent in the prefix chain, if any.
 type Block struct {
@@ -142,8 +146,37 @@ func ValidateReply(r *triplanev1.KvResendReply) error {
 		if k.Dump.GetEventId() == math.MaxUint64 {
 			return fmt.Errorf("%w: resend reply of worker %s: a dump at the largest event id", ErrInvalid, r.WorkerId)
 		}
+		if err := validatePage(k.Dump); err != nil {
+			return fmt.Errorf("%w: resend reply of worker %s: %w", ErrInvalid, r.WorkerId, err)
+		}
 	default:
 		return fmt.Errorf("%w: resend reply of worker %s holds neither events nor a dump", ErrInvalid, r.GetWorkerId())
+	}
+	return nil
+}
+
+// validatePage checks a page of a paged dump (one with more pages or a
+// cursor; a dump of one reply is as it always was): its blocks in
+// increasing hash order after its cursor, at least one unless it is the
+// last (each page moves the cursor on, so paging ends), and no more than
+// the dump's total.
+func validatePage(d *triplanev1.KvDump) error {
+	if !d.GetMore() && d.After == nil {
+		return nil
+	}
+	if d.More && len(d.Blocks) == 0 {
+		return errors.New("a dump page without blocks says more follow")
+	}
+	if uint64(len(d.Blocks)) > d.TotalBlocks {
+		return fmt.Errorf("a dump page of %d blocks, the dump has %d", len(d.Blocks), d.TotalBlocks)
+	}
+	for i, b := range d.Blocks {
+		if i == 0 && d.After != nil && b.GetHash() <= *d.After {
+			return fmt.Errorf("a dump page after hash %d starts at hash %d", *d.After, b.GetHash())
+		}
+		if i > 0 && b.GetHash() <= d.Blocks[i-1].GetHash() {
+			return fmt.Errorf("a dump page's hashes %d then %d are not increasing", d.Blocks[i-1].GetHash(), b.GetHash())
+		}
 	}
 	return nil
 }

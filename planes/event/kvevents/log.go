@@ -1,6 +1,9 @@
 package kvevents
 
 import (
+	"cmp"
+	"slices"
+
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
@@ -28,7 +31,40 @@ type Log struct {
 	last      uint64                // latest event id
 	ring      []*triplanev1.KvEvent // ring[id % len]
 	blocks    blockmap.Map[Block]
+	// frozen is the paged dump being served (nil when none): see Resend.
+	frozen *frozenDump
 }
+
+// frozenDump is a copy of the mirror as of one event id, sorted by hash,
+// from which the pages of one paged dump are served. The worker changes
+// between page requests; pages cut from the live mirror would mix states
+// (a block removed before its page is read and another stored behind the
+// cursor would leave the router with a set of blocks the worker never
+// held). A frozen copy makes every page of a dump describe one state: the
+// router applies the whole dump at eventID and then the events after it,
+// exactly as it did a one-reply dump.
+//
+// It is bounded: one per log, as large as the mirror, kept in a compact
+// form (24 bytes a block, not a protobuf message each); and it is dropped
+// after dumpIdleHeartbeats heartbeats without a page asked of it (the
+// routers finished or gave up) or replaced when a new dump is needed and it
+// has grown too old to share (the ring no longer holds the event after it).
+type frozenDump struct {
+	eventID uint64
+	blocks  []frozenBlock // increasing hash
+	idle    int           // heartbeats since a page was served
+}
+
+type frozenBlock struct {
+	hash, parent uint64
+	hasParent    bool
+}
+
+// dumpIdleHeartbeats is how many heartbeats a frozen dump outlives its last
+// page: 5 s at the publisher's default interval, above a router's repair
+// timeout plus its backoff (2.1 s by default), so a router retrying a lost
+// page still finds it.
+const dumpIdleHeartbeats = 5
 
 // NewLog returns the log of worker's run epoch, which must be above 0 and
 // grow across the worker's restarts (consumers start afresh on a newer
@@ -221,17 +257,44 @@ type oneBatch struct {
 }
 
 // Heartbeat is a batch without events carrying the latest id, so that a
-// consumer that lost the tail notices.
+// consumer that lost the tail notices. It also ages the frozen dump: the
+// log has no clock, and heartbeats are its caller's regular tick.
 func (l *Log) Heartbeat() *triplanev1.KvEventBatch {
+	if l.frozen != nil {
+		if l.frozen.idle++; l.frozen.idle > dumpIdleHeartbeats {
+			l.frozen = nil
+		}
+	}
 	return &triplanev1.KvEventBatch{WorkerId: l.worker, Epoch: l.epoch, HeadEventId: l.last}
 }
 
 // Resend answers req with the range it asks for from the ring, as much of
 // it as fits in budget bytes and maxResend events, but at least one event so
-// that every answer makes progress; the consumer asks again for the rest. When the ring no longer holds the start
-// of the range, the answer is a dump of every block instead, sorted by hash.
+// that every answer makes progress; the consumer asks again for the rest.
+// When the ring no longer holds the start of the range, the answer is a
+// dump of every block instead, sorted by hash.
+//
+// A requester that takes dumps in pages (DumpPages) gets the dump's blocks
+// that fit in budget bytes (at least one) from a frozen copy of the mirror
+// (see frozenDump), and asks for the next page with DumpEventId and
+// DumpAfter; while the log still holds that frozen dump, such a request
+// gets its next page whatever the ring holds (the router is committed to
+// that dump). When it no longer does (expired, or replaced), the request is
+// answered as a new one: a range if the ring holds it, else the first page
+// of a new dump, and the router starts over. A new paged dump shares the
+// frozen one when that is still recent (the ring holds the events after it,
+// so the router can follow on from it) and newer than the requester's
+// view (else it fills nothing): routers joining together share one copy
+// rather than each replacing the other's.
 func (l *Log) Resend(req *triplanev1.KvResendRequest, budget int64) *triplanev1.KvResendReply {
 	reply := &triplanev1.KvResendReply{WorkerId: l.worker, Epoch: l.epoch}
+	if req.DumpAfter != nil && l.frozen != nil && fault.Fire(l.faults, FaultDumpLost) {
+		l.frozen = nil
+	}
+	if req.DumpAfter != nil && l.frozen != nil && l.frozen.eventID == req.DumpEventId {
+		reply.Reply = &triplanev1.KvResendReply_Dump{Dump: l.page(req.DumpAfter, budget)}
+		return reply
+	}
 	from, to := req.GetFromEventId(), min(req.GetToEventId(), l.last)
 	if from == 0 {
 		from = 1
@@ -263,8 +326,81 @@ func (l *Log) Resend(req *triplanev1.KvResendRequest, budget int64) *triplanev1.
 		reply.Reply = &triplanev1.KvResendReply_Range{Range: r}
 		return reply
 	}
-	reply.Reply = &triplanev1.KvResendReply_Dump{Dump: dump(&l.blocks, l.last)}
+	if !req.DumpPages {
+		// An older router: the whole dump in one reply, as before.
+		reply.Reply = &triplanev1.KvResendReply_Dump{Dump: dump(&l.blocks, l.last)}
+		return reply
+	}
+	if f := l.frozen; f == nil || f.eventID+1 < oldest || f.eventID < from {
+		l.freeze()
+	}
+	reply.Reply = &triplanev1.KvResendReply_Dump{Dump: l.page(nil, budget)}
 	return reply
+}
+
+// freeze makes the frozen dump a copy of the mirror now, replacing the one
+// there was.
+func (l *Log) freeze() {
+	f := &frozenDump{eventID: l.last, blocks: make([]frozenBlock, 0, l.blocks.Len())}
+	l.blocks.Each(func(h uint64, b Block) {
+		f.blocks = append(f.blocks, frozenBlock{hash: h, parent: b.Parent, hasParent: b.HasParent})
+	})
+	slices.SortFunc(f.blocks, func(a, b frozenBlock) int { return cmp.Compare(a.hash, b.hash) })
+	l.frozen = f
+}
+
+// page is the page of the frozen dump after the hash after (from the start
+// when nil): as many blocks as fit in budget bytes with the reply's other
+// fields, at least one (so every page makes progress), in increasing hash
+// order.
+func (l *Log) page(after *uint64, budget int64) *triplanev1.KvDump {
+	f := l.frozen
+	f.idle = 0
+	start := 0
+	if after != nil {
+		start, _ = slices.BinarySearchFunc(f.blocks, *after, func(b frozenBlock, h uint64) int { return cmp.Compare(b.hash, h) })
+		if start < len(f.blocks) && f.blocks[start].hash == *after {
+			start++
+		}
+	}
+	d := &triplanev1.KvDump{EventId: f.eventID, TotalBlocks: uint64(len(f.blocks)), More: true}
+	if after != nil {
+		a := *after
+		d.After = &a
+	}
+	// Everything but the blocks, sized as the largest it can be: the
+	// reply's worker and epoch, the dump field's tag and length (at most 5
+	// bytes), the event id, total, more and after.
+	size := int64(protowire.SizeTag(1) + protowire.SizeBytes(len(l.worker)) + protowire.SizeTag(2) + protowire.SizeVarint(l.epoch) +
+		protowire.SizeTag(4) + 5 + proto.Size(d))
+	end := start
+	for ; end < len(f.blocks); end++ {
+		b := f.blocks[end]
+		n := 0
+		if b.hash != 0 {
+			n += protowire.SizeTag(1) + protowire.SizeVarint(b.hash)
+		}
+		if b.hasParent {
+			n += protowire.SizeTag(2) + protowire.SizeVarint(b.parent)
+		}
+		if size += int64(protowire.SizeTag(2) + protowire.SizeBytes(n)); size > budget && end > start {
+			break
+		}
+	}
+	d.More = end < len(f.blocks)
+	// The blocks and their parents in one allocation each.
+	blocks := make([]triplanev1.KvDumpBlock, end-start)
+	parents := make([]uint64, end-start)
+	d.Blocks = make([]*triplanev1.KvDumpBlock, end-start)
+	for i, b := range f.blocks[start:end] {
+		blocks[i].Hash = b.hash
+		if b.hasParent {
+			parents[i] = b.parent
+			blocks[i].ParentHash = &parents[i]
+		}
+		d.Blocks[i] = &blocks[i]
+	}
+	return d
 }
 
 // Last is the latest event id (0 before the first).

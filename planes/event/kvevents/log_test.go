@@ -387,7 +387,7 @@ func TestLogSplitsResendsByBudget(t *testing.T) {
 }
 
 func TestLogFaultPoints(t *testing.T) {
-	if !slices.Equal(kvevents.FaultPoints, []string{kvevents.FaultPendingFull, kvevents.FaultDump, kvevents.FaultShortResend}) {
+	if !slices.Equal(kvevents.FaultPoints, []string{kvevents.FaultPendingFull, kvevents.FaultDump, kvevents.FaultShortResend, kvevents.FaultDumpLost}) {
 		t.Fatalf("FaultPoints %v", kvevents.FaultPoints)
 	}
 	req := &triplanev1.KvResendRequest{FromEventId: 2, ToEventId: 6}
@@ -441,11 +441,11 @@ func TestLogFaultPoints(t *testing.T) {
 			if repair, err := s.Ingest(b); err != nil {
 				t.Fatal(err)
 			} else if repair {
-				repairAll(t, s, l, "w1", math.MaxInt64)
+				repairAll(t, s, l, "w1", 200) // dumps of a few pages
 			}
 		}
 		if repair, _ := s.Ingest(l.Heartbeat()); repair {
-			repairAll(t, s, l, "w1", math.MaxInt64)
+			repairAll(t, s, l, "w1", 200)
 		}
 		wantConverged(t, s, l, "w1")
 		for _, f := range kvevents.FaultPoints {
@@ -616,5 +616,162 @@ func TestSequencerFollowsLogThroughLossAndFaults(t *testing.T) {
 				t.Fatalf("two runs of seed %d differ: %v, then %v", tc.seed, stats[0], stats[1])
 			}
 		})
+	}
+}
+
+// storeMany appends events storing n blocks, chained in stores of 10, with
+// hashes spread over the whole range (so each takes several bytes).
+func storeMany(l *kvevents.Log, n int) {
+	for i := 0; i < n; i += 10 {
+		hashes := make([]uint64, min(10, n-i))
+		for j := range hashes {
+			hashes[j] = uint64(i+j+1) * 0x9E3779B97F4A7C15
+		}
+		l.Append(storedEv(0, nil, hashes...))
+	}
+}
+
+// pagesOf takes a paged dump from l through its cursor, as a router does,
+// calling between after each page; it returns the pages.
+func pagesOf(t *testing.T, l *kvevents.Log, budget int64, between func()) []*triplanev1.KvDump {
+	t.Helper()
+	req := &triplanev1.KvResendRequest{FromEventId: 1, ToEventId: math.MaxUint64 - 1, DumpPages: true}
+	var pages []*triplanev1.KvDump
+	for len(pages) < 10000 {
+		r := l.Resend(req, budget)
+		d := r.GetDump()
+		if d == nil {
+			t.Fatalf("page %d: %v", len(pages), r)
+		}
+		if err := kvevents.ValidateReply(r); err != nil {
+			t.Fatalf("page %d: %v", len(pages), err)
+		}
+		if n := int64(proto.Size(r)); n > budget && len(d.Blocks) > 1 {
+			t.Fatalf("page %d: %d bytes, budget %d", len(pages), n, budget)
+		}
+		pages = append(pages, d)
+		if !d.More {
+			return pages
+		}
+		req.DumpEventId, req.DumpAfter = d.EventId, proto.Uint64(d.Blocks[len(d.Blocks)-1].Hash)
+		if between != nil {
+			between()
+		}
+	}
+	t.Fatal("the dump did not end")
+	return nil
+}
+
+// A dump larger than the budget comes in pages of at most the budget, in
+// hash order, all of one state however the worker changes between them;
+// together they are the one-reply dump.
+func TestLogPagesADump(t *testing.T) {
+	l := kvevents.NewLog("w1", 3, 8, 0, nil)
+	storeMany(l, 500)
+	whole := l.Resend(&triplanev1.KvResendRequest{FromEventId: 1, ToEventId: 50}, math.MaxInt64).GetDump()
+	if whole == nil || len(whole.Blocks) != 500 || whole.More || whole.After != nil || whole.TotalBlocks != 0 {
+		t.Fatalf("a router without pages gets one dump, as before: %v blocks, more %v", len(whole.GetBlocks()), whole.GetMore())
+	}
+	last := l.Last()
+	rng, live, next := rand.New(rand.NewPCG(5, 5)), []uint64{}, uint64(1)
+	pages := pagesOf(t, l, 1024, func() { l.Append(randomEvent(rng, &live, &next)) })
+	if len(pages) < 5 {
+		t.Fatalf("%d pages of 500 blocks at 1 KiB", len(pages))
+	}
+	var got []*triplanev1.KvDumpBlock
+	for i, p := range pages {
+		if p.EventId != last || p.TotalBlocks != 500 || (i == 0) != (p.After == nil) || p.More != (i < len(pages)-1) {
+			t.Fatalf("page %d: at %d of %d blocks, after %v, more %v", i, p.EventId, p.TotalBlocks, p.After, p.More)
+		}
+		got = append(got, p.Blocks...)
+	}
+	if !proto.Equal(&triplanev1.KvDump{EventId: last, Blocks: got}, whole) {
+		t.Fatal("the pages together differ from the one-reply dump of the same state")
+	}
+	// However small the budget, each page makes progress.
+	l = kvevents.NewLog("w1", 3, 8, 0, nil)
+	storeMany(l, 500)
+	if pages := pagesOf(t, l, 0, nil); len(pages) != 500 {
+		t.Fatalf("%d pages at budget 0, want one a block", len(pages))
+	}
+}
+
+// A new dump shares the frozen one while the ring holds the events after
+// it; past that it is a new one, and so is the answer to a page asked of a
+// dump the log no longer holds (replaced, or expired after heartbeats
+// without a page).
+func TestLogFrozenDumpIsSharedThenReplaced(t *testing.T) {
+	l := kvevents.NewLog("w1", 1, 8, 0, nil)
+	storeMany(l, 100)
+	first := func(from uint64) *triplanev1.KvDump {
+		return l.Resend(&triplanev1.KvResendRequest{FromEventId: from, ToEventId: 1000, DumpPages: true}, 256).GetDump()
+	}
+	d1 := first(1)
+	l.Append(storedEv(0, nil, 7))
+	if d := first(1); d.EventId != d1.EventId {
+		t.Fatalf("a second router got a dump at %d, not the shared one at %d", d.EventId, d1.EventId)
+	}
+	shared := d1.EventId
+	for range 8 {
+		l.Append(storedEv(0, nil, 8))
+	}
+	if d := first(1); d.EventId != l.Last() || d.EventId == shared {
+		t.Fatalf("after the ring turned over: a dump at %d, want a new one at %d", d.EventId, l.Last())
+	}
+	// A page of the old dump is no longer there: the answer is the first
+	// page of the current one.
+	cont := &triplanev1.KvResendRequest{FromEventId: 1, ToEventId: 1000, DumpPages: true, DumpEventId: shared, DumpAfter: proto.Uint64(d1.Blocks[0].Hash)}
+	if d := l.Resend(cont, 256).GetDump(); d.After != nil || d.EventId != l.Last() {
+		t.Fatalf("a page of a replaced dump: %v", d)
+	}
+	// Heartbeats with no page asked drop the frozen dump; the next
+	// request freezes the same state again (no event since).
+	now := first(1)
+	for range 10 {
+		l.Heartbeat()
+	}
+	cont.DumpEventId, cont.DumpAfter = now.EventId, proto.Uint64(now.Blocks[len(now.Blocks)-1].Hash)
+	if d := l.Resend(cont, 256).GetDump(); d.After != nil || d.EventId != now.EventId {
+		t.Fatalf("a page of an expired dump: %v", d)
+	}
+}
+
+// A router takes a dump of many pages while the worker changes between
+// them and some of its live batches are lost; its view ends equal to the
+// worker's.
+func TestSequencerRepairsThroughDumpPages(t *testing.T) {
+	// 200 events, more than the ring: a dump it must be.
+	l := kvevents.NewLog("w1", 1, 64, 0, nil)
+	storeMany(l, 2000)
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{})
+	ingest(t, s, l.Heartbeat(), true) // a router that starts late
+	rng, live, next := rand.New(rand.NewPCG(6, 6)), []uint64{}, uint64(1)
+	for requests := 0; ; requests++ {
+		if requests > 1000 {
+			t.Fatalf("no end: %v", s.Stats())
+		}
+		req, epoch, _ := s.RepairRequest("w1")
+		res := s.RepairDone("w1", epoch, l.Resend(req, 2048), nil)
+		if res.Next == kvevents.RepairStop {
+			break
+		}
+		wantNext(t, res, kvevents.RepairAgain)
+		// Two events between pages, one of three batches lost.
+		for range 2 {
+			b := l.Append(randomEvent(rng, &live, &next))
+			if rng.IntN(3) > 0 {
+				if _, err := s.Ingest(b); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	// A lost tail shows in the next heartbeat.
+	if repair, _ := s.Ingest(l.Heartbeat()); repair {
+		repairAll(t, s, l, "w1", 2048)
+	}
+	wantConverged(t, s, l, "w1")
+	if st := s.Stats(); st.DumpPages < 10 || st.Dumps != 1 || st.DumpRestarts != 0 || st.StalePages != 0 {
+		t.Fatalf("stats %v", st)
 	}
 }

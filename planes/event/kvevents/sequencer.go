@@ -45,12 +45,19 @@ type Stats struct {
 	Applied, Duplicates, Gaps, Resends, Dumps, RepairFailures, Malformed, DroppedPending, DroppedWorkers, StaleEpoch, Unfollowed uint64
 	// DroppedBlocks are block hashes not kept: past MaxBlocksPerWorker.
 	DroppedBlocks uint64
+	// DumpPages are pages of paged dumps taken; DumpRestarts paged dumps
+	// dropped before their last page (the worker lost the dump or
+	// restarted, answered with a new one or a range, or the repair ended);
+	// StalePages pages refused as not the one asked for (another dump's,
+	// or not following the last page taken) or inconsistent with the pages
+	// before them.
+	DumpPages, DumpRestarts, StalePages uint64
 }
 
 // String summarises the stats for logs and benchmarks.
 func (s Stats) String() string {
-	return fmt.Sprintf("applied %d, duplicates %d, gaps %d, resends %d, dumps %d, repair failures %d, malformed %d, dropped: %d pending, %d of workers past the limit, %d stale epoch, %d unlisted, %d blocks past the limit",
-		s.Applied, s.Duplicates, s.Gaps, s.Resends, s.Dumps, s.RepairFailures, s.Malformed, s.DroppedPending, s.DroppedWorkers, s.StaleEpoch, s.Unfollowed, s.DroppedBlocks)
+	return fmt.Sprintf("applied %d, duplicates %d, gaps %d, resends %d, dumps %d (%d pages, %d restarted, %d stale pages), repair failures %d, malformed %d, dropped: %d pending, %d of workers past the limit, %d stale epoch, %d unlisted, %d blocks past the limit",
+		s.Applied, s.Duplicates, s.Gaps, s.Resends, s.Dumps, s.DumpPages, s.DumpRestarts, s.StalePages, s.RepairFailures, s.Malformed, s.DroppedPending, s.DroppedWorkers, s.StaleEpoch, s.Unfollowed, s.DroppedBlocks)
 }
 
 type workerView struct {
@@ -62,6 +69,22 @@ type workerView struct {
 	repairing bool
 	failures  int    // failed resend requests in a row
 	asked     uint64 // next when the last resend request was made
+	dump      *pagedDump
+}
+
+// pagedDump is a paged dump being assembled: the pages taken so far of the
+// dump the worker took at eventID. It is applied only once complete, as one
+// dump, so the view never holds part of one; meanwhile live events are
+// buffered as during any repair. Bounded by MaxBlocksPerWorker: once that
+// many blocks are kept the dump is complete (the rest are dropped and
+// counted, as from a one-reply dump that large), so a worker cannot keep a
+// router paging for ever either.
+type pagedDump struct {
+	eventID  uint64
+	after    uint64 // hash of the last block taken: the next page's cursor
+	total    uint64 // blocks of the whole dump, as its first page said
+	received uint64 // blocks taken so far, kept or not
+	blocks   []*triplanev1.KvDumpBlock
 }
 
 // Sequencer is the consumer's logic without its goroutines, lock, timers or
@@ -147,6 +170,7 @@ func (s *Sequencer) view(worker string, epoch uint64) *workerView {
 		v.epoch, v.next, v.head = epoch, 1, 0
 		v.blocks.Clear()
 		clear(v.pending)
+		s.dropDump(v) // the old run's dump died with it
 		if s.cfg.OnReset != nil {
 			s.cfg.OnReset(worker, map[uint64]Block{}, 0)
 		}
@@ -223,7 +247,12 @@ func (s *Sequencer) RepairRequest(worker string) (req *triplanev1.KvResendReques
 		return nil, 0, false
 	}
 	v.asked = v.next
-	return &triplanev1.KvResendRequest{WorkerId: worker, FromEventId: v.next, ToEventId: v.head}, v.epoch, true
+	req = &triplanev1.KvResendRequest{WorkerId: worker, FromEventId: v.next, ToEventId: v.head, DumpPages: true}
+	if d := v.dump; d != nil {
+		after := d.after
+		req.DumpEventId, req.DumpAfter = d.eventID, &after
+	}
+	return req, v.epoch, true
 }
 
 // RepairNext is what a repair does after one resend request.
@@ -287,13 +316,22 @@ func (s *Sequencer) RepairDone(worker string, epoch uint64, reply *triplanev1.Kv
 	// Progress is counted from the request: events that came live meanwhile
 	// and filled part of the gap count too.
 	before, reset := min(v.asked, v.next), v.epoch != epoch
+	progressed := false // a dump page taken: progress, though the view waits for the rest
 	switch {
 	case err != nil:
+		// A paged dump being assembled stays: the next request asks for
+		// the same page again.
 	case reply.Epoch != epoch || reset:
 		// The worker restarted meanwhile; the new epoch's events decide.
+		// A paged dump of the old run is of no use any more.
+		s.dropDump(v)
 	default:
 		switch r := reply.Reply.(type) {
 		case *triplanev1.KvResendReply_Range:
+			// The ring holds the gap again (the worker lost the dump the
+			// view was paging, and live events filled the start of the
+			// gap meanwhile): events repair it, the dump is not needed.
+			s.dropDump(v)
 			s.stats.Resends++
 			if len(r.Range.Events) == 0 {
 				// The worker has nothing past what the view holds: the
@@ -305,12 +343,19 @@ func (s *Sequencer) RepairDone(worker string, epoch uint64, reply *triplanev1.Kv
 				s.ingest(worker, v, e)
 			}
 		case *triplanev1.KvResendReply_Dump:
+			if r.Dump.More || r.Dump.After != nil {
+				progressed, err = s.dumpPage(worker, v, r.Dump)
+				break
+			}
+			// A whole dump (one page) replaces any paged one being
+			// assembled: the worker lost that and started afresh.
+			s.dropDump(v)
 			s.stats.Dumps++
 			s.applyDump(worker, v, r.Dump)
 		}
 	}
 	gap := v.next <= v.head
-	if err == nil && gap && v.next == before && !reset {
+	if err == nil && gap && v.next == before && !reset && !progressed {
 		// An answer that filled nothing while the gap stays (one of
 		// another epoch, a dump older than the view) counts as a failed
 		// request: else a peer answering that way forever keeps the
@@ -338,7 +383,76 @@ func (s *Sequencer) RepairDone(worker string, epoch uint64, reply *triplanev1.Kv
 		res.Next = RepairGaveUp
 	}
 	v.repairing = false
+	// The repair is over (no gap left, or given up): a paged dump half
+	// taken is not kept (the next repair starts a new one if it must).
+	s.dropDump(v)
 	return res
+}
+
+// errStalePage is a dump page that is not the one asked for, or that
+// contradicts the pages before it.
+var errStalePage = errors.New("a dump page that does not continue the dump being taken")
+
+// dropDump drops the paged dump being assembled, if any.
+func (s *Sequencer) dropDump(v *workerView) {
+	if v.dump != nil {
+		s.stats.DumpRestarts++
+		v.dump = nil
+	}
+}
+
+// dumpPage takes one page of a paged dump (validated: blocks in increasing
+// hash order after its cursor, at least one unless it is the last, no more
+// than its total). A first page starts the dump (dropping one being
+// assembled: the worker no longer held it and started another); a page
+// that does not follow the last one taken (another dump's, a cursor going
+// backwards or skipping, a total that changed) is refused and counted; the
+// last page, or reaching MaxBlocksPerWorker, applies the whole dump.
+// progressed is whether the page was taken.
+func (s *Sequencer) dumpPage(worker string, v *workerView, d *triplanev1.KvDump) (progressed bool, err error) {
+	if d.After == nil {
+		s.dropDump(v)
+		if d.EventId+1 < v.next {
+			return false, nil // older than what the view already has
+		}
+		v.dump = &pagedDump{eventID: d.EventId, total: d.TotalBlocks}
+	} else if a := v.dump; a == nil || d.EventId != a.eventID || *d.After != a.after || d.TotalBlocks != a.total {
+		// Not the page asked for: the request names the dump and the
+		// cursor, and a worker answers either with that page or with a
+		// first page. The dump being assembled stays: asking again gets
+		// the right page, or a new dump.
+		s.stats.StalePages++
+		if a == nil {
+			return false, fmt.Errorf("%w: a page at event %d after hash %d, no dump being taken", errStalePage, d.EventId, *d.After)
+		}
+		return false, fmt.Errorf("%w: a page at event %d after hash %d of %d blocks, asked for event %d after %d of %d",
+			errStalePage, d.EventId, *d.After, d.TotalBlocks, a.eventID, a.after, a.total)
+	}
+	a := v.dump
+	if a.received += uint64(len(d.Blocks)); a.received > a.total || (!d.More && a.received != a.total) {
+		// The pages do not add up to the dump they announce: not one
+		// state. Start over.
+		s.stats.StalePages++
+		received, total := a.received, a.total
+		s.dropDump(v)
+		return false, fmt.Errorf("%w: dump at event %d: %d blocks in its pages so far, %d announced", errStalePage, d.EventId, received, total)
+	}
+	s.stats.DumpPages++
+	if n := len(d.Blocks); n > 0 {
+		a.after = d.Blocks[n-1].Hash
+		keep := min(n, s.cfg.MaxBlocksPerWorker-len(a.blocks))
+		a.blocks = append(a.blocks, d.Blocks[:keep]...)
+	}
+	if d.More && len(a.blocks) < s.cfg.MaxBlocksPerWorker {
+		return true, nil
+	}
+	// Complete (or as much as the view keeps: the rest, in hash order,
+	// would be dropped anyway, as from a one-reply dump that large).
+	s.stats.DroppedBlocks += a.total - uint64(len(a.blocks))
+	v.dump = nil
+	s.stats.Dumps++
+	s.applyDump(worker, v, &triplanev1.KvDump{EventId: a.eventID, Blocks: a.blocks})
+	return true, nil
 }
 
 // errNoProgress is a resend answer that filled none of the gap.
