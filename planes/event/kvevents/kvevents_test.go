@@ -1,9 +1,11 @@
 package kvevents_test
 
 import (
+	"context"
 	"errors"
 	"maps"
 	"math/rand/v2"
+	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -11,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/triplane-dev/triplane/embedded"
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/planes/event"
 	"github.com/triplane-dev/triplane/planes/event/kvevents"
@@ -446,4 +449,71 @@ func TestRestoreFromSavedView(t *testing.T) {
 	if resets != 1 {
 		t.Fatalf("%d resets, want the restore only", resets)
 	}
+}
+
+// A worker holding more blocks than one reply can carry (a server with an
+// 8 KiB max payload, a dump of about 70 KiB) still brings a router that
+// starts late up to date: its dump comes in pages while the worker keeps
+// changing. One-reply dumps never left the worker here: the router's
+// repair failed until it gave up, again at every heartbeat.
+func TestPagedDumpOverASmallMaxPayload(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	n, err := embedded.StartNATS(ctx, embedded.NATSConfig{StoreDir: filepath.Join(t.TempDir(), "nats"), MaxPayload: 8 << 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(n.Close)
+	connect := func() *nats.Conn {
+		nc, err := nats.Connect(n.URL())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(nc.Close)
+		return nc
+	}
+	nc := connect()
+	b := newBus(t, nc)
+	p, err := kvevents.NewPublisher(b, kvevents.PublisherConfig{WorkerID: "w6", Namespace: "ns", Epoch: 1,
+		RingSize: 16, HeartbeatInterval: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	block := uint64(0)
+	store := func(k int) {
+		hashes := make([]uint64, k)
+		for i := range hashes {
+			block++
+			hashes[i] = block * 0x9E3779B97F4A7C15 // large hashes: about 24 bytes a dumped block
+		}
+		if err := p.Stored(hashes, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 60 {
+		store(50)
+	}
+	if err := nc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	c, err := kvevents.NewConsumer(newBus(t, connect()), kvevents.ConsumerConfig{Namespace: "ns",
+		RepairTimeout: 500 * time.Millisecond, RepairBackoff: 10 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	// The worker keeps storing and evicting while the router pages.
+	for i := range 100 {
+		store(1)
+		if err := p.Removed([]uint64{uint64(i+1) * 0x9E3779B97F4A7C15}); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	converge(t, c, p, "w6")
+	if st := c.Stats(); st.DumpPages < 2 {
+		t.Fatalf("converged without paging: %v", st)
+	}
+	t.Logf("%d blocks: %v", len(p.Blocks()), c.Stats())
 }

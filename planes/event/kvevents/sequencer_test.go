@@ -507,3 +507,153 @@ func TestSequencerBoundsAWorkersBlocks(t *testing.T) {
 		t.Fatalf("dropped %d, want 5", st.DroppedBlocks)
 	}
 }
+
+// pageReply is one page of a paged dump at last of total blocks, after the
+// hash after (nil: the first page).
+func pageReply(worker string, epoch, last, total uint64, after *uint64, more bool, hashes ...uint64) *triplanev1.KvResendReply {
+	r := dumpReply(worker, epoch, last, hashes...)
+	d := r.GetDump()
+	d.TotalBlocks, d.After, d.More = total, after, more
+	return r
+}
+
+// A page that is not the one asked for is refused and counted, the pages
+// taken stay, and the right page then completes the dump; pages that do
+// not add up to their total start it over.
+func TestSequencerRefusesStalePages(t *testing.T) {
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{})
+	ingest(t, s, batchOf("w1", 1, 9), true)
+	req, epoch, _ := s.RepairRequest("w1")
+	if !req.DumpPages || req.DumpAfter != nil {
+		t.Fatalf("first request %v", req)
+	}
+	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 1, 9, 4, nil, true, 10, 20), nil), kvevents.RepairAgain)
+	req, epoch, _ = s.RepairRequest("w1")
+	if req.DumpEventId != 9 || req.GetDumpAfter() != 20 || req.DumpAfter == nil {
+		t.Fatalf("next page request %v", req)
+	}
+	for _, stale := range []*triplanev1.KvResendReply{
+		pageReply("w1", 1, 8, 4, proto.Uint64(20), false, 30, 40), // another dump's
+		pageReply("w1", 1, 9, 4, proto.Uint64(10), false, 15, 40), // cursor going backwards
+		pageReply("w1", 1, 9, 4, proto.Uint64(25), false, 30, 40), // skipping
+		pageReply("w1", 1, 9, 5, proto.Uint64(20), false, 30, 40), // another total
+	} {
+		res := s.RepairDone("w1", epoch, stale, nil)
+		wantNext(t, res, kvevents.RepairAfterBackoff)
+		if res.Err == nil || errors.Is(res.Err, kvevents.ErrInvalid) {
+			t.Fatalf("stale page: %v", res.Err)
+		}
+		wantBlocks(t, s, "w1", blocksOf(), 0)
+	}
+	// Invalid pages never get that far.
+	for _, bad := range []*triplanev1.KvResendReply{
+		pageReply("w1", 1, 9, 4, proto.Uint64(20), false, 40, 30), // not increasing
+		pageReply("w1", 1, 9, 4, proto.Uint64(20), false, 20, 40), // not after its cursor
+		pageReply("w1", 1, 9, 4, proto.Uint64(20), true),          // no blocks, more to come
+		pageReply("w1", 1, 9, 1, proto.Uint64(20), false, 30, 40), // over its total
+	} {
+		if res := s.RepairDone("w1", epoch, bad, nil); !errors.Is(res.Err, kvevents.ErrInvalid) {
+			t.Fatalf("invalid page %v: %v", bad, res.Err)
+		}
+	}
+	if st := s.Stats(); st.StalePages != 4 || st.DumpPages != 1 || st.DumpRestarts != 0 || st.RepairFailures != 8 {
+		t.Fatalf("stats %v", st)
+	}
+	req, epoch, _ = s.RepairRequest("w1")
+	if req.GetDumpAfter() != 20 {
+		t.Fatalf("the pages taken were lost: %v", req)
+	}
+	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 1, 9, 4, proto.Uint64(20), false, 30, 40), nil), kvevents.RepairStop)
+	wantBlocks(t, s, "w1", blocksOf(10, 20, 30, 40), 9)
+
+	// The last page short of the total: not one state; start over.
+	ingest(t, s, batchOf("w1", 1, 30), true)
+	_, epoch, _ = s.RepairRequest("w1")
+	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 1, 29, 3, nil, true, 1), nil), kvevents.RepairAgain)
+	res := s.RepairDone("w1", epoch, pageReply("w1", 1, 29, 3, proto.Uint64(1), false, 2), nil)
+	wantNext(t, res, kvevents.RepairAfterBackoff)
+	if req, _, _ := s.RepairRequest("w1"); req.DumpAfter != nil {
+		t.Fatalf("after a dump that did not add up: %v", req)
+	}
+	if st := s.Stats(); st.DumpRestarts != 1 || st.StalePages != 5 {
+		t.Fatalf("stats %v", st)
+	}
+	wantBlocks(t, s, "w1", blocksOf(10, 20, 30, 40), 9)
+}
+
+// A new first page, a range, another epoch or the end of the repair drop
+// the pages taken.
+func TestSequencerRestartsADump(t *testing.T) {
+	cfg := kvevents.SequencerConfig{}
+	resets := recordResets(&cfg)
+	s := kvevents.NewSequencer(cfg)
+	ingest(t, s, batchOf("w1", 1, 9), true)
+	_, epoch, _ := s.RepairRequest("w1")
+	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 1, 9, 3, nil, true, 10), nil), kvevents.RepairAgain)
+	// The worker lost that dump and started another.
+	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 1, 12, 3, nil, true, 11), nil), kvevents.RepairAgain)
+	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 1, 12, 3, proto.Uint64(11), false, 21, 31), nil), kvevents.RepairStop)
+	wantBlocks(t, s, "w1", blocksOf(11, 21, 31), 12)
+	if st := s.Stats(); st.DumpRestarts != 1 || st.Dumps != 1 || st.DumpPages != 3 {
+		t.Fatalf("stats %v", st)
+	}
+
+	// The worker restarts mid-dump: its next batch, of a new epoch,
+	// resets the view and drops the old run's pages.
+	ingest(t, s, batchOf("w1", 1, 40), true)
+	_, epoch, _ = s.RepairRequest("w1")
+	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 1, 40, 2, nil, true, 5), nil), kvevents.RepairAgain)
+	ingest(t, s, batchOf("w1", 2, 0, storedEv(1, nil, 7)), false)
+	wantBlocks(t, s, "w1", blocksOf(7), 1)
+	// The old run's last page, answered late, is of no use.
+	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 1, 40, 2, proto.Uint64(5), false, 6), nil), kvevents.RepairStop)
+	wantBlocks(t, s, "w1", blocksOf(7), 1)
+	if st := s.Stats(); st.DumpRestarts != 2 || st.Dumps != 1 {
+		t.Fatalf("stats %v", st)
+	}
+	// The reply of a new run before any batch of it drops the pages too.
+	ingest(t, s, batchOf("w1", 2, 50), true)
+	_, epoch, _ = s.RepairRequest("w1")
+	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 2, 50, 2, nil, true, 5), nil), kvevents.RepairAgain)
+	// (An answer of another epoch fills nothing: a failed request.)
+	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 3, 50, 2, proto.Uint64(5), false, 6), nil), kvevents.RepairAfterBackoff)
+	if req, _, _ := s.RepairRequest("w1"); req.DumpAfter != nil {
+		t.Fatalf("after a reply of another epoch: %v", req)
+	}
+	// A range answer (the worker's ring holds the gap again) drops them.
+	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 2, 50, 2, nil, true, 5), nil), kvevents.RepairAgain)
+	wantNext(t, s.RepairDone("w1", epoch, rangeReply("w1", 2, storedEv(2, nil, 8)), nil), kvevents.RepairAgain)
+	if req, _, _ := s.RepairRequest("w1"); req.DumpAfter != nil || req.FromEventId != 3 {
+		t.Fatalf("after a range: %v", req)
+	}
+	// Giving up drops them.
+	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 2, 50, 2, nil, true, 5), nil), kvevents.RepairAgain)
+	for range 9 {
+		wantNext(t, s.RepairDone("w1", epoch, nil, errors.New("timeout")), kvevents.RepairAfterBackoff)
+	}
+	wantNext(t, s.RepairDone("w1", epoch, nil, errors.New("timeout")), kvevents.RepairGaveUp)
+	if req, _, _ := s.RepairRequest("w1"); req.DumpAfter != nil {
+		t.Fatalf("after giving up: %v", req)
+	}
+	if st := s.Stats(); st.DumpRestarts != 5 {
+		t.Fatalf("stats %v", st)
+	}
+	if len(*resets) != 2 { // the completed dump and the restart
+		t.Fatalf("resets %v", *resets)
+	}
+}
+
+// A paged dump keeps at most MaxBlocksPerWorker blocks: reaching it
+// completes the dump (the lowest hashes, as from a one-reply dump), the
+// rest counted, and no more pages are asked for.
+func TestSequencerBoundsAPagedDump(t *testing.T) {
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{MaxBlocksPerWorker: 3})
+	ingest(t, s, batchOf("w1", 1, 5), true)
+	_, epoch, _ := s.RepairRequest("w1")
+	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 1, 5, 1000, nil, true, 1, 2), nil), kvevents.RepairAgain)
+	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 1, 5, 1000, proto.Uint64(2), true, 3, 4), nil), kvevents.RepairStop)
+	wantBlocks(t, s, "w1", blocksOf(1, 2, 3), 5)
+	if st := s.Stats(); st.DroppedBlocks != 997 || st.Dumps != 1 {
+		t.Fatalf("stats %v", st)
+	}
+}
