@@ -42,6 +42,8 @@ const (
 	// servingRepairTimeout bounds one resend request (lost, or its worker
 	// cut off or dead).
 	servingRepairTimeout = 50 * time.Millisecond
+	// servingResendBudget bounds a resend reply's bytes (see newWorker).
+	servingResendBudget = 1 << 10
 	// servingLoadInterval between a worker's load reports (the real
 	// worker's default): between reports the routing shell knows only its
 	// own flights.
@@ -371,7 +373,12 @@ func (s *servingRun) newWorker(id string, epoch int) *simWorker {
 	wk.stepFn = func() { s.stepWorker(wk) }
 	s.register(wk)
 	wk.unserve, err = wk.bus.Serve("kv.resend."+id, "", func(m proto.Message) (proto.Message, error) {
-		return wk.log.Resend(m.(*triplanev1.KvResendRequest), 1<<20), nil
+		// 4 KiB, not the real publisher's half of 1 MiB: a full pool (512
+		// blocks, about 12 KiB dumped) then takes a few pages, so the runs
+		// exercise paged dumps (pages of one frozen state while the worker
+		// changes, lost and restarted ones) as a real pool beyond 40k
+		// blocks does.
+		return wk.log.Resend(m.(*triplanev1.KvResendRequest), servingResendBudget), nil
 	})
 	if err != nil {
 		panic(err) // a constant subject
