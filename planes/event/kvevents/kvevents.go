@@ -3,8 +3,9 @@
 // monotonic id within an epoch), keeps the latest ones in a bounded ring
 // buffer and its current blocks in a mirror; a consumer that sees a gap asks
 // the worker to resend the missing range and, when the ring no longer holds
-// it, gets a full dump of the worker's blocks instead. Heartbeats carry the
-// worker's latest id so a lost tail is noticed too.
+// it, gets a dump of the worker's blocks instead, in pages of one frozen
+// state when it does not fit one message (see Log.Resend). Heartbeats
+// carry the worker's latest id so a lost tail is noticed too.
 //
 // Subjects (see package event for the scheme):
 //

@@ -179,12 +179,14 @@ func (p *Publisher) Blocks() map[uint64]Block {
 	return p.log.Blocks()
 }
 
-// resend answers a KvResendRequest from the ring, or with a dump when the
-// ring no longer holds the start of the range.
+// resend answers a KvResendRequest from the ring, or with a dump (a page
+// of it, to a router that takes pages) when the ring no longer holds the
+// start of the range.
 func (p *Publisher) resend(_ context.Context, req *triplanev1.KvResendRequest) (*triplanev1.KvResendReply, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	// Keep the reply within half the max payload; the consumer asks again
-	// for the rest. Every event alone is below that (publish).
+	// for the rest (events, or a dump's next page). Every event alone is
+	// below that (publish).
 	return p.log.Resend(req, p.b.MaxPayload()/2), nil
 }
