@@ -162,7 +162,9 @@ type KvEventBatch struct {
 	Epoch uint64 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
 	// The events, consecutive ids, oldest first.
 	Events []*KvEvent `protobuf:"bytes,3,rep,name=events,proto3" json:"events,omitempty"`
-	// The worker's latest assigned event id when the batch was sent.
+	// An event id the worker has assigned: the batch's last event's (an
+	// iteration split over several batches gives each its own), or, in a
+	// heartbeat, the worker's latest. A consumer behind it repairs the gap.
 	HeadEventId   uint64 `protobuf:"varint,4,opt,name=head_event_id,json=headEventId,proto3" json:"head_event_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
