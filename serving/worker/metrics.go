@@ -1,6 +1,11 @@
 package worker
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"fmt"
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
 
 type metrics struct {
 	requests                                                             *prometheus.CounterVec
@@ -8,11 +13,19 @@ type metrics struct {
 	imported, exported, remotePrefills, unexpectedBlocks, droppedCancels prometheus.Counter
 	prefillFallbacks                                                     *prometheus.CounterVec
 	active, waiting, blocksUsed                                          prometheus.Gauge
+
+	// reg and registered are what register put on a registry, so that
+	// unregister takes off exactly those: the registry matches collectors
+	// by their descriptions, not identity, and would otherwise remove the
+	// series of another worker with the same id.
+	reg        prometheus.Registerer
+	registered []prometheus.Collector
+	once       sync.Once
 }
 
-func newMetrics(reg prometheus.Registerer, id string) *metrics {
+func newMetrics(id string) *metrics {
 	l := prometheus.Labels{"worker": id}
-	m := &metrics{
+	return &metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "triplane_worker_requests_total",
 			Help: "Requests a worker ended, by outcome.", ConstLabels: l}, []string{"outcome"}),
 		tokens: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_worker_tokens_total",
@@ -40,9 +53,41 @@ func newMetrics(reg prometheus.Registerer, id string) *metrics {
 		blocksUsed: prometheus.NewGauge(prometheus.GaugeOpts{Name: "triplane_worker_kv_blocks_used",
 			Help: "KV blocks held by running requests and incoming imports (cached blocks no request holds are free to evict and not counted).", ConstLabels: l}),
 	}
-	if reg != nil {
-		reg.MustRegister(m.requests, m.tokens, m.steps, m.publishErrors, m.active, m.waiting, m.blocksUsed,
-			m.imported, m.exported, m.remotePrefills, m.unexpectedBlocks, m.droppedCancels, m.prefillFallbacks)
+}
+
+// register puts the worker's collectors on reg (nil: they stay private).
+// Every series carries the worker's id as a constant label, so workers
+// with different ids share a registry, and a worker started again in the
+// same process (after the previous one with its id closed, which
+// unregisters) registers afresh: its counters restart at zero, which
+// Prometheus reads as a counter reset, as after a process restart. A
+// second live worker with the same id on the same registry is refused
+// rather than sharing the first one's series: two engines' gauges would
+// overwrite each other and their counters would add up under one name.
+func (m *metrics) register(reg prometheus.Registerer) error {
+	if reg == nil {
+		return nil
 	}
-	return m
+	m.reg = reg
+	for _, c := range []prometheus.Collector{m.requests, m.tokens, m.steps, m.publishErrors, m.active, m.waiting, m.blocksUsed,
+		m.imported, m.exported, m.remotePrefills, m.unexpectedBlocks, m.droppedCancels, m.prefillFallbacks} {
+		if err := reg.Register(c); err != nil {
+			m.unregister()
+			return fmt.Errorf("metrics (is a worker with this id already running in this process?): %w", err)
+		}
+		m.registered = append(m.registered, c)
+	}
+	return nil
+}
+
+// unregister takes the worker's collectors off its registry, once: a
+// second call (Close twice) must not remove a successor's series, which
+// the registry cannot tell from these.
+func (m *metrics) unregister() {
+	m.once.Do(func() {
+		for _, c := range m.registered {
+			m.reg.Unregister(c)
+		}
+		m.registered = nil
+	})
 }

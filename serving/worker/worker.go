@@ -107,7 +107,10 @@ type Config struct {
 	DataMetrics   *data.Metrics
 	StreamMetrics *stream.Metrics
 	Logger        *slog.Logger
-	Registerer    prometheus.Registerer
+	// Registerer receives the worker's metrics (labelled with its id)
+	// until Close; nil keeps them private. Start fails when a live
+	// worker with the same id already registered on it.
+	Registerer prometheus.Registerer
 }
 
 // Worker is a running worker.
@@ -240,6 +243,12 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	if err := cfg.Engine.Validate(); err != nil {
 		return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
 	}
+	// Registered first, so a worker whose id is already counted here is
+	// refused before it opens anything.
+	m := newMetrics(cfg.ID)
+	if err := m.register(cfg.Registerer); err != nil {
+		return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
+	}
 	var region *data.Region
 	if decodes(cfg.Role) {
 		// Peers land transferred blocks in a staging region, never in
@@ -255,6 +264,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 		var err error
 		if region, err = data.NewSharedRegion(1, cfg.Engine.BlockBytes, cfg.StagingBlocks); err != nil {
 			if region, err = data.NewRegion(1, cfg.Engine.BlockBytes, cfg.StagingBlocks); err != nil {
+				m.unregister()
 				return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
 			}
 		}
@@ -264,11 +274,12 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 		if region != nil {
 			region.Close()
 		}
+		m.unregister()
 		return nil, fmt.Errorf("worker %s: %w", cfg.ID, err)
 	}
 	rctx, cancel := context.WithCancel(context.Background())
 	w := &Worker{cfg: cfg, log: cfg.Logger.With("worker", cfg.ID), eng: eng, inbox: make(chan op, cfg.Mailbox),
-		stop: cancel, done: make(chan struct{}), reqs: map[string]*pending{}, metrics: newMetrics(cfg.Registerer, cfg.ID),
+		stop: cancel, done: make(chan struct{}), reqs: map[string]*pending{}, metrics: m,
 		region: region, landed: map[data.Descriptor]uint64{}, expect: map[data.Descriptor]bool{}}
 	if region != nil {
 		for i := range cfg.StagingBlocks {
@@ -732,6 +743,9 @@ func (w *Worker) Close() {
 	if w.region != nil {
 		_ = w.region.Close()
 	}
+	// A worker started again with this id on the same registry (a
+	// restart in the same process) registers its own series.
+	w.metrics.unregister()
 }
 
 // Blocks is the engine's cached blocks as the KV events announced them.

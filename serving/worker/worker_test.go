@@ -337,3 +337,80 @@ func TestRouterViewFollowsTheWorkersBatches(t *testing.T) {
 	}
 	t.Logf("%d batches of several events; consumer %v", several.Load(), c.Stats())
 }
+
+// A worker started again in the same process with the same registry (a
+// restart) registers its metrics afresh: the first one's are taken off at
+// Close. Registering them on New and never off panicked here. Two live
+// workers with different ids share a registry; a second live one with
+// the same id is refused, not a panic.
+func TestRestartOnTheSameRegistry(t *testing.T) {
+	bus, err := event.New(planetest.StartNATS(t).Connect(t), event.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer bus.Close()
+	reg := prometheus.NewRegistry()
+	start := func(id string) (*worker.Worker, error) {
+		return worker.Start(context.Background(), worker.Config{ID: id, Model: "m", Bus: bus, Registerer: reg,
+			Role: worker.RoleAggregated, Engine: mocker.Config{BlockSize: 4, NumBlocks: 64, SpeedUp: 100}, MaxTokens: 50})
+	}
+	steps := func(id string) (float64, bool) {
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() != "triplane_worker_engine_steps_total" {
+				continue
+			}
+			for _, m := range mf.GetMetric() {
+				for _, l := range m.GetLabel() {
+					if l.GetName() == "worker" && l.GetValue() == id {
+						return m.GetCounter().GetValue(), true
+					}
+				}
+			}
+		}
+		return 0, false
+	}
+	payload, _ := proto.Marshal(&triplanev1.GenerateRequest{RequestId: "r", Tokens: []uint32{1, 2, 3}, MaxTokens: 3})
+	w1, err := start("w1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := start("w2")
+	if err != nil {
+		t.Fatalf("a second worker with another id on the same registry: %v", err)
+	}
+	defer other.Close()
+	if _, err := start("w1"); err == nil || !strings.Contains(err.Error(), "already") {
+		t.Fatalf("a second live worker w1 on the same registry: %v", err)
+	}
+	// The refused one took nothing of the live one's off the registry.
+	if n, _, msg := generate(t, w1, payload); n != 3 || msg != "" {
+		t.Fatalf("first run: %d tokens, %q", n, msg)
+	}
+	if v, ok := steps("w1"); !ok || v == 0 {
+		t.Fatalf("first run's steps: %v (registered %v)", v, ok)
+	}
+	w1.Close()
+	w1.Close() // twice: must not take the successor's series off
+	if _, ok := steps("w1"); ok {
+		t.Fatal("a closed worker's series are still exported")
+	}
+	again, err := start("w1")
+	if err != nil {
+		t.Fatalf("restart on the same registry: %v", err)
+	}
+	defer again.Close()
+	w1.Close()
+	if n, _, msg := generate(t, again, payload); n != 3 || msg != "" {
+		t.Fatalf("restarted: %d tokens, %q", n, msg)
+	}
+	if v, ok := steps("w1"); !ok || v == 0 {
+		t.Fatalf("restarted worker's steps: %v (registered %v)", v, ok)
+	}
+	if _, ok := steps("w2"); !ok {
+		t.Fatal("the other worker's series went with w1's")
+	}
+}
