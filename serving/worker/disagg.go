@@ -198,7 +198,9 @@ func (w *Worker) takeSlots(n int) ([]int, bool) {
 // transfer them into staging slots here, then commits them into the
 // engine's cache after checking them. Any failure is logged and counted
 // and the request is prefilled here instead: disaggregation is an
-// optimisation, never a reason to fail a request.
+// optimisation, never a reason to fail a request. When ctx ends meanwhile
+// the reservation is given up and nothing is counted; the caller must not
+// add the request then.
 func (w *Worker) importPrefix(ctx context.Context, req *triplanev1.GenerateRequest) {
 	if w.dataSrv == nil {
 		// A frontend that does not know this worker's role asked it to
@@ -294,6 +296,13 @@ func (w *Worker) importPrefix(ctx context.Context, req *triplanev1.GenerateReque
 	defer cancel()
 	if _, err := event.Request[*triplanev1.PrefillRequest, *triplanev1.PrefillReply](pctx, w.cfg.Bus, subj, preq); err != nil {
 		_, _ = settle(false)
+		if ctx.Err() != nil {
+			// The request itself was cancelled: nothing falls back to a
+			// local prefill (the caller drops the request).
+			w.log.Debug("remote prefill abandoned: request cancelled", "request", req.RequestId,
+				"prefill_worker", req.PrefillWorker, "err", err)
+			return
+		}
 		w.remoteFailed(req, "prefill", err)
 		return
 	}

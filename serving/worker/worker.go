@@ -516,6 +516,15 @@ func (w *Worker) serve(ctx context.Context, open *triplanev1.StreamOpen, send fu
 	defer w.forget(req.RequestId)
 	if req.PrefillWorker != "" {
 		w.importPrefix(ctx, req)
+		if ctx.Err() != nil {
+			// The frontend went away while the prefix was being imported
+			// (the import settled its reservation and staging slots):
+			// handing the request to the engine now would prefill and
+			// decode it for nobody.
+			w.metrics.requests.WithLabelValues("cancelled").Inc()
+			return "", fmt.Errorf("worker %s: request %s cancelled while importing its prefix: %w",
+				w.cfg.ID, req.RequestId, context.Cause(ctx))
+		}
 	}
 	if err := w.add(p); err != nil {
 		outcome := "refused"
