@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/triplane-dev/triplane/engine/mocker"
@@ -141,4 +143,60 @@ func TestCancelledDuringImportIsNotAdded(t *testing.T) {
 	if free != w.cfg.StagingBlocks {
 		t.Fatalf("%d of %d staging slots free", free, w.cfg.StagingBlocks)
 	}
+}
+
+// A cancel that finds the mailbox full is not lost: the engine cancels the
+// request before it runs anything else. Before, the cancel was dropped
+// (counted) and the engine generated for a client that had left.
+func TestCancelSurvivesAFullMailbox(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	// A mailbox of one op, and a request that would run for a minute.
+	w, err := Start(ctx, Config{ID: "w1", Model: "m", Bus: testBus(t), Mailbox: 1, Role: RoleAggregated,
+		Engine: mocker.Config{BlockSize: 16, NumBlocks: 1024}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(w.Close) // after the holds' releases (cleanups run last first)
+	b, _ := proto.Marshal(&triplanev1.GenerateRequest{RequestId: "r", Tokens: []uint32{1, 2, 3}, MaxTokens: 10000})
+	s, err := stream.Open(ctx, w.Addr(), &triplanev1.StreamOpen{RequestId: "r", Payload: b}, stream.ClientOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Recv(); err != nil { // the first token: the request runs
+		t.Fatal(err)
+	}
+	// Hold the engine goroutine and fill the mailbox behind it; the second
+	// hold reports whether the engine still has the request when it runs.
+	running1, release1 := block(t, w)
+	<-running1
+	idle := make(chan bool, 1)
+	ch := make(chan struct{})
+	w.inbox <- op{fn: func() { idle <- w.eng.Idle(); <-ch }}
+	t.Cleanup(func() { close(ch) })
+	if len(w.inbox) != cap(w.inbox) {
+		t.Fatalf("mailbox holds %d of %d", len(w.inbox), cap(w.inbox))
+	}
+	s.Close() // the client goes away: the handler cancels and ends
+	waitFor(t, "the handler to end", func() bool {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return w.reqs["r"] == nil
+	})
+	release1()
+	if !<-idle {
+		t.Fatal("the engine still runs the request after its client went away and the mailbox was full")
+	}
+	if v := testCounter(t, w.metrics.droppedCancels); v != 0 {
+		t.Fatalf("%v cancels dropped", v)
+	}
+}
+
+func testCounter(t *testing.T, c prometheus.Counter) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetCounter().GetValue()
 }

@@ -43,7 +43,7 @@ func newMetrics(id string) *metrics {
 		unexpectedBlocks: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_worker_kv_blocks_unexpected_total",
 			Help: "Blocks a peer wrote where no transfer was expected.", ConstLabels: l}),
 		droppedCancels: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_worker_cancels_dropped_total",
-			Help: "Cancels of requests whose client went away that found the engine's mailbox full.", ConstLabels: l}),
+			Help: "Cancels of requests whose client went away that were dropped because as many cancels as the mailbox holds were already waiting for the engine goroutine (the engine finished those requests for nobody).", ConstLabels: l}),
 		prefillFallbacks: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "triplane_worker_prefill_fallbacks_total",
 			Help: "Remote prefills that failed, by stage; the request was prefilled locally.", ConstLabels: l}, []string{"stage"}),
 		active: prometheus.NewGauge(prometheus.GaugeOpts{Name: "triplane_worker_active_requests",

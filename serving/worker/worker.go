@@ -77,7 +77,9 @@ type Config struct {
 	// MaxTokens bounds one request's generation; default 32768.
 	MaxTokens int
 	// Mailbox bounds the commands waiting for the engine goroutine;
-	// default 4096. A full mailbox refuses with ErrOverloaded.
+	// default 4096. A full mailbox refuses with ErrOverloaded. It also
+	// bounds the cancels waiting for the engine goroutine (kept apart from
+	// the mailbox, so a full mailbox does not lose them).
 	Mailbox int
 	// Role is RoleBoth (default), RolePrefill, RoleDecode or
 	// RoleAggregated. Decode-capable workers (both, decode) receive KV
@@ -154,15 +156,21 @@ type Worker struct {
 	// deregistered: Deregister succeeded (Drain's own is then skipped).
 	deregistered atomic.Bool
 	reqs         map[string]*pending
-	lastLoad     engine.Load
-	idle         chan struct{} // closed when draining and no request is left
+	// cancels are the requests whose clients went away, in order, for
+	// the engine goroutine to cancel before it handles its next op or
+	// steps again; kick wakes it for them. Apart from the mailbox so
+	// that a full mailbox cannot drop a cancel (the engine would run the
+	// request to its end for nobody); bounded by cfg.Mailbox.
+	cancels  []string
+	kick     chan struct{}
+	lastLoad engine.Load
+	idle     chan struct{} // closed when draining and no request is left
 }
 
 type op struct {
-	add    *pending
-	cancel string
-	res    chan error
-	fn     func() // runs on the engine goroutine
+	add *pending
+	res chan error
+	fn  func() // runs on the engine goroutine
 }
 
 // pending is one request's tokens between the engine goroutine and its
@@ -279,7 +287,7 @@ func Start(ctx context.Context, cfg Config) (_ *Worker, err error) {
 	}
 	rctx, cancel := context.WithCancel(context.Background())
 	w := &Worker{cfg: cfg, log: cfg.Logger.With("worker", cfg.ID), eng: eng, inbox: make(chan op, cfg.Mailbox),
-		stop: cancel, done: make(chan struct{}), reqs: map[string]*pending{}, metrics: m,
+		stop: cancel, done: make(chan struct{}), reqs: map[string]*pending{}, metrics: m, kick: make(chan struct{}, 1),
 		region: region, landed: map[data.Descriptor]uint64{}, expect: map[data.Descriptor]bool{}}
 	if region != nil {
 		for i := range cfg.StagingBlocks {
@@ -379,6 +387,7 @@ func (w *Worker) run(ctx context.Context) {
 				drained = true
 			}
 		}
+		w.runCancels()
 		st := w.eng.Step()
 		w.publish(st.Events)
 		for _, o := range st.Outputs {
@@ -409,6 +418,8 @@ func (w *Worker) run(ctx context.Context) {
 				return
 			case o := <-w.inbox:
 				w.handle(o)
+			case <-w.kick:
+				w.runCancels()
 			case <-timer.C:
 				break wait
 			}
@@ -426,6 +437,9 @@ func (w *Worker) awaitInbox(ctx context.Context) bool {
 	case o := <-w.inbox:
 		w.handle(o)
 		return true
+	case <-w.kick:
+		w.runCancels()
+		return true
 	}
 }
 
@@ -440,6 +454,10 @@ func (w *Worker) setLoad() {
 }
 
 func (w *Worker) handle(o op) {
+	// Cancels asked before this op was sent go first: a request id
+	// cancelled and then sent again (its handler forgot it, a new one
+	// registered it) is then cancelled before it is added, never after.
+	w.runCancels()
 	switch {
 	case o.add != nil:
 		err := w.eng.Add(o.add.req)
@@ -454,8 +472,6 @@ func (w *Worker) handle(o op) {
 			err = fmt.Errorf("%w: %w", ErrBadRequest, err)
 		}
 		o.res <- err
-	case o.cancel != "":
-		w.eng.Cancel(o.cancel)
 	case o.fn != nil:
 		o.fn()
 	}
@@ -641,13 +657,35 @@ func (w *Worker) add(p *pending) error {
 	}
 }
 
-// cancel stops a request in the engine. A full mailbox drops the cancel
-// (counted): the engine then finishes the request for nobody.
+// cancel stops a request in the engine: it is queued apart from the
+// mailbox (which may be full) and the engine goroutine woken. It never
+// blocks. Only when cfg.Mailbox cancels are already waiting (the engine
+// goroutine is stuck) is it dropped, counted: the engine then finishes the
+// request for nobody.
 func (w *Worker) cancel(id string) {
-	select {
-	case w.inbox <- op{cancel: id}:
-	default:
+	w.mu.Lock()
+	if len(w.cancels) >= w.cfg.Mailbox {
+		w.mu.Unlock()
 		w.metrics.droppedCancels.Inc()
+		return
+	}
+	w.cancels = append(w.cancels, id)
+	w.mu.Unlock()
+	select {
+	case w.kick <- struct{}{}:
+	default: // already woken; it takes every cancel waiting
+	}
+}
+
+// runCancels cancels, on the engine goroutine, the requests whose clients
+// went away, in the order they were asked.
+func (w *Worker) runCancels() {
+	w.mu.Lock()
+	ids := w.cancels
+	w.cancels = nil
+	w.mu.Unlock()
+	for _, id := range ids {
+		w.eng.Cancel(id)
 	}
 }
 
