@@ -32,8 +32,10 @@ type Output struct {
 	// "cancelled", or "error" with Err.
 	Reason string
 	Err    error
-	// CachedTokens is how many prompt tokens were found in the prefix cache,
-	// on the step that produced the first token.
+	// CachedTokens is how many prompt tokens were found in the prefix cache
+	// when the request was first admitted (blocks imported for it
+	// included: they need no prefill here), on the step that produced
+	// the first token.
 	CachedTokens int
 }
 
@@ -87,7 +89,12 @@ type Step struct {
 type Load struct {
 	Active, Waiting         int
 	BlocksUsed, BlocksTotal int
-	// HitRate is the share of prompt tokens found in the prefix cache.
+	// HitRate is the share of prompt tokens found in the prefix cache:
+	// each request's prompt counted once, at its first admission (a
+	// preempted request coming back is not counted again), and blocks
+	// imported for a request from a prefill worker not counted as found
+	// by the request that takes them first (they were computed for it
+	// elsewhere; later requests reusing them hit).
 	HitRate float64
 }
 

@@ -134,6 +134,12 @@ type Engine struct {
 	hashes  []uint64
 	imports map[string]*importing
 
+	// promptTokens and cachedTokens make the hit rate (Load): each
+	// request's prompt and the part of it found cached, counted once, at
+	// its first admission; blocks imported for a request and not yet
+	// taken by any count as not found (they were computed elsewhere, for
+	// it: a decode worker importing every prompt would otherwise report a
+	// perfect hit rate without reusing anything).
 	promptTokens, cachedTokens uint64
 }
 
@@ -149,8 +155,9 @@ type seq struct {
 	computed  int // tokens whose KV is computed
 	blocks    []int32
 	hashes    []uint64 // hashes of the full blocks, as far as registered
-	cached    int      // prompt tokens found cached at admission
+	cached    int      // prompt tokens found cached at its first admission (imported ones included)
 	reported  bool     // cached count reported
+	counted   bool     // prompt counted in the hit rate (at its first admission)
 	isRunning bool
 	outStep   uint64 // step whose output outIdx is
 	outIdx    int
@@ -586,10 +593,23 @@ func (e *Engine) admit() {
 		s.blocks = append(make([]int32, 0, max(room, len(took))), took...)
 		s.hashes = append(make([]uint64, 0, max(room, len(hashes))), hashes...)
 		s.computed = len(took) * bs
-		if !s.reported && s.cached == 0 {
-			s.cached = s.computed
+		// Imported blocks are fresh until a sequence takes them: a miss
+		// for that one, hits for the ones after.
+		hit := 0
+		for _, b := range took {
+			if m := &e.pool.meta[b]; m.imported {
+				m.imported = false
+			} else {
+				hit++
+			}
+		}
+		if !s.counted {
+			// Once: a sequence preempted (before or after its first token)
+			// comes back with a longer "prompt" and finds its own blocks
+			// cached; neither is a request's prompt or a hit.
+			s.counted, s.cached = true, s.computed
 			e.promptTokens += uint64(s.prompt)
-			e.cachedTokens += uint64(s.computed)
+			e.cachedTokens += uint64(hit * bs)
 		}
 		e.waiting = e.waiting[1:]
 		e.running = append(e.running, s)
@@ -691,7 +711,7 @@ func (e *Engine) evictUnused() {
 		m := &e.pool.meta[b]
 		e.pool.cached.Delete(m.hash)
 		dropped = append(dropped, m.hash)
-		m.registered, m.hash, m.parent = false, 0, 0
+		m.registered, m.imported, m.hash, m.parent = false, false, 0, 0
 		e.pool.free = append(e.pool.free, b)
 	}
 	if e.pool.cached.Len() == 0 {

@@ -758,3 +758,64 @@ func TestStepQuietTokensDoNotAlias(t *testing.T) {
 		t.Fatal("appending to one output's tokens overwrote the next one's")
 	}
 }
+
+// The hit rate counts each request's prompt once, at its first admission:
+// a sequence preempted during its prefill (before its first token) and
+// admitted again found its own blocks cached and was counted a second
+// time, prompt and "hits" both. Blocks imported for a request are not
+// hits for it (they were computed elsewhere for it), only for later
+// requests that reuse them.
+func TestHitRateCountsEachPromptOnce(t *testing.T) {
+	// b is admitted beside a, prefills one block, and is preempted when a
+	// needs a block to decode; then it runs alone.
+	e := newEngine(t, mocker.Config{BlockSize: 4, NumBlocks: 5, MaxBatchTokens: 8})
+	_ = e.Add(engine.Request{ID: "a", Tokens: prompt(12, 1), MaxTokens: 4})
+	_ = e.Add(engine.Request{ID: "b", Tokens: prompt(12, 500), MaxTokens: 2})
+	outs, _, _ := run(t, e)
+	for _, id := range []string{"a", "b"} {
+		if n, last := tokens(outs[id]); n == 0 || !last.Finished || last.Reason != "length" {
+			t.Fatalf("%s: %d tokens, last %+v", id, n, last)
+		}
+		if c := outs[id][0].CachedTokens; c != 0 {
+			t.Errorf("%s reported %d cached prompt tokens; nothing was cached when it arrived", id, c)
+		}
+	}
+	if hr := e.Load().HitRate; hr != 0 {
+		t.Fatalf("hit rate %v after two prompts that shared nothing, one preempted during its prefill", hr)
+	}
+	// Now a real hit: b's prompt again (b ran last; its blocks are cached).
+	_ = e.Add(engine.Request{ID: "b2", Tokens: prompt(12, 500), MaxTokens: 1})
+	run(t, e)
+	if hr, want := e.Load().HitRate, 8.0/36; hr != want { // two of b's three blocks (the last is always computed)
+		t.Fatalf("hit rate %v, want %v", hr, want)
+	}
+
+	// Imported blocks: not hits for the request they were imported for.
+	cfg := mocker.Config{BlockSize: 4, NumBlocks: 32}
+	pre, dec := newEngine(t, cfg), newEngine(t, cfg)
+	toks := prompt(17, 7) // 4 full blocks
+	_ = pre.Add(engine.Request{ID: "p", Tokens: toks, MaxTokens: 1})
+	run(t, pre)
+	hashes := mocker.BlockHashes(toks, 4)
+	r, err := dec.ReserveImport("im", hashes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n, err := dec.CommitImportFrom("im", func(i int) []byte {
+		b, _ := pre.BlockBytes(hashes[r.Cached+i])
+		return b
+	}); n != 4 || err != nil {
+		t.Fatalf("commit %d %v", n, err)
+	}
+	_ = dec.Add(engine.Request{ID: "d", Tokens: toks, MaxTokens: 1})
+	run(t, dec)
+	if hr := dec.Load().HitRate; hr != 0 {
+		t.Fatalf("hit rate %v: the imported prefix counted as found in the cache", hr)
+	}
+	// A second request with the same prompt reuses them: 16 of 17 hit.
+	_ = dec.Add(engine.Request{ID: "d2", Tokens: toks, MaxTokens: 1})
+	run(t, dec)
+	if hr, want := dec.Load().HitRate, 16.0/34; hr != want {
+		t.Fatalf("hit rate %v, want %v", hr, want)
+	}
+}

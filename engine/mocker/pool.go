@@ -33,6 +33,9 @@ type blockMeta struct {
 	hash       uint64
 	parent     uint64
 	registered bool
+	// imported: registered by adopt (a peer's transfer) and not yet
+	// taken by an admitted sequence, for the hit rate.
+	imported   bool
 	prev, next int32 // LRU links, -1 when not in the LRU
 	inLRU      bool
 }
@@ -110,7 +113,7 @@ func (p *pool) alloc() (int32, bool) {
 		m := &p.meta[b]
 		p.cached.Delete(m.hash)
 		p.emit(engine.KVRemoved, m.hash, 0)
-		m.registered, m.hash, m.parent = false, 0, 0
+		m.registered, m.imported, m.hash, m.parent = false, false, 0, 0
 	default:
 		return 0, false
 	}
@@ -160,7 +163,7 @@ func (p *pool) adopt(b int32, hash, parent uint64) bool {
 		return true
 	}
 	m := &p.meta[b]
-	m.registered, m.hash, m.parent = true, hash, parent
+	m.registered, m.imported, m.hash, m.parent = true, true, hash, parent
 	p.emit(engine.KVStored, hash, parent)
 	return true
 }
