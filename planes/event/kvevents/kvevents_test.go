@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/triplane-dev/triplane/embedded"
@@ -330,7 +331,11 @@ func TestInvalidBatchesDropped(t *testing.T) {
 	}
 }
 
-func TestOversizedEventRefusedBeforeNumbering(t *testing.T) {
+// An event over half the server's max payload is split into events with
+// the same effect, each of which fits: its blocks arrive, chained as they
+// were. Only one that cannot be split is refused, before anything of its
+// slice takes an id.
+func TestOversizedEventsAreSplitOrRefusedBeforeNumbering(t *testing.T) {
 	n := planetest.StartNATS(t)
 	b := newBus(t, n.Connect(t))
 	p, err := kvevents.NewPublisher(b, kvevents.PublisherConfig{WorkerID: "w4", Namespace: "ns", Epoch: 1})
@@ -338,33 +343,78 @@ func TestOversizedEventRefusedBeforeNumbering(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer p.Close()
+	subject, err := kvevents.EventsSubject(b, "ns", "w4")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sub, err := b.Conn().SubscribeSync(subject)
+	if err != nil {
+		t.Fatal(err)
+	}
 	huge := make([]uint64, b.MaxPayload()/8)
 	for i := range huge {
 		huge[i] = uint64(i) + 1<<40
 	}
-	if err := p.Stored(huge, nil); !errors.Is(err, event.ErrTooLarge) {
-		t.Fatalf("huge event: %v, want ErrTooLarge", err)
-	}
-	if err := p.Stored([]uint64{1}, nil); err != nil || p.LastEventID() != 1 {
-		t.Fatalf("next event: %v, id %d (the refused one must not take an id)", err, p.LastEventID())
-	}
-	// In a slice, the huge event refuses the whole slice before any of it
-	// is numbered: the small events before it take no id either.
 	small := func(h uint64) *triplanev1.KvEvent {
 		return &triplanev1.KvEvent{Kind: &triplanev1.KvEvent_Stored{Stored: &triplanev1.KvBlocksStored{BlockHashes: []uint64{h}}}}
 	}
-	hugeEv := &triplanev1.KvEvent{Kind: &triplanev1.KvEvent_Stored{Stored: &triplanev1.KvBlocksStored{BlockHashes: huge}}}
+	events := []*triplanev1.KvEvent{small(2), {Kind: &triplanev1.KvEvent_Stored{Stored: &triplanev1.KvBlocksStored{BlockHashes: huge}}}, small(3)}
+	if err := p.PublishAll(events); err != nil {
+		t.Fatalf("a slice with a huge event: %v", err)
+	}
+	if len(events) != 3 {
+		t.Fatal("the caller's slice changed")
+	}
+	blocks := p.Blocks()
+	for i, h := range huge {
+		got, ok := blocks[h]
+		if !ok || got.HasParent != (i > 0) || (i > 0 && got.Parent != huge[i-1]) {
+			t.Fatalf("block %d of the huge chain: %+v, %v (want its chain kept)", i, got, ok)
+		}
+	}
+	last := p.LastEventID()
+	if last < 4 {
+		t.Fatalf("last id %d: the huge event was not split", last)
+	}
+	// Every batch went out within the limit, ids consecutive from 1.
+	next := uint64(1)
+	for next <= last {
+		m, err := sub.NextMsg(5 * time.Second)
+		if err != nil {
+			t.Fatalf("batch with event %d: %v", next, err)
+		}
+		if int64(len(m.Data)) > b.MaxPayload()/2+1024 {
+			t.Fatalf("a batch of %d bytes, limit %d", len(m.Data), b.MaxPayload())
+		}
+		batch := &triplanev1.KvEventBatch{}
+		if err := proto.Unmarshal(m.Data, batch); err != nil {
+			t.Fatal(err)
+		}
+		for _, e := range batch.Events {
+			if e.EventId != next {
+				t.Fatalf("event %d, want %d", e.EventId, next)
+			}
+			next++
+		}
+	}
+	// A removal as large is split the same way.
+	if err := p.Removed(huge); err != nil || p.LastEventID() < last+2 || len(p.Blocks()) != 2 {
+		t.Fatalf("huge removal: %v, last %d, %d blocks left", err, p.LastEventID(), len(p.Blocks()))
+	}
+	// One block that is over the limit (it carries unknown fields, as from
+	// a newer worker's code) cannot be split: refused, and the small event
+	// before it takes no id either.
+	last = p.LastEventID()
+	odd := small(9)
+	odd.ProtoReflect().SetUnknown(protowire.AppendBytes(protowire.AppendTag(nil, 99, protowire.BytesType), make([]byte, b.MaxPayload())))
 	before := p.Blocks()
-	if err := p.PublishAll([]*triplanev1.KvEvent{small(2), hugeEv, small(3)}); !errors.Is(err, event.ErrTooLarge) {
-		t.Fatalf("a slice with a huge event: %v, want ErrTooLarge", err)
+	if err := p.PublishAll([]*triplanev1.KvEvent{small(8), odd}); !errors.Is(err, event.ErrTooLarge) {
+		t.Fatalf("an unsplittable huge event: %v, want ErrTooLarge", err)
 	}
-	if p.LastEventID() != 1 || !maps.Equal(p.Blocks(), before) {
-		t.Fatalf("after the refused slice: last %d, %d blocks (nothing of it must be kept)", p.LastEventID(), len(p.Blocks()))
+	if p.LastEventID() != last || !maps.Equal(p.Blocks(), before) {
+		t.Fatalf("after the refused slice: last %d (was %d), %d blocks (nothing of it must be kept)", p.LastEventID(), last, len(p.Blocks()))
 	}
-	if err := p.PublishAll([]*triplanev1.KvEvent{small(2), small(3)}); err != nil || p.LastEventID() != 3 {
-		t.Fatalf("next slice: %v, last %d", err, p.LastEventID())
-	}
-	if err := p.PublishAll(nil); err != nil || p.LastEventID() != 3 {
+	if err := p.PublishAll(nil); err != nil || p.LastEventID() != last {
 		t.Fatalf("no events: %v, last %d", err, p.LastEventID())
 	}
 }

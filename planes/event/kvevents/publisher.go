@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -128,12 +129,17 @@ func (p *Publisher) publish(e *triplanev1.KvEvent) error {
 // applies them to the mirror, keeps them in the ring and sends them as few
 // batches as fit in half the server's max payload: usually one message for
 // the iteration rather than one per event, each costing every router a
-// delivery. If any event alone is over half the max payload, none is
-// numbered and the error wraps event.ErrTooLarge: an event too large to
-// send would also be too large to resend (the caller splits it). A send
-// that fails (a disconnect, say) leaves its events in the ring: consumers
-// repair the gap from there, so that error is for logging; the batches
-// after it are still sent.
+// delivery. An event over half the max payload (a long run of blocks
+// against a small server limit) is split into consecutive events with the
+// same effect until each fits: an event too large to send would also be
+// too large to resend, and refusing it would lose its blocks (and the
+// iteration's other events with it) without a gap for routers to repair.
+// Only an event that cannot be split (one block, or a clear, over the
+// limit) refuses the slice, before any of it is numbered, with an error
+// wrapping event.ErrTooLarge. A send that fails (a disconnect, say) leaves
+// its events in the ring: consumers repair the gap from there, so that
+// error is for logging; the batches after it are still sent. The caller's
+// slice is not changed.
 func (p *Publisher) PublishAll(events []*triplanev1.KvEvent) error {
 	if len(events) == 0 {
 		return nil // an iteration that changed no block
@@ -141,17 +147,29 @@ func (p *Publisher) PublishAll(events []*triplanev1.KvEvent) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	maxPayload := p.b.MaxPayload()
-	// Every event is checked before any takes an id, so a refused slice
-	// leaves no hole in the numbering.
-	for i, e := range events {
-		id := p.log.Last() + 1 + uint64(i)
+	// Every event is checked (and split) before any takes an id, so a
+	// refused slice leaves no hole in the numbering.
+	copied := false
+	for i := 0; i < len(events); {
+		e, id := events[i], p.log.Last()+1+uint64(i)
 		if fitsSurely(events[i:i+1], int(maxPayload/2)-p.log.headerSize(id)) {
-			continue // sized exactly only near the limit
+			i++ // sized exactly only near the limit
+			continue
 		}
-		if n := p.log.sizeAlone(e, id); int64(n) > maxPayload/2 {
-			return fmt.Errorf("kvevents: worker %s: %w: an event of %d bytes, more than half the server's max payload of %d bytes; split it",
+		n := p.log.sizeAlone(e, id)
+		if int64(n) <= maxPayload/2 {
+			i++
+			continue
+		}
+		first, second, ok := halves(e)
+		if !ok {
+			return fmt.Errorf("kvevents: worker %s: %w: an event of %d bytes that cannot be split, more than half the server's max payload of %d bytes",
 				p.cfg.WorkerID, event.ErrTooLarge, n, maxPayload)
 		}
+		if !copied {
+			events, copied = slices.Clone(events), true
+		}
+		events = slices.Replace(events, i, i+1, first, second)
 	}
 	var errs []error
 	for _, b := range p.log.AppendAll(events, int(maxPayload/2)) {
@@ -189,4 +207,35 @@ func (p *Publisher) resend(_ context.Context, req *triplanev1.KvResendRequest) (
 	// for the rest (events, or a dump's next page). Every event alone is
 	// below that (publish).
 	return p.log.Resend(req, p.b.MaxPayload()/2), nil
+}
+
+// halves splits a stored or removed event of two blocks or more into two
+// consecutive events with the same effect: a stored chain's second half
+// has the first half's last block as its parent. ok is false for anything
+// else.
+func halves(e *triplanev1.KvEvent) (first, second *triplanev1.KvEvent, ok bool) {
+	switch k := e.Kind.(type) {
+	case *triplanev1.KvEvent_Stored:
+		h := k.Stored.GetBlockHashes()
+		if len(h) < 2 {
+			return nil, nil, false
+		}
+		m := len(h) / 2
+		parent := h[m-1]
+		first = &triplanev1.KvEvent{Kind: &triplanev1.KvEvent_Stored{Stored: &triplanev1.KvBlocksStored{
+			BlockHashes: h[:m:m], ParentHash: k.Stored.ParentHash}}}
+		second = &triplanev1.KvEvent{Kind: &triplanev1.KvEvent_Stored{Stored: &triplanev1.KvBlocksStored{
+			BlockHashes: h[m:], ParentHash: &parent}}}
+		return first, second, true
+	case *triplanev1.KvEvent_Removed:
+		h := k.Removed.GetBlockHashes()
+		if len(h) < 2 {
+			return nil, nil, false
+		}
+		m := len(h) / 2
+		first = &triplanev1.KvEvent{Kind: &triplanev1.KvEvent_Removed{Removed: &triplanev1.KvBlocksRemoved{BlockHashes: h[:m:m]}}}
+		second = &triplanev1.KvEvent{Kind: &triplanev1.KvEvent_Removed{Removed: &triplanev1.KvBlocksRemoved{BlockHashes: h[m:]}}}
+		return first, second, true
+	}
+	return nil, nil, false
 }
