@@ -373,8 +373,8 @@ func (s *servingRun) newWorker(id string, epoch int) *simWorker {
 	wk.stepFn = func() { s.stepWorker(wk) }
 	s.register(wk)
 	wk.unserve, err = wk.bus.Serve("kv.resend."+id, "", func(m proto.Message) (proto.Message, error) {
-		// 4 KiB, not the real publisher's half of 1 MiB: a full pool (512
-		// blocks, about 12 KiB dumped) then takes a few pages, so the runs
+		// 1 KiB, not the real publisher's half of 1 MiB: a full pool (512
+		// blocks, about 12 KiB dumped) then takes about 12 pages, so the runs
 		// exercise paged dumps (pages of one frozen state while the worker
 		// changes, lost and restarted ones) as a real pool beyond 40k
 		// blocks does.
