@@ -146,6 +146,10 @@ func OpenWorkQueue[T proto.Message](ctx context.Context, b *Bus, cfg QueueConfig
 	if _, err := js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
 		Name: q.dstream, Subjects: []string{dlq}, Retention: jetstream.LimitsPolicy,
 		MaxMsgs: cfg.MaxDeadLetters, Discard: jetstream.DiscardOld, Replicas: cfg.Replicas,
+		// Long enough that a job whose Term was lost, redelivered after
+		// AckWait and dead-lettered again, is recognised (deadLetter's
+		// message id).
+		Duplicates: max(2*time.Minute, 4*cfg.AckWait),
 	}); err != nil {
 		return nil, fmt.Errorf("event: dead-letter stream %s: %w", q.dstream, err)
 	}
@@ -358,14 +362,22 @@ func (q *WorkQueue[T]) deadLetter(ctx context.Context, m jetstream.Msg, md *jets
 	d.Header.Set(HeaderDLQSeq, strconv.FormatUint(md.Sequence.Stream, 10))
 	d.Header.Set(HeaderDLQDeliveries, strconv.FormatUint(md.NumDelivered, 10))
 	d.Header.Set(HeaderDLQReason, strings.Join(strings.Fields(reason), " "))
+	// If the Term below is lost, the job comes back and is dead-lettered
+	// again: the id (the job's place in its stream, and when it was
+	// stored, so a recreated stream's jobs differ) lets the dead-letter
+	// stream keep one copy.
+	d.Header.Set(jetstream.MsgIDHeader, fmt.Sprintf("%s/%d/%d", md.Stream, md.Sequence.Stream, md.Timestamp.UnixNano()))
 	pctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
-	if _, err := q.js.PublishMsg(pctx, d); err != nil {
+	ack, err := q.js.PublishMsg(pctx, d)
+	if err != nil {
 		q.b.log.Warn("cannot dead-letter job; will retry", "subject", q.subject, "seq", md.Sequence.Stream, "err", err)
 		_ = m.NakWithDelay(q.cfg.RetryDelay)
 		return
 	}
-	q.b.metrics.DeadLettered.Inc()
+	if !ack.Duplicate {
+		q.b.metrics.DeadLettered.Inc()
+	}
 	if err := m.TermWithReason(reason); err != nil {
 		q.b.log.Warn("work queue term", "subject", q.subject, "seq", md.Sequence.Stream, "err", err)
 	}
