@@ -202,14 +202,17 @@ func (w *Worker) takeSlots(n int) ([]int, bool) {
 // the reservation is given up and nothing is counted; the caller must not
 // add the request then.
 func (w *Worker) importPrefix(ctx context.Context, req *triplanev1.GenerateRequest) {
+	if ctx.Err() != nil {
+		return // the client left: reserve nothing (it could evict cached blocks)
+	}
 	if w.dataSrv == nil {
 		// A frontend that does not know this worker's role asked it to
 		// take blocks it has no receiver for.
-		w.remoteFailed(req, "no_data_plane", fmt.Errorf("a %s worker receives no blocks", w.cfg.Role))
+		w.remoteFailed(ctx, req, "no_data_plane", fmt.Errorf("a %s worker receives no blocks", w.cfg.Role))
 		return
 	}
 	bs := w.eng.Config().BlockSize
-	hashes := mocker.BlockHashes(req.Tokens, bs)
+	hashes := importBlocks(req.Tokens, bs)
 	if len(hashes) == 0 {
 		return
 	}
@@ -224,7 +227,7 @@ func (w *Worker) importPrefix(ctx context.Context, req *triplanev1.GenerateReque
 			w.eng.AbortImport(id)
 		}
 	}); err != nil || rerr != nil {
-		w.remoteFailed(req, "reserve", errors.Join(err, rerr))
+		w.remoteFailed(ctx, req, "reserve", errors.Join(err, rerr))
 		return
 	}
 	if len(res.Blocks) == 0 {
@@ -233,7 +236,7 @@ func (w *Worker) importPrefix(ctx context.Context, req *triplanev1.GenerateReque
 	slots, ok := w.takeSlots(len(res.Blocks))
 	if !ok {
 		_ = w.onEngine(func() { w.eng.AbortImport(id) })
-		w.remoteFailed(req, "staging", fmt.Errorf("%d blocks do not fit the staging region now", len(res.Blocks)))
+		w.remoteFailed(ctx, req, "staging", fmt.Errorf("%d blocks do not fit the staging region now", len(res.Blocks)))
 		return
 	}
 	deadline := time.Now().Add(prefillTimeout)
@@ -289,7 +292,7 @@ func (w *Worker) importPrefix(ctx context.Context, req *triplanev1.GenerateReque
 	subj, err := PrefillSubject(w.cfg.Bus, w.cfg.Namespace, req.PrefillWorker)
 	if err != nil {
 		_, _ = settle(false)
-		w.remoteFailed(req, "subject", err)
+		w.remoteFailed(ctx, req, "subject", err)
 		return
 	}
 	pctx, cancel := context.WithDeadline(ctx, deadline)
@@ -303,12 +306,12 @@ func (w *Worker) importPrefix(ctx context.Context, req *triplanev1.GenerateReque
 				"prefill_worker", req.PrefillWorker, "err", err)
 			return
 		}
-		w.remoteFailed(req, "prefill", err)
+		w.remoteFailed(ctx, req, "prefill", err)
 		return
 	}
 	n, err := settle(true)
 	if err != nil {
-		w.remoteFailed(req, "commit", err)
+		w.remoteFailed(ctx, req, "commit", err)
 		return
 	}
 	w.metrics.imported.Add(float64(n))
@@ -318,7 +321,12 @@ func (w *Worker) importPrefix(ctx context.Context, req *triplanev1.GenerateReque
 	w.log.Debug("prompt blocks imported", "request", req.RequestId, "from", req.PrefillWorker, "blocks", n)
 }
 
-func (w *Worker) remoteFailed(req *triplanev1.GenerateRequest, stage string, err error) {
+func (w *Worker) remoteFailed(ctx context.Context, req *triplanev1.GenerateRequest, stage string, err error) {
+	if ctx.Err() != nil {
+		// The client left: whatever failed, nothing is prefilled here
+		// instead (the caller does not add the request).
+		return
+	}
 	w.metrics.prefillFallbacks.WithLabelValues(stage).Inc()
 	w.stats.fallbacks.Add(1)
 	w.log.Warn("remote prefill failed; prefilling here", "request", req.RequestId, "prefill_worker", req.PrefillWorker,
@@ -448,4 +456,16 @@ func (w *Worker) CheckCache() (bad, total int, err error) {
 		}
 	})
 	return bad, total, err
+}
+
+// importBlocks are the hashes of a prompt's blocks worth importing: the full
+// blocks before the one holding its last token. The engine computes that
+// one wherever the request runs (it never takes it from the cache, so
+// there is a token to prefill), and importing it, when the prompt ends on
+// a block boundary, moved a block nobody used.
+func importBlocks(tokens []uint32, blockSize int) []uint64 {
+	if len(tokens) < 2 {
+		return nil
+	}
+	return mocker.BlockHashes(tokens[:len(tokens)-1], blockSize)
 }
