@@ -383,7 +383,7 @@ func TestRestartOnTheSameRegistry(t *testing.T) {
 		t.Fatalf("a second worker with another id on the same registry: %v", err)
 	}
 	defer other.Close()
-	if _, err := start("w1"); err == nil || !strings.Contains(err.Error(), "already") {
+	if _, err := start("w1"); !errors.As(err, &prometheus.AlreadyRegisteredError{}) {
 		t.Fatalf("a second live worker w1 on the same registry: %v", err)
 	}
 	// The refused one took nothing of the live one's off the registry.

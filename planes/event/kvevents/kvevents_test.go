@@ -383,7 +383,7 @@ func TestOversizedEventsAreSplitOrRefusedBeforeNumbering(t *testing.T) {
 		if err != nil {
 			t.Fatalf("batch with event %d: %v", next, err)
 		}
-		if int64(len(m.Data)) > b.MaxPayload()/2+1024 {
+		if int64(len(m.Data)) > b.MaxPayload()/2 {
 			t.Fatalf("a batch of %d bytes, limit %d", len(m.Data), b.MaxPayload())
 		}
 		batch := &triplanev1.KvEventBatch{}

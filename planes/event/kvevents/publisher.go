@@ -212,7 +212,10 @@ func (p *Publisher) resend(_ context.Context, req *triplanev1.KvResendRequest) (
 // halves splits a stored or removed event of two blocks or more into two
 // consecutive events with the same effect: a stored chain's second half
 // has the first half's last block as its parent. ok is false for anything
-// else.
+// else. The halves carry the blocks only: fields this code does not know
+// (an event made by newer code) are not split along and are dropped,
+// which consumers of this version would ignore anyway. The halves share
+// e's hashes, and e itself takes no id.
 func halves(e *triplanev1.KvEvent) (first, second *triplanev1.KvEvent, ok bool) {
 	switch k := e.Kind.(type) {
 	case *triplanev1.KvEvent_Stored:
