@@ -190,6 +190,8 @@ func TestCancelSurvivesAFullMailbox(t *testing.T) {
 	if v := testCounter(t, w.metrics.droppedCancels); v != 0 {
 		t.Fatalf("%v cancels dropped", v)
 	}
+	// The load the worker reports follows (no step comes to refresh it).
+	waitFor(t, "the reported load to drop the cancelled request", func() bool { return w.Load().Active == 0 })
 }
 
 func testCounter(t *testing.T, c prometheus.Counter) float64 {

@@ -687,6 +687,11 @@ func (w *Worker) runCancels() {
 	for _, id := range ids {
 		w.eng.Cancel(id)
 	}
+	if len(ids) > 0 {
+		// An idle engine takes no step after this to refresh them: the
+		// load reports would go on counting the cancelled requests.
+		w.setLoad()
+	}
 }
 
 func (w *Worker) check(r *triplanev1.GenerateRequest) error {
