@@ -84,7 +84,16 @@ type pagedDump struct {
 	after    uint64 // hash of the last block taken: the next page's cursor
 	total    uint64 // blocks of the whole dump, as its first page said
 	received uint64 // blocks taken so far, kept or not
-	blocks   []*triplanev1.KvDumpBlock
+	// blocks are kept compact (24 bytes each, not a decoded message of
+	// about 80): a router may hold MaxBlocksPerWorker of them for every
+	// worker under repair.
+	blocks []dumpBlock
+}
+
+// dumpBlock is one block of a paged dump being assembled.
+type dumpBlock struct {
+	hash, parent uint64
+	hasParent    bool
 }
 
 // Sequencer is the consumer's logic without its goroutines, lock, timers or
@@ -441,17 +450,25 @@ func (s *Sequencer) dumpPage(worker string, v *workerView, d *triplanev1.KvDump)
 	if n := len(d.Blocks); n > 0 {
 		a.after = d.Blocks[n-1].Hash
 		keep := min(n, s.cfg.MaxBlocksPerWorker-len(a.blocks))
-		a.blocks = append(a.blocks, d.Blocks[:keep]...)
+		for _, b := range d.Blocks[:keep] {
+			a.blocks = append(a.blocks, dumpBlock{hash: b.Hash, parent: b.GetParentHash(), hasParent: b.ParentHash != nil})
+		}
+		// Received and not kept: past MaxBlocksPerWorker. Only what
+		// came counts, not the total the worker claims.
+		s.stats.DroppedBlocks += uint64(n - keep)
 	}
 	if d.More && len(a.blocks) < s.cfg.MaxBlocksPerWorker {
 		return true, nil
 	}
 	// Complete (or as much as the view keeps: the rest, in hash order,
 	// would be dropped anyway, as from a one-reply dump that large).
-	s.stats.DroppedBlocks += a.total - uint64(len(a.blocks))
 	v.dump = nil
 	s.stats.Dumps++
-	s.applyDump(worker, v, &triplanev1.KvDump{EventId: a.eventID, Blocks: a.blocks})
+	s.resetView(worker, v, a.eventID, func(m *blockmap.Map[Block]) {
+		for _, b := range a.blocks {
+			m.Set(b.hash, Block{Parent: b.parent, HasParent: b.hasParent})
+		}
+	})
 	return true, nil
 }
 
@@ -461,20 +478,26 @@ var errNoProgress = errors.New("the answer filled none of the gap")
 // applyDump replaces the view with a dump taken at dump.EventId and then
 // applies the buffered events that follow it.
 func (s *Sequencer) applyDump(worker string, v *workerView, d *triplanev1.KvDump) {
-	if d.EventId+1 < v.next {
+	s.resetView(worker, v, d.EventId, func(m *blockmap.Map[Block]) { s.dumpBlocks(m, d.Blocks) })
+}
+
+// resetView replaces the view with the blocks fill sets, as of eventID, and
+// then applies the buffered events that follow it.
+func (s *Sequencer) resetView(worker string, v *workerView, eventID uint64, fill func(*blockmap.Map[Block])) {
+	if eventID+1 < v.next {
 		return // older than what the view already has
 	}
 	v.blocks.Clear()
-	s.dumpBlocks(&v.blocks, d.Blocks)
-	v.next = d.EventId + 1
-	v.head = max(v.head, d.EventId)
+	fill(&v.blocks)
+	v.next = eventID + 1
+	v.head = max(v.head, eventID)
 	for id := range v.pending {
 		if id < v.next {
 			delete(v.pending, id)
 		}
 	}
 	if s.cfg.OnReset != nil {
-		s.cfg.OnReset(worker, toMap(&v.blocks), d.EventId)
+		s.cfg.OnReset(worker, toMap(&v.blocks), eventID)
 	}
 	s.drain(worker, v)
 }

@@ -653,7 +653,22 @@ func TestSequencerBoundsAPagedDump(t *testing.T) {
 	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 1, 5, 1000, nil, true, 1, 2), nil), kvevents.RepairAgain)
 	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 1, 5, 1000, proto.Uint64(2), true, 3, 4), nil), kvevents.RepairStop)
 	wantBlocks(t, s, "w1", blocksOf(1, 2, 3), 5)
-	if st := s.Stats(); st.DroppedBlocks != 997 || st.Dumps != 1 {
+	// Only the block received and not kept counts, not the 996 the
+	// worker claims and never sent.
+	if st := s.Stats(); st.DroppedBlocks != 1 || st.Dumps != 1 {
 		t.Fatalf("stats %v", st)
+	}
+}
+
+// A worker claiming a dump of 2^64-1 blocks does not make the router count
+// blocks it never received as dropped.
+func TestSequencerCountsOnlyDroppedBlocksItReceived(t *testing.T) {
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{MaxBlocksPerWorker: 2})
+	ingest(t, s, batchOf("w1", 1, 5), true)
+	_, epoch, _ := s.RepairRequest("w1")
+	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 1, 5, math.MaxUint64, nil, true, 1, 2, 3), nil), kvevents.RepairStop)
+	wantBlocks(t, s, "w1", blocksOf(1, 2), 5)
+	if st := s.Stats(); st.DroppedBlocks != 1 {
+		t.Fatalf("dropped %d blocks, received 3 and kept 2: %v", st.DroppedBlocks, st)
 	}
 }
