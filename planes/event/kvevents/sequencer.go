@@ -70,6 +70,11 @@ type workerView struct {
 	failures  int    // failed resend requests in a row
 	asked     uint64 // next when the last resend request was made
 	dump      *pagedDump
+	// abandoned counts the paged dumps of this repair dropped before
+	// their last page (replaced by another or not adding up), since the
+	// view last moved: a page taken puts failures back to it, not to 0,
+	// so a worker whose dumps never complete still reaches RepairAttempts.
+	abandoned int
 }
 
 // pagedDump is a paged dump being assembled: the pages taken so far of the
@@ -77,8 +82,13 @@ type workerView struct {
 // dump, so the view never holds part of one; meanwhile live events are
 // buffered as during any repair. Bounded by MaxBlocksPerWorker: once that
 // many blocks are kept the dump is complete (the rest are dropped and
-// counted, as from a one-reply dump that large), so a worker cannot keep a
-// router paging for ever either.
+// counted, as from a one-reply dump that large), and every page moves the
+// cursor on by at least one block, so one dump takes at most that many
+// pages. A worker cannot make a repair page for ever either: a first page
+// that replaces a dump being assembled, and pages that do not add up, are
+// failed requests, and a page taken counts failures from the number of
+// dumps this repair abandoned, not from 0 (see RepairDone), so a worker
+// whose dumps never complete reaches RepairAttempts and the repair gives up.
 type pagedDump struct {
 	eventID  uint64
 	after    uint64 // hash of the last block taken: the next page's cursor
@@ -325,7 +335,7 @@ func (s *Sequencer) RepairDone(worker string, epoch uint64, reply *triplanev1.Kv
 	// Progress is counted from the request: events that came live meanwhile
 	// and filled part of the gap count too.
 	before, reset := min(v.asked, v.next), v.epoch != epoch
-	progressed := false // a dump page taken: progress, though the view waits for the rest
+	var page pageTaken // what became of a dump page in the reply
 	switch {
 	case err != nil:
 		// A paged dump being assembled stays: the next request asks for
@@ -342,18 +352,18 @@ func (s *Sequencer) RepairDone(worker string, epoch uint64, reply *triplanev1.Kv
 			// gap meanwhile): events repair it, the dump is not needed.
 			s.dropDump(v)
 			s.stats.Resends++
-			if len(r.Range.Events) == 0 {
+			if len(r.Range.GetEvents()) == 0 {
 				// The worker has nothing past what the view holds: the
 				// head that asked for more was not its own (a forged or
 				// corrupt heartbeat). The worker's log is the truth.
 				v.head = min(v.head, v.next-1)
 			}
-			for _, e := range r.Range.Events {
+			for _, e := range r.Range.GetEvents() {
 				s.ingest(worker, v, e)
 			}
 		case *triplanev1.KvResendReply_Dump:
 			if r.Dump.More || r.Dump.After != nil {
-				progressed, err = s.dumpPage(worker, v, r.Dump)
+				page, err = s.dumpPage(worker, v, r.Dump)
 				break
 			}
 			// A whole dump (one page) replaces any paged one being
@@ -363,20 +373,31 @@ func (s *Sequencer) RepairDone(worker string, epoch uint64, reply *triplanev1.Kv
 			s.applyDump(worker, v, r.Dump)
 		}
 	}
-	gap := v.next <= v.head
-	if err == nil && gap && v.next == before && !reset && !progressed {
+	gap, moved := v.next <= v.head, v.next > before
+	if err == nil && gap && !moved && !reset && page == pageNone {
 		// An answer that filled nothing while the gap stays (one of
 		// another epoch, a dump older than the view) counts as a failed
 		// request: else a peer answering that way forever keeps the
 		// repair asking forever, with no pause.
 		err = errNoProgress
 	}
-	if err != nil {
+	switch {
+	case err != nil:
 		s.stats.RepairFailures++
 		v.failures++
-	} else {
-		v.failures = 0
+	case moved || reset:
+		// The view moved (events, or a dump applied), or the worker
+		// restarted: failures count afresh.
+		v.failures, v.abandoned = 0, 0
+	case page == pageNext:
+		// A page that follows the last one is progress on this dump, but
+		// not on the dumps abandoned before it: else a worker whose dumps
+		// never add up would page for ever.
+		v.failures = v.abandoned
 	}
+	// pageFirst (a first page, no dump being assembled) leaves failures as
+	// they are: starting a dump is no progress yet, else a worker answering
+	// every request with a first page would never be given up on.
 	res := RepairResult{Err: err, Failures: v.failures, Missing: v.next, Head: v.head}
 	if gap && v.failures < s.cfg.RepairAttempts {
 		if err != nil {
@@ -388,9 +409,10 @@ func (s *Sequencer) RepairDone(worker string, epoch uint64, reply *triplanev1.Kv
 	}
 	res.Next = RepairStop
 	if v.failures >= s.cfg.RepairAttempts {
-		v.failures = 0
 		res.Next = RepairGaveUp
 	}
+	// The next repair counts its failures from 0.
+	v.failures, v.abandoned = 0, 0
 	v.repairing = false
 	// The repair is over (no gap left, or given up): a paged dump half
 	// taken is not kept (the next repair starts a new one if it must).
@@ -410,19 +432,41 @@ func (s *Sequencer) dropDump(v *workerView) {
 	}
 }
 
+// pageTaken is what became of a dump page.
+type pageTaken int
+
+const (
+	pageNone  pageTaken = iota // none taken (none in the reply, or refused)
+	pageFirst                  // a first page, no dump being assembled: a dump starts
+	pageNext                   // a page following the last one taken (or the last page)
+)
+
+// errDumpReplaced is a first page that replaces a dump being assembled:
+// taken (the worker no longer holds the old one), but a failed request, so
+// that the next one backs off and a worker answering every request so
+// reaches RepairAttempts.
+var errDumpReplaced = errors.New("a new dump replaced the one being taken")
+
 // dumpPage takes one page of a paged dump (validated: blocks in increasing
 // hash order after its cursor, at least one unless it is the last, no more
-// than its total). A first page starts the dump (dropping one being
-// assembled: the worker no longer held it and started another); a page
+// than its total). A first page starts the dump (replacing one being
+// assembled, which counts as a failed request: errDumpReplaced); a page
 // that does not follow the last one taken (another dump's, a cursor going
 // backwards or skipping, a total that changed) is refused and counted; the
 // last page, or reaching MaxBlocksPerWorker, applies the whole dump.
-// progressed is whether the page was taken.
-func (s *Sequencer) dumpPage(worker string, v *workerView, d *triplanev1.KvDump) (progressed bool, err error) {
+func (s *Sequencer) dumpPage(worker string, v *workerView, d *triplanev1.KvDump) (pageTaken, error) {
+	taken := pageNext
+	var replaced error
 	if d.After == nil {
-		s.dropDump(v)
 		if d.EventId+1 < v.next {
-			return false, nil // older than what the view already has
+			return pageNone, nil // older than what the view already has
+		}
+		taken = pageFirst
+		if a := v.dump; a != nil {
+			replaced = fmt.Errorf("%w: a dump at event %d replaced the one at %d after %d of its %d blocks",
+				errDumpReplaced, d.EventId, a.eventID, a.received, a.total)
+			s.dropDump(v)
+			v.abandoned++
 		}
 		v.dump = &pagedDump{eventID: d.EventId, total: d.TotalBlocks}
 	} else if a := v.dump; a == nil || d.EventId != a.eventID || *d.After != a.after || d.TotalBlocks != a.total {
@@ -432,19 +476,20 @@ func (s *Sequencer) dumpPage(worker string, v *workerView, d *triplanev1.KvDump)
 		// the right page, or a new dump.
 		s.stats.StalePages++
 		if a == nil {
-			return false, fmt.Errorf("%w: a page at event %d after hash %d, no dump being taken", errStalePage, d.EventId, *d.After)
+			return pageNone, fmt.Errorf("%w: a page at event %d after hash %d, no dump being taken", errStalePage, d.EventId, *d.After)
 		}
-		return false, fmt.Errorf("%w: a page at event %d after hash %d of %d blocks, asked for event %d after %d of %d",
+		return pageNone, fmt.Errorf("%w: a page at event %d after hash %d of %d blocks, asked for event %d after %d of %d",
 			errStalePage, d.EventId, *d.After, d.TotalBlocks, a.eventID, a.after, a.total)
 	}
 	a := v.dump
 	if a.received += uint64(len(d.Blocks)); a.received > a.total || (!d.More && a.received != a.total) {
 		// The pages do not add up to the dump they announce: not one
-		// state. Start over.
+		// state. Start over; this dump counts as abandoned.
 		s.stats.StalePages++
 		received, total := a.received, a.total
 		s.dropDump(v)
-		return false, fmt.Errorf("%w: dump at event %d: %d blocks in its pages so far, %d announced", errStalePage, d.EventId, received, total)
+		v.abandoned++
+		return pageNone, fmt.Errorf("%w: dump at event %d: %d blocks in its pages so far, %d announced", errStalePage, d.EventId, received, total)
 	}
 	s.stats.DumpPages++
 	if n := len(d.Blocks); n > 0 {
@@ -458,7 +503,7 @@ func (s *Sequencer) dumpPage(worker string, v *workerView, d *triplanev1.KvDump)
 		s.stats.DroppedBlocks += uint64(n - keep)
 	}
 	if d.More && len(a.blocks) < s.cfg.MaxBlocksPerWorker {
-		return true, nil
+		return taken, replaced
 	}
 	// Complete (or as much as the view keeps: the rest, in hash order,
 	// would be dropped anyway, as from a one-reply dump that large).
@@ -469,7 +514,9 @@ func (s *Sequencer) dumpPage(worker string, v *workerView, d *triplanev1.KvDump)
 			m.Set(b.hash, Block{Parent: b.parent, HasParent: b.hasParent})
 		}
 	})
-	return true, nil
+	// A dump applied is progress, even one that replaced another (it
+	// completed on its first page, at MaxBlocksPerWorker).
+	return pageNext, nil
 }
 
 // errNoProgress is a resend answer that filled none of the gap.

@@ -590,8 +590,13 @@ func TestSequencerRestartsADump(t *testing.T) {
 	ingest(t, s, batchOf("w1", 1, 9), true)
 	_, epoch, _ := s.RepairRequest("w1")
 	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 1, 9, 3, nil, true, 10), nil), kvevents.RepairAgain)
-	// The worker lost that dump and started another.
-	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 1, 12, 3, nil, true, 11), nil), kvevents.RepairAgain)
+	// The worker lost that dump and started another: taken, but a failed
+	// request (a worker answering so forever must not page for ever).
+	res := s.RepairDone("w1", epoch, pageReply("w1", 1, 12, 3, nil, true, 11), nil)
+	wantNext(t, res, kvevents.RepairAfterBackoff)
+	if res.Err == nil || res.Failures != 1 {
+		t.Fatalf("a dump replaced: %+v", res)
+	}
 	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 1, 12, 3, proto.Uint64(11), false, 21, 31), nil), kvevents.RepairStop)
 	wantBlocks(t, s, "w1", blocksOf(11, 21, 31), 12)
 	if st := s.Stats(); st.DumpRestarts != 1 || st.Dumps != 1 || st.DumpPages != 3 {
@@ -670,5 +675,93 @@ func TestSequencerCountsOnlyDroppedBlocksItReceived(t *testing.T) {
 	wantBlocks(t, s, "w1", blocksOf(1, 2), 5)
 	if st := s.Stats(); st.DroppedBlocks != 1 {
 		t.Fatalf("dropped %d blocks, received 3 and kept 2: %v", st.DroppedBlocks, st)
+	}
+}
+
+// repairAgainst runs worker's repair against answer, as the consumer's
+// repairer does (without waiting), until it stops or gives up, at most
+// limit requests; it returns the results.
+func repairAgainst(t *testing.T, s *kvevents.Sequencer, worker string, limit int, answer func(*triplanev1.KvResendRequest) *triplanev1.KvResendReply) []kvevents.RepairResult {
+	t.Helper()
+	var out []kvevents.RepairResult
+	for range limit {
+		req, epoch, ok := s.RepairRequest(worker)
+		if !ok {
+			t.Fatalf("%s not followed", worker)
+		}
+		res := s.RepairDone(worker, epoch, answer(req), nil)
+		out = append(out, res)
+		if res.Next == kvevents.RepairStop || res.Next == kvevents.RepairGaveUp {
+			return out
+		}
+	}
+	t.Fatalf("the repair of %s did not end in %d requests: %v", worker, limit, s.Stats())
+	return nil
+}
+
+// A worker that answers every request with the first page of a new dump
+// does not keep a router paging for ever: each replaced dump is a failed
+// request, so the repair backs off and gives up.
+func TestSequencerGivesUpOnDumpsThatNeverGoPastTheFirstPage(t *testing.T) {
+	const attempts = 5
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{RepairAttempts: attempts})
+	ingest(t, s, batchOf("w1", 1, 9), true)
+	n := uint64(0)
+	results := repairAgainst(t, s, "w1", 100, func(*triplanev1.KvResendRequest) *triplanev1.KvResendReply {
+		n++
+		return pageReply("w1", 1, 9+n, 2, nil, true, n)
+	})
+	// The first page starts a dump; each one after replaces it.
+	if len(results) != 1+attempts {
+		t.Fatalf("%d requests, want %d: %v", len(results), 1+attempts, s.Stats())
+	}
+	wantNext(t, results[0], kvevents.RepairAgain)
+	for i, res := range results[1:] {
+		if res.Failures != i+1 || res.Err == nil {
+			t.Fatalf("request %d: %+v", i+2, res)
+		}
+		if i+1 < attempts {
+			wantNext(t, res, kvevents.RepairAfterBackoff)
+		}
+	}
+	wantNext(t, results[len(results)-1], kvevents.RepairGaveUp)
+	// attempts dumps replaced, and the last dropped by giving up.
+	if st := s.Stats(); st.RepairFailures != attempts || st.DumpRestarts != attempts+1 || st.Dumps != 0 {
+		t.Fatalf("stats %v", st)
+	}
+}
+
+// A worker whose dumps never add up to their total (off by one) restarts
+// the dump at every request after the last page; whatever the number of
+// pages, the pages taken in between do not wipe out the failures, and the
+// repair gives up.
+func TestSequencerGivesUpOnDumpsThatNeverAddUp(t *testing.T) {
+	const attempts = 4
+	for _, pages := range []uint64{2, 3, 5} {
+		s := kvevents.NewSequencer(kvevents.SequencerConfig{RepairAttempts: attempts})
+		ingest(t, s, batchOf("w1", 1, 9), true)
+		// One block a page, total one more than the blocks.
+		results := repairAgainst(t, s, "w1", 1000, func(req *triplanev1.KvResendRequest) *triplanev1.KvResendReply {
+			if req.DumpAfter == nil {
+				return pageReply("w1", 1, 9, pages+1, nil, true, 1)
+			}
+			after := req.GetDumpAfter()
+			return pageReply("w1", 1, 9, pages+1, proto.Uint64(after), after+1 < pages, after+1)
+		})
+		last := results[len(results)-1]
+		wantNext(t, last, kvevents.RepairGaveUp)
+		if want := attempts * int(pages); len(results) != want {
+			t.Fatalf("%d pages: %d requests, want %d: %v", pages, len(results), want, s.Stats())
+		}
+		backoffs := 0
+		for _, res := range results {
+			if res.Next == kvevents.RepairAfterBackoff {
+				backoffs++
+			}
+		}
+		if st := s.Stats(); backoffs != attempts-1 || st.RepairFailures != attempts || st.Dumps != 0 || st.StalePages != attempts {
+			t.Fatalf("%d pages: %d backoffs, stats %v", pages, backoffs, st)
+		}
+		wantBlocks(t, s, "w1", blocksOf(), 0)
 	}
 }
