@@ -265,6 +265,12 @@ func (s *Sequencer) RepairRequest(worker string) (req *triplanev1.KvResendReques
 	if v == nil {
 		return nil, 0, false
 	}
+	if d := v.dump; d != nil && d.eventID < v.next {
+		// Events that came late moved the view past the dump being
+		// assembled while a gap remains: the dump would fill none of it,
+		// so ask for what is missing now (a range, or a newer dump).
+		s.dropDump(v)
+	}
 	v.asked = v.next
 	req = &triplanev1.KvResendRequest{WorkerId: worker, FromEventId: v.next, ToEventId: v.head, DumpPages: true}
 	if d := v.dump; d != nil {
@@ -458,8 +464,10 @@ func (s *Sequencer) dumpPage(worker string, v *workerView, d *triplanev1.KvDump)
 	taken := pageNext
 	var replaced error
 	if d.After == nil {
-		if d.EventId+1 < v.next {
-			return pageNone, nil // older than what the view already has
+		if d.EventId < v.next {
+			// Not newer than what the view already has: it would fill
+			// none of the gap (RepairRequest drops such a dump too).
+			return pageNone, nil
 		}
 		taken = pageFirst
 		if a := v.dump; a != nil {

@@ -765,3 +765,26 @@ func TestSequencerGivesUpOnDumpsThatNeverAddUp(t *testing.T) {
 		wantBlocks(t, s, "w1", blocksOf(), 0)
 	}
 }
+
+// Events that come late and move the view past the dump being assembled,
+// while a gap remains: the next request asks for the range missing, not
+// the dump's next page.
+func TestSequencerDropsADumpTheViewHasPassed(t *testing.T) {
+	s := kvevents.NewSequencer(kvevents.SequencerConfig{})
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(1, nil, 10)), false)
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(5, nil, 50)), true)
+	_, epoch, _ := s.RepairRequest("w1")
+	wantNext(t, s.RepairDone("w1", epoch, pageReply("w1", 1, 3, 3, nil, true, 10), nil), kvevents.RepairAgain)
+	// Events 2 to 3 arrive late: the view is at 3, what the dump holds;
+	// the gap is event 4.
+	ingest(t, s, batchOf("w1", 1, 0, storedEv(2, nil, 20), storedEv(3, nil, 30)), false)
+	req, _, _ := s.RepairRequest("w1")
+	if req.DumpAfter != nil || req.FromEventId != 4 || req.ToEventId != 5 {
+		t.Fatalf("request after the view passed the dump: %v", req)
+	}
+	if st := s.Stats(); st.DumpRestarts != 1 {
+		t.Fatalf("stats %v", st)
+	}
+	wantNext(t, s.RepairDone("w1", epoch, rangeReply("w1", 1, storedEv(4, nil, 40)), nil), kvevents.RepairStop)
+	wantBlocks(t, s, "w1", blocksOf(10, 20, 30, 40, 50), 5)
+}
