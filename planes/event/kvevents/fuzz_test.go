@@ -22,7 +22,10 @@ func FuzzDecodeKvEvents(f *testing.F) {
 	page := &triplanev1.KvResendReply{WorkerId: "w1", Epoch: 1, Reply: &triplanev1.KvResendReply_Dump{Dump: &triplanev1.KvDump{EventId: 2,
 		More: true, After: proto.Uint64(1), TotalBlocks: 3, Blocks: []*triplanev1.KvDumpBlock{{Hash: 2, ParentHash: proto.Uint64(9)}}}}}
 	pageReq := &triplanev1.KvResendRequest{WorkerId: "w1", FromEventId: 1, ToEventId: 5, DumpPages: true, DumpEventId: 2, DumpAfter: proto.Uint64(1)}
-	for _, m := range []proto.Message{batch, reply, page, &triplanev1.KvResendRequest{WorkerId: "w1", FromEventId: 1, ToEventId: 5}, pageReq} {
+	// A one-reply dump whose total is not its number of blocks.
+	wrongTotal := &triplanev1.KvResendReply{WorkerId: "w1", Epoch: 1, Reply: &triplanev1.KvResendReply_Dump{Dump: &triplanev1.KvDump{EventId: 2,
+		TotalBlocks: 5, Blocks: []*triplanev1.KvDumpBlock{{Hash: 2}}}}}
+	for _, m := range []proto.Message{batch, reply, page, wrongTotal, &triplanev1.KvResendRequest{WorkerId: "w1", FromEventId: 1, ToEventId: 5}, pageReq} {
 		data, _ := proto.Marshal(m)
 		f.Add(data)
 	}

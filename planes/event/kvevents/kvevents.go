@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"slices"
 
 	"github.com/triplane-dev/triplane/blockmap"
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
@@ -140,11 +141,19 @@ func validateEvents(es []*triplanev1.KvEvent) error {
 func ValidateReply(r *triplanev1.KvResendReply) error {
 	switch k := r.GetReply().(type) {
 	case *triplanev1.KvResendReply_Range:
-		if err := validateEvents(k.Range.GetEvents()); err != nil {
+		if k.Range == nil {
+			// Decoding never makes one (an empty range decodes as one
+			// without events); a reply built in process can.
+			return fmt.Errorf("%w: resend reply of worker %s: a nil range", ErrInvalid, r.WorkerId)
+		}
+		if err := validateEvents(k.Range.Events); err != nil {
 			return fmt.Errorf("%w: resend reply of worker %s: %w", ErrInvalid, r.WorkerId, err)
 		}
 	case *triplanev1.KvResendReply_Dump:
-		if k.Dump.GetEventId() == math.MaxUint64 {
+		if k.Dump == nil {
+			return fmt.Errorf("%w: resend reply of worker %s: a nil dump", ErrInvalid, r.WorkerId)
+		}
+		if k.Dump.EventId == math.MaxUint64 {
 			return fmt.Errorf("%w: resend reply of worker %s: a dump at the largest event id", ErrInvalid, r.WorkerId)
 		}
 		if err := validatePage(k.Dump); err != nil {
@@ -156,13 +165,20 @@ func ValidateReply(r *triplanev1.KvResendReply) error {
 	return nil
 }
 
-// validatePage checks a page of a paged dump (one with more pages or a
-// cursor; a dump of one reply is as it always was): its blocks in
-// increasing hash order after its cursor, at least one unless it is the
-// last (each page moves the cursor on, so paging ends), and no more than
-// the dump's total.
+// validatePage checks a dump: no nil block (only a reply built in process
+// can hold one), and a one-reply dump's total, when set, its number of
+// blocks (an older worker leaves it 0). A page of a paged dump (one with
+// more pages or a cursor) must also hold its blocks in increasing hash
+// order after its cursor, at least one unless it is the last (each page
+// moves the cursor on, so paging ends), and no more than the dump's total.
 func validatePage(d *triplanev1.KvDump) error {
-	if !d.GetMore() && d.After == nil {
+	if i := slices.Index(d.Blocks, nil); i >= 0 {
+		return fmt.Errorf("a dump's block %d is nil", i)
+	}
+	if !d.More && d.After == nil {
+		if d.TotalBlocks != 0 && d.TotalBlocks != uint64(len(d.Blocks)) {
+			return fmt.Errorf("a dump of one reply has %d blocks, its total says %d", len(d.Blocks), d.TotalBlocks)
+		}
 		return nil
 	}
 	if d.More && len(d.Blocks) == 0 {

@@ -331,6 +331,39 @@ func TestInvalidBatchesDropped(t *testing.T) {
 	}
 }
 
+// Replies that decode but break the protocol are refused with ErrInvalid,
+// never a panic: a dump or range left nil (only a reply built in process
+// holds one), a nil block, and a one-reply dump whose total is not its
+// number of blocks.
+func TestValidateReplyRefusesNilAndInconsistentDumps(t *testing.T) {
+	one := func(total uint64, blocks ...*triplanev1.KvDumpBlock) *triplanev1.KvResendReply {
+		return &triplanev1.KvResendReply{WorkerId: "w1", Epoch: 1,
+			Reply: &triplanev1.KvResendReply_Dump{Dump: &triplanev1.KvDump{EventId: 3, TotalBlocks: total, Blocks: blocks}}}
+	}
+	for _, bad := range []*triplanev1.KvResendReply{
+		{WorkerId: "w1", Epoch: 1, Reply: &triplanev1.KvResendReply_Dump{}},
+		{WorkerId: "w1", Epoch: 1, Reply: &triplanev1.KvResendReply_Range{}},
+		one(0, &triplanev1.KvDumpBlock{Hash: 1}, nil),
+		one(3, &triplanev1.KvDumpBlock{Hash: 1}, &triplanev1.KvDumpBlock{Hash: 2}),
+		one(1, &triplanev1.KvDumpBlock{Hash: 1}, &triplanev1.KvDumpBlock{Hash: 2}),
+	} {
+		if err := kvevents.ValidateReply(bad); !errors.Is(err, kvevents.ErrInvalid) {
+			t.Errorf("ValidateReply(%v) = %v, want ErrInvalid", bad, err)
+		}
+	}
+	// A total of 0 (an older worker's one-reply dump) or the number of
+	// blocks (a paged dump that fits in one page) is fine.
+	for _, good := range []*triplanev1.KvResendReply{
+		one(0, &triplanev1.KvDumpBlock{Hash: 1}, &triplanev1.KvDumpBlock{Hash: 2}),
+		one(2, &triplanev1.KvDumpBlock{Hash: 1}, &triplanev1.KvDumpBlock{Hash: 2}),
+		one(0),
+	} {
+		if err := kvevents.ValidateReply(good); err != nil {
+			t.Errorf("ValidateReply(%v) = %v", good, err)
+		}
+	}
+}
+
 // An event over half the server's max payload is split into events with
 // the same effect, each of which fits: its blocks arrive, chained as they
 // were. Only one that cannot be split is refused, before anything of its
