@@ -33,6 +33,8 @@ type Log struct {
 	blocks    blockmap.Map[Block]
 	// frozen is the paged dump being served (nil when none): see Resend.
 	frozen *frozenDump
+	// dumpIdle is the heartbeat without a page that drops frozen.
+	dumpIdle int
 }
 
 // frozenDump is a copy of the mirror as of one event id, sorted by hash,
@@ -46,9 +48,14 @@ type Log struct {
 //
 // It is bounded: one per log, as large as the mirror, kept in a compact
 // form (24 bytes a block, not a protobuf message each); and it is dropped
-// after dumpIdleHeartbeats heartbeats without a page asked of it (the
-// routers finished or gave up) or replaced when a new dump is needed and it
-// has grown too old to share (the ring no longer holds the event after it).
+// at the dumpIdle-th heartbeat without a page asked of it (the routers
+// finished or gave up), or replaced when a new dump is needed and it has
+// grown too old to share (the ring no longer holds the event after it) or
+// holds nothing the requester lacks (its view is at or past it). Its
+// lifetime is counted in heartbeats, the log having no clock: the caller
+// that knows its heartbeat interval sets the count (SetDumpIdleHeartbeats)
+// so that a router retrying a lost page still finds the copy; else a
+// retried page may find it gone and the router starts the dump over.
 type frozenDump struct {
 	eventID uint64
 	blocks  []frozenBlock // increasing hash
@@ -60,10 +67,11 @@ type frozenBlock struct {
 	hasParent    bool
 }
 
-// dumpIdleHeartbeats is how many heartbeats a frozen dump outlives its last
-// page: 5 s at the publisher's default interval, above a router's repair
-// timeout plus its backoff (2.1 s by default), so a router retrying a lost
-// page still finds it.
+// dumpIdleHeartbeats is the default of the heartbeat without a page that
+// drops a frozen dump: the 5th, so the copy outlives its last page by at
+// least 4 heartbeat intervals (4 s at the publisher's default of 1 s, above
+// a router's repair timeout plus its backoff, 2.1 s by default). The
+// Publisher sets more when its interval is short (see dumpIdleFor).
 const dumpIdleHeartbeats = 5
 
 // NewLog returns the log of worker's run epoch, which must be above 0 and
@@ -79,8 +87,13 @@ func NewLog(worker string, epoch uint64, ringSize, maxResend int, faults fault.P
 		maxResend = defaultMaxResend
 	}
 	return &Log{worker: worker, epoch: epoch, maxResend: maxResend, faults: faults,
-		ring: make([]*triplanev1.KvEvent, ringSize)}
+		ring: make([]*triplanev1.KvEvent, ringSize), dumpIdle: dumpIdleHeartbeats}
 }
+
+// SetDumpIdleHeartbeats makes the n-th heartbeat without a page asked of it
+// drop the frozen dump (default 5; n below 1 counts as 1): the copy then
+// outlives its last page by at least n-1 heartbeat intervals.
+func (l *Log) SetDumpIdleHeartbeats(n int) { l.dumpIdle = max(n, 1) }
 
 // Size is the encoded size of the batch Append(e) would return now, so an
 // event too large to send can be refused before it takes an id. e keeps its
@@ -261,7 +274,7 @@ type oneBatch struct {
 // log has no clock, and heartbeats are its caller's regular tick.
 func (l *Log) Heartbeat() *triplanev1.KvEventBatch {
 	if l.frozen != nil {
-		if l.frozen.idle++; l.frozen.idle > dumpIdleHeartbeats {
+		if l.frozen.idle++; l.frozen.idle >= l.dumpIdle {
 			l.frozen = nil
 		}
 	}

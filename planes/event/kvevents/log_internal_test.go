@@ -4,6 +4,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"testing"
+	"time"
 
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
@@ -67,5 +68,25 @@ func TestFitsSurelyIsAnUpperBound(t *testing.T) {
 	e.ProtoReflect().SetUnknown(protowire.AppendTag(nil, 99, protowire.VarintType))
 	if fitsSurely([]*triplanev1.KvEvent{e}, 1<<20) {
 		t.Fatal("an event with unknown fields judged by the bound")
+	}
+}
+
+// A Publisher keeps a frozen dump at least dumpKeep (10 s) after its last
+// page whatever its heartbeat interval, and never for fewer heartbeats than
+// the Log's default: the n-th heartbeat drops it, n-1 intervals at least.
+func TestDumpIdleForKeepsTheCopyTenSeconds(t *testing.T) {
+	for _, c := range []struct {
+		every time.Duration
+		want  int
+	}{
+		{time.Second, 11},
+		{10 * time.Millisecond, 1001},
+		{3 * time.Second, 5}, // ceil(10/3)+1
+		{time.Hour, 5},
+	} {
+		got := dumpIdleFor(c.every)
+		if got != c.want || time.Duration(got-1)*c.every < dumpKeep {
+			t.Errorf("dumpIdleFor(%v) = %d, want %d", c.every, got, c.want)
+		}
 	}
 }

@@ -737,6 +737,39 @@ func TestLogFrozenDumpIsSharedThenReplaced(t *testing.T) {
 	}
 }
 
+// The frozen dump is dropped at the 5th heartbeat without a page asked of
+// it (what the docs say), or at the n-th when set: a page asked before
+// comes from the same dump, one asked after starts a new one.
+func TestLogFrozenDumpExpiresAfterItsHeartbeats(t *testing.T) {
+	for _, n := range []int{0, 12} {
+		l := kvevents.NewLog("w1", 1, 8, 0, nil)
+		want := 5
+		if n > 0 {
+			l.SetDumpIdleHeartbeats(n)
+			want = n
+		}
+		storeMany(l, 100)
+		req := &triplanev1.KvResendRequest{FromEventId: 1, ToEventId: 1000, DumpPages: true}
+		d := l.Resend(req, 256).GetDump()
+		req.DumpEventId, req.DumpAfter = d.EventId, proto.Uint64(d.Blocks[len(d.Blocks)-1].Hash)
+		l.Append(storedEv(0, nil, 7)) // a new dump would be at another event
+		for range want - 1 {
+			l.Heartbeat()
+		}
+		next := l.Resend(req, 256).GetDump()
+		if next.After == nil || next.EventId != d.EventId {
+			t.Fatalf("%d heartbeats after a page: %v, want the next page", want-1, next)
+		}
+		req.DumpAfter = proto.Uint64(next.Blocks[len(next.Blocks)-1].Hash)
+		for range want {
+			l.Heartbeat()
+		}
+		if again := l.Resend(req, 256).GetDump(); again.After != nil || again.EventId != l.Last() {
+			t.Fatalf("%d heartbeats after a page: %v, want a new dump at %d", want, again, l.Last())
+		}
+	}
+}
+
 // A router takes a dump of many pages while the worker changes between
 // them and some of its live batches are lost; its view ends equal to the
 // worker's.

@@ -68,6 +68,7 @@ func NewPublisher(b *event.Bus, cfg PublisherConfig) (*Publisher, error) {
 	}
 	p := &Publisher{b: b, cfg: cfg, subject: subject, log: NewLog(cfg.WorkerID, cfg.Epoch, cfg.RingSize, cfg.MaxResend, nil),
 		done: make(chan struct{})}
+	p.log.SetDumpIdleHeartbeats(dumpIdleFor(cfg.HeartbeatInterval))
 	p.serve, err = event.Serve(b, resend, "", p.resend)
 	if err != nil {
 		return nil, err
@@ -76,6 +77,21 @@ func NewPublisher(b *event.Bus, cfg PublisherConfig) (*Publisher, error) {
 	p.cancel = cancel
 	go p.heartbeats(ctx)
 	return p, nil
+}
+
+// dumpKeep is how long a frozen dump outlives its last page at least, in
+// a Publisher: well above a router's repair timeout plus backoff (2.1 s by
+// default), so a router retrying a lost page finds the copy however short
+// the heartbeat interval (the Log counts heartbeats, not time).
+const dumpKeep = 10 * time.Second
+
+// dumpIdleFor is the heartbeat without a page that drops the frozen dump,
+// at heartbeat interval every: at least dumpKeep, and never fewer
+// heartbeats than the Log's default.
+func dumpIdleFor(every time.Duration) int {
+	n := (dumpKeep + every - 1) / every // intervals in dumpKeep, rounded up
+	// The copy outlives its last page by at least n-1 intervals: one more.
+	return max(dumpIdleHeartbeats, int(n)+1)
 }
 
 // Close stops the heartbeats and the resend responder.
