@@ -780,3 +780,36 @@ func TestDisaggregatedBlocksOverOneFrame(t *testing.T) {
 		t.Fatalf("decode worker with blocks of 1 MiB + 8 bytes: %+v (before %+v)", got, base)
 	}
 }
+
+// The router's dump counters: stale pages are their own counter (resend
+// replies, already failed requests), not a reason of
+// triplane_router_kv_dropped_total, which counts batches and events.
+func TestRouterExportsStaleDumpPagesApart(t *testing.T) {
+	e := start(t, 1)
+	mfs, err := e.reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := false
+	for _, mf := range mfs {
+		switch mf.GetName() {
+		case "triplane_router_kv_dump_stale_pages_total":
+			found = true
+		case "triplane_router_kv_dropped_total":
+			for _, m := range mf.GetMetric() {
+				for _, l := range m.GetLabel() {
+					if l.GetName() == "reason" && l.GetValue() == "stale_page" {
+						t.Errorf("stale pages counted as dropped KV events: %v", m)
+					}
+				}
+			}
+		case "triplane_router_kv_dumps_total":
+			if !strings.Contains(mf.GetHelp(), "paged dumps completed") {
+				t.Errorf("dumps help %q does not say paged dumps count", mf.GetHelp())
+			}
+		}
+	}
+	if !found {
+		t.Error("no triplane_router_kv_dump_stale_pages_total")
+	}
+}

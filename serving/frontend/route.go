@@ -142,12 +142,16 @@ func NewRouter(cfg RouterConfig) (_ *Router, err error) {
 			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "triplane_router_kv_gaps_total",
 				Help: "Gaps in workers' KV event ids the router noticed (repaired by resend or dump)."}, func() float64 { return float64(r.cons.Stats().Gaps) }),
 			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "triplane_router_kv_dumps_total",
-				Help: "Full dumps of a worker's blocks the router needed."}, func() float64 { return float64(r.cons.Stats().Dumps) }),
+				Help: "Full dumps of a worker's blocks the router applied: one-reply dumps and paged dumps completed."}, func() float64 { return float64(r.cons.Stats().Dumps) }),
 			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "triplane_router_kv_dump_pages_total",
 				Help: "Pages of paged dumps the router took (a large worker's dump comes in several)."}, func() float64 { return float64(r.cons.Stats().DumpPages) }),
 			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "triplane_router_kv_dump_restarts_total",
 				Help: "Paged dumps started over: the worker restarted, lost its dump or answered with another."}, func() float64 { return float64(r.cons.Stats().DumpRestarts) }),
-			kvDropped(r.cons, "stale_page", "a dump page that was not the one asked for", func(s kvevents.Stats) uint64 { return s.StalePages }),
+			// Not a reason of _kv_dropped_total: a stale page is a resend
+			// reply (counted in _repair_failures_total too), not a batch or
+			// an event.
+			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "triplane_router_kv_dump_stale_pages_total",
+				Help: "Dump pages refused: not the page asked for, or not adding up with the pages before them."}, func() float64 { return float64(r.cons.Stats().StalePages) }),
 			prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "triplane_router_kv_repair_failures_total",
 				Help: "Resend requests of a gap repair that failed or filled nothing."}, func() float64 { return float64(r.cons.Stats().RepairFailures) }),
 			kvDropped(r.cons, "malformed", "an invalid batch", func(s kvevents.Stats) uint64 { return s.Malformed }),
