@@ -595,8 +595,11 @@ func TestPagedDumpOverASmallMaxPayload(t *testing.T) {
 		time.Sleep(time.Millisecond)
 	}
 	converge(t, c, p, "w6")
-	if st := c.Stats(); st.DumpPages < 2 {
-		t.Fatalf("converged without paging: %v", st)
+	// No dump started over: the Publisher keeps its frozen copy at least
+	// 10 s after a page (not 5 heartbeats, 50 ms here), and nothing else
+	// here drops one (a repair giving up would take 10 timeouts in a row).
+	if st := c.Stats(); st.DumpPages < 2 || st.DumpRestarts != 0 {
+		t.Fatalf("converged without paging, or restarting a dump: %v", st)
 	}
 	t.Logf("%d blocks: %v", len(p.Blocks()), c.Stats())
 }

@@ -428,6 +428,40 @@ func TestLogFaultPoints(t *testing.T) {
 		wantNext(t, s.RepairDone("w1", epoch, rangeReply("w1", 1, storedEv(2, nil, 20), storedEv(3, nil, 30)), nil), kvevents.RepairStop)
 		wantBlocks(t, s, "w1", blocksOf(10, 20, 30), 3)
 	})
+	t.Run("dump lost", func(t *testing.T) {
+		// The log loses its frozen dump before the second page: the
+		// request is answered with the first page of a new dump, which
+		// the router takes as a restart (a failed request, backing off);
+		// with the point disarmed, the new dump completes.
+		p := always{kvevents.FaultDumpLost: 0}
+		l := kvevents.NewLog("w1", 1, 8, 0, p)
+		storeMany(l, 100)
+		s := kvevents.NewSequencer(kvevents.SequencerConfig{})
+		ingest(t, s, l.Heartbeat(), true)
+		req, epoch, _ := s.RepairRequest("w1")
+		first := l.Resend(req, 256)
+		wantNext(t, s.RepairDone("w1", epoch, first, nil), kvevents.RepairAgain)
+		l.Append(storedEv(0, nil, 7)) // the new dump is of a newer state
+		req, epoch, _ = s.RepairRequest("w1")
+		if req.DumpAfter == nil {
+			t.Fatalf("second request %v", req)
+		}
+		again := l.Resend(req, 256)
+		if d := again.GetDump(); d == nil || d.After != nil || d.EventId != l.Last() || p[kvevents.FaultDumpLost] != 1 {
+			t.Fatalf("reply %v, fired %v; want the first page of a new dump at %d", again, p, l.Last())
+		}
+		res := s.RepairDone("w1", epoch, again, nil)
+		wantNext(t, res, kvevents.RepairAfterBackoff)
+		if res.Failures != 1 {
+			t.Fatalf("a dump lost: %+v", res)
+		}
+		delete(p, kvevents.FaultDumpLost)
+		repairAll(t, s, l, "w1", 256)
+		wantConverged(t, s, l, "w1")
+		if st := s.Stats(); st.DumpRestarts != 1 || st.Dumps != 1 || st.StalePages != 0 {
+			t.Fatalf("stats %v", st)
+		}
+	})
 	// With every point firing half the time, the consumer still gets there.
 	for _, ring := range []int{4096, 8} {
 		p := &chance{rng: rand.New(rand.NewPCG(4, uint64(ring))), p: 0.5, fired: map[string]int{}}
