@@ -47,7 +47,8 @@ type Stats struct {
 	DroppedBlocks uint64
 	// DumpPages are pages of paged dumps taken; DumpRestarts paged dumps
 	// dropped before their last page (the worker lost the dump or
-	// restarted, answered with a new one or a range, or the repair ended);
+	// restarted, answered with a new one or a range, late events moved
+	// the view past it, or the repair ended);
 	// StalePages pages refused as not the one asked for (another dump's,
 	// or not following the last page taken) or inconsistent with the pages
 	// before them.
