@@ -149,9 +149,15 @@ type servingRun struct {
 	routerBus *BusClient
 	// etcd is the simulated control plane: workers register there and the
 	// shell's discovery (listed) follows its watch.
-	etcd     *Etcd
-	listed   map[string]bool
-	caughtUp bool // the index was checked once every view caught up
+	etcd   *Etcd
+	listed map[string]bool
+	// workerAt and listedAt are workers and listed by position in order:
+	// the rounds and every route walk all workers, and looking each up by
+	// name was 2-3% of a run.
+	workerAt []*simWorker
+	listedAt []bool
+	at       map[string]int // position in order
+	caughtUp bool           // the index was checked once every view caught up
 	reroutes uint64
 	cands    []router.Candidate // route's buffer
 }
@@ -195,19 +201,21 @@ func driveServing(r *Run) Invariant {
 			// notified meanwhile would be missed for good.
 			w.After(10*time.Millisecond, func() { learn(key) })
 		case ok:
-			s.listed[id] = true
+			s.setListed(id, true)
 		case s.listed[id]:
-			delete(s.listed, id)
+			s.setListed(id, false)
 			s.seq.Forget(id)
 			s.ix.RemoveWorker(id)
 			w.Tracef("discovery: %s left (its lease expired); its blocks dropped from the index", id)
 		}
 	}
 	disc.Watch("instances/", func(key string, _ bool) { learn(key) })
+	s.at = map[string]int{}
 	for i := range servingWorkers {
 		id := fmt.Sprintf("w%d", i)
-		s.order = append(s.order, id)
-		s.workers[id] = s.newWorker(id, 1)
+		s.order, s.at[id] = append(s.order, id), i
+		s.workerAt, s.listedAt = append(s.workerAt, nil), append(s.listedAt, false)
+		s.setWorker(id, s.newWorker(id, 1))
 	}
 	// Prompts share one of a few system prompts, then a conversation
 	// prefix, then a unique tail: the KV router has prefixes to find.
@@ -282,8 +290,8 @@ func driveServing(r *Run) Invariant {
 	tick = func() {
 		busy := w.Elapsed() < r.Opts.Duration+time.Second
 		ticks++
-		for _, id := range s.order {
-			wk := s.workers[id]
+		for i, id := range s.order {
+			wk, listed := s.workerAt[i], s.listedAt[i]
 			if wk.alive && ticks%int(servingHeartbeat/servingTick) == 0 {
 				// Even before its first event, as the real publisher: a
 				// restarted worker's heartbeat carries its new epoch, which
@@ -291,7 +299,7 @@ func driveServing(r *Run) Invariant {
 				// before its old lease expired).
 				s.heartbeat(wk)
 			}
-			if !wk.alive && s.listed[id] && w.Now().Sub(wk.diedAt) > servingGrace {
+			if !wk.alive && listed && w.Now().Sub(wk.diedAt) > servingGrace {
 				s.fail(fmt.Errorf("invariant discovery: %s dead for %s and still listed (grace %s)", id, w.Now().Sub(wk.diedAt), servingGrace))
 			}
 			if wk.alive {
@@ -299,7 +307,7 @@ func driveServing(r *Run) Invariant {
 				// Not quiet until the shell's view caught up with the worker
 				// (a repair may still run), unless that takes implausibly
 				// long (a bug that never repairs: the check then fails).
-				behind := s.listed[id] && s.seq.LastEventID(id) != wk.log.Last()
+				behind := listed && s.seq.LastEventID(id) != wk.log.Last()
 				busy = busy || (behind && w.Elapsed() < r.Opts.Duration+10*time.Second)
 			}
 			if wk.alive && ticks%int(servingLoadInterval/servingTick) == 0 {
@@ -388,6 +396,24 @@ func (s *servingRun) newWorker(id string, epoch int) *simWorker {
 
 func (s *servingRun) fail(err error) { s.problems = append(s.problems, err) }
 
+// setListed records whether discovery lists worker id.
+func (s *servingRun) setListed(id string, listed bool) {
+	if listed {
+		s.listed[id] = true
+	} else {
+		delete(s.listed, id)
+	}
+	if i, ok := s.at[id]; ok {
+		s.listedAt[i] = listed
+	}
+}
+
+// setWorker makes wk the running object of worker id (one of order).
+func (s *servingRun) setWorker(id string, wk *simWorker) {
+	s.workers[id] = wk
+	s.workerAt[s.at[id]] = wk
+}
+
 // request returns the request with the given id ("q" and its number in
 // decimal, as the requests are named), or nil. The number is read by hand
 // and only in its one spelling (no sign, no leading zero), so the id is
@@ -424,8 +450,8 @@ func (s *servingRun) route(req *simRequest) {
 	// copies what it needs.
 	cands := s.cands[:0]
 	loads := s.loads.Latest()
-	for _, id := range s.order {
-		if !s.listed[id] {
+	for i, id := range s.order {
+		if !s.listedAt[i] {
 			continue
 		}
 		cands = append(cands, s.flights.Candidate(id, router.ReportOf(loads[id])))
@@ -753,7 +779,7 @@ func (s *servingRun) crashWorker(id string) {
 	}
 	w.After(back, func() {
 		nw := s.newWorker(id, wk.epoch+1)
-		s.workers[id] = nw
+		s.setWorker(id, nw)
 		w.Tracef("worker %s restarted, epoch %d", id, nw.epoch)
 	})
 }
