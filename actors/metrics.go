@@ -1,6 +1,10 @@
 package actors
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/triplane-dev/triplane/promreg"
+)
 
 // Metrics counts what the host does.
 type Metrics struct {
@@ -15,18 +19,12 @@ type Metrics struct {
 // not registered).
 func NewMetrics(reg prometheus.Registerer) *Metrics {
 	c := func(name, help string) prometheus.Counter {
-		x := prometheus.NewCounter(prometheus.CounterOpts{Namespace: "triplane", Subsystem: "actor", Name: name, Help: help})
-		if reg != nil {
-			reg.MustRegister(x)
-		}
-		return x
+		return promreg.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{Namespace: "triplane", Subsystem: "actor", Name: name, Help: help}))
 	}
 	skipped := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "triplane", Subsystem: "actor", Name: "snapshots_skipped_total",
 		Help: "Recoveries that replayed the journal though the store held a snapshot, by reason: unreadable (the store failed), undecodable (its state), past_journal_end (another journal's). Snapshots failing their checksum or of another schema are skipped by the store and logged."},
 		[]string{"reason"})
-	if reg != nil {
-		reg.MustRegister(skipped)
-	}
+	skipped = promreg.Register(reg, skipped)
 	return &Metrics{
 		snapshotsSkipped: skipped,
 		commands:         c("commands_total", "Commands handled by actors."),

@@ -813,3 +813,27 @@ func TestRouterExportsStaleDumpPagesApart(t *testing.T) {
 		t.Error("no triplane_router_kv_dump_stale_pages_total")
 	}
 }
+
+// A node's serving stack started again in the same process, on the same
+// registry, serves and shares the node-wide series (the data plane's, the
+// transfer sessions', the frontend's) instead of panicking on their
+// registration.
+func TestStackRestartsOnTheSameRegistry(t *testing.T) {
+	e := start(t, 1)
+	e.stack.Close()
+	cfg := serving.Config{Workers: 1, Frontend: true, HTTPAddr: "127.0.0.1:0", Model: "mock",
+		Engine: mocker.Config{BlockSize: 4, NumBlocks: 256, SpeedUp: 100}, StreamToken: "s3cret", DataToken: "d4ta"}
+	s, err := serving.Start(e.ctx, e.planes, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	e.stack, e.base = s, "http://"+s.Frontend.Addr()
+	e.waitFor(t, "the restarted stack to serve", func() bool {
+		_, err := e.post(t, "/v1/completions", `{"model":"mock","prompt":"again","max_tokens":1}`)
+		return err == nil
+	})
+	if _, err := e.reg.Gather(); err != nil {
+		t.Fatalf("the registry after the restart: %v", err)
+	}
+}

@@ -15,6 +15,7 @@ import (
 	"github.com/triplane-dev/triplane/actors"
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/planes/data"
+	"github.com/triplane-dev/triplane/promreg"
 )
 
 // Errors the requester sees.
@@ -35,17 +36,11 @@ type Metrics struct {
 // registered).
 func NewMetrics(reg prometheus.Registerer) *Metrics {
 	c := func(name, help string) prometheus.Counter {
-		x := prometheus.NewCounter(prometheus.CounterOpts{Namespace: "triplane", Subsystem: "transfer", Name: name, Help: help})
-		if reg != nil {
-			reg.MustRegister(x)
-		}
-		return x
+		return promreg.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{Namespace: "triplane", Subsystem: "transfer", Name: name, Help: help}))
 	}
 	h := prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "triplane", Subsystem: "transfer", Name: "throughput_bytes_per_second",
 		Help: "Throughput of each completed session (bytes over its wall time, retries included).", Buckets: prometheus.ExponentialBuckets(1e6, 4, 10)})
-	if reg != nil {
-		reg.MustRegister(h)
-	}
+	h = promreg.Register(reg, h)
 	return &Metrics{
 		bytes:      c("bytes_total", "Block bytes acknowledged by receivers."),
 		retries:    c("retries_total", "Failed attempts that were retried."),

@@ -1,6 +1,10 @@
 package control
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/triplane-dev/triplane/promreg"
+)
 
 // Metrics of the control plane. A nil registerer keeps them unregistered.
 type Metrics struct {
@@ -35,9 +39,9 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		FencedWrites:   c("placement_fenced_writes_total", "Placement writes refused because this node was no longer leader."),
 		PlacementMoves: c("placement_writes_total", "Placement assignments written or deleted by this node as leader."),
 	}
-	if reg != nil {
-		reg.MustRegister(m.LeaseLost, m.LeaseGranted, m.GrantFailures, m.Registrations, m.WatchResumes,
-			m.WatchResyncs, m.DecodeErrors, m.EventsDropped, m.Elected, m.FencedWrites, m.PlacementMoves)
+	for _, c := range []*prometheus.Counter{&m.LeaseLost, &m.LeaseGranted, &m.GrantFailures, &m.Registrations, &m.WatchResumes,
+		&m.WatchResyncs, &m.DecodeErrors, &m.EventsDropped, &m.Elected, &m.FencedWrites, &m.PlacementMoves} {
+		*c = promreg.Register(reg, *c)
 	}
 	return m
 }

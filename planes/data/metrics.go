@@ -3,6 +3,8 @@ package data
 import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+
+	"github.com/triplane-dev/triplane/promreg"
 )
 
 // Metrics counts what the data plane moves and refuses.
@@ -17,11 +19,7 @@ type Metrics struct {
 // (nil: not registered).
 func NewMetrics(reg prometheus.Registerer) *Metrics {
 	v := func(name, help string, labels ...string) *prometheus.CounterVec {
-		x := prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "triplane", Subsystem: "data", Name: name, Help: help}, labels)
-		if reg != nil {
-			reg.MustRegister(x)
-		}
-		return x
+		return promreg.Register(reg, prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "triplane", Subsystem: "data", Name: name, Help: help}, labels))
 	}
 	return &Metrics{
 		bytesSent:    v("bytes_sent_total", "Block bytes sent and acknowledged by the receiver.", "transport"),

@@ -1,6 +1,10 @@
 package frontend
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/triplane-dev/triplane/promreg"
+)
 
 type metrics struct {
 	requests, prefills *prometheus.CounterVec
@@ -24,8 +28,8 @@ func newMetrics(reg prometheus.Registerer) *metrics {
 		duration: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "triplane_frontend_request_seconds",
 			Help: "Time from request to last token.", Buckets: prometheus.ExponentialBuckets(0.005, 2, 14)}),
 	}
-	if reg != nil {
-		reg.MustRegister(m.requests, m.prefills, m.tokens, m.migrations, m.inflight, m.duration)
-	}
+	m.requests, m.prefills = promreg.Register(reg, m.requests), promreg.Register(reg, m.prefills)
+	m.tokens, m.migrations = promreg.Register(reg, m.tokens), promreg.Register(reg, m.migrations)
+	m.inflight, m.duration = promreg.Register(reg, m.inflight), promreg.Register(reg, m.duration)
 	return m
 }

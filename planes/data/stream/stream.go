@@ -31,6 +31,7 @@ import (
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/planes/data/accept"
 	"github.com/triplane-dev/triplane/planes/data/deadline"
+	"github.com/triplane-dev/triplane/promreg"
 )
 
 // MaxFrame bounds one frame's protobuf bytes.
@@ -96,11 +97,7 @@ type Metrics struct {
 // NewMetrics creates the metrics, registered with reg unless nil.
 func NewMetrics(reg prometheus.Registerer) *Metrics {
 	c := func(name, help string) prometheus.Counter {
-		x := prometheus.NewCounter(prometheus.CounterOpts{Namespace: "triplane", Subsystem: "stream", Name: name, Help: help})
-		if reg != nil {
-			reg.MustRegister(x)
-		}
-		return x
+		return promreg.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{Namespace: "triplane", Subsystem: "stream", Name: name, Help: help}))
 	}
 	return &Metrics{
 		opened:            c("opened_total", "Response streams opened."),

@@ -1,0 +1,54 @@
+package promreg_test
+
+import (
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/triplane-dev/triplane/promreg"
+)
+
+func counter() prometheus.Counter {
+	return prometheus.NewCounter(prometheus.CounterOpts{Name: "x_total", Help: "X."})
+}
+
+func value(t *testing.T, c prometheus.Counter) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetCounter().GetValue()
+}
+
+// The second registration of an equal collector gets the first one, so
+// both users count into one series; a nil registry registers nothing.
+func TestRegisterSharesAnEqualCollector(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	a := promreg.Register(reg, counter())
+	b := promreg.Register(reg, counter())
+	a.Inc()
+	b.Inc()
+	if value(t, a) != 2 || a != b {
+		t.Fatalf("two registrations count apart: %v, %v", value(t, a), value(t, b))
+	}
+	c := promreg.Register[prometheus.Counter](nil, counter())
+	c.Inc()
+	if value(t, a) != 2 {
+		t.Fatal("a nil registry's collector counted into the registered one")
+	}
+}
+
+// A collector that conflicts with a registered one (same name, other help)
+// is a programming error: it panics, as MustRegister does.
+func TestRegisterPanicsOnAConflict(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	promreg.Register(reg, counter())
+	defer func() {
+		if recover() == nil {
+			t.Fatal("a conflicting collector was registered without a panic")
+		}
+	}()
+	promreg.Register(reg, prometheus.NewCounter(prometheus.CounterOpts{Name: "x_total", Help: "Something else."}))
+}
