@@ -18,17 +18,26 @@ import (
 // or help: two pieces of code disagreeing on a metric) is a programming
 // error and panics, as MustRegister does.
 func Register[C prometheus.Collector](reg prometheus.Registerer, c C) C {
+	c, err := TryRegister(reg, c)
+	if err != nil {
+		panic(err)
+	}
+	return c
+}
+
+// TryRegister is Register returning the error it would panic with.
+func TryRegister[C prometheus.Collector](reg prometheus.Registerer, c C) (C, error) {
 	if reg == nil {
-		return c
+		return c, nil
 	}
 	if err := reg.Register(c); err != nil {
 		var are prometheus.AlreadyRegisteredError
 		if errors.As(err, &are) {
 			if existing, ok := are.ExistingCollector.(C); ok {
-				return existing
+				return existing, nil
 			}
 		}
-		panic(err)
+		return c, err
 	}
-	return c
+	return c, nil
 }

@@ -1,10 +1,11 @@
 package event
 
 import (
-	"errors"
 	"fmt"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/triplane-dev/triplane/promreg"
 )
 
 // Metrics are the event plane's counters.
@@ -47,46 +48,33 @@ func newMetrics(reg prometheus.Registerer) (*Metrics, error) {
 	// A second bus in the process (a node with two connections, say)
 	// shares the first one's series.
 	var err error
-	m.Published, err = register(reg, m.Published)
+	m.Published, err = promreg.TryRegister(reg, m.Published)
 	if err == nil {
-		m.Received, err = register(reg, m.Received)
+		m.Received, err = promreg.TryRegister(reg, m.Received)
 	}
 	if err == nil {
-		m.Malformed, err = register(reg, m.Malformed)
+		m.Malformed, err = promreg.TryRegister(reg, m.Malformed)
 	}
 	if err == nil {
-		m.TooLarge, err = register(reg, m.TooLarge)
+		m.TooLarge, err = promreg.TryRegister(reg, m.TooLarge)
 	}
 	if err == nil {
-		m.SlowConsumers, err = register(reg, m.SlowConsumers)
+		m.SlowConsumers, err = promreg.TryRegister(reg, m.SlowConsumers)
 	}
 	if err == nil {
-		m.Dropped, err = register(reg, m.Dropped)
+		m.Dropped, err = promreg.TryRegister(reg, m.Dropped)
 	}
 	if err == nil {
-		m.RequestErrors, err = register(reg, m.RequestErrors)
+		m.RequestErrors, err = promreg.TryRegister(reg, m.RequestErrors)
 	}
 	if err == nil {
-		m.DeadLettered, err = register(reg, m.DeadLettered)
+		m.DeadLettered, err = promreg.TryRegister(reg, m.DeadLettered)
 	}
 	if err == nil {
-		m.Busy, err = register(reg, m.Busy)
+		m.Busy, err = promreg.TryRegister(reg, m.Busy)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("event: register metrics: %w", err)
 	}
 	return m, nil
-}
-
-func register[C prometheus.Collector](reg prometheus.Registerer, c C) (C, error) {
-	if err := reg.Register(c); err != nil {
-		var are prometheus.AlreadyRegisteredError
-		if errors.As(err, &are) {
-			if existing, ok := are.ExistingCollector.(C); ok {
-				return existing, nil
-			}
-		}
-		return c, err
-	}
-	return c, nil
 }
