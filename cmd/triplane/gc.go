@@ -6,7 +6,6 @@ import (
 	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
-	"sync"
 )
 
 // batchGC sets the collector up for a command that allocates fast over a
@@ -23,7 +22,6 @@ func batchGC() {
 	}
 	debug.SetGCPercent(-1)
 	debug.SetMemoryLimit(batchHeap)
-	var once sync.Once
 	var watch func()
 	watch = func() {
 		// After each collection: a cleanup runs once its object is
@@ -32,10 +30,9 @@ func batchGC() {
 			s := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
 			metrics.Read(s)
 			if s[0].Value.Kind() == metrics.KindUint64 && s[0].Value.Uint64() > batchHeap/2 {
-				once.Do(func() {
-					debug.SetGCPercent(400)
-					debug.SetMemoryLimit(math.MaxInt64)
-				})
+				// The chain ends here: this runs once.
+				debug.SetGCPercent(400)
+				debug.SetMemoryLimit(math.MaxInt64)
 				return
 			}
 			watch()
