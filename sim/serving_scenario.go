@@ -125,10 +125,9 @@ type simRequest struct {
 }
 
 type servingRun struct {
-	r       *Run
-	workers map[string]*simWorker
-	order   []string
-	ix      *router.Index
+	r     *Run
+	order []string
+	ix    *router.Index
 	// seq is the routing shell's KV event consumer core, the one
 	// production runs: it orders each worker's events, buffers early ones
 	// and says when to repair a gap.
@@ -149,27 +148,26 @@ type servingRun struct {
 	routerBus *BusClient
 	// etcd is the simulated control plane: workers register there and the
 	// shell's discovery (listed) follows its watch.
-	etcd   *Etcd
-	listed map[string]bool
-	// workerAt and listedAt are workers and listed by position in order:
-	// the rounds and every route walk all workers, and looking each up by
-	// name was 2-3% of a run.
+	etcd *Etcd
+	// workerAt is each worker's running object and listedAt whether
+	// discovery lists it, by position in order (at): the rounds and every
+	// route walk all workers, and looking each up by name was 2-3% of a run.
 	workerAt []*simWorker
 	listedAt []bool
-	at       map[string]int // position in order
-	caughtUp bool           // the index was checked once every view caught up
+	at       map[string]int
+	caughtUp bool // the index was checked once every view caught up
 	reroutes uint64
 	cands    []router.Candidate // route's buffer
 }
 
 func driveServing(r *Run) Invariant {
-	s := &servingRun{r: r, workers: map[string]*simWorker{}, ix: router.NewIndex(servingIndexCap), bus: NewBus(r.World),
-		etcd: NewEtcd(r.World), listed: map[string]bool{},
+	s := &servingRun{r: r, ix: router.NewIndex(servingIndexCap), bus: NewBus(r.World),
+		etcd:   NewEtcd(r.World),
 		router: actors.Address{Kind: routerm.Kind, ID: "r0"}, bug: r.Opts.Bug, flights: router.NewFlights()}
 	s.loads = eventplane.NewLoadView(eventplane.AggregatorConfig{Now: r.World.Now})
 	s.seq = kvevents.NewSequencer(kvevents.SequencerConfig{MaxPending: servingMaxPending, Faults: r.Faults(),
 		// As the frontend: only workers discovery lists get a view.
-		Follows: func(w string) bool { return s.listed[w] },
+		Follows: s.isListed,
 		OnEvent: s.ix.ApplyKvEvent,
 		OnReset: func(worker string, blocks map[uint64]kvevents.Block, last uint64) {
 			s.ix.Reset(worker, slices.Sorted(maps.Keys(blocks)), last)
@@ -202,7 +200,7 @@ func driveServing(r *Run) Invariant {
 			w.After(10*time.Millisecond, func() { learn(key) })
 		case ok:
 			s.setListed(id, true)
-		case s.listed[id]:
+		case s.isListed(id):
 			s.setListed(id, false)
 			s.seq.Forget(id)
 			s.ix.RemoveWorker(id)
@@ -396,23 +394,25 @@ func (s *servingRun) newWorker(id string, epoch int) *simWorker {
 
 func (s *servingRun) fail(err error) { s.problems = append(s.problems, err) }
 
-// setListed records whether discovery lists worker id.
+// setListed records whether discovery lists worker id (only the
+// scenario's workers register).
 func (s *servingRun) setListed(id string, listed bool) {
-	if listed {
-		s.listed[id] = true
-	} else {
-		delete(s.listed, id)
-	}
 	if i, ok := s.at[id]; ok {
 		s.listedAt[i] = listed
 	}
 }
 
-// setWorker makes wk the running object of worker id (one of order).
-func (s *servingRun) setWorker(id string, wk *simWorker) {
-	s.workers[id] = wk
-	s.workerAt[s.at[id]] = wk
+// isListed reports whether discovery lists worker id.
+func (s *servingRun) isListed(id string) bool {
+	i, ok := s.at[id]
+	return ok && s.listedAt[i]
 }
+
+// worker is the running object of worker id (one of order).
+func (s *servingRun) worker(id string) *simWorker { return s.workerAt[s.at[id]] }
+
+// setWorker makes wk the running object of worker id (one of order).
+func (s *servingRun) setWorker(id string, wk *simWorker) { s.workerAt[s.at[id]] = wk }
 
 // request returns the request with the given id ("q" and its number in
 // decimal, as the requests are named), or nil. The number is read by hand
@@ -474,8 +474,8 @@ func (s *servingRun) route(req *simRequest) {
 		}
 		reply := m.(*triplanev1.RouteReply)
 		choice := reply.Worker
-		wk := s.workers[choice]
-		if !s.listed[choice] {
+		wk := s.worker(choice)
+		if !s.isListed(choice) {
 			if s.bug != BugStaleRoute {
 				// The decision waited (the router actor was recovering)
 				// and discovery has removed the worker since: route again.
@@ -730,7 +730,7 @@ func (s *servingRun) checkIndex() {
 		s.fail(fmt.Errorf("invariant bounds: index holds %d entries, cap %d", s.ix.Len(), servingIndexCap))
 	}
 	for _, id := range s.order {
-		wk := s.workers[id]
+		wk := s.worker(id)
 		// The same sets: as many blocks (the index holds a worker's block
 		// once), each of them cached. Walked in place: copying both sets
 		// into maps was 2% of a run.
@@ -754,7 +754,7 @@ func (s *servingRun) checkIndex() {
 // with an empty cache and a new epoch.
 func (s *servingRun) crashWorker(id string) {
 	w := s.r.World
-	wk := s.workers[id]
+	wk := s.worker(id)
 	if !wk.alive {
 		return
 	}
@@ -801,8 +801,14 @@ func (s *servingRun) check(r *Run) error {
 	}
 	// After the load every lease expired: discovery dropped every worker
 	// and the index keeps none of their blocks.
-	if len(s.listed) > 0 || s.ix.Len() > 0 {
-		return fmt.Errorf("invariant discovery: after every lease expired, discovery lists %d workers and the index holds %d blocks", len(s.listed), s.ix.Len())
+	listed := 0
+	for _, l := range s.listedAt {
+		if l {
+			listed++
+		}
+	}
+	if listed > 0 || s.ix.Len() > 0 {
+		return fmt.Errorf("invariant discovery: after every lease expired, discovery lists %d workers and the index holds %d blocks", listed, s.ix.Len())
 	}
 	for _, id := range s.order {
 		if n := s.flights.Len(id); n > 0 {
