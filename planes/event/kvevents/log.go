@@ -58,13 +58,8 @@ type Log struct {
 // retried page may find it gone and the router starts the dump over.
 type frozenDump struct {
 	eventID uint64
-	blocks  []frozenBlock // increasing hash
+	blocks  []hashedBlock // increasing hash
 	idle    int           // heartbeats since a page was served
-}
-
-type frozenBlock struct {
-	hash, parent uint64
-	hasParent    bool
 }
 
 // dumpIdleHeartbeats is the default of the heartbeat without a page that
@@ -354,12 +349,7 @@ func (l *Log) Resend(req *triplanev1.KvResendRequest, budget int64) *triplanev1.
 // freeze makes the frozen dump a copy of the mirror now, replacing the one
 // there was.
 func (l *Log) freeze() {
-	f := &frozenDump{eventID: l.last, blocks: make([]frozenBlock, 0, l.blocks.Len())}
-	l.blocks.Each(func(h uint64, b Block) {
-		f.blocks = append(f.blocks, frozenBlock{hash: h, parent: b.Parent, hasParent: b.HasParent})
-	})
-	slices.SortFunc(f.blocks, func(a, b frozenBlock) int { return cmp.Compare(a.hash, b.hash) })
-	l.frozen = f
+	l.frozen = &frozenDump{eventID: l.last, blocks: sortedBlocks(&l.blocks)}
 }
 
 // page is the page of the frozen dump after the hash after (from the start
@@ -371,7 +361,7 @@ func (l *Log) page(after *uint64, budget int64) *triplanev1.KvDump {
 	f.idle = 0
 	start := 0
 	if after != nil {
-		start, _ = slices.BinarySearchFunc(f.blocks, *after, func(b frozenBlock, h uint64) int { return cmp.Compare(b.hash, h) })
+		start, _ = slices.BinarySearchFunc(f.blocks, *after, func(b hashedBlock, h uint64) int { return cmp.Compare(b.hash, h) })
 		if start < len(f.blocks) && f.blocks[start].hash == *after {
 			start++
 		}
@@ -393,26 +383,15 @@ func (l *Log) page(after *uint64, budget int64) *triplanev1.KvDump {
 		if b.hash != 0 {
 			n += protowire.SizeTag(1) + protowire.SizeVarint(b.hash)
 		}
-		if b.hasParent {
-			n += protowire.SizeTag(2) + protowire.SizeVarint(b.parent)
+		if b.HasParent {
+			n += protowire.SizeTag(2) + protowire.SizeVarint(b.Parent)
 		}
 		if size += int64(protowire.SizeTag(2) + protowire.SizeBytes(n)); size > budget && end > start {
 			break
 		}
 	}
 	d.More = end < len(f.blocks)
-	// The blocks and their parents in one allocation each.
-	blocks := make([]triplanev1.KvDumpBlock, end-start)
-	parents := make([]uint64, end-start)
-	d.Blocks = make([]*triplanev1.KvDumpBlock, end-start)
-	for i, b := range f.blocks[start:end] {
-		blocks[i].Hash = b.hash
-		if b.hasParent {
-			parents[i] = b.parent
-			blocks[i].ParentHash = &parents[i]
-		}
-		d.Blocks[i] = &blocks[i]
-	}
+	d.Blocks = dumpBlocksOf(f.blocks[start:end])
 	return d
 }
 

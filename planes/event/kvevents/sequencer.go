@@ -98,13 +98,7 @@ type pagedDump struct {
 	// blocks are kept compact (24 bytes each, not a decoded message of
 	// about 80): a router may hold MaxBlocksPerWorker of them for every
 	// worker under repair.
-	blocks []dumpBlock
-}
-
-// dumpBlock is one block of a paged dump being assembled.
-type dumpBlock struct {
-	hash, parent uint64
-	hasParent    bool
+	blocks []hashedBlock
 }
 
 // Sequencer is the consumer's logic without its goroutines, lock, timers or
@@ -505,7 +499,7 @@ func (s *Sequencer) dumpPage(worker string, v *workerView, d *triplanev1.KvDump)
 		a.after = d.Blocks[n-1].Hash
 		keep := min(n, s.cfg.MaxBlocksPerWorker-len(a.blocks))
 		for _, b := range d.Blocks[:keep] {
-			a.blocks = append(a.blocks, dumpBlock{hash: b.Hash, parent: b.GetParentHash(), hasParent: b.ParentHash != nil})
+			a.blocks = append(a.blocks, hashedBlock{b.Hash, Block{Parent: b.GetParentHash(), HasParent: b.ParentHash != nil}})
 		}
 		// Received and not kept: past MaxBlocksPerWorker. Only what
 		// came counts, not the total the worker claims.
@@ -520,7 +514,7 @@ func (s *Sequencer) dumpPage(worker string, v *workerView, d *triplanev1.KvDump)
 	s.stats.Dumps++
 	s.resetView(worker, v, a.eventID, func(m *blockmap.Map[Block]) {
 		for _, b := range a.blocks {
-			m.Set(b.hash, Block{Parent: b.parent, HasParent: b.hasParent})
+			m.Set(b.hash, b.Block)
 		}
 	})
 	// A dump applied is progress, even one that replaced another (it
@@ -630,15 +624,38 @@ func (s *Sequencer) Stats() Stats { return s.stats }
 // dump lists blocks sorted by hash, so that the same blocks always give the
 // same message (the simulator compares runs).
 func dump(blocks *blockmap.Map[Block], last uint64) *triplanev1.KvDump {
-	d := &triplanev1.KvDump{EventId: last, Blocks: make([]*triplanev1.KvDumpBlock, 0, blocks.Len())}
-	blocks.Each(func(h uint64, b Block) {
-		db := &triplanev1.KvDumpBlock{Hash: h}
+	return &triplanev1.KvDump{EventId: last, Blocks: dumpBlocksOf(sortedBlocks(blocks))}
+}
+
+// hashedBlock is a block with its hash, compact (24 bytes, against about 80
+// for a decoded KvDumpBlock): what a worker's frozen dump and a router's
+// dump being assembled keep, up to a whole pool of them.
+type hashedBlock struct {
+	hash uint64
+	Block
+}
+
+// sortedBlocks copies blocks, sorted by hash.
+func sortedBlocks(blocks *blockmap.Map[Block]) []hashedBlock {
+	out := make([]hashedBlock, 0, blocks.Len())
+	blocks.Each(func(h uint64, b Block) { out = append(out, hashedBlock{h, b}) })
+	slices.SortFunc(out, func(a, b hashedBlock) int { return cmp.Compare(a.hash, b.hash) })
+	return out
+}
+
+// dumpBlocksOf is the dump message's blocks for bs, in order: the blocks
+// and their parents in one allocation each.
+func dumpBlocksOf(bs []hashedBlock) []*triplanev1.KvDumpBlock {
+	blocks := make([]triplanev1.KvDumpBlock, len(bs))
+	parents := make([]uint64, len(bs))
+	out := make([]*triplanev1.KvDumpBlock, len(bs))
+	for i, b := range bs {
+		blocks[i].Hash = b.hash
 		if b.HasParent {
-			p := b.Parent
-			db.ParentHash = &p
+			parents[i] = b.Parent
+			blocks[i].ParentHash = &parents[i]
 		}
-		d.Blocks = append(d.Blocks, db)
-	})
-	slices.SortFunc(d.Blocks, func(a, b *triplanev1.KvDumpBlock) int { return cmp.Compare(a.Hash, b.Hash) })
-	return d
+		out[i] = &blocks[i]
+	}
+	return out
 }
