@@ -461,12 +461,13 @@ func (e *Engine) Quiet() (n int, each time.Duration) {
 		if s.computed < s.prompt || !s.reported {
 			return 0, 0
 		}
-		l := len(s.tokens)
 		// The j-th iteration from now appends token l+j: its block must be
-		// allocated, the block it completes must be the one after the
-		// registered ones at most (computed is l+j-1), and it must not be
-		// the last token.
-		n = min(n, len(s.blocks)*bs-l, (len(s.hashes)+1)*bs-l, s.maxTokens-s.generated-1)
+		// allocated already, and it must not be the last token. Nothing
+		// is registered meanwhile: a decoding sequence holds ceil(l/bs)
+		// blocks at most, its full ones registered, so every token of the
+		// row falls in its last block, which fills (its last token's KV
+		// computed) only at the iteration after the row.
+		n = min(n, len(s.blocks)*bs-len(s.tokens), s.maxTokens-s.generated-1)
 	}
 	if n <= 0 {
 		return 0, 0
