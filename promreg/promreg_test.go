@@ -35,8 +35,22 @@ func TestRegisterSharesAnEqualCollector(t *testing.T) {
 	}
 	c := promreg.Register[prometheus.Counter](nil, counter())
 	c.Inc()
-	if value(t, a) != 2 {
+	if value(t, a) != 2 || c == a || value(t, c) != 1 {
 		t.Fatal("a nil registry's collector counted into the registered one")
+	}
+	if prometheus.DefaultRegisterer.Unregister(c) {
+		t.Fatal("a nil registry registered on the default one")
+	}
+}
+
+// A registered collector of another type under the same description is
+// an error TryRegister returns (and Register panics with).
+func TestTryRegisterRefusesAnotherType(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	promreg.Register(reg, counter())
+	g := prometheus.NewGauge(prometheus.GaugeOpts{Name: "x_total", Help: "X."})
+	if got, err := promreg.TryRegister(reg, g); err == nil || got != g {
+		t.Fatalf("a gauge where a counter is registered: %v, %v", got, err)
 	}
 }
 

@@ -15,6 +15,7 @@ import (
 
 	"github.com/triplane-dev/triplane/engine"
 	"github.com/triplane-dev/triplane/engine/mocker"
+	"github.com/triplane-dev/triplane/fault"
 	"github.com/triplane-dev/triplane/workload"
 )
 
@@ -661,17 +662,25 @@ func TestQuietBounds(t *testing.T) {
 		t.Fatalf("after the row: %d quiet", n)
 	}
 
+	add := func(e *mocker.Engine, id string, toks []uint32, max int) {
+		t.Helper()
+		if err := e.Add(engine.Request{ID: id, Tokens: toks, MaxTokens: max}); err != nil {
+			t.Fatal(err)
+		}
+	}
 	// The last token finishes a request: the row stops before it.
 	e = newEngine(t, mocker.Config{BlockSize: 64, NumBlocks: 64})
-	_ = e.Add(engine.Request{ID: "b", Tokens: prompt(6, 1), MaxTokens: 5})
+	add(e, "b", prompt(6, 1), 5)
 	e.Step() // token 1 of 5
 	if n, _ := e.Quiet(); n != 3 {
 		t.Fatalf("tokens 2-4 of 5 are quiet, the 5th finishes: Quiet %d", n)
 	}
 	// Events raised between steps go out with the next Step.
-	_, _ = e.ReserveImport("im", []uint64{1, 2, 3})
+	if _, err := e.ReserveImport("im", []uint64{1, 2, 3}); err != nil {
+		t.Fatal(err)
+	}
 	e.AbortImport("im")
-	_ = e.Clear() // drops nothing (b holds its blocks) but announces nothing either
+	e.Clear() // hands back its own events: none stays pending
 	if n, _ := e.Quiet(); n != 3 {
 		t.Fatalf("nothing pending: Quiet %d", n)
 	}
@@ -679,7 +688,7 @@ func TestQuietBounds(t *testing.T) {
 	// More running sequences than the batch's tokens: some wait a turn.
 	e = newEngine(t, mocker.Config{BlockSize: 64, NumBlocks: 64, MaxBatchTokens: 20})
 	for i := range 3 {
-		_ = e.Add(engine.Request{ID: fmt.Sprint(i), Tokens: prompt(6, 1), MaxTokens: 30})
+		add(e, fmt.Sprint(i), prompt(6, 1), 30)
 	}
 	e.Step()
 	if n, _ := e.Quiet(); n == 0 {
@@ -687,21 +696,27 @@ func TestQuietBounds(t *testing.T) {
 	}
 	e = newEngine(t, mocker.Config{BlockSize: 64, NumBlocks: 64, MaxBatchTokens: 2})
 	for i := range 3 {
-		_ = e.Add(engine.Request{ID: fmt.Sprint(i), Tokens: prompt(1, 1), MaxTokens: 30})
+		add(e, fmt.Sprint(i), prompt(1, 1), 30)
 	}
 	for range 3 {
 		e.Step()
+	}
+	if l := e.Load(); l.Active != 3 || l.Waiting != 0 {
+		t.Fatalf("precondition: 3 running, none waiting: %+v", l)
 	}
 	if n, _ := e.Quiet(); n != 0 {
 		t.Fatalf("3 sequences, 2 tokens a batch: Quiet %d", n)
 	}
 
-	// Fault points could fire in any iteration: never quiet.
-	e = newEngine(t, mocker.Config{BlockSize: 64, NumBlocks: 64, Faults: never{}})
-	_ = e.Add(engine.Request{ID: "c", Tokens: prompt(6, 1), MaxTokens: 30})
-	e.Step()
-	if n, _ := e.Quiet(); n != 0 {
-		t.Fatalf("with fault points: Quiet %d", n)
+	// Fault points could fire in any iteration: never quiet (the same
+	// engine without them is).
+	for _, faults := range []fault.Points{nil, never{}} {
+		e = newEngine(t, mocker.Config{BlockSize: 64, NumBlocks: 64, Faults: faults})
+		add(e, "c", prompt(6, 1), 30)
+		e.Step()
+		if n, _ := e.Quiet(); (n == 0) != (faults != nil) {
+			t.Fatalf("fault points %v: Quiet %d", faults, n)
+		}
 	}
 }
 
@@ -771,7 +786,24 @@ func TestHitRateCountsEachPromptOnce(t *testing.T) {
 	e := newEngine(t, mocker.Config{BlockSize: 4, NumBlocks: 5, MaxBatchTokens: 8})
 	_ = e.Add(engine.Request{ID: "a", Tokens: prompt(12, 1), MaxTokens: 4})
 	_ = e.Add(engine.Request{ID: "b", Tokens: prompt(12, 500), MaxTokens: 2})
-	outs, _, _ := run(t, e)
+	// The scenario needs b preempted: both running, then one waiting again.
+	outs := map[string][]engine.Output{}
+	both, preempted := false, false
+	for i := 0; !e.Idle(); i++ {
+		if i > 1000 {
+			t.Fatal("engine never went idle")
+		}
+		for _, o := range e.Step().Outputs {
+			o.Tokens = slices.Clone(o.Tokens)
+			outs[o.ID] = append(outs[o.ID], o)
+		}
+		l := e.Load()
+		both = both || l.Active == 2
+		preempted = preempted || (both && l.Waiting == 1)
+	}
+	if !preempted {
+		t.Fatal("precondition: b was never preempted")
+	}
 	for _, id := range []string{"a", "b"} {
 		if n, last := tokens(outs[id]); n == 0 || !last.Finished || last.Reason != "length" {
 			t.Fatalf("%s: %d tokens, last %+v", id, n, last)

@@ -22,18 +22,6 @@ import (
 // what reaches it; they read the mailbox's length, which only they and
 // the worker under test write to.
 
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(time.Millisecond)
-	}
-}
-
 // block queues an op that occupies the engine goroutine until release is
 // called (at the latest when the test ends, so a failing test does not
 // hang in Close); running is closed once the engine goroutine runs it.
@@ -110,7 +98,7 @@ func TestCancelledDuringImportIsNotAdded(t *testing.T) {
 	running1, release1 := block(t, w)
 	<-running1
 	s.Close()
-	waitFor(t, "the import's abort", func() bool { return len(w.inbox) == 1 })
+	planetest.Eventually(t, "the import's abort", func() bool { return len(w.inbox) == 1 })
 	// A second hold behind the abort: once the abort ran, whatever the
 	// handler queues next stays in the mailbox where the test sees it.
 	running2, release2 := block(t, w)
@@ -121,7 +109,7 @@ func TestCancelledDuringImportIsNotAdded(t *testing.T) {
 		defer w.mu.Unlock()
 		return w.reqs["r"] == nil
 	}
-	waitFor(t, "the handler to end or queue the request", func() bool { return gone() || len(w.inbox) > 0 })
+	planetest.Eventually(t, "the handler to end or queue the request", func() bool { return gone() || len(w.inbox) > 0 })
 	if !gone() || len(w.inbox) > 0 {
 		t.Fatal("the request was handed to the engine after its frontend went away")
 	}
@@ -130,7 +118,7 @@ func TestCancelledDuringImportIsNotAdded(t *testing.T) {
 		t.Fatalf("stats %+v: an abandoned import is neither a fallback nor a remote prefill", st)
 	}
 	// The reservation was given up: no block is held.
-	waitFor(t, "the engine to hold no block", func() bool {
+	planetest.Eventually(t, "the engine to hold no block", func() bool {
 		var used int
 		if err := w.onEngine(func() { used = w.eng.Load().BlocksUsed }); err != nil {
 			t.Fatal(err)
@@ -178,7 +166,7 @@ func TestCancelSurvivesAFullMailbox(t *testing.T) {
 		t.Fatalf("mailbox holds %d of %d", len(w.inbox), cap(w.inbox))
 	}
 	s.Close() // the client goes away: the handler cancels and ends
-	waitFor(t, "the handler to end", func() bool {
+	planetest.Eventually(t, "the handler to end", func() bool {
 		w.mu.Lock()
 		defer w.mu.Unlock()
 		return w.reqs["r"] == nil
@@ -191,7 +179,7 @@ func TestCancelSurvivesAFullMailbox(t *testing.T) {
 		t.Fatalf("%v cancels dropped", v)
 	}
 	// The load the worker reports follows (no step comes to refresh it).
-	waitFor(t, "the reported load to drop the cancelled request", func() bool { return w.Load().Active == 0 })
+	planetest.Eventually(t, "the reported load to drop the cancelled request", func() bool { return w.Load().Active == 0 })
 }
 
 func testCounter(t *testing.T, c prometheus.Counter) float64 {

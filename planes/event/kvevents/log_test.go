@@ -82,9 +82,10 @@ func appendN(l *kvevents.Log, rng *rand.Rand, n int) []*triplanev1.KvEventBatch 
 }
 
 // repairAll runs the worker's repair against l until it stops, as the
-// consumer's repairer does, without waiting between failures (a dump the
-// log lost and replaced is one: FaultDumpLost). Giving up fails the test.
-func repairAll(t *testing.T, s *kvevents.Sequencer, l *kvevents.Log, worker string, budget int64) (requests int) {
+// consumer's repairer does, without waiting between failures. A failed
+// request (a dump the log lost and replaced: FaultDumpLost) fails the test
+// unless failures are expected; giving up always does.
+func repairAll(t *testing.T, s *kvevents.Sequencer, l *kvevents.Log, worker string, budget int64, failures bool) (requests int) {
 	t.Helper()
 	for ; requests < 10000; requests++ {
 		req, epoch, ok := s.RepairRequest(worker)
@@ -96,6 +97,10 @@ func repairAll(t *testing.T, s *kvevents.Sequencer, l *kvevents.Log, worker stri
 			return requests + 1
 		case kvevents.RepairGaveUp:
 			t.Fatalf("repair from the log gave up: %+v", res)
+		case kvevents.RepairAfterBackoff:
+			if !failures {
+				t.Fatalf("a repair request from the log failed: %+v", res)
+			}
 		}
 	}
 	t.Fatalf("repair of %s did not end", worker)
@@ -226,7 +231,7 @@ func TestLogAppendAllSendsAnIterationAsOneBatch(t *testing.T) {
 	// A sequencer fed the batches sees what the log has.
 	s := kvevents.NewSequencer(kvevents.SequencerConfig{})
 	ingest(t, s, l.Heartbeat(), true)
-	repairAll(t, s, l, "w1", math.MaxInt64)
+	repairAll(t, s, l, "w1", math.MaxInt64, false)
 	wantConverged(t, s, l, "w1")
 }
 
@@ -381,7 +386,7 @@ func TestLogSplitsResendsByBudget(t *testing.T) {
 	// The consumer gets the rest by asking again.
 	s := kvevents.NewSequencer(kvevents.SequencerConfig{})
 	ingest(t, s, l.Heartbeat(), true)
-	if n := repairAll(t, s, l, "w1", 3*one); n != 4 {
+	if n := repairAll(t, s, l, "w1", 3*one, false); n != 4 {
 		t.Fatalf("%d requests for 10 events 3 at a time", n)
 	}
 	wantConverged(t, s, l, "w1")
@@ -456,7 +461,7 @@ func TestLogFaultPoints(t *testing.T) {
 			t.Fatalf("a dump lost: %+v", res)
 		}
 		delete(p, kvevents.FaultDumpLost)
-		repairAll(t, s, l, "w1", 256)
+		repairAll(t, s, l, "w1", 256, false)
 		wantConverged(t, s, l, "w1")
 		if st := s.Stats(); st.DumpRestarts != 1 || st.Dumps != 1 || st.StalePages != 0 {
 			t.Fatalf("stats %v", st)
@@ -476,11 +481,11 @@ func TestLogFaultPoints(t *testing.T) {
 			if repair, err := s.Ingest(b); err != nil {
 				t.Fatal(err)
 			} else if repair {
-				repairAll(t, s, l, "w1", 200) // dumps of a few pages
+				repairAll(t, s, l, "w1", 200, true) // dumps of a few pages, lost half the time
 			}
 		}
 		if repair, _ := s.Ingest(l.Heartbeat()); repair {
-			repairAll(t, s, l, "w1", 200)
+			repairAll(t, s, l, "w1", 200, true)
 		}
 		wantConverged(t, s, l, "w1")
 		for _, f := range kvevents.FaultPoints {
@@ -836,7 +841,7 @@ func TestSequencerRepairsThroughDumpPages(t *testing.T) {
 	}
 	// A lost tail shows in the next heartbeat.
 	if repair, _ := s.Ingest(l.Heartbeat()); repair {
-		repairAll(t, s, l, "w1", 2048)
+		repairAll(t, s, l, "w1", 2048, false)
 	}
 	wantConverged(t, s, l, "w1")
 	if st := s.Stats(); st.DumpPages < 10 || st.Dumps != 1 || st.DumpRestarts != 0 || st.StalePages != 0 {
