@@ -4,22 +4,13 @@ import (
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 
+	"github.com/triplane-dev/triplane/planetest"
 	"github.com/triplane-dev/triplane/promreg"
 )
 
 func counter() prometheus.Counter {
 	return prometheus.NewCounter(prometheus.CounterOpts{Name: "x_total", Help: "X."})
-}
-
-func value(t *testing.T, c prometheus.Counter) float64 {
-	t.Helper()
-	var m dto.Metric
-	if err := c.Write(&m); err != nil {
-		t.Fatal(err)
-	}
-	return m.GetCounter().GetValue()
 }
 
 // The second registration of an equal collector gets the first one, so
@@ -30,12 +21,12 @@ func TestRegisterSharesAnEqualCollector(t *testing.T) {
 	b := promreg.Register(reg, counter())
 	a.Inc()
 	b.Inc()
-	if value(t, a) != 2 || a != b {
-		t.Fatalf("two registrations count apart: %v, %v", value(t, a), value(t, b))
+	if planetest.CounterValue(t, a) != 2 || a != b {
+		t.Fatalf("two registrations count apart: %v, %v", planetest.CounterValue(t, a), planetest.CounterValue(t, b))
 	}
 	c := promreg.Register[prometheus.Counter](nil, counter())
 	c.Inc()
-	if value(t, a) != 2 || c == a || value(t, c) != 1 {
+	if planetest.CounterValue(t, a) != 2 || c == a || planetest.CounterValue(t, c) != 1 {
 		t.Fatal("a nil registry's collector counted into the registered one")
 	}
 	if prometheus.DefaultRegisterer.Unregister(c) {

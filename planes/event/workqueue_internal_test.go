@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
-	dto "github.com/prometheus/client_model/go"
 
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/planetest"
@@ -59,11 +58,7 @@ func TestDeadLetterTwiceKeepsOne(t *testing.T) {
 	if len(dl) != 2 || dl[0].Value.GetText() != "a" || dl[1].Value.GetText() != "b" {
 		t.Fatalf("dead letters %v, want a and b once each", dl)
 	}
-	var c dto.Metric
-	if err := b.metrics.DeadLettered.Write(&c); err != nil {
-		t.Fatal(err)
-	}
-	if got := c.GetCounter().GetValue(); got != 2 {
+	if got := planetest.CounterValue(t, b.metrics.DeadLettered); got != 2 {
 		t.Fatalf("dead-lettered counted %v, want 2", got)
 	}
 }

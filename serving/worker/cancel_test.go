@@ -7,8 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/triplane-dev/triplane/engine/mocker"
@@ -175,18 +173,9 @@ func TestCancelSurvivesAFullMailbox(t *testing.T) {
 	if !<-idle {
 		t.Fatal("the engine still runs the request after its client went away and the mailbox was full")
 	}
-	if v := testCounter(t, w.metrics.droppedCancels); v != 0 {
+	if v := planetest.CounterValue(t, w.metrics.droppedCancels); v != 0 {
 		t.Fatalf("%v cancels dropped", v)
 	}
 	// The load the worker reports follows (no step comes to refresh it).
 	planetest.Eventually(t, "the reported load to drop the cancelled request", func() bool { return w.Load().Active == 0 })
-}
-
-func testCounter(t *testing.T, c prometheus.Counter) float64 {
-	t.Helper()
-	var m dto.Metric
-	if err := c.Write(&m); err != nil {
-		t.Fatal(err)
-	}
-	return m.GetCounter().GetValue()
 }
