@@ -101,6 +101,22 @@ type Machine interface {
 	Apply(state proto.Message, event proto.Message) error
 }
 
+// Upgrader is implemented by a machine whose state's stored form changed
+// in a way older snapshots still decode (SchemaVersion unchanged): Upgrade
+// brings a state decoded from such a snapshot to the form replaying the
+// journal gives, so that the two compare equal. It must keep what the old
+// form held and change nothing in a state already in the current form.
+type Upgrader interface {
+	Upgrade(state proto.Message)
+}
+
+// Upgrade upgrades a state decoded from a snapshot, if m changed the form.
+func Upgrade(m Machine, state proto.Message) {
+	if u, ok := m.(Upgrader); ok {
+		u.Upgrade(state)
+	}
+}
+
 // Registry maps actor kinds to their machines.
 type Registry struct {
 	machines map[string]Machine

@@ -70,6 +70,7 @@ func Recover(ctx context.Context, j *journal.Journal, snaps *journal.Snapshots, 
 				log.Warn("snapshot state does not decode, replaying the journal", "actor", m.Kind()+"/"+id, "seq", snap.Seq, "err", uerr)
 				r.SnapshotSkipped = "undecodable"
 			} else {
+				Upgrade(m, st)
 				r.State = st
 				r.Pos = journal.Position{Seq: snap.Seq, Stream: snap.JournalPosition}
 				r.FromSnapshot = snap.Seq

@@ -19,6 +19,7 @@ import (
 	"github.com/triplane-dev/triplane/actors"
 	"github.com/triplane-dev/triplane/actors/all"
 	"github.com/triplane-dev/triplane/actors/ledger"
+	routerm "github.com/triplane-dev/triplane/actors/router"
 	"github.com/triplane-dev/triplane/embedded"
 	"github.com/triplane-dev/triplane/journal"
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
@@ -878,5 +879,58 @@ func TestVerifyWhileTheJournalGrows(t *testing.T) {
 	appendBatch(t, f.j, "ledger", "c", f.pos["c"][0], t0.Add(time.Hour), "late", &triplanev1.LedgerDeposited{Amount: 1})
 	if c := f.r.verifyActor(ctx, "ledger", "c", &info, false, nil, nil); c.Status != StatusOK || c.Replayed != 1 {
 		t.Fatalf("an actor that went on during verify: %s %v", c.Status, c.Notes)
+	}
+}
+
+// A router snapshot taken before RouterState.workers holds its counters in
+// the per_worker map. Verify upgrades it before comparing, and recovery
+// from it goes on counting; a snapshot in that form with a wrong counter
+// still diverges.
+func TestVerifyUpgradesOldRouterSnapshots(t *testing.T) {
+	f := newFixture(t)
+	ctx := ctxT(t)
+	f.r.Snapshots = openSnaps(t)
+	var pos journal.Position
+	for i, w := range []string{"b", "a", "b"} {
+		pos = appendBatch(t, f.j, routerm.Kind, "r", pos, t0.Add(time.Duration(i)*time.Second), "route-"+w,
+			&triplanev1.RouteDecided{RequestId: "q" + w, Worker: w, Blocks: 1})
+	}
+	old := func(b uint64) *triplanev1.RouterState {
+		return &triplanev1.RouterState{Id: "r", Decisions: 3, Blocks: 3, PerWorker: map[string]uint64{"a": 1, "b": b}}
+	}
+	save := func(st *triplanev1.RouterState) {
+		snap, err := actors.NewSnapshot(routerm.Machine{}, "r", st, pos, t0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := f.r.Snapshots.Save(snap); err != nil {
+			t.Fatal(err)
+		}
+	}
+	save(old(2))
+	rep, err := f.r.Verify(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c := findCheck(t, rep, "router/r"); c.Status != StatusOK || c.SnapshotSeq != 3 {
+		t.Fatalf("old-form snapshot: %s %v", c.Status, c.Notes)
+	}
+	rec, err := actors.Recover(ctx, f.j, f.r.Snapshots, routerm.Machine{}, "r", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := &triplanev1.RouterState{Id: "r", Decisions: 3, Blocks: 3,
+		Workers: []*triplanev1.WorkerDecisions{{Worker: "a", Decisions: 1}, {Worker: "b", Decisions: 2}}}
+	if rec.FromSnapshot != 3 || !proto.Equal(rec.State, want) {
+		t.Fatalf("recovered from seq %d: %v, want %v", rec.FromSnapshot, rec.State, want)
+	}
+
+	save(old(5))
+	rep, err = f.r.Verify(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c := findCheck(t, rep, "router/r"); c.Status != StatusDiverged {
+		t.Fatalf("old-form snapshot with a wrong counter: %s %v", c.Status, c.Notes)
 	}
 }

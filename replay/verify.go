@@ -280,6 +280,7 @@ func (r *Replayer) verifyActor(ctx context.Context, kind, id string, info *journ
 			snap.Seq, snap.State.GetTypeUrl(), snapState.ProtoReflect().Descriptor().FullName(), err)
 		return c
 	}
+	actors.Upgrade(m, snapState)
 	if info == nil {
 		c.DivergedAt = 1
 		c.note(StatusDiverged, "the journal has no events of this actor but its snapshot is at seq %d (a wiped or different journal?)", snap.Seq)

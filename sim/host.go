@@ -97,6 +97,7 @@ func (h *Host) recover(s *simActor) {
 	if h.Disk != nil {
 		st := s.m.Initial(s.addr.ID)
 		if pos, ok := h.Disk.Newest(s.addr, h.j.Highest(s.addr).Seq, st); ok {
+			actors.Upgrade(s.m, st)
 			s.state, from = st, pos.Seq
 			h.traceSeq(s.addr, " recovering from its snapshot at seq ", pos.Seq)
 		}

@@ -13,7 +13,10 @@ package router
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"math"
+	"slices"
+	"strings"
 
 	"google.golang.org/protobuf/proto"
 
@@ -45,7 +48,41 @@ var _ actors.Machine = Machine{}
 func (Machine) Kind() string          { return Kind }
 func (Machine) SchemaVersion() uint32 { return 1 }
 func (Machine) Initial(id string) proto.Message {
-	return &triplanev1.RouterState{Id: id, PerWorker: map[string]uint64{}}
+	return &triplanev1.RouterState{Id: id}
+}
+
+// Upgrade moves the per-worker counters of a snapshot taken before
+// RouterState.workers into that list, the form replaying the journal
+// gives.
+func (Machine) Upgrade(state proto.Message) {
+	s := state.(*triplanev1.RouterState)
+	if len(s.PerWorker) == 0 {
+		s.PerWorker = nil
+		return
+	}
+	for _, w := range slices.Sorted(maps.Keys(s.PerWorker)) {
+		workerCounter(s, w, true).Decisions += s.PerWorker[w]
+	}
+	s.PerWorker = nil
+}
+
+// workerCounter returns w's counter in s, added in its place in the order
+// of workers if missing. Past MaxTrackedWorkers counters a new worker's
+// decisions go to OtherWorkers' counter, unless all is set (an upgrade
+// keeps every counter a snapshot held).
+func workerCounter(s *triplanev1.RouterState, w string, all bool) *triplanev1.WorkerDecisions {
+	at := func(w string) (int, bool) {
+		return slices.BinarySearchFunc(s.Workers, w, func(c *triplanev1.WorkerDecisions, w string) int { return strings.Compare(c.Worker, w) })
+	}
+	i, ok := at(w)
+	if !ok && !all && len(s.Workers) >= MaxTrackedWorkers {
+		w = OtherWorkers
+		i, ok = at(w)
+	}
+	if !ok {
+		s.Workers = slices.Insert(s.Workers, i, &triplanev1.WorkerDecisions{Worker: w})
+	}
+	return s.Workers[i]
 }
 
 func (Machine) Decide(state proto.Message, cmd actors.Command) actors.Decision {
@@ -179,14 +216,10 @@ func (Machine) Apply(state proto.Message, event proto.Message) error {
 		s.Decisions++
 		s.Blocks += uint64(e.Blocks)
 		s.OverlapBlocks += uint64(e.Overlap)
-		if s.PerWorker == nil {
-			s.PerWorker = map[string]uint64{}
+		if s.PerWorker != nil { // a snapshot not upgraded
+			Machine{}.Upgrade(s)
 		}
-		key := e.Worker
-		if _, ok := s.PerWorker[key]; !ok && len(s.PerWorker) >= MaxTrackedWorkers {
-			key = OtherWorkers
-		}
-		s.PerWorker[key]++
+		workerCounter(s, e.Worker, false).Decisions++
 	default:
 		return fmt.Errorf("router: unknown event %T", event)
 	}

@@ -35,7 +35,7 @@ func TestDecideJournalsReasons(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := s.(*triplanev1.RouterState)
-	if st.Decisions != 1 || st.PerWorker["hot"] != 1 || st.OverlapBlocks != 6 || st.Blocks != 8 {
+	if st.Decisions != 1 || decisionsOf(st, "hot") != 1 || len(st.Workers) != 1 || st.OverlapBlocks != 6 || st.Blocks != 8 {
 		t.Fatalf("state %v", st)
 	}
 	// Same state and command: same decision (replay).
@@ -117,13 +117,83 @@ func TestDecideTakesDistinctWorkers(t *testing.T) {
 	}
 }
 
+func decisionsOf(s *triplanev1.RouterState, worker string) uint64 {
+	for _, w := range s.Workers {
+		if w.Worker == worker {
+			return w.Decisions
+		}
+	}
+	return 0
+}
+
 func TestPerWorkerCountersBounded(t *testing.T) {
 	m := routerm.Machine{}
 	s := m.Initial("r").(*triplanev1.RouterState)
-	for i := range routerm.MaxTrackedWorkers + 50 {
+	n := routerm.MaxTrackedWorkers + 50
+	for i := range n {
 		_ = m.Apply(s, &triplanev1.RouteDecided{Worker: "w" + string(rune('a'+i%26)) + strings.Repeat("x", i/26)})
 	}
-	if len(s.PerWorker) > routerm.MaxTrackedWorkers+1 || s.PerWorker[routerm.OtherWorkers] == 0 {
-		t.Fatalf("%d counters, other %d", len(s.PerWorker), s.PerWorker[routerm.OtherWorkers])
+	// The first MaxTrackedWorkers workers keep their own counters; the
+	// last 50 share OtherWorkers'.
+	if len(s.Workers) != routerm.MaxTrackedWorkers+1 || decisionsOf(s, routerm.OtherWorkers) != 50 {
+		t.Fatalf("%d counters, other %d", len(s.Workers), decisionsOf(s, routerm.OtherWorkers))
+	}
+	for i, w := range s.Workers {
+		if i > 0 && s.Workers[i-1].Worker >= w.Worker {
+			t.Fatalf("counters out of order at %d: %q then %q", i, s.Workers[i-1].Worker, w.Worker)
+		}
+	}
+	// A worker counted before the bound keeps counting under its name.
+	_ = m.Apply(s, &triplanev1.RouteDecided{Worker: "wa"})
+	if decisionsOf(s, "wa") != 2 || decisionsOf(s, routerm.OtherWorkers) != 50 {
+		t.Fatalf("wa %d, other %d", decisionsOf(s, "wa"), decisionsOf(s, routerm.OtherWorkers))
+	}
+}
+
+// A snapshot taken before RouterState.workers holds its counters in the
+// per_worker map: upgraded, it equals the state replaying the same events
+// gives, and the events after it count on.
+func TestUpgradeOldSnapshot(t *testing.T) {
+	m := routerm.Machine{}
+	events := []proto.Message{&triplanev1.RouteDecided{Worker: "b", Blocks: 2}, &triplanev1.RouteDecided{Worker: "a"},
+		&triplanev1.RouteDecided{Worker: "b", Overlap: 1}}
+	replayed, err := actors.Fold(m, "r", events...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old, err := proto.Marshal(&triplanev1.RouterState{Id: "r", Decisions: 3, Blocks: 2, OverlapBlocks: 1,
+		PerWorker: map[string]uint64{"b": 2, "a": 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := m.Initial("r")
+	if err := proto.Unmarshal(old, s); err != nil {
+		t.Fatal(err)
+	}
+	if proto.Equal(s, replayed) {
+		t.Fatal("the old form equals the new one before the upgrade: the test shows nothing")
+	}
+	actors.Upgrade(m, s)
+	if !proto.Equal(s, replayed) {
+		t.Fatalf("upgraded %v, replayed %v", s, replayed)
+	}
+	actors.Upgrade(m, s) // a state in the current form stays as it is
+	if !proto.Equal(s, replayed) {
+		t.Fatalf("upgraded twice %v, replayed %v", s, replayed)
+	}
+	// Apply upgrades a state nobody upgraded before counting.
+	s2 := m.Initial("r")
+	if err := proto.Unmarshal(old, s2); err != nil {
+		t.Fatal(err)
+	}
+	next := &triplanev1.RouteDecided{Worker: "a"}
+	if err := m.Apply(s2, next); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Apply(replayed, next); err != nil {
+		t.Fatal(err)
+	}
+	if !proto.Equal(s2, replayed) || decisionsOf(s2.(*triplanev1.RouterState), "a") != 2 {
+		t.Fatalf("applied to the old form %v, to the replayed %v", s2, replayed)
 	}
 }

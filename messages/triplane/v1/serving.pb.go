@@ -748,11 +748,18 @@ type RouterState struct {
 	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
 	// Decisions taken; round-robin turns on it.
 	Decisions uint64 `protobuf:"varint,2,opt,name=decisions,proto3" json:"decisions,omitempty"`
-	// Decisions per worker.
+	// Decisions per worker, as snapshots before workers (field 6) held
+	// them: read from those snapshots only, and moved into workers when the
+	// state is upgraded (a map marshals by reflection, one allocation per
+	// entry, at every snapshot).
+	//
+	// Deprecated: Marked as deprecated in triplane/v1/serving.proto.
 	PerWorker map[string]uint64 `protobuf:"bytes,3,rep,name=per_worker,json=perWorker,proto3" json:"per_worker,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
 	// Prompt blocks routed and of those found in the chosen worker's cache.
 	Blocks        uint64 `protobuf:"varint,4,opt,name=blocks,proto3" json:"blocks,omitempty"`
 	OverlapBlocks uint64 `protobuf:"varint,5,opt,name=overlap_blocks,json=overlapBlocks,proto3" json:"overlap_blocks,omitempty"`
+	// Decisions per worker, in increasing order of worker.
+	Workers       []*WorkerDecisions `protobuf:"bytes,6,rep,name=workers,proto3" json:"workers,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -801,6 +808,7 @@ func (x *RouterState) GetDecisions() uint64 {
 	return 0
 }
 
+// Deprecated: Marked as deprecated in triplane/v1/serving.proto.
 func (x *RouterState) GetPerWorker() map[string]uint64 {
 	if x != nil {
 		return x.PerWorker
@@ -818,6 +826,66 @@ func (x *RouterState) GetBlocks() uint64 {
 func (x *RouterState) GetOverlapBlocks() uint64 {
 	if x != nil {
 		return x.OverlapBlocks
+	}
+	return 0
+}
+
+func (x *RouterState) GetWorkers() []*WorkerDecisions {
+	if x != nil {
+		return x.Workers
+	}
+	return nil
+}
+
+// WorkerDecisions counts a router's decisions for one worker.
+type WorkerDecisions struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Worker        string                 `protobuf:"bytes,1,opt,name=worker,proto3" json:"worker,omitempty"`
+	Decisions     uint64                 `protobuf:"varint,2,opt,name=decisions,proto3" json:"decisions,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WorkerDecisions) Reset() {
+	*x = WorkerDecisions{}
+	mi := &file_triplane_v1_serving_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WorkerDecisions) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WorkerDecisions) ProtoMessage() {}
+
+func (x *WorkerDecisions) ProtoReflect() protoreflect.Message {
+	mi := &file_triplane_v1_serving_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WorkerDecisions.ProtoReflect.Descriptor instead.
+func (*WorkerDecisions) Descriptor() ([]byte, []int) {
+	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *WorkerDecisions) GetWorker() string {
+	if x != nil {
+		return x.Worker
+	}
+	return ""
+}
+
+func (x *WorkerDecisions) GetDecisions() uint64 {
+	if x != nil {
+		return x.Decisions
 	}
 	return 0
 }
@@ -895,17 +963,21 @@ const file_triplane_v1_serving_proto_rawDesc = "" +
 	"\n" +
 	"RouteReply\x12\x16\n" +
 	"\x06worker\x18\x01 \x01(\tR\x06worker\x12\x18\n" +
-	"\aoverlap\x18\x02 \x01(\rR\aoverlap\"\x80\x02\n" +
+	"\aoverlap\x18\x02 \x01(\rR\aoverlap\"\xbc\x02\n" +
 	"\vRouterState\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1c\n" +
-	"\tdecisions\x18\x02 \x01(\x04R\tdecisions\x12F\n" +
+	"\tdecisions\x18\x02 \x01(\x04R\tdecisions\x12J\n" +
 	"\n" +
-	"per_worker\x18\x03 \x03(\v2'.triplane.v1.RouterState.PerWorkerEntryR\tperWorker\x12\x16\n" +
+	"per_worker\x18\x03 \x03(\v2'.triplane.v1.RouterState.PerWorkerEntryB\x02\x18\x01R\tperWorker\x12\x16\n" +
 	"\x06blocks\x18\x04 \x01(\x04R\x06blocks\x12%\n" +
-	"\x0eoverlap_blocks\x18\x05 \x01(\x04R\roverlapBlocks\x1a<\n" +
+	"\x0eoverlap_blocks\x18\x05 \x01(\x04R\roverlapBlocks\x126\n" +
+	"\aworkers\x18\x06 \x03(\v2\x1c.triplane.v1.WorkerDecisionsR\aworkers\x1a<\n" +
 	"\x0ePerWorkerEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01BBZ@github.com/triplane-dev/triplane/messages/triplane/v1;triplanev1b\x06proto3"
+	"\x05value\x18\x02 \x01(\x04R\x05value:\x028\x01\"G\n" +
+	"\x0fWorkerDecisions\x12\x16\n" +
+	"\x06worker\x18\x01 \x01(\tR\x06worker\x12\x1c\n" +
+	"\tdecisions\x18\x02 \x01(\x04R\tdecisionsBBZ@github.com/triplane-dev/triplane/messages/triplane/v1;triplanev1b\x06proto3"
 
 var (
 	file_triplane_v1_serving_proto_rawDescOnce sync.Once
@@ -919,7 +991,7 @@ func file_triplane_v1_serving_proto_rawDescGZIP() []byte {
 	return file_triplane_v1_serving_proto_rawDescData
 }
 
-var file_triplane_v1_serving_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_triplane_v1_serving_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_triplane_v1_serving_proto_goTypes = []any{
 	(*GenerateRequest)(nil), // 0: triplane.v1.GenerateRequest
 	(*PrefillRequest)(nil),  // 1: triplane.v1.PrefillRequest
@@ -931,22 +1003,24 @@ var file_triplane_v1_serving_proto_goTypes = []any{
 	(*RouteDecided)(nil),    // 7: triplane.v1.RouteDecided
 	(*RouteReply)(nil),      // 8: triplane.v1.RouteReply
 	(*RouterState)(nil),     // 9: triplane.v1.RouterState
-	nil,                     // 10: triplane.v1.RouterState.PerWorkerEntry
-	(*DataDescriptor)(nil),  // 11: triplane.v1.DataDescriptor
-	(*DataPeer)(nil),        // 12: triplane.v1.DataPeer
+	(*WorkerDecisions)(nil), // 10: triplane.v1.WorkerDecisions
+	nil,                     // 11: triplane.v1.RouterState.PerWorkerEntry
+	(*DataDescriptor)(nil),  // 12: triplane.v1.DataDescriptor
+	(*DataPeer)(nil),        // 13: triplane.v1.DataPeer
 }
 var file_triplane_v1_serving_proto_depIdxs = []int32{
-	11, // 0: triplane.v1.PrefillRequest.destinations:type_name -> triplane.v1.DataDescriptor
-	12, // 1: triplane.v1.PrefillRequest.peer:type_name -> triplane.v1.DataPeer
+	12, // 0: triplane.v1.PrefillRequest.destinations:type_name -> triplane.v1.DataDescriptor
+	13, // 1: triplane.v1.PrefillRequest.peer:type_name -> triplane.v1.DataPeer
 	4,  // 2: triplane.v1.RouteRequest.candidates:type_name -> triplane.v1.RouterCandidate
 	4,  // 3: triplane.v1.RouteDecided.candidates:type_name -> triplane.v1.RouterCandidate
 	6,  // 4: triplane.v1.RouteDecided.scores:type_name -> triplane.v1.RouteScore
-	10, // 5: triplane.v1.RouterState.per_worker:type_name -> triplane.v1.RouterState.PerWorkerEntry
-	6,  // [6:6] is the sub-list for method output_type
-	6,  // [6:6] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	11, // 5: triplane.v1.RouterState.per_worker:type_name -> triplane.v1.RouterState.PerWorkerEntry
+	10, // 6: triplane.v1.RouterState.workers:type_name -> triplane.v1.WorkerDecisions
+	7,  // [7:7] is the sub-list for method output_type
+	7,  // [7:7] is the sub-list for method input_type
+	7,  // [7:7] is the sub-list for extension type_name
+	7,  // [7:7] is the sub-list for extension extendee
+	0,  // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_triplane_v1_serving_proto_init() }
@@ -961,7 +1035,7 @@ func file_triplane_v1_serving_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_triplane_v1_serving_proto_rawDesc), len(file_triplane_v1_serving_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   11,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
