@@ -50,17 +50,23 @@ type Stats struct {
 	// ShmDials and TCPDials count the connections this worker's transfers
 	// made, by the transport the dialer chose.
 	ShmDials, TCPDials uint64
+	// PrefillCancelsSent counts the remote prefills this worker gave up
+	// because the client left, telling the prefill worker so;
+	// PrefillsCancelled the prefills it stopped or refused on such a cancel.
+	PrefillCancelsSent, PrefillsCancelled uint64
 }
 
 type stats struct {
 	remotePrefills, fallbacks, imported, exported, shmDials, tcpDials atomic.Uint64
+	prefillCancelsSent, prefillsCancelled                             atomic.Uint64
 }
 
 // Stats returns the counters.
 func (w *Worker) Stats() Stats {
 	return Stats{RemotePrefills: w.stats.remotePrefills.Load(), Fallbacks: w.stats.fallbacks.Load(),
 		Imported: w.stats.imported.Load(), Exported: w.stats.exported.Load(),
-		ShmDials: w.stats.shmDials.Load(), TCPDials: w.stats.tcpDials.Load()}
+		ShmDials: w.stats.shmDials.Load(), TCPDials: w.stats.tcpDials.Load(),
+		PrefillCancelsSent: w.stats.prefillCancelsSent.Load(), PrefillsCancelled: w.stats.prefillsCancelled.Load()}
 }
 
 func (w *Worker) startDisagg() error {
@@ -111,6 +117,14 @@ func (w *Worker) startDisagg() error {
 		limit := w.cfg.MaxPrefills
 		if limit <= 0 {
 			limit = 16
+		}
+		// Cancels first: none may miss a prefill already served.
+		csubj, err := PrefillCancelSubject(w.cfg.Bus, w.cfg.Namespace, w.cfg.ID)
+		if err != nil {
+			return err
+		}
+		if w.prefillCancels, err = event.Subscribe(w.cfg.Bus, csubj, w.onPrefillCancel); err != nil {
+			return fmt.Errorf("prefill cancels: %w", err)
 		}
 		if w.prefill, err = event.ServeConcurrent(w.cfg.Bus, subj, "", limit, w.servePrefill); err != nil {
 			return fmt.Errorf("prefill service: %w", err)
@@ -301,7 +315,9 @@ func (w *Worker) importPrefix(ctx context.Context, req *triplanev1.GenerateReque
 		_, _ = settle(false)
 		if ctx.Err() != nil {
 			// The request itself was cancelled: nothing falls back to a
-			// local prefill (the caller drops the request).
+			// local prefill (the caller drops the request), and the
+			// prefill worker can stop working for nobody.
+			w.cancelRemotePrefill(req.PrefillWorker, preq.SessionId)
 			w.log.Debug("remote prefill abandoned: request cancelled", "request", req.RequestId,
 				"prefill_worker", req.PrefillWorker, "err", err)
 			return
@@ -335,7 +351,7 @@ func (w *Worker) remoteFailed(ctx context.Context, req *triplanev1.GenerateReque
 
 // servePrefill computes a prompt's blocks and moves the asked ones to the
 // decode worker with a transfer session.
-func (w *Worker) servePrefill(ctx context.Context, r *triplanev1.PrefillRequest) (*triplanev1.PrefillReply, error) {
+func (w *Worker) servePrefill(ctx context.Context, r *triplanev1.PrefillRequest) (_ *triplanev1.PrefillReply, err error) {
 	bs := w.eng.Config().BlockSize
 	full := mocker.BlockHashes(r.Tokens, bs)
 	k := slices.Index(full, firstOr(r.BlockHashes))
@@ -349,6 +365,18 @@ func (w *Worker) servePrefill(ctx context.Context, r *triplanev1.PrefillRequest)
 	case r.Peer.GetTcpAddr() == "":
 		return nil, fmt.Errorf("%w: no data-plane address for the decode worker", ErrBadRequest)
 	}
+	ctx, stop, err := w.runs.start(ctx, r.SessionId)
+	if err != nil {
+		w.prefillCancelled()
+		return nil, fmt.Errorf("session %s: %w", r.SessionId, err)
+	}
+	tracked := ctx
+	defer func() {
+		if err != nil && errors.Is(context.Cause(tracked), ErrPrefillCancelled) {
+			w.prefillCancelled()
+		}
+		stop()
+	}()
 	if r.DeadlineUnixNanos > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithDeadline(ctx, time.Unix(0, r.DeadlineUnixNanos))
@@ -379,6 +407,10 @@ func (w *Worker) servePrefill(ctx context.Context, r *triplanev1.PrefillRequest)
 		if perr != nil {
 			return nil, perr
 		}
+	}
+	if ctx.Err() != nil {
+		// Cancelled as the prefill ended: send nothing.
+		return nil, context.Cause(ctx)
 	}
 	// Copy the blocks out on the engine goroutine (they may be evicted
 	// once the request is gone); the transport checksums the copies off it,
@@ -433,6 +465,11 @@ func (w *Worker) servePrefill(ctx context.Context, r *triplanev1.PrefillRequest)
 	cached := p.cached
 	p.mu.Unlock()
 	return &triplanev1.PrefillReply{BlocksSent: uint32(len(ops)), CachedTokens: uint32(cached)}, nil
+}
+
+func (w *Worker) prefillCancelled() {
+	w.metrics.prefillsCancelled.Inc()
+	w.stats.prefillsCancelled.Add(1)
 }
 
 func firstOr(h []uint64) uint64 {

@@ -11,6 +11,7 @@ type metrics struct {
 	requests                                                             *prometheus.CounterVec
 	tokens, steps, publishErrors                                         prometheus.Counter
 	imported, exported, remotePrefills, unexpectedBlocks, droppedCancels prometheus.Counter
+	prefillCancelsSent, prefillsCancelled                                prometheus.Counter
 	prefillFallbacks                                                     *prometheus.CounterVec
 	active, waiting, blocksUsed                                          prometheus.Gauge
 
@@ -44,6 +45,10 @@ func newMetrics(id string) *metrics {
 			Help: "Blocks a peer wrote where no transfer was expected.", ConstLabels: l}),
 		droppedCancels: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_worker_cancels_dropped_total",
 			Help: "Cancels of requests whose client went away that were dropped because as many cancels as the mailbox holds were already waiting for the engine goroutine (the engine finished those requests for nobody).", ConstLabels: l}),
+		prefillCancelsSent: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_worker_prefill_cancels_sent_total",
+			Help: "Remote prefills given up because the client left, each with a cancel sent to the prefill worker.", ConstLabels: l}),
+		prefillsCancelled: prometheus.NewCounter(prometheus.CounterOpts{Name: "triplane_worker_prefills_cancelled_total",
+			Help: "Prefills this worker stopped, or refused when the cancel came first, because their decode worker gave them up.", ConstLabels: l}),
 		prefillFallbacks: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "triplane_worker_prefill_fallbacks_total",
 			Help: "Remote prefills that failed, by stage; the request was prefilled locally.", ConstLabels: l}, []string{"stage"}),
 		active: prometheus.NewGauge(prometheus.GaugeOpts{Name: "triplane_worker_active_requests",
@@ -70,7 +75,8 @@ func (m *metrics) register(reg prometheus.Registerer) error {
 	}
 	m.reg = reg
 	for _, c := range []prometheus.Collector{m.requests, m.tokens, m.steps, m.publishErrors, m.active, m.waiting, m.blocksUsed,
-		m.imported, m.exported, m.remotePrefills, m.unexpectedBlocks, m.droppedCancels, m.prefillFallbacks} {
+		m.imported, m.exported, m.remotePrefills, m.unexpectedBlocks, m.droppedCancels, m.prefillFallbacks,
+		m.prefillCancelsSent, m.prefillsCancelled} {
 		if err := reg.Register(c); err != nil {
 			m.unregister()
 			return fmt.Errorf("metrics (is a worker with this id already running in this process?): %w", err)

@@ -133,7 +133,11 @@ type Worker struct {
 	shmSrv  *data.ShmServer
 	shmDir  string
 	prefill *event.Subscription
-	xfer    *transfer.Metrics
+	// prefillCancels takes decode workers' cancels of the prefills runs
+	// holds (a worker that prefills).
+	prefillCancels *event.Subscription
+	runs           prefillRuns
+	xfer           *transfer.Metrics
 	// dataPeer describes the block receivers and staging region of a
 	// worker that takes blocks (nil otherwise); read-only once started.
 	dataPeer *triplanev1.DataPeer
@@ -768,6 +772,9 @@ func (w *Worker) Close() {
 	}
 	if w.prefill != nil {
 		_ = w.prefill.Unsubscribe()
+	}
+	if w.prefillCancels != nil {
+		_ = w.prefillCancels.Unsubscribe()
 	}
 	if w.dataSrv != nil {
 		_ = w.dataSrv.Close()

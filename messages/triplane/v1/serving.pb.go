@@ -257,6 +257,56 @@ func (x *PrefillReply) GetCachedTokens() uint32 {
 	return 0
 }
 
+// PrefillCancel tells a prefill worker that the decode worker gave up the
+// prefill it asked for with this session id, because the request's client
+// left: published, with no reply, on
+// <prefix>.<ns>.worker.prefill-cancel.<worker>. The prefill worker stops
+// computing and sending the blocks, and refuses the session if the
+// request arrives after the cancel.
+type PrefillCancel struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	SessionId     string                 `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PrefillCancel) Reset() {
+	*x = PrefillCancel{}
+	mi := &file_triplane_v1_serving_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PrefillCancel) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PrefillCancel) ProtoMessage() {}
+
+func (x *PrefillCancel) ProtoReflect() protoreflect.Message {
+	mi := &file_triplane_v1_serving_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PrefillCancel.ProtoReflect.Descriptor instead.
+func (*PrefillCancel) Descriptor() ([]byte, []int) {
+	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *PrefillCancel) GetSessionId() string {
+	if x != nil {
+		return x.SessionId
+	}
+	return ""
+}
+
 // GenerateChunk is the payload of one StreamFrame from a worker.
 type GenerateChunk struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -272,7 +322,7 @@ type GenerateChunk struct {
 
 func (x *GenerateChunk) Reset() {
 	*x = GenerateChunk{}
-	mi := &file_triplane_v1_serving_proto_msgTypes[3]
+	mi := &file_triplane_v1_serving_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -284,7 +334,7 @@ func (x *GenerateChunk) String() string {
 func (*GenerateChunk) ProtoMessage() {}
 
 func (x *GenerateChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_triplane_v1_serving_proto_msgTypes[3]
+	mi := &file_triplane_v1_serving_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -297,7 +347,7 @@ func (x *GenerateChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GenerateChunk.ProtoReflect.Descriptor instead.
 func (*GenerateChunk) Descriptor() ([]byte, []int) {
-	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{3}
+	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *GenerateChunk) GetTokens() []uint32 {
@@ -343,7 +393,7 @@ type RouterCandidate struct {
 
 func (x *RouterCandidate) Reset() {
 	*x = RouterCandidate{}
-	mi := &file_triplane_v1_serving_proto_msgTypes[4]
+	mi := &file_triplane_v1_serving_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -355,7 +405,7 @@ func (x *RouterCandidate) String() string {
 func (*RouterCandidate) ProtoMessage() {}
 
 func (x *RouterCandidate) ProtoReflect() protoreflect.Message {
-	mi := &file_triplane_v1_serving_proto_msgTypes[4]
+	mi := &file_triplane_v1_serving_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -368,7 +418,7 @@ func (x *RouterCandidate) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouterCandidate.ProtoReflect.Descriptor instead.
 func (*RouterCandidate) Descriptor() ([]byte, []int) {
-	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{4}
+	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *RouterCandidate) GetWorker() string {
@@ -442,7 +492,7 @@ type RouteRequest struct {
 
 func (x *RouteRequest) Reset() {
 	*x = RouteRequest{}
-	mi := &file_triplane_v1_serving_proto_msgTypes[5]
+	mi := &file_triplane_v1_serving_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -454,7 +504,7 @@ func (x *RouteRequest) String() string {
 func (*RouteRequest) ProtoMessage() {}
 
 func (x *RouteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_triplane_v1_serving_proto_msgTypes[5]
+	mi := &file_triplane_v1_serving_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -467,7 +517,7 @@ func (x *RouteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteRequest.ProtoReflect.Descriptor instead.
 func (*RouteRequest) Descriptor() ([]byte, []int) {
-	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{5}
+	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *RouteRequest) GetRequestId() string {
@@ -538,7 +588,7 @@ type RouteScore struct {
 
 func (x *RouteScore) Reset() {
 	*x = RouteScore{}
-	mi := &file_triplane_v1_serving_proto_msgTypes[6]
+	mi := &file_triplane_v1_serving_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -550,7 +600,7 @@ func (x *RouteScore) String() string {
 func (*RouteScore) ProtoMessage() {}
 
 func (x *RouteScore) ProtoReflect() protoreflect.Message {
-	mi := &file_triplane_v1_serving_proto_msgTypes[6]
+	mi := &file_triplane_v1_serving_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -563,7 +613,7 @@ func (x *RouteScore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteScore.ProtoReflect.Descriptor instead.
 func (*RouteScore) Descriptor() ([]byte, []int) {
-	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{6}
+	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *RouteScore) GetWorker() string {
@@ -605,7 +655,7 @@ type RouteDecided struct {
 
 func (x *RouteDecided) Reset() {
 	*x = RouteDecided{}
-	mi := &file_triplane_v1_serving_proto_msgTypes[7]
+	mi := &file_triplane_v1_serving_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -617,7 +667,7 @@ func (x *RouteDecided) String() string {
 func (*RouteDecided) ProtoMessage() {}
 
 func (x *RouteDecided) ProtoReflect() protoreflect.Message {
-	mi := &file_triplane_v1_serving_proto_msgTypes[7]
+	mi := &file_triplane_v1_serving_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -630,7 +680,7 @@ func (x *RouteDecided) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteDecided.ProtoReflect.Descriptor instead.
 func (*RouteDecided) Descriptor() ([]byte, []int) {
-	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{7}
+	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RouteDecided) GetRequestId() string {
@@ -700,7 +750,7 @@ type RouteReply struct {
 
 func (x *RouteReply) Reset() {
 	*x = RouteReply{}
-	mi := &file_triplane_v1_serving_proto_msgTypes[8]
+	mi := &file_triplane_v1_serving_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -712,7 +762,7 @@ func (x *RouteReply) String() string {
 func (*RouteReply) ProtoMessage() {}
 
 func (x *RouteReply) ProtoReflect() protoreflect.Message {
-	mi := &file_triplane_v1_serving_proto_msgTypes[8]
+	mi := &file_triplane_v1_serving_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -725,7 +775,7 @@ func (x *RouteReply) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouteReply.ProtoReflect.Descriptor instead.
 func (*RouteReply) Descriptor() ([]byte, []int) {
-	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{8}
+	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RouteReply) GetWorker() string {
@@ -766,7 +816,7 @@ type RouterState struct {
 
 func (x *RouterState) Reset() {
 	*x = RouterState{}
-	mi := &file_triplane_v1_serving_proto_msgTypes[9]
+	mi := &file_triplane_v1_serving_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -778,7 +828,7 @@ func (x *RouterState) String() string {
 func (*RouterState) ProtoMessage() {}
 
 func (x *RouterState) ProtoReflect() protoreflect.Message {
-	mi := &file_triplane_v1_serving_proto_msgTypes[9]
+	mi := &file_triplane_v1_serving_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -791,7 +841,7 @@ func (x *RouterState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RouterState.ProtoReflect.Descriptor instead.
 func (*RouterState) Descriptor() ([]byte, []int) {
-	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{9}
+	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RouterState) GetId() string {
@@ -848,7 +898,7 @@ type WorkerDecisions struct {
 
 func (x *WorkerDecisions) Reset() {
 	*x = WorkerDecisions{}
-	mi := &file_triplane_v1_serving_proto_msgTypes[10]
+	mi := &file_triplane_v1_serving_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -860,7 +910,7 @@ func (x *WorkerDecisions) String() string {
 func (*WorkerDecisions) ProtoMessage() {}
 
 func (x *WorkerDecisions) ProtoReflect() protoreflect.Message {
-	mi := &file_triplane_v1_serving_proto_msgTypes[10]
+	mi := &file_triplane_v1_serving_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -873,7 +923,7 @@ func (x *WorkerDecisions) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkerDecisions.ProtoReflect.Descriptor instead.
 func (*WorkerDecisions) Descriptor() ([]byte, []int) {
-	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{10}
+	return file_triplane_v1_serving_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *WorkerDecisions) GetWorker() string {
@@ -916,7 +966,10 @@ const file_triplane_v1_serving_proto_rawDesc = "" +
 	"\fPrefillReply\x12\x1f\n" +
 	"\vblocks_sent\x18\x01 \x01(\rR\n" +
 	"blocksSent\x12#\n" +
-	"\rcached_tokens\x18\x02 \x01(\rR\fcachedTokens\"d\n" +
+	"\rcached_tokens\x18\x02 \x01(\rR\fcachedTokens\".\n" +
+	"\rPrefillCancel\x12\x1d\n" +
+	"\n" +
+	"session_id\x18\x01 \x01(\tR\tsessionId\"d\n" +
 	"\rGenerateChunk\x12\x16\n" +
 	"\x06tokens\x18\x01 \x03(\rR\x06tokens\x12#\n" +
 	"\rcached_tokens\x18\x02 \x01(\rR\fcachedTokens\x12\x16\n" +
@@ -991,31 +1044,32 @@ func file_triplane_v1_serving_proto_rawDescGZIP() []byte {
 	return file_triplane_v1_serving_proto_rawDescData
 }
 
-var file_triplane_v1_serving_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_triplane_v1_serving_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_triplane_v1_serving_proto_goTypes = []any{
 	(*GenerateRequest)(nil), // 0: triplane.v1.GenerateRequest
 	(*PrefillRequest)(nil),  // 1: triplane.v1.PrefillRequest
 	(*PrefillReply)(nil),    // 2: triplane.v1.PrefillReply
-	(*GenerateChunk)(nil),   // 3: triplane.v1.GenerateChunk
-	(*RouterCandidate)(nil), // 4: triplane.v1.RouterCandidate
-	(*RouteRequest)(nil),    // 5: triplane.v1.RouteRequest
-	(*RouteScore)(nil),      // 6: triplane.v1.RouteScore
-	(*RouteDecided)(nil),    // 7: triplane.v1.RouteDecided
-	(*RouteReply)(nil),      // 8: triplane.v1.RouteReply
-	(*RouterState)(nil),     // 9: triplane.v1.RouterState
-	(*WorkerDecisions)(nil), // 10: triplane.v1.WorkerDecisions
-	nil,                     // 11: triplane.v1.RouterState.PerWorkerEntry
-	(*DataDescriptor)(nil),  // 12: triplane.v1.DataDescriptor
-	(*DataPeer)(nil),        // 13: triplane.v1.DataPeer
+	(*PrefillCancel)(nil),   // 3: triplane.v1.PrefillCancel
+	(*GenerateChunk)(nil),   // 4: triplane.v1.GenerateChunk
+	(*RouterCandidate)(nil), // 5: triplane.v1.RouterCandidate
+	(*RouteRequest)(nil),    // 6: triplane.v1.RouteRequest
+	(*RouteScore)(nil),      // 7: triplane.v1.RouteScore
+	(*RouteDecided)(nil),    // 8: triplane.v1.RouteDecided
+	(*RouteReply)(nil),      // 9: triplane.v1.RouteReply
+	(*RouterState)(nil),     // 10: triplane.v1.RouterState
+	(*WorkerDecisions)(nil), // 11: triplane.v1.WorkerDecisions
+	nil,                     // 12: triplane.v1.RouterState.PerWorkerEntry
+	(*DataDescriptor)(nil),  // 13: triplane.v1.DataDescriptor
+	(*DataPeer)(nil),        // 14: triplane.v1.DataPeer
 }
 var file_triplane_v1_serving_proto_depIdxs = []int32{
-	12, // 0: triplane.v1.PrefillRequest.destinations:type_name -> triplane.v1.DataDescriptor
-	13, // 1: triplane.v1.PrefillRequest.peer:type_name -> triplane.v1.DataPeer
-	4,  // 2: triplane.v1.RouteRequest.candidates:type_name -> triplane.v1.RouterCandidate
-	4,  // 3: triplane.v1.RouteDecided.candidates:type_name -> triplane.v1.RouterCandidate
-	6,  // 4: triplane.v1.RouteDecided.scores:type_name -> triplane.v1.RouteScore
-	11, // 5: triplane.v1.RouterState.per_worker:type_name -> triplane.v1.RouterState.PerWorkerEntry
-	10, // 6: triplane.v1.RouterState.workers:type_name -> triplane.v1.WorkerDecisions
+	13, // 0: triplane.v1.PrefillRequest.destinations:type_name -> triplane.v1.DataDescriptor
+	14, // 1: triplane.v1.PrefillRequest.peer:type_name -> triplane.v1.DataPeer
+	5,  // 2: triplane.v1.RouteRequest.candidates:type_name -> triplane.v1.RouterCandidate
+	5,  // 3: triplane.v1.RouteDecided.candidates:type_name -> triplane.v1.RouterCandidate
+	7,  // 4: triplane.v1.RouteDecided.scores:type_name -> triplane.v1.RouteScore
+	12, // 5: triplane.v1.RouterState.per_worker:type_name -> triplane.v1.RouterState.PerWorkerEntry
+	11, // 6: triplane.v1.RouterState.workers:type_name -> triplane.v1.WorkerDecisions
 	7,  // [7:7] is the sub-list for method output_type
 	7,  // [7:7] is the sub-list for method input_type
 	7,  // [7:7] is the sub-list for extension type_name
@@ -1035,7 +1089,7 @@ func file_triplane_v1_serving_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_triplane_v1_serving_proto_rawDesc), len(file_triplane_v1_serving_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   12,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
