@@ -447,8 +447,9 @@ func (w *Worker) servePrefill(ctx context.Context, r *triplanev1.PrefillRequest)
 		MaxAttempts: 5, Peer: r.Peer.GetTcpAddr(), Dial: dial})
 	if errors.Is(err, transfer.ErrAlreadyRunning) {
 		// Another prefill drives this session (the same session asked
-		// twice): it is not over, so its actor stays.
-		return nil, fmt.Errorf("transfer %s: %w", r.SessionId, err)
+		// twice): it is not over, so its actor stays. The transfer
+		// package's errors name the session.
+		return nil, err
 	}
 	// The session is over either way: free its actor (its journal stays).
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
@@ -457,7 +458,7 @@ func (w *Worker) servePrefill(ctx context.Context, r *triplanev1.PrefillRequest)
 		w.log.Warn("releasing a finished transfer session", "session", r.SessionId, "err", rerr)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("transfer %s: %w", r.SessionId, err)
+		return nil, err
 	}
 	w.metrics.exported.Add(float64(len(ops)))
 	w.stats.exported.Add(uint64(len(ops)))
