@@ -59,13 +59,13 @@ type placementRun struct {
 	group    actors.Address
 	writes   int
 	refused  int
-	problems []error
+	problems *Problems
 	final    error
 }
 
 func drivePlacement(r *Run) Invariant {
 	w := r.World
-	p := &placementRun{r: r, etcd: NewEtcd(w), group: actors.Address{Kind: placement.Kind, ID: "default"}}
+	p := &placementRun{r: r, problems: NewProblems(w), etcd: NewEtcd(w), group: actors.Address{Kind: placement.Kind, ID: "default"}}
 	for i := range placementActors {
 		p.want = append(p.want, &triplanev1.ActorRef{Kind: "router", Id: fmt.Sprintf("model-%d", i)})
 	}
@@ -216,7 +216,7 @@ func (p *placementRun) reconciled(n *simNode, epoch int64, m proto.Message, err 
 	case errors.Is(err, actors.ErrPersist), errors.Is(err, ErrCrashed):
 		// The next tick tries again.
 	default:
-		p.problems = append(p.problems, fmt.Errorf("node %s reconcile: %w", n.id, err))
+		p.problems.Add(fmt.Errorf("node %s reconcile: %w", n.id, err))
 	}
 }
 
@@ -238,8 +238,8 @@ func (p *placementRun) publish(n *simNode, st *triplanev1.PlacementState) {
 		p.writes++
 		leaderKey, leaderRev, _ := p.etcd.Leader("/election/")
 		if leaderKey != "/election/"+n.id || leaderRev != n.epoch {
-			p.problems = append(p.problems, fmt.Errorf("invariant fenced-leader: at %s node %s (epoch %d) wrote %s while %s (epoch %d) leads",
-				p.r.World.Elapsed(), n.id, n.epoch, key, leaderKey, leaderRev))
+			p.problems.Add(fmt.Errorf("invariant fenced-leader: node %s (epoch %d) wrote %s while %s (epoch %d) leads",
+				n.id, n.epoch, key, leaderKey, leaderRev))
 		}
 	}
 }
@@ -269,8 +269,8 @@ func (p *placementRun) converged() error {
 }
 
 func (p *placementRun) check(r *Run) error {
-	if len(p.problems) > 0 {
-		return fmt.Errorf("%w (and %d more)", p.problems[0], len(p.problems)-1)
+	if err := p.problems.Err(); err != nil {
+		return err
 	}
 	if p.final != nil {
 		return p.final

@@ -139,7 +139,7 @@ type servingRun struct {
 	reqs     []*simRequest
 	router   actors.Address
 	bug      string
-	problems []error
+	problems *Problems
 	// bus is the simulated event plane the workers and the routing shell
 	// talk over: KV event batches and heartbeats, resend requests, load
 	// reports; it loses, duplicates and delays them, and partitions a
@@ -161,7 +161,7 @@ type servingRun struct {
 }
 
 func driveServing(r *Run) Invariant {
-	s := &servingRun{r: r, ix: router.NewIndex(servingIndexCap), bus: NewBus(r.World),
+	s := &servingRun{r: r, problems: NewProblems(r.World), ix: router.NewIndex(servingIndexCap), bus: NewBus(r.World),
 		etcd:   NewEtcd(r.World),
 		router: actors.Address{Kind: routerm.Kind, ID: "r0"}, bug: r.Opts.Bug, flights: router.NewFlights()}
 	s.loads = eventplane.NewLoadView(eventplane.AggregatorConfig{Now: r.World.Now})
@@ -392,7 +392,7 @@ func (s *servingRun) newWorker(id string, epoch int) *simWorker {
 	return wk
 }
 
-func (s *servingRun) fail(err error) { s.problems = append(s.problems, err) }
+func (s *servingRun) fail(err error) { s.problems.Add(err) }
 
 // setListed records whether discovery lists worker id (only the
 // scenario's workers register).
@@ -785,8 +785,8 @@ func (s *servingRun) crashWorker(id string) {
 }
 
 func (s *servingRun) check(r *Run) error {
-	if len(s.problems) > 0 {
-		return fmt.Errorf("%w (and %d more)", s.problems[0], len(s.problems)-1)
+	if err := s.problems.Err(); err != nil {
+		return err
 	}
 	for _, req := range s.reqs {
 		switch {

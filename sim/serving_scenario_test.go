@@ -3,6 +3,7 @@ package sim_test
 import (
 	"errors"
 	"fmt"
+	"regexp"
 	"runtime"
 	"slices"
 	"strings"
@@ -117,7 +118,23 @@ func TestServingScenarioReproducible(t *testing.T) {
 func TestServingScenarioFindsPlantedBugs(t *testing.T) {
 	for bug, want := range map[string]string{sim.BugRouterIgnoresGap: "invariant index", sim.BugStaleRoute: "dead-routing"} {
 		opts := sim.Options{Duration: 2 * time.Second, Faults: sim.DefaultFaults, Bug: bug}
-		sim.CheckFinds(t, servingScenario, opts, 1, 12, want)
+		r := sim.CheckFinds(t, servingScenario, opts, 1, 12, want)
+		if bug != sim.BugStaleRoute {
+			continue // the index is compared at the end: that is when it breaks
+		}
+		// A request routed to a dead worker is seen when it happens: the
+		// failure names that moment, and the trace has a line for it there.
+		m := regexp.MustCompile(`dead-routing: .* \(at ([0-9.]+m?s)\)`).FindStringSubmatch(r.Err.Error())
+		if m == nil {
+			t.Fatalf("the violation does not say when it happened: %v", r.Err)
+		}
+		at, err := time.ParseDuration(m[1])
+		if err != nil || at <= 0 || at >= r.SimTime {
+			t.Fatalf("violation at %q (%v), the run ended at %s", m[1], err, r.SimTime)
+		}
+		if !strings.Contains(strings.Join(r.Trace, "\n"), "VIOLATION: invariant dead-routing") {
+			t.Fatal("no trace line at the violation")
+		}
 	}
 }
 

@@ -75,7 +75,7 @@ var errRequesterGone = errors.New("requester went away")
 type transferRun struct {
 	r        *Run
 	sessions []*simSession
-	problems []error
+	problems *Problems
 	ranges   uint64
 	corrupt  uint64
 	resets   uint64
@@ -83,7 +83,7 @@ type transferRun struct {
 }
 
 func driveTransfers(r *Run) Invariant {
-	t := &transferRun{r: r}
+	t := &transferRun{r: r, problems: NewProblems(r.World)}
 	w := r.World
 	for i := range transferSessions {
 		s := &simSession{addr: actors.Address{Kind: transfer.Kind, ID: fmt.Sprintf("kv-%d", i)}}
@@ -122,7 +122,7 @@ func (t *transferRun) start(s *simSession) {
 	d, err := transfer.NewDriver(transfer.Spec{ID: s.addr.ID, Blocks: ops, BlockSize: transferBlockSize, MaxAttempts: transferAttempts, Peer: "decode"},
 		transfer.Pacing{RangeBlocks: transferRange, BackoffMin: transferBackoffMin, BackoffMax: transferBackoffMax})
 	if err != nil {
-		t.problems = append(t.problems, fmt.Errorf("%s: %w", s.addr, err))
+		t.problems.Add(fmt.Errorf("%s: %w", s.addr, err))
 		return
 	}
 	s.drv = d
@@ -207,7 +207,7 @@ func (t *transferRun) checkReply(s *simSession, cmd proto.Message, err error) {
 	if _, ok := cmd.(*triplanev1.TransferAttemptFailed); ok && errors.Is(err, transfer.ErrNotRunning) {
 		return // the session ended meanwhile; the Driver reads how
 	}
-	t.problems = append(t.problems, fmt.Errorf("invariant commands-accepted: %s refused %T: %w", s.addr, cmd, err))
+	t.problems.Add(fmt.Errorf("invariant commands-accepted: %s refused %T: %w", s.addr, cmd, err))
 }
 
 func (t *transferRun) linkLatency() time.Duration {
@@ -218,7 +218,7 @@ func (t *transferRun) linkLatency() time.Duration {
 func (t *transferRun) write(s *simSession, a transfer.Action) {
 	w := t.r.World
 	if !s.link {
-		t.problems = append(t.problems, fmt.Errorf("invariant dial-before-write: %s wrote [%d, %d) with no connection", s.addr, a.From, a.To))
+		t.problems.Add(fmt.Errorf("invariant dial-before-write: %s wrote [%d, %d) with no connection", s.addr, a.From, a.To))
 		t.next(s, transfer.Outcome{Err: errors.New("not connected")})
 		return
 	}
@@ -271,8 +271,8 @@ func (t *transferRun) write(s *simSession, a transfer.Action) {
 }
 
 func (t *transferRun) check(r *Run) error {
-	if len(t.problems) > 0 {
-		return fmt.Errorf("%w (and %d more)", t.problems[0], len(t.problems)-1)
+	if err := t.problems.Err(); err != nil {
+		return err
 	}
 	failed, orphans, cancelled := 0, 0, 0
 	for _, s := range t.sessions {
