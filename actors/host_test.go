@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/protobuf/proto"
 
 	"github.com/triplane-dev/triplane/actors"
@@ -278,9 +277,8 @@ func TestRecoverIgnoresSnapshotPastTheJournal(t *testing.T) {
 	met := actors.NewMetrics(nil)
 	h2 := e.host(t, func(c *actors.HostConfig) { c.Metrics = met })
 	ask(t, e.ctx, h2, acct, &triplanev1.LedgerGet{})
-	var n dto.Metric
-	if err := met.SnapshotsSkipped("past_journal_end").Write(&n); err != nil || n.GetCounter().GetValue() != 1 {
-		t.Fatalf("snapshots skipped: %v %v, want 1", n.GetCounter().GetValue(), err)
+	if n := planetest.CounterValue(t, met.SnapshotsSkipped("past_journal_end")); n != 1 {
+		t.Fatalf("snapshots skipped: %v, want 1", n)
 	}
 }
 

@@ -80,22 +80,11 @@ func start(t *testing.T, workers int, mod ...func(*serving.Config)) *env {
 	t.Cleanup(s.Close)
 	e := &env{ctx: ctx, j: j, stack: s, base: "http://" + s.Frontend.Addr(), planes: planes, reg: metrics}
 	// Discovery sees the workers once their registrations are watched.
-	e.waitFor(t, "workers discovered", func() bool {
+	planetest.Eventually(t, "workers discovered", func() bool {
 		_, err := e.post(t, "/v1/completions", `{"model":"mock","prompt":"warm up","max_tokens":1}`)
 		return err == nil
 	})
 	return e
-}
-
-func (e *env) waitFor(t *testing.T, what string, ok func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for !ok() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
 }
 
 func (e *env) post(t *testing.T, path, body string) (map[string]any, error) {
@@ -265,7 +254,7 @@ func TestRoutingFollowsPrefixAndIsJournaled(t *testing.T) {
 		// Wait until the index saw the first request's blocks, so the
 		// next decisions can use them.
 		if i == 0 {
-			e.waitFor(t, "index fed", func() bool { return e.stack.Router.IndexLen() > 10 })
+			planetest.Eventually(t, "index fed", func() bool { return e.stack.Router.IndexLen() > 10 })
 		}
 	}
 	var decided []*triplanev1.RouteDecided
@@ -329,7 +318,7 @@ func TestMigrationWhenWorkerDies(t *testing.T) {
 	resp, sc := openStream(t, e, 300)
 	defer resp.Body.Close()
 	var victim int
-	e.waitFor(t, "a busy worker", func() bool { victim = busyWorker(e); return victim >= 0 })
+	planetest.Eventually(t, "a busy worker", func() bool { victim = busyWorker(e); return victim >= 0 })
 	e.stack.Workers[victim].Close()
 	words, finish := 1, ""
 	var errEvent string
@@ -371,10 +360,10 @@ func TestClientDisconnectCancels(t *testing.T) {
 	e := start(t, 1, func(c *serving.Config) { c.Engine.SpeedUp = 1; c.Engine.NumBlocks = 2048 })
 	resp, _ := openStream(t, e, 4000) // ~25 s of modelled decode if not cancelled
 	if busyWorker(e) != 0 {
-		e.waitFor(t, "the worker busy", func() bool { return busyWorker(e) == 0 })
+		planetest.Eventually(t, "the worker busy", func() bool { return busyWorker(e) == 0 })
 	}
 	resp.Body.Close()
-	e.waitFor(t, "the request cancelled on the worker", func() bool { return busyWorker(e) < 0 })
+	planetest.Eventually(t, "the request cancelled on the worker", func() bool { return busyWorker(e) < 0 })
 }
 
 // Disaggregated: a long prompt is prefilled on the prefill worker, its
@@ -448,7 +437,7 @@ func TestAggregatedWorkerInADisaggregatedNamespace(t *testing.T) {
 	t.Cleanup(other.Close)
 	agg, dec := other.Workers[0], e.stack.Workers[1]
 	n := 0
-	e.waitFor(t, "long prompts served by both decode workers", func() bool {
+	planetest.Eventually(t, "long prompts served by both decode workers", func() bool {
 		n++
 		long := strings.Repeat(fmt.Sprintf("document %d with many distinct words ", n), 4)
 		if _, err := e.post(t, "/v1/completions", fmt.Sprintf(`{"model":"mock","prompt":%q,"max_tokens":2}`, long)); err != nil {
@@ -536,7 +525,7 @@ func TestAbandonedTransfersNeverCorruptTheCache(t *testing.T) {
 	}
 	// Every reservation ends: once idle, the decode worker holds no blocks.
 	dec := e.stack.Workers[1]
-	e.waitFor(t, "the decode worker idle with no block held", func() bool {
+	planetest.Eventually(t, "the decode worker idle with no block held", func() bool {
 		l := dec.Load()
 		return l.Active == 0 && l.Waiting == 0 && l.BlocksUsed == 0
 	})
@@ -565,7 +554,7 @@ func TestBusyWorkersGive429(t *testing.T) {
 			resp.Body.Close()
 		}
 	}()
-	e.waitFor(t, "one running and one waiting", func() bool { l := e.stack.Workers[0].Load(); return l.Active == 1 && l.Waiting == 1 })
+	planetest.Eventually(t, "one running and one waiting", func() bool { l := e.stack.Workers[0].Load(); return l.Active == 1 && l.Waiting == 1 })
 	resp, err := http.Post(e.base+"/v1/completions", "application/json", strings.NewReader(`{"model":"mock","prompt":"third","max_tokens":1}`))
 	if err != nil {
 		t.Fatal(err)
@@ -646,7 +635,7 @@ func TestShutdownDeregistersBeforeDraining(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer disc.Close()
-	e.waitFor(t, "both workers listed", func() bool { return len(disc.Instances()) == 2 })
+	planetest.Eventually(t, "both workers listed", func() bool { return len(disc.Instances()) == 2 })
 	resp, sc := openStream(t, e, 3000)
 	lines := make(chan string)
 	go func() {
@@ -659,7 +648,7 @@ func TestShutdownDeregistersBeforeDraining(t *testing.T) {
 	defer cancel()
 	shut := make(chan error, 1)
 	go func() { shut <- e.stack.Shutdown(ctx) }()
-	e.waitFor(t, "every worker deregistered", func() bool { return len(disc.Instances()) == 0 })
+	planetest.Eventually(t, "every worker deregistered", func() bool { return len(disc.Instances()) == 0 })
 	// The long request is still being served (its worker drains).
 	if busyWorker(e) < 0 {
 		t.Fatal("the running request ended before the workers deregistered")
@@ -728,7 +717,7 @@ func TestShutdownServesTheLastLocalRequests(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer disc.Close()
-	e.waitFor(t, "the worker listed", func() bool { return len(disc.Instances()) == 1 })
+	planetest.Eventually(t, "the worker listed", func() bool { return len(disc.Instances()) == 1 })
 	body := `{"model":"mock","prompt":"the last one","max_tokens":3}`
 	c, err := net.Dial("tcp", strings.TrimPrefix(e.base, "http://"))
 	if err != nil {
@@ -738,12 +727,12 @@ func TestShutdownServesTheLastLocalRequests(t *testing.T) {
 	fmt.Fprintf(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s", len(body), body[:10])
 	// The frontend has the request (a connection still in the listener's
 	// backlog would be reset by the shutdown, not served).
-	e.waitFor(t, "the request admitted", func() bool { return e.stack.Frontend.Inflight() == 1 })
+	planetest.Eventually(t, "the request admitted", func() bool { return e.stack.Frontend.Inflight() == 1 })
 	ctx, cancel := context.WithTimeout(e.ctx, time.Minute)
 	defer cancel()
 	shut := make(chan error, 1)
 	go func() { shut <- e.stack.Shutdown(ctx) }()
-	e.waitFor(t, "the worker deregistered", func() bool { return len(disc.Instances()) == 0 })
+	planetest.Eventually(t, "the worker deregistered", func() bool { return len(disc.Instances()) == 0 })
 	fmt.Fprint(c, body[10:])
 	c.SetReadDeadline(time.Now().Add(30 * time.Second))
 	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
@@ -829,7 +818,7 @@ func TestStackRestartsOnTheSameRegistry(t *testing.T) {
 	}
 	t.Cleanup(s.Close)
 	e.stack, e.base = s, "http://"+s.Frontend.Addr()
-	e.waitFor(t, "the restarted stack to serve", func() bool {
+	planetest.Eventually(t, "the restarted stack to serve", func() bool {
 		_, err := e.post(t, "/v1/completions", `{"model":"mock","prompt":"again","max_tokens":1}`)
 		return err == nil
 	})

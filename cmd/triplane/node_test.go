@@ -70,7 +70,7 @@ func TestNodeJoinsAndFailsOver(t *testing.T) {
 		return rec.NodeId
 	}
 	var first string
-	eventually(t, 20*time.Second, func() bool { first = assigned(); return first != "" }, func() string {
+	planetest.Poll(t, 20*time.Second, procPoll, func() bool { first = assigned(); return first != "" }, func() string {
 		return fmt.Sprintf("ledger/acct-1 not placed\n%s\n%s", a.stderr.String(), b.stderr.String())
 	})
 	other := idA
@@ -81,7 +81,7 @@ func TestNodeJoinsAndFailsOver(t *testing.T) {
 	if err := procs[first].cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 20*time.Second, func() bool { return assigned() == other }, func() string {
+	planetest.Poll(t, 20*time.Second, procPoll, func() bool { return assigned() == other }, func() string {
 		return fmt.Sprintf("not moved to %s\n%s", other, procs[other].stderr.String())
 	})
 	t.Logf("placement failed over %s after SIGKILL (lease TTL 1s)", time.Since(t0).Round(time.Millisecond))

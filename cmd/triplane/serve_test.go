@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/triplane-dev/triplane/planetest"
 )
 
 var curlRe = regexp.MustCompile(`curl -s http://(\S+)/v1/`)
@@ -142,7 +144,7 @@ func TestRouterIndexSurvivesRestart(t *testing.T) {
 	// path, maybe after the reply: stopping before they did saves an
 	// empty index (this test failed so, 1 run in ~10 under load).
 	indexed := regexp.MustCompile(`(?m)^triplane_router_index_entries [1-9]`)
-	eventually(t, 30*time.Second, func() bool {
+	planetest.Poll(t, 30*time.Second, procPoll, func() bool {
 		_, body := get(t, "http://"+u.admin+"/metrics")
 		return indexed.MatchString(body)
 	}, func() string { return "the router's index never held the completion's blocks" })

@@ -195,17 +195,10 @@ func (u *up) stop(sig syscall.Signal) {
 	}
 }
 
-// eventually polls cond every 20 ms until it holds, failing the test with
-// failure() after within. Polling, because these tests wait on other
-// processes, which offer nothing in this one to wait on.
-func eventually(t *testing.T, within time.Duration, cond func() bool, failure func() string) {
-	t.Helper()
-	for deadline := time.Now().Add(within); !cond(); time.Sleep(20 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal(failure())
-		}
-	}
-}
+// procPoll is how often these tests poll the processes they start: those
+// offer nothing in this one to wait on, and polling every millisecond, as
+// planetest.Eventually does, would only take CPU from them.
+const procPoll = 20 * time.Millisecond
 
 func get(t *testing.T, url string) (int, string) {
 	t.Helper()
@@ -478,7 +471,7 @@ func TestUpDrainGrace(t *testing.T) {
 	if err := u.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, func() bool {
+	planetest.Poll(t, 10*time.Second, procPoll, func() bool {
 		code, _ := get(t, "http://"+u.admin+"/readyz")
 		return code == http.StatusServiceUnavailable
 	}, func() string { return "/readyz stayed ready after the stop signal:\n" + u.stderr.String() })

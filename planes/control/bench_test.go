@@ -98,13 +98,13 @@ func BenchmarkPlacementFailover(b *testing.B) {
 		ctx := ctxT(b)
 		j := openJournal(b, ctx)
 		n1 := startNode(b, ctx, j, e.Endpoints(), "n1", ttl)
-		eventually(b, 10*time.Second, "n1 leads", func() bool { _, ok := n1.placement().Leader(); return ok })
+		planetest.EventuallyWithin(b, 10*time.Second, "n1 leads", func() bool { _, ok := n1.placement().Leader(); return ok })
 		n2 := startNode(b, ctx, j, e.Endpoints(), "n2", ttl)
 		acct := actors.Address{Kind: ledger.Kind, ID: "a"}
 		if err := n2.placement().Want(ctx, acct.Kind, acct.ID); err != nil {
 			b.Fatal(err)
 		}
-		eventually(b, 10*time.Second, "placed on n1", func() bool { return n1.placement().Assignments()[acct] == "n1" })
+		planetest.EventuallyWithin(b, 10*time.Second, "placed on n1", func() bool { return n1.placement().Assignments()[acct] == "n1" })
 		watch := client(b, e.Endpoints()...)
 		b.StartTimer()
 		t0 := time.Now()

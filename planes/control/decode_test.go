@@ -82,11 +82,11 @@ func TestBadValueIsIgnoredAndCounted(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	eventually(t, 5*time.Second, "good instance listed", func() bool { return ids(d.Instances()) == "good" })
+	planetest.EventuallyWithin(t, 5*time.Second, "good instance listed", func() bool { return ids(d.Instances()) == "good" })
 	if !d.Has("good") || d.Has("noid") || d.Has("dup") || d.Has("bad") {
 		t.Fatal("Has does not match the instances listed")
 	}
-	if n := counter(m.DecodeErrors); n != 3 {
+	if n := planetest.CounterValue(t, m.DecodeErrors); n != 3 {
 		t.Fatalf("decode_errors_total = %v, want 3", n)
 	}
 	if _, err := control.NewDiscovery(cli, control.DiscoveryConfig{Namespace: "test", Component: "a/b"}); err == nil {

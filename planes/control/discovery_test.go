@@ -41,7 +41,7 @@ func testDiscoveryCut(t *testing.T, compact bool) {
 	if err := w.WaitReady(ctx); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "initial", func() bool { return ids(w.Instances()) == "a,b,c" })
+	planetest.EventuallyWithin(t, 5*time.Second, "initial", func() bool { return ids(w.Instances()) == "a,b,c" })
 	events, stop := w.Subscribe()
 	defer stop()
 
@@ -66,7 +66,7 @@ func testDiscoveryCut(t *testing.T, compact bool) {
 		}
 	}
 	p.Unblock()
-	eventually(t, 20*time.Second, "resynced", func() bool { return ids(w.Instances()) == "b,c,d" })
+	planetest.EventuallyWithin(t, 20*time.Second, "resynced", func() bool { return ids(w.Instances()) == "b,c,d" })
 	got := map[string]string{}
 	for len(got) < 3 {
 		select {
@@ -79,7 +79,7 @@ func testDiscoveryCut(t *testing.T, compact bool) {
 	if got["a"] != "removed" || got["b"] != "updated" || got["d"] != "added" {
 		t.Fatalf("events %v, want a removed, b updated, d added", got)
 	}
-	if n := counter(m.WatchResyncs); compact && n < 1 {
+	if n := planetest.CounterValue(t, m.WatchResyncs); compact && n < 1 {
 		t.Fatalf("watch_resyncs_total = %v: the watch did not notice the compaction", n)
 	} else if !compact && n != 0 {
 		t.Fatalf("watch_resyncs_total = %v without compaction: it should have resumed", n)
@@ -110,7 +110,7 @@ func TestPickersAndReportDown(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer d.Close()
-	eventually(t, 5*time.Second, "listed", func() bool { return ids(d.Instances()) == "a,b,c" })
+	planetest.EventuallyWithin(t, 5*time.Second, "listed", func() bool { return ids(d.Instances()) == "a,b,c" })
 
 	rr := &control.RoundRobin{}
 	var picks []string
@@ -148,7 +148,7 @@ func TestPickersAndReportDown(t *testing.T) {
 	if err := r.SetHealth(ctx, triplanev1.HealthState_HEALTH_STATE_DRAINING, "shutting down"); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 5*time.Second, "draining seen", func() bool { return len(d.Available()) == 0 && len(d.Instances()) == 3 })
+	planetest.EventuallyWithin(t, 5*time.Second, "draining seen", func() bool { return len(d.Available()) == 0 && len(d.Instances()) == 3 })
 	if _, err := d.Pick(control.PickRequest{}, rr); err == nil {
 		t.Fatal("picked a draining instance")
 	}

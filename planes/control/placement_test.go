@@ -137,7 +137,7 @@ func TestPlacementMovesActorsOfADeadNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	var first *testNode
-	eventually(t, 10*time.Second, "actor hosted", func() bool { first = hostedBy(nodes, acct); return first != nil })
+	planetest.EventuallyWithin(t, 10*time.Second, "actor hosted", func() bool { first = hostedBy(nodes, acct); return first != nil })
 	if _, err := first.host.Request(ctx, acct, &triplanev1.LedgerDeposit{Amount: 100}); err != nil {
 		t.Fatal(err)
 	}
@@ -151,7 +151,7 @@ func TestPlacementMovesActorsOfADeadNode(t *testing.T) {
 	if other == first {
 		other = nodes[1]
 	}
-	eventually(t, 15*time.Second, "actor moved to the surviving node", func() bool { return hostedBy([]*testNode{other}, acct) != nil })
+	planetest.EventuallyWithin(t, 15*time.Second, "actor moved to the surviving node", func() bool { return hostedBy([]*testNode{other}, acct) != nil })
 	rec, ok := other.node.Hoster.Recovered(acct)
 	if !ok || rec.State.(*triplanev1.LedgerState).Balance != 100 {
 		t.Fatalf("recovered %v, want balance 100", rec)
@@ -196,9 +196,9 @@ func TestThreeMemberClusterSurvivesLeaderLoss(t *testing.T) {
 	if err := nodes[0].placement().Want(ctx, a1.Kind, a1.ID); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "a1 hosted", func() bool { return hostedBy(nodes, a1) != nil })
+	planetest.EventuallyWithin(t, 10*time.Second, "a1 hosted", func() bool { return hostedBy(nodes, a1) != nil })
 	var leader int
-	eventually(t, 5*time.Second, "an etcd leader", func() bool {
+	planetest.EventuallyWithin(t, 5*time.Second, "an etcd leader", func() bool {
 		for i, m := range members {
 			if m.Server.Leader() == m.Server.MemberID() {
 				leader = i
@@ -210,12 +210,12 @@ func TestThreeMemberClusterSurvivesLeaderLoss(t *testing.T) {
 	members[leader].Close()
 	members[leader] = nil
 	a2 := actors.Address{Kind: ledger.Kind, ID: "a2"}
-	eventually(t, 20*time.Second, "want written after the leader member died", func() bool {
+	planetest.EventuallyWithin(t, 20*time.Second, "want written after the leader member died", func() bool {
 		wctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		defer cancel()
 		return nodes[1].placement().Want(wctx, a2.Kind, a2.ID) == nil
 	})
-	eventually(t, 20*time.Second, "a2 hosted after the leader member died", func() bool { return hostedBy(nodes, a2) != nil })
+	planetest.EventuallyWithin(t, 20*time.Second, "a2 hosted after the leader member died", func() bool { return hostedBy(nodes, a2) != nil })
 	if hostedBy(nodes, a1) == nil {
 		t.Fatal("a1 no longer hosted")
 	}
@@ -236,11 +236,11 @@ func TestDrainingNodeHandsItsActorsOver(t *testing.T) {
 		t.Fatal(err)
 	}
 	var first *testNode
-	eventually(t, 10*time.Second, "hosted", func() bool { first = hostedBy(nodes, a); return first != nil })
+	planetest.EventuallyWithin(t, 10*time.Second, "hosted", func() bool { first = hostedBy(nodes, a); return first != nil })
 	if err := first.node.Registrar.SetHealth(ctx, triplanev1.HealthState_HEALTH_STATE_DRAINING, "test"); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "moved off the draining node", func() bool {
+	planetest.EventuallyWithin(t, 10*time.Second, "moved off the draining node", func() bool {
 		h := hostedBy(nodes, a)
 		return h != nil && h != first && len(first.placement().Hosted()) == 0
 	})
@@ -248,7 +248,7 @@ func TestDrainingNodeHandsItsActorsOver(t *testing.T) {
 	if err := nodes[0].placement().Want(ctx, b.Kind, b.ID); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, 10*time.Second, "new actor placed", func() bool { return hostedBy(nodes, b) != nil })
+	planetest.EventuallyWithin(t, 10*time.Second, "new actor placed", func() bool { return hostedBy(nodes, b) != nil })
 	if hostedBy(nodes, b) == first {
 		t.Fatal("new actor placed on the draining node")
 	}
@@ -273,8 +273,8 @@ func TestFencedLeaderHandsLeadershipOn(t *testing.T) {
 		startNode(t, ctx, j, e.Endpoints(), "n1", 5*time.Second),
 		startNode(t, ctx, j, e.Endpoints(), "n2", 5*time.Second),
 	}
-	eventually(t, 20*time.Second, "both nodes elected in turn", func() bool {
-		return counter(nodes[0].node.Metrics.Elected) > 0 && counter(nodes[1].node.Metrics.Elected) > 0
+	planetest.EventuallyWithin(t, 20*time.Second, "both nodes elected in turn", func() bool {
+		return planetest.CounterValue(t, nodes[0].node.Metrics.Elected) > 0 && planetest.CounterValue(t, nodes[1].node.Metrics.Elected) > 0
 	})
 }
 
@@ -294,14 +294,14 @@ func TestNodeWithoutLeaseStopsHosting(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	eventually(t, 15*time.Second, "actors on both nodes", func() bool {
+	planetest.EventuallyWithin(t, 15*time.Second, "actors on both nodes", func() bool {
 		return len(cut.placement().Hosted()) > 0 && len(cut.placement().Hosted())+len(other.placement().Hosted()) == 4
 	})
 	p.Block()
-	eventually(t, 15*time.Second, "the cut-off node hosts nothing", func() bool { return len(cut.placement().Hosted()) == 0 })
-	eventually(t, 15*time.Second, "the other node hosts every actor", func() bool { return len(other.placement().Hosted()) == 4 })
+	planetest.EventuallyWithin(t, 15*time.Second, "the cut-off node hosts nothing", func() bool { return len(cut.placement().Hosted()) == 0 })
+	planetest.EventuallyWithin(t, 15*time.Second, "the other node hosts every actor", func() bool { return len(other.placement().Hosted()) == 4 })
 	p.Unblock()
-	eventually(t, 20*time.Second, "the node back registered", func() bool { held, _ := cut.node.Registrar.Held(); return held })
+	planetest.EventuallyWithin(t, 20*time.Second, "the node back registered", func() bool { held, _ := cut.node.Registrar.Held(); return held })
 	// Back with a new lease, it hosts only what etcd assigns it now, not
 	// what its cache said before the cut: no actor is ever seen on both.
 	deadline := time.Now().Add(2 * time.Second)
@@ -329,7 +329,7 @@ func TestStateOffTheLeaderIsCurrent(t *testing.T) {
 		startNode(t, ctx, j, e.Endpoints(), "n2", 2*time.Second),
 	}
 	var follower *testNode
-	eventually(t, 10*time.Second, "a leader", func() bool {
+	planetest.EventuallyWithin(t, 10*time.Second, "a leader", func() bool {
 		for i, n := range nodes {
 			if _, ok := n.placement().Leader(); ok {
 				follower = nodes[1-i]
@@ -342,7 +342,7 @@ func TestStateOffTheLeaderIsCurrent(t *testing.T) {
 		if err := follower.placement().Want(ctx, ledger.Kind, fmt.Sprint("acct-", i)); err != nil {
 			t.Fatal(err)
 		}
-		eventually(t, 10*time.Second, "the follower reads the new assignment", func() bool {
+		planetest.EventuallyWithin(t, 10*time.Second, "the follower reads the new assignment", func() bool {
 			st, err := follower.placement().State(ctx)
 			return err == nil && len(st.Assignments) == i+1
 		})

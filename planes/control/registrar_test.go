@@ -126,7 +126,7 @@ func TestLeaseExpiryRemovesInstancesFromEveryWatcher(t *testing.T) {
 	}
 	watchers := []*control.Discovery{discovery(t, e.Client(t)), discovery(t, client(t, e.Endpoints()...)), discovery(t, client(t, e.Endpoints()...))}
 	for i, w := range watchers {
-		eventually(t, 5*time.Second, "watcher sees both", func() bool { return ids(w.Instances()) == "w1,w2" })
+		planetest.EventuallyWithin(t, 5*time.Second, "watcher sees both", func() bool { return ids(w.Instances()) == "w1,w2" })
 		_ = i
 	}
 	// Clean shutdown: gone at once (well within one TTL).
@@ -134,13 +134,13 @@ func TestLeaseExpiryRemovesInstancesFromEveryWatcher(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, w := range watchers {
-		eventually(t, ttl/2, "cleanly closed node's instance removed", func() bool { return ids(w.Instances()) == "w1" })
+		planetest.EventuallyWithin(t, ttl/2, "cleanly closed node's instance removed", func() bool { return ids(w.Instances()) == "w1" })
 	}
 	// Crash: the client goes away without revoking; the lease expires.
 	t0 := time.Now()
 	crashing.Close()
 	for _, w := range watchers {
-		eventually(t, ttl+time.Second-time.Since(t0), "crashed node's instance removed", func() bool { return len(w.Instances()) == 0 })
+		planetest.EventuallyWithin(t, ttl+time.Second-time.Since(t0), "crashed node's instance removed", func() bool { return len(w.Instances()) == 0 })
 	}
 	t.Logf("removed from every watcher %s after the crash (TTL %s)", time.Since(t0).Round(time.Millisecond), ttl)
 	_ = r.Close(context.Background()) // revoke fails: its client is closed
@@ -163,9 +163,11 @@ func TestLeaseLossReRegisters(t *testing.T) {
 	w := discovery(t, client(t, e.Endpoints()...))
 	events, stop := w.Subscribe()
 	defer stop()
-	eventually(t, 5*time.Second, "registered", func() bool { return ids(w.Instances()) == "w1" })
+	planetest.EventuallyWithin(t, 5*time.Second, "registered", func() bool { return ids(w.Instances()) == "w1" })
 	old, gen, changed := r.Lease()
-	if _, err := e.Client(t).Revoke(ctx, old); err != nil {
+	// One client for the polls below: a new one each poll would dial each time.
+	cli := e.Client(t)
+	if _, err := cli.Revoke(ctx, old); err != nil {
 		t.Fatal(err)
 	}
 	select {
@@ -177,15 +179,15 @@ func TestLeaseLossReRegisters(t *testing.T) {
 	if lease == old || gen2 != gen+1 {
 		t.Fatalf("lease %x gen %d after loss, had %x gen %d", lease, gen2, old, gen)
 	}
-	eventually(t, 5*time.Second, "re-registered on the new lease", func() bool {
-		resp, err := e.Client(t).Get(ctx, "/triplane/test/instances/worker/generate/w1")
+	planetest.EventuallyWithin(t, 5*time.Second, "re-registered on the new lease", func() bool {
+		resp, err := cli.Get(ctx, "/triplane/test/instances/worker/generate/w1")
 		return err == nil && len(resp.Kvs) == 1 && resp.Kvs[0].Lease == int64(lease)
 	})
-	eventually(t, 5*time.Second, "node re-registered", func() bool {
-		resp, err := e.Client(t).Get(ctx, "/triplane/test/nodes/n1")
+	planetest.EventuallyWithin(t, 5*time.Second, "node re-registered", func() bool {
+		resp, err := cli.Get(ctx, "/triplane/test/nodes/n1")
 		return err == nil && len(resp.Kvs) == 1 && resp.Kvs[0].Lease == int64(lease)
 	})
-	if got := counter(m.LeaseLost); got != 1 {
+	if got := planetest.CounterValue(t, m.LeaseLost); got != 1 {
 		t.Fatalf("lease_lost_total = %v, want 1", got)
 	}
 	// The watcher saw it go and come back.
@@ -220,12 +222,12 @@ func TestUnreachableLongerThanTTLReRegisters(t *testing.T) {
 		t.Fatal(err)
 	}
 	w := discovery(t, e.Client(t))
-	eventually(t, 5*time.Second, "registered", func() bool { return ids(w.Instances()) == "w1" })
+	planetest.EventuallyWithin(t, 5*time.Second, "registered", func() bool { return ids(w.Instances()) == "w1" })
 	p.Block()
-	eventually(t, 10*time.Second, "instance expired while unreachable", func() bool { return len(w.Instances()) == 0 })
-	eventually(t, 10*time.Second, "loss counted", func() bool { return counter(m.LeaseLost) >= 1 })
+	planetest.EventuallyWithin(t, 10*time.Second, "instance expired while unreachable", func() bool { return len(w.Instances()) == 0 })
+	planetest.EventuallyWithin(t, 10*time.Second, "loss counted", func() bool { return planetest.CounterValue(t, m.LeaseLost) >= 1 })
 	p.Unblock()
-	eventually(t, 20*time.Second, "registered again", func() bool { return ids(w.Instances()) == "w1" })
+	planetest.EventuallyWithin(t, 20*time.Second, "registered again", func() bool { return ids(w.Instances()) == "w1" })
 }
 
 // A registration that failed stays failed: the next lease does not write

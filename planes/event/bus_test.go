@@ -13,21 +13,11 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/prometheus/client_golang/prometheus"
-	dto "github.com/prometheus/client_model/go"
 
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/planes/event"
 	"github.com/triplane-dev/triplane/planetest"
 )
-
-// counterValue reads a counter.
-func counterValue(c prometheus.Counter) float64 {
-	var m dto.Metric
-	if err := c.Write(&m); err != nil {
-		return -1
-	}
-	return m.GetCounter().GetValue()
-}
 
 func newBus(t *testing.T, nc *nats.Conn, cfg event.Config) *event.Bus {
 	t.Helper()
@@ -37,18 +27,6 @@ func newBus(t *testing.T, nc *nats.Conn, cfg event.Config) *event.Bus {
 	}
 	t.Cleanup(b.Close)
 	return b
-}
-
-// eventually polls cond until it holds or the deadline passes.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
 }
 
 func TestSubjectScheme(t *testing.T) {
@@ -94,7 +72,7 @@ func TestPublishSubscribeFanOut(t *testing.T) {
 		}
 	}
 	const sum = N * (N + 1) / 2
-	eventually(t, "every subscriber to get every message", func() bool {
+	planetest.Eventually(t, "every subscriber to get every message", func() bool {
 		return got[0].Load() == sum && got[1].Load() == sum && wild.Load() == sum
 	})
 }
@@ -122,7 +100,7 @@ func TestQueueGroupDeliversEachMessageOnce(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	eventually(t, "all messages", func() bool { mu.Lock(); defer mu.Unlock(); return len(seen) == N })
+	planetest.Eventually(t, "all messages", func() bool { mu.Lock(); defer mu.Unlock(); return len(seen) == N })
 	if err := b.Conn().Flush(); err != nil {
 		t.Fatal(err)
 	}
@@ -234,7 +212,7 @@ func TestRequestReply(t *testing.T) {
 			t.Fatalf("callback = %v, %v", r.m, r.err)
 		}
 	})
-	if v := counterValue(client.Metrics().RequestErrors.WithLabelValues("no_responders")); v != 1 {
+	if v := planetest.CounterValue(t, client.Metrics().RequestErrors.WithLabelValues("no_responders")); v != 1 {
 		t.Errorf("no_responders counted %v times, want 1", v)
 	}
 }
@@ -261,9 +239,9 @@ func TestMaxPayloadRefusedBeforeSending(t *testing.T) {
 	if !errors.Is(err, event.ErrTooLarge) {
 		t.Fatalf("request: err = %v, want ErrTooLarge", err)
 	}
-	eventually(t, "the small message", func() bool { return got.Load() == 1 })
-	if b.Conn().IsClosed() || counterValue(b.Metrics().TooLarge) != 2 {
-		t.Fatalf("connection closed %v, too large counted %v", b.Conn().IsClosed(), counterValue(b.Metrics().TooLarge))
+	planetest.Eventually(t, "the small message", func() bool { return got.Load() == 1 })
+	if b.Conn().IsClosed() || planetest.CounterValue(t, b.Metrics().TooLarge) != 2 {
+		t.Fatalf("connection closed %v, too large counted %v", b.Conn().IsClosed(), planetest.CounterValue(t, b.Metrics().TooLarge))
 	}
 }
 
@@ -302,11 +280,11 @@ func TestMalformedPayloadsCountedLoggedOnceDropped(t *testing.T) {
 	if err := event.Publish(b, subject, &triplanev1.EventProbe{Seq: 5}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the good message after the bad ones", func() bool { return good.Load() == 5 })
+	planetest.Eventually(t, "the good message after the bad ones", func() bool { return good.Load() == 5 })
 	if sub.Malformed() != 3 {
 		t.Fatalf("malformed = %d, want 3", sub.Malformed())
 	}
-	if v := counterValue(b.Metrics().Malformed.WithLabelValues(subject)); v != 3 {
+	if v := planetest.CounterValue(t, b.Metrics().Malformed.WithLabelValues(subject)); v != 3 {
 		t.Fatalf("malformed metric = %v, want 3", v)
 	}
 	if logs.n.Load() != 1 {
@@ -339,23 +317,23 @@ func TestSlowConsumerBoundedAndCounted(t *testing.T) {
 	}
 	// One message in the handler, at most 10 pending: NATS must drop the
 	// rest rather than queue them.
-	eventually(t, "the messages beyond the pending limit to be dropped", func() bool { return sub.Dropped() >= N-11 })
-	eventually(t, "the slow consumer to be reported", func() bool { return sub.SlowConsumerEvents() > 0 })
+	planetest.Eventually(t, "the messages beyond the pending limit to be dropped", func() bool { return sub.Dropped() >= N-11 })
+	planetest.Eventually(t, "the slow consumer to be reported", func() bool { return sub.SlowConsumerEvents() > 0 })
 	close(release)
-	eventually(t, "the kept messages to be handled", func() bool {
+	planetest.Eventually(t, "the kept messages to be handled", func() bool {
 		return handled.Load()+int64(sub.Dropped()) == N
 	})
 	if sub.Dropped() == 0 || handled.Load() > 11 {
 		t.Fatalf("dropped %d, handled %d: the pending queue was not bounded", sub.Dropped(), handled.Load())
 	}
-	if counterValue(b.Metrics().SlowConsumers) < 1 || counterValue(b.Metrics().Dropped) < 1 {
-		t.Fatalf("slow consumers %v, dropped %v not counted", counterValue(b.Metrics().SlowConsumers), counterValue(b.Metrics().Dropped))
+	if planetest.CounterValue(t, b.Metrics().SlowConsumers) < 1 || planetest.CounterValue(t, b.Metrics().Dropped) < 1 {
+		t.Fatalf("slow consumers %v, dropped %v not counted", planetest.CounterValue(t, b.Metrics().SlowConsumers), planetest.CounterValue(t, b.Metrics().Dropped))
 	}
 	// The subscriber keeps running.
 	if err := event.Publish(pub, subject, &triplanev1.EventProbe{}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "a message after the drops", func() bool { return handled.Load()+int64(sub.Dropped()) == N+1 })
+	planetest.Eventually(t, "a message after the drops", func() bool { return handled.Load()+int64(sub.Dropped()) == N+1 })
 }
 
 func TestConfigBroadcastLateJoiner(t *testing.T) {
@@ -402,11 +380,11 @@ func TestConfigBroadcastLateJoiner(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer stop()
-	eventually(t, "the last value", func() bool { mu.Lock(); defer mu.Unlock(); return len(seen) == 1 })
+	planetest.Eventually(t, "the last value", func() bool { mu.Lock(); defer mu.Unlock(); return len(seen) == 1 })
 	if _, err := cfg.Put(ctx, key, &triplanev1.EventProbe{Text: "v3"}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "the change", func() bool { mu.Lock(); defer mu.Unlock(); return len(seen) == 2 })
+	planetest.Eventually(t, "the change", func() bool { mu.Lock(); defer mu.Unlock(); return len(seen) == 2 })
 	mu.Lock()
 	if seen[0] != key+"=v2" || seen[1] != key+"=v3" {
 		t.Fatalf("late joiner saw %v", seen)
@@ -478,7 +456,7 @@ func TestServeConcurrent(t *testing.T) {
 			results <- err
 		}()
 	}
-	eventually(t, "two handlers running at once", func() bool { return running.Load() == 2 })
+	planetest.Eventually(t, "two handlers running at once", func() bool { return running.Load() == 2 })
 	_, err := event.Request[*triplanev1.EventProbe, *triplanev1.EventProbe](ctx, client, subj, &triplanev1.EventProbe{Seq: 9})
 	var re *event.RemoteError
 	if !errors.As(err, &re) || !strings.Contains(err.Error(), event.ErrBusyText) {

@@ -59,7 +59,7 @@ func TestLoadReportsAggregatedAndAgedOut(t *testing.T) {
 			})
 		}()
 	}
-	eventually(t, "reports from both workers, more than one each", func() bool {
+	planetest.Eventually(t, "reports from both workers, more than one each", func() bool {
 		l := src.Loads()
 		return len(l) == 2 && l["w1"].GetSeq() > 1 && l["w2"].GetSeq() > 1
 	})

@@ -15,6 +15,7 @@ import (
 	"github.com/triplane-dev/triplane/embedded"
 	triplanev1 "github.com/triplane-dev/triplane/messages/triplane/v1"
 	"github.com/triplane-dev/triplane/planes/event"
+	"github.com/triplane-dev/triplane/planetest"
 )
 
 // TestServerRestart stops the NATS server in the middle of the test and
@@ -66,7 +67,7 @@ func TestServerRestart(t *testing.T) {
 	if err := event.Publish(client, subject, &triplanev1.EventProbe{Seq: 1}); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, "a message before the restart", func() bool { return got.Load() == 1 })
+	planetest.Eventually(t, "a message before the restart", func() bool { return got.Load() == 1 })
 
 	q, err := event.OpenWorkQueue[*triplanev1.EventProbe](ctx, client, event.QueueConfig{Namespace: "ns", Component: "prefill", Name: "jobs"})
 	if err != nil {
@@ -102,7 +103,7 @@ func TestServerRestart(t *testing.T) {
 
 	srv = start()
 	// The core subscriber resumes once both connections are back.
-	eventually(t, "a message after the restart", func() bool {
+	planetest.Eventually(t, "a message after the restart", func() bool {
 		_ = event.Publish(client, subject, &triplanev1.EventProbe{Seq: 2})
 		return got.Load() == 2
 	})
@@ -113,7 +114,7 @@ func TestServerRestart(t *testing.T) {
 	go func() {
 		done <- q.Consume(cctx, func(context.Context, *event.Job[*triplanev1.EventProbe]) error { jobs.Add(1); return nil })
 	}()
-	eventually(t, "the 5 jobs enqueued before the restart", func() bool { return jobs.Load() == 5 })
+	planetest.Eventually(t, "the 5 jobs enqueued before the restart", func() bool { return jobs.Load() == 5 })
 	stop()
 	if err := <-done; err != nil {
 		t.Fatal(err)

@@ -59,11 +59,11 @@ func TestWorkQueueAckRetryRejectDeadLetter(t *testing.T) {
 			return nil
 		})
 	}()
-	eventually(t, "three dead letters", func() bool {
+	planetest.Eventually(t, "three dead letters", func() bool {
 		dl, err := q.DeadLetters(ctx, 10)
 		return err == nil && len(dl) == 3
 	})
-	eventually(t, "the queue to empty", func() bool {
+	planetest.Eventually(t, "the queue to empty", func() bool {
 		mu.Lock()
 		defer mu.Unlock()
 		return len(deliveries["retry"]) == 2 && len(deliveries["ok"]) == 1
@@ -99,7 +99,7 @@ func TestWorkQueueAckRetryRejectDeadLetter(t *testing.T) {
 	if d := reasons["malformed"]; !strings.Contains(d.Reason, "malformed") {
 		t.Errorf("malformed dead letter %+v", d)
 	}
-	if v := counterValue(b.Metrics().DeadLettered); v != 3 {
+	if v := planetest.CounterValue(t, b.Metrics().DeadLettered); v != 3 {
 		t.Errorf("dead lettered %v, want 3", v)
 	}
 	// Work-queue retention: nothing left in the queue.
@@ -147,7 +147,7 @@ func TestWorkQueueEachJobToOneWorker(t *testing.T) {
 			})
 		}()
 	}
-	eventually(t, "every job", func() bool { mu.Lock(); defer mu.Unlock(); return len(seen) == N })
+	planetest.Eventually(t, "every job", func() bool { mu.Lock(); defer mu.Unlock(); return len(seen) == N })
 	cancel()
 	wg.Wait()
 	for s, c := range seen {
