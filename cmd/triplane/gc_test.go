@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"math"
 	"os"
 	"runtime"
@@ -8,6 +9,8 @@ import (
 	"runtime/metrics"
 	"testing"
 	"time"
+
+	"github.com/triplane-dev/triplane/planetest"
 )
 
 // batchGC turns the collector off under its soft limit, and brings GOGC
@@ -36,12 +39,12 @@ func TestBatchGCFallsBackOnALargeLiveHeap(t *testing.T) {
 	for range cap(live) {
 		live = append(live, make([]byte, 1<<20)) // 48 MiB live, past half the limit
 	}
-	for deadline := time.Now().Add(10 * time.Second); percent() != 400; {
-		if time.Now().After(deadline) {
-			t.Fatalf("GOGC still %d with %d MiB live", percent(), len(live))
+	planetest.Poll(t, 10*time.Second, time.Millisecond, func() bool {
+		if percent() == 400 {
+			return true
 		}
 		runtime.GC() // the cleanup that checks runs after a collection
-		time.Sleep(time.Millisecond)
-	}
+		return false
+	}, func() string { return fmt.Sprintf("GOGC still %d with %d MiB live", percent(), len(live)) })
 	runtime.KeepAlive(live)
 }

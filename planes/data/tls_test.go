@@ -8,10 +8,13 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"fmt"
 	"math/big"
 	"net"
 	"testing"
 	"time"
+
+	"github.com/triplane-dev/triplane/planetest"
 )
 
 // testPKI is a CA with one server and one client certificate.
@@ -63,12 +66,9 @@ func TestTokenRefusesUnauthenticatedPeer(t *testing.T) {
 	}
 	// The client can see the refusal before the receiver has counted it:
 	// wait for the count, with a deadline.
-	for deadline := time.Now().Add(10 * time.Second); r.metrics.RejectedCount("tcp", "auth") != 2; {
-		if time.Now().After(deadline) {
-			t.Fatalf("auth rejections %v, want 2", r.metrics.RejectedCount("tcp", "auth"))
-		}
-		time.Sleep(time.Millisecond)
-	}
+	rejected := func() float64 { return r.metrics.RejectedCount("tcp", "auth") }
+	planetest.Poll(t, 10*time.Second, time.Millisecond, func() bool { return rejected() == 2 },
+		func() string { return fmt.Sprintf("auth rejections %v, want 2", rejected()) })
 	if r.region.Bytes()[0] != 0 {
 		t.Fatal("unauthenticated bytes landed")
 	}

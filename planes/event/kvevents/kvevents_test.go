@@ -3,6 +3,7 @@ package kvevents_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"maps"
 	"math/rand/v2"
 	"path/filepath"
@@ -152,18 +153,14 @@ func workload(t *testing.T, p *kvevents.Publisher, rng *rand.Rand, n int, batche
 
 func converge(t *testing.T, c *kvevents.Consumer, p *kvevents.Publisher, worker string) {
 	t.Helper()
-	deadline := time.Now().Add(20 * time.Second)
-	for {
+	planetest.Poll(t, 20*time.Second, time.Millisecond, func() bool {
 		got, last := c.Blocks(worker)
-		if last == p.LastEventID() && maps.Equal(got, p.Blocks()) {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("consumer at event %d with %d blocks, worker at %d with %d blocks; stats %v",
-				last, len(got), p.LastEventID(), len(p.Blocks()), c.Stats())
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+		return last == p.LastEventID() && maps.Equal(got, p.Blocks())
+	}, func() string {
+		got, last := c.Blocks(worker)
+		return fmt.Sprintf("consumer at event %d with %d blocks, worker at %d with %d blocks; stats %v",
+			last, len(got), p.LastEventID(), len(p.Blocks()), c.Stats())
+	})
 }
 
 func TestConsumerConvergesThroughLossAndReordering(t *testing.T) {
@@ -315,17 +312,10 @@ func TestInvalidBatchesDropped(t *testing.T) {
 	if err := event.Publish(b, subject, good); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	planetest.Poll(t, 10*time.Second, time.Millisecond, func() bool {
 		blocks, last := c.Blocks("w3")
-		if last == 1 && len(blocks) == 1 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("good batch not applied: %v", c.Stats())
-		}
-		time.Sleep(2 * time.Millisecond)
-	}
+		return last == 1 && len(blocks) == 1
+	}, func() string { return fmt.Sprintf("good batch not applied: %v", c.Stats()) })
 	if s := c.Stats(); s.Malformed != 5 {
 		t.Fatalf("malformed = %d, want 5", s.Malformed)
 	}
@@ -464,20 +454,12 @@ func TestRepairOfAGoneWorkerStopsUntilItsNextBatch(t *testing.T) {
 		Events: []*triplanev1.KvEvent{{EventId: 5, Kind: &triplanev1.KvEvent_Cleared{Cleared: &triplanev1.KvAllCleared{}}}}}
 	c.Ingest(gap) // nobody answers on the worker's resend subject
 	deadline := time.Now().Add(10 * time.Second)
-	for c.Stats().RepairFailures < 3 {
-		if time.Now().After(deadline) {
-			t.Fatalf("repairs: %v", c.Stats())
-		}
-		time.Sleep(time.Millisecond)
-	}
+	planetest.Poll(t, time.Until(deadline), time.Millisecond, func() bool { return c.Stats().RepairFailures >= 3 },
+		func() string { return fmt.Sprintf("repairs: %v", c.Stats()) })
 	// A new batch from the worker starts the repair again.
 	c.Ingest(&triplanev1.KvEventBatch{WorkerId: "gone", Epoch: 1, HeadEventId: 6})
-	for c.Stats().RepairFailures < 6 {
-		if time.Now().After(deadline) {
-			t.Fatalf("repairs after the next batch: %v", c.Stats())
-		}
-		time.Sleep(time.Millisecond)
-	}
+	planetest.Poll(t, time.Until(deadline), time.Millisecond, func() bool { return c.Stats().RepairFailures >= 6 },
+		func() string { return fmt.Sprintf("repairs after the next batch: %v", c.Stats()) })
 	if _, last := c.Blocks("gone"); last != 0 {
 		t.Fatalf("applied up to %d without the missing events", last)
 	}
