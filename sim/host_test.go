@@ -38,7 +38,7 @@ func TestSameSeedSameTrace(t *testing.T) {
 
 // A planted bug is found by a sweep, and its failing seed reproduces.
 func TestSweepFindsPlantedBug(t *testing.T) {
-	for _, bug := range []string{"apply-before-persist", "snapshot-before-persist"} {
+	for _, bug := range []string{sim.BugApplyBeforePersist, sim.BugSnapshotBeforePersist} {
 		t.Run(bug, func(t *testing.T) { sweepFinds(t, bug) })
 	}
 }

@@ -21,6 +21,8 @@ var ledgerScenario = Scenario{
 	Name:        "ledger",
 	Description: "5 ledger accounts, 200 commands/s, append failures and crashes",
 	Registry:    func() *actors.Registry { return actors.NewRegistry(ledger.Machine{}) },
+	Bugs:        []string{BugApplyBeforePersist, BugSnapshotBeforePersist},
+	Crashes:     "the probability that a command's account crashes just before the command arrives",
 	Drive: func(r *Run) Invariant {
 		w, h := r.World, r.Host
 		accounts := make([]actors.Address, 5)

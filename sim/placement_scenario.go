@@ -38,6 +38,9 @@ var placementScenario = Scenario{
 		placementNodes, placementTTL, placementActors),
 	Registry: func() *actors.Registry { return actors.NewRegistry(placement.Machine{}) },
 	Drive:    drivePlacement,
+	// The placement actor journals through the host.
+	Bugs:    []string{BugApplyBeforePersist, BugSnapshotBeforePersist, BugUnfencedWrites},
+	Crashes: "any rate above 0 crashes the placement actor once and changes etcd's leader once (a fixed number, however high the rate)",
 }
 
 type simNode struct {

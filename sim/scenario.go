@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
+	"slices"
 	"sort"
 	"strings"
 	"sync/atomic"
@@ -18,38 +19,121 @@ type Faults struct {
 	// AppendFailure is the probability that a journal append fails;
 	// WrittenOnFailure the probability that such an append was written.
 	AppendFailure, WrittenOnFailure float64
-	// CrashRate is the probability that a command's target actor crashes
-	// just before the command arrives.
+	// CrashRate switches on crashes, read by each scenario its own way
+	// (Scenario.Crashes says how for each built-in one): in ledger it is
+	// the probability that a command's actor crashes just before the
+	// command arrives; in serving each worker crashes with probability 3x
+	// the rate; and in serving, transfer and placement any rate above 0
+	// switches on a fixed set of faults (actor crashes, etcd leader
+	// changes, partitions) that does not grow with the rate.
 	CrashRate float64
 }
 
-// Bugs are the planted bugs a run can switch on: apply-before-persist (the
-// host applies events before the append and keeps them when it fails),
-// router-ignores-gap and stale-route (the serving scenario's routing shell
-// skips missing KV event ids; sends a request to a worker discovery removed
-// while the decision was pending), ack-before-verify (the transfer
-// scenario's receiver acknowledges ranges before checking their checksums),
-// unfenced-writes (placement leaders publish without their election fence),
-// snapshot-before-persist (the host snapshots a state before its events are
-// journaled; the simulated disk then hands recovery a state the journal
-// never held).
-var Bugs = []string{"apply-before-persist", "snapshot-before-persist", BugRouterIgnoresGap, BugStaleRoute, BugAckBeforeVerify, BugUnfencedWrites}
+// The planted bugs of the simulated host (see Host.PlantedBug): any
+// scenario that sends its commands through Run.Host can list them.
+const (
+	// BugApplyBeforePersist: the host applies events before the append
+	// and keeps them when it fails.
+	BugApplyBeforePersist = "apply-before-persist"
+	// BugSnapshotBeforePersist: the host snapshots a state before its
+	// events are journaled; the simulated disk then hands recovery a state
+	// the journal never held.
+	BugSnapshotBeforePersist = "snapshot-before-persist"
+)
 
-// DefaultFaults are the faults of a run that names none.
+// Bugs are the planted bugs of the built-in scenarios, each switched on
+// only in the scenarios that list it in Scenario.Bugs: the host's
+// (BugApplyBeforePersist, BugSnapshotBeforePersist), router-ignores-gap and
+// stale-route (serving: the routing shell skips missing KV event ids;
+// sends a request to a worker discovery removed while the decision was
+// pending), ack-before-verify (transfer: the receiver acknowledges ranges
+// before checking their checksums), unfenced-writes (placement: leaders
+// publish without their election fence).
+var Bugs = []string{BugApplyBeforePersist, BugSnapshotBeforePersist, BugRouterIgnoresGap, BugStaleRoute, BugAckBeforeVerify, BugUnfencedWrites}
+
+// DefaultFaults are the faults triplane sim injects unless its flags say
+// otherwise (and those the built-in scenarios' tests use). Options{} in
+// Go injects none: a run has the faults its Options name.
 var DefaultFaults = Faults{AppendFailure: 0.03, WrittenOnFailure: 0.5, CrashRate: 0.1}
+
+// DefaultDuration is a run's load when Options.Duration is 0.
+// MaxDuration bounds it: scenarios make their whole load up front (every
+// request, every command), so a far longer one would only exhaust memory.
+const (
+	DefaultDuration = 2 * time.Second
+	MaxDuration     = time.Hour
+)
 
 // Options of one run.
 type Options struct {
-	Duration time.Duration // virtual time of load; default 2 s
+	Duration time.Duration // virtual time of load; 0: DefaultDuration
 	Faults   Faults
-	// Bug switches on a planted bug (see Host.PlantedBug), to show that a
-	// sweep finds it.
+	// Bug switches on one of the scenario's planted bugs (Scenario.Bugs),
+	// to show that a sweep finds it.
 	Bug string
 	// Buggify switches on the fault points inside the real code the
-	// scenario runs (see Buggify).
+	// scenario runs (see Buggify); a scenario whose code has none
+	// (Scenario.FaultPoints) runs as without it.
 	Buggify bool
 	// Invariants run after the built-in ones at the end of the run.
 	Invariants []Invariant
+}
+
+// OptionError is an option RunScenario refuses: Field names it as in
+// Options (Faults.CrashRate), Flag as triplane sim's flag (crash-rate),
+// so either caller can point at what to fix.
+type OptionError struct {
+	Field, Flag string
+	Err         error
+}
+
+func (e *OptionError) Error() string { return fmt.Sprintf("sim: Options.%s: %v", e.Field, e.Err) }
+
+func (e *OptionError) Unwrap() error { return e.Err }
+
+// Validate reports the first option that a run of s cannot take, as an
+// *OptionError: RunScenario refuses such options rather than panic inside
+// a scenario or run without the bug it was asked for.
+func (o Options) Validate(s Scenario) error {
+	switch {
+	case o.Duration < 0:
+		return &OptionError{"Duration", "duration", fmt.Errorf("%s is negative (0 runs the default %s)", o.Duration, DefaultDuration)}
+	case o.Duration > MaxDuration:
+		return &OptionError{"Duration", "duration", fmt.Errorf("%s is over the limit of %s", o.Duration, MaxDuration)}
+	}
+	for _, p := range []struct {
+		field, flag string
+		v           float64
+	}{{"Faults.AppendFailure", "append-failure", o.Faults.AppendFailure}, {"Faults.WrittenOnFailure", "written-on-failure", o.Faults.WrittenOnFailure},
+		{"Faults.CrashRate", "crash-rate", o.Faults.CrashRate}} {
+		if !(p.v >= 0 && p.v <= 1) { // NaN too
+			return &OptionError{p.field, p.flag, fmt.Errorf("probability %v is outside [0, 1]", p.v)}
+		}
+	}
+	if o.Bug != "" && !slices.Contains(s.Bugs, o.Bug) {
+		return &OptionError{"Bug", "bug", bugError(s, o.Bug)}
+	}
+	return nil
+}
+
+// bugError says why s cannot plant bug, and where it can be planted: a
+// user who asks for another scenario's bug would otherwise see a clean
+// sweep and think the simulator missed it.
+func bugError(s Scenario, bug string) error {
+	its := "has no planted bugs"
+	if len(s.Bugs) > 0 {
+		its = "plants only " + strings.Join(s.Bugs, ", ")
+	}
+	var in []string
+	for _, name := range ScenarioNames() {
+		if slices.Contains(Scenarios()[name].Bugs, bug) {
+			in = append(in, name)
+		}
+	}
+	if len(in) == 0 {
+		return fmt.Errorf("unknown bug %q: scenario %s %s", bug, s.Name, its)
+	}
+	return fmt.Errorf("bug %q is planted by scenario %s, not %s, which %s", bug, strings.Join(in, ", "), s.Name, its)
 }
 
 // Invariant checks a finished run; an error is a violation.
@@ -74,6 +158,16 @@ type Scenario struct {
 	// Drive schedules the scenario's load on the run's world; it may
 	// return an invariant that is checked at the end.
 	Drive func(r *Run) Invariant
+	// Bugs are the planted bugs Drive (or the host it delivers through)
+	// switches on for Options.Bug; RunScenario refuses any other, so a
+	// sweep never passes for a bug that was not there.
+	Bugs []string
+	// FaultPoints are those Drive's real code reaches with Run.Faults
+	// (what Options.Buggify can switch on); none: Buggify does nothing.
+	FaultPoints []string
+	// Crashes says what Faults.CrashRate does in this scenario, for help
+	// texts: each scenario reads the rate its own way.
+	Crashes string
 }
 
 // Result of one run.
@@ -90,10 +184,15 @@ type Result struct {
 	Fired map[string]uint64
 }
 
-// Scenarios are the built-in scenarios by name.
+// Scenarios are the built-in scenarios by name. Each call returns its own
+// copies: a caller may change them without changing the built-in ones.
 func Scenarios() map[string]Scenario {
-	return map[string]Scenario{ledgerScenario.Name: ledgerScenario, servingScenario.Name: servingScenario,
-		transferScenario.Name: transferScenario, placementScenario.Name: placementScenario}
+	out := map[string]Scenario{}
+	for _, s := range []Scenario{ledgerScenario, servingScenario, transferScenario, placementScenario} {
+		s.Bugs, s.FaultPoints = slices.Clone(s.Bugs), slices.Clone(s.FaultPoints)
+		out[s.Name] = s
+	}
+	return out
 }
 
 // ScenarioNames lists the built-in scenarios.
@@ -110,14 +209,19 @@ func ScenarioNames() []string {
 var ErrNotQuiet = errors.New("sim: the world did not go quiet")
 
 // RunScenario runs a scenario once with a seed. A run that panics is a
-// failed result naming its seed, with the trace up to the panic.
+// failed result naming its seed, with the trace up to the panic; options
+// that fail Validate are a failed result without a run.
 func RunScenario(s Scenario, seed uint64, opts Options) (res Result) {
+	res = Result{Seed: seed, Scenario: s.Name}
+	if err := opts.Validate(s); err != nil {
+		res.Err = fmt.Errorf("scenario %s seed %d not run: %w", s.Name, seed, err)
+		return res
+	}
 	if opts.Duration == 0 {
-		opts.Duration = 2 * time.Second
+		opts.Duration = DefaultDuration
 	}
 	start := time.Now()
 	w := NewWorld(seed)
-	res = Result{Seed: seed, Scenario: s.Name}
 	defer func() {
 		if p := recover(); p != nil {
 			res.Err = fmt.Errorf("seed %d panicked: %v\n%s", seed, p, debug.Stack())

@@ -82,6 +82,12 @@ var servingScenario = Scenario{
 		servingWorkers, servingRate),
 	Registry: func() *actors.Registry { return actors.NewRegistry(routerm.Machine{}) },
 	Drive:    driveServing,
+	// The router actor journals through the host.
+	Bugs: []string{BugApplyBeforePersist, BugSnapshotBeforePersist, BugRouterIgnoresGap, BugStaleRoute},
+	// The engines', the workers' KV event logs' and the sequencer's:
+	// driveServing hands each Run.Faults.
+	FaultPoints: slices.Concat(mocker.FaultPoints, kvevents.FaultPoints),
+	Crashes:     "each worker crashes once with probability 3x the rate (at most 1), and any rate above 0 also crashes the router actor twice, changes etcd's leader once and partitions a worker twice",
 }
 
 type simWorker struct {

@@ -182,7 +182,7 @@ func TestServingScenarioBuggifySweep(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range servingFaultPoints {
+	for _, p := range servingScenario.FaultPoints {
 		if fired[p] == 0 {
 			t.Errorf("fault point %s never fired in 24 seeds (fired: %v)", p, fired)
 		}

@@ -50,6 +50,9 @@ var transferScenario = Scenario{
 		transferSessions, transferBlocks),
 	Registry: func() *actors.Registry { return actors.NewRegistry(transfer.Machine{}) },
 	Drive:    driveTransfers,
+	// The session actors journal through the host.
+	Bugs:    []string{BugApplyBeforePersist, BugSnapshotBeforePersist, BugAckBeforeVerify},
+	Crashes: "any rate above 0 crashes a random session actor 4 times (a fixed number, however high the rate)",
 }
 
 type simSession struct {
