@@ -29,6 +29,8 @@ func TestRunScenarioRefusesBadOptions(t *testing.T) {
 		{"written on failure 2", sim.Options{Faults: sim.Faults{WrittenOnFailure: 2}}, sim.Options{Faults: sim.Faults{WrittenOnFailure: 1}}, "Faults.WrittenOnFailure"},
 		{"unknown bug", sim.Options{Faults: d, Bug: "nope"}, sim.Options{Faults: d, Bug: sim.BugApplyBeforePersist}, "Bug"},
 		{"another scenario's bug", sim.Options{Faults: d, Bug: sim.BugRouterIgnoresGap}, sim.Options{Faults: d, Bug: sim.BugSnapshotBeforePersist}, "Bug"},
+		{"negative trace lines", sim.Options{TraceLines: -1}, sim.Options{TraceLines: 1}, "TraceLines"},
+		{"trace lines over the limit", sim.Options{TraceLines: sim.MaxTraceLines + 1}, sim.Options{TraceLines: sim.MaxTraceLines}, "TraceLines"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := sim.RunScenario(ledgerScenario, 1, tc.bad)
@@ -45,7 +47,7 @@ func TestRunScenarioRefusesBadOptions(t *testing.T) {
 		})
 	}
 	// The good side runs (short ones only: the limits are checked above).
-	if r := sim.RunScenario(ledgerScenario, 1, sim.Options{Duration: 0}); r.Err != nil || r.SimTime < sim.DefaultDuration {
+	if r := sim.RunScenario(ledgerScenario, 1, sim.Options{Duration: 0, TraceLines: 1}); r.Err != nil || r.SimTime < sim.DefaultDuration {
 		t.Fatalf("default duration: %v after %s", r.Err, r.SimTime)
 	}
 }

@@ -56,12 +56,16 @@ var Bugs = []string{BugApplyBeforePersist, BugSnapshotBeforePersist, BugRouterIg
 // Go injects none: a run has the faults its Options name.
 var DefaultFaults = Faults{AppendFailure: 0.03, WrittenOnFailure: 0.5, CrashRate: 0.1}
 
-// DefaultDuration is a run's load when Options.Duration is 0.
-// MaxDuration bounds it: scenarios make their whole load up front (every
-// request, every command), so a far longer one would only exhaust memory.
+// DefaultDuration is a run's load when Options.Duration is 0, and
+// DefaultTraceLines the trace lines it keeps when Options.TraceLines is.
+// The maxima bound both: scenarios make their whole load up front (every
+// request, every command) and every kept line is held until the run
+// ends, so more would only exhaust memory.
 const (
-	DefaultDuration = 2 * time.Second
-	MaxDuration     = time.Hour
+	DefaultDuration   = 2 * time.Second
+	MaxDuration       = time.Hour
+	DefaultTraceLines = 10_000
+	MaxTraceLines     = 10_000_000
 )
 
 // Options of one run.
@@ -77,6 +81,10 @@ type Options struct {
 	Buggify bool
 	// Invariants run after the built-in ones at the end of the run.
 	Invariants []Invariant
+	// TraceLines bounds the trace lines a Result keeps, from the start;
+	// 0: DefaultTraceLines. It does not change the run: the trace hash
+	// covers every line.
+	TraceLines int
 }
 
 // OptionError is an option RunScenario refuses: Field names it as in
@@ -112,6 +120,12 @@ func (o Options) Validate(s Scenario) error {
 	}
 	if o.Bug != "" && !slices.Contains(s.Bugs, o.Bug) {
 		return &OptionError{"Bug", "bug", bugError(s, o.Bug)}
+	}
+	switch {
+	case o.TraceLines < 0:
+		return &OptionError{"TraceLines", "trace-lines", fmt.Errorf("%d is negative (0 keeps the default %d)", o.TraceLines, DefaultTraceLines)}
+	case o.TraceLines > MaxTraceLines:
+		return &OptionError{"TraceLines", "trace-lines", fmt.Errorf("%d is over the limit of %d (every kept line is held in memory)", o.TraceLines, MaxTraceLines)}
 	}
 	return nil
 }
@@ -182,6 +196,9 @@ type Result struct {
 	Wall      time.Duration
 	// Fired counts the fault points that fired (Options.Buggify).
 	Fired map[string]uint64
+	// TraceDropped counts the trace lines past Options.TraceLines: in the
+	// hash, not in Trace (whose last line then says so).
+	TraceDropped int
 }
 
 // Scenarios are the built-in scenarios by name. Each call returns its own
@@ -222,12 +239,16 @@ func RunScenario(s Scenario, seed uint64, opts Options) (res Result) {
 	}
 	start := time.Now()
 	w := NewWorld(seed)
+	if opts.TraceLines > 0 {
+		w.TraceLimit = opts.TraceLines
+	}
 	defer func() {
 		if p := recover(); p != nil {
 			res.Err = fmt.Errorf("seed %d panicked: %v\n%s", seed, p, debug.Stack())
 			w.Tracef("PANIC: %v", p)
 		}
 		res.TraceHash, res.Trace, res.Steps, res.SimTime, res.Wall = w.TraceHash(), w.Trace(), w.Steps(), w.Elapsed(), time.Since(start)
+		res.TraceDropped = w.TraceDropped()
 	}()
 	j := NewJournal(w)
 	j.FailAppend, j.WrittenOnFailure = opts.Faults.AppendFailure, opts.Faults.WrittenOnFailure

@@ -26,9 +26,12 @@ type World struct {
 	text []byte
 	ends []int
 	// TraceLimit bounds the trace lines kept (the hash covers all of them);
-	// default 10,000.
+	// default DefaultTraceLines.
 	TraceLimit int
-	steps      uint64
+	// dropped counts the lines past TraceLimit, so Trace can say the cut
+	// is there: a trace that just ends looks like a run that stopped.
+	dropped int
+	steps   uint64
 }
 
 type event struct {
@@ -129,7 +132,7 @@ func (q *eventQueue) pop() (time.Duration, eventFn) {
 
 // NewWorld creates a world whose every choice derives from seed.
 func NewWorld(seed uint64) *World {
-	return &World{seed: seed, rng: rand.New(rand.NewPCG(seed, 0x7269706c616e65)), traceHash: 14695981039346656037, TraceLimit: 10_000}
+	return &World{seed: seed, rng: rand.New(rand.NewPCG(seed, 0x7269706c616e65)), traceHash: 14695981039346656037, TraceLimit: DefaultTraceLines}
 }
 
 // Seed of the world.
@@ -287,6 +290,7 @@ func (w *World) traceLine(text []byte) {
 		w.ends = append(w.ends, len(text))
 		return
 	}
+	w.dropped++
 	w.text = text[:start]
 }
 
@@ -294,13 +298,32 @@ func (w *World) traceLine(text []byte) {
 // seed must give the same hash.
 func (w *World) TraceHash() uint64 { return w.traceHash }
 
-// Trace returns the kept trace lines.
+// TraceDropped is the number of traced lines past TraceLimit: in the
+// hash, not in Trace.
+func (w *World) TraceDropped() int { return w.dropped }
+
+// Trace returns the kept trace lines. When TraceLimit cut the trace, a
+// last line (not in the hash) says how many lines were not kept and how to
+// keep them.
 func (w *World) Trace() []string {
 	text := string(w.text)
-	out := make([]string, len(w.ends))
+	out := make([]string, len(w.ends), len(w.ends)+1)
 	start := 0
 	for i, end := range w.ends {
 		out[i], start = text[start:end], end
 	}
+	if w.dropped > 0 {
+		out = append(out, w.cutLine())
+	}
 	return out
+}
+
+// cutLine is the trace's last line when TraceLimit cut it.
+func (w *World) cutLine() string {
+	total := len(w.ends) + w.dropped
+	keep := fmt.Sprintf("triplane sim --trace-lines %d (Options.TraceLines) keeps them all", total)
+	if total > MaxTraceLines {
+		keep = fmt.Sprintf("at most %d lines can be kept (triplane sim --trace-lines, Options.TraceLines)", MaxTraceLines)
+	}
+	return fmt.Sprintf("... trace cut after %d lines: %d more were not kept (the trace hash covers them); %s", len(w.ends), w.dropped, keep)
 }
