@@ -3,9 +3,11 @@ package sim
 import (
 	"errors"
 	"fmt"
+	"reflect"
 	"runtime/debug"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -336,16 +338,121 @@ func SweepEach(s Scenario, from, to uint64, opts Options, parallel int, fn func(
 	return err
 }
 
+// ReproduceCommand is what reproduces seed's run of s with opts: the
+// triplane sim command line for a built-in scenario, else (the CLI knows
+// only those, and runs none of Options.Invariants) a call of RunScenario.
+// Either carries every option that changes the run, and the duration it
+// ran for (the default when opts.Duration is 0). Both the CLI and Check
+// print it, so what one prints the other can run.
+func ReproduceCommand(s Scenario, seed uint64, opts Options) string {
+	d := opts.Duration
+	if d == 0 {
+		d = DefaultDuration
+	}
+	if !builtin(s) || len(opts.Invariants) > 0 {
+		return reproduceGo(s, seed, opts, d)
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "triplane sim --scenario %s --seed %d --duration %s", s.Name, seed, d)
+	if opts.Bug != "" {
+		fmt.Fprintf(&b, " --bug %s", opts.Bug)
+	}
+	if opts.Buggify {
+		b.WriteString(" --buggify")
+	}
+	// The CLI's faults are DefaultFaults unless a flag says otherwise.
+	for _, f := range []struct {
+		flag    string
+		v, dflt float64
+	}{{"append-failure", opts.Faults.AppendFailure, DefaultFaults.AppendFailure},
+		{"written-on-failure", opts.Faults.WrittenOnFailure, DefaultFaults.WrittenOnFailure},
+		{"crash-rate", opts.Faults.CrashRate, DefaultFaults.CrashRate}} {
+		if f.v != f.dflt {
+			fmt.Fprintf(&b, " --%s %s", f.flag, strconv.FormatFloat(f.v, 'g', -1, 64))
+		}
+	}
+	// Not part of the run, but a reproduction should write the same trace.
+	if opts.TraceLines != 0 && opts.TraceLines != DefaultTraceLines {
+		fmt.Fprintf(&b, " --trace-lines %d", opts.TraceLines)
+	}
+	return b.String()
+}
+
+// builtin reports whether s runs as the built-in scenario of its name: a
+// user's scenario may share a name but not its functions.
+func builtin(s Scenario) bool {
+	b, ok := Scenarios()[s.Name]
+	return ok && sameFunc(s.Drive, b.Drive) && sameFunc(s.Registry, b.Registry)
+}
+
+func sameFunc(a, b any) bool {
+	va, vb := reflect.ValueOf(a), reflect.ValueOf(b)
+	return !va.IsNil() && !vb.IsNil() && va.Pointer() == vb.Pointer()
+}
+
+// reproduceGo is ReproduceCommand as Go, for scenarios the CLI cannot run.
+func reproduceGo(s Scenario, seed uint64, opts Options, d time.Duration) string {
+	scenario := fmt.Sprintf("<your scenario %q>", s.Name)
+	if builtin(s) {
+		scenario = fmt.Sprintf("sim.Scenarios()[%q]", s.Name)
+	}
+	fields := []string{"Duration: " + goDuration(d)}
+	switch {
+	case opts.Faults == DefaultFaults:
+		fields = append(fields, "Faults: sim.DefaultFaults")
+	case opts.Faults != Faults{}:
+		fields = append(fields, fmt.Sprintf("Faults: sim.Faults{AppendFailure: %s, WrittenOnFailure: %s, CrashRate: %s}",
+			goFloat(opts.Faults.AppendFailure), goFloat(opts.Faults.WrittenOnFailure), goFloat(opts.Faults.CrashRate)))
+	}
+	if opts.Bug != "" {
+		fields = append(fields, fmt.Sprintf("Bug: %q", opts.Bug))
+	}
+	if opts.Buggify {
+		fields = append(fields, "Buggify: true")
+	}
+	if n := len(opts.Invariants); n > 0 {
+		fields = append(fields, fmt.Sprintf("Invariants: <your %d>", n))
+	}
+	if opts.TraceLines != 0 && opts.TraceLines != DefaultTraceLines {
+		fields = append(fields, fmt.Sprintf("TraceLines: %d", opts.TraceLines))
+	}
+	return fmt.Sprintf("sim.RunScenario(%s, %d, sim.Options{%s})", scenario, seed, strings.Join(fields, ", "))
+}
+
+func goFloat(v float64) string { return strconv.FormatFloat(v, 'g', -1, 64) }
+
+// goDuration writes d as Go: a count of the largest unit that divides it.
+func goDuration(d time.Duration) string {
+	for _, u := range []struct {
+		d    time.Duration
+		name string
+	}{{time.Hour, "time.Hour"}, {time.Minute, "time.Minute"}, {time.Second, "time.Second"},
+		{time.Millisecond, "time.Millisecond"}, {time.Microsecond, "time.Microsecond"}} {
+		if d%u.d == 0 {
+			return fmt.Sprintf("%d * %s", d/u.d, u.name)
+		}
+	}
+	return fmt.Sprintf("time.Duration(%d)", int64(d))
+}
+
 // Check runs a scenario over seeds in a test and fails it with the first
-// failing seed and the command that reproduces it.
+// failing seed and what reproduces it (ReproduceCommand).
 func Check(t testing.TB, s Scenario, opts Options, seeds ...uint64) {
 	t.Helper()
 	for _, seed := range seeds {
 		if r := RunScenario(s, seed, opts); r.Err != nil {
-			t.Fatalf("scenario %s seed %d failed: %v\nreproduce: triplane sim --scenario %s --seed %d --duration %s",
-				s.Name, seed, r.Err, s.Name, seed, opts.Duration)
+			t.Fatalf("scenario %s seed %d failed: %v%s", s.Name, seed, r.Err, reproduceLine(s, seed, opts, r.Err))
 		}
 	}
+}
+
+// reproduceLine is the line a failure message ends with: none for options
+// that were refused, which nothing reproduces.
+func reproduceLine(s Scenario, seed uint64, opts Options, err error) string {
+	if oe := (*OptionError)(nil); errors.As(err, &oe) {
+		return ""
+	}
+	return "\nreproduce: " + ReproduceCommand(s, seed, opts)
 }
 
 // CheckFinds sweeps seeds from..to with a fault or planted bug switched
@@ -360,13 +467,13 @@ func CheckFinds(t testing.TB, s Scenario, opts Options, from, to uint64, want st
 			continue
 		}
 		if !strings.Contains(r.Err.Error(), want) {
-			t.Fatalf("scenario %s seed %d failed, but not with %q: %v", s.Name, r.Seed, want, r.Err)
+			t.Fatalf("scenario %s seed %d failed, but not with %q: %v%s", s.Name, r.Seed, want, r.Err, reproduceLine(s, r.Seed, opts, r.Err))
 		}
 		again := RunScenario(s, r.Seed, opts)
 		if again.Err == nil || again.Err.Error() != r.Err.Error() || again.TraceHash != r.TraceHash {
-			t.Fatalf("scenario %s seed %d does not reproduce: %v / %v", s.Name, r.Seed, r.Err, again.Err)
+			t.Fatalf("scenario %s seed %d does not reproduce: %v / %v%s", s.Name, r.Seed, r.Err, again.Err, reproduceLine(s, r.Seed, opts, r.Err))
 		}
-		t.Logf("scenario %s, bug %q: found by seed %d: %v", s.Name, opts.Bug, r.Seed, r.Err)
+		t.Logf("scenario %s, bug %q: found by seed %d: %v%s", s.Name, opts.Bug, r.Seed, r.Err, reproduceLine(s, r.Seed, opts, r.Err))
 		return r
 	}
 	t.Fatalf("scenario %s: no seed in %d..%d found %q (bug %q)", s.Name, from, to, want, opts.Bug)

@@ -87,7 +87,7 @@ func TestServingScenarioSweep(t *testing.T) {
 	dumps := 0
 	for _, r := range sim.Sweep(servingScenario, 1, 6, opts) {
 		if r.Err != nil {
-			t.Fatalf("seed %d failed: %v\nreproduce: triplane sim --scenario serving --seed %d --duration 2s", r.Seed, r.Err, r.Seed)
+			t.Fatalf("seed %d failed: %v\nreproduce: %s", r.Seed, r.Err, sim.ReproduceCommand(servingScenario, r.Seed, opts))
 		}
 		last := r.Trace[len(r.Trace)-1]
 		var n int
@@ -172,7 +172,7 @@ func TestServingScenarioBuggifySweep(t *testing.T) {
 	fired := map[string]uint64{}
 	err := sim.SweepEach(servingScenario, 1, 24, opts, runtime.GOMAXPROCS(0), func(r sim.Result) error {
 		if r.Err != nil {
-			return fmt.Errorf("seed %d failed: %w\nreproduce: triplane sim --scenario serving --seed %d --duration 2s --buggify", r.Seed, r.Err, r.Seed)
+			return fmt.Errorf("seed %d failed: %w\nreproduce: %s", r.Seed, r.Err, sim.ReproduceCommand(servingScenario, r.Seed, opts))
 		}
 		for p, n := range r.Fired {
 			fired[p] += n
