@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"maps"
 	"os"
@@ -36,7 +37,7 @@ code (a slow engine step, a resend answered with a dump, ...), so rare but legal
 paths are taken on purpose. At the end every invariant is checked; a failure prints what
 failed, when, and the command that reproduces it, and writes the run's trace.
 
-Scenarios: ` + strings.Join(sim.ScenarioNames(), ", "),
+` + scenarioHelp(),
 		Example: `  triplane sim --scenario ledger --seed 7 --duration 5s
   triplane sim --scenario ledger --seeds 1..200
   triplane sim --scenario ledger --seeds 1..50 --bug apply-before-persist
@@ -58,22 +59,28 @@ Scenarios: ` + strings.Join(sim.ScenarioNames(), ", "),
 					return usageError{&config.Error{Key: "seeds", Err: err}}
 				}
 			}
-			if opts.Duration <= 0 || opts.Duration > time.Hour {
-				return usageError{&config.Error{Key: "duration", Err: fmt.Errorf("%s is outside (0, 1h]", opts.Duration)}}
+			// 0 means the default in Options; typed on the command line it
+			// is a mistake, not a request for 2s or 10,000 lines.
+			if opts.Duration == 0 {
+				return usageError{&config.Error{Key: "duration", Err: errors.New("0s: the virtual time of load must be positive")}}
+			}
+			if opts.TraceLines == 0 {
+				return usageError{&config.Error{Key: "trace-lines", Err: errors.New("0: keep at least 1 line")}}
+			}
+			if err := opts.Validate(s); err != nil {
+				if oe := (*sim.OptionError)(nil); errors.As(err, &oe) {
+					return usageError{&config.Error{Key: oe.Flag, Err: oe.Err}}
+				}
+				return usageError{err}
 			}
 			if parallel < 1 || parallel > 256 {
 				return usageError{&config.Error{Key: "parallel", Err: fmt.Errorf("%d is outside 1..256", parallel)}}
 			}
-			if opts.Bug != "" && !slices.Contains(sim.Bugs, opts.Bug) {
-				return usageError{&config.Error{Key: "bug", Err: fmt.Errorf("unknown bug %q (known: %s)", opts.Bug, strings.Join(sim.Bugs, ", "))}}
-			}
-			for _, p := range []struct {
-				key string
-				v   float64
-			}{{"append-failure", opts.Faults.AppendFailure}, {"written-on-failure", opts.Faults.WrittenOnFailure}, {"crash-rate", opts.Faults.CrashRate}} {
-				if !(p.v >= 0 && p.v <= 1) { // NaN too
-					return usageError{&config.Error{Key: p.key, Err: fmt.Errorf("probability %v is outside [0, 1]", p.v)}}
-				}
+			if opts.Buggify && len(s.FaultPoints) == 0 {
+				// Run anyway: a reproduce line printed by a Go test with
+				// Buggify must work here.
+				fmt.Fprintf(cmd.ErrOrStderr(), "buggify: scenario %s's code has no fault points; nothing to switch on (scenarios with fault points: %s)\n",
+					s.Name, strings.Join(scenariosWith(func(s sim.Scenario) bool { return len(s.FaultPoints) > 0 }), ", "))
 			}
 			batchGC()
 			out := cmd.OutOrStdout()
@@ -104,10 +111,15 @@ Scenarios: ` + strings.Join(sim.ScenarioNames(), ", "),
 					if err := os.WriteFile(path, []byte(strings.Join(r.Trace, "\n")+"\n"), 0o644); err != nil {
 						return fmt.Errorf("write trace: %w", err)
 					}
-					fmt.Fprintf(out, "  trace written to %s\n", path)
+					cut := ""
+					if r.TraceDropped > 0 {
+						n := len(r.Trace) - 1 // the last line says where it was cut
+						cut = fmt.Sprintf(" (cut after its first %d of %d lines: --trace-lines keeps more)", n, n+r.TraceDropped)
+					}
+					fmt.Fprintf(out, "  trace written to %s%s\n", path, cut)
 				}
 				if r.Err != nil {
-					fmt.Fprintf(out, "  reproduce: triplane sim --scenario %s --seed %d --duration %s%s%s\n", s.Name, sd, opts.Duration, bugFlag(opts.Bug), buggifyFlag(opts.Buggify))
+					fmt.Fprintf(out, "  reproduce: %s\n", sim.ReproduceCommand(s, sd, opts))
 				}
 				return nil
 			})
@@ -129,33 +141,73 @@ Scenarios: ` + strings.Join(sim.ScenarioNames(), ", "),
 		},
 	}
 	fs := cmd.Flags()
-	fs.StringVar(&scenario, "scenario", "ledger", "scenario to run")
+	fs.StringVar(&scenario, "scenario", "ledger", "scenario to run (see Scenarios above)")
 	fs.Uint64Var(&seed, "seed", 1, "seed of a single run")
 	fs.StringVar(&seeds, "seeds", "", "sweep an inclusive range of seeds, e.g. 1..100 (instead of --seed)")
-	fs.DurationVar(&opts.Duration, "duration", 2*time.Second, "virtual time of load")
+	fs.DurationVar(&opts.Duration, "duration", sim.DefaultDuration, fmt.Sprintf("virtual time of load (at most %s)", sim.MaxDuration))
 	fs.Float64Var(&opts.Faults.AppendFailure, "append-failure", sim.DefaultFaults.AppendFailure, "probability that a journal append fails")
 	fs.Float64Var(&opts.Faults.WrittenOnFailure, "written-on-failure", sim.DefaultFaults.WrittenOnFailure, "probability that a failed append was written anyway")
-	fs.Float64Var(&opts.Faults.CrashRate, "crash-rate", sim.DefaultFaults.CrashRate, "probability that a command's actor crashes just before it arrives")
-	fs.BoolVar(&opts.Buggify, "buggify", false, "switch on the fault points inside the real code (each on for a run with probability 0.25, then firing 5% of the times it is reached)")
-	fs.StringVar(&opts.Bug, "bug", "", "switch on a planted bug to see the simulator find it ("+strings.Join(sim.Bugs, ", ")+")")
+	fs.Float64Var(&opts.Faults.CrashRate, "crash-rate", sim.DefaultFaults.CrashRate, "crash faults, read by each scenario its own way (see Scenarios above): only in ledger is it the probability that a command's actor crashes")
+	fs.BoolVar(&opts.Buggify, "buggify", false, "switch on the fault points inside the real code (each on for a run with probability 0.25, then firing 5% of the times it is reached); fault points exist only in "+
+		strings.Join(scenariosWith(func(s sim.Scenario) bool { return len(s.FaultPoints) > 0 }), ", ")+": elsewhere it switches nothing on, and says so")
+	fs.StringVar(&opts.Bug, "bug", "", "switch on a planted bug to see the simulator find it; each scenario plants its own: "+bugHelp())
 	fs.IntVar(&parallel, "parallel", runtime.GOMAXPROCS(0), "seeds of a sweep run at once (results print in seed order and equal those of one at a time)")
 	fs.StringVar(&trace, "trace", "", "write the trace here (with --seeds, one file per seed with the seed appended); by default a failing run's trace goes to triplane-sim-<scenario>-<seed>.trace")
+	fs.IntVar(&opts.TraceLines, "trace-lines", sim.DefaultTraceLines, fmt.Sprintf("trace lines kept from the start of a run, at most %d (a cut trace ends with a line saying so; the trace hash covers every line)", sim.MaxTraceLines))
 	_ = g
 	return cmd
 }
 
-func bugFlag(b string) string {
-	if b == "" {
-		return ""
+// scenariosWith names the built-in scenarios for which ok holds.
+func scenariosWith(ok func(sim.Scenario) bool) []string {
+	var out []string
+	for _, n := range sim.ScenarioNames() {
+		if ok(sim.Scenarios()[n]) {
+			out = append(out, n)
+		}
 	}
-	return " --bug " + b
+	return out
 }
 
-func buggifyFlag(on bool) string {
-	if on {
-		return " --buggify"
+// scenarioHelp lists the scenarios with what --bug, --crash-rate and
+// --buggify do in each, from the scenarios themselves: a help text kept
+// by hand would drift from the code.
+func scenarioHelp() string {
+	var b strings.Builder
+	b.WriteString("Scenarios (--scenario):")
+	for _, n := range sim.ScenarioNames() {
+		s := sim.Scenarios()[n]
+		fmt.Fprintf(&b, "\n  %s: %s\n    --bug: %s\n    --crash-rate: %s", n, s.Description, strings.Join(s.Bugs, ", "), s.Crashes)
+		if len(s.FaultPoints) > 0 {
+			fmt.Fprintf(&b, "\n    --buggify: %s", strings.Join(s.FaultPoints, ", "))
+		} else {
+			b.WriteString("\n    --buggify: no fault points (switches nothing on)")
+		}
 	}
-	return ""
+	return b.String()
+}
+
+// bugHelp lists the bugs with the scenarios that plant them, bugs of the
+// same scenarios together.
+func bugHelp() string {
+	var parts, bugs []string
+	where := ""
+	for i, bug := range sim.Bugs {
+		in := scenariosWith(func(s sim.Scenario) bool { return slices.Contains(s.Bugs, bug) })
+		w := strings.Join(in, ", ")
+		if len(in) == len(sim.ScenarioNames()) {
+			w = "every scenario"
+		}
+		if i > 0 && w != where {
+			parts = append(parts, fmt.Sprintf("%s (%s)", strings.Join(bugs, ", "), where))
+			bugs = nil
+		}
+		bugs, where = append(bugs, bug), w
+	}
+	if len(bugs) > 0 {
+		parts = append(parts, fmt.Sprintf("%s (%s)", strings.Join(bugs, ", "), where))
+	}
+	return strings.Join(parts, "; ")
 }
 
 // firedList prints fault point counts in name order.

@@ -1,6 +1,11 @@
 package main
 
 import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -31,5 +36,158 @@ func TestSimCommand(t *testing.T) {
 	p = start(t, nil, "sim", "--scenario", "nope")
 	if code, _ := p.wait(30 * time.Second); code != 2 || !strings.Contains(p.stderr.String(), "unknown scenario") {
 		t.Fatalf("bad scenario: exit %d %s", code, p.stderr.String())
+	}
+}
+
+// simRun runs triplane in this process; traces go under dir.
+func simRun(t *testing.T, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var out, errb strings.Builder
+	code = run(context.Background(), args, &out, &errb)
+	return code, out.String(), errb.String()
+}
+
+var traceHash = regexp.MustCompile(`trace ([0-9a-f]{16})\)`)
+
+// The reproduce line carries the flags that changed the run: run as
+// printed it fails the same way, with the same trace hash. The line it
+// used to print (no fault flags) is another run.
+func TestSimReproduceLineReproduces(t *testing.T) {
+	dir := t.TempDir()
+	code, out, _ := simRun(t, "sim", "--scenario", "ledger", "--seeds", "13..13", "--bug", "apply-before-persist",
+		"--append-failure", "0.3", "--crash-rate", "0.5", "--trace", filepath.Join(dir, "first"))
+	m := regexp.MustCompile(`reproduce: triplane (.*)\n`).FindStringSubmatch(out)
+	h := traceHash.FindStringSubmatch(out)
+	if code != 1 || m == nil || h == nil {
+		t.Fatalf("exit %d, want a failure with a reproduce line:\n%s", code, out)
+	}
+	if want := "sim --scenario ledger --seed 13 --duration 2s --bug apply-before-persist --append-failure 0.3 --crash-rate 0.5"; m[1] != want {
+		t.Fatalf("reproduce: triplane %s\nwant      triplane %s", m[1], want)
+	}
+	args := append(strings.Fields(m[1]), "--trace", filepath.Join(dir, "again"))
+	code, again, _ := simRun(t, args...)
+	if h2 := traceHash.FindStringSubmatch(again); code != 1 || h2 == nil || h2[1] != h[1] {
+		t.Fatalf("the reproduce line ran another run (exit %d, trace %v, want %s):\n%s", code, h2, h[1], again)
+	}
+	code, old, _ := simRun(t, "sim", "--scenario", "ledger", "--seed", "13", "--duration", "2s", "--bug", "apply-before-persist", "--trace", filepath.Join(dir, "old"))
+	if h3 := traceHash.FindStringSubmatch(old); h3 == nil || h3[1] == h[1] {
+		t.Fatalf("the old line, without the faults, gave the same run (exit %d):\n%s", code, old)
+	}
+}
+
+// Flags a run cannot take are refused up front (exit 2, naming the flag
+// and what is wrong), each beside the nearest one that runs.
+func TestSimRefusesBadOptions(t *testing.T) {
+	dir := t.TempDir()
+	for _, tc := range []struct {
+		bad, good []string
+		want      []string
+	}{
+		// Another scenario's bug used to run clean, as if the simulator
+		// missed it.
+		{[]string{"--scenario", "ledger", "--bug", "router-ignores-gap"}, []string{"--scenario", "serving", "--bug", "router-ignores-gap"},
+			[]string{`"bug"`, `"router-ignores-gap" is planted by scenario serving, not ledger, which plants only apply-before-persist, snapshot-before-persist`}},
+		{[]string{"--scenario", "transfer", "--bug", "nope"}, []string{"--scenario", "transfer", "--bug", "ack-before-verify"},
+			[]string{`"bug"`, `unknown bug "nope": scenario transfer plants only apply-before-persist, snapshot-before-persist, ack-before-verify`}},
+		{[]string{"--duration", "-1s"}, []string{"--duration", "1ms"}, []string{`"duration"`, "negative"}},
+		{[]string{"--duration", "0s"}, []string{"--duration", "1ms"}, []string{`"duration"`, "must be positive"}},
+		{[]string{"--duration", "1h0m1s"}, []string{"--duration", "1ms"}, []string{`"duration"`, "over the limit of 1h0m0s"}},
+		{[]string{"--crash-rate", "1.5"}, []string{"--crash-rate", "1"}, []string{`"crash-rate"`, "outside [0, 1]"}},
+		{[]string{"--written-on-failure", "NaN"}, []string{"--written-on-failure", "0"}, []string{`"written-on-failure"`, "outside [0, 1]"}},
+		{[]string{"--trace-lines", "0"}, []string{"--trace-lines", "1"}, []string{`"trace-lines"`, "at least 1"}},
+		{[]string{"--trace-lines", "-5"}, []string{"--trace-lines", "1"}, []string{`"trace-lines"`, "negative"}},
+		{[]string{"--trace-lines", "10000001"}, []string{"--trace-lines", "10000000"}, []string{`"trace-lines"`, "over the limit of 10000000"}},
+	} {
+		code, out, errs := simRun(t, append([]string{"sim"}, tc.bad...)...)
+		for _, w := range tc.want {
+			if code != exitUsage || !strings.Contains(errs, w) || out != "" {
+				t.Errorf("sim %v: exit %d, want %d saying %q\n%s%s", tc.bad, code, exitUsage, w, out, errs)
+			}
+		}
+		args := append([]string{"sim", "--duration", "100ms", "--trace", filepath.Join(dir, "good")}, tc.good...)
+		if code, out, errs := simRun(t, args...); code == exitUsage || !strings.Contains(out, "seed 1: ") {
+			t.Errorf("sim %v: exit %d, want a run\n%s%s", tc.good, code, out, errs)
+		}
+	}
+}
+
+// --buggify where the scenario's code has no fault points says so (it
+// used to say nothing) and still runs, so a reproduce line printed by a
+// Go test with Buggify works; where there are fault points it says
+// nothing more.
+func TestSimBuggifyWithoutFaultPointsSaysSo(t *testing.T) {
+	dir := t.TempDir()
+	code, out, errs := simRun(t, "sim", "--scenario", "ledger", "--buggify", "--duration", "100ms", "--trace", filepath.Join(dir, "ledger"))
+	if code != 0 || !strings.Contains(out, "seed 1: ok") ||
+		!strings.Contains(errs, "buggify: scenario ledger's code has no fault points; nothing to switch on (scenarios with fault points: serving)") {
+		t.Fatalf("ledger --buggify: exit %d\n%s%s", code, out, errs)
+	}
+	code, out, errs = simRun(t, "sim", "--scenario", "serving", "--buggify", "--duration", "100ms", "--trace", filepath.Join(dir, "serving"))
+	if code != 0 || strings.Contains(errs, "no fault points") {
+		t.Fatalf("serving --buggify: exit %d\n%s%s", code, out, errs)
+	}
+}
+
+// A trace cut at --trace-lines says so where it is written and at its
+// end; a larger --trace-lines keeps it whole, with the same trace hash.
+func TestSimTraceLines(t *testing.T) {
+	dir := t.TempDir()
+	// 60 s of ledger load traces about 15,000 lines: past the default.
+	cut, whole := filepath.Join(dir, "cut"), filepath.Join(dir, "whole")
+	_, out1, _ := simRun(t, "sim", "--scenario", "ledger", "--duration", "60s", "--trace", cut)
+	_, out2, _ := simRun(t, "sim", "--scenario", "ledger", "--duration", "60s", "--trace", whole, "--trace-lines", "10000000")
+	h1, h2 := traceHash.FindStringSubmatch(out1), traceHash.FindStringSubmatch(out2)
+	if h1 == nil || h2 == nil || h1[1] != h2[1] {
+		t.Fatalf("trace hashes differ with --trace-lines:\n%s%s", out1, out2)
+	}
+	wholeLines := readLines(t, whole)
+	if !strings.Contains(out2, "trace written to "+whole+"\n") || len(wholeLines) <= 10_000 {
+		t.Fatalf("whole trace: %d lines\n%s", len(wholeLines), out2)
+	}
+	wantOut := fmt.Sprintf("trace written to %s (cut after its first 10000 of %d lines: --trace-lines keeps more)\n", cut, len(wholeLines))
+	cutLines := readLines(t, cut)
+	wantLast := fmt.Sprintf("... trace cut after 10000 lines: %d more were not kept (the trace hash covers them); triplane sim --trace-lines %d (Options.TraceLines) keeps them all",
+		len(wholeLines)-10_000, len(wholeLines))
+	if !strings.Contains(out1, wantOut) || len(cutLines) != 10_001 || cutLines[10_000] != wantLast {
+		t.Fatalf("cut trace: %d lines ending %q\n%s\nwant %q and the last line %q", len(cutLines), cutLines[len(cutLines)-1], out1, wantOut, wantLast)
+	}
+}
+
+func readLines(t *testing.T, path string) []string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Split(strings.TrimSuffix(string(b), "\n"), "\n")
+}
+
+// The help says which bug, crash faults and fault points go with which
+// scenario, from the scenarios themselves.
+func TestSimHelpPerScenario(t *testing.T) {
+	code, out, _ := simRun(t, "sim", "--help")
+	if code != 0 {
+		t.Fatalf("exit %d", code)
+	}
+	for _, want := range []string{
+		"  ledger: ", "    --bug: apply-before-persist, snapshot-before-persist\n",
+		"    --bug: apply-before-persist, snapshot-before-persist, router-ignores-gap, stale-route\n",
+		"    --bug: apply-before-persist, snapshot-before-persist, ack-before-verify\n",
+		"    --bug: apply-before-persist, snapshot-before-persist, unfenced-writes\n",
+		"apply-before-persist, snapshot-before-persist (every scenario); router-ignores-gap, stale-route (serving); ack-before-verify (transfer); unfenced-writes (placement)",
+		"    --crash-rate: each worker crashes once with probability 3x the rate",
+		"    --buggify: mocker.step.slow, ",
+		"fault points exist only in serving",
+		"--trace-lines int",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("help lacks %q", want)
+		}
+	}
+	if strings.Contains(out, "probability that a command's actor crashes just before it arrives") {
+		t.Error("the help still says every scenario reads --crash-rate as ledger does")
+	}
+	if t.Failed() {
+		t.Log(out)
 	}
 }
