@@ -278,7 +278,9 @@ func RunScenario(s Scenario, seed uint64, opts Options) (res Result) {
 			break
 		}
 		if err := c(r); err != nil {
-			res.Err = fmt.Errorf("at %s: %w", w.Elapsed(), err)
+			// The end of the run, when the checks ran; a violation seen
+			// during the run carries its own time (Problems).
+			res.Err = fmt.Errorf("checked at %s: %w", w.Elapsed(), err)
 		}
 	}
 	if r.Points != nil {
