@@ -87,6 +87,11 @@ type Options struct {
 	// 0: DefaultTraceLines. It does not change the run: the trace hash
 	// covers every line.
 	TraceLines int
+	// Detail adds lines to the trace that say what the scenario's
+	// requests and repairs did (World.Detailf). It does not change the
+	// run: the trace hash is the same with or without, so a failing seed
+	// can be run again with it.
+	Detail bool
 }
 
 // OptionError is an option RunScenario refuses: Field names it as in
@@ -244,6 +249,7 @@ func RunScenario(s Scenario, seed uint64, opts Options) (res Result) {
 	if opts.TraceLines > 0 {
 		w.TraceLimit = opts.TraceLines
 	}
+	w.Detail = opts.Detail
 	defer func() {
 		if p := recover(); p != nil {
 			res.Err = fmt.Errorf("seed %d panicked: %v\n%s", seed, p, debug.Stack())
@@ -377,6 +383,9 @@ func ReproduceCommand(s Scenario, seed uint64, opts Options) string {
 	if opts.TraceLines != 0 && opts.TraceLines != DefaultTraceLines {
 		fmt.Fprintf(&b, " --trace-lines %d", opts.TraceLines)
 	}
+	if opts.Detail {
+		b.WriteString(" --detail")
+	}
 	return b.String()
 }
 
@@ -417,6 +426,9 @@ func reproduceGo(s Scenario, seed uint64, opts Options, d time.Duration) string 
 	}
 	if opts.TraceLines != 0 && opts.TraceLines != DefaultTraceLines {
 		fields = append(fields, fmt.Sprintf("TraceLines: %d", opts.TraceLines))
+	}
+	if opts.Detail {
+		fields = append(fields, "Detail: true")
 	}
 	return fmt.Sprintf("sim.RunScenario(%s, %d, sim.Options{%s})", scenario, seed, strings.Join(fields, ", "))
 }

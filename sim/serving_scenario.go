@@ -447,6 +447,9 @@ func (s *servingRun) route(req *simRequest) {
 	if req.attempts > servingRetries {
 		req.failed = fmt.Errorf("request %s: no worker after %d attempts", req.id, servingRetries)
 		req.done++
+		if w.Detail {
+			w.Detailf("%s failed: %v", req.id, req.failed)
+		}
 		return
 	}
 	// The routing shell's view, as the frontend's: discovery's workers,
@@ -470,6 +473,9 @@ func (s *servingRun) route(req *simRequest) {
 		case err == nil:
 		case errors.Is(err, actors.ErrPersist), errors.Is(err, router.ErrNoWorkers), errors.Is(err, ErrCrashed):
 			// The client's frontend retries after a pause.
+			if w.Detail {
+				w.Detailf("%s: no decision (%v); routing again in 10ms", cmd.RequestId, err)
+			}
 			w.After(10*time.Millisecond, func() { s.route(req) })
 			return
 		default:
@@ -485,6 +491,9 @@ func (s *servingRun) route(req *simRequest) {
 			if s.bug != BugStaleRoute {
 				// The decision waited (the router actor was recovering)
 				// and discovery has removed the worker since: route again.
+				if w.Detail {
+					w.Detailf("%s: the router chose %s, which discovery dropped meanwhile; routing again", cmd.RequestId, choice)
+				}
 				s.reroutes++
 				w.After(time.Millisecond, func() { s.route(req) })
 				return
@@ -498,6 +507,9 @@ func (s *servingRun) route(req *simRequest) {
 			}
 		}
 		s.flights.Add(choice, req.id, w.Now(), len(req.hashes)-int(reply.Overlap))
+		if w.Detail {
+			w.Detailf("%s routed to %s (%d of %d prompt blocks cached there, of %d candidates)", cmd.RequestId, choice, reply.Overlap, len(req.hashes), len(cmd.Candidates))
+		}
 		// The stream to the worker takes a moment to open.
 		w.After(time.Millisecond, func() { s.start(req, wk) })
 	})
@@ -506,9 +518,13 @@ func (s *servingRun) route(req *simRequest) {
 // start adds the request (with what it generated so far) to the worker's
 // engine; a dead worker fails the stream and the request migrates.
 func (s *servingRun) start(req *simRequest, wk *simWorker) {
+	w := s.r.World
 	if !wk.alive {
+		if w.Detail {
+			w.Detailf("%s: %s died before the stream opened; routing again", req.id, wk.id)
+		}
 		s.flights.Done(wk.id, req.id)
-		s.r.World.After(time.Millisecond, func() { s.route(req) })
+		w.After(time.Millisecond, func() { s.route(req) })
 		return
 	}
 	// The engine copies the prompt (Add keeps its own tokens): a first
@@ -526,6 +542,9 @@ func (s *servingRun) start(req *simRequest, wk *simWorker) {
 		s.flights.Done(wk.id, req.id)
 		req.failed = fmt.Errorf("request %s refused by %s: %w", req.id, wk.id, err)
 		req.done++
+		if w.Detail {
+			w.Detailf("%s failed: %v", req.id, req.failed)
+		}
 		return
 	}
 	if req.on != nil && req.on != wk {
@@ -535,6 +554,9 @@ func (s *servingRun) start(req *simRequest, wk *simWorker) {
 	}
 	req.worker, req.started, req.on = wk.id, false, wk
 	wk.running[req.id] = req
+	if w.Detail {
+		w.Detailf("%s started on %s (epoch %d): %d prompt tokens, %d of %d tokens generated before", req.id, wk.id, wk.epoch, len(req.prompt), req.generated, req.maxTokens)
+	}
 	s.kick(wk)
 }
 
@@ -623,6 +645,9 @@ func (s *servingRun) absorb(wk *simWorker, st engine.Step) {
 			s.flights.Done(wk.id, req.id)
 			delete(wk.running, o.ID)
 			req.on = nil
+			if w := s.r.World; w.Detail {
+				w.Detailf("%s finished on %s: %d tokens, error %v", req.id, wk.id, req.generated, o.Err)
+			}
 			if o.Err != nil {
 				req.failed = o.Err
 			} else if req.generated != req.maxTokens {
@@ -653,6 +678,9 @@ func (s *servingRun) ingest(b *triplanev1.KvEventBatch) {
 		return
 	}
 	if repair {
+		if w := s.r.World; w.Detail {
+			w.Detailf("kv: a gap in %s's events (batch up to event %d, head %d); repair in 5ms", b.WorkerId, lastEventID(b), b.HeadEventId)
+		}
 		s.repair(b.WorkerId, 5*time.Millisecond)
 	}
 }
@@ -688,9 +716,15 @@ func (s *servingRun) repair(id string, wait time.Duration) {
 			// events after it wait in the buffer.
 			return
 		}
+		if w.Detail {
+			w.Detailf("kv: asking %s to resend events %d..%d (dump pages %v)", id, req.FromEventId, req.ToEventId, req.DumpPages)
+		}
 		_ = s.routerBus.Request("kv.resend."+id, req, servingRepairTimeout, func(m proto.Message, err error) {
 			reply, _ := m.(*triplanev1.KvResendReply)
 			res := s.seq.RepairDone(id, epoch, reply, err)
+			if w.Detail {
+				w.Detailf("kv: %s's resend answered (%s, error %v): next %v", id, resendKind(reply), err, res.Next)
+			}
 			switch res.Next {
 			case kvevents.RepairAgain:
 				s.repair(id, 0)
@@ -772,6 +806,9 @@ func (s *servingRun) crashWorker(id string) {
 	for _, rid := range slices.Sorted(maps.Keys(wk.running)) {
 		req := wk.running[rid]
 		req.on = nil
+		if w.Detail {
+			w.Detailf("%s migrates from %s with %d of %d tokens", req.id, id, req.generated, req.maxTokens)
+		}
 		s.flights.Done(id, req.id)
 		w.After(time.Millisecond, func() { s.route(req) })
 	}
@@ -830,4 +867,26 @@ func (s *servingRun) check(r *Run) error {
 	r.World.Tracef("serving: %d requests (%d failed visibly), bus %d published, %d delivered, %d lost, %d duplicated, %d without responders, etcd %d leader changes, sequencer %s, %d stale decisions routed again",
 		len(s.reqs), failed, s.bus.Published, s.bus.Delivered, s.bus.Lost, s.bus.Duplicated, s.bus.NoResponders, s.etcd.LeaderChanges, s.seq.Stats(), s.reroutes)
 	return nil
+}
+
+// lastEventID is the id of a batch's last event (0: a heartbeat), for the
+// trace's detail.
+func lastEventID(b *triplanev1.KvEventBatch) uint64 {
+	if n := len(b.Events); n > 0 {
+		return b.Events[n-1].GetEventId()
+	}
+	return 0
+}
+
+// resendKind says what a resend reply held, for the trace's detail.
+func resendKind(r *triplanev1.KvResendReply) string {
+	switch k := r.GetReply().(type) {
+	case *triplanev1.KvResendReply_Range:
+		return fmt.Sprintf("%d events", len(k.Range.GetEvents()))
+	case *triplanev1.KvResendReply_Dump:
+		return fmt.Sprintf("a dump page of %d blocks", len(k.Dump.GetBlocks()))
+	case nil:
+		return "no reply"
+	}
+	return fmt.Sprintf("%T", r.GetReply())
 }

@@ -192,3 +192,38 @@ func TestServingScenarioBuggifySweep(t *testing.T) {
 		t.Fatalf("a buggified seed does not reproduce: %x %v / %x %v", a.TraceHash, a.Fired, b.TraceHash, b.Fired)
 	}
 }
+
+// Detail adds lines about each request and repair to the trace without
+// changing the run: same hash, same steps, and every line of the plain
+// trace is in the detailed one, in order.
+func TestServingDetailKeepsTheRun(t *testing.T) {
+	opts := sim.Options{Duration: 2 * time.Second, Faults: sim.DefaultFaults, Bug: sim.BugStaleRoute, TraceLines: sim.MaxTraceLines}
+	plain := sim.RunScenario(servingScenario, 1, opts)
+	opts.Detail = true
+	detailed := sim.RunScenario(servingScenario, 1, opts)
+	if plain.TraceHash != detailed.TraceHash || plain.Steps != detailed.Steps || fmt.Sprint(plain.Err) != fmt.Sprint(detailed.Err) {
+		t.Fatalf("detail changed the run: %x/%x, %d/%d steps, %v / %v", plain.TraceHash, detailed.TraceHash,
+			plain.Steps, detailed.Steps, plain.Err, detailed.Err)
+	}
+	i := 0
+	var details []string
+	for _, l := range detailed.Trace {
+		if i < len(plain.Trace) && l == plain.Trace[i] {
+			i++
+			continue
+		}
+		if !strings.Contains(l, " · ") {
+			t.Fatalf("a line of the detailed trace is neither in the plain one nor a detail: %q", l)
+		}
+		details = append(details, l)
+	}
+	if i != len(plain.Trace) {
+		t.Fatalf("%d of %d plain lines found in order in the detailed trace", i, len(plain.Trace))
+	}
+	all := strings.Join(details, "\n")
+	for _, want := range []string{" routed to ", " started on ", " finished on ", " migrates from ", "kv: a gap in ", "kv: asking "} {
+		if !strings.Contains(all, want) {
+			t.Errorf("no detail line with %q in %d detail lines", want, len(details))
+		}
+	}
+}

@@ -32,6 +32,9 @@ type World struct {
 	// is there: a trace that just ends looks like a run that stopped.
 	dropped int
 	steps   uint64
+	// Detail switches on Detailf's lines: what a scenario's requests and
+	// repairs did, for a person reading a failing run's trace.
+	Detail bool
 }
 
 type event struct {
@@ -294,8 +297,27 @@ func (w *World) traceLine(text []byte) {
 	w.text = text[:start]
 }
 
-// TraceHash covers every traced line in order: two runs with the same
-// seed must give the same hash.
+// Detailf traces a detail line when Detail is on: kept in the trace (and
+// counted against TraceLimit), marked with a middle dot after the time, but
+// not in the hash, so a seed has the same hash with or without detail and a
+// failing run can be rerun with it. Callers building costly arguments
+// check Detail first: the scenarios run millions of these points.
+func (w *World) Detailf(format string, args ...any) {
+	if !w.Detail {
+		return
+	}
+	text := fmt.Appendf(append(w.traceStamp(), "· "...), format, args...)
+	if len(w.ends) < w.TraceLimit {
+		w.text = text
+		w.ends = append(w.ends, len(text))
+		return
+	}
+	w.dropped++
+	w.text = text[:len(w.text)]
+}
+
+// TraceHash covers every traced line in order (Detailf's excepted): two
+// runs with the same seed must give the same hash.
 func (w *World) TraceHash() uint64 { return w.traceHash }
 
 // TraceDropped is the number of traced lines past TraceLimit: in the

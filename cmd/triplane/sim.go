@@ -42,7 +42,8 @@ failed, when, and the command that reproduces it, and writes the run's trace.
   triplane sim --scenario ledger --seeds 1..200
   triplane sim --scenario ledger --seeds 1..50 --bug apply-before-persist
   triplane sim --scenario serving --seeds 1..20 --duration 3s --bug router-ignores-gap
-  triplane sim --scenario serving --seeds 1..40 --buggify`,
+  triplane sim --scenario serving --seeds 1..40 --buggify
+  triplane sim --scenario serving --seed 3 --duration 3s --bug stale-route --detail`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if _, err := resolve(cmd); err != nil {
@@ -120,6 +121,11 @@ failed, when, and the command that reproduces it, and writes the run's trace.
 				}
 				if r.Err != nil {
 					fmt.Fprintf(out, "  reproduce: %s\n", sim.ReproduceCommand(s, sd, opts))
+					if !opts.Detail {
+						detailed := opts
+						detailed.Detail = true
+						fmt.Fprintf(out, "  the same run, its trace saying what each request and repair did: %s\n", sim.ReproduceCommand(s, sd, detailed))
+					}
 				}
 				return nil
 			})
@@ -153,6 +159,7 @@ failed, when, and the command that reproduces it, and writes the run's trace.
 	fs.StringVar(&opts.Bug, "bug", "", "switch on a planted bug to see the simulator find it; each scenario plants its own: "+bugHelp())
 	fs.IntVar(&parallel, "parallel", runtime.GOMAXPROCS(0), "seeds of a sweep run at once (results print in seed order and equal those of one at a time)")
 	fs.StringVar(&trace, "trace", "", "write the trace here (with --seeds, one file per seed with the seed appended); by default a failing run's trace goes to triplane-sim-<scenario>-<seed>.trace")
+	fs.BoolVar(&opts.Detail, "detail", false, "add lines to the trace saying what each request and KV repair did (serving); the run and its trace hash stay the same")
 	fs.IntVar(&opts.TraceLines, "trace-lines", sim.DefaultTraceLines, fmt.Sprintf("trace lines kept from the start of a run, at most %d (a cut trace ends with a line saying so; the trace hash covers every line)", sim.MaxTraceLines))
 	_ = g
 	return cmd

@@ -191,3 +191,31 @@ func TestSimHelpPerScenario(t *testing.T) {
 		t.Log(out)
 	}
 }
+
+// A failure offers the same run with --detail; that line runs the same
+// run (same hash) and its trace says what the requests did.
+func TestSimDetailLine(t *testing.T) {
+	dir := t.TempDir()
+	code, out, _ := simRun(t, "sim", "--scenario", "serving", "--seeds", "1..1", "--duration", "2s", "--bug", "stale-route",
+		"--trace", filepath.Join(dir, "plain"))
+	m := regexp.MustCompile(`what each request and repair did: triplane (.*)\n`).FindStringSubmatch(out)
+	h := traceHash.FindStringSubmatch(out)
+	if code != 1 || m == nil || h == nil || !strings.HasSuffix(m[1], " --detail") {
+		t.Fatalf("exit %d, want a failure offering --detail:\n%s", code, out)
+	}
+	args := append(strings.Fields(m[1]), "--trace", filepath.Join(dir, "detailed"))
+	code, again, _ := simRun(t, args...)
+	if h2 := traceHash.FindStringSubmatch(again); code != 1 || h2 == nil || h2[1] != h[1] {
+		t.Fatalf("--detail ran another run (exit %d, trace %v, want %s):\n%s", code, h2, h[1], again)
+	}
+	if strings.Contains(again, "--detail\n") && strings.Contains(again, "what each request and repair did") {
+		t.Fatalf("a detailed run offers detail again:\n%s", again)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "detailed"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), " · q") || !strings.Contains(string(b), " routed to ") {
+		t.Fatalf("the detailed trace says nothing of the requests:\n%.2000s", b)
+	}
+}
