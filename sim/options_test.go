@@ -86,7 +86,7 @@ func TestBugBelongsToItsScenarios(t *testing.T) {
 		if r := sim.RunScenario(s, 1, o); r.Err != nil {
 			t.Fatal(r.Err)
 		}
-		lists := slices.Contains(s.Bugs, sim.BugApplyBeforePersist) && slices.Contains(s.Bugs, sim.BugSnapshotBeforePersist)
+		lists := slices.Contains(s.Bugs, sim.BugApplyBeforePersist)
 		if lists != (commands > 0) {
 			t.Errorf("%s: lists the host's bugs %v, sends %d commands through the host", name, lists, commands)
 		}
@@ -133,20 +133,23 @@ func TestScenarioFaultPointsAreTheOnesReached(t *testing.T) {
 	}
 }
 
-// The host's planted bugs are found in the scenarios that list them
-// beside their own (ledger's test finds them there). Placement plants
-// snapshot-before-persist too, but no seed of 1..1000 finds it there, so
-// it is not checked.
+// Every scenario finds each host bug it lists: a listed bug a scenario
+// cannot show would let a sweep pass for the wrong reason (placement's
+// retries hide snapshot-before-persist, so it does not list it).
 func TestHostBugsFoundWhereListed(t *testing.T) {
-	for _, tc := range []struct {
-		s   sim.Scenario
-		bug string
-		to  uint64
-	}{
-		{servingScenario, sim.BugApplyBeforePersist, 5}, {servingScenario, sim.BugSnapshotBeforePersist, 12},
-		{transferScenario, sim.BugApplyBeforePersist, 5}, {transferScenario, sim.BugSnapshotBeforePersist, 15},
-		{placementScenario, sim.BugApplyBeforePersist, 20},
-	} {
-		sim.CheckFinds(t, tc.s, sim.Options{Faults: sim.DefaultFaults, Bug: tc.bug}, 1, tc.to, "invariant")
+	seeds := map[string]uint64{"serving/" + sim.BugSnapshotBeforePersist: 12, "transfer/" + sim.BugSnapshotBeforePersist: 15,
+		"placement/" + sim.BugApplyBeforePersist: 20}
+	for _, name := range sim.ScenarioNames() {
+		s := sim.Scenarios()[name]
+		for _, bug := range s.Bugs {
+			if bug != sim.BugApplyBeforePersist && bug != sim.BugSnapshotBeforePersist {
+				continue // the scenario's own bugs have their own tests
+			}
+			to := seeds[name+"/"+bug]
+			if to == 0 {
+				to = 5
+			}
+			sim.CheckFinds(t, s, sim.Options{Faults: sim.DefaultFaults, Bug: bug}, 1, to, "invariant")
+		}
 	}
 }

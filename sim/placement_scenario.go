@@ -38,8 +38,12 @@ var placementScenario = Scenario{
 		placementNodes, placementTTL, placementActors),
 	Registry: func() *actors.Registry { return actors.NewRegistry(placement.Machine{}) },
 	Drive:    drivePlacement,
-	// The placement actor journals through the host.
-	Bugs:    []string{BugApplyBeforePersist, BugSnapshotBeforePersist, BugUnfencedWrites},
+	// The placement actor journals through the host, but a command whose
+	// append failed is sent again as it was (the leader reconciles the
+	// same view), so the state snapshot-before-persist saves is the one
+	// the journal gets next: this scenario cannot show that bug, and a
+	// sweep for it here would pass for the wrong reason.
+	Bugs:    []string{BugApplyBeforePersist, BugUnfencedWrites},
 	Crashes: "any rate above 0 crashes the placement actor once and changes etcd's leader once (a fixed number, however high the rate)",
 }
 

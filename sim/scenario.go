@@ -180,8 +180,9 @@ type Scenario struct {
 	// return an invariant that is checked at the end.
 	Drive func(r *Run) Invariant
 	// Bugs are the planted bugs Drive (or the host it delivers through)
-	// switches on for Options.Bug; RunScenario refuses any other, so a
-	// sweep never passes for a bug that was not there.
+	// switches on for Options.Bug and a sweep of the scenario can find;
+	// RunScenario refuses any other, so a sweep never passes for a bug
+	// that was not there or that the scenario cannot show.
 	Bugs []string
 	// FaultPoints are those Drive's real code reaches with Run.Faults
 	// (what Options.Buggify can switch on); none: Buggify does nothing.
