@@ -29,6 +29,10 @@ func TestRunScenarioRefusesBadOptions(t *testing.T) {
 		{"written on failure 2", sim.Options{Faults: sim.Faults{WrittenOnFailure: 2}}, sim.Options{Faults: sim.Faults{WrittenOnFailure: 1}}, "Faults.WrittenOnFailure"},
 		{"unknown bug", sim.Options{Faults: d, Bug: "nope"}, sim.Options{Faults: d, Bug: sim.BugApplyBeforePersist}, "Bug"},
 		{"another scenario's bug", sim.Options{Faults: d, Bug: sim.BugRouterIgnoresGap}, sim.Options{Faults: d, Bug: sim.BugSnapshotBeforePersist}, "Bug"},
+		{"message loss above 1", sim.Options{Faults: sim.Faults{MessageLoss: 1.5}}, sim.Options{Faults: sim.Faults{MessageLoss: 1}}, "Faults.MessageLoss"},
+		{"message duplicate NaN", sim.Options{Faults: sim.Faults{MessageDuplicate: math.NaN()}}, sim.Options{Faults: sim.Faults{MessageDuplicate: 0.5}}, "Faults.MessageDuplicate"},
+		{"negative partitions", sim.Options{Faults: sim.Faults{Partitions: -1}}, sim.Options{Faults: sim.Faults{Partitions: 0}}, "Faults.Partitions"},
+		{"leader changes over the limit", sim.Options{Faults: sim.Faults{LeaderChanges: sim.MaxFaultEvents + 1}}, sim.Options{Faults: sim.Faults{LeaderChanges: sim.MaxFaultEvents}}, "Faults.LeaderChanges"},
 		{"negative trace lines", sim.Options{TraceLines: -1}, sim.Options{TraceLines: 1}, "TraceLines"},
 		{"trace lines over the limit", sim.Options{TraceLines: sim.MaxTraceLines + 1}, sim.Options{TraceLines: sim.MaxTraceLines}, "TraceLines"},
 	} {

@@ -43,8 +43,9 @@ var placementScenario = Scenario{
 	// same view), so the state snapshot-before-persist saves is the one
 	// the journal gets next: this scenario cannot show that bug, and a
 	// sweep for it here would pass for the wrong reason.
-	Bugs:    []string{BugApplyBeforePersist, BugUnfencedWrites},
-	Crashes: "any rate above 0 crashes the placement actor once and changes etcd's leader once (a fixed number, however high the rate)",
+	Bugs:        []string{BugApplyBeforePersist, BugUnfencedWrites},
+	Crashes:     "any rate above 0 crashes the placement actor once (a fixed number, however high the rate)",
+	ReadsFaults: []string{"LeaderChanges"},
 }
 
 type simNode struct {
@@ -105,6 +106,8 @@ func drivePlacement(r *Run) Invariant {
 	}
 	if r.Opts.Faults.CrashRate > 0 {
 		w.After(time.Duration(w.Rand().Int64N(int64(r.Opts.Duration))), func() { r.Host.Crash(p.group) })
+	}
+	for range r.Opts.Faults.LeaderChanges {
 		// etcd elects a new leader: a short outage, leases kept.
 		w.After(time.Duration(w.Rand().Int64N(int64(r.Opts.Duration))), func() {
 			p.etcd.LeaderChange(time.Duration(50+w.Rand().IntN(200)) * time.Millisecond)

@@ -24,6 +24,8 @@ func TestReproduceCommandCarriesTheRun(t *testing.T) {
 			"triplane sim --scenario ledger --seed 13 --duration 2s"},
 		{"Go's defaults: no faults, default duration", sim.Options{},
 			"triplane sim --scenario ledger --seed 13 --duration 2s --append-failure 0 --written-on-failure 0 --crash-rate 0"},
+		{"faults ledger does not read are left out", sim.Options{Duration: 2 * time.Second, Faults: sim.Faults{AppendFailure: 0.03, WrittenOnFailure: 0.5, CrashRate: 0.1}},
+			"triplane sim --scenario ledger --seed 13 --duration 2s"},
 		{"buggify, odd duration, trace lines", sim.Options{Duration: 1500*time.Millisecond + 1, Faults: sim.DefaultFaults, Buggify: true, TraceLines: 50},
 			"triplane sim --scenario ledger --seed 13 --duration 1.500000001s --buggify --trace-lines 50"},
 	} {
@@ -36,6 +38,17 @@ func TestReproduceCommandCarriesTheRun(t *testing.T) {
 // The CLI runs only the built-in scenarios and none of a test's own
 // invariants: anything else is reproduced in Go, with the duration it ran
 // for (never 0s).
+// A scenario's own fault knobs are carried when they differ from the
+// CLI's defaults.
+func TestReproduceCommandCarriesTheScenariosFaults(t *testing.T) {
+	f := sim.DefaultFaults
+	f.MessageLoss, f.Partitions = 0.1, 0
+	if got, want := sim.ReproduceCommand(servingScenario, 3, sim.Options{Duration: time.Second, Faults: f}),
+		"triplane sim --scenario serving --seed 3 --duration 1s --message-loss 0.1 --partitions 0"; got != want {
+		t.Fatalf("\n got %s\nwant %s", got, want)
+	}
+}
+
 func TestReproduceCommandInGoWhereTheCLICannot(t *testing.T) {
 	mine := ledgerScenario
 	mine.Name = "my-ledger"
@@ -52,7 +65,7 @@ func TestReproduceCommandInGoWhereTheCLICannot(t *testing.T) {
 		{"a user's scenario", mine, sim.Options{},
 			`sim.RunScenario(<your scenario "my-ledger">, 1, sim.Options{Duration: 2 * time.Second})`},
 		{"a user's scenario, all options", mine, sim.Options{Duration: 90 * time.Second, Faults: sim.Faults{AppendFailure: 0.25, CrashRate: 1}, Bug: "apply-before-persist", Buggify: true, Invariants: custom, TraceLines: 20_000},
-			`sim.RunScenario(<your scenario "my-ledger">, 1, sim.Options{Duration: 90 * time.Second, Faults: sim.Faults{AppendFailure: 0.25, WrittenOnFailure: 0, CrashRate: 1}, Bug: "apply-before-persist", Buggify: true, Invariants: <your 1>, TraceLines: 20000})`},
+			`sim.RunScenario(<your scenario "my-ledger">, 1, sim.Options{Duration: 90 * time.Second, Faults: sim.Faults{AppendFailure: 0.25, CrashRate: 1}, Bug: "apply-before-persist", Buggify: true, Invariants: <your 1>, TraceLines: 20000})`},
 		{"a built-in scenario with the test's invariants", ledgerScenario, sim.Options{Duration: 1500 * time.Millisecond, Faults: sim.DefaultFaults, Invariants: custom},
 			`sim.RunScenario(sim.Scenarios()["ledger"], 1, sim.Options{Duration: 1500 * time.Millisecond, Faults: sim.DefaultFaults, Invariants: <your 1>})`},
 		{"a built-in name on other code", impostor, sim.Options{Faults: sim.DefaultFaults},

@@ -26,10 +26,24 @@ type Faults struct {
 	// the probability that a command's actor crashes just before the
 	// command arrives; in serving each worker crashes with probability 3x
 	// the rate; and in serving, transfer and placement any rate above 0
-	// switches on a fixed set of faults (actor crashes, etcd leader
-	// changes, partitions) that does not grow with the rate.
+	// crashes their actors a fixed number of times.
 	CrashRate float64
+	// MessageLoss and MessageDuplicate are the probabilities that a
+	// message on the simulated event plane is lost, or delivered twice
+	// (serving).
+	MessageLoss, MessageDuplicate float64
+	// Partitions is how many times a run cuts a worker off the event
+	// plane, for 200-800 ms each (serving).
+	Partitions int
+	// LeaderChanges is how many times etcd elects a new leader during a
+	// run: requests fail for 50-250 ms, leases survive (serving,
+	// placement).
+	LeaderChanges int
 }
+
+// MaxFaultEvents bounds Faults.Partitions and Faults.LeaderChanges: each
+// is scheduled up front.
+const MaxFaultEvents = 1000
 
 // The planted bugs of the simulated host (see Host.PlantedBug): any
 // scenario that sends its commands through Run.Host can list them.
@@ -56,7 +70,8 @@ var Bugs = []string{BugApplyBeforePersist, BugSnapshotBeforePersist, BugRouterIg
 // DefaultFaults are the faults triplane sim injects unless its flags say
 // otherwise (and those the built-in scenarios' tests use). Options{} in
 // Go injects none: a run has the faults its Options name.
-var DefaultFaults = Faults{AppendFailure: 0.03, WrittenOnFailure: 0.5, CrashRate: 0.1}
+var DefaultFaults = Faults{AppendFailure: 0.03, WrittenOnFailure: 0.5, CrashRate: 0.1,
+	MessageLoss: 0.02, MessageDuplicate: 0.01, Partitions: 2, LeaderChanges: 1}
 
 // DefaultDuration is a run's load when Options.Duration is 0, and
 // DefaultTraceLines the trace lines it keeps when Options.TraceLines is.
@@ -120,9 +135,18 @@ func (o Options) Validate(s Scenario) error {
 		field, flag string
 		v           float64
 	}{{"Faults.AppendFailure", "append-failure", o.Faults.AppendFailure}, {"Faults.WrittenOnFailure", "written-on-failure", o.Faults.WrittenOnFailure},
-		{"Faults.CrashRate", "crash-rate", o.Faults.CrashRate}} {
+		{"Faults.CrashRate", "crash-rate", o.Faults.CrashRate}, {"Faults.MessageLoss", "message-loss", o.Faults.MessageLoss},
+		{"Faults.MessageDuplicate", "message-duplicate", o.Faults.MessageDuplicate}} {
 		if !(p.v >= 0 && p.v <= 1) { // NaN too
 			return &OptionError{p.field, p.flag, fmt.Errorf("probability %v is outside [0, 1]", p.v)}
+		}
+	}
+	for _, n := range []struct {
+		field, flag string
+		v           int
+	}{{"Faults.Partitions", "partitions", o.Faults.Partitions}, {"Faults.LeaderChanges", "leader-changes", o.Faults.LeaderChanges}} {
+		if n.v < 0 || n.v > MaxFaultEvents {
+			return &OptionError{n.field, n.flag, fmt.Errorf("%d is outside [0, %d]", n.v, MaxFaultEvents)}
 		}
 	}
 	if o.Bug != "" && !slices.Contains(s.Bugs, o.Bug) {
@@ -190,6 +214,10 @@ type Scenario struct {
 	// Crashes says what Faults.CrashRate does in this scenario, for help
 	// texts: each scenario reads the rate its own way.
 	Crashes string
+	// ReadsFaults names the fields of Faults past the journal's and the
+	// crash rate that Drive reads (e.g. "MessageLoss"): a reproduction
+	// carries only those, and help lists them.
+	ReadsFaults []string
 }
 
 // Result of one run.
@@ -214,7 +242,7 @@ type Result struct {
 func Scenarios() map[string]Scenario {
 	out := map[string]Scenario{}
 	for _, s := range []Scenario{ledgerScenario, servingScenario, transferScenario, placementScenario} {
-		s.Bugs, s.FaultPoints = slices.Clone(s.Bugs), slices.Clone(s.FaultPoints)
+		s.Bugs, s.FaultPoints, s.ReadsFaults = slices.Clone(s.Bugs), slices.Clone(s.FaultPoints), slices.Clone(s.ReadsFaults)
 		out[s.Name] = s
 	}
 	return out
@@ -370,14 +398,10 @@ func ReproduceCommand(s Scenario, seed uint64, opts Options) string {
 		b.WriteString(" --buggify")
 	}
 	// The CLI's faults are DefaultFaults unless a flag says otherwise.
-	for _, f := range []struct {
-		flag    string
-		v, dflt float64
-	}{{"append-failure", opts.Faults.AppendFailure, DefaultFaults.AppendFailure},
-		{"written-on-failure", opts.Faults.WrittenOnFailure, DefaultFaults.WrittenOnFailure},
-		{"crash-rate", opts.Faults.CrashRate, DefaultFaults.CrashRate}} {
-		if f.v != f.dflt {
-			fmt.Fprintf(&b, " --%s %s", f.flag, strconv.FormatFloat(f.v, 'g', -1, 64))
+	dflt := faultValues(DefaultFaults)
+	for i, f := range faultValues(opts.Faults) {
+		if f.value != dflt[i].value && (i < commonFaults || slices.Contains(s.ReadsFaults, f.field)) {
+			fmt.Fprintf(&b, " --%s %s", f.flag, f.value)
 		}
 	}
 	// Not part of the run, but a reproduction should write the same trace.
@@ -413,8 +437,13 @@ func reproduceGo(s Scenario, seed uint64, opts Options, d time.Duration) string 
 	case opts.Faults == DefaultFaults:
 		fields = append(fields, "Faults: sim.DefaultFaults")
 	case opts.Faults != Faults{}:
-		fields = append(fields, fmt.Sprintf("Faults: sim.Faults{AppendFailure: %s, WrittenOnFailure: %s, CrashRate: %s}",
-			goFloat(opts.Faults.AppendFailure), goFloat(opts.Faults.WrittenOnFailure), goFloat(opts.Faults.CrashRate)))
+		var set []string
+		for _, f := range faultValues(opts.Faults) {
+			if f.value != "0" {
+				set = append(set, f.field+": "+f.value)
+			}
+		}
+		fields = append(fields, "Faults: sim.Faults{"+strings.Join(set, ", ")+"}")
 	}
 	if opts.Bug != "" {
 		fields = append(fields, fmt.Sprintf("Bug: %q", opts.Bug))
@@ -435,6 +464,39 @@ func reproduceGo(s Scenario, seed uint64, opts Options, d time.Duration) string 
 }
 
 func goFloat(v float64) string { return strconv.FormatFloat(v, 'g', -1, 64) }
+
+// faultValue is one field of Faults as the CLI's flag and Go's field name
+// spell it, with its value written as both read it.
+type faultValue struct{ field, flag, value string }
+
+// FaultFlag is triplane sim's flag for a field of Faults ("MessageLoss":
+// "message-loss"); "" for none.
+func FaultFlag(field string) string {
+	for _, f := range faultValues(Faults{}) {
+		if f.field == field {
+			return f.flag
+		}
+	}
+	return ""
+}
+
+// commonFaults is how many of faultValues' fields every scenario reads
+// (the journal's faults and the crash rate).
+const commonFaults = 3
+
+// faultValues lists every field of f, in one order for both of
+// ReproduceCommand's forms.
+func faultValues(f Faults) []faultValue {
+	return []faultValue{
+		{"AppendFailure", "append-failure", goFloat(f.AppendFailure)},
+		{"WrittenOnFailure", "written-on-failure", goFloat(f.WrittenOnFailure)},
+		{"CrashRate", "crash-rate", goFloat(f.CrashRate)},
+		{"MessageLoss", "message-loss", goFloat(f.MessageLoss)},
+		{"MessageDuplicate", "message-duplicate", goFloat(f.MessageDuplicate)},
+		{"Partitions", "partitions", strconv.Itoa(f.Partitions)},
+		{"LeaderChanges", "leader-changes", strconv.Itoa(f.LeaderChanges)},
+	}
+}
 
 // goDuration writes d as Go: a count of the largest unit that divides it.
 func goDuration(d time.Duration) string {

@@ -87,7 +87,8 @@ var servingScenario = Scenario{
 	// The engines', the workers' KV event logs' and the sequencer's:
 	// driveServing hands each Run.Faults.
 	FaultPoints: slices.Concat(mocker.FaultPoints, kvevents.FaultPoints),
-	Crashes:     "each worker crashes once with probability 3x the rate (at most 1), and any rate above 0 also crashes the router actor twice, changes etcd's leader once and partitions a worker twice",
+	Crashes:     "each worker crashes once with probability 3x the rate (at most 1), and any rate above 0 also crashes the router actor twice",
+	ReadsFaults: []string{"MessageLoss", "MessageDuplicate", "Partitions", "LeaderChanges"},
 }
 
 type simWorker struct {
@@ -181,7 +182,7 @@ func driveServing(r *Run) Invariant {
 	w := r.World
 	// Harsher than NATS: besides losses, some messages arrive twice and
 	// out of order, which the KV event sequencer must absorb.
-	s.bus.Loss, s.bus.Duplicate, s.bus.Reorder = 0.02, 0.01, true
+	s.bus.Loss, s.bus.Duplicate, s.bus.Reorder = r.Opts.Faults.MessageLoss, r.Opts.Faults.MessageDuplicate, true
 	s.routerBus = s.bus.Client("router")
 	// The routing shell's subscriptions, as the frontend's consumer and
 	// load aggregator make them.
@@ -276,15 +277,19 @@ func driveServing(r *Run) Invariant {
 		for range 2 {
 			w.After(time.Duration(w.Rand().Int64N(int64(r.Opts.Duration))), func() { r.Host.Crash(s.router) })
 		}
+	}
+	// In this order, the draws of DefaultFaults are those of the runs
+	// before these faults had knobs of their own: same seeds, same runs.
+	for range r.Opts.Faults.LeaderChanges {
 		// etcd elects a new leader: registrations and reads fail a while.
 		w.After(time.Duration(w.Rand().Int64N(int64(r.Opts.Duration))), func() {
 			s.etcd.LeaderChange(time.Duration(50+w.Rand().IntN(200)) * time.Millisecond)
 		})
-		for range 2 {
-			id := s.order[w.Rand().IntN(len(s.order))]
-			d := time.Duration(200+w.Rand().IntN(600)) * time.Millisecond
-			w.After(time.Duration(w.Rand().Int64N(int64(r.Opts.Duration))), func() { s.partition(id, d) })
-		}
+	}
+	for range r.Opts.Faults.Partitions {
+		id := s.order[w.Rand().IntN(len(s.order))]
+		d := time.Duration(200+w.Rand().IntN(600)) * time.Millisecond
+		w.After(time.Duration(w.Rand().Int64N(int64(r.Opts.Duration))), func() { s.partition(id, d) })
 	}
 	// Heartbeats carry each worker's last event id, so a lost tail is
 	// noticed. They stop a few rounds after the load, once every engine is

@@ -227,3 +227,32 @@ func TestServingDetailKeepsTheRun(t *testing.T) {
 		}
 	}
 }
+
+// The event plane's and etcd's faults follow their knobs: none asked, none
+// happen; more asked, more happen.
+func TestServingFaultKnobs(t *testing.T) {
+	summary := regexp.MustCompile(`bus \d+ published, \d+ delivered, (\d+) lost, (\d+) duplicated, .* etcd (\d+) leader changes`)
+	count := func(f sim.Faults) (lost, dup, changes string) {
+		t.Helper()
+		r := sim.RunScenario(servingScenario, 4, sim.Options{Duration: 2 * time.Second, Faults: f})
+		if r.Err != nil {
+			t.Fatalf("faults %+v: %v", f, r.Err)
+		}
+		m := summary.FindStringSubmatch(strings.Join(r.Trace, "\n"))
+		if m == nil {
+			t.Fatal("no summary line in the trace")
+		}
+		return m[1], m[2], m[3]
+	}
+	if lost, dup, changes := count(sim.Faults{}); lost != "0" || dup != "0" || changes != "0" {
+		t.Fatalf("no faults asked: %s lost, %s duplicated, %s leader changes", lost, dup, changes)
+	}
+	// Partitions alone lose what the cut-off worker sends and is sent.
+	if lost, dup, _ := count(sim.Faults{Partitions: 5}); lost == "0" || dup != "0" {
+		t.Fatalf("5 partitions: %s lost, %s duplicated", lost, dup)
+	}
+	f := sim.Faults{MessageLoss: 0.05, MessageDuplicate: 0.05, LeaderChanges: 3}
+	if lost, dup, changes := count(f); lost == "0" || dup == "0" || changes != "3" {
+		t.Fatalf("faults %+v: %s lost, %s duplicated, %s leader changes", f, lost, dup, changes)
+	}
+}

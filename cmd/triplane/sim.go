@@ -154,6 +154,10 @@ failed, when, and the command that reproduces it, and writes the run's trace.
 	fs.Float64Var(&opts.Faults.AppendFailure, "append-failure", sim.DefaultFaults.AppendFailure, "probability that a journal append fails")
 	fs.Float64Var(&opts.Faults.WrittenOnFailure, "written-on-failure", sim.DefaultFaults.WrittenOnFailure, "probability that a failed append was written anyway")
 	fs.Float64Var(&opts.Faults.CrashRate, "crash-rate", sim.DefaultFaults.CrashRate, "crash faults, read by each scenario its own way (see Scenarios above): only in ledger is it the probability that a command's actor crashes")
+	fs.Float64Var(&opts.Faults.MessageLoss, "message-loss", sim.DefaultFaults.MessageLoss, "probability that a message on the simulated event plane is lost (serving)")
+	fs.Float64Var(&opts.Faults.MessageDuplicate, "message-duplicate", sim.DefaultFaults.MessageDuplicate, "probability that a message on the simulated event plane is delivered twice (serving)")
+	fs.IntVar(&opts.Faults.Partitions, "partitions", sim.DefaultFaults.Partitions, fmt.Sprintf("times a run cuts a worker off the event plane, 200-800 ms each (serving; at most %d)", sim.MaxFaultEvents))
+	fs.IntVar(&opts.Faults.LeaderChanges, "leader-changes", sim.DefaultFaults.LeaderChanges, fmt.Sprintf("times etcd elects a new leader during a run (serving, placement; at most %d)", sim.MaxFaultEvents))
 	fs.BoolVar(&opts.Buggify, "buggify", false, "switch on the fault points inside the real code (each on for a run with probability 0.25, then firing 5% of the times it is reached); fault points exist only in "+
 		strings.Join(scenariosWith(func(s sim.Scenario) bool { return len(s.FaultPoints) > 0 }), ", ")+": elsewhere it switches nothing on, and says so")
 	fs.StringVar(&opts.Bug, "bug", "", "switch on a planted bug to see the simulator find it; each scenario plants its own: "+bugHelp())
@@ -185,6 +189,13 @@ func scenarioHelp() string {
 	for _, n := range sim.ScenarioNames() {
 		s := sim.Scenarios()[n]
 		fmt.Fprintf(&b, "\n  %s: %s\n    --bug: %s\n    --crash-rate: %s", n, s.Description, strings.Join(s.Bugs, ", "), s.Crashes)
+		if len(s.ReadsFaults) > 0 {
+			flags := make([]string, len(s.ReadsFaults))
+			for i, f := range s.ReadsFaults {
+				flags[i] = "--" + sim.FaultFlag(f)
+			}
+			fmt.Fprintf(&b, "\n    also reads: %s", strings.Join(flags, ", "))
+		}
 		if len(s.FaultPoints) > 0 {
 			fmt.Fprintf(&b, "\n    --buggify: %s", strings.Join(s.FaultPoints, ", "))
 		} else {
