@@ -54,6 +54,9 @@ failed, when, and the command that reproduces it, and writes the run's trace.
 				return usageError{&config.Error{Key: "scenario", Err: fmt.Errorf("unknown scenario %q (known: %s)", scenario, strings.Join(sim.ScenarioNames(), ", "))}}
 			}
 			from, to := seed, seed
+			if seeds != "" && cmd.Flags().Changed("seed") {
+				return usageError{&config.Error{Key: "seed", Err: fmt.Errorf("--seed %d and --seeds %s: give one (a single run, or a sweep)", seed, seeds)}}
+			}
 			if seeds != "" {
 				var err error
 				if from, to, err = parseSeeds(seeds); err != nil {

@@ -95,6 +95,11 @@ func TestSimRefusesBadOptions(t *testing.T) {
 		{[]string{"--crash-rate", "1.5"}, []string{"--crash-rate", "1"}, []string{`"crash-rate"`, "outside [0, 1]"}},
 		{[]string{"--written-on-failure", "NaN"}, []string{"--written-on-failure", "0"}, []string{`"written-on-failure"`, "outside [0, 1]"}},
 		{[]string{"--trace-lines", "0"}, []string{"--trace-lines", "1"}, []string{`"trace-lines"`, "at least 1"}},
+		// --seed beside --seeds used to be ignored without a word.
+		{[]string{"--seed", "3", "--seeds", "1..2"}, []string{"--seed", "1"}, []string{`"seed"`, "give one"}},
+		{[]string{"--scenario", "serving", "--message-loss", "2"}, []string{"--scenario", "serving", "--message-loss", "1"}, []string{`"message-loss"`, "outside [0, 1]"}},
+		{[]string{"--scenario", "serving", "--partitions", "-1"}, []string{"--scenario", "serving", "--partitions", "0"}, []string{`"partitions"`, "outside [0, 1000]"}},
+		{[]string{"--leader-changes", "1001"}, []string{"--leader-changes", "1000"}, []string{`"leader-changes"`, "outside [0, 1000]"}},
 		{[]string{"--trace-lines", "-5"}, []string{"--trace-lines", "1"}, []string{`"trace-lines"`, "negative"}},
 		{[]string{"--trace-lines", "10000001"}, []string{"--trace-lines", "10000000"}, []string{`"trace-lines"`, "over the limit of 10000000"}},
 	} {
