@@ -89,6 +89,7 @@ failed, when, and the command that reproduces it, and writes the run's trace.
 			batchGC()
 			out := cmd.OutOrStdout()
 			var failed []uint64
+			autoTraces := 0
 			var simTime, wall time.Duration
 			began := time.Now()
 			err := sim.SweepEach(s, from, to, opts, parallel, func(r sim.Result) error {
@@ -107,7 +108,13 @@ failed, when, and the command that reproduces it, and writes the run's trace.
 				}
 				path := trace
 				if path == "" && r.Err != nil {
-					path = fmt.Sprintf("triplane-sim-%s-%d.trace", s.Name, sd)
+					// Unasked, a trace goes to the working directory for
+					// the first few failing seeds only: a sweep of
+					// thousands must not fill it; any seed runs again alone.
+					if autoTraces < maxAutoTraces {
+						autoTraces++
+						path = fmt.Sprintf("triplane-sim-%s-%d.trace", s.Name, sd)
+					}
 				} else if path != "" && from != to {
 					path = fmt.Sprintf("%s.%d", trace, sd)
 				}
@@ -143,8 +150,11 @@ failed, when, and the command that reproduces it, and writes the run's trace.
 				}
 				fmt.Fprintln(out)
 			}
+			if len(failed) > maxAutoTraces && trace == "" {
+				fmt.Fprintf(out, "traces written for the first %d failing seeds only; a seed's reproduce line runs it again alone, with its trace\n", maxAutoTraces)
+			}
 			if len(failed) > 0 {
-				return fmt.Errorf("failing seeds: %v", failed)
+				return fmt.Errorf("failing seeds: %s", seedList(failed))
 			}
 			return nil
 		},
@@ -254,4 +264,20 @@ func parseSeeds(s string) (uint64, uint64, error) {
 		return 0, 0, fmt.Errorf("%q: at most 100000 seeds at once", s)
 	}
 	return from, to, nil
+}
+
+// maxAutoTraces bounds the trace files a sweep writes unasked, and
+// maxListedSeeds the failing seeds its last line lists.
+const (
+	maxAutoTraces  = 10
+	maxListedSeeds = 50
+)
+
+// seedList lists failing seeds, the first maxListedSeeds of them: each
+// has its own line above.
+func seedList(seeds []uint64) string {
+	if len(seeds) <= maxListedSeeds {
+		return fmt.Sprint(seeds)
+	}
+	return fmt.Sprintf("%v and %d more", seeds[:maxListedSeeds], len(seeds)-maxListedSeeds)
 }

@@ -224,3 +224,28 @@ func TestSimDetailLine(t *testing.T) {
 		t.Fatalf("the detailed trace says nothing of the requests:\n%.2000s", b)
 	}
 }
+
+// A sweep with many failing seeds writes traces for the first few only
+// (it used to write one per failing seed into the working directory) and
+// lists a bounded number of seeds; with --trace every seed's is written,
+// as asked.
+func TestSimSweepBoundsItsTraces(t *testing.T) {
+	dir := t.TempDir()
+	t.Chdir(dir)
+	code, out, errs := simRun(t, "sim", "--scenario", "ledger", "--seeds", "1..120", "--bug", "apply-before-persist")
+	files, _ := filepath.Glob(filepath.Join(dir, "triplane-sim-*.trace"))
+	if code != 1 || len(files) != maxAutoTraces || !strings.Contains(out, "traces written for the first 10 failing seeds only") {
+		t.Fatalf("exit %d, %d trace files, want %d:\n%s", code, len(files), maxAutoTraces, out[max(0, len(out)-500):])
+	}
+	if !regexp.MustCompile(`failing seeds: \[[0-9 ]+\] and \d+ more`).MatchString(errs) {
+		t.Fatalf("the failing seeds are not bounded: %s", errs)
+	}
+	asked := filepath.Join(dir, "asked", "t")
+	if err := os.Mkdir(filepath.Dir(asked), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	simRun(t, "sim", "--scenario", "ledger", "--seeds", "1..12", "--bug", "apply-before-persist", "--trace", asked)
+	if files, _ := filepath.Glob(asked + ".*"); len(files) != 12 {
+		t.Fatalf("--trace wrote %d of 12 traces", len(files))
+	}
+}
