@@ -197,3 +197,42 @@ func TestUpgradeOldSnapshot(t *testing.T) {
 		t.Fatalf("applied to the old form %v, to the replayed %v", s2, replayed)
 	}
 }
+
+// An old snapshot of a router at the bound (MaxTrackedWorkers counters
+// and OtherWorkers') upgrades to what replay gives: every counter kept,
+// though OtherWorkers' sorts first.
+func TestUpgradeAtTheBound(t *testing.T) {
+	m := routerm.Machine{}
+	var events []proto.Message
+	for i := range routerm.MaxTrackedWorkers + 3 {
+		events = append(events, &triplanev1.RouteDecided{Worker: fmt.Sprintf("w%05d", i)})
+	}
+	replayed, err := actors.Fold(m, "r", events...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := &triplanev1.RouterState{Id: "r", Decisions: uint64(len(events)), PerWorker: map[string]uint64{}}
+	for _, w := range replayed.(*triplanev1.RouterState).Workers {
+		old.PerWorker[w.Worker] = w.Decisions
+	}
+	if len(old.PerWorker) != routerm.MaxTrackedWorkers+1 || old.PerWorker[routerm.OtherWorkers] != 3 {
+		t.Fatalf("the old form holds %d counters, other %d", len(old.PerWorker), old.PerWorker[routerm.OtherWorkers])
+	}
+	m.Upgrade(old)
+	if !proto.Equal(old, replayed) {
+		t.Fatalf("upgraded at the bound: %d counters, replay %d", len(old.Workers), len(replayed.(*triplanev1.RouterState).Workers))
+	}
+}
+
+// A state holding both forms (an older binary snapshotting a newer one's
+// state keeps the list as unknown fields, then writes its map beside it)
+// adds the map's counters to the list's.
+func TestUpgradeMergesBothForms(t *testing.T) {
+	s := &triplanev1.RouterState{Id: "r", PerWorker: map[string]uint64{"a": 2, "c": 1},
+		Workers: []*triplanev1.WorkerDecisions{{Worker: "a", Decisions: 1}, {Worker: "b", Decisions: 4}}}
+	routerm.Machine{}.Upgrade(s)
+	want := []*triplanev1.WorkerDecisions{{Worker: "a", Decisions: 3}, {Worker: "b", Decisions: 4}, {Worker: "c", Decisions: 1}}
+	if len(s.PerWorker) != 0 || !proto.Equal(s, &triplanev1.RouterState{Id: "r", Workers: want}) {
+		t.Fatalf("merged: %v", s)
+	}
+}

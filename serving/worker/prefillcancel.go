@@ -15,8 +15,9 @@ var ErrPrefillCancelled = errors.New("worker: prefill cancelled by the decode wo
 
 // recentCancels is how many cancelled sessions a prefill worker remembers:
 // a cancel can overtake its own request (they travel on different
-// subjects, and a request may wait for a free prefill slot), and the
-// request must then be refused rather than prefilled for nobody.
+// subjects, each handled on its own goroutine, so a prefill's handler may
+// register it only after its cancel was handled), and the request must
+// then be refused rather than prefilled for nobody.
 const recentCancels = 256
 
 // PrefillCancelSubject is where a prefill worker takes the cancels of the

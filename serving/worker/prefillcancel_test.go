@@ -103,6 +103,8 @@ func TestAbandonedPrefillStopsOnThePrefillWorker(t *testing.T) {
 	// The prefill waits for the engine to take it; the cancel reaches it
 	// there, and it ends once the engine answers.
 	planetest.Eventually(t, "the cancel at the prefill worker", func() bool { return remembered("kv-d1-r") })
+	// Counted once published: the prefill worker may see it first.
+	planetest.Eventually(t, "the cancel counted as sent", func() bool { return dec.Stats().PrefillCancelsSent > 0 })
 	if st := dec.Stats(); st.PrefillCancelsSent != 1 || st.Fallbacks != 0 || st.RemotePrefills != 0 {
 		t.Fatalf("decode worker stats %+v: want one cancel sent, no fallback", st)
 	}
