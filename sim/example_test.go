@@ -74,11 +74,13 @@ func Example_scenario() {
 	opts.Bug = "apply-before-persist"
 	for _, r := range sim.Sweep(deposits, 1, 20, opts) {
 		if r.Err != nil {
-			fmt.Println("found by a seed; reproduce:", sim.ReproduceCommand(deposits, r.Seed, opts) != "")
+			fmt.Println("found by seed", r.Seed)
+			fmt.Println("reproduce:", sim.ReproduceCommand(deposits, r.Seed, opts))
 			break
 		}
 	}
 	// Output:
 	// passed: true same run again: true
-	// found by a seed; reproduce: true
+	// found by seed 2
+	// reproduce: sim.RunScenario(<your scenario "deposits">, 2, sim.Options{Duration: 1 * time.Second, Faults: sim.DefaultFaults, Bug: "apply-before-persist"})
 }

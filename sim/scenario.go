@@ -218,6 +218,9 @@ type Scenario struct {
 	// crash rate that Drive reads (e.g. "MessageLoss"): a reproduction
 	// carries only those, and help lists them.
 	ReadsFaults []string
+	// Detailed: Drive traces detail lines when Options.Detail is on
+	// (World.Detailf), so a failure's output offers that run.
+	Detailed bool
 }
 
 // Result of one run.

@@ -89,6 +89,7 @@ var servingScenario = Scenario{
 	FaultPoints: slices.Concat(mocker.FaultPoints, kvevents.FaultPoints),
 	Crashes:     "each worker crashes once with probability 3x the rate (at most 1), and any rate above 0 also crashes the router actor twice",
 	ReadsFaults: []string{"MessageLoss", "MessageDuplicate", "Partitions", "LeaderChanges"},
+	Detailed:    true,
 }
 
 type simWorker struct {

@@ -197,6 +197,20 @@ func TestServingScenarioBuggifySweep(t *testing.T) {
 // changing the run: same hash, same steps, and every line of the plain
 // trace is in the detailed one, in order.
 func TestServingDetailKeepsTheRun(t *testing.T) {
+	// Every detail point is reached in some run: without a bug (routing
+	// again when the chosen worker left) and with stale-route.
+	for _, bug := range []string{"", sim.BugStaleRoute} {
+		for seed := uint64(1); seed <= 4; seed++ {
+			o := sim.Options{Duration: 2 * time.Second, Faults: sim.DefaultFaults, Bug: bug}
+			plain := sim.RunScenario(servingScenario, seed, o)
+			o.Detail = true
+			detailed := sim.RunScenario(servingScenario, seed, o)
+			if plain.TraceHash != detailed.TraceHash || plain.Steps != detailed.Steps {
+				t.Fatalf("bug %q seed %d: detail changed the run: %x/%x, %d/%d steps", bug, seed,
+					plain.TraceHash, detailed.TraceHash, plain.Steps, detailed.Steps)
+			}
+		}
+	}
 	opts := sim.Options{Duration: 2 * time.Second, Faults: sim.DefaultFaults, Bug: sim.BugStaleRoute, TraceLines: sim.MaxTraceLines}
 	plain := sim.RunScenario(servingScenario, 1, opts)
 	opts.Detail = true

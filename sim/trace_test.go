@@ -51,3 +51,30 @@ func TestTraceCutIsMarked(t *testing.T) {
 		t.Fatalf("1 s: %d lines (%d dropped), with 20 kept %d (%d dropped); hashes %016x %016x", len(a.Trace), a.TraceDropped, len(b.Trace), b.TraceDropped, a.TraceHash, b.TraceHash)
 	}
 }
+
+// Detail lines are kept like the others and count against the limit, but
+// are not in the hash: the cut line says how many of the dropped were.
+func TestTraceCutCountsDetailLines(t *testing.T) {
+	plain, detailed := sim.NewWorld(1), sim.NewWorld(1)
+	detailed.Detail = true
+	for _, w := range []*sim.World{plain, detailed} {
+		w.TraceLimit = 2
+		w.Tracef("one")
+		w.Detailf("a detail")
+		w.Tracef("two")
+		w.Detailf("another")
+	}
+	if plain.TraceHash() != detailed.TraceHash() {
+		t.Fatal("detail lines changed the hash")
+	}
+	tr := detailed.Trace()
+	if len(tr) != 3 || !strings.Contains(tr[1], "· a detail") || detailed.TraceDropped() != 2 {
+		t.Fatalf("trace %q, %d dropped", tr, detailed.TraceDropped())
+	}
+	if last := tr[2]; !strings.Contains(last, "2 more were not kept (the trace hash covers them but the 1 detail lines)") {
+		t.Fatalf("cut line %q", last)
+	}
+	if tr := plain.Trace(); len(tr) != 2 || plain.TraceDropped() != 0 {
+		t.Fatalf("without detail: %q, %d dropped", tr, plain.TraceDropped())
+	}
+}

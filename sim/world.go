@@ -31,7 +31,10 @@ type World struct {
 	// dropped counts the lines past TraceLimit, so Trace can say the cut
 	// is there: a trace that just ends looks like a run that stopped.
 	dropped int
-	steps   uint64
+	// droppedDetail counts the detail lines among dropped: the hash does
+	// not cover those.
+	droppedDetail int
+	steps         uint64
 	// Detail switches on Detailf's lines: what a scenario's requests and
 	// repairs did, for a person reading a failing run's trace.
 	Detail bool
@@ -313,6 +316,7 @@ func (w *World) Detailf(format string, args ...any) {
 		return
 	}
 	w.dropped++
+	w.droppedDetail++
 	w.text = text[:len(w.text)]
 }
 
@@ -347,5 +351,9 @@ func (w *World) cutLine() string {
 	if total > MaxTraceLines {
 		keep = fmt.Sprintf("at most %d lines can be kept (triplane sim --trace-lines, Options.TraceLines)", MaxTraceLines)
 	}
-	return fmt.Sprintf("... trace cut after %d lines: %d more were not kept (the trace hash covers them); %s", len(w.ends), w.dropped, keep)
+	covers := "the trace hash covers them"
+	if w.droppedDetail > 0 {
+		covers = fmt.Sprintf("the trace hash covers them but the %d detail lines", w.droppedDetail)
+	}
+	return fmt.Sprintf("... trace cut after %d lines: %d more were not kept (%s); %s", len(w.ends), w.dropped, covers, keep)
 }

@@ -43,7 +43,7 @@ failed, when, and the command that reproduces it, and writes the run's trace.
   triplane sim --scenario ledger --seeds 1..50 --bug apply-before-persist
   triplane sim --scenario serving --seeds 1..20 --duration 3s --bug router-ignores-gap
   triplane sim --scenario serving --seeds 1..40 --buggify
-  triplane sim --scenario serving --seed 3 --duration 3s --bug stale-route --detail`,
+  triplane sim --scenario serving --seed 2 --duration 3s --bug stale-route --detail`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if _, err := resolve(cmd); err != nil {
@@ -131,7 +131,7 @@ failed, when, and the command that reproduces it, and writes the run's trace.
 				}
 				if r.Err != nil {
 					fmt.Fprintf(out, "  reproduce: %s\n", sim.ReproduceCommand(s, sd, opts))
-					if !opts.Detail {
+					if s.Detailed && !opts.Detail {
 						detailed := opts
 						detailed.Detail = true
 						fmt.Fprintf(out, "  the same run, its trace saying what each request and repair did: %s\n", sim.ReproduceCommand(s, sd, detailed))

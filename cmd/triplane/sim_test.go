@@ -223,6 +223,11 @@ func TestSimDetailLine(t *testing.T) {
 	if !strings.Contains(string(b), " · q") || !strings.Contains(string(b), " routed to ") {
 		t.Fatalf("the detailed trace says nothing of the requests:\n%.2000s", b)
 	}
+	// A scenario without detail lines is not offered a run with them.
+	code, out, _ = simRun(t, "sim", "--scenario", "ledger", "--seed", "1", "--bug", "apply-before-persist", "--trace", filepath.Join(dir, "ledger"))
+	if code != 1 || strings.Contains(out, "--detail") {
+		t.Fatalf("ledger offers --detail (exit %d):\n%s", code, out)
+	}
 }
 
 // A sweep with many failing seeds writes traces for the first few only
