@@ -80,6 +80,13 @@ failed, when, and the command that reproduces it, and writes the run's trace.
 			if parallel < 1 || parallel > 256 {
 				return usageError{&config.Error{Key: "parallel", Err: fmt.Errorf("%d is outside 1..256", parallel)}}
 			}
+			// A run holds its journal and requests to the end (the replay
+			// invariant reads them): its memory grows with its virtual
+			// time, about 0.7 MB a second for serving.
+			if inFlight := time.Duration(min(uint64(parallel), to-from+1)) * opts.Duration; inFlight > maxSimInFlight {
+				return usageError{&config.Error{Key: "parallel", Err: fmt.Errorf("%d runs of %s at once hold %s of virtual time in memory, over the limit of %s (a serving run holds about 0.7 MB a virtual second): run fewer at once or shorter",
+					min(uint64(parallel), to-from+1), opts.Duration, inFlight, maxSimInFlight)}}
+			}
 			if opts.Buggify && len(s.FaultPoints) == 0 {
 				// Run anyway: a reproduce line printed by a Go test with
 				// Buggify must work here.
@@ -174,7 +181,7 @@ failed, when, and the command that reproduces it, and writes the run's trace.
 	fs.BoolVar(&opts.Buggify, "buggify", false, "switch on the fault points inside the real code (each on for a run with probability 0.25, then firing 5% of the times it is reached); fault points exist only in "+
 		strings.Join(scenariosWith(func(s sim.Scenario) bool { return len(s.FaultPoints) > 0 }), ", ")+": elsewhere it switches nothing on, and says so")
 	fs.StringVar(&opts.Bug, "bug", "", "switch on a planted bug to see the simulator find it; each scenario plants its own: "+bugHelp())
-	fs.IntVar(&parallel, "parallel", runtime.GOMAXPROCS(0), "seeds of a sweep run at once (results print in seed order and equal those of one at a time)")
+	fs.IntVar(&parallel, "parallel", runtime.GOMAXPROCS(0), "seeds of a sweep run at once (results print in seed order and equal those of one at a time); runs at once times --duration is at most 4h, as a run holds memory for each virtual second")
 	fs.StringVar(&trace, "trace", "", "write the trace here (with --seeds, one file per seed with the seed appended); by default a failing run's trace goes to triplane-sim-<scenario>-<seed>.trace")
 	fs.BoolVar(&opts.Detail, "detail", false, "add lines to the trace saying what each request and KV repair did (serving); the run and its trace hash stay the same")
 	fs.IntVar(&opts.TraceLines, "trace-lines", sim.DefaultTraceLines, fmt.Sprintf("trace lines kept from the start of a run, at most %d (a cut trace ends with a line saying so; the trace hash covers every line)", sim.MaxTraceLines))
@@ -265,6 +272,10 @@ func parseSeeds(s string) (uint64, uint64, error) {
 	}
 	return from, to, nil
 }
+
+// maxSimInFlight bounds the virtual time of the runs in memory at once:
+// four serving runs of an hour, about 10 GB.
+const maxSimInFlight = 4 * time.Hour
 
 // maxAutoTraces bounds the trace files a sweep writes unasked, and
 // maxListedSeeds the failing seeds its last line lists.

@@ -95,6 +95,9 @@ func TestSimRefusesBadOptions(t *testing.T) {
 		{[]string{"--crash-rate", "1.5"}, []string{"--crash-rate", "1"}, []string{`"crash-rate"`, "outside [0, 1]"}},
 		{[]string{"--written-on-failure", "NaN"}, []string{"--written-on-failure", "0"}, []string{`"written-on-failure"`, "outside [0, 1]"}},
 		{[]string{"--trace-lines", "0"}, []string{"--trace-lines", "1"}, []string{`"trace-lines"`, "at least 1"}},
+		// 256 runs of an hour at once would need hundreds of GB.
+		{[]string{"--seeds", "1..256", "--parallel", "256", "--duration", "1h"}, []string{"--seeds", "1..2", "--parallel", "256", "--duration", "1ms"},
+			[]string{`"parallel"`, "256 runs of 1h0m0s at once hold 256h0m0s of virtual time in memory, over the limit of 4h0m0s"}},
 		// --seed beside --seeds used to be ignored without a word.
 		{[]string{"--seed", "3", "--seeds", "1..2"}, []string{"--seed", "1"}, []string{`"seed"`, "give one"}},
 		{[]string{"--scenario", "serving", "--message-loss", "2"}, []string{"--scenario", "serving", "--message-loss", "1"}, []string{`"message-loss"`, "outside [0, 1]"}},
