@@ -408,7 +408,11 @@ func (p *Placement) campaignOnce(ctx context.Context, lease clientv3.LeaseID, ch
 
 // maxReconcileFailures is how many reconciles in a row a leader may fail
 // (its journal unreachable, say) before it hands leadership on: another
-// node may reach what this one cannot.
+// node may reach what this one cannot. A leader also hands it on once its
+// reconciles have failed for two lease TTLs, each bounded by one: a
+// journal that does not answer made every reconcile wait for the actor
+// host's request timeout (30 s), and a leader that could not place
+// anything kept leading for four minutes.
 const maxReconcileFailures = 8
 
 // lead reconciles until leadership ends.
@@ -437,16 +441,23 @@ func (p *Placement) lead(ctx context.Context, key string, epoch int64) error {
 	defer tick.Stop()
 	backoff := 50 * time.Millisecond
 	failures := 0
+	var failingSince time.Time
+	ttl := p.reg.TTL()
 	for {
-		err := p.reconcile(ctx, key, epoch, nodes, wants)
+		rctx, cancel := context.WithTimeout(ctx, ttl)
+		err := p.reconcile(rctx, key, epoch, nodes, wants)
+		cancel()
 		switch {
 		case err == nil:
 			backoff, failures = 50*time.Millisecond, 0
 		case errors.Is(err, ErrNotLeader), errors.Is(err, placement.ErrFenced), ctx.Err() != nil:
 			return err
 		default:
-			if failures++; failures == maxReconcileFailures {
-				return fmt.Errorf("%d reconciles failed in a row: %w", failures, err)
+			if failures++; failures == 1 {
+				failingSince = time.Now()
+			}
+			if failures == maxReconcileFailures || time.Since(failingSince) >= 2*ttl {
+				return fmt.Errorf("%d reconciles failed in a row over %s: %w", failures, time.Since(failingSince).Round(time.Millisecond), err)
 			}
 			p.log.Warn("reconcile failed, retrying", "err", err, "backoff", backoff)
 			select {

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.etcd.io/etcd/client/v3/concurrency"
 	"google.golang.org/protobuf/proto"
@@ -347,4 +348,54 @@ func TestStateOffTheLeaderIsCurrent(t *testing.T) {
 			return err == nil && len(st.Assignments) == i+1
 		})
 	}
+}
+
+// A leader whose reconciles keep failing (its journal unreachable: another
+// node may reach it) hands leadership on within two lease TTLs, and the
+// other node leads.
+func TestFailingLeaderHandsLeadershipOn(t *testing.T) {
+	e := planetest.StartEtcd(t)
+	ctx := ctxT(t)
+	n := planetest.StartNATS(t)
+	conns := map[string]*nats.Conn{}
+	var nodes []*testNode
+	for _, id := range []string{"n1", "n2"} {
+		nc := n.Connect(t)
+		j, err := journal.Open(ctx, nc, journal.Config{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns[id] = nc
+		nodes = append(nodes, startNode(t, ctx, j, e.Endpoints(), id, 2*time.Second))
+	}
+	elected := func(n *testNode) float64 { return planetest.CounterValue(t, n.node.Metrics.Elected) }
+	var leader, other *testNode
+	planetest.EventuallyWithin(t, 20*time.Second, "a leader", func() bool {
+		switch {
+		case elected(nodes[0]) > 0:
+			leader, other = nodes[0], nodes[1]
+		case elected(nodes[1]) > 0:
+			leader, other = nodes[1], nodes[0]
+		}
+		return leader != nil
+	})
+	if elected(other) != 0 {
+		t.Fatalf("both nodes elected before the fault")
+	}
+	// The leader loses its journal: every reconcile waits for the actor
+	// host and fails, each bounded by the lease TTL (2 s); after two TTLs
+	// of failures the leader hands on. Before, each waited for the host's
+	// request timeout (30 s) and the leader kept leading for 8 of them.
+	conns[leader.id].Close()
+	// A change the leader must journal: a new actor wanted (through etcd,
+	// which the leader still reaches).
+	if err := other.placement().Want(ctx, ledger.Kind, "acct-1"); err != nil {
+		t.Fatal(err)
+	}
+	planetest.EventuallyWithin(t, 20*time.Second, "the other node elected", func() bool { return elected(other) > 0 })
+	// It reconciles: its placement actor journals and answers.
+	planetest.EventuallyWithin(t, 20*time.Second, "the new leader's state", func() bool {
+		_, err := other.placement().State(ctx)
+		return err == nil
+	})
 }
