@@ -444,6 +444,7 @@ func (p *Placement) lead(ctx context.Context, key string, epoch int64) error {
 	var failingSince time.Time
 	ttl := p.reg.TTL()
 	for {
+		began := time.Now()
 		rctx, cancel := context.WithTimeout(ctx, ttl)
 		err := p.reconcile(rctx, key, epoch, nodes, wants)
 		cancel()
@@ -454,7 +455,9 @@ func (p *Placement) lead(ctx context.Context, key string, epoch int64) error {
 			return err
 		default:
 			if failures++; failures == 1 {
-				failingSince = time.Now()
+				// From when the first failing reconcile began: one that
+				// waits out its TTL counts as failing all along.
+				failingSince = began
 			}
 			if failures == maxReconcileFailures || time.Since(failingSince) >= 2*ttl {
 				return fmt.Errorf("%d reconciles failed in a row over %s: %w", failures, time.Since(failingSince).Round(time.Millisecond), err)
