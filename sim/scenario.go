@@ -301,7 +301,7 @@ func RunScenario(s Scenario, seed uint64, opts Options) (res Result) {
 	if opts.Buggify {
 		r.Points = NewBuggify(w)
 	}
-	w.Tracef("scenario %s seed %d duration %s faults %+v bug %q buggify %v", s.Name, seed, opts.Duration, opts.Faults, opts.Bug, opts.Buggify)
+	w.Tracef("scenario %s seed %d duration %s faults %s bug %q buggify %v", s.Name, seed, opts.Duration, faultsRead(s, opts.Faults), opts.Bug, opts.Buggify)
 	final := s.Drive(r)
 	if !w.RunQuiet(opts.Duration + time.Minute) {
 		res.Err = fmt.Errorf("%w within %s of virtual time", ErrNotQuiet, opts.Duration+time.Minute)
@@ -481,6 +481,24 @@ func FaultFlag(field string) string {
 		}
 	}
 	return ""
+}
+
+// faultsRead writes the faults s reads, as %+v wrote Faults when it had
+// only the common ones: a knob s ignores changes neither its run nor its
+// trace, so a reproduction may leave it out.
+func faultsRead(s Scenario, f Faults) string {
+	var b strings.Builder
+	b.WriteByte('{')
+	for i, v := range faultValues(f) {
+		if i < commonFaults || slices.Contains(s.ReadsFaults, v.field) {
+			if i > 0 {
+				b.WriteByte(' ')
+			}
+			fmt.Fprintf(&b, "%s:%s", v.field, v.value)
+		}
+	}
+	b.WriteByte('}')
+	return b.String()
 }
 
 // commonFaults is how many of faultValues' fields every scenario reads

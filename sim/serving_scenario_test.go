@@ -265,8 +265,17 @@ func TestServingFaultKnobs(t *testing.T) {
 	if lost, dup, _ := count(sim.Faults{Partitions: 5}); lost == "0" || dup != "0" {
 		t.Fatalf("5 partitions: %s lost, %s duplicated", lost, dup)
 	}
-	f := sim.Faults{MessageLoss: 0.05, MessageDuplicate: 0.05, LeaderChanges: 3}
-	if lost, dup, changes := count(f); lost == "0" || dup == "0" || changes != "3" {
-		t.Fatalf("faults %+v: %s lost, %s duplicated, %s leader changes", f, lost, dup, changes)
+	for _, tc := range []struct {
+		f                  sim.Faults
+		lost, dup, changes bool
+	}{
+		{sim.Faults{MessageLoss: 0.05}, true, false, false},
+		{sim.Faults{MessageDuplicate: 0.05}, false, true, false},
+		{sim.Faults{LeaderChanges: 3}, false, false, true},
+	} {
+		lost, dup, changes := count(tc.f)
+		if (lost != "0") != tc.lost || (dup != "0") != tc.dup || (changes == "3") != tc.changes || (changes != "0" && !tc.changes) {
+			t.Fatalf("faults %+v: %s lost, %s duplicated, %s leader changes", tc.f, lost, dup, changes)
+		}
 	}
 }

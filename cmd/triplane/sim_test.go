@@ -181,8 +181,8 @@ func TestSimHelpPerScenario(t *testing.T) {
 		"  ledger: ", "    --bug: apply-before-persist, snapshot-before-persist\n",
 		"    --bug: apply-before-persist, snapshot-before-persist, router-ignores-gap, stale-route\n",
 		"    --bug: apply-before-persist, snapshot-before-persist, ack-before-verify\n",
-		"    --bug: apply-before-persist, unfenced-writes\n",
-		"apply-before-persist (every scenario); snapshot-before-persist (ledger, serving, transfer); router-ignores-gap, stale-route (serving); ack-before-verify (transfer); unfenced-writes (placement)",
+		"    --bug: apply-before-persist, snapshot-before-persist, unfenced-writes\n",
+		"apply-before-persist, snapshot-before-persist (every scenario); router-ignores-gap, stale-route (serving); ack-before-verify (transfer); unfenced-writes (placement)",
 		"    --crash-rate: each worker crashes once with probability 3x the rate",
 		"    --buggify: mocker.step.slow, ",
 		"fault points exist only in serving",
@@ -247,6 +247,18 @@ func TestSimSweepBoundsItsTraces(t *testing.T) {
 	}
 	if !regexp.MustCompile(`failing seeds: \[[0-9 ]+\] and \d+ more`).MatchString(errs) {
 		t.Fatalf("the failing seeds are not bounded: %s", errs)
+	}
+	// Exactly as many failures as traces written unasked: none skipped,
+	// nothing said about it.
+	sub := filepath.Join(dir, "ten")
+	if err := os.Mkdir(sub, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Chdir(sub)
+	code, out, _ = simRun(t, "sim", "--scenario", "ledger", "--seeds", "1..10", "--bug", "apply-before-persist")
+	files, _ = filepath.Glob(filepath.Join(sub, "triplane-sim-*.trace"))
+	if code != 1 || len(files) != 10 || strings.Contains(out, "first 10 failing seeds only") {
+		t.Fatalf("10 failing seeds: exit %d, %d traces:\n%s", code, len(files), out[max(0, len(out)-300):])
 	}
 	asked := filepath.Join(dir, "asked", "t")
 	if err := os.Mkdir(filepath.Dir(asked), 0o755); err != nil {
