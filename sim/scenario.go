@@ -131,22 +131,12 @@ func (o Options) Validate(s Scenario) error {
 	case o.Duration > MaxDuration:
 		return &OptionError{"Duration", "duration", fmt.Errorf("%s is over the limit of %s", o.Duration, MaxDuration)}
 	}
-	for _, p := range []struct {
-		field, flag string
-		v           float64
-	}{{"Faults.AppendFailure", "append-failure", o.Faults.AppendFailure}, {"Faults.WrittenOnFailure", "written-on-failure", o.Faults.WrittenOnFailure},
-		{"Faults.CrashRate", "crash-rate", o.Faults.CrashRate}, {"Faults.MessageLoss", "message-loss", o.Faults.MessageLoss},
-		{"Faults.MessageDuplicate", "message-duplicate", o.Faults.MessageDuplicate}} {
-		if !(p.v >= 0 && p.v <= 1) { // NaN too
-			return &OptionError{p.field, p.flag, fmt.Errorf("probability %v is outside [0, 1]", p.v)}
-		}
-	}
-	for _, n := range []struct {
-		field, flag string
-		v           int
-	}{{"Faults.Partitions", "partitions", o.Faults.Partitions}, {"Faults.LeaderChanges", "leader-changes", o.Faults.LeaderChanges}} {
-		if n.v < 0 || n.v > MaxFaultEvents {
-			return &OptionError{n.field, n.flag, fmt.Errorf("%d is outside [0, %d]", n.v, MaxFaultEvents)}
+	for _, f := range faultValues(o.Faults) {
+		switch {
+		case f.count && (f.v < 0 || f.v > MaxFaultEvents):
+			return &OptionError{"Faults." + f.field, f.flag, fmt.Errorf("%s is outside [0, %d]", f.value, MaxFaultEvents)}
+		case !f.count && !(f.v >= 0 && f.v <= 1): // NaN too
+			return &OptionError{"Faults." + f.field, f.flag, fmt.Errorf("probability %s is outside [0, 1]", f.value)}
 		}
 	}
 	if o.Bug != "" && !slices.Contains(s.Bugs, o.Bug) {
@@ -169,12 +159,7 @@ func bugError(s Scenario, bug string) error {
 	if len(s.Bugs) > 0 {
 		its = "plants only " + strings.Join(s.Bugs, ", ")
 	}
-	var in []string
-	for _, name := range ScenarioNames() {
-		if slices.Contains(Scenarios()[name].Bugs, bug) {
-			in = append(in, name)
-		}
-	}
+	in := ScenariosWith(func(s Scenario) bool { return slices.Contains(s.Bugs, bug) })
 	if len(in) == 0 {
 		return fmt.Errorf("unknown bug %q: scenario %s %s", bug, s.Name, its)
 	}
@@ -247,6 +232,18 @@ func Scenarios() map[string]Scenario {
 	for _, s := range []Scenario{ledgerScenario, servingScenario, transferScenario, placementScenario} {
 		s.Bugs, s.FaultPoints, s.ReadsFaults = slices.Clone(s.Bugs), slices.Clone(s.FaultPoints), slices.Clone(s.ReadsFaults)
 		out[s.Name] = s
+	}
+	return out
+}
+
+// ScenariosWith names the built-in scenarios for which ok holds, sorted.
+func ScenariosWith(ok func(Scenario) bool) []string {
+	var out []string
+	all := Scenarios()
+	for _, n := range ScenarioNames() {
+		if ok(all[n]) {
+			out = append(out, n)
+		}
 	}
 	return out
 }
@@ -469,8 +466,13 @@ func reproduceGo(s Scenario, seed uint64, opts Options, d time.Duration) string 
 func goFloat(v float64) string { return strconv.FormatFloat(v, 'g', -1, 64) }
 
 // faultValue is one field of Faults as the CLI's flag and Go's field name
-// spell it, with its value written as both read it.
-type faultValue struct{ field, flag, value string }
+// spell it, with its value (v; a count or a probability) written as both
+// read it.
+type faultValue struct {
+	field, flag, value string
+	v                  float64
+	count              bool
+}
 
 // FaultFlag is triplane sim's flag for a field of Faults ("MessageLoss":
 // "message-loss"); "" for none.
@@ -505,17 +507,21 @@ func faultsRead(s Scenario, f Faults) string {
 // (the journal's faults and the crash rate).
 const commonFaults = 3
 
-// faultValues lists every field of f, in one order for both of
-// ReproduceCommand's forms.
+// faultValues lists every field of f, in one order for Validate, the
+// trace header and both of ReproduceCommand's forms.
 func faultValues(f Faults) []faultValue {
+	prob := func(field, flag string, v float64) faultValue { return faultValue{field, flag, goFloat(v), v, false} }
+	count := func(field, flag string, n int) faultValue {
+		return faultValue{field, flag, strconv.Itoa(n), float64(n), true}
+	}
 	return []faultValue{
-		{"AppendFailure", "append-failure", goFloat(f.AppendFailure)},
-		{"WrittenOnFailure", "written-on-failure", goFloat(f.WrittenOnFailure)},
-		{"CrashRate", "crash-rate", goFloat(f.CrashRate)},
-		{"MessageLoss", "message-loss", goFloat(f.MessageLoss)},
-		{"MessageDuplicate", "message-duplicate", goFloat(f.MessageDuplicate)},
-		{"Partitions", "partitions", strconv.Itoa(f.Partitions)},
-		{"LeaderChanges", "leader-changes", strconv.Itoa(f.LeaderChanges)},
+		prob("AppendFailure", "append-failure", f.AppendFailure),
+		prob("WrittenOnFailure", "written-on-failure", f.WrittenOnFailure),
+		prob("CrashRate", "crash-rate", f.CrashRate),
+		prob("MessageLoss", "message-loss", f.MessageLoss),
+		prob("MessageDuplicate", "message-duplicate", f.MessageDuplicate),
+		count("Partitions", "partitions", f.Partitions),
+		count("LeaderChanges", "leader-changes", f.LeaderChanges),
 	}
 }
 

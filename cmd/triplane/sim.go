@@ -91,7 +91,7 @@ failed, when, and the command that reproduces it, and writes the run's trace.
 				// Run anyway: a reproduce line printed by a Go test with
 				// Buggify must work here.
 				fmt.Fprintf(cmd.ErrOrStderr(), "buggify: scenario %s's code has no fault points; nothing to switch on (scenarios with fault points: %s)\n",
-					s.Name, strings.Join(scenariosWith(func(s sim.Scenario) bool { return len(s.FaultPoints) > 0 }), ", "))
+					s.Name, strings.Join(sim.ScenariosWith(func(s sim.Scenario) bool { return len(s.FaultPoints) > 0 }), ", "))
 			}
 			batchGC()
 			out := cmd.OutOrStdout()
@@ -174,30 +174,26 @@ failed, when, and the command that reproduces it, and writes the run's trace.
 	fs.Float64Var(&opts.Faults.AppendFailure, "append-failure", sim.DefaultFaults.AppendFailure, "probability that a journal append fails")
 	fs.Float64Var(&opts.Faults.WrittenOnFailure, "written-on-failure", sim.DefaultFaults.WrittenOnFailure, "probability that a failed append was written anyway")
 	fs.Float64Var(&opts.Faults.CrashRate, "crash-rate", sim.DefaultFaults.CrashRate, "crash faults, read by each scenario its own way (see Scenarios above): only in ledger is it the probability that a command's actor crashes")
-	fs.Float64Var(&opts.Faults.MessageLoss, "message-loss", sim.DefaultFaults.MessageLoss, "probability that a message on the simulated event plane is lost (read by serving; the others ignore it)")
-	fs.Float64Var(&opts.Faults.MessageDuplicate, "message-duplicate", sim.DefaultFaults.MessageDuplicate, "probability that a message on the simulated event plane is delivered twice (read by serving; the others ignore it)")
-	fs.IntVar(&opts.Faults.Partitions, "partitions", sim.DefaultFaults.Partitions, fmt.Sprintf("times a run cuts a worker off the event plane, 200-800 ms each (read by serving; the others ignore it; at most %d)", sim.MaxFaultEvents))
-	fs.IntVar(&opts.Faults.LeaderChanges, "leader-changes", sim.DefaultFaults.LeaderChanges, fmt.Sprintf("times etcd elects a new leader during a run (read by serving and placement; at most %d)", sim.MaxFaultEvents))
+	fs.Float64Var(&opts.Faults.MessageLoss, "message-loss", sim.DefaultFaults.MessageLoss, "probability that a message on the simulated event plane is lost"+readBy("MessageLoss"))
+	fs.Float64Var(&opts.Faults.MessageDuplicate, "message-duplicate", sim.DefaultFaults.MessageDuplicate, "probability that a message on the simulated event plane is delivered twice"+readBy("MessageDuplicate"))
+	fs.IntVar(&opts.Faults.Partitions, "partitions", sim.DefaultFaults.Partitions, fmt.Sprintf("times a run cuts a worker off the event plane, 200-800 ms each, at most %d", sim.MaxFaultEvents)+readBy("Partitions"))
+	fs.IntVar(&opts.Faults.LeaderChanges, "leader-changes", sim.DefaultFaults.LeaderChanges, fmt.Sprintf("times etcd elects a new leader during a run, at most %d", sim.MaxFaultEvents)+readBy("LeaderChanges"))
 	fs.BoolVar(&opts.Buggify, "buggify", false, "switch on the fault points inside the real code (each on for a run with probability 0.25, then firing 5% of the times it is reached); fault points exist only in "+
-		strings.Join(scenariosWith(func(s sim.Scenario) bool { return len(s.FaultPoints) > 0 }), ", ")+": elsewhere it switches nothing on, and says so")
+		strings.Join(sim.ScenariosWith(func(s sim.Scenario) bool { return len(s.FaultPoints) > 0 }), ", ")+": elsewhere it switches nothing on, and says so")
 	fs.StringVar(&opts.Bug, "bug", "", "switch on a planted bug to see the simulator find it; each scenario plants its own: "+bugHelp())
 	fs.IntVar(&parallel, "parallel", runtime.GOMAXPROCS(0), "seeds of a sweep run at once (results print in seed order and equal those of one at a time); runs at once times --duration is at most 4h, as a run holds memory for each virtual second")
 	fs.StringVar(&trace, "trace", "", "write the trace here (with --seeds, one file per seed with the seed appended); by default a failing run's trace goes to triplane-sim-<scenario>-<seed>.trace")
-	fs.BoolVar(&opts.Detail, "detail", false, "add lines to the trace saying what each request and KV repair did (serving); the run and its trace hash stay the same")
+	fs.BoolVar(&opts.Detail, "detail", false, "add lines to the trace saying what each request and KV repair did (in "+
+		strings.Join(sim.ScenariosWith(func(s sim.Scenario) bool { return s.Detailed }), ", ")+"); the run and its trace hash stay the same")
 	fs.IntVar(&opts.TraceLines, "trace-lines", sim.DefaultTraceLines, fmt.Sprintf("trace lines kept from the start of a run, at most %d (a cut trace ends with a line saying so; the trace hash covers every line)", sim.MaxTraceLines))
 	_ = g
 	return cmd
 }
 
-// scenariosWith names the built-in scenarios for which ok holds.
-func scenariosWith(ok func(sim.Scenario) bool) []string {
-	var out []string
-	for _, n := range sim.ScenarioNames() {
-		if ok(sim.Scenarios()[n]) {
-			out = append(out, n)
-		}
-	}
-	return out
+// readBy says which scenarios read a field of Faults, for its flag's help.
+func readBy(field string) string {
+	return " (read by " + strings.Join(sim.ScenariosWith(func(s sim.Scenario) bool { return slices.Contains(s.ReadsFaults, field) }), ", ") +
+		"; the others ignore it)"
 }
 
 // scenarioHelp lists the scenarios with what --bug, --crash-rate and
@@ -231,7 +227,7 @@ func bugHelp() string {
 	var parts, bugs []string
 	where := ""
 	for i, bug := range sim.Bugs {
-		in := scenariosWith(func(s sim.Scenario) bool { return slices.Contains(s.Bugs, bug) })
+		in := sim.ScenariosWith(func(s sim.Scenario) bool { return slices.Contains(s.Bugs, bug) })
 		w := strings.Join(in, ", ")
 		if len(in) == len(sim.ScenarioNames()) {
 			w = "every scenario"
