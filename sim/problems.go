@@ -21,9 +21,6 @@ func (p *Problems) Add(err error) {
 	p.errs = append(p.errs, err)
 }
 
-// Len is the number of violations recorded.
-func (p *Problems) Len() int { return len(p.errs) }
-
 // Err is the first violation, saying how many followed; nil without any.
 func (p *Problems) Err() error {
 	switch len(p.errs) {

@@ -291,13 +291,20 @@ func (w *World) traceLine(text []byte) {
 		h = (h ^ uint64(c)) * prime
 	}
 	w.traceHash = h
+	w.keep(text, start)
+}
+
+// keep ends a line built at the kept text's end from start: kept while
+// under TraceLimit, else dropped and counted. It reports whether it kept it.
+func (w *World) keep(text []byte, start int) bool {
 	if len(w.ends) < w.TraceLimit {
 		w.text = text
 		w.ends = append(w.ends, len(text))
-		return
+		return true
 	}
 	w.dropped++
 	w.text = text[:start]
+	return false
 }
 
 // Detailf traces a detail line when Detail is on: kept in the trace (and
@@ -309,15 +316,9 @@ func (w *World) Detailf(format string, args ...any) {
 	if !w.Detail {
 		return
 	}
-	text := fmt.Appendf(append(w.traceStamp(), "· "...), format, args...)
-	if len(w.ends) < w.TraceLimit {
-		w.text = text
-		w.ends = append(w.ends, len(text))
-		return
+	if !w.keep(fmt.Appendf(append(w.traceStamp(), "· "...), format, args...), len(w.text)) {
+		w.droppedDetail++
 	}
-	w.dropped++
-	w.droppedDetail++
-	w.text = text[:len(w.text)]
 }
 
 // TraceHash covers every traced line in order (Detailf's excepted): two
